@@ -1,0 +1,1 @@
+//! Endpoint selection: one [`Picker`] trait, one module per algorithm.

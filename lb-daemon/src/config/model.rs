@@ -1,0 +1,372 @@
+//! The validated model: what the rest of lbd runs from.
+//!
+//! Everything here has been checked: references are resolved to indices, durations parsed,
+//! regexes compiled, defaults applied. Nothing downstream re-validates. Construct it only via
+//! [`crate::config::load`] / [`crate::config::parse`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Where the config came from and its content hash (hex SHA-like digest of the file bytes).
+    pub source: Source,
+    /// Process-wide settings.
+    pub global: Global,
+    /// L7 listeners, in declared order.
+    pub listeners: Vec<Listener>,
+    /// L7 routes, sorted by (priority descending, declared order).
+    pub routes: Vec<Route>,
+    /// Clusters; routes and VIPs refer to them by index.
+    pub clusters: Vec<Cluster>,
+    /// L4 virtual IPs served by the XDP program.
+    pub vips: Vec<Vip>,
+}
+
+/// Provenance of a model.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The file that was parsed.
+    pub path: PathBuf,
+    /// Stable hash of the file's bytes, as lowercase hex.
+    pub hash: String,
+}
+
+/// Output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[global]`.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Default tracing filter (e.g. `info`), overridden by `RUST_LOG`.
+    pub log_level: String,
+    /// Whether one access-log line per request is written.
+    pub access_log: bool,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are cut.
+    pub drain_timeout: Duration,
+    /// Admin API / metrics listener, if enabled.
+    pub admin: Option<Admin>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Bind address (loopback by default).
+    pub bind: SocketAddr,
+    /// Optional bearer token required on every admin request.
+    pub token: Option<String>,
+}
+
+/// Downstream protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// HTTP/1.1, and HTTP/2 with prior knowledge detected from the connection preface.
+    Http,
+    /// HTTP/2 with prior knowledge only (cleartext).
+    H2c,
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Socket address to bind.
+    pub bind: SocketAddr,
+    /// Downstream protocol.
+    pub protocol: ListenerProtocol,
+    /// Request/connection limits.
+    pub limits: Limits,
+}
+
+/// Per-listener limits; every field has a safe default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum concurrent downstream connections; further accepts wait.
+    pub max_connections: usize,
+    /// Maximum total size of the request line plus headers, in bytes (→ 431 / 414).
+    pub max_header_bytes: usize,
+    /// Maximum request body in bytes; 0 = unlimited (→ 413).
+    pub max_body_bytes: u64,
+    /// Whole request deadline, from first byte to last response byte (→ 504 if upstream).
+    pub request_timeout: Duration,
+    /// How long an idle keep-alive connection is kept open.
+    pub idle_timeout: Duration,
+    /// How long a client may take to send the request headers (slowloris guard, → 408).
+    pub header_read_timeout: Duration,
+}
+
+/// `[[routes]]`: a matcher and what to do with a match.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Listener indices this route applies to; all listeners when empty.
+    pub listeners: Vec<usize>,
+    /// Higher first; ties keep declared order.
+    pub priority: i32,
+    /// Every present condition must hold.
+    pub matcher: RouteMatch,
+    /// Target cluster index.
+    pub cluster: usize,
+    /// Path rewriting applied before forwarding.
+    pub rewrite: Option<PathRewrite>,
+    /// Route-level request timeout overriding the listener's.
+    pub timeout: Option<Duration>,
+}
+
+/// Conditions a request must meet; absent fields match anything.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// Host patterns (exact, or `*.suffix`), lowercased, port stripped; any may match.
+    pub hosts: Vec<HostMatch>,
+    /// Path condition.
+    pub path: Option<PathMatch>,
+    /// Allowed methods (any may match).
+    pub methods: Vec<http::Method>,
+    /// Header conditions (all must hold).
+    pub headers: Vec<HeaderMatch>,
+    /// Query-parameter conditions (all must hold).
+    pub query: Vec<QueryMatch>,
+}
+
+/// A host pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `api.example.com`.
+    Exact(String),
+    /// `*.example.com` matches `a.example.com` but not `example.com`; stores `.example.com`.
+    Suffix(String),
+}
+
+/// A path condition.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Segment-aware prefix: `/api` matches `/api`, `/api/x`, not `/apix`. `/` matches all.
+    Prefix(String),
+    /// Whole path equals.
+    Exact(String),
+    /// Regex over the path (anchoring is the operator's choice).
+    Regex(regex::Regex),
+}
+
+/// A header condition.
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    /// Header name (lowercase).
+    pub name: http::HeaderName,
+    /// `None` = must be present; `Some(v)` = some value equals `v` exactly.
+    pub value: Option<String>,
+}
+
+/// A query-parameter condition.
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    /// Parameter name.
+    pub name: String,
+    /// `None` = must be present; `Some(v)` = equals `v` after percent-decoding.
+    pub value: Option<String>,
+}
+
+/// How a matched path is rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRewrite {
+    /// Remove the matched prefix (route must match by prefix); empty result becomes `/`.
+    StripPrefix,
+    /// Replace the matched prefix with this string.
+    ReplacePrefix(String),
+    /// Replace the whole path (query is kept).
+    ReplacePath(String),
+}
+
+/// Balancing algorithm of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// Plain round robin, ignoring weights.
+    RoundRobin,
+    /// nginx's smooth weighted round robin.
+    WeightedRoundRobin,
+    /// Least outstanding requests among two random choices, weight-aware.
+    LeastRequest,
+    /// Random, weight-aware.
+    Random,
+    /// Hash of the client IP.
+    IpHash,
+    /// Hash of a request header's value; falls back to round robin when absent.
+    HeaderHash(http::HeaderName),
+    /// Hash of a cookie's value; falls back to round robin when absent.
+    CookieHash(String),
+    /// Maglev consistent hashing on the given key.
+    Maglev(HashKey),
+}
+
+/// What a consistent-hash policy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// Client IP address.
+    ClientIp,
+    /// A request header value.
+    Header(http::HeaderName),
+    /// A cookie value.
+    Cookie(String),
+}
+
+/// Upstream protocol of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// `[[clusters]]`.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Unique name.
+    pub name: String,
+    /// Endpoints in declared order; indices are stable for this model.
+    pub endpoints: Vec<Endpoint>,
+    /// Balancing algorithm.
+    pub policy: Policy,
+    /// Protocol spoken to endpoints.
+    pub protocol: UpstreamProtocol,
+    /// Active health check, if configured.
+    pub health_check: Option<HealthCheck>,
+    /// Passive health (nginx `max_fails`/`fail_timeout`).
+    pub passive: Passive,
+    /// Upstream timeouts.
+    pub timeouts: UpstreamTimeouts,
+    /// Connection pool limits per endpoint.
+    pub pool: PoolLimits,
+    /// Retry policy for failed attempts.
+    pub retry: Retry,
+}
+
+/// One backend address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Address to connect to.
+    pub address: SocketAddr,
+    /// Relative weight, ≥ 1.
+    pub weight: u32,
+    /// Receives traffic only when no primary endpoint is healthy.
+    pub backup: bool,
+}
+
+/// Active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What is checked.
+    pub kind: HealthCheckKind,
+    /// Time between checks of one endpoint.
+    pub interval: Duration,
+    /// Per-check deadline.
+    pub timeout: Duration,
+    /// Consecutive successes needed to mark an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures needed to mark a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Random extra delay up to this much per check, so checks of many endpoints spread out.
+    pub jitter: Duration,
+}
+
+/// Kind of active check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with a status in `expected` (inclusive range).
+    Http {
+        /// Request path.
+        path: String,
+        /// Host header to send; the endpoint address when `None`.
+        host: Option<String>,
+        /// Accepted status range, inclusive.
+        expected: (u16, u16),
+    },
+}
+
+/// Passive health: `max_fails` failures within `fail_timeout` take an endpoint out for
+/// `fail_timeout`. `max_fails = 0` disables it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passive {
+    /// Failures that trip the endpoint.
+    pub max_fails: u32,
+    /// Window for counting failures and duration of the ejection.
+    pub fail_timeout: Duration,
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    /// TCP connect deadline.
+    pub connect: Duration,
+    /// Time to response headers after the request was sent (→ 504).
+    pub response: Duration,
+    /// How long an idle pooled connection is kept.
+    pub idle: Duration,
+}
+
+/// Per-endpoint connection pool limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Maximum connections to one endpoint (0 = unlimited).
+    pub max_connections: usize,
+    /// Maximum idle connections kept per endpoint.
+    pub max_idle: usize,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Extra attempts on another endpoint after a connect failure of an idempotent request.
+    pub attempts: u32,
+}
+
+/// Forwarding mode of an L4 VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardMode {
+    /// Rewrite the destination MAC; backends share the L2 segment and hold the VIP on lo.
+    DsrL2,
+    /// IPv4-in-IPv4 / IPv6-in-IPv6 encapsulation; backends decapsulate.
+    Ipip,
+}
+
+/// L4 transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// `[[l4.vip]]`: a virtual IP served by XDP.
+#[derive(Debug, Clone)]
+pub struct Vip {
+    /// Unique name.
+    pub name: String,
+    /// Interface(s) the XDP program is attached to.
+    pub interfaces: Vec<String>,
+    /// VIP address and port.
+    pub address: SocketAddr,
+    /// Transport protocol.
+    pub protocol: L4Protocol,
+    /// How packets reach backends.
+    pub mode: ForwardMode,
+    /// Hash only the source address (all of a client's flows go to one backend).
+    pub source_hash_only: bool,
+    /// Cluster index providing backends.
+    pub cluster: usize,
+}

@@ -1,0 +1,241 @@
+//! Per-endpoint health, decided once and followed by both data paths.
+//!
+//! An endpoint is *available* when its active check (if any) says healthy, passive outlier
+//! detection has not ejected it, and an operator has not drained it. Every change of
+//! availability bumps the cluster's generation on a `watch` channel; the balancer rebuilds its
+//! pickers off the request path when it sees a new generation (and later, the L4 map writer
+//! rebuilds rings the same way).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// Outcome of the latest active check, kept for the admin API and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    /// Whether the check passed.
+    pub ok: bool,
+    /// Short reason, e.g. `"status 503"` or `"connect: connection refused"`.
+    pub detail: String,
+}
+
+/// Health of one endpoint. Cheap to read from the request path (atomics only).
+#[derive(Debug)]
+pub struct EndpointHealth {
+    /// Active-check verdict (true until checks say otherwise).
+    active_healthy: AtomicBool,
+    /// Set by the admin API: no new requests or flows.
+    drained: AtomicBool,
+    /// Passive ejection deadline, as nanoseconds after `epoch`; 0 = not ejected.
+    ejected_until: AtomicU64,
+    /// Passive failures counted in the current window.
+    window_fails: AtomicU32,
+    /// Start of the current passive window, nanoseconds after `epoch`.
+    window_start: AtomicU64,
+    /// Requests currently in flight to this endpoint (least-request and admin API).
+    in_flight: AtomicU64,
+    /// Latest active check outcome.
+    last_check: Mutex<Option<CheckOutcome>>,
+    epoch: Instant,
+    notify: Arc<watch::Sender<u64>>,
+}
+
+impl EndpointHealth {
+    /// Creates a healthy endpoint that reports changes on `notify`.
+    pub fn new(notify: Arc<watch::Sender<u64>>) -> Self {
+        EndpointHealth {
+            active_healthy: AtomicBool::new(true),
+            drained: AtomicBool::new(false),
+            ejected_until: AtomicU64::new(0),
+            window_fails: AtomicU32::new(0),
+            window_start: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_check: Mutex::new(None),
+            epoch: Instant::now(),
+            notify,
+        }
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        // Saturates after ~584 years of uptime; `max(1)` keeps 0 meaning "not set".
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn bump(&self) {
+        self.notify.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Whether new requests or flows may be sent to this endpoint at `now`.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.active_healthy.load(Ordering::Acquire)
+            && !self.drained.load(Ordering::Acquire)
+            && !self.is_ejected(now)
+    }
+
+    /// Whether passive detection has the endpoint out at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0 && self.nanos(now) < until
+    }
+
+    /// When the current passive ejection ends, if one is in force.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        match self.ejected_until.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n)),
+        }
+    }
+
+    /// Active-check verdict.
+    pub fn active_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Acquire)
+    }
+
+    /// Records an active-check transition decided by the checker (after thresholds).
+    pub fn set_active_healthy(&self, healthy: bool) {
+        if self.active_healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            self.bump();
+        }
+    }
+
+    /// Stores the latest check outcome (for the admin API).
+    pub fn record_check(&self, outcome: CheckOutcome) {
+        if let Ok(mut g) = self.last_check.lock() {
+            *g = Some(outcome);
+        }
+    }
+
+    /// Latest check outcome, if any check ran.
+    pub fn last_check(&self) -> Option<CheckOutcome> {
+        self.last_check.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Drains (true) or re-enables (false) the endpoint.
+    pub fn set_drained(&self, drained: bool) {
+        if self.drained.swap(drained, Ordering::AcqRel) != drained {
+            self.bump();
+        }
+    }
+
+    /// Whether an operator drained the endpoint.
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire)
+    }
+
+    /// Passive failure with nginx `max_fails`/`fail_timeout` semantics. Returns the ejection
+    /// deadline when this failure tripped the endpoint, so the caller can schedule a rebuild.
+    pub fn report_failure(&self, now: Instant, max_fails: u32, fail_timeout: Duration) -> Option<Instant> {
+        if max_fails == 0 {
+            return None;
+        }
+        let n = self.nanos(now);
+        let window = u64::try_from(fail_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let start = self.window_start.load(Ordering::Acquire);
+        if start == 0 || n.saturating_sub(start) >= window {
+            self.window_start.store(n, Ordering::Release);
+            self.window_fails.store(0, Ordering::Release);
+        }
+        let fails = self.window_fails.fetch_add(1, Ordering::AcqRel) + 1;
+        if fails >= max_fails && !self.is_ejected(now) {
+            let until = n.saturating_add(window);
+            self.ejected_until.store(until, Ordering::Release);
+            self.window_fails.store(0, Ordering::Release);
+            self.window_start.store(0, Ordering::Release);
+            self.bump();
+            return Some(self.epoch + Duration::from_nanos(until));
+        }
+        None
+    }
+
+    /// Ends a passive ejection whose deadline has passed; returns true if state changed.
+    pub fn expire_ejection(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if until != 0 && self.nanos(now) >= until {
+            self.ejected_until.store(0, Ordering::Release);
+            self.bump();
+            return true;
+        }
+        false
+    }
+
+    /// Counts a request starting; the guard counts it finished when dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// Decrements the endpoint's in-flight count on drop.
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<EndpointHealth>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> (Arc<EndpointHealth>, watch::Receiver<u64>) {
+        let (tx, rx) = watch::channel(0);
+        (Arc::new(EndpointHealth::new(Arc::new(tx))), rx)
+    }
+
+    #[test]
+    fn passive_trips_after_max_fails_within_window() {
+        let (h, rx) = ep();
+        let t0 = Instant::now();
+        let w = Duration::from_secs(10);
+        assert!(h.report_failure(t0, 3, w).is_none());
+        assert!(h.report_failure(t0 + Duration::from_secs(1), 3, w).is_none());
+        let until = h.report_failure(t0 + Duration::from_secs(2), 3, w).expect("tripped");
+        assert!(!h.is_available(t0 + Duration::from_secs(3)));
+        assert_eq!(*rx.borrow(), 1);
+        assert!(until > t0 + Duration::from_secs(11));
+        assert!(h.is_available(until + Duration::from_millis(1)));
+        assert!(h.expire_ejection(until + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn failures_outside_window_do_not_accumulate() {
+        let (h, _rx) = ep();
+        let t0 = Instant::now();
+        let w = Duration::from_secs(1);
+        assert!(h.report_failure(t0, 2, w).is_none());
+        assert!(h.report_failure(t0 + Duration::from_secs(2), 2, w).is_none());
+        assert!(h.is_available(t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn drain_and_active_transitions_notify_once() {
+        let (h, rx) = ep();
+        h.set_drained(true);
+        h.set_drained(true);
+        h.set_active_healthy(false);
+        assert_eq!(*rx.borrow(), 2);
+        assert!(!h.is_available(Instant::now()));
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let (h, _rx) = ep();
+        let g1 = h.start_request();
+        let g2 = h.start_request();
+        assert_eq!(h.in_flight(), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(h.in_flight(), 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! The HTTP data path: listeners, routing, proxying, upstream pools.

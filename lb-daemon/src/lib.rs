@@ -1,0 +1,13 @@
+//! lbd: an L4 (XDP) and L7 (HTTP/1.1, HTTP/2, gRPC) load balancer and API gateway.
+//!
+//! Data flows one way: `lb.toml` → [`config`] (raw serde structs → validated [`config::Model`])
+//! → [`supervisor`] (running state) → data paths ([`l7`], [`l4`]) that follow [`health`] and
+//! pick endpoints through [`balance`].
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod config;
+pub mod health;
+pub mod l7;
+pub mod supervisor;
+pub mod telemetry;

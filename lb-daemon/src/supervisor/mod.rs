@@ -1,0 +1,1 @@
+//! Owns the running state built from a [`crate::config::Model`].

@@ -1,0 +1,1 @@
+//! Logging (tracing), access log, metrics registration.

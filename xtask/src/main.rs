@@ -1,0 +1,22 @@
+//! `cargo xtask <command>`: build steps and benchmarks that plain cargo cannot express.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lbd project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the XDP object (lb-ebpf) with Debian's rustc and bpf-linker.
+    BuildEbpf,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf => anyhow::bail!("not implemented yet"),
+    }
+}
