@@ -1,4 +1,4 @@
 //! Endpoint health: shared state, active checkers and passive outlier detection.
 pub mod state;
 
-pub use state::{CheckOutcome, EndpointHealth, InFlightGuard};
+pub use state::{CheckOutcome, ClusterHealth, EndpointHealth, InFlightGuard};

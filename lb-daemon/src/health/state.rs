@@ -184,6 +184,30 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Health of every endpoint of one cluster, plus the channel that announces changes.
+#[derive(Debug, Clone)]
+pub struct ClusterHealth {
+    /// One entry per endpoint, in the cluster's endpoint order.
+    pub endpoints: Vec<Arc<EndpointHealth>>,
+    notify: Arc<watch::Sender<u64>>,
+}
+
+impl ClusterHealth {
+    /// Creates `n` healthy endpoints sharing one change channel.
+    pub fn new(n: usize) -> Self {
+        let notify = Arc::new(watch::Sender::new(0));
+        let endpoints = (0..n)
+            .map(|_| Arc::new(EndpointHealth::new(Arc::clone(&notify))))
+            .collect();
+        ClusterHealth { endpoints, notify }
+    }
+
+    /// A receiver that sees a new generation whenever any endpoint's availability changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
