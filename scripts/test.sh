@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs lbd's whole test suite on a fresh Debian 12 machine: installs prerequisites (idempotent),
+# builds everything including the XDP object, runs every test, then the lint gates.
+#
+# Tests that need root, BPF or network namespaces run when those are available (as in CI) and
+# print a "SKIP: <reason>" line otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export CARGO_TERM_COLOR=never
+
+./scripts/setup.sh
+
+echo "== build (host workspace + eBPF object)"
+cargo build --workspace --all-targets --locked
+
+echo "== tests"
+cargo test --workspace --locked --no-fail-fast
+
+echo "== lint"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "test.sh: all checks passed"
