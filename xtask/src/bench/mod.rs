@@ -1,0 +1,367 @@
+//! `cargo xtask bench`: lbd side by side with nginx, HAProxy and Envoy in one run.
+//!
+//! The machines are shared and noisy, so: the proxy under test is pinned to CPU 0 and the load
+//! generator plus backends to CPU 1; contenders are interleaved (A B C A B C …) and each
+//! measurement is repeated, medians reported with their spread; proxy CPU time per request is
+//! read from /proc (the figure least disturbed by noise); a run during which other processes
+//! used noticeable CPU is repeated.
+mod contenders;
+mod load;
+mod procstat;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use contenders::{Contender, Shape};
+use load::Generator;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Short run (2 s per measurement, one repetition): checks that everything works.
+    #[arg(long)]
+    quick: bool,
+    /// Only scenarios whose name contains this string.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Comma-separated contenders (direct,lbd,nginx,haproxy,envoy); default all.
+    #[arg(long, value_delimiter = ',')]
+    contenders: Vec<String>,
+    /// Repetitions of each measurement (default 3, quick 1).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Seconds per measurement (default 10, quick 2).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Do not run scripts/setup.sh --bench first.
+    #[arg(long)]
+    no_setup: bool,
+}
+
+/// One benchmark scenario.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: &'static str,
+    generator: Generator,
+    downstream_h2: bool,
+    upstream_h2: bool,
+    /// Response body size served by the backends.
+    body_bytes: usize,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let s = |name, generator, downstream_h2, upstream_h2, body_bytes| Scenario {
+        name,
+        generator,
+        downstream_h2,
+        upstream_h2,
+        body_bytes,
+    };
+    vec![
+        s(
+            "http1-keepalive",
+            Generator::Wrk {
+                conns: 64,
+                close: false,
+            },
+            false,
+            false,
+            64,
+        ),
+        s(
+            "http1-new-conn",
+            Generator::Wrk {
+                conns: 16,
+                close: true,
+            },
+            false,
+            false,
+            64,
+        ),
+        s(
+            "http2-multiplexed",
+            Generator::H2load {
+                conns: 4,
+                streams: 32,
+                grpc: false,
+            },
+            true,
+            false,
+            64,
+        ),
+        s(
+            "grpc-unary",
+            Generator::H2load {
+                conns: 4,
+                streams: 32,
+                grpc: true,
+            },
+            true,
+            true,
+            64,
+        ),
+        s(
+            "http1-1mib-body",
+            Generator::Wrk {
+                conns: 8,
+                close: false,
+            },
+            false,
+            false,
+            1 << 20,
+        ),
+    ]
+}
+
+/// CPU the proxy under test runs on; everything else runs on the other one.
+const PROXY_CPU: u32 = 0;
+const LOAD_CPU: u32 = 1;
+const PROXY_PORT: u16 = 18080;
+const BACKEND_BASE_PORT: u16 = 19101;
+/// Other processes may use at most this share of one core during a measurement.
+const NOISE_LIMIT: f64 = 0.10;
+
+/// One measurement of one contender.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Proxy CPU time per successful request, µs (None for the direct baseline).
+    cpu_us_per_req: Option<f64>,
+    peak_rss_kib: Option<u64>,
+    errors: u64,
+    /// Share of a core used by unrelated processes during the run.
+    foreign_cpu: f64,
+}
+
+/// Runs the benchmark.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let root = workspace_root()?;
+    if !args.no_setup {
+        let ok = Command::new(root.join("scripts/setup.sh"))
+            .arg("--bench")
+            .status()?
+            .success();
+        if !ok {
+            bail!("scripts/setup.sh --bench failed");
+        }
+    }
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
+        bail!("the bench pins the proxy and the load generator to different CPUs and needs 2");
+    }
+    let ok = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lb-daemon",
+            "-p",
+            "lb-bench-backend",
+        ])
+        .status()?
+        .success();
+    if !ok {
+        bail!("building lbd and bench-backend failed");
+    }
+    let release = root.join("target/release");
+    let lbd = release.join("lbd");
+    let out_dir = root.join("target/bench");
+    let scratch = out_dir.join("run");
+    std::fs::create_dir_all(&scratch)?;
+
+    let duration = Duration::from_secs(args.duration.unwrap_or(if args.quick { 2 } else { 10 }));
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let wanted: Vec<Contender> = if args.contenders.is_empty() {
+        contenders::ALL.to_vec()
+    } else {
+        args.contenders
+            .iter()
+            .map(|n| Contender::parse(n).with_context(|| format!("unknown contender {n:?}")))
+            .collect::<Result<_>>()?
+    };
+    let mut present = Vec::new();
+    let mut missing = Vec::new();
+    for c in wanted {
+        match c.missing(&lbd) {
+            None => present.push(c),
+            Some(why) => {
+                eprintln!("bench: {} is MISSING: {why}", c.name());
+                missing.push((c.name(), why));
+            }
+        }
+    }
+
+    let mut results = report::Report::new(duration, repeat, missing);
+    for sc in scenarios() {
+        if args
+            .scenario
+            .as_deref()
+            .is_some_and(|f| !sc.name.contains(f))
+        {
+            continue;
+        }
+        eprintln!("bench: scenario {}", sc.name);
+        let backends = Backends::start(&release.join("bench-backend"), sc.body_bytes)?;
+        let shape = Shape {
+            port: PROXY_PORT,
+            backends: backends.addrs.clone(),
+            downstream_h2: sc.downstream_h2,
+            upstream_h2: sc.upstream_h2,
+        };
+        for rep in 0..repeat {
+            for &c in &present {
+                match measure(c, &sc, &shape, duration, &scratch, &lbd) {
+                    Ok(s) => {
+                        eprintln!(
+                            "bench:   [{}/{repeat}] {:8} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req{}",
+                            rep + 1,
+                            c.name(),
+                            s.rps,
+                            s.p99_us,
+                            s.cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}")),
+                            if s.errors > 0 {
+                                format!("  ERRORS {}", s.errors)
+                            } else {
+                                String::new()
+                            },
+                        );
+                        results.add(sc.name, c.name(), s);
+                    }
+                    Err(e) => {
+                        eprintln!("bench:   {} failed: {e:#}", c.name());
+                        results.fail(sc.name, c.name(), format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        drop(backends);
+    }
+    let md = results.markdown();
+    println!("{md}");
+    std::fs::write(out_dir.join("results.md"), &md)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    eprintln!("bench: wrote {}/results.{{md,json}}", out_dir.display());
+    Ok(())
+}
+
+/// Starts the contender, loads it, measures, stops it; retries twice if the run was noisy.
+fn measure(
+    c: Contender,
+    sc: &Scenario,
+    shape: &Shape,
+    duration: Duration,
+    scratch: &Path,
+    lbd: &Path,
+) -> Result<Sample> {
+    let mut last = None;
+    for _attempt in 0..3 {
+        let running = c.start(shape, PROXY_CPU, scratch, lbd)?;
+        let target_port = match c {
+            Contender::Direct => shape.backends[0].port(),
+            _ => PROXY_PORT,
+        };
+        let url = format!("http://127.0.0.1:{target_port}/");
+        // Warm up connections and caches; not measured.
+        let _ = load::run(
+            &sc.generator,
+            &url,
+            Duration::from_secs(1),
+            LOAD_CPU,
+            scratch,
+        );
+        let pid = running.as_ref().map(|r| r.pid());
+        let cpu0 = pid.map(procstat::cpu_ns);
+        let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
+        let t0 = Instant::now();
+        let r = load::run(&sc.generator, &url, duration, LOAD_CPU, scratch)?;
+        let wall = t0.elapsed();
+        let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
+        let cpu = pid
+            .zip(cpu0)
+            .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
+        let rss = pid.map(procstat::peak_rss_kib);
+        drop(running);
+        // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
+        // processes, or softirq work not charged to the proxy) is noise.
+        let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
+        let foreign = ((busy as f64 - ours_ticks).max(0.0))
+            / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
+        let sample = Sample {
+            rps: r.rps,
+            p50_us: r.p50_us,
+            p99_us: r.p99_us,
+            cpu_us_per_req: cpu
+                .filter(|_| r.ok > 0)
+                .map(|ns| ns as f64 / 1e3 / r.ok as f64),
+            peak_rss_kib: rss,
+            errors: r.errors,
+            foreign_cpu: foreign,
+        };
+        if foreign <= NOISE_LIMIT {
+            return Ok(sample);
+        }
+        eprintln!(
+            "bench:   noisy run ({:.0}% of a core used elsewhere), repeating",
+            foreign * 100.0
+        );
+        last = Some(sample);
+    }
+    last.context("no measurement")
+}
+
+/// The bench backends: three ports served by one process pinned to the load CPU.
+struct Backends {
+    child: Child,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Backends {
+    fn start(bin: &Path, body_bytes: usize) -> Result<Backends> {
+        let addrs: Vec<SocketAddr> = (0..3)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], BACKEND_BASE_PORT + i)))
+            .collect();
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &LOAD_CPU.to_string()]).arg(bin);
+        for a in &addrs {
+            cmd.arg("--listen").arg(a.to_string());
+        }
+        cmd.args(["--body-bytes", &body_bytes.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().context("starting bench-backend")?;
+        let b = Backends { child, addrs };
+        for a in &b.addrs {
+            contenders::wait_accepting(*a, Duration::from_secs(10))?;
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent dir")
+}

@@ -1,0 +1,86 @@
+//! CPU time and memory of a process tree, read from /proc.
+use std::fs;
+
+/// Every PID in the tree rooted at `root` (children found through /proc/*/stat ppid).
+pub fn tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(ppid) = stat_field(pid, 4).and_then(|s| s.parse().ok()) {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/PID/stat; the comm field may contain spaces.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split_whitespace().nth(n - 3).map(str::to_owned)
+}
+
+/// Nanoseconds on CPU of all threads of all processes in the tree (from schedstat, which has
+/// ns resolution where /proc/PID/stat has only clock ticks).
+pub fn cpu_ns(root: u32) -> u64 {
+    tree(root)
+        .into_iter()
+        .map(|pid| {
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                return 0;
+            };
+            tasks
+                .flatten()
+                .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Peak resident set (VmHWM) summed over the tree, in KiB.
+pub fn peak_rss_kib(root: u32) -> u64 {
+    tree(root)
+        .into_iter()
+        .filter_map(|pid| {
+            let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Busy jiffies of one CPU (user+nice+system+irq+softirq+steal) from /proc/stat.
+pub fn cpu_busy_ticks(cpu: u32) -> u64 {
+    let Ok(s) = fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let tag = format!("cpu{cpu} ");
+    let Some(line) = s.lines().find(|l| l.starts_with(&tag)) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| v.get(i))
+        .sum()
+}
+
+/// Clock ticks per second for /proc/stat.
+pub const TICKS_PER_SEC: u64 = 100;

@@ -1,0 +1,208 @@
+//! Aggregation (medians, spread, ratios) and the markdown/JSON output.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Sample;
+
+/// Everything one bench run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    machine: String,
+    duration_s: u64,
+    repeat: usize,
+    missing: Vec<(String, String)>,
+    /// scenario → contender → samples, in insertion order of scenarios.
+    scenarios: Vec<ScenarioResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScenarioResult {
+    name: String,
+    contenders: BTreeMap<String, ContenderResult>,
+    order: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ContenderResult {
+    samples: Vec<Sample>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    /// An empty report for a run with these settings.
+    pub fn new(duration: Duration, repeat: usize, missing: Vec<(&str, String)>) -> Report {
+        Report {
+            machine: machine_description(),
+            duration_s: duration.as_secs(),
+            repeat,
+            missing: missing
+                .into_iter()
+                .map(|(a, b)| (a.to_owned(), b))
+                .collect(),
+            scenarios: Vec::new(),
+        }
+    }
+
+    fn entry(&mut self, scenario: &str, contender: &str) -> &mut ContenderResult {
+        if self.scenarios.last().is_none_or(|s| s.name != scenario) {
+            self.scenarios.push(ScenarioResult {
+                name: scenario.to_owned(),
+                contenders: BTreeMap::new(),
+                order: Vec::new(),
+            });
+        }
+        let sc = self.scenarios.last_mut().expect("pushed above");
+        if !sc.order.iter().any(|c| c == contender) {
+            sc.order.push(contender.to_owned());
+        }
+        sc.contenders.entry(contender.to_owned()).or_default()
+    }
+
+    /// Records a measurement.
+    pub fn add(&mut self, scenario: &str, contender: &str, s: Sample) {
+        self.entry(scenario, contender).samples.push(s);
+    }
+
+    /// Records a failed measurement.
+    pub fn fail(&mut self, scenario: &str, contender: &str, why: String) {
+        self.entry(scenario, contender).failures.push(why);
+    }
+
+    /// The human-readable table.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "# lbd bench\n\nMachine: {}. {} s per measurement, median of {} interleaved runs. \
+             Proxy pinned to CPU 0, load generator and backends to CPU 1, one worker each.\n",
+            self.machine, self.duration_s, self.repeat
+        );
+        for (name, why) in &self.missing {
+            let _ = writeln!(md, "- **{name} missing**: {why}");
+        }
+        for sc in &self.scenarios {
+            let _ = writeln!(md, "\n## {}\n", sc.name);
+            let _ = writeln!(
+                md,
+                "| contender | req/s | spread | p50 µs | p99 µs | CPU µs/req | peak RSS MiB | errors | lbd req/s ratio | lbd CPU ratio |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let lbd = sc.contenders.get("lbd").map(Summary::of);
+            for name in &sc.order {
+                let c = &sc.contenders[name];
+                if c.samples.is_empty() {
+                    let why = c
+                        .failures
+                        .first()
+                        .map_or("", |s| s.lines().next().unwrap_or(""));
+                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | |");
+                    continue;
+                }
+                let s = Summary::of(c);
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 && name != "lbd" => format!("{:.2}×", a / b),
+                    _ => "".into(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                    s.rps,
+                    s.spread * 100.0,
+                    s.p50,
+                    s.p99,
+                    s.cpu.map_or("-".into(), |v| format!("{v:.1}")),
+                    s.rss_kib
+                        .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                    s.errors,
+                    ratio(lbd.as_ref().map(|l| l.rps), Some(s.rps)),
+                    ratio(lbd.as_ref().and_then(|l| l.cpu), s.cpu),
+                );
+            }
+        }
+        md.push_str(
+            "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU.\n",
+        );
+        md
+    }
+}
+
+/// Medians of one contender's samples.
+struct Summary {
+    rps: f64,
+    spread: f64,
+    p50: f64,
+    p99: f64,
+    cpu: Option<f64>,
+    rss_kib: Option<u64>,
+    errors: u64,
+}
+
+impl Summary {
+    fn of(c: &ContenderResult) -> Summary {
+        let rps: Vec<f64> = c.samples.iter().map(|s| s.rps).collect();
+        let med = median(&rps);
+        let (lo, hi) = rps
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        Summary {
+            rps: med,
+            spread: if med > 0.0 {
+                (hi - lo) / 2.0 / med
+            } else {
+                0.0
+            },
+            p50: median(&c.samples.iter().map(|s| s.p50_us).collect::<Vec<_>>()),
+            p99: median(&c.samples.iter().map(|s| s.p99_us).collect::<Vec<_>>()),
+            cpu: {
+                let v: Vec<f64> = c.samples.iter().filter_map(|s| s.cpu_us_per_req).collect();
+                (!v.is_empty()).then(|| median(&v))
+            },
+            rss_kib: c.samples.iter().filter_map(|s| s.peak_rss_kib).max(),
+            errors: c.samples.iter().map(|s| s.errors).sum(),
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} × {cpu}, Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
