@@ -9,5 +9,6 @@ pub mod balance;
 pub mod config;
 pub mod health;
 pub mod l7;
+pub mod sdnotify;
 pub mod supervisor;
 pub mod telemetry;
