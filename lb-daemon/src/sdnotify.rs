@@ -45,7 +45,10 @@ fn socket_addr(path: &[u8]) -> io::Result<SocketAddr> {
     match path.split_first() {
         Some((b'@', name)) => SocketAddr::from_abstract_name(name),
         Some((b'/', _)) => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path)),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "NOTIFY_SOCKET is neither a path nor @abstract")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "NOTIFY_SOCKET is neither a path nor @abstract",
+        )),
     }
 }
 
@@ -60,7 +63,10 @@ mod tests {
         let a = socket_addr(b"@lbd-test").unwrap();
         assert_eq!(a.as_abstract_name(), Some(&b"lbd-test"[..]));
         let p = socket_addr(b"/run/systemd/notify").unwrap();
-        assert_eq!(p.as_pathname(), Some(std::path::Path::new("/run/systemd/notify")));
+        assert_eq!(
+            p.as_pathname(),
+            Some(std::path::Path::new("/run/systemd/notify"))
+        );
         assert!(socket_addr(b"relative").is_err());
     }
 
