@@ -3,7 +3,7 @@
 //! Data flows one way: `lb.toml` → [`config`] (raw serde structs → validated [`config::Model`])
 //! → [`supervisor`] (running state) → data paths ([`l7`], [`l4`]) that follow [`health`] and
 //! pick endpoints through [`balance`].
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod balance;
 pub mod config;

@@ -1,1 +1,2 @@
 //! The HTTP data path: listeners, routing, proxying, upstream pools.
+pub mod router;
