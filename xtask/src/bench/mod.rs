@@ -6,6 +6,7 @@
 //! read from /proc (the figure least disturbed by noise); a run during which other processes
 //! used noticeable CPU is repeated.
 mod contenders;
+mod idle;
 mod load;
 mod procstat;
 mod report;
@@ -124,6 +125,10 @@ const PROXY_CPU: u32 = 0;
 const LOAD_CPU: u32 = 1;
 const PROXY_PORT: u16 = 18080;
 const BACKEND_BASE_PORT: u16 = 19101;
+/// Name of the idle keep-alive memory scenario (for `--scenario`).
+const IDLE_SCENARIO: &str = "idle-keepalive-memory";
+/// Idle connections opened in a full run.
+const IDLE_CONNS: usize = 5000;
 /// Other processes may use at most this share of one core during a measurement.
 const NOISE_LIMIT: f64 = 0.10;
 
@@ -242,6 +247,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Err(e) => {
                         eprintln!("bench:   {} failed: {e:#}", c.name());
                         results.fail(sc.name, c.name(), format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        drop(backends);
+    }
+    if args
+        .scenario
+        .as_deref()
+        .is_none_or(|f| IDLE_SCENARIO.contains(f))
+    {
+        let conns = if args.quick { 500 } else { IDLE_CONNS };
+        eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
+        let backends = Backends::start(&release.join("bench-backend"), 64)?;
+        let shape = Shape {
+            port: PROXY_PORT,
+            backends: backends.addrs.clone(),
+            downstream_h2: false,
+            upstream_h2: false,
+        };
+        for rep in 0..repeat {
+            for &c in present.iter().filter(|c| **c != Contender::Direct) {
+                let r = c
+                    .start(&shape, PROXY_CPU, &scratch, &lbd)?
+                    .context("proxy contender has a process")
+                    .and_then(|running| {
+                        idle::measure(
+                            running.pid(),
+                            SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+                            conns,
+                        )
+                    });
+                match r {
+                    Ok(s) => {
+                        eprintln!(
+                            "bench:   [{}/{repeat}] {:8} {:>7.1} KiB per idle connection",
+                            rep + 1,
+                            c.name(),
+                            s.kib_per_conn()
+                        );
+                        results.add_idle(c.name(), s);
+                    }
+                    Err(e) => {
+                        eprintln!("bench:   {} failed: {e:#}", c.name());
+                        results.fail_idle(c.name(), format!("{e:#}"));
                     }
                 }
             }

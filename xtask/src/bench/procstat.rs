@@ -51,11 +51,20 @@ pub fn cpu_ns(root: u32) -> u64 {
 
 /// Peak resident set (VmHWM) summed over the tree, in KiB.
 pub fn peak_rss_kib(root: u32) -> u64 {
+    status_kib_sum(root, "VmHWM:")
+}
+
+/// Current resident set (VmRSS) summed over the tree, in KiB.
+pub fn rss_kib(root: u32) -> u64 {
+    status_kib_sum(root, "VmRSS:")
+}
+
+fn status_kib_sum(root: u32, field: &str) -> u64 {
     tree(root)
         .into_iter()
         .filter_map(|pid| {
             let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let line = s.lines().find(|l| l.starts_with(field))?;
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .sum()

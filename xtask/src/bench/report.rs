@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::Sample;
+use super::idle::IdleSample;
 
 /// Everything one bench run measured.
 #[derive(Debug, Serialize)]
@@ -16,6 +17,8 @@ pub struct Report {
     missing: Vec<(String, String)>,
     /// scenario → contender → samples, in insertion order of scenarios.
     scenarios: Vec<ScenarioResult>,
+    /// contender → idle keep-alive memory samples, in first-seen order.
+    idle: Vec<(String, Vec<IdleSample>, Vec<String>)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -43,6 +46,7 @@ impl Report {
                 .map(|(a, b)| (a.to_owned(), b))
                 .collect(),
             scenarios: Vec::new(),
+            idle: Vec::new(),
         }
     }
 
@@ -69,6 +73,28 @@ impl Report {
     /// Records a failed measurement.
     pub fn fail(&mut self, scenario: &str, contender: &str, why: String) {
         self.entry(scenario, contender).failures.push(why);
+    }
+
+    fn idle_entry(&mut self, contender: &str) -> &mut (String, Vec<IdleSample>, Vec<String>) {
+        let i = match self.idle.iter().position(|(c, _, _)| c == contender) {
+            Some(i) => i,
+            None => {
+                self.idle
+                    .push((contender.to_owned(), Vec::new(), Vec::new()));
+                self.idle.len() - 1
+            }
+        };
+        &mut self.idle[i]
+    }
+
+    /// Records an idle keep-alive memory measurement.
+    pub fn add_idle(&mut self, contender: &str, s: IdleSample) {
+        self.idle_entry(contender).1.push(s);
+    }
+
+    /// Records a failed idle keep-alive memory measurement.
+    pub fn fail_idle(&mut self, contender: &str, why: String) {
+        self.idle_entry(contender).2.push(why);
     }
 
     /// The human-readable table.
@@ -119,6 +145,43 @@ impl Report {
                     s.errors,
                     ratio(lbd.as_ref().map(|l| l.rps), Some(s.rps)),
                     ratio(lbd.as_ref().and_then(|l| l.cpu), s.cpu),
+                );
+            }
+        }
+        if !self.idle.is_empty() {
+            let per = |v: &[IdleSample]| {
+                median(&v.iter().map(IdleSample::kib_per_conn).collect::<Vec<_>>())
+            };
+            let lbd = self
+                .idle
+                .iter()
+                .find(|(c, s, _)| c == "lbd" && !s.is_empty())
+                .map(|(_, s, _)| per(s));
+            let _ = writeln!(md, "\n## idle-keepalive-memory\n");
+            let _ = writeln!(
+                md,
+                "| contender | idle connections | RSS before MiB | RSS after MiB | KiB per connection | lbd ratio |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+            for (name, samples, failures) in &self.idle {
+                let Some(last) = samples.last() else {
+                    let why = failures
+                        .first()
+                        .map_or("", |s| s.lines().next().unwrap_or(""));
+                    let _ = writeln!(md, "| {name} | failed: {why} | | | | |");
+                    continue;
+                };
+                let k = per(samples);
+                let ratio = match lbd {
+                    Some(l) if k > 0.0 && name != "lbd" => format!("{:.2}×", l / k),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} | {:.1} | {:.1} | {k:.1} | {ratio} |",
+                    last.conns,
+                    last.rss_before_kib as f64 / 1024.0,
+                    last.rss_after_kib as f64 / 1024.0,
                 );
             }
         }
