@@ -26,7 +26,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl ca-certificates pkg-config)
 if [ "$want_bench" -eq 1 ]; then
-    pkgs+=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client)
+    pkgs+=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake)
 fi
 
 missing=()

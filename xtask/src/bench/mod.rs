@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: lbd side by side with nginx, HAProxy and Envoy in one run.
+//! `cargo xtask bench`: lbd side by side with nginx, HAProxy, Envoy and Pingora in one run.
 //!
 //! The machines are shared and noisy, so: the proxy under test is pinned to CPU 0 and the load
 //! generator plus backends to CPU 1; contenders are interleaved (A B C A B C …) and each
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use contenders::{Contender, Shape};
+use contenders::{Bins, Contender, Shape};
 use load::Generator;
 
 /// Options of `cargo xtask bench`.
@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// Only scenarios whose name contains this string.
     #[arg(long)]
     scenario: Option<String>,
-    /// Comma-separated contenders (direct,lbd,nginx,haproxy,envoy); default all.
+    /// Comma-separated contenders (direct,lbd,nginx,haproxy,envoy,pingora); default all.
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
     /// Repetitions of each measurement (default 3, quick 1).
@@ -180,8 +180,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !ok {
         bail!("building lbd and bench-backend failed");
     }
+    // Pingora is its own workspace (a large tree only the bench needs); a failed build makes it
+    // a missing contender, reported as such.
+    let pingora_ok = Command::new(env!("CARGO"))
+        .current_dir(root.join("bench/pingora"))
+        .args(["build", "--release"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !pingora_ok {
+        eprintln!("bench: building bench/pingora failed; pingora will be reported missing");
+    }
     let release = root.join("target/release");
-    let lbd = release.join("lbd");
+    let bins = Bins {
+        lbd: release.join("lbd"),
+        pingora: root.join("bench/pingora/target/release/bench-pingora"),
+    };
     let out_dir = root.join("target/bench");
     let scratch = out_dir.join("run");
     std::fs::create_dir_all(&scratch)?;
@@ -199,7 +212,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut present = Vec::new();
     let mut missing = Vec::new();
     for c in wanted {
-        match c.missing(&lbd) {
+        match c.missing(&bins) {
             None => present.push(c),
             Some(why) => {
                 eprintln!("bench: {} is MISSING: {why}", c.name());
@@ -227,7 +240,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         for rep in 0..repeat {
             for &c in &present {
-                match measure(c, &sc, &shape, duration, &scratch, &lbd) {
+                match measure(c, &sc, &shape, duration, &scratch, &bins) {
                     Ok(s) => {
                         eprintln!(
                             "bench:   [{}/{repeat}] {:8} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req{}",
@@ -270,7 +283,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for rep in 0..repeat {
             for &c in present.iter().filter(|c| **c != Contender::Direct) {
                 let r = c
-                    .start(&shape, PROXY_CPU, &scratch, &lbd)?
+                    .start(&shape, PROXY_CPU, &scratch, &bins)?
                     .context("proxy contender has a process")
                     .and_then(|running| {
                         idle::measure(
@@ -316,11 +329,11 @@ fn measure(
     shape: &Shape,
     duration: Duration,
     scratch: &Path,
-    lbd: &Path,
+    bins: &Bins,
 ) -> Result<Sample> {
     let mut last = None;
     for _attempt in 0..3 {
-        let running = c.start(shape, PROXY_CPU, scratch, lbd)?;
+        let running = c.start(shape, PROXY_CPU, scratch, bins)?;
         let target_port = match c {
             Contender::Direct => shape.backends[0].port(),
             _ => PROXY_PORT,
