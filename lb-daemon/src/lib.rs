@@ -5,6 +5,7 @@
 //! pick endpoints through [`balance`].
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod health;

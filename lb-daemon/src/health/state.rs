@@ -36,6 +36,8 @@ pub struct EndpointHealth {
     window_start: AtomicU64,
     /// Requests currently in flight to this endpoint (least-request and admin API).
     in_flight: AtomicU64,
+    /// Requests ever started to this endpoint (admin API and status page rates).
+    requests_total: AtomicU64,
     /// Latest active check outcome.
     last_check: Mutex<Option<CheckOutcome>>,
     epoch: Instant,
@@ -52,6 +54,7 @@ impl EndpointHealth {
             window_fails: AtomicU32::new(0),
             window_start: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
             last_check: Mutex::new(None),
             epoch: Instant::now(),
             notify,
@@ -170,7 +173,13 @@ impl EndpointHealth {
     /// Counts a request starting; the guard counts it finished when dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(Arc::clone(self))
+    }
+
+    /// Requests ever started to this endpoint.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
     }
 
     /// Requests in flight now.

@@ -1,1 +1,2 @@
 //! Logging (tracing), access log, metrics registration.
+pub mod metrics;

@@ -1,0 +1,285 @@
+//! JSON views of the running state served by the admin API and the status page.
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::config::model::{
+    ForwardMode, HashKey, HealthCheckKind, HostMatch, L4Protocol, ListenerProtocol, LogFormat,
+    Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
+};
+use crate::health::ClusterHealth;
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    /// lbd version.
+    pub version: &'static str,
+    /// Seconds since the process started.
+    pub uptime_seconds: u64,
+    /// Path of the active config file.
+    pub config_path: String,
+    /// Hash of the active config file's bytes.
+    pub config_hash: String,
+    /// Successful reloads since start.
+    pub reloads_ok: u64,
+    /// Rejected reloads since start.
+    pub reloads_failed: u64,
+    /// Listeners of the active config.
+    pub listeners: Vec<ListenerView>,
+}
+
+/// One listener in [`StatusView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerView {
+    /// Listener name.
+    pub name: String,
+    /// Bound address.
+    pub bind: String,
+    /// `http` or `h2c`.
+    pub protocol: &'static str,
+}
+
+/// One cluster in `GET /clusters`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// Cluster name.
+    pub name: String,
+    /// Balancing policy.
+    pub policy: String,
+    /// Endpoints in declared order.
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// One endpoint in [`ClusterView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointView {
+    /// `ip:port`, also the endpoint's id in admin URLs.
+    pub address: String,
+    /// Relative weight.
+    pub weight: u32,
+    /// Backup endpoint (used only when no primary is available).
+    pub backup: bool,
+    /// `healthy`, `unhealthy` (active check), `ejected` (passive), or `drained` (operator).
+    pub health: &'static str,
+    /// Whether new requests may go to it.
+    pub available: bool,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Requests ever sent to it.
+    pub requests_total: u64,
+    /// Latest active check, if checks are configured and one has run.
+    pub last_check: Option<CheckView>,
+}
+
+/// Latest active check result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckView {
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why, e.g. `status 503`.
+    pub detail: String,
+}
+
+/// Status of a model as seen at `started`.
+pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: u64) -> StatusView {
+    StatusView {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: started.elapsed().as_secs(),
+        config_path: model.source.path.display().to_string(),
+        config_hash: model.source.hash.clone(),
+        reloads_ok,
+        reloads_failed,
+        listeners: model
+            .listeners
+            .iter()
+            .map(|l| ListenerView {
+                name: l.name.clone(),
+                bind: l.bind.to_string(),
+                protocol: listener_protocol(l.protocol),
+            })
+            .collect(),
+    }
+}
+
+/// Every cluster of `model` with the health in `health` (same order as `model.clusters`).
+pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView> {
+    let now = Instant::now();
+    model
+        .clusters
+        .iter()
+        .zip(health)
+        .map(|(c, h)| ClusterView {
+            name: c.name.clone(),
+            policy: policy(&c.policy),
+            endpoints: c
+                .endpoints
+                .iter()
+                .zip(&h.endpoints)
+                .map(|(e, eh)| {
+                    let health = if eh.drained() {
+                        "drained"
+                    } else if eh.is_ejected(now) {
+                        "ejected"
+                    } else if !eh.active_healthy() {
+                        "unhealthy"
+                    } else {
+                        "healthy"
+                    };
+                    EndpointView {
+                        address: e.address.to_string(),
+                        weight: e.weight,
+                        backup: e.backup,
+                        health,
+                        available: eh.is_available(now),
+                        in_flight: eh.in_flight(),
+                        requests_total: eh.requests_total(),
+                        last_check: eh.last_check().map(|c| CheckView {
+                            ok: c.ok,
+                            detail: c.detail,
+                        }),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Finds `(cluster index, endpoint index)` by cluster name and endpoint address or index.
+pub fn find_endpoint(model: &Model, cluster: &str, endpoint: &str) -> Option<(usize, usize)> {
+    let ci = model.clusters.iter().position(|c| c.name == cluster)?;
+    let eps = &model.clusters[ci].endpoints;
+    let ei = eps
+        .iter()
+        .position(|e| e.address.to_string() == endpoint)
+        .or_else(|| endpoint.parse::<usize>().ok().filter(|i| *i < eps.len()))?;
+    Some((ci, ei))
+}
+
+fn listener_protocol(p: ListenerProtocol) -> &'static str {
+    match p {
+        ListenerProtocol::Http => "http",
+        ListenerProtocol::H2c => "h2c",
+    }
+}
+
+fn hash_key(k: &HashKey) -> String {
+    match k {
+        HashKey::ClientIp => "client_ip".into(),
+        HashKey::Header(h) => format!("header:{h}"),
+        HashKey::Cookie(c) => format!("cookie:{c}"),
+    }
+}
+
+fn policy(p: &Policy) -> String {
+    match p {
+        Policy::RoundRobin => "round_robin".into(),
+        Policy::WeightedRoundRobin => "weighted_round_robin".into(),
+        Policy::LeastRequest => "least_request".into(),
+        Policy::Random => "random".into(),
+        Policy::IpHash => "ip_hash".into(),
+        Policy::HeaderHash(h) => format!("header_hash({h})"),
+        Policy::CookieHash(c) => format!("cookie_hash({c})"),
+        Policy::Maglev(k) => format!("maglev({})", hash_key(k)),
+    }
+}
+
+fn ms(d: std::time::Duration) -> u128 {
+    d.as_millis()
+}
+
+/// The effective configuration (every default applied, references resolved to names) as JSON.
+pub fn effective_config(model: &Model) -> Value {
+    let cluster_name = |i: usize| model.clusters.get(i).map(|c| c.name.clone());
+    json!({
+        "source": { "path": model.source.path.display().to_string(), "hash": model.source.hash },
+        "global": {
+            "log_format": match model.global.log_format { LogFormat::Text => "text", LogFormat::Json => "json" },
+            "log_level": model.global.log_level,
+            "access_log": model.global.access_log,
+            "drain_timeout_ms": ms(model.global.drain_timeout),
+            "admin": model.global.admin.as_ref().map(|a| json!({
+                "bind": a.bind.to_string(),
+                "token": a.token.as_ref().map(|_| "<redacted>"),
+            })),
+        },
+        "listeners": model.listeners.iter().map(|l| json!({
+            "name": l.name,
+            "bind": l.bind.to_string(),
+            "protocol": listener_protocol(l.protocol),
+            "limits": {
+                "max_connections": l.limits.max_connections,
+                "max_header_bytes": l.limits.max_header_bytes,
+                "max_body_bytes": l.limits.max_body_bytes,
+                "request_timeout_ms": ms(l.limits.request_timeout),
+                "idle_timeout_ms": ms(l.limits.idle_timeout),
+                "header_read_timeout_ms": ms(l.limits.header_read_timeout),
+            },
+        })).collect::<Vec<_>>(),
+        "routes": model.routes.iter().map(|r| json!({
+            "name": r.name,
+            "listeners": r.listeners.iter().filter_map(|i| model.listeners.get(*i).map(|l| l.name.clone())).collect::<Vec<_>>(),
+            "priority": r.priority,
+            "cluster": cluster_name(r.cluster),
+            "timeout_ms": r.timeout.map(ms),
+            "match": {
+                "hosts": r.matcher.hosts.iter().map(|h| match h {
+                    HostMatch::Exact(s) => s.clone(),
+                    HostMatch::Suffix(s) => format!("*{s}"),
+                }).collect::<Vec<_>>(),
+                "path": r.matcher.path.as_ref().map(|p| match p {
+                    PathMatch::Prefix(s) => json!({ "prefix": s }),
+                    PathMatch::Exact(s) => json!({ "exact": s }),
+                    PathMatch::Regex(re) => json!({ "regex": re.as_str() }),
+                }),
+                "methods": r.matcher.methods.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>(),
+                "headers": r.matcher.headers.iter().map(|h| json!({ "name": h.name.as_str(), "value": h.value })).collect::<Vec<_>>(),
+                "query": r.matcher.query.iter().map(|q| json!({ "name": q.name, "value": q.value })).collect::<Vec<_>>(),
+            },
+            "rewrite": r.rewrite.as_ref().map(|w| match w {
+                PathRewrite::StripPrefix => json!({ "strip_prefix": true }),
+                PathRewrite::ReplacePrefix(s) => json!({ "replace_prefix": s }),
+                PathRewrite::ReplacePath(s) => json!({ "replace_path": s }),
+            }),
+        })).collect::<Vec<_>>(),
+        "clusters": model.clusters.iter().map(|c| json!({
+            "name": c.name,
+            "policy": policy(&c.policy),
+            "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2" },
+            "endpoints": c.endpoints.iter().map(|e| json!({
+                "address": e.address.to_string(), "weight": e.weight, "backup": e.backup,
+            })).collect::<Vec<_>>(),
+            "health_check": c.health_check.as_ref().map(|h| json!({
+                "kind": match &h.kind {
+                    HealthCheckKind::Tcp => json!("tcp"),
+                    HealthCheckKind::Http { path, host, expected } => json!({
+                        "http": { "path": path, "host": host, "expected_status": [expected.0, expected.1] }
+                    }),
+                },
+                "interval_ms": ms(h.interval),
+                "timeout_ms": ms(h.timeout),
+                "healthy_threshold": h.healthy_threshold,
+                "unhealthy_threshold": h.unhealthy_threshold,
+                "jitter_ms": ms(h.jitter),
+            })),
+            "passive": { "max_fails": c.passive.max_fails, "fail_timeout_ms": ms(c.passive.fail_timeout) },
+            "timeouts": {
+                "connect_ms": ms(c.timeouts.connect),
+                "response_ms": ms(c.timeouts.response),
+                "idle_ms": ms(c.timeouts.idle),
+            },
+            "pool": { "max_connections": c.pool.max_connections, "max_idle": c.pool.max_idle },
+            "retry": { "attempts": c.retry.attempts },
+        })).collect::<Vec<_>>(),
+        "l4": { "vips": model.vips.iter().map(|v| json!({
+            "name": v.name,
+            "interfaces": v.interfaces,
+            "address": v.address.to_string(),
+            "protocol": match v.protocol { L4Protocol::Tcp => "tcp", L4Protocol::Udp => "udp" },
+            "mode": match v.mode { ForwardMode::DsrL2 => "dsr-l2", ForwardMode::Ipip => "ipip" },
+            "hash": if v.source_hash_only { "source" } else { "5tuple" },
+            "cluster": cluster_name(v.cluster),
+        })).collect::<Vec<_>>() },
+    })
+}

@@ -1,0 +1,90 @@
+//! Prometheus metrics: names, help texts, histogram buckets and the recorder.
+//!
+//! Names follow Prometheus conventions: `lbd_` prefix, base units (seconds, bytes), `_total`
+//! for counters. Labels are bounded by the config (listener, route, cluster, endpoint names and
+//! status classes) — never raw paths or client addresses.
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Downstream connections open now (`listener`).
+pub const CONNECTIONS_ACTIVE: &str = "lbd_downstream_connections_active";
+/// Downstream connections accepted (`listener`).
+pub const CONNECTIONS_ACCEPTED: &str = "lbd_downstream_connections_accepted_total";
+/// Downstream connections closed (`listener`, `reason`: `client`, `idle`, `error`, `drain`).
+pub const CONNECTIONS_CLOSED: &str = "lbd_downstream_connections_closed_total";
+/// Requests answered (`listener`, `route`, `cluster`, `status_class` like `2xx`).
+pub const REQUESTS: &str = "lbd_requests_total";
+/// Time from request head received to response end (`listener`, `route`).
+pub const REQUEST_DURATION: &str = "lbd_request_duration_seconds";
+/// Time from upstream request sent to response head (`cluster`).
+pub const UPSTREAM_DURATION: &str = "lbd_upstream_response_duration_seconds";
+/// Request body bytes received from clients (`listener`).
+pub const BYTES_IN: &str = "lbd_request_bytes_total";
+/// Response body bytes sent to clients (`listener`).
+pub const BYTES_OUT: &str = "lbd_response_bytes_total";
+/// Upstream connections opened (`cluster`, `endpoint`).
+pub const UPSTREAM_CONNECTS: &str = "lbd_upstream_connections_opened_total";
+/// Upstream requests sent on a reused pooled connection (`cluster`).
+pub const UPSTREAM_REUSED: &str = "lbd_upstream_requests_reused_total";
+/// Retries of a request on another endpoint (`cluster`).
+pub const RETRIES: &str = "lbd_retries_total";
+/// 1 when the endpoint may receive traffic, else 0 (`cluster`, `endpoint`).
+pub const ENDPOINT_AVAILABLE: &str = "lbd_endpoint_available";
+/// Changes of an endpoint's availability (`cluster`, `endpoint`, `to`: `up`/`down`).
+pub const HEALTH_TRANSITIONS: &str = "lbd_endpoint_health_transitions_total";
+/// Config reloads (`result`: `success`/`failure`).
+pub const RELOADS: &str = "lbd_config_reloads_total";
+/// Always 1, labelled with the active config's `hash`.
+pub const CONFIG_INFO: &str = "lbd_config_info";
+
+/// Latency buckets, seconds: 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the global Prometheus recorder; the handle renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS_ACTIVE, "Downstream connections open now.");
+    describe_counter!(CONNECTIONS_ACCEPTED, "Downstream connections accepted.");
+    describe_counter!(CONNECTIONS_CLOSED, "Downstream connections closed, by reason.");
+    describe_counter!(REQUESTS, "Requests answered, by route, cluster and status class.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request duration from head received to response end."
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Upstream time to response head."
+    );
+    describe_counter!(BYTES_IN, Unit::Bytes, "Request body bytes received.");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Response body bytes sent.");
+    describe_counter!(UPSTREAM_CONNECTS, "Upstream connections opened.");
+    describe_counter!(UPSTREAM_REUSED, "Upstream requests sent on a reused connection.");
+    describe_counter!(RETRIES, "Requests retried on another endpoint.");
+    describe_gauge!(ENDPOINT_AVAILABLE, "1 when the endpoint may receive traffic.");
+    describe_counter!(HEALTH_TRANSITIONS, "Endpoint availability changes.");
+    describe_counter!(RELOADS, "Config reloads by result.");
+    describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
+}
+
+/// `2xx`-style class of a status code, a bounded label value.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
