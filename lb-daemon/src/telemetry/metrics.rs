@@ -55,8 +55,14 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 fn describe() {
     describe_gauge!(CONNECTIONS_ACTIVE, "Downstream connections open now.");
     describe_counter!(CONNECTIONS_ACCEPTED, "Downstream connections accepted.");
-    describe_counter!(CONNECTIONS_CLOSED, "Downstream connections closed, by reason.");
-    describe_counter!(REQUESTS, "Requests answered, by route, cluster and status class.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Downstream connections closed, by reason."
+    );
+    describe_counter!(
+        REQUESTS,
+        "Requests answered, by route, cluster and status class."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -70,9 +76,15 @@ fn describe() {
     describe_counter!(BYTES_IN, Unit::Bytes, "Request body bytes received.");
     describe_counter!(BYTES_OUT, Unit::Bytes, "Response body bytes sent.");
     describe_counter!(UPSTREAM_CONNECTS, "Upstream connections opened.");
-    describe_counter!(UPSTREAM_REUSED, "Upstream requests sent on a reused connection.");
+    describe_counter!(
+        UPSTREAM_REUSED,
+        "Upstream requests sent on a reused connection."
+    );
     describe_counter!(RETRIES, "Requests retried on another endpoint.");
-    describe_gauge!(ENDPOINT_AVAILABLE, "1 when the endpoint may receive traffic.");
+    describe_gauge!(
+        ENDPOINT_AVAILABLE,
+        "1 when the endpoint may receive traffic."
+    );
     describe_counter!(HEALTH_TRANSITIONS, "Endpoint availability changes.");
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
