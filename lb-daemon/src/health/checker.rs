@@ -104,10 +104,11 @@ pub fn schedule_expiry(ep: Arc<EndpointHealth>, until: Instant) {
         }
         // The timer may fire a hair before the nanosecond deadline; retry once for the same
         // ejection. A later ejection has its own task.
+        let slack = Duration::from_millis(1);
         if let Some(t) = ep.ejected_until()
-            && t <= until + Duration::from_millis(1)
+            && t.checked_sub(slack).is_none_or(|t| t <= until)
         {
-            tokio::time::sleep_until((t + Duration::from_millis(1)).into()).await;
+            tokio::time::sleep_until(t.checked_add(slack).unwrap_or(t).into()).await;
             ep.expire_ejection(Instant::now());
         }
     });
@@ -169,7 +170,11 @@ impl EndpointTask {
         self.publish_available(&endpoint);
         loop {
             // Jitter spreads the checks of many endpoints started at the same moment.
-            tokio::time::sleep(self.check.interval + jitter(self.check.jitter)).await;
+            let pause = self
+                .check
+                .interval
+                .saturating_add(jitter(self.check.jitter));
+            tokio::time::sleep(pause).await;
             let outcome = check_once(self.address, &self.check).await;
             let changed = verdict.observe(
                 outcome.ok,
