@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::balance::Balancer;
 use crate::config::model::{Cluster, Limits, Model};
-use crate::health::ClusterHealth;
+use crate::health::{ClusterChecker, ClusterHealth};
 use crate::l7::log::RouteMetrics;
 use crate::l7::router::Router;
 use crate::l7::upstream::Upstream;
@@ -58,6 +58,8 @@ pub struct ClusterRuntime {
     /// Upstream connection pools.
     pub upstream: Upstream,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Active health checks; stopped when the cluster is dropped.
+    _checker: ClusterChecker,
 }
 
 impl Drop for ClusterRuntime {
@@ -93,6 +95,7 @@ impl ClusterRuntime {
         }
         let balancer = Balancer::new(cluster, Arc::clone(&health));
         let tasks = vec![balancer.spawn_watcher()];
+        let checker = ClusterChecker::spawn(cluster, Arc::clone(&health));
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
             config: cluster.clone(),
@@ -100,6 +103,7 @@ impl ClusterRuntime {
             balancer,
             upstream: Upstream::new(cluster),
             tasks,
+            _checker: checker,
         })
     }
 
