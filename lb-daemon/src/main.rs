@@ -1,8 +1,9 @@
 //! `lbd` command line.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use lbd::config;
 
 #[derive(Parser)]
 #[command(name = "lbd", about = "L4/L7 load balancer and API gateway", version)]
@@ -38,15 +39,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Run { config } => run(&config),
-        Cmd::Check { config: _ } => {
-            eprintln!("lbd: not implemented yet");
-            ExitCode::FAILURE
-        }
+        Cmd::Check { config } => check(&config),
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
-    let model = match lbd::config::load(path) {
+fn run(path: &Path) -> ExitCode {
+    let model = match config::load(path) {
         Ok(m) => m,
         Err(errors) => {
             eprintln!("{errors}");
@@ -75,6 +73,37 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "lbd cannot start");
             eprintln!("lbd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lbd check`: every problem on its own line on stderr, or a one-line summary on stdout.
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(m) => {
+            let endpoints: usize = m.clusters.iter().map(|c| c.endpoints.len()).sum();
+            println!(
+                "{}: ok ({} listeners, {} routes, {} clusters, {} endpoints, {} vips)",
+                path.display(),
+                m.listeners.len(),
+                m.routes.len(),
+                m.clusters.len(),
+                endpoints,
+                m.vips.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            let n = errors.0.len();
+            eprintln!(
+                "{}: {n} problem{}",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
             ExitCode::FAILURE
         }
     }
