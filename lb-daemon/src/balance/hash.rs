@@ -1,12 +1,16 @@
 //! Consistent hashing on a request key: `ip_hash`, `header_hash`, `cookie_hash` and `maglev`.
 //!
-//! All of them look the key's hash up in an `lb_common` Maglev table built over the snapshot,
-//! with endpoints identified by address, so removing an endpoint moves (nearly) only the keys
-//! it had, every lbd node maps a key to the same endpoint, and weights are honoured. Unlike
+//! All of them look the key's hash up in an `lb_common` Maglev table, with endpoints identified
+//! by address, so every lbd node maps a key to the same endpoint and weights are honoured. The
+//! table covers the whole tier (primaries or backups) while at least half of it is available;
+//! a key whose endpoint is unavailable or already tried is rehashed, so an endpoint going down
+//! or coming back moves exactly its own keys (see `build_picker` for why not a table rebuilt
+//! without it). Unlike
 //! nginx's `ip_hash`, which hashes only the first three octets of an IPv4 address, the whole
 //! address is hashed (as Envoy does), so clients behind one /24 still spread.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use lb_common::hash::{fmix64, hash64};
@@ -60,13 +64,37 @@ pub fn table_size(endpoints: usize) -> u32 {
         .unwrap_or(maglev::DEFAULT_TABLE_SIZE)
 }
 
+/// The Maglev table over `cands` (slot → position in `cands`); empty if it cannot be built.
+pub fn build_table<'s>(
+    cands: &Candidates,
+    size: u32,
+    identity: impl Fn(usize) -> &'s [u8],
+) -> Arc<[u32]> {
+    let eps: Vec<MaglevEndpoint<'_>> = cands
+        .members()
+        .iter()
+        .map(|m| MaglevEndpoint {
+            key: identity(m.index),
+            weight: m.weight,
+        })
+        .collect();
+    match maglev::build(&eps, size) {
+        Ok(t) => t.into(),
+        Err(e) => {
+            // Not reachable with `table_size`; degrade to round robin rather than fail.
+            tracing::warn!(error = %e, "maglev table not built; hashing falls back to round robin");
+            Arc::from([])
+        }
+    }
+}
+
 /// Consistent hashing over the snapshot; round robin for requests without the key.
 #[derive(Debug)]
 pub struct HashPicker {
     cands: Candidates,
     key: Key,
-    /// Slot → snapshot position. Empty when the table could not be built.
-    table: Box<[u32]>,
+    /// Slot → position in `cands`. Empty when the table could not be built.
+    table: Arc<[u32]>,
     fallback: RoundRobin,
 }
 
@@ -81,22 +109,18 @@ impl HashPicker {
         size: u32,
         identity: impl Fn(usize) -> &'s [u8],
     ) -> Self {
-        let eps: Vec<MaglevEndpoint<'_>> = cands
-            .members()
-            .iter()
-            .map(|m| MaglevEndpoint {
-                key: identity(m.index),
-                weight: m.weight,
-            })
-            .collect();
-        let table = match maglev::build(&eps, size) {
-            Ok(t) => t.into_boxed_slice(),
-            Err(e) => {
-                // Not reachable with `table_size`; degrade to round robin rather than fail.
-                tracing::warn!(error = %e, "maglev table not built; hashing falls back to round robin");
-                Box::default()
-            }
-        };
+        let table = build_table(&cands, size, identity);
+        Self::with_table(cands, fallback, key, table)
+    }
+
+    /// As [`HashPicker::new`] with a table [`build_table`] made for `cands` (rebuilds reuse it
+    /// while the set it covers is unchanged).
+    pub fn with_table(
+        cands: Candidates,
+        fallback: Candidates,
+        key: Key,
+        table: Arc<[u32]>,
+    ) -> Self {
         HashPicker {
             fallback: RoundRobin::new(fallback),
             cands,
@@ -165,7 +189,6 @@ impl Picker for HashPicker {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use std::sync::Arc;
 
     use crate::health::ClusterHealth;
 

@@ -150,6 +150,13 @@ struct Spec {
     key: String,
 }
 
+/// The last Maglev table built and the endpoints (with weights) it covers.
+#[derive(Debug)]
+struct TableCache {
+    over: Box<[Member]>,
+    table: Arc<[u32]>,
+}
+
 /// A built picker with the snapshot it was built from.
 #[derive(Debug)]
 struct Built {
@@ -165,8 +172,9 @@ pub struct Balancer {
     specs: Box<[Spec]>,
     seed: Option<u64>,
     current: ArcSwap<Built>,
-    /// Serialises rebuilds so an older snapshot never overwrites a newer one.
-    rebuild_lock: Mutex<()>,
+    /// Serialises rebuilds so an older snapshot never overwrites a newer one, and keeps the
+    /// last Maglev table so rebuilds that cover the same endpoints reuse it.
+    rebuild_lock: Mutex<Option<TableCache>>,
     /// Dropped with the balancer, which wakes and ends its watchers at once.
     closed: tokio::sync::watch::Sender<()>,
 }
@@ -183,7 +191,6 @@ impl Balancer {
     }
 
     fn build(cluster: &Cluster, health: Arc<ClusterHealth>, seed: Option<u64>) -> Arc<Self> {
-        debug_assert_eq!(cluster.endpoints.len(), health.endpoints.len());
         let specs: Box<[Spec]> = cluster
             .endpoints
             .iter()
@@ -193,12 +200,14 @@ impl Balancer {
                 key: e.address.to_string(),
             })
             .collect();
+        let mut cache = None;
         let current = ArcSwap::from_pointee(build_picker(
             &cluster.policy,
             &specs,
             &health,
             seed,
             Instant::now(),
+            &mut cache,
         ));
         Arc::new(Balancer {
             health,
@@ -206,7 +215,7 @@ impl Balancer {
             specs,
             seed,
             current,
-            rebuild_lock: Mutex::new(()),
+            rebuild_lock: Mutex::new(cache),
             closed: tokio::sync::watch::Sender::new(()),
         })
     }
@@ -252,7 +261,7 @@ impl Balancer {
     /// Rebuilds the picker from current health now. The watcher calls this; so may a caller
     /// that needs a fresh snapshot without waiting for it.
     pub fn rebuild(&self) {
-        let _serial = self
+        let mut cache = self
             .rebuild_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -262,6 +271,7 @@ impl Balancer {
             &self.health,
             self.seed,
             Instant::now(),
+            &mut cache,
         );
         self.current.store(Arc::new(built));
     }
@@ -323,6 +333,7 @@ fn build_picker(
     health: &Arc<ClusterHealth>,
     seed: Option<u64>,
     now: Instant,
+    cache: &mut Option<TableCache>,
 ) -> Built {
     let available = |i: usize| health.endpoints.get(i).is_some_and(|h| h.is_available(now));
     let tier = |backup: bool| (0..specs.len()).filter(move |&i| specs[i].backup == backup);
@@ -345,7 +356,7 @@ fn build_picker(
         )
     };
     let cands = snapshot(&members);
-    let hashing = |key: hash::Key| -> Box<dyn Picker> {
+    let mut hashing = |key: hash::Key| -> Box<dyn Picker> {
         // The table covers the whole tier while at least half of it is available, and pick
         // skips the unavailable: then an endpoint going down moves exactly its own keys (a
         // Maglev table rebuilt without it also moves ~1% of the others' keys). With most of
@@ -357,13 +368,20 @@ fn build_picker(
         } else {
             snapshot(&whole)
         };
-        Box::new(HashPicker::new(
-            over,
-            cands.clone(),
-            key,
-            hash::table_size(specs.len()),
-            |i| specs[i].key.as_bytes(),
-        ))
+        let table = match cache.as_ref() {
+            Some(c) if *c.over == *over.members() => Arc::clone(&c.table),
+            _ => {
+                let table = hash::build_table(&over, hash::table_size(specs.len()), |i| {
+                    specs[i].key.as_bytes()
+                });
+                *cache = Some(TableCache {
+                    over: over.members().into(),
+                    table: Arc::clone(&table),
+                });
+                table
+            }
+        };
+        Box::new(HashPicker::with_table(over, cands.clone(), key, table))
     };
     let picker: Box<dyn Picker> = match policy {
         Policy::RoundRobin => Box::new(RoundRobin::new(cands)),
@@ -538,6 +556,26 @@ mod tests {
             assert!(b.snapshot().is_empty());
             assert!(picks(&b, 20, &[]).iter().all(|p| p.is_none()), "{policy:?}");
         }
+    }
+
+    #[test]
+    fn rebuilds_reuse_the_maglev_table_while_it_covers_the_same_endpoints() {
+        let c = cluster(Policy::IpHash, &[(1, false); 4]);
+        let h = health(4);
+        let b = Balancer::new(&c, Arc::clone(&h));
+        let table = |b: &Balancer| {
+            let cache = b.rebuild_lock.lock().expect("not poisoned");
+            Arc::clone(&cache.as_ref().expect("hash policy caches its table").table)
+        };
+        let first = table(&b);
+        h.endpoints[1].set_active_healthy(false);
+        b.rebuild();
+        assert!(Arc::ptr_eq(&first, &table(&b)), "same tier, same table");
+        h.endpoints[2].set_active_healthy(false);
+        h.endpoints[3].set_active_healthy(false);
+        b.rebuild();
+        assert!(!Arc::ptr_eq(&first, &table(&b)), "survivors-only table");
+        assert_eq!(table(&b).len(), 4_099);
     }
 
     async fn until(mut cond: impl FnMut() -> bool) {
