@@ -44,7 +44,7 @@ impl Lbd {
             .env("NOTIFY_SOCKET", &sock_path)
             .env(
                 "RUST_LOG",
-                std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -183,7 +183,12 @@ impl EndpointTask {
             );
             // Recorded before the verdict changes, so whoever sees the new verdict sees why.
             let reason = outcome.detail.clone();
+            let passed = outcome.ok;
             self.state.record_check(outcome);
+            if passed && verdict.healthy && self.state.clear_ejection() {
+                tracing::info!(cluster = %self.cluster, endpoint = %endpoint, "passive ejection ended by a passing active check");
+                self.publish_available(&endpoint);
+            }
             if let Some(healthy) = changed {
                 self.state.set_active_healthy(healthy);
                 if healthy {

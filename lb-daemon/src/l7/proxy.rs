@@ -219,11 +219,25 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &Clus
 
 fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
     let p = &cluster.config.passive;
-    if let Some(ep) = cluster.health.endpoints.get(idx)
-        && let Some(until) = ep.report_failure(Instant::now(), p.max_fails, p.fail_timeout)
-    {
+    let Some(ep) = cluster.health.endpoints.get(idx) else {
+        return;
+    };
+    // Never eject the last endpoint that could serve (nginx ignores max_fails for a single
+    // server and revives all peers when every one has failed): an ejection would turn a
+    // struggling service into a dead one for a whole fail_timeout.
+    let now = Instant::now();
+    let others = cluster
+        .health
+        .endpoints
+        .iter()
+        .enumerate()
+        .any(|(i, e)| i != idx && e.is_available(now));
+    if !others {
+        return;
+    }
+    if let Some(until) = ep.report_failure(now, p.max_fails, p.fail_timeout) {
         tracing::warn!(cluster = %cluster.name, endpoint = %cluster.config.endpoints[idx].address,
-                max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
+            max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
         crate::health::schedule_expiry(Arc::clone(ep), until);
     }
 }
