@@ -363,28 +363,33 @@ fn report(tree: &S<DeValue<'_>>, path: &str, e: &toml::de::Error, diags: &mut Di
 
 /// The dotted path of the deepest key or value in `tree` whose span holds `span`.
 fn locate(tree: &S<DeValue<'_>>, path: String, span: &Range<usize>) -> String {
+    find(tree, &path, span).unwrap_or(path)
+}
+
+/// Depth-first: a table written with a `[header]` has a span that does not cover its keys,
+/// so children are searched whether or not the parent's span holds `span`.
+fn find(tree: &S<DeValue<'_>>, path: &str, span: &Range<usize>) -> Option<String> {
     let within = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
     match tree.get_ref() {
         DeValue::Table(table) => {
             for (k, v) in table.iter() {
                 let child = format!("{path}.{}", k.get_ref());
                 if within(k.span()) {
-                    return child;
+                    return Some(child);
                 }
-                if within(v.span()) {
-                    return locate(v, child, span);
+                if let Some(found) = find(v, &child, span) {
+                    return Some(found);
                 }
             }
-            path
         }
         DeValue::Array(items) => {
             for (i, v) in items.iter().enumerate() {
-                if within(v.span()) {
-                    return locate(v, format!("{path}[{i}]"), span);
+                if let Some(found) = find(v, &format!("{path}[{i}]"), span) {
+                    return Some(found);
                 }
             }
-            path
         }
-        _ => path,
+        _ => {}
     }
+    within(tree.span()).then(|| path.to_string())
 }
