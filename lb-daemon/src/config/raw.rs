@@ -246,9 +246,12 @@ pub struct RawVip {
 pub(crate) fn read(text: &str, diags: &mut Diagnostics) -> Option<RawConfig> {
     let (root, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
+        // Best effort: name the key when the recovered tree still holds it.
+        let tree = Spanned::new(root.span(), DeValue::Table(root.into_inner()));
         for e in syntax {
             let span = e.span().unwrap_or(0..0);
-            diags.push(span, "", format!("TOML syntax: {}", e.message().trim()));
+            let key = find(&tree, "", &span).unwrap_or_default();
+            diags.push(span, &key, format!("TOML syntax: {}", e.message().trim()));
         }
         return None;
     }
@@ -373,7 +376,11 @@ fn find(tree: &S<DeValue<'_>>, path: &str, span: &Range<usize>) -> Option<String
     match tree.get_ref() {
         DeValue::Table(table) => {
             for (k, v) in table.iter() {
-                let child = format!("{path}.{}", k.get_ref());
+                let child = if path.is_empty() {
+                    k.get_ref().to_string()
+                } else {
+                    format!("{path}.{}", k.get_ref())
+                };
                 if within(k.span()) {
                     return Some(child);
                 }
