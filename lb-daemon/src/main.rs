@@ -38,9 +38,41 @@ fn main() -> ExitCode {
             println!("lbd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
-        Cmd::Run { config: _ } => {
-            eprintln!("lbd: not implemented yet");
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let model = match config::load(path) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "lbd: {} problem(s) in {}; not starting",
+                errors.0.len(),
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    lbd::telemetry::logging::init(model.global.log_format, &model.global.log_level);
+    // TOKIO_WORKER_THREADS sets the worker count (default: one per core).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(lbd::supervisor::run(path, model)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "lbd cannot start");
+            eprintln!("lbd: {e}");
             ExitCode::FAILURE
         }
     }
