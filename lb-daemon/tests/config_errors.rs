@@ -99,6 +99,13 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "invalid address \"localhost:9901\"",
     ),
     (
+        "admin on a listener's address",
+        "[admin]\nbind = \"127.0.0.1:8080\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:8080\"\n",
+        2,
+        "admin.bind",
+        "127.0.0.1:8080 is also the bind of listener \"a\"",
+    ),
+    (
         "duplicate listener name",
         "[[listeners]]\nname = \"tail\"\nbind = \"127.0.0.1:80\"\n",
         6,

@@ -27,6 +27,24 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
     let mut global = v.global(raw.global.as_ref());
     global.admin = raw.admin.as_ref().map(|a| v.admin(a));
     let listeners = v.listeners(&raw.listeners);
+    if let (Some(admin), Some(raw_admin)) = (&global.admin, &raw.admin)
+        && admin.bind.port() != 0
+        && let Some(l) = listeners.iter().position(|l| l.bind == admin.bind)
+    {
+        let at = raw_admin
+            .get_ref()
+            .bind
+            .as_ref()
+            .map_or(raw_admin.span(), |b| b.span());
+        v.err(
+            at,
+            "admin.bind",
+            format!(
+                "{} is also the bind of listener {:?}",
+                admin.bind, listeners[l].name
+            ),
+        );
+    }
     let clusters = v.clusters(&raw.clusters);
 
     let listener_names = Names::new(
