@@ -23,12 +23,17 @@ pub fn load(path: &Path) -> Result<Model, ConfigErrors> {
 /// Validates `text` as if read from `path` (used in error messages and [`model::Source`]).
 pub fn parse(text: &str, path: &Path) -> Result<Model, ConfigErrors> {
     let mut diags = error::Diagnostics::new(path, text);
-    let Some(raw) = raw::read(text, &mut diags) else {
-        // Syntax errors: the tree is a guess, so meaning is not checked.
-        diags.finish()?;
-        unreachable!("raw::read returns None only after recording an error");
-    };
-    let model = validate::validate(raw, text, path, &mut diags);
+    // `None` after syntax errors: the tree is a guess, so its meaning is not checked.
+    let model =
+        raw::read(text, &mut diags).map(|raw| validate::validate(raw, text, path, &mut diags));
     diags.finish()?;
-    Ok(model)
+    model.ok_or_else(|| {
+        ConfigErrors::single(ConfigError {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            key: String::new(),
+            message: "unreadable TOML".into(),
+        })
+    })
 }

@@ -246,9 +246,12 @@ pub struct RawVip {
 pub(crate) fn read(text: &str, diags: &mut Diagnostics) -> Option<RawConfig> {
     let (root, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
+        // Best effort: name the key when the recovered tree still holds it.
+        let tree = Spanned::new(root.span(), DeValue::Table(root.into_inner()));
         for e in syntax {
             let span = e.span().unwrap_or(0..0);
-            diags.push(span, "", format!("TOML syntax: {}", e.message().trim()));
+            let key = find(&tree, "", &span).unwrap_or_default();
+            diags.push(span, &key, format!("TOML syntax: {}", e.message().trim()));
         }
         return None;
     }
@@ -363,28 +366,37 @@ fn report(tree: &S<DeValue<'_>>, path: &str, e: &toml::de::Error, diags: &mut Di
 
 /// The dotted path of the deepest key or value in `tree` whose span holds `span`.
 fn locate(tree: &S<DeValue<'_>>, path: String, span: &Range<usize>) -> String {
+    find(tree, &path, span).unwrap_or(path)
+}
+
+/// Depth-first: a table written with a `[header]` has a span that does not cover its keys,
+/// so children are searched whether or not the parent's span holds `span`.
+fn find(tree: &S<DeValue<'_>>, path: &str, span: &Range<usize>) -> Option<String> {
     let within = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
     match tree.get_ref() {
         DeValue::Table(table) => {
             for (k, v) in table.iter() {
-                let child = format!("{path}.{}", k.get_ref());
+                let child = if path.is_empty() {
+                    k.get_ref().to_string()
+                } else {
+                    format!("{path}.{}", k.get_ref())
+                };
                 if within(k.span()) {
-                    return child;
+                    return Some(child);
                 }
-                if within(v.span()) {
-                    return locate(v, child, span);
+                if let Some(found) = find(v, &child, span) {
+                    return Some(found);
                 }
             }
-            path
         }
         DeValue::Array(items) => {
             for (i, v) in items.iter().enumerate() {
-                if within(v.span()) {
-                    return locate(v, format!("{path}[{i}]"), span);
+                if let Some(found) = find(v, &format!("{path}[{i}]"), span) {
+                    return Some(found);
                 }
             }
-            path
         }
-        _ => path,
+        _ => {}
     }
+    within(tree.span()).then(|| path.to_string())
 }

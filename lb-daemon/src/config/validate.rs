@@ -27,6 +27,24 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
     let mut global = v.global(raw.global.as_ref());
     global.admin = raw.admin.as_ref().map(|a| v.admin(a));
     let listeners = v.listeners(&raw.listeners);
+    if let (Some(admin), Some(raw_admin)) = (&global.admin, &raw.admin)
+        && admin.bind.port() != 0
+        && let Some(l) = listeners.iter().position(|l| l.bind == admin.bind)
+    {
+        let at = raw_admin
+            .get_ref()
+            .bind
+            .as_ref()
+            .map_or(raw_admin.span(), |b| b.span());
+        v.err(
+            at,
+            "admin.bind",
+            format!(
+                "{} is also the bind of listener {:?}",
+                admin.bind, listeners[l].name
+            ),
+        );
+    }
     let clusters = v.clusters(&raw.clusters);
 
     let listener_names = Names::new(
@@ -1220,4 +1238,31 @@ fn regex_error(e: &regex::Error) -> String {
         .trim();
     let last = last.strip_prefix("error: ").unwrap_or(last);
     format!("invalid regex: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_reference_vectors() {
+        // From the FNV reference test suite (64-bit FNV-1a).
+        assert_eq!(fnv1a_hex(b""), "cbf29ce484222325");
+        assert_eq!(fnv1a_hex(b"a"), "af63dc4c8601ec8c");
+        assert_eq!(fnv1a_hex(b"foobar"), "85944171f73967e8");
+    }
+
+    #[test]
+    fn status_ranges() {
+        let t = |s: &str| status_range(&RawStatus::Text(s.into()));
+        assert_eq!(t("200-399"), Ok((200, 399)));
+        assert_eq!(t("204"), Ok((204, 204)));
+        assert_eq!(t(" 200 - 299 "), Ok((200, 299)));
+        assert_eq!(status_range(&RawStatus::Code(200)), Ok((200, 200)));
+        for bad in ["", "abc", "200-", "-200", "600", "300-200", "200-399-400"] {
+            assert!(t(bad).is_err(), "{bad:?}");
+        }
+        assert!(status_range(&RawStatus::Code(-1)).is_err());
+        assert!(status_range(&RawStatus::Code(70_000)).is_err());
+    }
 }
