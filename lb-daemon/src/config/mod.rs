@@ -2,8 +2,11 @@
 //!
 //! Every problem is reported with the file, line, column and dotted key path, all at once, so an
 //! operator fixes a config in one pass. Nothing downstream re-validates a [`Model`].
+pub mod duration;
 pub mod error;
 pub mod model;
+mod raw;
+mod validate;
 
 use std::path::Path;
 
@@ -18,13 +21,14 @@ pub fn load(path: &Path) -> Result<Model, ConfigErrors> {
 }
 
 /// Validates `text` as if read from `path` (used in error messages and [`model::Source`]).
-pub fn parse(_text: &str, path: &Path) -> Result<Model, ConfigErrors> {
-    // Filled in by the config parser; until then every config is rejected, never half-accepted.
-    Err(ConfigErrors::single(ConfigError {
-        path: path.to_path_buf(),
-        line: 1,
-        column: 1,
-        key: String::new(),
-        message: "config parsing is not implemented yet".into(),
-    }))
+pub fn parse(text: &str, path: &Path) -> Result<Model, ConfigErrors> {
+    let mut diags = error::Diagnostics::new(path, text);
+    let Some(raw) = raw::read(text, &mut diags) else {
+        // Syntax errors: the tree is a guess, so meaning is not checked.
+        diags.finish()?;
+        unreachable!("raw::read returns None only after recording an error");
+    };
+    let model = validate::validate(raw, text, path, &mut diags);
+    diags.finish()?;
+    Ok(model)
 }

@@ -231,7 +231,7 @@ pub enum UpstreamProtocol {
 }
 
 /// `[[clusters]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     /// Unique name.
     pub name: String,
