@@ -78,6 +78,24 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_picks_still_split_exactly() {
+        let h = health(3);
+        let rr = RoundRobin::new(cands(&[1, 1, 1], &h));
+        let per_thread: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4).map(|_| s.spawn(|| counts(&rr, 3, 750))).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("worker"))
+                .collect()
+        });
+        let total: Vec<usize> = (0..3)
+            .map(|i| per_thread.iter().map(|c| c[i]).sum())
+            .collect();
+        // Every fetch_add hands out a distinct turn, so 3,000 turns are exactly 1,000 each.
+        assert_eq!(total, vec![1000, 1000, 1000]);
+    }
+
+    #[test]
     fn empty_snapshot_gives_none() {
         let h = health(0);
         let rr = RoundRobin::new(cands(&[], &h));

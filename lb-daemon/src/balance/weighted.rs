@@ -88,6 +88,24 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_picks_keep_exact_proportions() {
+        let h = health(3);
+        let p = SmoothWeighted::new(cands(&[5, 3, 2], &h));
+        let per_thread: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4).map(|_| s.spawn(|| counts(&p, 3, 750))).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("worker"))
+                .collect()
+        });
+        let total: Vec<usize> = (0..3)
+            .map(|i| per_thread.iter().map(|c| c[i]).sum())
+            .collect();
+        // 3,000 picks are 300 whole cycles of 10 whoever makes them.
+        assert_eq!(total, vec![1500, 900, 600]);
+    }
+
+    #[test]
     fn unavailable_and_tried_sit_out() {
         let h = health(3);
         let p = SmoothWeighted::new(cands(&[5, 3, 2], &h));
