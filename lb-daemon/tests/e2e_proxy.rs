@@ -78,7 +78,10 @@ async fn round_robin_spreads_and_forwarding_headers_are_set() {
     assert!(text.contains("host: shop.example.com"), "{text}");
     assert!(text.contains("x-forwarded-for: 127.0.0.1"), "{text}");
     assert!(text.contains("x-forwarded-proto: http"), "{text}");
-    assert!(text.contains("forwarded: for=127.0.0.1;proto=http"), "{text}");
+    assert!(
+        text.contains("forwarded: for=127.0.0.1;proto=http"),
+        "{text}"
+    );
     assert!(text.contains("via: 1.1 lbd"), "{text}");
 }
 
@@ -160,7 +163,10 @@ address = "{}"
     let _lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
     let send = |method: &str, path: &str, host: &str, hdr: Option<(&str, &str)>| {
-        let mut b = Request::builder().method(method).uri(path).header("host", host);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
         if let Some((k, v)) = hdr {
             b = b.header(k, v);
         }
@@ -172,7 +178,11 @@ address = "{}"
     assert_eq!(r.backend(), "api");
     let r = send("GET", "/api/headers", "v2.api.example.com:8080", None).await;
     assert_eq!(r.backend(), "api");
-    assert!(r.text().starts_with("GET /headers "), "strip_prefix: {}", r.text());
+    assert!(
+        r.text().starts_with("GET /headers "),
+        "strip_prefix: {}",
+        r.text()
+    );
     let r = send("GET", "/api/x", "api.example.com", Some(("x-canary", "1"))).await;
     assert_eq!(r.backend(), "canary", "priority 10 wins");
     let r = send("GET", "/apix", "api.example.com", None).await;
@@ -257,14 +267,28 @@ backup = true
     let p1_addr = p1.addr;
     drop(p1);
     wait_until(Duration::from_secs(5), || async {
-        client.get(listen, "/", None).await.map(|r| r.backend() == "backup").unwrap_or(false)
+        client
+            .get(listen, "/", None)
+            .await
+            .map(|r| r.backend() == "backup")
+            .unwrap_or(false)
     })
     .await;
     let seen = spread(&client, listen, 20).await;
     assert_eq!(seen.get("backup"), Some(&20), "{seen:?}");
-    let _p1 = Backend::start_with("p1", BackendOpts { addr: Some(p1_addr) }).await;
+    let _p1 = Backend::start_with(
+        "p1",
+        BackendOpts {
+            addr: Some(p1_addr),
+        },
+    )
+    .await;
     wait_until(Duration::from_secs(5), || async {
-        client.get(listen, "/", None).await.map(|r| r.backend() == "p1").unwrap_or(false)
+        client
+            .get(listen, "/", None)
+            .await
+            .map(|r| r.backend() == "p1")
+            .unwrap_or(false)
     })
     .await;
     let seen = spread(&client, listen, 20).await;
@@ -287,7 +311,10 @@ async fn passive_health_ejects_for_fail_timeout() {
     let ejected_at = Instant::now();
     let b = Backend::start_with("b", BackendOpts { addr: Some(b_addr) }).await;
     let seen = spread(&client, listen, 20).await;
-    assert!(ejected_at.elapsed() < Duration::from_millis(1200), "test too slow to judge");
+    assert!(
+        ejected_at.elapsed() < Duration::from_millis(1200),
+        "test too slow to judge"
+    );
     assert_eq!(b.hits(), 0, "b is ejected for fail_timeout: {seen:?}");
     tokio::time::sleep(Duration::from_millis(1600).saturating_sub(ejected_at.elapsed())).await;
     let seen = spread(&client, listen, 20).await;
@@ -353,7 +380,10 @@ address = "{}"
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
     wait_until(Duration::from_secs(5), || async {
-        c.get(listen, "/dead", None).await.map(|r| r.status == 503).unwrap_or(false)
+        c.get(listen, "/dead", None)
+            .await
+            .map(|r| r.status == 503)
+            .unwrap_or(false)
     })
     .await;
     let r = c.get(listen, "/dead", None).await.expect("reply");
@@ -418,16 +448,16 @@ async fn h2c_streams_are_balanced_independently() {
     for protocol in ["http1", "http2"] {
         let listen = free_addr();
         let extra = format!("protocol = \"{protocol}\"");
-        let cfg = simple_config(listen, &[&a, &b, &c], &extra).replace(
-            "name = \"main\"",
-            "name = \"main\"\nprotocol = \"h2c\"",
-        );
+        let cfg = simple_config(listen, &[&a, &b, &c], &extra)
+            .replace("name = \"main\"", "name = \"main\"\nprotocol = \"h2c\"");
         let lbd = Lbd::start(bin(), &cfg);
         let conn = H2::connect(listen).await.expect("h2 connect");
         let mut tasks = Vec::new();
         for _ in 0..300 {
             let conn = conn.clone();
-            tasks.push(tokio::spawn(async move { conn.get("app.example.com", "/").await }));
+            tasks.push(tokio::spawn(async move {
+                conn.get("app.example.com", "/").await
+            }));
         }
         let mut seen: HashMap<String, usize> = HashMap::new();
         for t in tasks {
@@ -437,7 +467,10 @@ async fn h2c_streams_are_balanced_independently() {
         }
         for name in ["a", "b", "c"] {
             let n = seen.get(name).copied().unwrap_or(0);
-            assert!((90..=110).contains(&n), "{protocol}: {name} got {n}: {seen:?}");
+            assert!(
+                (90..=110).contains(&n),
+                "{protocol}: {name} got {n}: {seen:?}"
+            );
         }
         drop(lbd);
     }
@@ -460,10 +493,13 @@ async fn streams_100_mib_both_ways_in_bounded_memory() {
     // Upload, echoed back, streamed in 64 KiB chunks by the client.
     let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
     let chunks = SIZE / chunk.len() as u64;
-    let body = futures_util::stream::iter(
-        (0..chunks).map(move |_| Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))),
-    );
-    let stream = tokio::net::TcpStream::connect(listen).await.expect("connect");
+    let body =
+        futures_util::stream::iter((0..chunks).map(move |_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+        }));
+    let stream = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
