@@ -44,9 +44,9 @@ pub const ALL: [Contender; 6] = [
 /// Binaries built by the bench itself.
 #[derive(Debug, Clone)]
 pub struct Bins {
-    /// `target/release/lbd`.
+    /// `<target dir>/release/lbd`.
     pub lbd: PathBuf,
-    /// `bench/pingora/target/release/bench-pingora`.
+    /// `<target dir>/bench-pingora/release/bench-pingora`.
     pub pingora: PathBuf,
 }
 
@@ -106,7 +106,7 @@ impl Contender {
             }
             Contender::Pingora => (!bins.pingora.exists()).then(|| {
                 format!(
-                    "{} not built (cargo build --release --manifest-path bench/pingora/Cargo.toml)",
+                    "{} not built (the bench builds bench/pingora; see its output)",
                     bins.pingora.display()
                 )
             }),
@@ -131,6 +131,20 @@ impl Contender {
             Contender::Direct => return Ok(None),
             Contender::Lbd => {
                 let cfg = write(dir, "lb.toml", &lbd_config(shape))?;
+                // The generated config must stay valid as lbd's format evolves; `lbd check`
+                // names the offending key, where a failed start would only time out.
+                let check = Command::new(&bins.lbd)
+                    .args(["check", "--config"])
+                    .arg(&cfg)
+                    .output()
+                    .context("running lbd check")?;
+                if !check.status.success() {
+                    bail!(
+                        "lbd check rejects the bench config {}:\n{}",
+                        cfg.display(),
+                        String::from_utf8_lossy(&check.stderr)
+                    );
+                }
                 cmd.arg(&bins.lbd).args(["run", "--config"]).arg(cfg);
                 // One runtime worker, like the other contenders' single worker.
                 cmd.env("TOKIO_WORKER_THREADS", "1").env("RUST_LOG", "warn");

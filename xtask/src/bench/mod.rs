@@ -180,22 +180,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !ok {
         bail!("building lbd and bench-backend failed");
     }
-    // Pingora is its own workspace (a large tree only the bench needs); a failed build makes it
-    // a missing contender, reported as such.
-    let pingora_ok = Command::new(env!("CARGO"))
-        .current_dir(root.join("bench/pingora"))
-        .args(["build", "--release"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !pingora_ok {
-        eprintln!("bench: building bench/pingora failed; pingora will be reported missing");
+    let target = target_dir(&root);
+    // Pingora is its own workspace (a large tree only the bench needs), built into its own
+    // subdirectory of the target dir so its release artifacts never mix with the host
+    // workspace's; a failed build makes it a missing contender, reported as such.
+    let wants_pingora =
+        args.contenders.is_empty() || args.contenders.iter().any(|c| c == "pingora");
+    let pingora_target = target.join("bench-pingora");
+    if wants_pingora {
+        let t0 = Instant::now();
+        let pingora_ok = Command::new(env!("CARGO"))
+            .current_dir(root.join("bench/pingora"))
+            .args(["build", "--release", "--target-dir"])
+            .arg(&pingora_target)
+            .status()
+            .is_ok_and(|s| s.success());
+        if pingora_ok {
+            eprintln!("bench: bench/pingora built in {:.0?}", t0.elapsed());
+        } else {
+            eprintln!("bench: building bench/pingora failed; pingora will be reported missing");
+        }
     }
-    let release = root.join("target/release");
+    let release = target.join("release");
     let bins = Bins {
         lbd: release.join("lbd"),
-        pingora: root.join("bench/pingora/target/release/bench-pingora"),
+        pingora: pingora_target.join("release/bench-pingora"),
     };
-    let out_dir = root.join("target/bench");
+    let out_dir = target.join("bench");
     let scratch = out_dir.join("run");
     std::fs::create_dir_all(&scratch)?;
 
@@ -214,6 +225,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for c in wanted {
         match c.missing(&bins) {
             None => present.push(c),
+            // The bench exists to measure lbd: without it the run is a failure, not a report.
+            Some(why) if c == Contender::Lbd => bail!("lbd cannot run: {why}"),
             Some(why) => {
                 eprintln!("bench: {} is MISSING: {why}", c.name());
                 missing.push((c.name(), why));
@@ -283,8 +296,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for rep in 0..repeat {
             for &c in present.iter().filter(|c| **c != Contender::Direct) {
                 let r = c
-                    .start(&shape, PROXY_CPU, &scratch, &bins)?
-                    .context("proxy contender has a process")
+                    .start(&shape, PROXY_CPU, &scratch, &bins)
+                    .and_then(|running| running.context("proxy contender has a process"))
                     .and_then(|running| {
                         idle::measure(
                             running.pid(),
@@ -319,6 +332,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&results)?,
     )?;
     eprintln!("bench: wrote {}/results.{{md,json}}", out_dir.display());
+    // Other contenders may fail (reported in the table); lbd failing is a failed bench.
+    let lbd_failures = results.failures_of(Contender::Lbd.name());
+    if lbd_failures > 0 {
+        bail!(
+            "lbd failed {lbd_failures} measurement(s); see the table and {}/lbd.log",
+            scratch.display()
+        );
+    }
     Ok(())
 }
 
@@ -419,6 +440,15 @@ impl Drop for Backends {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The cargo target directory: `$CARGO_TARGET_DIR` (relative to the workspace root when
+/// relative), else `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
     }
 }
 

@@ -97,6 +97,23 @@ impl Report {
         self.idle_entry(contender).2.push(why);
     }
 
+    /// Failed measurements (load scenarios and idle memory) of one contender.
+    pub fn failures_of(&self, contender: &str) -> usize {
+        let load: usize = self
+            .scenarios
+            .iter()
+            .filter_map(|sc| sc.contenders.get(contender))
+            .map(|c| c.failures.len())
+            .sum();
+        let idle: usize = self
+            .idle
+            .iter()
+            .filter(|(c, _, _)| c == contender)
+            .map(|(_, _, f)| f.len())
+            .sum();
+        load + idle
+    }
+
     /// The human-readable table.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
