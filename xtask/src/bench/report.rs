@@ -130,9 +130,12 @@ impl Report {
             let _ = writeln!(md, "\n## {}\n", sc.name);
             let _ = writeln!(
                 md,
-                "| contender | req/s | spread | p50 µs | p99 µs | CPU µs/req | peak RSS MiB | errors | lbd req/s ratio | lbd CPU ratio |"
+                "| contender | req/s | spread | p50 µs | p99 µs | CPU µs/req | peak RSS MiB | errors | other CPU | lbd req/s ratio | lbd CPU ratio |"
             );
-            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                md,
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
             let lbd = sc.contenders.get("lbd").map(Summary::of);
             for name in &sc.order {
                 let c = &sc.contenders[name];
@@ -141,7 +144,7 @@ impl Report {
                         .failures
                         .first()
                         .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | |");
+                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | | |");
                     continue;
                 }
                 let s = Summary::of(c);
@@ -151,7 +154,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     md,
-                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {:.0}% | {} | {} |",
                     s.rps,
                     s.spread * 100.0,
                     s.p50,
@@ -160,6 +163,7 @@ impl Report {
                     s.rss_kib
                         .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
                     s.errors,
+                    s.foreign * 100.0,
                     ratio(lbd.as_ref().map(|l| l.rps), Some(s.rps)),
                     ratio(lbd.as_ref().and_then(|l| l.cpu), s.cpu),
                 );
@@ -203,7 +207,9 @@ impl Report {
             }
         }
         md.push_str(
-            "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU.\n",
+            "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU. \
+             \"other CPU\" is the share of the proxy's core used by other processes during the \
+             measurement (noise; full runs repeat measurements above 10%).\n",
         );
         md
     }
@@ -218,6 +224,8 @@ struct Summary {
     cpu: Option<f64>,
     rss_kib: Option<u64>,
     errors: u64,
+    /// Median share of the proxy's core used by other processes.
+    foreign: f64,
 }
 
 impl Summary {
@@ -242,6 +250,7 @@ impl Summary {
             },
             rss_kib: c.samples.iter().filter_map(|s| s.peak_rss_kib).max(),
             errors: c.samples.iter().map(|s| s.errors).sum(),
+            foreign: median(&c.samples.iter().map(|s| s.foreign_cpu).collect::<Vec<_>>()),
         }
     }
 }
