@@ -18,3 +18,8 @@ pub fn object() -> Result<&'static [u8], &'static str> {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb_xdp";
+
+pub mod loader;
+pub mod test_run;
+
+pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
