@@ -16,6 +16,7 @@
 //! | `REASONS` | per-CPU array, [`REASON_COUNT`] | [`Reason`] → packets (`u64`) |
 //! | `VIP_STATS` | per-CPU array, [`MAX_VIPS`] | [`VipMeta::vip_id`] → [`Counters`] |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`] |
+//! | `ENCAP` | array, 1 | 0 → [`EncapConfig`] (outer source addresses for `ipip`) |
 //!
 //! Ring updates never expose a half-written ring: each VIP owns two rings (`2 * vip_id` and
 //! `2 * vip_id + 1`). The daemon rewrites the ring that is *not* named by [`VipMeta::ring`],
@@ -147,7 +148,8 @@ pub struct VipMeta {
 pub struct BackendInfo {
     /// IPv6 address, or IPv4 in the first 4 bytes (the `ipip` outer destination).
     pub addr: [u8; 16],
-    /// MAC address (the `dsr-l2` destination).
+    /// Next-hop MAC: the backend's own for `dsr-l2`; for `ipip` the backend's if it shares our
+    /// L2 segment, else the gateway's towards it (the daemon resolves it).
     pub mac: [u8; 6],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
@@ -228,6 +230,64 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
 }
 
+/// Value of `ENCAP[0]`: how `ipip` builds the outer source address.
+///
+/// The low `hash_bits*` bits of the configured address are replaced by bits of the flow hash,
+/// so routers between us and the backends spread different flows over ECMP paths while each
+/// flow keeps one path. The configured prefix must be routed back to this node (or be accepted
+/// by the backends' reverse-path filter).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EncapConfig {
+    /// Outer IPv4 source (base); all zeros disables IPv4 outer headers.
+    pub src4: [u8; 4],
+    /// Outer IPv6 source (base); all zeros disables IPv6 outer headers.
+    pub src6: [u8; 16],
+    /// Host bits of `src4` taken from the flow hash, at most 16.
+    pub hash_bits4: u8,
+    /// Host bits of `src6` taken from the flow hash, at most 32.
+    pub hash_bits6: u8,
+    /// Explicit padding, always 0.
+    pub _pad: [u8; 2],
+}
+
+#[inline(always)]
+const fn low_mask(bits: u8, max: u8) -> u32 {
+    let b = if bits > max { max } else { bits };
+    if b >= 32 { u32::MAX } else { (1u32 << b) - 1 }
+}
+
+/// Outer IPv4 source for a flow with hash `hash` ([`flow_hash`]).
+#[inline(always)]
+pub const fn encap_src_v4(cfg: &EncapConfig, hash: u32) -> [u8; 4] {
+    let m = low_mask(cfg.hash_bits4, 16);
+    let base = u32::from_be_bytes(cfg.src4);
+    ((base & !m) | (hash & m)).to_be_bytes()
+}
+
+/// Outer IPv6 source for a flow with hash `hash`: the low 32 bits carry the hash bits.
+#[inline(always)]
+pub const fn encap_src_v6(cfg: &EncapConfig, hash: u32) -> [u8; 16] {
+    let m = low_mask(cfg.hash_bits6, 32);
+    let mut a = cfg.src6;
+    let low = u32::from_be_bytes([a[12], a[13], a[14], a[15]]);
+    let v = ((low & !m) | (hash & m)).to_be_bytes();
+    a[12] = v[0];
+    a[13] = v[1];
+    a[14] = v[2];
+    a[15] = v[3];
+    a
+}
+
+/// Outer IPv6 flow label for a flow with hash `hash` (20 bits; ECMP hashes it).
+#[inline(always)]
+pub const fn encap_flow_label(hash: u32) -> u32 {
+    hash & 0x000f_ffff
+}
+
+/// TTL / hop limit of outer headers.
+pub const ENCAP_TTL: u8 = 64;
+
 /// Per-CPU packet and byte counters (`VIP_STATS`, `BACKEND_STATS`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -273,7 +333,8 @@ pub enum Reason {
     DropBackendMissing = 13,
     /// `XDP_DROP`: the VIP's mode is unknown or not implemented in this object.
     DropBadMode = 14,
-    /// `XDP_DROP`: encapsulation could not grow the frame (`bpf_xdp_adjust_head` failed).
+    /// `XDP_DROP`: `ipip` could not encapsulate: no outer source configured for the backend's
+    /// family, or the frame could not grow (`bpf_xdp_adjust_head` failed).
     DropEncapFailed = 15,
 }
 
@@ -406,6 +467,7 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40 && align_of::<FlowKey>() == 2);
     assert!(size_of::<FlowValue>() == 16 && align_of::<FlowValue>() == 8);
     assert!(size_of::<Counters>() == 16 && align_of::<Counters>() == 8);
+    assert!(size_of::<EncapConfig>() == 24 && align_of::<EncapConfig>() == 1);
     assert!(Reason::ALL.len() == REASON_COUNT as usize);
     assert!(MAX_RINGS as u64 * RING_SIZE as u64 <= u32::MAX as u64);
 };
@@ -424,6 +486,7 @@ mod pod {
         unsafe impl aya::Pod for FlowKey {}
         unsafe impl aya::Pod for FlowValue {}
         unsafe impl aya::Pod for Counters {}
+        unsafe impl aya::Pod for EncapConfig {}
     }
 }
 
@@ -475,6 +538,38 @@ mod tests {
         assert_eq!(k.sport.to_ne_bytes(), [0x12, 0x34]);
         assert_eq!(k.dport.to_ne_bytes(), [0, 80]);
         assert_eq!(k.vip(), VipKey::v4([192, 0, 2, 1], 80, PROTO_TCP));
+    }
+
+    #[test]
+    fn encap_sources_keep_the_prefix_and_take_hash_bits() {
+        let cfg = EncapConfig {
+            src4: [172, 16, 255, 255],
+            src6: [
+                0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+            ],
+            hash_bits4: 12,
+            hash_bits6: 40,
+            _pad: [0; 2],
+        };
+        assert_eq!(encap_src_v4(&cfg, 0x1234_5678), [172, 16, 0xf6, 0x78]);
+        let v6 = encap_src_v6(&cfg, 0x1234_5678);
+        assert_eq!(v6[..12], cfg.src6[..12]);
+        assert_eq!(v6[12..], [0x12, 0x34, 0x56, 0x78], "bits clamp to 32");
+        let fixed = EncapConfig {
+            hash_bits4: 0,
+            ..cfg
+        };
+        assert_eq!(encap_src_v4(&fixed, 0xffff_ffff), cfg.src4);
+        let wide = EncapConfig {
+            hash_bits4: 30,
+            ..cfg
+        };
+        assert_eq!(
+            encap_src_v4(&wide, 0xffff_0000)[..2],
+            [172, 16],
+            "bits clamp to 16"
+        );
+        assert_eq!(encap_flow_label(0xffff_ffff), 0xf_ffff);
     }
 
     #[test]

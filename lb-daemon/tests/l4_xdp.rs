@@ -6,8 +6,9 @@
 //! `SKIP: <reason>` and returns.
 
 use lb_common::l4::{
-    BACKEND_F_ACTIVE, BackendInfo, FAMILY_V4, FAMILY_V6, FlowKey, MAX_BACKENDS, Mode, PROTO_TCP,
-    PROTO_UDP, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta, ring_index, v4_addr,
+    BACKEND_F_ACTIVE, BackendInfo, ENCAP_TTL, EncapConfig, FAMILY_V4, FAMILY_V6, FlowKey,
+    MAX_BACKENDS, Mode, PROTO_TCP, PROTO_UDP, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey,
+    VipMeta, encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr,
 };
 use lb_common::maglev::{self, MaglevEndpoint};
 use lbd::l4::test_run::{RunResult, run_xdp};
@@ -61,8 +62,38 @@ fn backend_mac(id: u32) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, (id >> 8) as u8, id as u8]
 }
 
+/// Ids from this one up are IPv6 backends (2001:db8:be::<id>), below it IPv4 (10.1.x.y).
+const FIRST_V6_BACKEND: u32 = 200;
+
+fn backend_info(id: u32) -> BackendInfo {
+    let (addr, family) = if id >= FIRST_V6_BACKEND {
+        let mut a = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0xbe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        a[14..].copy_from_slice(&(id as u16).to_be_bytes());
+        (a, FAMILY_V6)
+    } else {
+        (
+            v4_addr([10, 1, (id / 250) as u8, (id % 250 + 1) as u8]),
+            FAMILY_V4,
+        )
+    };
+    BackendInfo {
+        addr,
+        mac: backend_mac(id),
+        family,
+        _pad: 0,
+        flags: BACKEND_F_ACTIVE,
+    }
+}
+
 fn backend_key(id: u32) -> String {
-    format!("10.1.{}.{}", id / 250, id % 250 + 1)
+    let b = backend_info(id);
+    if b.family == FAMILY_V6 {
+        std::net::Ipv6Addr::from(b.addr).to_string()
+    } else {
+        std::net::Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3]).to_string()
+    }
 }
 
 /// A VIP under test: its map key, meta flags and members (id, weight).
@@ -75,14 +106,7 @@ struct Vip {
 impl Vip {
     fn install(&self, p: &mut L4Program) {
         for &(id, _) in &self.members {
-            let info = BackendInfo {
-                addr: v4_addr([10, 1, (id / 250) as u8, (id % 250 + 1) as u8]),
-                mac: backend_mac(id),
-                family: FAMILY_V4,
-                _pad: 0,
-                flags: BACKEND_F_ACTIVE,
-            };
-            p.set_backend(id, info).expect("set backend");
+            p.set_backend(id, backend_info(id)).expect("set backend");
         }
         let keys: Vec<String> = self
             .members
@@ -581,13 +605,7 @@ fn established_flows_survive_ring_changes_but_follow_dead_backends_away() {
     }
 
     // Backend 3 fails: it leaves the ring and loses BACKEND_F_ACTIVE; its flows re-hash.
-    let mut info = BackendInfo {
-        addr: v4_addr([10, 1, 0, 4]),
-        mac: backend_mac(3),
-        family: FAMILY_V4,
-        _pad: 0,
-        flags: BACKEND_F_ACTIVE,
-    };
+    let mut info = backend_info(3);
     v.members.retain(|&(id, _)| id != 3);
     v.install(&mut p);
     info.flags = 0;
@@ -717,4 +735,214 @@ fn differential_kernel_and_userspace_pick_the_same_backend() {
     );
     assert_eq!(reasons(&mut p)[Reason::TxDsrL2 as usize], n);
     println!("differential: {n} random 5-tuples, kernel == userspace");
+}
+
+// ---- ipip -----------------------------------------------------------------------------------
+
+const ENCAP: EncapConfig = EncapConfig {
+    src4: [172, 16, 0, 0],
+    src6: [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    hash_bits4: 16,
+    hash_bits6: 20,
+    _pad: [0; 2],
+};
+
+/// `frame` (IP header at `l3`) as `ipip` should leave it for backend `id`: L2 header kept with
+/// new MACs and ethertype, an outer header built here field by field, the inner packet as is.
+fn encapsulated(frame: &[u8], l3: usize, k: &FlowKey, id: u32) -> Vec<u8> {
+    let b = backend_info(id);
+    let hash = flow_hash(k);
+    let inner = &frame[l3..];
+    let (inner_len, tclass, proto) = if k.family == FAMILY_V4 {
+        (u16::from_be_bytes([inner[2], inner[3]]), inner[1], 4u8)
+    } else {
+        let plen = u16::from_be_bytes([inner[4], inner[5]]);
+        (plen + 40, (inner[0] << 4) | (inner[1] >> 4), 41u8)
+    };
+    let mut out = frame[..l3].to_vec();
+    out[0..6].copy_from_slice(&backend_mac(id));
+    out[6..12].copy_from_slice(&LB_MAC);
+    if b.family == FAMILY_V6 {
+        out[l3 - 2..l3].copy_from_slice(&0x86ddu16.to_be_bytes());
+        let label = encap_flow_label(hash);
+        let vtf = (6u32 << 28) | (u32::from(tclass) << 20) | label;
+        out.extend_from_slice(&vtf.to_be_bytes());
+        out.extend_from_slice(&inner_len.to_be_bytes());
+        out.extend_from_slice(&[proto, ENCAP_TTL]);
+        let src = encap_src_v6(&ENCAP, hash);
+        assert_eq!(src[..12], ENCAP.src6[..12]);
+        assert_eq!(
+            u32::from_be_bytes([src[12], src[13], src[14], src[15]]),
+            hash & 0xf_ffff
+        );
+        out.extend_from_slice(&src);
+        out.extend_from_slice(&b.addr);
+    } else {
+        out[l3 - 2..l3].copy_from_slice(&0x0800u16.to_be_bytes());
+        let src = encap_src_v4(&ENCAP, hash);
+        assert_eq!(src[..2], [172, 16]);
+        assert_eq!(u16::from_be_bytes([src[2], src[3]]), hash as u16);
+        let mut h = vec![0x45, tclass];
+        h.extend_from_slice(&(inner_len + 20).to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0, ENCAP_TTL, proto, 0, 0]);
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&b.addr[..4]);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(checksum(&h), 0, "outer checksum verifies");
+        out.extend(h);
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+fn ipip_vip(key: VipKey, vip_id: u32, members: Vec<(u32, u32)>) -> Vip {
+    Vip {
+        key,
+        spec: VipSpec {
+            vip_id,
+            mode: Mode::Ipip,
+            source_hash_only: false,
+        },
+        members,
+    }
+}
+
+#[test]
+fn ipip_encapsulates_in_the_backend_family() {
+    let Some(mut p) = load() else { return };
+    const VIP_A: [u8; 4] = [192, 0, 2, 20];
+    const VIP_C: [u8; 4] = [192, 0, 2, 21];
+    let a = ipip_vip(VipKey::v4(VIP_A, 80, PROTO_TCP), 0, vec![(10, 1), (11, 1)]);
+    let b = ipip_vip(
+        VipKey::v6(VIP6, 443, PROTO_TCP),
+        1,
+        vec![(212, 1), (213, 1)],
+    );
+    let c = ipip_vip(VipKey::v4(VIP_C, 53, PROTO_UDP), 2, vec![(214, 1)]);
+    let d = ipip_vip(VipKey::v6(VIP6, 53, PROTO_UDP), 3, vec![(15, 1)]);
+    for v in [&a, &b, &c, &d] {
+        v.install(&mut p);
+    }
+
+    // Without an outer source configured, ipip VIPs drop (and count) instead of sending junk.
+    let f = tcp4(CLIENT4, 1000, VIP_A, 80);
+    assert_eq!(run(&mut p, &f).action, XDP_DROP);
+    assert_eq!(reasons(&mut p)[Reason::DropEncapFailed as usize], 1);
+    p.set_encap(ENCAP).expect("set encap");
+
+    let mut ef4 = tcp4(CLIENT4, 1001, VIP_A, 80);
+    ef4[15] = 0xb9; // DSCP EF + ECN ECT(1) on the inner header
+    let c4 = checksum(&{
+        let mut h = ef4[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    ef4[24..26].copy_from_slice(&c4.to_be_bytes());
+    let mut ef6 = cat(eth(0x86dd), ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(2001, 443)));
+    ef6[14] = 0x6b; // traffic class 0xb9
+    ef6[15] = 0x90;
+
+    let cases: Vec<(&str, Vec<u8>, usize, FlowKey, &Vip)> = vec![
+        (
+            "4in4",
+            tcp4(CLIENT4, 1002, VIP_A, 80),
+            14,
+            FlowKey::v4(CLIENT4, 1002, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "4in4 with dscp",
+            ef4,
+            14,
+            FlowKey::v4(CLIENT4, 1001, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "4in4 in a vlan",
+            cat(
+                vlan(0x8100, 42, 0x0800),
+                ipv4(CLIENT4, VIP_A, PROTO_TCP, 0, &[], &tcp(1003, 80)),
+            ),
+            18,
+            FlowKey::v4(CLIENT4, 1003, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "6in6",
+            cat(eth(0x86dd), ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(2000, 443))),
+            14,
+            FlowKey::v6(CLIENT6, 2000, VIP6, 443, PROTO_TCP),
+            &b,
+        ),
+        (
+            "6in6 with traffic class",
+            ef6,
+            14,
+            FlowKey::v6(CLIENT6, 2001, VIP6, 443, PROTO_TCP),
+            &b,
+        ),
+        (
+            "4in6",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP_C, PROTO_UDP, 0, &[], &udp(3000, 53, b"q")),
+            ),
+            14,
+            FlowKey::v4(CLIENT4, 3000, VIP_C, 53, PROTO_UDP),
+            &c,
+        ),
+        (
+            "6in4 in a vlan",
+            cat(
+                vlan(0x8100, 42, 0x86dd),
+                ipv6(CLIENT6, VIP6, PROTO_UDP, &udp(4000, 53, b"q")),
+            ),
+            18,
+            FlowKey::v6(CLIENT6, 4000, VIP6, 53, PROTO_UDP),
+            &d,
+        ),
+    ];
+    for (name, frame, l3, k, vip) in &cases {
+        let want = vip.predict(k).expect("backend");
+        let got = run(&mut p, frame);
+        assert_eq!(got.action, XDP_TX, "{name}: action");
+        assert_eq!(
+            got.frame,
+            encapsulated(frame, *l3, k, want),
+            "{name}: output bytes"
+        );
+    }
+    assert_eq!(reasons(&mut p)[Reason::TxIpip as usize], cases.len() as u64);
+    println!("{} ipip fixtures passed", cases.len());
+}
+
+#[test]
+fn differential_ipip_outer_destination_matches_userspace() {
+    let Some(mut p) = load() else { return };
+    p.set_encap(ENCAP).expect("set encap");
+    // Mixed-family backends behind one VIP.
+    let mut members: Vec<(u32, u32)> = (20..30).map(|id| (id, 1)).collect();
+    members.extend((220..225).map(|id| (id, 2)));
+    let v = ipip_vip(VipKey::v4(VIP4, 80, PROTO_TCP), 0, members);
+    v.install(&mut p);
+    let table = v.table();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6970_6970);
+    let n = 10_000;
+    for i in 0..n {
+        let src: [u8; 4] = rng.random();
+        let sport: u16 = rng.random_range(1024..=65_535);
+        let frame = tcp4(src, sport, VIP4, 80);
+        let k = FlowKey::v4(src, sport, VIP4, 80, PROTO_TCP);
+        let want = v.predict_with(&table, &k).expect("backend");
+        let got = run(&mut p, &frame);
+        assert_eq!(got.action, XDP_TX, "tuple {i}");
+        assert_eq!(
+            got.frame,
+            encapsulated(&frame, 14, &k, want),
+            "tuple {i}: {k:?}"
+        );
+    }
+    println!("ipip differential: {n} random 5-tuples, kernel == userspace");
 }

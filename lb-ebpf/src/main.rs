@@ -3,7 +3,7 @@
 //! Per packet: parse Ethernet (at most one VLAN tag), IPv4 or IPv6, and the TCP/UDP ports;
 //! look the destination up in `VIPS`; find the flow in the LRU `FLOWS` table or, for a new flow,
 //! hash it into the VIP's Maglev ring in `RINGS`; then forward to the chosen backend (`dsr-l2`:
-//! rewrite the MACs and `XDP_TX`). Every packet is counted under exactly one
+//! rewrite the MACs; `ipip`: prepend an outer IP header; both `XDP_TX`). Every packet is counted under exactly one
 //! [`Reason`] in `REASONS`. All layouts, limits and the hash come from `lb_common::l4`.
 //!
 //! Policy for what we do not parse: anything that is not a complete, option-free IPv4 or
@@ -20,15 +20,16 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::l4::{
-    ring_index, v4_addr, BackendInfo, Counters, FlowKey, FlowValue, Mode, Reason, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS,
-    PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE,
+    encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr, BackendInfo,
+    Counters, EncapConfig, FlowKey, FlowValue, Mode, Reason, VipKey, VipMeta, BACKEND_F_ACTIVE,
+    ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS, PROTO_TCP,
+    PROTO_UDP, REASON_COUNT, RING_SIZE,
 };
 
 /// VIP (address, port, protocol) → what to do with it.
@@ -59,6 +60,10 @@ static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS
 #[map(name = "BACKEND_STATS")]
 static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Outer source addresses for `ipip` (one entry).
+#[map(name = "ENCAP")]
+static ENCAP: Array<EncapConfig> = Array::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const IPV4_HLEN: usize = 20;
@@ -68,6 +73,10 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+/// Longest L2 header we parse: Ethernet + one VLAN tag.
+const MAX_L2_LEN: usize = ETH_HLEN + VLAN_HLEN;
 
 /// The XDP entry point: one decision and one reason counter per packet.
 #[xdp]
@@ -109,9 +118,10 @@ fn add(map: &PerCpuArray<Counters>, idx: u32, bytes: u64) {
     }
 }
 
-/// Parses up to the ports and builds the flow key, or says why the packet is not ours.
+/// Parses up to the ports and builds the flow key and the offset of the IP header, or says
+/// why the packet is not ours.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<FlowKey, Reason> {
+fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
     let mut ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(Reason::PassTruncatedL3)?);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -158,7 +168,7 @@ fn parse(ctx: &XdpContext) -> Result<FlowKey, Reason> {
     }
     // Source and destination port are the first 4 bytes of both TCP and UDP headers.
     let ports = read::<[u16; 2]>(ctx, l4).ok_or(Reason::PassTruncatedL4)?;
-    Ok(FlowKey {
+    let key = FlowKey {
         src,
         dst,
         sport: ports[0],
@@ -166,7 +176,8 @@ fn parse(ctx: &XdpContext) -> Result<FlowKey, Reason> {
         proto,
         family,
         _pad: [0; 2],
-    })
+    };
+    Ok((key, l3))
 }
 
 /// IPv6 extension headers (RFC 8200 §4, plus the IANA list) that may precede the transport.
@@ -180,7 +191,7 @@ fn is_ipv6_ext(next: u8) -> bool {
 
 #[inline(always)]
 fn process(ctx: &XdpContext) -> (u32, Reason) {
-    let key = match parse(ctx) {
+    let (key, l3) = match parse(ctx) {
         Ok(k) => k,
         Err(r) => return (xdp_action::XDP_PASS, r),
     };
@@ -198,7 +209,8 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
     };
     let out = match Mode::from_u32(meta.mode) {
         Some(Mode::DsrL2) => dsr_l2(ctx, &backend),
-        _ => Err(Reason::DropBadMode),
+        Some(Mode::Ipip) => ipip(ctx, &key, l3, &backend),
+        None => Err(Reason::DropBadMode),
     };
     match out {
         Ok(r) => {
@@ -261,6 +273,141 @@ fn dsr_l2(ctx: &XdpContext, b: &BackendInfo) -> Result<Reason, Reason> {
         }
     }
     Ok(Reason::TxDsrL2)
+}
+
+/// `ipip`: prepend an outer IPv4 or IPv6 header (the backend's family) addressed to the
+/// backend, keep the L2 header (VLAN tag included) in front of it, and send it to the next-hop
+/// MAC. The inner packet is untouched; `IPPROTO_IPIP` (4) carries IPv4 and `IPPROTO_IPV6` (41)
+/// carries IPv6, so 4in4, 6in6, 4in6 and 6in4 all work.
+#[inline(always)]
+fn ipip(ctx: &XdpContext, key: &FlowKey, l3: usize, b: &BackendInfo) -> Result<Reason, Reason> {
+    let cfg = *ENCAP.get(0).ok_or(Reason::DropEncapFailed)?;
+    let hash = flow_hash(key);
+    // What the outer header copies from the inner one: length and traffic class (RFC 6040
+    // "normal mode" copies ECN, and DSCP is kept for QoS on the way to the backend).
+    let (inner_len, tclass, inner_proto) = if key.family == FAMILY_V4 {
+        let h = read::<[u8; 4]>(ctx, l3).ok_or(Reason::DropEncapFailed)?;
+        (u16::from_be_bytes([h[2], h[3]]) as u32, h[1], IPPROTO_IPIP)
+    } else {
+        let h = read::<[u8; 6]>(ctx, l3).ok_or(Reason::DropEncapFailed)?;
+        let plen = u16::from_be_bytes([h[4], h[5]]) as u32;
+        (
+            plen + IPV6_HLEN as u32,
+            (h[0] << 4) | (h[1] >> 4),
+            IPPROTO_IPV6,
+        )
+    };
+    if b.family == FAMILY_V6 {
+        if cfg.src6 == [0u8; 16] {
+            return Err(Reason::DropEncapFailed);
+        }
+        grow(ctx, IPV6_HLEN, b, ETH_P_IPV6, l3)?;
+        let flow = encap_flow_label(hash);
+        let src = encap_src_v6(&cfg, hash);
+        let mut h = [0u8; IPV6_HLEN];
+        h[0] = 0x60 | (tclass >> 4);
+        h[1] = (tclass << 4) | ((flow >> 16) as u8 & 0x0f);
+        h[2] = (flow >> 8) as u8;
+        h[3] = flow as u8;
+        let plen = (inner_len as u16).to_be_bytes();
+        h[4] = plen[0];
+        h[5] = plen[1];
+        h[6] = inner_proto;
+        h[7] = ENCAP_TTL;
+        let mut i = 0;
+        while i < 16 {
+            h[8 + i] = src[i];
+            h[24 + i] = b.addr[i];
+            i += 1;
+        }
+        write(ctx, l3, h)?;
+    } else {
+        if cfg.src4 == [0u8; 4] {
+            return Err(Reason::DropEncapFailed);
+        }
+        grow(ctx, IPV4_HLEN, b, ETH_P_IP, l3)?;
+        let src = encap_src_v4(&cfg, hash);
+        let tot = ((inner_len + IPV4_HLEN as u32) as u16).to_be_bytes();
+        let mut h = [
+            0x45,
+            tclass,
+            tot[0],
+            tot[1],
+            0,
+            0,
+            0,
+            0,
+            ENCAP_TTL,
+            inner_proto,
+            0,
+            0,
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            b.addr[0],
+            b.addr[1],
+            b.addr[2],
+            b.addr[3],
+        ];
+        let c = ipv4_checksum(&h).to_be_bytes();
+        h[10] = c[0];
+        h[11] = c[1];
+        write(ctx, l3, h)?;
+    }
+    Ok(Reason::TxIpip)
+}
+
+/// Makes room for an `outer`-byte header after the L2 header: grows the frame at the front,
+/// moves the L2 header (up to `MAX_L2_LEN` bytes) to the new front, sets the MACs (destination
+/// the next hop, source the MAC the frame was sent to) and the ethertype before the new header.
+#[inline(always)]
+fn grow(
+    ctx: &XdpContext,
+    outer: usize,
+    b: &BackendInfo,
+    ethertype: u16,
+    l3: usize,
+) -> Result<(), Reason> {
+    // SAFETY: helper call on our own context; it only moves `data`, re-checked below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
+        return Err(Reason::DropEncapFailed);
+    }
+    let old = read::<[u8; MAX_L2_LEN]>(ctx, outer).ok_or(Reason::DropEncapFailed)?;
+    let mut l2 = old;
+    let mut i = 0;
+    while i < 6 {
+        l2[i] = b.mac[i];
+        l2[6 + i] = old[i];
+        i += 1;
+    }
+    // `outer` ≥ 20 > MAX_L2_LEN, so source and destination do not overlap; bytes of `l2` past
+    // `l3` are overwritten by the outer header next.
+    write(ctx, 0, l2)?;
+    write(ctx, l3 - 2, ethertype.to_be_bytes())
+}
+
+/// Writes `v` at `off` if it fits in the frame.
+#[inline(always)]
+fn write<T>(ctx: &XdpContext, off: usize, v: T) -> Result<(), Reason> {
+    let p = ptr_at::<T>(ctx, off).ok_or(Reason::DropEncapFailed)?;
+    // SAFETY: `ptr_at` checked the bounds; unaligned write for packet data.
+    unsafe { core::ptr::write_unaligned(p, v) };
+    Ok(())
+}
+
+/// The IPv4 header checksum of `h` (whose checksum field is 0).
+#[inline(always)]
+fn ipv4_checksum(h: &[u8; IPV4_HLEN]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_HLEN {
+        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[cfg(not(test))]

@@ -13,8 +13,8 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
-    BackendInfo, Counters, MAX_BACKENDS, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE, Reason,
-    VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
+    BackendInfo, Counters, EncapConfig, MAX_BACKENDS, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE,
+    Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
 };
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
@@ -186,6 +186,13 @@ impl L4Program {
         let mut m: Array<&mut MapData, BackendInfo> =
             Array::try_from(self.map("BACKENDS")?).map_err(map_err("BACKENDS"))?;
         m.set(id, info, 0).map_err(map_err("BACKENDS"))
+    }
+
+    /// Sets the outer source addresses used by `ipip` VIPs (until set, they drop packets).
+    pub fn set_encap(&mut self, cfg: EncapConfig) -> Result<(), L4Error> {
+        let mut m: Array<&mut MapData, EncapConfig> =
+            Array::try_from(self.map("ENCAP")?).map_err(map_err("ENCAP"))?;
+        m.set(0, cfg, 0).map_err(map_err("ENCAP"))
     }
 
     /// Adds or updates a VIP and its ring of `members` without exposing a half-written ring.
