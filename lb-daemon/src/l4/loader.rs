@@ -4,10 +4,13 @@
 //! [`L4Program::set_vip`] builds the new ring with `lb_common::maglev` (the same builder tests
 //! use to predict backends), writes only the slots that differ into the ring the kernel is
 //! *not* reading, and then switches the VIP to it with one `VIPS` update. The kernel thus
-//! never sees a half-written ring.
+//! never sees a half-written ring. A program run that read the old `VipMeta` just before the
+//! switch may still be reading the old ring; it finishes within microseconds, and we wait
+//! [`RING_GRACE`] after a switch before writing that ring again.
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
@@ -19,6 +22,11 @@ use lb_common::l4::{
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
 use super::PROGRAM;
+
+/// Minimum time between two ring switches of one VIP: a program run that saw the previous
+/// switch's old ring has long finished (runs take microseconds; XDP runs in one RCU read-side
+/// section), so rewriting that ring cannot be observed half-done.
+pub const RING_GRACE: Duration = Duration::from_millis(2);
 
 /// Why the L4 program could not be loaded or updated.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +127,8 @@ pub struct L4Program {
     max_vips: u32,
     /// Userspace copy of every ring written, so updates touch only the slots that change.
     rings: StdHashMap<u32, Vec<u32>>,
-    /// Active ring per VIP id.
-    active: StdHashMap<u32, u32>,
+    /// Active ring per VIP id, and when we switched to it.
+    active: StdHashMap<u32, (u32, Instant)>,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -219,7 +227,14 @@ impl L4Program {
         let table = maglev::build(&eps, RING_SIZE)?;
         let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
         let next = match self.active.get(&spec.vip_id) {
-            Some(&r) => r ^ 1,
+            Some(&(r, switched)) => {
+                // `r ^ 1` was active until `switched`; let readers of it finish first.
+                let since = switched.elapsed();
+                if since < RING_GRACE {
+                    std::thread::sleep(RING_GRACE - since);
+                }
+                r ^ 1
+            }
             None => 2 * spec.vip_id,
         };
         if !table.is_empty() {
@@ -241,7 +256,7 @@ impl L4Program {
             HashMap::try_from(self.map("VIPS")?).map_err(map_err("VIPS"))?;
         // One element replace: readers see the old or the new meta, never a mix.
         vips.insert(key, meta, 0).map_err(map_err("VIPS"))?;
-        self.active.insert(spec.vip_id, next);
+        self.active.insert(spec.vip_id, (next, Instant::now()));
         Ok(())
     }
 
