@@ -2,8 +2,11 @@
 //!
 //! Every problem is reported with the file, line, column and dotted key path, all at once, so an
 //! operator fixes a config in one pass. Nothing downstream re-validates a [`Model`].
+pub mod duration;
 pub mod error;
 pub mod model;
+mod raw;
+mod validate;
 
 use std::path::Path;
 
@@ -18,13 +21,19 @@ pub fn load(path: &Path) -> Result<Model, ConfigErrors> {
 }
 
 /// Validates `text` as if read from `path` (used in error messages and [`model::Source`]).
-pub fn parse(_text: &str, path: &Path) -> Result<Model, ConfigErrors> {
-    // Filled in by the config parser; until then every config is rejected, never half-accepted.
-    Err(ConfigErrors::single(ConfigError {
-        path: path.to_path_buf(),
-        line: 1,
-        column: 1,
-        key: String::new(),
-        message: "config parsing is not implemented yet".into(),
-    }))
+pub fn parse(text: &str, path: &Path) -> Result<Model, ConfigErrors> {
+    let mut diags = error::Diagnostics::new(path, text);
+    // `None` after syntax errors: the tree is a guess, so its meaning is not checked.
+    let model =
+        raw::read(text, &mut diags).map(|raw| validate::validate(raw, text, path, &mut diags));
+    diags.finish()?;
+    model.ok_or_else(|| {
+        ConfigErrors::single(ConfigError {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            key: String::new(),
+            message: "unreadable TOML".into(),
+        })
+    })
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Model {
-    /// Where the config came from and its content hash (hex SHA-like digest of the file bytes).
+    /// Where the config came from and its content hash (FNV-1a 64 of the file bytes, 16 hex).
     pub source: Source,
     /// Process-wide settings.
     pub global: Global,
@@ -231,7 +231,7 @@ pub enum UpstreamProtocol {
 }
 
 /// `[[clusters]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     /// Unique name.
     pub name: String,

@@ -1,4 +1,6 @@
 //! Endpoint health: shared state, active checkers and passive outlier detection.
+pub mod checker;
 pub mod state;
 
+pub use checker::{ClusterChecker, schedule_expiry};
 pub use state::{CheckOutcome, ClusterHealth, EndpointHealth, InFlightGuard};

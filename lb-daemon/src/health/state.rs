@@ -159,6 +159,18 @@ impl EndpointHealth {
         None
     }
 
+    /// Ends a passive ejection early (a passing active check proves the endpoint is back, as
+    /// Envoy's `successful_active_health_check_uneject_host`); returns true if one was ended.
+    pub fn clear_ejection(&self) -> bool {
+        if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
+            self.window_fails.store(0, Ordering::Release);
+            self.window_start.store(0, Ordering::Release);
+            self.bump();
+            return true;
+        }
+        false
+    }
+
     /// Ends a passive ejection whose deadline has passed; returns true if state changed.
     pub fn expire_ejection(&self, now: Instant) -> bool {
         let until = self.ejected_until.load(Ordering::Acquire);

@@ -1,2 +1,8 @@
-//! The HTTP data path: listeners, routing, proxying, upstream pools.
+//! L7 data path: HTTP/1.1 and HTTP/2 listeners, routing, proxying.
+pub mod body;
+pub mod headers;
+pub mod log;
+pub mod proxy;
 pub mod router;
+pub mod server;
+pub mod upstream;

@@ -1,1 +1,344 @@
-//! Owns the running state built from a [`crate::config::Model`].
+//! Owns the running state built from a [`crate::config::Model`]: binds listeners, swaps in new
+//! runtimes on reload, serves the admin API, and drains on shutdown.
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::admin::{
+    self, ClusterView, Control, ControlError, EndpointView, ReloadReport, StatusView,
+};
+use crate::config::{self, Model};
+use crate::l7::server::{self, ConnTracker, ListenerCtx};
+use crate::sdnotify;
+use crate::telemetry::metrics as m;
+pub use runtime::Runtime;
+
+/// Why `lbd run` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener socket could not be bound.
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The admin listener could not start.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+struct ListenerHandle {
+    shutdown: watch::Sender<bool>,
+}
+
+/// The running daemon.
+pub struct Supervisor {
+    path: PathBuf,
+    state: Arc<ArcSwap<Runtime>>,
+    started: Instant,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
+    tracker: Arc<ConnTracker>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    /// Builds the runtime for `model` and binds its listeners (nothing is served yet).
+    pub fn start(path: &Path, model: Model) -> Result<Arc<Self>, StartError> {
+        let model = Arc::new(model);
+        let sup = Arc::new(Supervisor {
+            path: path.to_path_buf(),
+            state: Arc::new(ArcSwap::from_pointee(Runtime::build(
+                Arc::clone(&model),
+                None,
+            ))),
+            started: Instant::now(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            listeners: Mutex::new(HashMap::new()),
+            tracker: Arc::new(ConnTracker::default()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
+        sup.spawn_listeners(&model, bound);
+        set_config_info(&model);
+        Ok(sup)
+    }
+
+    fn spawn_listeners(&self, model: &Model, bound: Vec<(usize, tokio::net::TcpListener)>) {
+        let Ok(mut handles) = self.listeners.lock() else {
+            return;
+        };
+        for (i, socket) in bound {
+            let l = &model.listeners[i];
+            let (tx, rx) = watch::channel(false);
+            let ctx = ListenerCtx {
+                bind: l.bind,
+                name: Arc::from(l.name.as_str()),
+                state: Arc::clone(&self.state),
+                shutdown: rx,
+                tracker: Arc::clone(&self.tracker),
+            };
+            let limits = l.limits.clone();
+            tracing::info!(listener = %l.name, bind = %l.bind, "listening");
+            tokio::spawn(async move { server::serve(socket, &limits, ctx).await });
+            handles.insert(l.bind, ListenerHandle { shutdown: tx });
+        }
+    }
+
+    /// The active runtime.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.state.load_full()
+    }
+
+    /// Re-reads the config file and applies it; an invalid file changes nothing.
+    pub async fn reload(&self) -> ReloadReport {
+        let _serial = self.reload_lock.lock().await;
+        let _ = sdnotify::notify(sdnotify::State::Reloading);
+        let report = self.reload_locked();
+        let _ = sdnotify::notify(sdnotify::State::Ready);
+        report
+    }
+
+    fn reload_locked(&self) -> ReloadReport {
+        let old = self.state.load_full();
+        let model = match config::load(&self.path) {
+            Ok(m) => m,
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "reload rejected: invalid config");
+                }
+                return self.reload_failed(&old, errors.0.iter().map(|e| e.to_string()).collect());
+            }
+        };
+        let keep: HashMap<SocketAddr, ()> = match self.listeners.lock() {
+            Ok(h) => h.keys().map(|a| (*a, ())).collect(),
+            Err(_) => HashMap::new(),
+        };
+        let bound = match bind_new(&model, &keep) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected");
+                return self.reload_failed(&old, vec![e.to_string()]);
+            }
+        };
+        let model = Arc::new(model);
+        self.state
+            .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&old))));
+        self.spawn_listeners(&model, bound);
+        if let Ok(mut handles) = self.listeners.lock() {
+            handles.retain(|addr, h| {
+                let keep = model.listeners.iter().any(|l| l.bind == *addr);
+                if !keep {
+                    tracing::info!(bind = %addr, "listener removed by reload; draining its connections");
+                    let _ = h.shutdown.send(true);
+                }
+                keep
+            });
+        }
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::RELOADS, "result" => "success").increment(1);
+        metrics::gauge!(m::CONFIG_INFO, "hash" => old.model.source.hash.clone()).set(0.0);
+        set_config_info(&model);
+        tracing::info!(hash = %model.source.hash, "config reloaded");
+        ReloadReport {
+            ok: true,
+            config_hash: model.source.hash.clone(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn reload_failed(&self, old: &Runtime, errors: Vec<String>) -> ReloadReport {
+        self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::RELOADS, "result" => "failure").increment(1);
+        ReloadReport {
+            ok: false,
+            config_hash: old.model.source.hash.clone(),
+            errors,
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `deadline`, and returns the
+    /// number of connections still open when it gave up.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let _ = sdnotify::notify(sdnotify::State::Stopping);
+        if let Ok(handles) = self.listeners.lock() {
+            for h in handles.values() {
+                let _ = h.shutdown.send(true);
+            }
+        }
+        let _ = tokio::time::timeout(deadline, self.tracker.wait_idle()).await;
+        self.tracker.open()
+    }
+}
+
+/// Binds every listener of `model` whose address is not in `keep`, or none if any fails.
+fn bind_new<V>(
+    model: &Model,
+    keep: &HashMap<SocketAddr, V>,
+) -> Result<Vec<(usize, tokio::net::TcpListener)>, StartError> {
+    let mut out = Vec::new();
+    for (i, l) in model.listeners.iter().enumerate() {
+        if keep.contains_key(&l.bind) {
+            continue;
+        }
+        let socket = server::bind(l.bind).map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        out.push((i, socket));
+    }
+    Ok(out)
+}
+
+fn set_config_info(model: &Model) {
+    metrics::gauge!(m::CONFIG_INFO, "hash" => model.source.hash.clone()).set(1.0);
+}
+
+impl Control for Supervisor {
+    fn status(&self) -> StatusView {
+        admin::view::status(
+            &self.runtime().model,
+            self.started,
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    fn clusters(&self) -> Vec<ClusterView> {
+        let rt = self.runtime();
+        admin::view::clusters(&rt.model, &rt.health())
+    }
+
+    fn set_drained(
+        &self,
+        cluster: &str,
+        endpoint: &str,
+        drained: bool,
+    ) -> Result<EndpointView, ControlError> {
+        let rt = self.runtime();
+        let not_found = || ControlError::NotFound {
+            cluster: cluster.to_owned(),
+            endpoint: endpoint.to_owned(),
+        };
+        let (ci, ei) =
+            admin::view::find_endpoint(&rt.model, cluster, endpoint).ok_or_else(not_found)?;
+        let ep = rt.clusters[ci]
+            .health
+            .endpoints
+            .get(ei)
+            .ok_or_else(not_found)?;
+        ep.set_drained(drained);
+        tracing::info!(cluster, endpoint = %rt.model.clusters[ci].endpoints[ei].address, drained, "endpoint drain changed by admin");
+        admin::view::clusters(&rt.model, &rt.health())
+            .into_iter()
+            .nth(ci)
+            .and_then(|c| c.endpoints.into_iter().nth(ei))
+            .ok_or_else(not_found)
+    }
+
+    fn reload(&self) -> Pin<Box<dyn Future<Output = ReloadReport> + Send + '_>> {
+        Box::pin(Supervisor::reload(self))
+    }
+
+    fn effective_config(&self) -> serde_json::Value {
+        admin::view::effective_config(&self.runtime().model)
+    }
+}
+
+/// `lbd run`: serves `model` until SIGTERM/SIGINT, reloading on SIGHUP.
+pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
+    let prometheus = match m::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics disabled");
+            None
+        }
+    };
+    if let Some(h) = prometheus.clone() {
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                t.tick().await;
+                h.run_upkeep();
+            }
+        });
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+
+    let admin_cfg = model.global.admin.clone();
+    let drain_timeout = model.global.drain_timeout;
+    let sup = Supervisor::start(path, model)?;
+    let (admin_tx, admin_rx) = watch::channel(false);
+    if let Some(a) = admin_cfg {
+        let socket = admin::bind(&a).await?;
+        tracing::info!(bind = %a.bind, "admin API listening");
+        let control: Arc<dyn Control> = Arc::clone(&sup) as Arc<dyn Control>;
+        tokio::spawn(admin::serve(
+            socket,
+            a.token.clone(),
+            control,
+            prometheus,
+            admin_rx,
+        ));
+    }
+    match sdnotify::notify(sdnotify::State::Ready) {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "sd_notify READY failed"),
+    }
+    tracing::info!(config = %path.display(), hash = %sup.runtime().model.source.hash, "lbd ready");
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let r = sup.reload().await;
+                if !r.ok {
+                    tracing::warn!(errors = r.errors.len(), "SIGHUP reload rejected; old config still active");
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!(deadline = ?drain_timeout, "shutting down: draining connections");
+    let left = sup.drain(drain_timeout).await;
+    let _ = admin_tx.send(true);
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain deadline passed; closing remaining connections"
+        );
+    } else {
+        tracing::info!("drained; exiting");
+    }
+    Ok(())
+}

@@ -1,2 +1,3 @@
 //! Logging (tracing), access log, metrics registration.
+pub mod logging;
 pub mod metrics;

@@ -1,0 +1,648 @@
+//! Active health checks (TCP connect, HTTP status) and the timer that ends passive ejections.
+//!
+//! Endpoints start **healthy**, as in nginx: a freshly (re)loaded cluster takes traffic at
+//! once, and an endpoint is taken out only after `unhealthy_threshold` consecutive failed
+//! checks. From then on it needs `healthy_threshold` consecutive successes to come back.
+//! Each check outcome is recorded on the endpoint (for the admin API) whether or not it changes
+//! the verdict.
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use crate::config::model::{Cluster, HealthCheck, HealthCheckKind};
+use crate::health::state::{CheckOutcome, ClusterHealth, EndpointHealth};
+use crate::telemetry::metrics;
+
+/// `User-Agent` of HTTP checks, so backends can tell checks from traffic.
+const USER_AGENT: &str = concat!("lbd-health/", env!("CARGO_PKG_VERSION"));
+
+/// The active checks of one cluster: one task per endpoint, aborted when this is dropped.
+#[derive(Debug)]
+pub struct ClusterChecker {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ClusterChecker {
+    /// Starts checking every endpoint of `cluster` if it has an active health check; otherwise
+    /// (or outside a tokio runtime, which is logged) nothing runs.
+    ///
+    /// `health` must hold the cluster's endpoints in the cluster's order.
+    pub fn spawn(cluster: &Cluster, health: Arc<ClusterHealth>) -> ClusterChecker {
+        let mut tasks = Vec::new();
+        let Some(check) = &cluster.health_check else {
+            return ClusterChecker { tasks };
+        };
+        let Ok(rt) = Handle::try_current() else {
+            tracing::error!(cluster = %cluster.name, "health checks not started: no tokio runtime");
+            return ClusterChecker { tasks };
+        };
+        if health.endpoints.len() != cluster.endpoints.len() {
+            tracing::error!(
+                cluster = %cluster.name,
+                endpoints = cluster.endpoints.len(),
+                health = health.endpoints.len(),
+                "health state does not match the cluster's endpoints; checking the common part"
+            );
+        }
+        let cluster_name: Arc<str> = Arc::from(cluster.name.as_str());
+        for (ep, state) in cluster.endpoints.iter().zip(&health.endpoints) {
+            let task = EndpointTask {
+                cluster: Arc::clone(&cluster_name),
+                address: ep.address,
+                check: check.clone(),
+                state: Arc::clone(state),
+            };
+            tasks.push(rt.spawn(task.run()));
+        }
+        ClusterChecker { tasks }
+    }
+
+    /// Number of endpoint tasks started.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether no checks run (no active check configured, or no endpoints).
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Drop for ClusterChecker {
+    fn drop(&mut self) {
+        // A reload replaces the checker; the old one's checks must stop with it.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Ends a passive ejection at `until`, so the balancer sees the endpoint come back without
+/// waiting for traffic.
+///
+/// Call it with the deadline returned by [`EndpointHealth::report_failure`] whenever that
+/// returns `Some`. Outside a tokio runtime nothing is scheduled (logged); the ejection then
+/// still ends for [`EndpointHealth::is_available`], only without a change notification.
+pub fn schedule_expiry(ep: Arc<EndpointHealth>, until: Instant) {
+    let Ok(rt) = Handle::try_current() else {
+        tracing::error!("passive ejection expiry not scheduled: no tokio runtime");
+        return;
+    };
+    rt.spawn(async move {
+        tokio::time::sleep_until(until.into()).await;
+        if ep.expire_ejection(Instant::now()) {
+            return;
+        }
+        // The timer may fire a hair before the nanosecond deadline; retry once for the same
+        // ejection. A later ejection has its own task.
+        let slack = Duration::from_millis(1);
+        if let Some(t) = ep.ejected_until()
+            && t.checked_sub(slack).is_none_or(|t| t <= until)
+        {
+            tokio::time::sleep_until(t.checked_add(slack).unwrap_or(t).into()).await;
+            ep.expire_ejection(Instant::now());
+        }
+    });
+}
+
+/// Consecutive-result counter that flips the verdict only at a threshold.
+#[derive(Debug, Clone, Copy)]
+struct Hysteresis {
+    healthy: bool,
+    /// Consecutive results disagreeing with `healthy`.
+    streak: u32,
+}
+
+impl Hysteresis {
+    /// Feeds one result; returns the new verdict when it changes.
+    fn observe(
+        &mut self,
+        ok: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        if ok == self.healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak = self.streak.saturating_add(1);
+        // A threshold of 0 would mean "flip before any evidence"; treat it as 1.
+        let need = if self.healthy {
+            unhealthy_threshold
+        } else {
+            healthy_threshold
+        }
+        .max(1);
+        if self.streak >= need {
+            self.healthy = ok;
+            self.streak = 0;
+            Some(ok)
+        } else {
+            None
+        }
+    }
+}
+
+/// The check loop of one endpoint.
+struct EndpointTask {
+    cluster: Arc<str>,
+    address: SocketAddr,
+    check: HealthCheck,
+    state: Arc<EndpointHealth>,
+}
+
+impl EndpointTask {
+    async fn run(self) {
+        let mut verdict = Hysteresis {
+            healthy: self.state.active_healthy(),
+            streak: 0,
+        };
+        let endpoint = self.address.to_string();
+        self.publish_available(&endpoint);
+        loop {
+            // Jitter spreads the checks of many endpoints started at the same moment.
+            let pause = self
+                .check
+                .interval
+                .saturating_add(jitter(self.check.jitter));
+            tokio::time::sleep(pause).await;
+            let outcome = check_once(self.address, &self.check).await;
+            let changed = verdict.observe(
+                outcome.ok,
+                self.check.healthy_threshold,
+                self.check.unhealthy_threshold,
+            );
+            // Recorded before the verdict changes, so whoever sees the new verdict sees why.
+            let reason = outcome.detail.clone();
+            let passed = outcome.ok;
+            self.state.record_check(outcome);
+            if passed && verdict.healthy && self.state.clear_ejection() {
+                tracing::info!(cluster = %self.cluster, endpoint = %endpoint, "passive ejection ended by a passing active check");
+                self.publish_available(&endpoint);
+            }
+            if let Some(healthy) = changed {
+                self.state.set_active_healthy(healthy);
+                if healthy {
+                    tracing::info!(cluster = %self.cluster, endpoint = %endpoint, reason = %reason, "endpoint up");
+                } else {
+                    tracing::warn!(cluster = %self.cluster, endpoint = %endpoint, reason = %reason, "endpoint down");
+                }
+                ::metrics::counter!(
+                    metrics::HEALTH_TRANSITIONS,
+                    "cluster" => self.cluster.to_string(),
+                    "endpoint" => endpoint.clone(),
+                    "to" => if healthy { "up" } else { "down" },
+                )
+                .increment(1);
+                self.publish_available(&endpoint);
+            }
+        }
+    }
+
+    /// Sets the availability gauge from the endpoint's whole state (drain and passive too).
+    fn publish_available(&self, endpoint: &str) {
+        let up = self.state.is_available(Instant::now());
+        ::metrics::gauge!(
+            metrics::ENDPOINT_AVAILABLE,
+            "cluster" => self.cluster.to_string(),
+            "endpoint" => endpoint.to_owned(),
+        )
+        .set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// A uniformly random delay in `[0, max]`.
+fn jitter(max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
+/// Runs one check with the configured deadline.
+async fn check_once(address: SocketAddr, check: &HealthCheck) -> CheckOutcome {
+    let result = tokio::time::timeout(check.timeout, async {
+        match &check.kind {
+            HealthCheckKind::Tcp => TcpStream::connect(address)
+                .await
+                .map(|_| "connected".to_owned())
+                .map_err(|e| format!("connect: {}", io_reason(&e))),
+            HealthCheckKind::Http {
+                path,
+                host,
+                expected,
+            } => {
+                let host = host.clone().unwrap_or_else(|| address.to_string());
+                match http_status(address, path, &host).await {
+                    Ok(s) if (expected.0..=expected.1).contains(&s) => Ok(format!("status {s}")),
+                    Ok(s) => Err(format!("status {s}")),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(detail)) => CheckOutcome { ok: true, detail },
+        Ok(Err(detail)) => CheckOutcome { ok: false, detail },
+        Err(_) => CheckOutcome {
+            ok: false,
+            detail: format!("timeout after {:?}", check.timeout),
+        },
+    }
+}
+
+/// `GET path` over a fresh HTTP/1.1 connection; returns the status, never reads the body.
+async fn http_status(address: SocketAddr, path: &str, host: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+    let req = Request::get(origin_form(path).as_ref())
+        .header(header::HOST, host)
+        .header(header::CONNECTION, "close")
+        .header(header::USER_AGENT, USER_AGENT)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| reason("http", e))?;
+    let send = sender.send_request(req);
+    tokio::pin!(send, conn);
+    // The connection future drives the I/O and must be polled alongside the request. It may
+    // finish first (the server closed after answering); the response is then already
+    // delivered, or the request fails with the connection's error.
+    let resp = tokio::select! {
+        biased;
+        r = &mut send => r,
+        _ = &mut conn => send.await,
+    }
+    .map_err(|e| reason("http", e))?;
+    // Dropping the response and the connection closes the socket; the body is never read.
+    Ok(resp.status().as_u16())
+}
+
+/// The request target: the configured path, with a leading `/` if it lacks one.
+fn origin_form(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.starts_with('/') {
+        path.into()
+    } else {
+        format!("/{path}").into()
+    }
+}
+
+/// `Connection refused` rather than `Connection refused (os error 111)`: a short reason.
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+fn reason(what: &str, e: impl Display) -> String {
+    format!("{what}: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::model::{
+        Endpoint, Passive, Policy, PoolLimits, Retry, UpstreamProtocol, UpstreamTimeouts,
+    };
+
+    fn cluster(addrs: &[SocketAddr], check: Option<HealthCheck>) -> Cluster {
+        Cluster {
+            name: "backend".to_owned(),
+            endpoints: addrs
+                .iter()
+                .map(|&address| Endpoint {
+                    address,
+                    weight: 1,
+                    backup: false,
+                })
+                .collect(),
+            policy: Policy::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            health_check: check,
+            passive: Passive {
+                max_fails: 0,
+                fail_timeout: Duration::from_secs(10),
+            },
+            timeouts: UpstreamTimeouts {
+                connect: Duration::from_secs(1),
+                response: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
+            },
+            pool: PoolLimits {
+                max_connections: 0,
+                max_idle: 1,
+            },
+            retry: Retry { attempts: 0 },
+        }
+    }
+
+    fn check(kind: HealthCheckKind, healthy: u32, unhealthy: u32) -> HealthCheck {
+        HealthCheck {
+            kind,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(300),
+            healthy_threshold: healthy,
+            unhealthy_threshold: unhealthy,
+            jitter: Duration::from_millis(10),
+        }
+    }
+
+    fn http_kind() -> HealthCheckKind {
+        HealthCheckKind::Http {
+            path: "/healthz".to_owned(),
+            host: Some("svc.internal".to_owned()),
+            expected: (200, 299),
+        }
+    }
+
+    /// A raw HTTP/1.1 server answering every request with the current `status`; counts
+    /// connections and keeps the last request head.
+    struct FlipServer {
+        addr: SocketAddr,
+        status: Arc<AtomicU16>,
+        connections: Arc<AtomicUsize>,
+        last_request: Arc<Mutex<String>>,
+        /// Every status answered, in order.
+        served: Arc<Mutex<Vec<u16>>>,
+        task: JoinHandle<()>,
+    }
+
+    impl FlipServer {
+        fn served(&self, status: u16) -> usize {
+            let served = self.served.lock().expect("lock");
+            served.iter().filter(|&&s| s == status).count()
+        }
+    }
+
+    impl Drop for FlipServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn flip_server() -> FlipServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let status = Arc::new(AtomicU16::new(200));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let last_request = Arc::new(Mutex::new(String::new()));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let (st, conns, last, log) = (
+            status.clone(),
+            connections.clone(),
+            last_request.clone(),
+            served.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (st, last, log) = (st.clone(), last.clone(), log.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    *last.lock().expect("lock") = String::from_utf8_lossy(&buf).into_owned();
+                    let code = st.load(Ordering::SeqCst);
+                    log.lock().expect("lock").push(code);
+                    let body = "a body the checker never reads";
+                    let resp = format!(
+                        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        FlipServer {
+            addr,
+            status,
+            connections,
+            last_request,
+            served,
+            task,
+        }
+    }
+
+    /// Polls `cond` every 10 ms for up to 5 s.
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    fn detail(ep: &EndpointHealth) -> String {
+        ep.last_check().map(|c| c.detail).unwrap_or_default()
+    }
+
+    #[test]
+    fn hysteresis_thresholds() {
+        let mut h = Hysteresis {
+            healthy: true,
+            streak: 0,
+        };
+        // Two failures, a success resets, then three in a row flip it.
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), Some(false));
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), Some(true));
+        // Threshold 0 behaves as 1.
+        assert_eq!(h.observe(false, 0, 0), Some(false));
+        assert_eq!(h.observe(true, 0, 0), Some(true));
+    }
+
+    #[tokio::test]
+    async fn http_check_follows_status_with_thresholds() {
+        let server = flip_server().await;
+        let health = Arc::new(ClusterHealth::new(1));
+        let mut gen_rx = health.subscribe();
+        let checker = ClusterChecker::spawn(
+            &cluster(&[server.addr], Some(check(http_kind(), 2, 3))),
+            health.clone(),
+        );
+        assert_eq!(checker.len(), 1);
+        let ep = health.endpoints[0].clone();
+        wait_for("first check", || ep.last_check().is_some()).await;
+        assert_eq!(detail(&ep), "status 200");
+        assert!(ep.active_healthy());
+
+        let head = server
+            .last_request
+            .lock()
+            .expect("lock")
+            .to_ascii_lowercase();
+        assert!(head.starts_with("get /healthz http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nhost: svc.internal\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(head.contains("\r\nuser-agent: lbd-health/"), "{head}");
+
+        server.status.store(503, Ordering::SeqCst);
+        wait_for("endpoint down", || !ep.active_healthy()).await;
+        // Not before `unhealthy_threshold` failing checks.
+        assert!(server.served(503) >= 3, "{:?}", server.served);
+        assert_eq!(detail(&ep), "status 503");
+        assert!(!ep.is_available(Instant::now()));
+        assert!(gen_rx.has_changed().expect("sender alive"));
+        gen_rx.borrow_and_update();
+
+        server.status.store(204, Ordering::SeqCst);
+        wait_for("endpoint up", || ep.active_healthy()).await;
+        assert!(server.served(204) >= 2, "{:?}", server.served);
+        assert_eq!(detail(&ep), "status 204");
+        assert!(gen_rx.has_changed().expect("sender alive"));
+    }
+
+    #[tokio::test]
+    async fn http_check_default_host_is_endpoint_address() {
+        let server = flip_server().await;
+        let health = Arc::new(ClusterHealth::new(1));
+        let kind = HealthCheckKind::Http {
+            path: "/".to_owned(),
+            host: None,
+            expected: (200, 200),
+        };
+        let _checker = ClusterChecker::spawn(
+            &cluster(&[server.addr], Some(check(kind, 1, 1))),
+            health.clone(),
+        );
+        let ep = health.endpoints[0].clone();
+        wait_for("first check", || ep.last_check().is_some()).await;
+        let head = server
+            .last_request
+            .lock()
+            .expect("lock")
+            .to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("\r\nhost: {}\r\n", server.addr)),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_check_against_closed_port_goes_down() {
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let server = flip_server().await;
+        let health = Arc::new(ClusterHealth::new(2));
+        let _checker = ClusterChecker::spawn(
+            &cluster(
+                &[closed, server.addr],
+                Some(check(HealthCheckKind::Tcp, 1, 2)),
+            ),
+            health.clone(),
+        );
+        let (down, up) = (health.endpoints[0].clone(), health.endpoints[1].clone());
+        wait_for("closed port down", || !down.active_healthy()).await;
+        assert_eq!(detail(&down), "connect: Connection refused");
+        wait_for("listening port checked", || up.last_check().is_some()).await;
+        assert!(up.active_healthy());
+        assert_eq!(detail(&up), "connected");
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accepts and holds connections without ever answering.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let health = Arc::new(ClusterHealth::new(1));
+        let mut c = check(http_kind(), 1, 2);
+        c.timeout = Duration::from_millis(100);
+        let _checker = ClusterChecker::spawn(&cluster(&[addr], Some(c)), health.clone());
+        let ep = health.endpoints[0].clone();
+        wait_for("endpoint down", || !ep.active_healthy()).await;
+        assert_eq!(detail(&ep), "timeout after 100ms");
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn dropping_the_checker_stops_checks() {
+        let server = flip_server().await;
+        let health = Arc::new(ClusterHealth::new(1));
+        let checker = ClusterChecker::spawn(
+            &cluster(&[server.addr], Some(check(http_kind(), 1, 1))),
+            health.clone(),
+        );
+        wait_for("a few checks", || {
+            server.connections.load(Ordering::SeqCst) >= 3
+        })
+        .await;
+        drop(checker);
+        // Let a connection opened just before the drop reach accept().
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after_drop = server.connections.load(Ordering::SeqCst);
+        // Eight check intervals: a running checker would have connected several times.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(server.connections.load(Ordering::SeqCst), after_drop);
+    }
+
+    #[tokio::test]
+    async fn no_health_check_spawns_nothing() {
+        let health = Arc::new(ClusterHealth::new(1));
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let checker = ClusterChecker::spawn(&cluster(&[addr], None), health);
+        assert!(checker.is_empty());
+    }
+
+    #[tokio::test]
+    async fn passive_ejection_expires_on_schedule() {
+        let health = ClusterHealth::new(1);
+        let mut gen_rx = health.subscribe();
+        let ep = health.endpoints[0].clone();
+        let until = ep
+            .report_failure(Instant::now(), 1, Duration::from_millis(100))
+            .expect("tripped");
+        assert!(ep.ejected_until().is_some());
+        gen_rx.borrow_and_update();
+        schedule_expiry(ep.clone(), until);
+        wait_for("ejection cleared", || ep.ejected_until().is_none()).await;
+        assert!(Instant::now() >= until);
+        assert!(ep.is_available(Instant::now()));
+        // The balancer is told, not left to notice on the next request.
+        assert!(gen_rx.has_changed().expect("sender alive"));
+    }
+}

@@ -1,0 +1,183 @@
+//! Header surgery between downstream and upstream: hop-by-hop removal (RFC 9110 §7.6.1) and the
+//! forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, `Via`).
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop and must never be forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+///
+/// `Upgrade` is removed too: lbd does not tunnel protocol upgrades yet, and forwarding the
+/// header without the upgrade machinery would hand the backend a request it cannot honour.
+/// `TE: trailers` is kept because gRPC over HTTP/2 requires it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection are only known at run time; collect them before removing.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(s) = value.to_str() else { continue };
+        for token in s.split(',') {
+            let token = token.trim();
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    let keep_te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    if keep_te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The scheme the client used to reach lbd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Cleartext.
+    Http,
+    /// TLS.
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// Adds the forwarding headers to a request about to go upstream.
+///
+/// `X-Forwarded-For` and `Forwarded` are appended to (the client may be behind other proxies);
+/// `X-Forwarded-Proto` is overwritten, because only this hop knows how the client connected;
+/// `Via` gets this hop appended with the downstream protocol version.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    scheme: Scheme,
+    version: http::Version,
+) {
+    let client_str = client.to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_str}"),
+        _ => client_str.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    // RFC 7239: IPv6 addresses are quoted and bracketed.
+    let node = match client {
+        IpAddr::V4(_) => client_str,
+        IpAddr::V6(_) => format!("\"[{client_str}]\""),
+    };
+    let fwd = format!("for={node};proto={}", scheme.as_str());
+    append_list(headers, header::FORWARDED, &fwd);
+    let via = match version {
+        http::Version::HTTP_10 => "1.0 lbd",
+        http::Version::HTTP_2 => "2 lbd",
+        http::Version::HTTP_3 => "3 lbd",
+        _ => "1.1 lbd",
+    };
+    append_list(headers, header::VIA, via);
+}
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Appends `item` to a comma-separated list header, folding existing values into one line.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut joined = String::new();
+    for v in headers.get_all(&name) {
+        if let Ok(s) = v.to_str() {
+            if !joined.is_empty() {
+                joined.push_str(", ");
+            }
+            joined.push_str(s);
+        }
+    }
+    if !joined.is_empty() {
+        joined.push_str(", ");
+    }
+    joined.push_str(item);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn te_other_than_trailers_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::TE).is_none());
+    }
+
+    #[test]
+    fn forwarding_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(header::VIA, HeaderValue::from_static("1.1 edge"));
+        add_forwarding(
+            &mut h,
+            "::1".parse().expect("ip"),
+            Scheme::Http,
+            http::Version::HTTP_11,
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "203.0.113.7, ::1");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http");
+        assert_eq!(h[header::VIA], "1.1 edge, 1.1 lbd");
+    }
+}

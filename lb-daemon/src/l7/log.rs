@@ -1,0 +1,122 @@
+//! One request's books: the access-log line and the request metrics, written once when the
+//! response ends (or is abandoned).
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Histogram};
+
+use crate::health::InFlightGuard;
+use crate::telemetry::metrics as m;
+
+/// Metric handles for one (listener, route) pair, registered once per config so the request
+/// path does no registry lookups.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// `lbd_requests_total` per status class, indexed by `status / 100 - 1` (1xx..5xx).
+    requests: [Counter; 5],
+    duration: Histogram,
+    upstream_duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl RouteMetrics {
+    /// Registers the handles for `listener`/`route`/`cluster` (`-` when there is none).
+    pub fn new(listener: &str, route: &str, cluster: &str) -> Self {
+        let req = |class: &'static str| {
+            metrics::counter!(m::REQUESTS,
+                "listener" => listener.to_owned(), "route" => route.to_owned(),
+                "cluster" => cluster.to_owned(), "status_class" => class)
+        };
+        RouteMetrics {
+            requests: [req("1xx"), req("2xx"), req("3xx"), req("4xx"), req("5xx")],
+            duration: metrics::histogram!(m::REQUEST_DURATION,
+                "listener" => listener.to_owned(), "route" => route.to_owned()),
+            upstream_duration: metrics::histogram!(m::UPSTREAM_DURATION, "cluster" => cluster.to_owned()),
+            bytes_in: metrics::counter!(m::BYTES_IN, "listener" => listener.to_owned()),
+            bytes_out: metrics::counter!(m::BYTES_OUT, "listener" => listener.to_owned()),
+        }
+    }
+}
+
+/// Everything the access log says about one request, filled in as the request progresses.
+#[derive(Debug)]
+pub struct RequestLog {
+    /// Whether to write the access-log line (metrics are always recorded).
+    pub access_log: bool,
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Route name, `-` when no route matched.
+    pub route: Arc<str>,
+    /// Cluster name, `-` when none.
+    pub cluster: Arc<str>,
+    /// Endpoint that answered, if one was reached.
+    pub endpoint: Option<SocketAddr>,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Request method.
+    pub method: http::Method,
+    /// Request path and query as received.
+    pub uri: http::Uri,
+    /// Downstream protocol version.
+    pub version: http::Version,
+    /// Response status sent downstream.
+    pub status: u16,
+    /// Request body bytes received (shared with the request body).
+    pub bytes_in: Arc<AtomicU64>,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// When the request head was received.
+    pub start: Instant,
+    /// Upstream time to response head.
+    pub upstream: Option<Duration>,
+    /// Attempts made upstream.
+    pub attempts: u32,
+    /// lbd's reason when it failed the request itself, or the stream ended abnormally.
+    pub error: Option<&'static str>,
+    /// Metric handles.
+    pub metrics: Arc<RouteMetrics>,
+    /// Keeps the endpoint's in-flight count until the response body ends.
+    pub in_flight: Option<InFlightGuard>,
+}
+
+impl RequestLog {
+    /// Records metrics and writes the access-log line.
+    pub fn finish(&mut self) {
+        self.in_flight = None;
+        let total = self.start.elapsed();
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let class = usize::from(self.status / 100).clamp(1, 5) - 1;
+        let mt = &self.metrics;
+        mt.requests[class].increment(1);
+        mt.duration.record(total.as_secs_f64());
+        if let Some(u) = self.upstream {
+            mt.upstream_duration.record(u.as_secs_f64());
+        }
+        mt.bytes_in.increment(bytes_in);
+        mt.bytes_out.increment(self.bytes_out);
+        if !self.access_log {
+            return;
+        }
+        tracing::info!(
+            target: "lbd::access",
+            listener = &*self.listener,
+            route = &*self.route,
+            cluster = &*self.cluster,
+            endpoint = self.endpoint.map(tracing::field::display),
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            proto = ?self.version,
+            status = self.status,
+            bytes_in,
+            bytes_out = self.bytes_out,
+            upstream_ms = self.upstream.map(|d| d.as_secs_f64() * 1e3),
+            total_ms = total.as_secs_f64() * 1e3,
+            attempts = self.attempts,
+            error = self.error,
+        );
+    }
+}

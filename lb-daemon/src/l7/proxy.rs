@@ -1,0 +1,298 @@
+//! The request path: route, pick an endpoint, forward, stream the answer back.
+//!
+//! lbd answers by itself only when it must, always with a short text body and an
+//! `x-lbd-error` header naming the reason: 404 `no_route`, 503 `no_healthy_endpoint`,
+//! 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`, 413 `body_too_large`, 414 `uri_too_long`.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::{Body as _, Incoming};
+
+use super::body::{RequestBody, ResponseBody};
+use super::headers::{self, Scheme};
+use super::log::RequestLog;
+use super::router;
+use super::upstream::UpstreamError;
+use crate::balance::PickContext;
+use crate::supervisor::runtime::{ClusterRuntime, Runtime};
+
+/// The downstream connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Listener's bound address (identifies the listener across reloads).
+    pub listener: SocketAddr,
+    /// How the client connected.
+    pub scheme: Scheme,
+}
+
+/// Upper bound on attempts per request, whatever the config says: a request must not walk a
+/// large cluster endpoint by endpoint.
+const MAX_ATTEMPTS: usize = 8;
+
+/// Handles one request against the runtime snapshot `rt`.
+pub async fn handle(
+    rt: Arc<Runtime>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let Some(listener) = rt.listener(conn.listener) else {
+        // The listener was removed by a reload while this connection stayed open.
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener_removed",
+            None,
+            true,
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let mut log = Box::new(RequestLog {
+        access_log: listener.access_log,
+        listener: Arc::clone(&listener.name),
+        route: Arc::clone(&rt.unnamed),
+        cluster: Arc::clone(&rt.unnamed),
+        endpoint: None,
+        client: conn.client,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        status: 0,
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: 0,
+        start,
+        upstream: None,
+        attempts: 0,
+        error: None,
+        metrics: Arc::clone(&listener.unrouted_metrics),
+        in_flight: None,
+    });
+
+    if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes(&listener.limits)
+    {
+        return fail(log, StatusCode::URI_TOO_LONG, "uri_too_long", true);
+    }
+    if parts.method == Method::CONNECT {
+        return fail(
+            log,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "connect_unsupported",
+            false,
+        );
+    }
+    let limit = listener.limits.max_body_bytes;
+    if limit > 0 && body.size_hint().lower() > limit {
+        // Declared too large up front: refuse without reading it, and close, since the unread
+        // body would otherwise be taken for the next request.
+        return fail(log, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", true);
+    }
+    let Some(route_idx) = listener.router.route(&rt.model, &parts) else {
+        return fail(log, StatusCode::NOT_FOUND, "no_route", false);
+    };
+    let route = &rt.model.routes[route_idx];
+    let cluster = &rt.clusters[route.cluster];
+    log.route = Arc::clone(&rt.route_names[route_idx]);
+    log.cluster = Arc::clone(&cluster.name);
+    log.metrics = Arc::clone(&listener.route_metrics[route_idx]);
+
+    let deadline = route
+        .timeout
+        .unwrap_or(listener.limits.request_timeout)
+        .min(cluster.config.timeouts.response);
+    let path = router::rewrite_uri(route, &parts.uri);
+    let mut head = parts;
+    prepare_head(&mut head, &conn, cluster);
+
+    // Only a request without a body can be re-sent: a streamed body is consumed by the first
+    // attempt. Connect failures send nothing, so such a retry is safe for any method.
+    let retryable = body.is_end_stream();
+    let max_attempts = if retryable {
+        (cluster.config.retry.attempts as usize + 1).min(MAX_ATTEMPTS)
+    } else {
+        1
+    };
+    let mut body = Some(RequestBody::Stream {
+        inner: body,
+        limit,
+        seen: Arc::clone(&log.bytes_in),
+    });
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    let mut last_error = None;
+    for attempt in 0..max_attempts {
+        let ctx = PickContext {
+            client_ip: conn.client.ip(),
+            headers: &head.headers,
+        };
+        let Some(idx) = cluster.balancer.pick(&ctx, &tried[..attempt]) else {
+            break;
+        };
+        tried[attempt] = idx;
+        if attempt > 0 {
+            metrics::counter!(crate::telemetry::metrics::RETRIES, "cluster" => cluster.name.to_string())
+                .increment(1);
+        }
+        log.attempts = attempt as u32 + 1;
+        log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
+        let ep = &cluster.health.endpoints[idx];
+        let guard = ep.start_request();
+        let Some(uri) = cluster.upstream.uri(idx, path.path_and_query()) else {
+            break;
+        };
+        let mut req = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = cluster.upstream.version();
+        *req.headers_mut() = if attempt + 1 < max_attempts {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
+        };
+        let sent = Instant::now();
+        match tokio::time::timeout(deadline, cluster.upstream.send(req)).await {
+            Ok(Ok(resp)) => {
+                log.upstream = Some(sent.elapsed());
+                log.in_flight = Some(guard);
+                return respond(resp, log);
+            }
+            Ok(Err((kind, err))) => {
+                tracing::debug!(cluster = %cluster.name, endpoint = ?log.endpoint, error = %err, ?kind, "upstream attempt failed");
+                match kind {
+                    UpstreamError::BodyTooLarge => {
+                        return fail(log, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", true);
+                    }
+                    UpstreamError::ClientBody => {
+                        return fail(log, StatusCode::BAD_REQUEST, "client_body", true);
+                    }
+                    UpstreamError::Connect | UpstreamError::Reset => {
+                        passive_failure(cluster, idx);
+                        last_error = Some(kind);
+                        if kind == UpstreamError::Reset {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(_elapsed) => {
+                passive_failure(cluster, idx);
+                log.upstream = Some(sent.elapsed());
+                return fail(log, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", false);
+            }
+        }
+    }
+    match last_error {
+        None => fail(
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_healthy_endpoint",
+            false,
+        ),
+        Some(UpstreamError::Connect) => {
+            fail(log, StatusCode::BAD_GATEWAY, "upstream_connect", false)
+        }
+        Some(_) => fail(log, StatusCode::BAD_GATEWAY, "upstream_reset", false),
+    }
+}
+
+/// Longest request target accepted (nginx's `large_client_header_buffers` default is 8 KiB);
+/// never more than the whole head may be.
+fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
+    limits.max_header_bytes.min(8192)
+}
+
+/// Turns the downstream head into the upstream head (minus URI and version, set per attempt).
+fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &ClusterRuntime) {
+    // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
+    // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
+    if !head.headers.contains_key(header::HOST)
+        && let Some(a) = head.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        head.headers.insert(header::HOST, v);
+    }
+    headers::strip_hop_by_hop(&mut head.headers);
+    headers::add_forwarding(
+        &mut head.headers,
+        conn.client.ip(),
+        conn.scheme,
+        head.version,
+    );
+    if cluster.upstream.version() == http::Version::HTTP_2 {
+        // RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2.
+        head.headers.remove(header::HOST);
+    }
+}
+
+fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
+    let p = &cluster.config.passive;
+    let Some(ep) = cluster.health.endpoints.get(idx) else {
+        return;
+    };
+    // Never eject the last endpoint that could serve (nginx ignores max_fails for a single
+    // server and revives all peers when every one has failed): an ejection would turn a
+    // struggling service into a dead one for a whole fail_timeout.
+    let now = Instant::now();
+    let others = cluster
+        .health
+        .endpoints
+        .iter()
+        .enumerate()
+        .any(|(i, e)| i != idx && e.is_available(now));
+    if !others {
+        return;
+    }
+    if let Some(until) = ep.report_failure(now, p.max_fails, p.fail_timeout) {
+        tracing::warn!(cluster = %cluster.name, endpoint = %cluster.config.endpoints[idx].address,
+            max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
+        crate::health::schedule_expiry(Arc::clone(ep), until);
+    }
+}
+
+fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    log.status = parts.status.as_u16();
+    Response::from_parts(parts, ResponseBody::upstream(body, log))
+}
+
+fn fail(
+    mut log: Box<RequestLog>,
+    status: StatusCode,
+    reason: &'static str,
+    close: bool,
+) -> Response<ResponseBody> {
+    log.status = status.as_u16();
+    log.error = Some(reason);
+    local(status, reason, Some(log), close)
+}
+
+/// A response generated by lbd itself.
+pub fn local(
+    status: StatusCode,
+    reason: &'static str,
+    log: Option<Box<RequestLog>>,
+    close: bool,
+) -> Response<ResponseBody> {
+    let text = format!(
+        "{} {}: {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        reason.replace('_', " ")
+    );
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(text), log));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert("x-lbd-error", HeaderValue::from_static(reason));
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}

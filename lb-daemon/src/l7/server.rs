@@ -1,0 +1,290 @@
+//! Downstream listeners: accept, apply connection limits, serve HTTP/1.1 and HTTP/2 with hyper,
+//! close idle keep-alive connections, and drain gracefully on shutdown.
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use super::headers::Scheme;
+use super::proxy::{self, ConnInfo};
+use crate::config::model::{Limits, ListenerProtocol};
+use crate::supervisor::runtime::Runtime;
+use crate::telemetry::metrics as m;
+
+/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Counts open downstream connections so shutdown can wait for them to finish.
+#[derive(Debug, Default)]
+pub struct ConnTracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+impl ConnTracker {
+    fn enter(self: &Arc<Self>) -> TrackGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        TrackGuard(Arc::clone(self))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct TrackGuard(Arc<ConnTracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// One listener's accept loop and its connections.
+#[derive(Debug, Clone)]
+pub struct ListenerCtx {
+    /// The address the socket is bound to (the listener's identity across reloads).
+    pub bind: SocketAddr,
+    /// Listener name for metrics.
+    pub name: Arc<str>,
+    /// Active runtime, reloaded atomically.
+    pub state: Arc<ArcSwap<Runtime>>,
+    /// Turns true on shutdown (drain) or when a reload removed this listener.
+    pub shutdown: watch::Receiver<bool>,
+    /// Open connections.
+    pub tracker: Arc<ConnTracker>,
+}
+
+/// Accepts until `ctx.shutdown` turns true. The number of concurrent connections is capped by
+/// the listener's `max_connections` at start; further clients wait in the kernel backlog.
+pub async fn serve(listener: TcpListener, limits: &Limits, mut ctx: ListenerCtx) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = ctx.shutdown.wait_for(|s| *s) => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.shutdown.wait_for(|s| *s) => return,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, client, ctx).await;
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: ListenerCtx) {
+    let _track = ctx.tracker.enter();
+    let labels = [("listener", ctx.name.to_string())];
+    metrics::counter!(m::CONNECTIONS_ACCEPTED, &labels).increment(1);
+    let active = metrics::gauge!(m::CONNECTIONS_ACTIVE, &labels);
+    active.increment(1.0);
+
+    let (limits, protocol) = {
+        let rt = ctx.state.load();
+        match rt.model.listeners.iter().find(|l| l.bind == ctx.bind) {
+            Some(l) => (l.limits.clone(), l.protocol),
+            None => {
+                active.decrement(1.0);
+                return;
+            }
+        }
+    };
+    let builder = builder(&limits, protocol);
+    let activity = Arc::new(AtomicU64::new(now_ms()));
+    let io = TokioIo::new(ActivityIo {
+        inner: stream,
+        last: Arc::clone(&activity),
+    });
+    let info = ConnInfo {
+        client,
+        listener: ctx.bind,
+        scheme: Scheme::Http,
+    };
+    let state = Arc::clone(&ctx.state);
+    let svc = service_fn(move |req| {
+        let rt = state.load_full();
+        async move { Ok::<_, Infallible>(proxy::handle(rt, info, req).await) }
+    });
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+
+    let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let tick = limits.idle_timeout.max(Duration::from_millis(100)) / 4;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reason = "client";
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            res = conn.as_mut() => break res,
+            _ = ctx.shutdown.wait_for(|s| *s), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                reason = "drain";
+            }
+            _ = ticker.tick(), if !closing => {
+                if now_ms().saturating_sub(activity.load(Ordering::Relaxed)) >= idle_ms {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    reason = "idle";
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(listener = %ctx.name, client = %client, error = %e, "connection ended with error");
+        reason = "error";
+    }
+    active.decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "listener" => ctx.name.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+fn builder(limits: &Limits, protocol: ListenerProtocol) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses buffers under 8 KiB; the head limit answers 431 when exceeded.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    if protocol == ListenerProtocol::H2c {
+        b = b.http2_only();
+    }
+    b
+}
+
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Records the time of the last byte read or written, for the idle timeout.
+struct ActivityIo {
+    inner: TcpStream,
+    last: Arc<AtomicU64>,
+}
+
+impl ActivityIo {
+    fn touch(&self) {
+        self.last.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            this.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            this.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,808 @@
+//! `lb.toml` → errors: each broken config reports exactly the expected line, key and message;
+//! a full valid config yields the expected model.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use lbd::config::model::*;
+use lbd::config::{ConfigError, parse};
+
+/// A listener and a cluster that make a config valid on their own.
+const OK_TAIL: &str = r#"
+[[listeners]]
+name = "tail"
+bind = "127.0.0.1:0"
+
+[[clusters]]
+name = "tail"
+[[clusters.endpoints]]
+address = "127.0.0.1:9999"
+"#;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse(text, Path::new("t.toml")) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+/// (what, config, line, key, message substring). Each config has exactly one problem.
+const CASES: &[(&str, &str, usize, &str, &str)] = &[
+    (
+        "unknown top-level key",
+        "lisener = 1\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n",
+        1,
+        "lisener",
+        "unknown key",
+    ),
+    (
+        "unknown key in a listener",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\nbogus = 1\n",
+        4,
+        "listeners[0].bogus",
+        "unknown field `bogus`",
+    ),
+    (
+        "unknown key in a nested table",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nmax_conns = 5\n",
+        5,
+        "listeners[0].limits.max_conns",
+        "unknown field `max_conns`",
+    ),
+    (
+        "wrong type",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nmax_connections = \"many\"\n",
+        5,
+        "listeners[0].limits.max_connections",
+        "invalid type",
+    ),
+    (
+        "missing required field",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n\n[[listeners]]\nbind = \"127.0.0.1:81\"\n",
+        5,
+        "listeners[1].name",
+        "missing field `name`",
+    ),
+    (
+        "TOML syntax error",
+        "[[listeners]\nname = \"a\"\n",
+        1,
+        "",
+        "TOML syntax",
+    ),
+    (
+        "nothing to serve",
+        "[global]\nlog_level = \"info\"\n",
+        1,
+        "",
+        "nothing to serve",
+    ),
+    (
+        "bad enum value",
+        "[global]\nlog_format = \"xml\"\n",
+        2,
+        "global.log_format",
+        "expected one of \"text\", \"json\"",
+    ),
+    (
+        "duration without unit",
+        "[global]\ndrain_timeout = \"30\"\n",
+        2,
+        "global.drain_timeout",
+        "missing unit",
+    ),
+    (
+        "admin bind unparseable",
+        "[admin]\nbind = \"localhost:9901\"\n",
+        2,
+        "admin.bind",
+        "invalid address \"localhost:9901\"",
+    ),
+    (
+        "admin on a listener's address",
+        "[admin]\nbind = \"127.0.0.1:8080\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:8080\"\n",
+        2,
+        "admin.bind",
+        "127.0.0.1:8080 is also the bind of listener \"a\"",
+    ),
+    (
+        "duplicate listener name",
+        "[[listeners]]\nname = \"tail\"\nbind = \"127.0.0.1:80\"\n",
+        6,
+        "listeners[1].name",
+        "duplicate listener name \"tail\" (first defined on line 2)",
+    ),
+    (
+        "duplicate listener bind",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[[listeners]]\nname = \"b\"\nbind = \"127.0.0.1:80\"\n",
+        6,
+        "listeners[1].bind",
+        "duplicate listener bind 127.0.0.1:80 (first used on line 3)",
+    ),
+    (
+        "zero request timeout",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nrequest_timeout = \"0s\"\n",
+        5,
+        "listeners[0].limits.request_timeout",
+        "greater than 0",
+    ),
+    (
+        "negative body limit",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nmax_body_bytes = -1\n",
+        5,
+        "listeners[0].limits.max_body_bytes",
+        "must be at least 0, got -1",
+    ),
+    (
+        "route to unknown cluster",
+        "[[routes]]\nname = \"r\"\ncluster = \"nope\"\n",
+        3,
+        "routes[0].cluster",
+        "unknown cluster \"nope\"",
+    ),
+    (
+        "route on unknown listener",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\nlisteners = [\"tail\", \"nope\"]\n",
+        4,
+        "routes[0].listeners[1]",
+        "unknown listener \"nope\"",
+    ),
+    (
+        "duplicate route name",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes]]\nname = \"r\"\ncluster = \"tail\"\n",
+        5,
+        "routes[1].name",
+        "duplicate route name \"r\" (first defined on line 2)",
+    ),
+    (
+        "invalid regex",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\npath_regex = \"^/(a\"\n",
+        5,
+        "routes[0].match.path_regex",
+        "invalid regex: unclosed group",
+    ),
+    (
+        "two path conditions",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\npath_prefix = \"/a\"\npath_exact = \"/b\"\n",
+        6,
+        "routes[0].match.path_exact",
+        "only one of path_prefix, path_exact, path_regex",
+    ),
+    (
+        "path without leading slash",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\npath_prefix = \"api\"\n",
+        5,
+        "routes[0].match.path_prefix",
+        "must start with '/'",
+    ),
+    (
+        "lower-case method",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\nmethods = [\"GET\", \"post\"]\n",
+        5,
+        "routes[0].match.methods[1]",
+        "invalid method \"post\" (methods are case-sensitive: \"POST\")",
+    ),
+    (
+        "invalid header name",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\nheaders = [{ name = \"x canary\" }]\n",
+        5,
+        "routes[0].match.headers[0].name",
+        "invalid header name \"x canary\"",
+    ),
+    (
+        "host pattern with a port",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.match]\nhosts = [\"api.example.com:8080\"]\n",
+        5,
+        "routes[0].match.hosts[0]",
+        "ports are not part of a host pattern",
+    ),
+    (
+        "strip_prefix without path_prefix",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.rewrite]\nstrip_prefix = true\n",
+        5,
+        "routes[0].rewrite.strip_prefix",
+        "needs the route to match with path_prefix",
+    ),
+    (
+        "two rewrites",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.rewrite]\nreplace_path = \"/x\"\nreplace_prefix = \"/y\"\n",
+        6,
+        "routes[0].rewrite.replace_prefix",
+        "only one of strip_prefix, replace_prefix, replace_path",
+    ),
+    (
+        "empty route listener list",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\nlisteners = []\n",
+        4,
+        "routes[0].listeners",
+        "omit the key",
+    ),
+    (
+        "duplicate cluster name",
+        "[[clusters]]\nname = \"tail\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        11,
+        "clusters[1].name",
+        "duplicate cluster name \"tail\" (first defined on line 2)",
+    ),
+    (
+        "endpoint host name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"example.com:80\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:2\"\n",
+        4,
+        "clusters[0].endpoints[0].address",
+        "invalid address \"example.com:80\": expected ip:port",
+    ),
+    (
+        "endpoint port 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:0\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:2\"\n",
+        4,
+        "clusters[0].endpoints[0].address",
+        "port 0",
+    ),
+    (
+        "endpoint without address",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nweight = 2\n",
+        3,
+        "clusters[0].endpoints[0].address",
+        "missing field `address`",
+    ),
+    (
+        "endpoint weight of the wrong type",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nweight = 1.5\n",
+        5,
+        "clusters[0].endpoints[0].weight",
+        "invalid type: floating point",
+    ),
+    (
+        "weight 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nweight = 0\n",
+        5,
+        "clusters[0].endpoints[0].weight",
+        "must be between 1 and 1000, got 0",
+    ),
+    (
+        "duplicate endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        6,
+        "clusters[0].endpoints[1].address",
+        "duplicate endpoint 127.0.0.1:1 in cluster (first on line 4)",
+    ),
+    (
+        "only backup endpoints",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nbackup = true\n",
+        3,
+        "clusters[0].endpoints",
+        "no primary endpoint",
+    ),
+    (
+        "no endpoints at all",
+        "[[clusters]]\nname = \"c\"\npolicy = \"random\"\n",
+        1,
+        "clusters[0].endpoints",
+        "no primary endpoint",
+    ),
+    (
+        "header_hash without hash_header",
+        "[[clusters]]\nname = \"c\"\npolicy = \"header_hash\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        3,
+        "clusters[0].hash_header",
+        "needs hash_header",
+    ),
+    (
+        "hash_header with another policy",
+        "[[clusters]]\nname = \"c\"\nhash_header = \"x-user\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        3,
+        "clusters[0].hash_header",
+        "only used with policy = \"header_hash\"",
+    ),
+    (
+        "bad maglev hash key",
+        "[[clusters]]\nname = \"c\"\npolicy = \"maglev\"\nhash_key = \"src\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        4,
+        "clusters[0].hash_key",
+        "unknown hash key \"src\"",
+    ),
+    (
+        "zero health interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\ninterval = \"0ms\"\ntimeout = \"1ms\"\n",
+        6,
+        "clusters[0].health_check.interval",
+        "greater than 0",
+    ),
+    (
+        "health timeout not below interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\ninterval = \"2s\"\ntimeout = \"2s\"\n",
+        7,
+        "clusters[0].health_check.timeout",
+        "must be less than interval",
+    ),
+    (
+        "zero threshold",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nhealthy_threshold = 0\n",
+        6,
+        "clusters[0].health_check.healthy_threshold",
+        "got 0",
+    ),
+    (
+        "inverted status range",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nexpected_status = \"400-200\"\n",
+        6,
+        "clusters[0].health_check.expected_status",
+        "400 is above 200",
+    ),
+    (
+        "status out of range",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nexpected_status = 99\n",
+        6,
+        "clusters[0].health_check.expected_status",
+        "status 99 is not between 100 and 599",
+    ),
+    (
+        "http-only key on a tcp check",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nkind = \"tcp\"\npath = \"/x\"\n",
+        7,
+        "clusters[0].health_check.path",
+        "only used with kind = \"http\"",
+    ),
+    (
+        "bad duration unit",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.timeouts]\nconnect = \"5sec\"\n",
+        6,
+        "clusters[0].timeouts.connect",
+        "unknown unit \"sec\"",
+    ),
+    (
+        "vip without interfaces",
+        "[[l4.vips]]\nname = \"v\"\ninterfaces = []\naddress = \"10.0.0.1:80\"\ncluster = \"tail\"\n",
+        3,
+        "l4.vips[0].interfaces",
+        "at least one interface",
+    ),
+    (
+        "vip to unknown cluster",
+        "[[l4.vips]]\nname = \"v\"\ninterfaces = [\"eth0\"]\naddress = \"10.0.0.1:80\"\ncluster = \"nope\"\n",
+        5,
+        "l4.vips[0].cluster",
+        "unknown cluster \"nope\"",
+    ),
+    (
+        "duplicate vip name",
+        "[[l4.vips]]\nname = \"v\"\ninterfaces = [\"eth0\"]\naddress = \"10.0.0.1:80\"\ncluster = \"tail\"\n[[l4.vips]]\nname = \"v\"\ninterfaces = [\"eth0\"]\naddress = \"10.0.0.2:80\"\ncluster = \"tail\"\n",
+        7,
+        "l4.vips[1].name",
+        "duplicate vip name \"v\" (first defined on line 2)",
+    ),
+    (
+        "bad vip mode",
+        "[[l4.vips]]\nname = \"v\"\ninterfaces = [\"eth0\"]\naddress = \"10.0.0.1:80\"\nmode = \"nat\"\ncluster = \"tail\"\n",
+        5,
+        "l4.vips[0].mode",
+        "expected one of \"dsr-l2\", \"ipip\"",
+    ),
+    (
+        "unknown key under l4",
+        "[l4]\nvip = []\n",
+        2,
+        "l4.vip",
+        "unknown key; expected `vips`",
+    ),
+];
+
+#[test]
+fn each_broken_config_reports_line_key_and_message() {
+    let mut failures = Vec::new();
+    for &(what, text, line, key, msg) in CASES {
+        // The tail makes the rest of the file valid; cases that need nothing to serve skip it.
+        let full = if what == "nothing to serve" || what == "TOML syntax error" {
+            text.to_string()
+        } else {
+            format!("{text}{OK_TAIL}")
+        };
+        let errs = match parse(&full, Path::new("t.toml")) {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                continue;
+            }
+            Err(e) => e.0,
+        };
+        let ok = errs.len() == 1
+            && errs[0].line == line
+            && errs[0].key == key
+            && errs[0].message.contains(msg)
+            && errs[0].column >= 1;
+        if !ok {
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            failures.push(format!(
+                "{what}: want one error {line}: {key}: ..{msg}..\n  got:\n    {}",
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(CASES.len() >= 20);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn error_display_is_file_line_column_key_message() {
+    let errs = errors(
+        "[global]\nlog_format = \"xml\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n",
+    );
+    assert_eq!(
+        errs[0].to_string(),
+        "t.toml:2:14: global.log_format: unknown value \"xml\"; expected one of \"text\", \"json\""
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"[global]
+drain_timeout = "5"
+
+[[listeners]]
+name = "a"
+bind = "127.0.0.1:80"
+typo = true
+
+[[listeners]]
+name = "b"
+bind = "nope"
+
+[[routes]]
+name = "r"
+cluster = "missing"
+[routes.match]
+methods = ["FETCH"]
+
+[[clusters]]
+name = "c"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+weight = 5000
+"#;
+    let errs = errors(text);
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, "global.drain_timeout"),
+            (7, "listeners[0].typo"),
+            (11, "listeners[1].bind"),
+            (15, "routes[0].cluster"),
+            (17, "routes[0].match.methods[0]"),
+            (23, "clusters[0].endpoints[0].weight"),
+        ],
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn unreadable_cluster_does_not_cause_unknown_reference_noise() {
+    // The second cluster has a typo; the route naming it must not also be reported.
+    let text = r#"[[listeners]]
+name = "a"
+bind = "127.0.0.1:80"
+
+[[clusters]]
+name = "c"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+
+[[clusters]]
+name = "d"
+polcy = "random"
+[[clusters.endpoints]]
+address = "127.0.0.1:2"
+
+[[routes]]
+name = "r"
+cluster = "d"
+"#;
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(
+        (errs[0].line, errs[0].key.as_str()),
+        (12, "clusters[1].polcy")
+    );
+}
+
+const FULL: &str = r#"
+[global]
+log_format = "json"
+log_level = "debug"
+access_log = false
+drain_timeout = "1m30s"
+
+[admin]
+token = "s3cret"
+
+[[listeners]]
+name = "a"
+bind = "127.0.0.1:8080"
+
+[[listeners]]
+name = "b"
+bind = "[::1]:8081"
+protocol = "h2c"
+[listeners.limits]
+max_connections = 5
+max_body_bytes = 1048576
+header_read_timeout = "250ms"
+
+[[routes]]
+name = "low"
+cluster = "web"
+
+[[routes]]
+name = "high"
+cluster = "api"
+listeners = ["b"]
+priority = 10
+timeout = "3s"
+[routes.match]
+hosts = ["API.example.com", "*.example.com"]
+path_prefix = "/api"
+methods = ["GET", "HEAD"]
+headers = [{ name = "X-Canary", value = "1" }, { name = "x-present" }]
+query = [{ name = "v", value = "2" }]
+[routes.rewrite]
+strip_prefix = true
+
+[[routes]]
+name = "low2"
+cluster = "web"
+[routes.match]
+path_regex = "^/x/[0-9]+$"
+[routes.rewrite]
+replace_path = "/y"
+
+[[routes]]
+name = "high2"
+cluster = "web"
+priority = 10
+[routes.match]
+path_exact = "/exact"
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "127.0.0.1:9001"
+
+[[clusters]]
+name = "api"
+policy = "maglev"
+hash_key = "header:X-User"
+protocol = "http2"
+[[clusters.endpoints]]
+address = "127.0.0.1:9002"
+weight = 7
+[[clusters.endpoints]]
+address = "127.0.0.1:9003"
+backup = true
+[clusters.health_check]
+kind = "http"
+expected_status = "204"
+interval = "10s"
+[clusters.passive]
+max_fails = 0
+[clusters.pool]
+max_connections = 8
+[clusters.retry]
+attempts = 0
+
+[[l4.vips]]
+name = "v"
+interfaces = ["eth0", "eth1"]
+address = "10.0.0.1:53"
+protocol = "udp"
+mode = "ipip"
+hash = "source"
+cluster = "api"
+"#;
+
+#[test]
+fn full_config_builds_the_expected_model() {
+    let m = parse(FULL, Path::new("full.toml")).unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(m.source.path, Path::new("full.toml"));
+    assert_eq!(m.source.hash.len(), 16);
+    assert!(m.source.hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    let again = parse(FULL, Path::new("other.toml")).expect("parses");
+    assert_eq!(
+        m.source.hash, again.source.hash,
+        "hash depends only on the bytes"
+    );
+    let changed = parse(&FULL.replace("1m30s", "1m31s"), Path::new("x")).expect("parses");
+    assert_ne!(m.source.hash, changed.source.hash);
+
+    assert_eq!(m.global.log_format, LogFormat::Json);
+    assert_eq!(m.global.log_level, "debug");
+    assert!(!m.global.access_log);
+    assert_eq!(m.global.drain_timeout, Duration::from_secs(90));
+    let admin = m.global.admin.as_ref().expect("admin enabled by its table");
+    assert_eq!(
+        admin.bind,
+        "127.0.0.1:9901".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(admin.token.as_deref(), Some("s3cret"));
+
+    assert_eq!(m.listeners.len(), 2);
+    let a = &m.listeners[0];
+    assert_eq!((a.name.as_str(), a.protocol), ("a", ListenerProtocol::Http));
+    assert_eq!(
+        a.limits,
+        Limits {
+            max_connections: 10_000,
+            max_header_bytes: 65_536,
+            max_body_bytes: 0,
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    );
+    let b = &m.listeners[1];
+    assert_eq!(b.bind, "[::1]:8081".parse::<SocketAddr>().expect("addr"));
+    assert_eq!(b.protocol, ListenerProtocol::H2c);
+    assert_eq!(b.limits.max_connections, 5);
+    assert_eq!(b.limits.max_body_bytes, 1_048_576);
+    assert_eq!(b.limits.header_read_timeout, Duration::from_millis(250));
+    assert_eq!(b.limits.idle_timeout, Duration::from_secs(60));
+
+    // Priority descending, then declared order.
+    let order: Vec<&str> = m.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(order, ["high", "high2", "low", "low2"]);
+    let high = &m.routes[0];
+    assert_eq!(high.cluster, 1);
+    assert_eq!(high.listeners, [1]);
+    assert_eq!(high.priority, 10);
+    assert_eq!(high.timeout, Some(Duration::from_secs(3)));
+    assert_eq!(
+        high.matcher.hosts,
+        [
+            HostMatch::Exact("api.example.com".into()),
+            HostMatch::Suffix(".example.com".into())
+        ]
+    );
+    assert!(matches!(&high.matcher.path, Some(PathMatch::Prefix(p)) if p == "/api"));
+    assert_eq!(
+        high.matcher.methods,
+        [http::Method::GET, http::Method::HEAD]
+    );
+    assert_eq!(high.matcher.headers.len(), 2);
+    assert_eq!(high.matcher.headers[0].name.as_str(), "x-canary");
+    assert_eq!(high.matcher.headers[0].value.as_deref(), Some("1"));
+    assert_eq!(high.matcher.headers[1].value, None);
+    assert_eq!(high.matcher.query[0].name, "v");
+    assert_eq!(high.matcher.query[0].value.as_deref(), Some("2"));
+    assert_eq!(high.rewrite, Some(PathRewrite::StripPrefix));
+    let low = &m.routes[2];
+    assert!(low.listeners.is_empty(), "no listeners key = all listeners");
+    assert_eq!((low.cluster, low.priority, low.timeout), (0, 0, None));
+    assert!(low.rewrite.is_none());
+    let low2 = &m.routes[3];
+    match &low2.matcher.path {
+        Some(PathMatch::Regex(re)) => {
+            assert!(re.is_match("/x/42"));
+            assert!(!re.is_match("/x/y"));
+        }
+        other => panic!("want regex, got {other:?}"),
+    }
+    assert_eq!(low2.rewrite, Some(PathRewrite::ReplacePath("/y".into())));
+    assert!(matches!(&m.routes[1].matcher.path, Some(PathMatch::Exact(p)) if p == "/exact"));
+
+    let web = &m.clusters[0];
+    assert_eq!(web.name, "web");
+    assert_eq!(web.policy, Policy::RoundRobin);
+    assert_eq!(web.protocol, UpstreamProtocol::Http1);
+    assert!(web.health_check.is_none());
+    assert_eq!(
+        web.passive,
+        Passive {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10)
+        }
+    );
+    assert_eq!(
+        web.timeouts,
+        UpstreamTimeouts {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(60),
+            idle: Duration::from_secs(90),
+        }
+    );
+    assert_eq!(
+        web.pool,
+        PoolLimits {
+            max_connections: 0,
+            max_idle: 64
+        }
+    );
+    assert_eq!(web.retry.attempts, 1);
+    assert_eq!(
+        web.endpoints,
+        [Endpoint {
+            address: "127.0.0.1:9001".parse().expect("addr"),
+            weight: 1,
+            backup: false
+        }]
+    );
+
+    let api = &m.clusters[1];
+    assert_eq!(
+        api.policy,
+        Policy::Maglev(HashKey::Header(http::HeaderName::from_static("x-user")))
+    );
+    assert_eq!(api.protocol, UpstreamProtocol::Http2);
+    assert_eq!(api.endpoints.len(), 2);
+    assert_eq!(
+        (api.endpoints[0].weight, api.endpoints[0].backup),
+        (7, false)
+    );
+    assert_eq!(
+        (api.endpoints[1].weight, api.endpoints[1].backup),
+        (1, true)
+    );
+    assert_eq!(
+        api.health_check,
+        Some(HealthCheck {
+            kind: HealthCheckKind::Http {
+                path: "/".into(),
+                host: None,
+                expected: (204, 204)
+            },
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            jitter: Duration::ZERO,
+        })
+    );
+    assert_eq!(api.passive.max_fails, 0);
+    assert_eq!(api.pool.max_connections, 8);
+    assert_eq!(api.retry.attempts, 0);
+
+    assert_eq!(m.vips.len(), 1);
+    let v = &m.vips[0];
+    assert_eq!(v.name, "v");
+    assert_eq!(v.interfaces, ["eth0", "eth1"]);
+    assert_eq!(
+        v.address,
+        "10.0.0.1:53".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(v.protocol, L4Protocol::Udp);
+    assert_eq!(v.mode, ForwardMode::Ipip);
+    assert!(v.source_hash_only);
+    assert_eq!(v.cluster, 1);
+}
+
+#[test]
+fn admin_is_off_without_its_table_and_defaults_with_it() {
+    let base = "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n";
+    let m = parse(base, Path::new("t")).expect("valid");
+    assert!(m.global.admin.is_none());
+    assert_eq!(m.global.log_format, LogFormat::Text);
+    assert_eq!(m.global.log_level, "info");
+    assert!(m.global.access_log);
+    assert_eq!(m.global.drain_timeout, Duration::from_secs(30));
+    let m = parse(&format!("[admin]\n{base}"), Path::new("t")).expect("valid");
+    let admin = m.global.admin.expect("enabled");
+    assert_eq!(
+        admin.bind,
+        "127.0.0.1:9901".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(admin.token, None);
+}
+
+#[test]
+fn example_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lb.toml");
+    let m = lbd::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.listeners.len(), 1);
+    assert_eq!(
+        m.listeners[0].bind,
+        "127.0.0.1:8080".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(m.clusters.len(), 2);
+    assert!(m.clusters.iter().all(|c| c.health_check.is_some()));
+    assert!(m.global.admin.is_some());
+    assert!(m.routes.len() >= 2);
+    assert!(m.vips.is_empty());
+}

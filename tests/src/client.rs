@@ -1,0 +1,147 @@
+//! Minimal HTTP clients for tests: HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// A buffered response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Whole body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The `x-backend` header (which backend answered), or `""`.
+    pub fn backend(&self) -> &str {
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The `x-lbd-error` header, or `""`.
+    pub fn lbd_error(&self) -> &str {
+        self.headers
+            .get("x-lbd-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// Body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A pooled HTTP/1.1 keep-alive client.
+#[derive(Debug, Clone)]
+pub struct H1 {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for H1 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl H1 {
+    /// New client with keep-alive.
+    pub fn new() -> Self {
+        H1 {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Sends `req` to `addr` (the request's URI is a path; the host header is set if absent).
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Reply, String> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = format!("http://{addr}{pq}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .map_err(|_| "client timeout".to_owned())?
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| format!("{e}"))?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// `GET path` with an optional Host header.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        host: Option<&str>,
+    ) -> Result<Reply, String> {
+        let mut b = Request::get(path);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        self.send(
+            addr,
+            b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?,
+        )
+        .await
+    }
+}
+
+/// One HTTP/2 prior-knowledge connection; requests are multiplexed as streams on it.
+#[derive(Debug, Clone)]
+pub struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+}
+
+impl H2 {
+    /// Opens the connection to `addr`.
+    pub async fn connect(addr: SocketAddr) -> Result<H2, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(H2 { sender })
+    }
+
+    /// `GET http://authority/path` as one stream.
+    pub async fn get(&self, authority: &str, path: &str) -> Result<Reply, String> {
+        let req = Request::get(format!("http://{authority}{path}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let mut sender = self.sender.clone();
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
