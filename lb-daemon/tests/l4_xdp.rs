@@ -946,3 +946,97 @@ fn differential_ipip_outer_destination_matches_userspace() {
     }
     println!("ipip differential: {n} random 5-tuples, kernel == userspace");
 }
+
+// ---- config → plan → maps ---------------------------------------------------------------------
+
+#[test]
+fn config_plan_apply_forwards_and_follows_health() {
+    use lbd::l4::plan::{Availability, PlanState, plan};
+    use std::cell::RefCell;
+    use std::net::IpAddr;
+
+    let toml = r#"
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "10.1.0.1:80"
+[[clusters.endpoints]]
+address = "10.1.0.2:80"
+[[clusters.endpoints]]
+address = "10.1.0.3:80"
+weight = 3
+
+[[l4.vips]]
+name = "web"
+interfaces = ["eth0"]
+address = "192.0.2.10:80"
+cluster = "web"
+"#;
+    let model = lbd::config::parse(toml, std::path::Path::new("l4.toml")).expect("valid config");
+    let Some(mut p) = load() else { return };
+    let mac = |ip: IpAddr, _: Mode| match ip {
+        IpAddr::V4(a) => Some(backend_mac(u32::from(a.octets()[3]))),
+        IpAddr::V6(_) => None,
+    };
+    let health = RefCell::new([Availability::Up; 3]);
+    let mut st = PlanState::new(4);
+    let d = plan(&model, &|_, e| health.borrow()[e], &mac, &mut st);
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    p.apply(&d).expect("apply");
+
+    // Userspace's view of the same ring, keyed by the backend's last address byte (= MAC id).
+    let predict = |d: &lbd::l4::plan::Desired, k: &FlowKey| -> u32 {
+        let v = &d.vips[0];
+        let eps: Vec<MaglevEndpoint<'_>> = v
+            .members
+            .iter()
+            .map(|m| MaglevEndpoint {
+                key: m.key.as_bytes(),
+                weight: m.weight,
+            })
+            .collect();
+        let table = maglev::build(&eps, RING_SIZE).expect("maglev");
+        let slot = ring_index(&VipMeta::default(), k);
+        let key = &v.members[table[slot as usize] as usize].key;
+        u32::from(key.parse::<std::net::Ipv4Addr>().expect("v4").octets()[3])
+    };
+    let mut pinned = Vec::new();
+    for sport in 1000..1300u16 {
+        let k = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        assert_eq!(got.action, XDP_TX);
+        let want = predict(&d, &k);
+        assert_eq!(got.frame[0..6], backend_mac(want), "port {sport}");
+        pinned.push((sport, want));
+    }
+    assert!(pinned.iter().any(|&(_, b)| b == 1) && pinned.iter().any(|&(_, b)| b == 3));
+
+    // Endpoint 1 (10.1.0.2) is drained and endpoint 0 (10.1.0.1) goes down.
+    health.borrow_mut()[1] = Availability::Draining;
+    health.borrow_mut()[0] = Availability::Down;
+    let d2 = plan(&model, &|_, e| health.borrow()[e], &mac, &mut st);
+    p.apply(&d2).expect("apply");
+    for &(sport, was) in &pinned {
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        let now = got.frame[5];
+        match was {
+            1 => assert_eq!(now, 3, "flows of a down backend move to the only up one"),
+            2 => assert_eq!(now, 2, "a draining backend keeps its flows"),
+            _ => assert_eq!(now, 3),
+        }
+    }
+    for sport in 2000..2100u16 {
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        assert_eq!(got.frame[5], 3, "new flows only to the up backend");
+    }
+
+    // The VIP leaves the config: its traffic goes back to the kernel.
+    let other = lbd::config::parse(
+        &toml.replace("192.0.2.10:80", "192.0.2.77:80"),
+        std::path::Path::new("l4.toml"),
+    )
+    .expect("valid config");
+    let d3 = plan(&other, &|_, e| health.borrow()[e], &mac, &mut st);
+    p.apply(&d3).expect("apply");
+    assert_eq!(run(&mut p, &tcp4(CLIENT4, 1000, VIP4, 80)).action, XDP_PASS);
+}

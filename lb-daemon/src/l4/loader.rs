@@ -22,6 +22,7 @@ use lb_common::l4::{
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
 use super::PROGRAM;
+use super::plan::Desired;
 
 /// Minimum time between two ring switches of one VIP: a program run that saw the previous
 /// switch's old ring has long finished (runs take microseconds; XDP runs in one RCU read-side
@@ -100,7 +101,7 @@ impl Default for LoadOptions {
 }
 
 /// A VIP as the loader sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VipSpec {
     /// Index into `VIP_STATS`, `< max_vips`; also selects the VIP's two rings.
     pub vip_id: u32,
@@ -129,6 +130,8 @@ pub struct L4Program {
     rings: StdHashMap<u32, Vec<u32>>,
     /// Active ring per VIP id, and when we switched to it.
     active: StdHashMap<u32, (u32, Instant)>,
+    /// What [`L4Program::apply`] last wrote, to write only differences next time.
+    applied: Desired,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -155,6 +158,7 @@ impl L4Program {
             max_vips,
             rings: StdHashMap::new(),
             active: StdHashMap::new(),
+            applied: Desired::default(),
         };
         me.xdp()?.load()?;
         Ok(me)
@@ -289,6 +293,51 @@ impl L4Program {
             m.set(base + slot as u32, id, 0).map_err(map_err("RINGS"))?;
         }
         self.rings.insert(ring, new);
+        Ok(())
+    }
+
+    /// Brings the maps to `d`, writing only what differs from the previous `apply`.
+    ///
+    /// Order matters for flows: new backends are written before rings that use them, and
+    /// released backends are written inactive after rings stopped naming them.
+    pub fn apply(&mut self, d: &Desired) -> Result<(), L4Error> {
+        for (&id, info) in &d.backends {
+            if self.applied.backends.get(&id) != Some(info) {
+                self.set_backend(id, *info)?;
+            }
+        }
+        for v in &d.vips {
+            let old = self.applied.vips.iter().find(|o| o.key == v.key);
+            if old.is_some_and(|o| o.spec == v.spec && o.members == v.members) {
+                continue;
+            }
+            let members: Vec<RingMember<'_>> = v
+                .members
+                .iter()
+                .map(|m| RingMember {
+                    id: m.id,
+                    key: m.key.as_bytes(),
+                    weight: m.weight,
+                })
+                .collect();
+            self.set_vip(v.key, v.spec, &members)?;
+        }
+        let gone: Vec<_> = self
+            .applied
+            .vips
+            .iter()
+            .filter(|o| !d.vips.iter().any(|v| v.key == o.key))
+            .map(|o| o.key)
+            .collect();
+        for key in gone {
+            self.remove_vip(&key)?;
+        }
+        for &id in &d.released {
+            if !d.backends.contains_key(&id) {
+                self.set_backend(id, BackendInfo::default())?;
+            }
+        }
+        self.applied = d.clone();
         Ok(())
     }
 

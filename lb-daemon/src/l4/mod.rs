@@ -20,6 +20,7 @@ pub fn object() -> Result<&'static [u8], &'static str> {
 pub const PROGRAM: &str = "lb_xdp";
 
 pub mod loader;
+pub mod plan;
 pub mod test_run;
 
 pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
