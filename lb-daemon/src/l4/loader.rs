@@ -177,11 +177,21 @@ impl L4Program {
     }
 
     /// Attaches to `interface` (driver mode first, then generic); detached when dropped.
+    ///
+    /// The interface name is resolved in the calling thread's network namespace. Note that
+    /// on veth, driver-mode `XDP_TX` only delivers when the peer runs an XDP program too; use
+    /// [`L4Program::attach_mode`] with [`XdpMode::Skb`] there.
     pub fn attach(&mut self, interface: &str) -> Result<(), L4Error> {
         let xdp = self.xdp()?;
         if xdp.attach(interface, XdpMode::Driver).is_err() {
             xdp.attach(interface, XdpMode::Skb)?;
         }
+        Ok(())
+    }
+
+    /// Attaches to `interface` in the given mode; detached when dropped.
+    pub fn attach_mode(&mut self, interface: &str, mode: XdpMode) -> Result<(), L4Error> {
+        self.xdp()?.attach(interface, mode)?;
         Ok(())
     }
 

@@ -23,4 +23,5 @@ pub mod loader;
 pub mod plan;
 pub mod test_run;
 
+pub use aya::programs::XdpMode;
 pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
