@@ -82,12 +82,18 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
-/// Builds the topology; `Err` means this machine cannot (reported as SKIP).
-fn topology() -> Result<Netns, String> {
+/// Builds the topology for test `tag`; `Err` means this machine cannot create namespaces at
+/// all (reported as SKIP); any later failure is a test failure.
+fn topology(tag: &str) -> Result<Netns, String> {
     let ns = Netns {
-        prefix: format!("lbdx{}", std::process::id()),
+        prefix: format!("lbdx{}{tag}", std::process::id()),
     };
     ip(&["netns", "add", &ns.name("r")])?;
+    build(&ns).unwrap_or_else(|e| panic!("building the test topology: {e}"));
+    Ok(ns)
+}
+
+fn build(ns: &Netns) -> Result<(), String> {
     let r = ns.name("r");
     ip(&["-n", &r, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", &r, "link", "set", "br0", "up"])?;
@@ -130,7 +136,7 @@ fn topology() -> Result<Netns, String> {
             String::from_utf8_lossy(&st.stderr).trim()
         ));
     }
-    Ok(ns)
+    Ok(())
 }
 
 fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
@@ -147,6 +153,56 @@ fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
     mac
 }
 
+/// A bounded UDP echo server on the VIP in `ns`; returns how many datagrams it answered.
+fn echo_server(ns: &str, n: usize) -> thread::JoinHandle<usize> {
+    in_netns(ns, move || {
+        let s = UdpSocket::bind(SocketAddr::from((VIP, VIP_PORT))).expect("bind vip on backend");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 1500];
+        let mut served = 0;
+        while served < n {
+            let Ok((len, from)) = s.recv_from(&mut buf) else {
+                break;
+            };
+            s.send_to(&buf[..len], from).expect("echo");
+            served += 1;
+        }
+        served
+    })
+}
+
+/// Sends `n` datagrams to the VIP from `ns`; returns how many came back from the VIP.
+fn client(ns: &str, n: usize) -> thread::JoinHandle<usize> {
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("198.18.0.1:0").expect("bind client");
+        s.connect(SocketAddr::from((VIP, VIP_PORT)))
+            .expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut echoed = 0;
+        for i in 0..n {
+            let msg = format!("datagram {i}");
+            s.send(msg.as_bytes()).expect("send");
+            let mut buf = [0u8; 64];
+            // Retry once: the very first datagram may wait for ARP resolution of the LB.
+            for _ in 0..2 {
+                match s.recv(&mut buf) {
+                    Ok(len) if &buf[..len] == msg.as_bytes() => {
+                        echoed += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => {
+                        s.send(msg.as_bytes()).expect("resend");
+                    }
+                }
+            }
+        }
+        echoed
+    })
+}
+
 #[test]
 fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
     let obj = match lbd::l4::object() {
@@ -156,10 +212,10 @@ fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
             return;
         }
     };
-    let ns = match topology() {
+    let ns = match topology("d") {
         Ok(ns) => ns,
         Err(e) => {
-            println!("SKIP: cannot build network namespaces (need root and iproute2): {e}");
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
             return;
         }
     };
@@ -215,51 +271,8 @@ fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
         }
     };
 
-    // The backend: a bounded UDP echo server on the VIP.
-    let server = in_netns(&ns.name("b"), || {
-        let s = UdpSocket::bind(SocketAddr::from((VIP, VIP_PORT))).expect("bind vip on backend");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut buf = [0u8; 1500];
-        let mut served = 0;
-        while served < DATAGRAMS {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                break;
-            };
-            s.send_to(&buf[..n], from).expect("echo");
-            served += 1;
-        }
-        served
-    });
-
-    // The client: sends to the VIP, expects every datagram back from the VIP.
-    let client = in_netns(&ns.name("c"), || {
-        let s = UdpSocket::bind("198.18.0.1:0").expect("bind client");
-        s.connect(SocketAddr::from((VIP, VIP_PORT)))
-            .expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        let mut echoed = 0;
-        for i in 0..DATAGRAMS {
-            let msg = format!("datagram {i}");
-            s.send(msg.as_bytes()).expect("send");
-            let mut buf = [0u8; 64];
-            // Retry once: the very first datagram may wait for ARP resolution of the LB.
-            for _ in 0..2 {
-                match s.recv(&mut buf) {
-                    Ok(n) if &buf[..n] == msg.as_bytes() => {
-                        echoed += 1;
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(_) => {
-                        s.send(msg.as_bytes()).expect("resend");
-                    }
-                }
-            }
-        }
-        echoed
-    });
+    let server = echo_server(&ns.name("b"), DATAGRAMS);
+    let client = client(&ns.name("c"), DATAGRAMS);
     let echoed = client.join().expect("client thread");
     let served = server.join().expect("server thread");
 
@@ -284,5 +297,126 @@ fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
         "the client's ARP for the LB went to the LB's kernel"
     );
     drop(lb);
+    drop(ns);
+}
+
+#[test]
+fn service_serves_a_configured_vip_and_follows_backend_health() {
+    use lbd::health::ClusterHealth;
+    use lbd::l4::{Inputs, L4Service, ServiceOptions};
+    use std::sync::Arc;
+    use std::sync::mpsc;
+
+    if lbd::l4::object().is_err() {
+        println!("SKIP: XDP object not built");
+        return;
+    }
+    let ns = match topology("s") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+            return;
+        }
+    };
+    let toml = r#"
+[[clusters]]
+name = "echo"
+[[clusters.endpoints]]
+address = "198.18.0.3:7777"
+
+[[l4.vips]]
+name = "echo"
+interfaces = ["vL"]
+address = "198.18.1.10:7777"
+protocol = "udp"
+cluster = "echo"
+"#;
+    let model =
+        Arc::new(lbd::config::parse(toml, std::path::Path::new("l4.toml")).expect("config"));
+    let health = Arc::new(ClusterHealth::new(1));
+
+    // lbd in ns L: a single-threaded runtime on that thread, so the service's tasks (and their
+    // reads of the neighbour table) stay in ns L.
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let inputs = Inputs {
+        model,
+        health: vec![Arc::clone(&health)],
+    };
+    let lb = in_netns(&ns.name("l"), move || {
+        // What health checks do in lbd: talk to the backend, so its MAC gets resolved.
+        let probe = UdpSocket::bind("198.18.0.2:0").expect("probe socket");
+        let arp_has_backend = || {
+            std::fs::read_to_string("/proc/thread-self/net/arp")
+                .map(|t| {
+                    lbd::l4::plan::parse_proc_net_arp(&t)
+                        .contains_key(&"198.18.0.3".parse().expect("ip"))
+                })
+                .unwrap_or(false)
+        };
+        for _ in 0..50 {
+            let _ = probe.send_to(b"arp", "198.18.0.3:9");
+            if arp_has_backend() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let opts = ServiceOptions {
+                refresh: Duration::from_millis(200),
+                xdp_mode: Some(XdpMode::Skb),
+            };
+            let svc = match L4Service::start(inputs, opts) {
+                Ok(Some(s)) => s,
+                Ok(None) => panic!("the config has a VIP"),
+                Err(e) if e.os_error() == Some(libc::EPERM) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return Vec::new();
+                }
+                Err(e) => panic!("starting the L4 service: {e}"),
+            };
+            let _ = ready_tx.send(Ok(()));
+            println!("l4 problems at start: {:?}", svc.problems());
+            let _ = stop_rx.await;
+            svc.problems()
+        })
+    });
+    match ready_rx.recv().expect("lb thread reports") {
+        Ok(()) => {}
+        Err(e) => {
+            println!("SKIP: no permission to load BPF: {e}");
+            return;
+        }
+    }
+
+    let server = echo_server(&ns.name("b"), DATAGRAMS);
+    let echoed = client(&ns.name("c"), DATAGRAMS).join().expect("client");
+    assert_eq!(server.join().expect("server"), DATAGRAMS);
+    assert_eq!(echoed, DATAGRAMS, "the configured VIP is served by XDP");
+
+    // The backend's health check fails: the service rebuilds the ring without it, new
+    // datagrams are dropped by XDP (not answered).
+    health.endpoints[0].set_active_healthy(false);
+    thread::sleep(Duration::from_millis(500));
+    let server = echo_server(&ns.name("b"), 1);
+    let echoed = client(&ns.name("c"), 1).join().expect("client");
+    assert_eq!(echoed, 0, "no healthy backend: nothing reaches the backend");
+    assert_eq!(server.join().expect("server"), 0);
+
+    // Healthy again: served again.
+    health.endpoints[0].set_active_healthy(true);
+    thread::sleep(Duration::from_millis(500));
+    let server = echo_server(&ns.name("b"), 3);
+    let echoed = client(&ns.name("c"), 3).join().expect("client");
+    assert_eq!(server.join().expect("server"), 3);
+    assert_eq!(echoed, 3);
+
+    let _ = stop_tx.send(());
+    let problems = lb.join().expect("lb thread");
+    assert!(problems.is_empty(), "{problems:?}");
     drop(ns);
 }

@@ -32,6 +32,9 @@ pub const RING_GRACE: Duration = Duration::from_millis(2);
 /// Why the L4 program could not be loaded or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum L4Error {
+    /// This lbd was built without the XDP object.
+    #[error("lbd was built without the XDP object: {0}")]
+    NotBuilt(&'static str),
     /// Parsing the object or creating its maps failed.
     #[error("loading the XDP object: {0}")]
     Load(#[from] EbpfError),

@@ -21,7 +21,9 @@ pub const PROGRAM: &str = "lb_xdp";
 
 pub mod loader;
 pub mod plan;
+pub mod service;
 pub mod test_run;
 
 pub use aya::programs::XdpMode;
 pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
+pub use service::{Inputs, L4Service, ServiceOptions};
