@@ -1040,3 +1040,32 @@ cluster = "web"
     p.apply(&d3).expect("apply");
     assert_eq!(run(&mut p, &tcp4(CLIENT4, 1000, VIP4, 80)).action, XDP_PASS);
 }
+
+#[test]
+fn repeated_runs_report_kernel_time_per_packet() {
+    // Not a speed assertion (the machine is shared): it checks that 100,000 back-to-back runs
+    // keep forwarding the same flow and prints the kernel's mean time per packet.
+    use lbd::l4::test_run::run_xdp_repeat;
+    let Some(mut p) = load() else { return };
+    let v = vip4();
+    v.install(&mut p);
+    let hit = tcp4(CLIENT4, 40_000, VIP4, 80);
+    let miss_vip = tcp4(CLIENT4, 40_000, [192, 0, 2, 99], 80);
+    let (r, ns_hit) = run_xdp_repeat(p.program_fd().expect("fd"), &hit, 100_000).expect("run");
+    assert_eq!(r.action, XDP_TX);
+    let want = v
+        .predict(&FlowKey::v4(CLIENT4, 40_000, VIP4, 80, PROTO_TCP))
+        .expect("backend");
+    // Runs share one buffer: from the second run on, the source MAC is the previous run's
+    // destination, i.e. the backend's. Same backend every time, or this would differ.
+    let mut twice = rewritten(&hit, want);
+    twice[6..12].copy_from_slice(&backend_mac(want));
+    assert_eq!(r.frame, twice);
+    let (r, ns_pass) =
+        run_xdp_repeat(p.program_fd().expect("fd"), &miss_vip, 100_000).expect("run");
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(reasons(&mut p)[Reason::TxDsrL2 as usize], 100_000);
+    println!(
+        "BPF_PROG_TEST_RUN mean per packet: vip flow hit + dsr-l2 {ns_hit} ns, non-vip pass {ns_pass} ns"
+    );
+}
