@@ -420,3 +420,105 @@ cluster = "echo"
     assert!(problems.is_empty(), "{problems:?}");
     drop(ns);
 }
+
+#[test]
+fn ipip_through_real_veths_with_xdp_decapsulation_on_the_backend() {
+    use lb_common::l4::EncapConfig;
+    use lbd::l4::Decap;
+
+    let (Ok(obj), Ok(decap_obj)) = (lbd::l4::object(), lbd::l4::decap_object()) else {
+        println!("SKIP: XDP objects not built");
+        return;
+    };
+    let ns = match topology("i") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+            return;
+        }
+    };
+    let backend_mac = mac_of(&ns.name("b"), "vB");
+
+    // Backend: lb_decap on vB hands the inner packet (to the VIP on lo) to its kernel.
+    let decap = in_netns(&ns.name("b"), move || {
+        let mut d = match Decap::load(decap_obj) {
+            Ok(d) => d,
+            Err(e) if e.os_error() == Some(libc::EPERM) => return Err(e.to_string()),
+            Err(e) => panic!("loading lb_decap: {e}"),
+        };
+        d.attach("vB", XdpMode::Skb).expect("attach lb_decap to vB");
+        Ok(d)
+    })
+    .join()
+    .expect("backend thread");
+    let mut decap = match decap {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP: no permission to load BPF: {e}");
+            return;
+        }
+    };
+
+    let mut lb = in_netns(&ns.name("l"), move || {
+        let mut p = L4Program::load(
+            obj,
+            LoadOptions {
+                max_vips: 1,
+                max_flows: 1024,
+            },
+        )
+        .expect("load lb_xdp");
+        p.set_encap(EncapConfig {
+            src4: [198, 18, 0, 2],
+            ..EncapConfig::default()
+        })
+        .expect("set encap");
+        let info = BackendInfo {
+            addr: lb_common::l4::v4_addr([198, 18, 0, 3]),
+            // On-link backend: it is its own next hop.
+            mac: backend_mac,
+            family: FAMILY_V4,
+            _pad: 0,
+            flags: BACKEND_F_ACTIVE,
+        };
+        p.set_backend(7, info).expect("set backend");
+        let spec = VipSpec {
+            vip_id: 0,
+            mode: Mode::Ipip,
+            source_hash_only: false,
+        };
+        let member = RingMember {
+            id: 7,
+            key: b"198.18.0.3",
+            weight: 1,
+        };
+        p.set_vip(
+            VipKey::v4(VIP.octets(), VIP_PORT, PROTO_UDP),
+            spec,
+            &[member],
+        )
+        .expect("set vip");
+        p.attach_mode("vL", XdpMode::Skb).expect("attach to vL");
+        p
+    })
+    .join()
+    .expect("lb thread");
+
+    let server = echo_server(&ns.name("b"), DATAGRAMS);
+    let echoed = client(&ns.name("c"), DATAGRAMS).join().expect("client");
+    let served = server.join().expect("server");
+    let tx = lb.reasons().expect("reasons")[Reason::TxIpip as usize];
+    let (decapsulated, _) = decap.stats().expect("decap stats");
+    println!(
+        "ipip: echoed {echoed}/{DATAGRAMS}, served {served}, tx_ipip {tx}, decapsulated {decapsulated}"
+    );
+    assert_eq!(echoed, DATAGRAMS, "answered by the backend from the VIP");
+    assert!(tx >= DATAGRAMS as u64, "encapsulated by XDP: {tx}");
+    assert_eq!(
+        decapsulated, tx,
+        "every encapsulated packet was decapsulated by lb_decap"
+    );
+    drop(lb);
+    drop(decap);
+    drop(ns);
+}

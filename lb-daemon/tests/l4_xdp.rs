@@ -904,6 +904,10 @@ fn ipip_encapsulates_in_the_backend_family() {
             &d,
         ),
     ];
+    // The backend side: lb_decap must give back exactly the client's frame (with the MACs of
+    // the encapsulated one).
+    let mut decap = lbd::l4::Decap::load(lbd::l4::decap_object().expect("built with lb-xdp"))
+        .expect("load lb_decap");
     for (name, frame, l3, k, vip) in &cases {
         let want = vip.predict(k).expect("backend");
         let got = run(&mut p, frame);
@@ -913,9 +917,26 @@ fn ipip_encapsulates_in_the_backend_family() {
             encapsulated(frame, *l3, k, want),
             "{name}: output bytes"
         );
+        let back = run_xdp(decap.program_fd().expect("fd"), &got.frame).expect("run lb_decap");
+        assert_eq!(back.action, XDP_PASS, "{name}: decap action");
+        let mut orig = frame.clone();
+        orig[..12].copy_from_slice(&got.frame[..12]);
+        assert_eq!(back.frame, orig, "{name}: decapsulated bytes");
     }
     assert_eq!(reasons(&mut p)[Reason::TxIpip as usize], cases.len() as u64);
-    println!("{} ipip fixtures passed", cases.len());
+    // Not IP-in-IP: untouched.
+    for (_, frame, _, _, _) in &cases {
+        let back = run_xdp(decap.program_fd().expect("fd"), frame).expect("run lb_decap");
+        assert_eq!((back.action, &back.frame), (XDP_PASS, frame));
+    }
+    assert_eq!(
+        decap.stats().expect("decap stats"),
+        (cases.len() as u64, cases.len() as u64)
+    );
+    println!(
+        "{} ipip fixtures passed, each decapsulated back",
+        cases.len()
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
+mod pkt;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -31,6 +31,7 @@ use lb_common::l4::{
     ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS, PROTO_TCP,
     PROTO_UDP, REASON_COUNT, RING_SIZE,
 };
+use pkt::{ptr_at, read};
 
 /// VIP (address, port, protocol) → what to do with it.
 #[map(name = "VIPS")]
@@ -87,24 +88,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         unsafe { *p += 1 };
     }
     action
-}
-
-/// Pointer to a `T` at `off` bytes into the frame, if the whole `T` lies inside it.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
-/// Reads a `T` at `off`; `None` when the frame is too short.
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
-    // SAFETY: `ptr_at` checked the bounds; packet data has no alignment guarantee, hence
-    // `read_unaligned`.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[inline(always)]
@@ -387,13 +370,10 @@ fn grow(
     write(ctx, l3 - 2, ethertype.to_be_bytes())
 }
 
-/// Writes `v` at `off` if it fits in the frame.
+/// Writes `v` at `off`; an encapsulated frame that does not fit is dropped.
 #[inline(always)]
 fn write<T>(ctx: &XdpContext, off: usize, v: T) -> Result<(), Reason> {
-    let p = ptr_at::<T>(ctx, off).ok_or(Reason::DropEncapFailed)?;
-    // SAFETY: `ptr_at` checked the bounds; unaligned write for packet data.
-    unsafe { core::ptr::write_unaligned(p, v) };
-    Ok(())
+    pkt::write(ctx, off, v).ok_or(Reason::DropEncapFailed)
 }
 
 /// The IPv4 header checksum of `h` (whose checksum field is 0).
