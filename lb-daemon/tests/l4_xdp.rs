@@ -297,6 +297,38 @@ fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
     )
 }
 
+/// A router on the way to a client.
+const ROUTER4: [u8; 4] = [203, 0, 113, 1];
+const ROUTER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+
+/// The start of a packet a backend sent (from the VIP), as quoted in an ICMP error: the IP
+/// header and the first 8 bytes of TCP/UDP.
+fn quoted4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(src, dst, proto, 0, &[], &tcp(sport, dport))[..28].to_vec()
+}
+
+fn quoted6(src: [u8; 16], dst: [u8; 16], proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    ipv6(src, dst, proto, &udp(sport, dport, b"reply"))[..48].to_vec()
+}
+
+/// ICMP error `t` (code 4: fragmentation needed, next-hop MTU 1400) from `from` to `to`.
+fn icmp4_error(t: u8, from: [u8; 4], to: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![t, 4, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    cat(eth(0x0800), ipv4(from, to, 1, 0, &[], &icmp))
+}
+
+/// ICMPv6 error `t` (2: packet too big, MTU 1400) from a router to `to`.
+fn icmp6_error(t: u8, to: [u8; 16], quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![t, 0, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(quoted);
+    cat(eth(0x86dd), ipv6(ROUTER6, to, 58, &icmp))
+}
+
 /// `frame` as dsr-l2 should leave it: dst MAC = backend's, src MAC = the LB's.
 fn rewritten(frame: &[u8], backend: u32) -> Vec<u8> {
     let mut f = frame.to_vec();
@@ -500,6 +532,51 @@ fn fixtures_give_expected_action_reason_and_bytes() {
             tcp4(CLIENT4, 40_000, VIP4_DEAD, 80),
             Want::Drop(Reason::DropNoBackend),
         ),
+        (
+            "icmp fragmentation needed about a vip flow follows the flow",
+            icmp4_error(
+                3,
+                ROUTER4,
+                VIP4,
+                &quoted4(VIP4, CLIENT4, PROTO_TCP, 80, 40_000),
+            ),
+            Want::Tx(b4),
+        ),
+        (
+            "icmpv6 packet too big about a vip flow follows the flow",
+            icmp6_error(2, VIP6, &quoted6(VIP6, CLIENT6, PROTO_UDP, 53, 5353)),
+            Want::Tx(b6),
+        ),
+        (
+            "icmp error quoting a packet not sent from the vip",
+            icmp4_error(
+                3,
+                ROUTER4,
+                VIP4,
+                &quoted4(CLIENT4, VIP4, PROTO_TCP, 40_000, 80),
+            ),
+            Want::Pass(Reason::PassNotTcpUdp),
+        ),
+        (
+            "icmp time exceeded quoting icmp",
+            icmp4_error(
+                11,
+                ROUTER4,
+                VIP4,
+                &ipv4(VIP4, CLIENT4, 1, 0, &[], &[0, 0, 0, 0, 0, 1, 0, 1]),
+            ),
+            Want::Pass(Reason::PassNotTcpUdp),
+        ),
+        (
+            "icmp error quoting a packet cut before its ports",
+            icmp4_error(
+                3,
+                ROUTER4,
+                VIP4,
+                &quoted4(VIP4, CLIENT4, PROTO_TCP, 80, 40_000)[..22],
+            ),
+            Want::Pass(Reason::PassTruncatedL4),
+        ),
     ];
 
     let mut want_counts = [0u64; 16];
@@ -544,14 +621,20 @@ fn fixtures_give_expected_action_reason_and_bytes() {
 
     // Per-VIP and per-backend counters follow the forwarded frames.
     let vc = p.vip_counters(0).expect("vip counters");
-    assert_eq!(vc.packets, 3, "ipv4 vip saw the 3 forwarded frames");
+    assert_eq!(
+        vc.packets, 4,
+        "ipv4 vip saw the 3 forwarded frames and the icmp error"
+    );
     let dc = p.vip_counters(2).expect("vip counters");
     assert_eq!(dc.packets, 1, "the dead vip saw its dropped frame");
     let bc = p.backend_counters(b6).expect("backend counters");
-    assert_eq!(bc.packets, 2);
+    assert_eq!(bc.packets, 3);
     assert_eq!(
         bc.bytes as usize,
-        udp6(CLIENT6, 5353, VIP6, 53).len() + ip6_udp.len() + 18
+        udp6(CLIENT6, 5353, VIP6, 53).len()
+            + ip6_udp.len()
+            + 18
+            + icmp6_error(2, VIP6, &quoted6(VIP6, CLIENT6, PROTO_UDP, 53, 5353)).len()
     );
 }
 
