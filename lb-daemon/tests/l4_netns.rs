@@ -95,7 +95,18 @@ fn topology(tag: &str) -> Result<Netns, String> {
 
 fn build(ns: &Netns) -> Result<(), String> {
     let r = ns.name("r");
-    ip(&["-n", &r, "link", "add", "br0", "type", "bridge"])?;
+    // No multicast snooping: IPv6 neighbour solicitations must reach every port.
+    ip(&[
+        "-n",
+        &r,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ])?;
     ip(&["-n", &r, "link", "set", "br0", "up"])?;
     for (n, addr) in [
         ("c", "198.18.0.1/24"),
@@ -124,6 +135,35 @@ fn build(ns: &Netns) -> Result<(), String> {
         "198.18.0.2",
     ])?;
     ip(&["-n", &b, "addr", "add", "198.18.1.10/32", "dev", "lo"])?;
+    // The same for IPv6 (ULA addresses; nodad so they are usable at once).
+    for (n, addr) in [
+        ("c", "fd00:18::1/64"),
+        ("l", "fd00:18::2/64"),
+        ("b", "fd00:18::3/64"),
+    ] {
+        let dev = format!("v{}", n.to_uppercase());
+        ip(&["-n", &ns.name(n), "addr", "add", addr, "dev", &dev, "nodad"])?;
+    }
+    ip(&[
+        "-n",
+        &c,
+        "-6",
+        "route",
+        "add",
+        "fd00:18:1::10/128",
+        "via",
+        "fd00:18::2",
+    ])?;
+    ip(&[
+        "-n",
+        &b,
+        "addr",
+        "add",
+        "fd00:18:1::10/128",
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
     // veth's default TX checksum offload leaves a partial checksum that does not survive being
     // bounced by XDP; real NICs deliver full checksums.
     let st = Command::new("ip")
@@ -153,12 +193,20 @@ fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
     mac
 }
 
-/// A bounded UDP echo server on the VIP in `ns`; returns how many datagrams it answered.
+/// A bounded UDP echo server on the IPv4 VIP in `ns`, bound when this returns; the handle
+/// yields how many datagrams it answered.
 fn echo_server(ns: &str, n: usize) -> thread::JoinHandle<usize> {
-    in_netns(ns, move || {
-        let s = UdpSocket::bind(SocketAddr::from((VIP, VIP_PORT))).expect("bind vip on backend");
+    echo_server_at(ns, SocketAddr::from((VIP, VIP_PORT)), n)
+}
+
+fn echo_server_at(ns: &str, vip: SocketAddr, n: usize) -> thread::JoinHandle<usize> {
+    // Wait for the bind, or a datagram could meet a closed port and an ICMP error.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let h = in_netns(ns, move || {
+        let s = UdpSocket::bind(vip).expect("bind vip on backend");
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
+        let _ = bound_tx.send(());
         let mut buf = [0u8; 1500];
         let mut served = 0;
         while served < n {
@@ -169,33 +217,37 @@ fn echo_server(ns: &str, n: usize) -> thread::JoinHandle<usize> {
             served += 1;
         }
         served
-    })
+    });
+    let _ = bound_rx.recv_timeout(Duration::from_secs(5));
+    h
 }
 
-/// Sends `n` datagrams to the VIP from `ns`; returns how many came back from the VIP.
+/// Sends `n` datagrams to the IPv4 VIP from `ns`; the handle yields how many came back from
+/// the VIP.
 fn client(ns: &str, n: usize) -> thread::JoinHandle<usize> {
+    let bind = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), 0));
+    client_at(ns, bind, SocketAddr::from((VIP, VIP_PORT)), n)
+}
+
+fn client_at(ns: &str, bind: SocketAddr, vip: SocketAddr, n: usize) -> thread::JoinHandle<usize> {
     in_netns(ns, move || {
-        let s = UdpSocket::bind("198.18.0.1:0").expect("bind client");
-        s.connect(SocketAddr::from((VIP, VIP_PORT)))
-            .expect("connect");
+        let s = UdpSocket::bind(bind).expect("bind client");
+        s.connect(vip).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         let mut echoed = 0;
         for i in 0..n {
             let msg = format!("datagram {i}");
-            s.send(msg.as_bytes()).expect("send");
             let mut buf = [0u8; 64];
-            // Retry once: the very first datagram may wait for ARP resolution of the LB.
+            // Two tries: the first datagram may wait for ARP/ND resolution of the LB. A send
+            // or receive error (e.g. an ICMP error reported on the socket) counts as a loss.
             for _ in 0..2 {
-                match s.recv(&mut buf) {
-                    Ok(len) if &buf[..len] == msg.as_bytes() => {
-                        echoed += 1;
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(_) => {
-                        s.send(msg.as_bytes()).expect("resend");
-                    }
+                if s.send(msg.as_bytes()).is_err() {
+                    continue;
+                }
+                if matches!(s.recv(&mut buf), Ok(len) if &buf[..len] == msg.as_bytes()) {
+                    echoed += 1;
+                    break;
                 }
             }
         }
@@ -520,5 +572,107 @@ fn ipip_through_real_veths_with_xdp_decapsulation_on_the_backend() {
     );
     drop(lb);
     drop(decap);
+    drop(ns);
+}
+
+#[test]
+fn service_serves_an_ipv6_vip_with_neighbours_from_iproute2() {
+    use lbd::health::ClusterHealth;
+    use lbd::l4::{Inputs, L4Service, ServiceOptions};
+    use std::sync::Arc;
+    use std::sync::mpsc;
+
+    if lbd::l4::object().is_err() {
+        println!("SKIP: XDP object not built");
+        return;
+    }
+    let ns = match topology("6") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+            return;
+        }
+    };
+    let toml = r#"
+[[clusters]]
+name = "echo6"
+[[clusters.endpoints]]
+address = "[fd00:18::3]:7777"
+
+[[l4.vips]]
+name = "echo6"
+interfaces = ["vL"]
+address = "[fd00:18:1::10]:7777"
+protocol = "udp"
+cluster = "echo6"
+"#;
+    let model =
+        Arc::new(lbd::config::parse(toml, std::path::Path::new("l4.toml")).expect("config"));
+    let inputs = Inputs {
+        model,
+        health: vec![Arc::new(ClusterHealth::new(1))],
+    };
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let lb = in_netns(&ns.name("l"), move || {
+        // Talk to the backend once so neighbour discovery has its MAC (health checks do this
+        // in lbd).
+        let probe = UdpSocket::bind("[fd00:18::2]:0").expect("probe socket");
+        for _ in 0..50 {
+            let _ = probe.send_to(b"nd", "[fd00:18::3]:9");
+            let out = Command::new("ip")
+                .args(["-j", "-6", "neigh", "show"])
+                .output()
+                .expect("ip neigh");
+            let known =
+                lbd::l4::service::parse_ip_neigh_json(&String::from_utf8_lossy(&out.stdout))
+                    .contains_key(&"fd00:18::3".parse().expect("ip"));
+            if known {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let opts = ServiceOptions {
+                refresh: Duration::from_millis(200),
+                xdp_mode: Some(XdpMode::Skb),
+            };
+            let svc = match L4Service::start(inputs, opts) {
+                Ok(Some(s)) => s,
+                Ok(None) => panic!("the config has a VIP"),
+                Err(e) if e.os_error() == Some(libc::EPERM) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return Vec::new();
+                }
+                Err(e) => panic!("starting the L4 service: {e}"),
+            };
+            let _ = ready_tx.send(Ok(()));
+            let _ = stop_rx.await;
+            svc.problems()
+        })
+    });
+    if let Err(e) = ready_rx.recv().expect("lb thread reports") {
+        println!("SKIP: no permission to load BPF: {e}");
+        return;
+    }
+    let vip: SocketAddr = "[fd00:18:1::10]:7777".parse().expect("addr");
+    let server = echo_server_at(&ns.name("b"), vip, DATAGRAMS);
+    let bind: SocketAddr = "[fd00:18::1]:0".parse().expect("addr");
+    let echoed = client_at(&ns.name("c"), bind, vip, DATAGRAMS)
+        .join()
+        .expect("client");
+    let served = server.join().expect("server");
+    let _ = stop_tx.send(());
+    let problems = lb.join().expect("lb thread");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(served, DATAGRAMS);
+    assert_eq!(
+        echoed, DATAGRAMS,
+        "the IPv6 VIP is served by XDP, answered from the VIP"
+    );
     drop(ns);
 }

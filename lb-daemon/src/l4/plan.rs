@@ -285,9 +285,7 @@ fn backend_info(ip: IpAddr, mac: [u8; 6], avail: Availability) -> BackendInfo {
 
 /// Parses `/proc/net/arp` into IPv4 address → MAC, keeping complete entries only.
 ///
-/// This covers `dsr-l2` IPv4 backends (same L2 segment, so their own ARP entries). IPv6
-/// neighbours and `ipip` next hops need netlink (`RTM_GETNEIGH`/`RTM_GETROUTE`) and are not
-/// resolved here yet.
+/// IPv4 only; the service reads IPv6 neighbours through iproute2 (`ip -j -6 neigh`).
 pub fn parse_proc_net_arp(text: &str) -> HashMap<IpAddr, [u8; 6]> {
     const ATF_COM: u32 = 0x02; // entry complete
     let mut out = HashMap::new();
@@ -307,7 +305,8 @@ pub fn parse_proc_net_arp(text: &str) -> HashMap<IpAddr, [u8; 6]> {
     out
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+/// `02:00:0a:00:00:01` → bytes.
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for b in &mut mac {

@@ -198,9 +198,13 @@ fn refresh(
     inputs: &Inputs,
 ) -> Result<Desired, L4Error> {
     let now = Instant::now();
-    let neigh = read_proc("arp")
+    // IPv4 from /proc; IPv6 neighbours exist only in netlink, read through iproute2.
+    let mut neigh = read_proc("arp")
         .map(|t| plan::parse_proc_net_arp(&t))
         .unwrap_or_default();
+    if let Some(text) = ip_json(&["-6", "neigh", "show"]) {
+        neigh.extend(parse_ip_neigh_json(&text));
+    }
     let routes = read_proc("route")
         .map(|t| parse_proc_net_route(&t))
         .unwrap_or_default();
@@ -229,7 +233,7 @@ fn read_proc(name: &str) -> Option<String> {
 }
 
 /// `dsr-l2` sends to the backend itself; `ipip` to the gateway of the route towards it (or
-/// the backend when it is on-link). IPv6 needs netlink and is not resolved yet.
+/// the backend when it is on-link).
 fn next_hop_mac(
     ip: IpAddr,
     mode: Mode,
@@ -237,13 +241,53 @@ fn next_hop_mac(
     routes: &[Route4],
 ) -> Option<[u8; 6]> {
     let hop = match (mode, ip) {
-        (Mode::Ipip, IpAddr::V4(v4)) => match route_gateway(routes, v4) {
-            Some(gw) => IpAddr::V4(gw),
-            None => ip,
-        },
+        (Mode::Ipip, IpAddr::V4(v4)) => route_gateway(routes, v4).map_or(ip, IpAddr::V4),
+        (Mode::Ipip, IpAddr::V6(_)) => ip_json(&["-6", "route", "get", &ip.to_string()])
+            .and_then(|t| parse_ip_route_get_gateway(&t))
+            .unwrap_or(ip),
         _ => ip,
     };
     neigh.get(&hop).copied()
+}
+
+/// Runs `ip -j ARGS` (iproute2's JSON output), in this thread's network namespace.
+fn ip_json(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Parses `ip -j neigh show`: address → MAC of entries that have one and are not failed.
+pub fn parse_ip_neigh_json(text: &str) -> HashMap<IpAddr, [u8; 6]> {
+    let Ok(serde_json::Value::Array(entries)) = serde_json::from_str(text) else {
+        return HashMap::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| {
+            let failed = e["state"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|v| v == "FAILED" || v == "INCOMPLETE" || v == "NOARP")
+            });
+            if failed {
+                return None;
+            }
+            let ip = e["dst"].as_str()?.parse::<IpAddr>().ok()?;
+            let mac = plan::parse_mac(e["lladdr"].as_str()?)?;
+            Some((ip, mac))
+        })
+        .collect()
+}
+
+/// Parses `ip -j route get ADDR`: the gateway, if the route has one.
+pub fn parse_ip_route_get_gateway(text: &str) -> Option<IpAddr> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get(0)?["gateway"].as_str()?.parse().ok()
 }
 
 /// The outer source for `ipip`: the address the kernel would use towards the first ipip
@@ -374,6 +418,26 @@ mod tests {
             route_gateway(&r, Ipv4Addr::new(8, 8, 8, 8)),
             Some(Ipv4Addr::new(192, 168, 1, 254))
         );
+    }
+
+    #[test]
+    fn ip_json_neighbours_and_route_gateways_parse() {
+        let neigh = r#"[{"dst":"fd00::1","dev":"eth0","state":["FAILED"]},
+            {"dst":"fd00::3","dev":"eth0","lladdr":"02:00:00:00:00:03","state":["REACHABLE"]},
+            {"dst":"fd00::4","dev":"eth0","lladdr":"02:00:00:00:00:04","state":["STALE"]},
+            {"dst":"fd00::5","dev":"eth0","lladdr":"zz","state":["STALE"]}]"#;
+        let n = parse_ip_neigh_json(neigh);
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert_eq!(n[&"fd00::3".parse::<IpAddr>().unwrap()], [2, 0, 0, 0, 0, 3]);
+        assert!(parse_ip_neigh_json("not json").is_empty());
+        let route =
+            r#"[{"dst":"2001:db8::1","gateway":"fd00::1","dev":"eth0","prefsrc":"fd00::2"}]"#;
+        assert_eq!(
+            parse_ip_route_get_gateway(route),
+            Some("fd00::1".parse().unwrap())
+        );
+        let onlink = r#"[{"dst":"fd00::3","dev":"eth0","prefsrc":"fd00::2"}]"#;
+        assert_eq!(parse_ip_route_get_gateway(onlink), None);
     }
 
     #[test]
