@@ -115,6 +115,18 @@ fn build(ns: &Netns) -> Result<(), String> {
     ] {
         let x = ns.name(n);
         ip(&["netns", "add", &x])?;
+        // No duplicate address detection, so link-local addresses (the source of neighbour
+        // solicitations) are usable at once rather than after a second or two.
+        for conf in ["all", "default"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad");
+            let st = Command::new("ip")
+                .args(["netns", "exec", &x, "sh", "-c", &format!("echo 0 > {path}")])
+                .status()
+                .map_err(|e| format!("{path}: {e}"))?;
+            if !st.success() {
+                return Err(format!("setting {path} in {x} failed"));
+            }
+        }
         let (inner, outer) = (format!("v{}", n.to_uppercase()), format!("p{n}"));
         ip(&[
             "-n", &r, "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &x,
