@@ -13,6 +13,8 @@ pub struct Lbd {
     child: Option<Child>,
     dir: PathBuf,
     notify: UnixDatagram,
+    /// Every sd_notify datagram received so far, in arrival order.
+    received: Vec<String>,
     /// The config file it runs from (rewrite it and call [`Lbd::reload`]).
     pub config: PathBuf,
 }
@@ -29,6 +31,14 @@ fn temp_dir() -> PathBuf {
 impl Lbd {
     /// Starts `bin run --config <file with config>` and waits (≤ 20 s) for READY=1.
     pub fn start(bin: &Path, config: &str) -> Lbd {
+        let mut lbd = Self::spawn(bin, config);
+        lbd.wait_notify("READY=1", Duration::from_secs(20));
+        lbd
+    }
+
+    /// Starts `bin run --config <file with config>` without waiting for anything (for tests
+    /// of startup itself: refusals, readiness ordering).
+    pub fn spawn(bin: &Path, config: &str) -> Lbd {
         let dir = temp_dir();
         let path = dir.join("lb.toml");
         std::fs::write(&path, config).expect("write config");
@@ -51,14 +61,33 @@ impl Lbd {
             .stderr(log)
             .spawn()
             .expect("spawn lbd");
-        let mut lbd = Lbd {
+        Lbd {
             child: Some(child),
             dir,
             notify,
+            received: Vec::new(),
             config: path,
-        };
-        lbd.wait_notify("READY=1", Duration::from_secs(20));
-        lbd
+        }
+    }
+
+    /// Every sd_notify message received so far (by the `wait_notify` calls), oldest first.
+    pub fn notifications(&self) -> &[String] {
+        &self.received
+    }
+
+    /// Waits (≤ `timeout`) for the process to exit on its own; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Waits for a notification containing `what`; panics with the logs on timeout or exit.
@@ -66,10 +95,13 @@ impl Lbd {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 512];
         while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).contains(what)
-            {
-                return;
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = msg.contains(what);
+                self.received.push(msg);
+                if hit {
+                    return;
+                }
             }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
@@ -122,17 +154,7 @@ impl Lbd {
     /// Sends SIGTERM and waits (≤ `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.signal(15);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.wait_exit(timeout)
     }
 }
 
