@@ -274,3 +274,262 @@ unhealthy_threshold = 1
         }
     }
 }
+
+/// Two-endpoint cluster `web` (weights 1 and 3) behind listener `main`, admin without token.
+fn two_endpoint_config(
+    listen: SocketAddr,
+    admin_addr: SocketAddr,
+    a: &Backend,
+    b: &Backend,
+    admin_extra: &str,
+    cluster_extra: &str,
+) -> String {
+    format!(
+        r#"
+[global]
+drain_timeout = "5s"
+
+[admin]
+bind = "{admin_addr}"
+{admin_extra}
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "all"
+cluster = "web"
+
+[[clusters]]
+name = "web"
+{cluster_extra}
+[[clusters.endpoints]]
+address = "{a}"
+weight = 1
+
+[[clusters.endpoints]]
+address = "{b}"
+weight = 3
+"#,
+        a = a.addr,
+        b = b.addr
+    )
+}
+
+fn endpoint<'a>(cluster: &'a Value, addr: SocketAddr) -> &'a Value {
+    cluster["endpoints"]
+        .as_array()
+        .and_then(|eps| eps.iter().find(|e| e["address"] == addr.to_string()))
+        .unwrap_or_else(|| panic!("no endpoint {addr} in {cluster}"))
+}
+
+async fn post(client: &H1, addr: SocketAddr, path: &str) -> Reply {
+    admin(client, addr, Method::POST, path, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_answers_every_endpoint() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (listen, admin_addr) = (free_addr(), free_addr());
+    let health = "[clusters.health_check]\nkind = \"http\"\npath = \"/\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\n";
+    let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "", health);
+    let mut lbd = Lbd::start(bin(), &cfg);
+    let client = H1::new();
+
+    // GET /status
+    let status = get_json(&client, admin_addr, "/status").await;
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["uptime_seconds"].is_u64(), "{status}");
+    let hash0 = status["config_hash"].as_str().expect("hash").to_owned();
+    assert!(!hash0.is_empty());
+    assert_eq!(status["config_path"], lbd.config.display().to_string());
+    assert_eq!(status["listeners"][0]["name"], "main");
+    assert_eq!(status["listeners"][0]["bind"], listen.to_string());
+    assert_eq!(status["listeners"][0]["protocol"], "http");
+    assert_eq!(status["listeners"].as_array().map(Vec::len), Some(1));
+
+    // GET /clusters, after some traffic and at least one active check per endpoint.
+    for _ in 0..8 {
+        let r = client.get(listen, "/", None).await.expect("proxy");
+        assert_eq!(r.status, 200);
+    }
+    let web = cluster_until(&client, admin_addr, "web", |c| {
+        c["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|e| e["last_check"]["ok"] == true))
+    })
+    .await;
+    assert_eq!(web["policy"], "round_robin");
+    let (ea, eb) = (endpoint(&web, a.addr), endpoint(&web, b.addr));
+    assert_eq!(ea["weight"], 1);
+    assert_eq!(eb["weight"], 3);
+    for e in [ea, eb] {
+        assert_eq!(e["health"], "healthy", "{e}");
+        assert_eq!(e["available"], true);
+        assert_eq!(e["in_flight"], 0);
+        assert_eq!(e["last_check"]["ok"], true, "{e}");
+        assert!(e["last_check"]["detail"].is_string(), "{e}");
+    }
+    let total =
+        ea["requests_total"].as_u64().expect("u64") + eb["requests_total"].as_u64().expect("u64");
+    assert_eq!(total, 8, "{web}");
+
+    // Drain / enable, by address (plain and percent-encoded) and by index.
+    let r = post(
+        &client,
+        admin_addr,
+        &format!("/clusters/web/endpoints/{}/drain", a.addr),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = json(&r);
+    assert_eq!(v["address"], a.addr.to_string());
+    assert_eq!(v["health"], "drained");
+    assert_eq!(v["available"], false);
+    let web = get_json(&client, admin_addr, "/clusters").await;
+    assert_eq!(endpoint(&web[0], a.addr)["health"], "drained");
+    for _ in 0..10 {
+        let r = client.get(listen, "/", None).await.expect("proxy");
+        assert_eq!(r.backend(), "b", "drained endpoint a got a request");
+    }
+    let r = post(&client, admin_addr, "/clusters/web/endpoints/0/enable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(json(&r)["health"], "healthy");
+    let r = post(&client, admin_addr, "/clusters/web/endpoints/1/drain").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(json(&r)["address"], b.addr.to_string());
+    let encoded = b.addr.to_string().replace(':', "%3A");
+    let r = post(
+        &client,
+        admin_addr,
+        &format!("/clusters/web/endpoints/{encoded}/enable"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = json(&r);
+    assert_eq!(v["address"], b.addr.to_string());
+    assert_eq!(v["health"], "healthy");
+    for path in [
+        "/clusters/nope/endpoints/0/drain".to_owned(),
+        "/clusters/web/endpoints/2/drain".to_owned(),
+        "/clusters/web/endpoints/10.9.9.9:1/enable".to_owned(),
+        format!("/clusters/nope/endpoints/{}/enable", a.addr),
+    ] {
+        let r = post(&client, admin_addr, &path).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert!(json(&r)["error"].is_string(), "{path}: {}", r.text());
+    }
+
+    // GET /config: the effective config, defaults filled in.
+    let c = get_json(&client, admin_addr, "/config").await;
+    assert_eq!(c["source"]["hash"], hash0.as_str());
+    assert_eq!(c["global"]["admin"]["bind"], admin_addr.to_string());
+    assert_eq!(c["global"]["admin"]["token"], Value::Null);
+    assert_eq!(c["global"]["drain_timeout_ms"], 5000);
+    assert_eq!(c["listeners"][0]["name"], "main");
+    assert_eq!(c["routes"][0]["cluster"], "web");
+    assert_eq!(c["clusters"][0]["policy"], "round_robin");
+    assert_eq!(c["clusters"][0]["endpoints"][1]["weight"], 3);
+    assert_eq!(c["clusters"][0]["passive"]["max_fails"], 1);
+
+    // GET /: the status page.
+    let r = admin(&client, admin_addr, Method::GET, "/", None).await;
+    assert_eq!(r.status, 200);
+    let ct = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(r.text().to_lowercase().contains("<html"), "{}", r.text());
+
+    // Unknown paths and wrong methods.
+    for path in [
+        "/nope",
+        "/clusters/web",
+        "/clusters/web/endpoints/0/explode",
+        "/status/x",
+    ] {
+        let r = admin(&client, admin_addr, Method::GET, path, None).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert!(json(&r)["error"].is_string());
+    }
+    for (method, path, allow) in [
+        (Method::DELETE, "/status", "GET"),
+        (Method::POST, "/clusters", "GET"),
+        (Method::PUT, "/config", "GET"),
+        (Method::POST, "/metrics", "GET"),
+        (Method::POST, "/", "GET"),
+        (Method::GET, "/reload", "POST"),
+        (Method::GET, "/clusters/web/endpoints/0/drain", "POST"),
+        (Method::DELETE, "/clusters/web/endpoints/0/enable", "POST"),
+    ] {
+        let r = admin(&client, admin_addr, method.clone(), path, None).await;
+        assert_eq!(r.status, 405, "{method} {path}");
+        assert_eq!(
+            r.headers.get("allow").and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "{method} {path}"
+        );
+    }
+
+    // POST /reload after a valid change: new hash, new behaviour.
+    let changed = two_endpoint_config(
+        listen,
+        admin_addr,
+        &a,
+        &b,
+        "",
+        "policy = \"least_request\"\n",
+    );
+    std::fs::write(&lbd.config, &changed).expect("write config");
+    let r = post(&client, admin_addr, "/reload").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = json(&r);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0));
+    let hash1 = v["config_hash"].as_str().expect("hash").to_owned();
+    assert_ne!(hash1, hash0);
+    let status = get_json(&client, admin_addr, "/status").await;
+    assert_eq!(status["config_hash"], hash1.as_str());
+    assert_eq!(status["reloads_ok"], 1);
+    let web = get_json(&client, admin_addr, "/clusters").await;
+    assert_eq!(web[0]["policy"], "least_request");
+
+    // POST /reload of an invalid file: 422 with file:line errors; the old config keeps serving.
+    let broken = changed.replace("cluster = \"web\"", "cluster = \"missing\"");
+    let line = broken
+        .lines()
+        .position(|l| l.contains("\"missing\""))
+        .expect("line")
+        + 1;
+    std::fs::write(&lbd.config, &broken).expect("write config");
+    let r = post(&client, admin_addr, "/reload").await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let v = json(&r);
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["config_hash"], hash1.as_str());
+    let errors: Vec<&str> = v["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let want = format!("{}:{line}:", lbd.config.display());
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&want) && e.contains("missing")),
+        "want an error starting with {want}: {errors:?}"
+    );
+    let r = client.get(listen, "/", None).await.expect("still serving");
+    assert_eq!(r.status, 200);
+    let status = get_json(&client, admin_addr, "/status").await;
+    assert_eq!(status["config_hash"], hash1.as_str());
+    assert_eq!(status["reloads_failed"], 1);
+    assert_eq!(
+        lbd.terminate(Duration::from_secs(10)).map(|s| s.success()),
+        Some(true)
+    );
+}
