@@ -533,3 +533,111 @@ async fn admin_api_answers_every_endpoint() {
         Some(true)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guards_every_admin_endpoint() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (listen, admin_addr) = (free_addr(), free_addr());
+    let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "token = \"s3cret\"", "");
+    let _lbd = Lbd::start(bin(), &cfg);
+    let client = H1::new();
+    let calls = [
+        (Method::GET, "/", 200),
+        (Method::GET, "/status", 200),
+        (Method::GET, "/clusters", 200),
+        (Method::GET, "/config", 200),
+        (Method::GET, "/metrics", 200),
+        (Method::POST, "/reload", 200),
+        (Method::POST, "/clusters/web/endpoints/0/drain", 200),
+        (Method::POST, "/clusters/web/endpoints/0/enable", 200),
+        (Method::POST, "/clusters/nope/endpoints/0/enable", 404),
+        (Method::GET, "/nope", 404),
+        (Method::DELETE, "/status", 405),
+    ];
+    for (method, path, with_token) in calls {
+        for bad in [None, Some("wrong"), Some("s3cret2"), Some("")] {
+            let r = admin(&client, admin_addr, method.clone(), path, bad).await;
+            assert_eq!(r.status, 401, "{method} {path} with {bad:?}: {}", r.text());
+            assert!(
+                r.headers.contains_key("www-authenticate"),
+                "{method} {path}"
+            );
+            assert!(json(&r)["error"].is_string());
+        }
+        // Another scheme with the right secret is no bearer token either.
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("authorization", "Basic s3cret")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let r = client.send(admin_addr, req).await.expect("admin");
+        assert_eq!(r.status, 401, "{method} {path} with Basic");
+        let r = admin(&client, admin_addr, method.clone(), path, Some("s3cret")).await;
+        assert_eq!(r.status, with_token, "{method} {path}: {}", r.text());
+    }
+    let r = admin(&client, admin_addr, Method::GET, "/config", Some("s3cret")).await;
+    assert!(!r.text().contains("s3cret"), "token leaked: {}", r.text());
+    assert_eq!(json(&r)["global"]["admin"]["token"], "<redacted>");
+    // The proxy listener itself needs no token.
+    let r = client.get(listen, "/", None).await.expect("proxy");
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_loopback_admin_without_token_is_refused_unless_allowed() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let port = free_addr().port();
+    let open: SocketAddr = format!("0.0.0.0:{port}").parse().expect("addr");
+    let cfg = two_endpoint_config(listen, open, &a, &b, "", "");
+
+    let mut lbd = Lbd::spawn(bin(), &cfg);
+    let status = lbd
+        .wait_exit(Duration::from_secs(20))
+        .expect("lbd must exit on its own");
+    assert!(!status.success(), "{status}");
+    let logs = lbd.logs();
+    let line = cfg
+        .lines()
+        .position(|l| l.contains("0.0.0.0"))
+        .expect("line")
+        + 1;
+    let want = format!("{}:{line}:", lbd.config.display());
+    assert!(
+        logs.contains(&want)
+            && logs.contains("admin.bind")
+            && logs.contains("admin.token")
+            && logs.contains("allow_insecure_non_loopback"),
+        "want a clear message at {want}: {logs}"
+    );
+    assert!(lbd.notifications().is_empty(), "{:?}", lbd.notifications());
+    // `lbd check` refuses the same file.
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&lbd.config)
+        .output()
+        .expect("lbd check");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("admin.bind")
+            || String::from_utf8_lossy(&out.stderr).contains("admin.bind")
+    );
+
+    // With explicit consent it starts, warns, and answers (here over loopback).
+    let allowed = two_endpoint_config(
+        listen,
+        open,
+        &a,
+        &b,
+        "allow_insecure_non_loopback = true",
+        "",
+    );
+    let lbd = Lbd::start(bin(), &allowed);
+    let client = H1::new();
+    let loopback: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let r = admin(&client, loopback, Method::GET, "/status", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(lbd.logs().contains("without a token"), "{}", lbd.logs());
+}
