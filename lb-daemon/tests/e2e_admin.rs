@@ -317,7 +317,7 @@ weight = 3
     )
 }
 
-fn endpoint<'a>(cluster: &'a Value, addr: SocketAddr) -> &'a Value {
+fn endpoint(cluster: &Value, addr: SocketAddr) -> &Value {
     cluster["endpoints"]
         .as_array()
         .and_then(|eps| eps.iter().find(|e| e["address"] == addr.to_string()))
