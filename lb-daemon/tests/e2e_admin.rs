@@ -641,3 +641,200 @@ async fn non_loopback_admin_without_token_is_refused_unless_allowed() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(lbd.logs().contains("without a token"), "{}", lbd.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_new_requests_and_lets_in_flight_finish() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (listen, admin_addr) = (free_addr(), free_addr());
+    let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "", "");
+    let _lbd = Lbd::start(bin(), &cfg);
+    let client = H1::new();
+
+    // A long request, then find which endpoint holds it.
+    let long_client = H1::new();
+    let long = tokio::spawn(async move { long_client.get(listen, "/sleep/1500", None).await });
+    let web = cluster_until(&client, admin_addr, "web", |c| {
+        c["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["in_flight"] == 1))
+    })
+    .await;
+    let busy = web["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["in_flight"] == 1))
+        .unwrap_or_else(|| panic!("no request in flight: {web}"));
+    let busy_addr = busy["address"].as_str().expect("address").to_owned();
+    let (drained, other) = if busy_addr == a.addr.to_string() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+
+    let r = post(
+        &client,
+        admin_addr,
+        &format!("/clusters/web/endpoints/{busy_addr}/drain"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = json(&r);
+    assert_eq!(v["health"], "drained");
+    assert_eq!(v["in_flight"], 1, "the long request is still running: {v}");
+
+    let hits_before = drained.hits();
+    for _ in 0..50 {
+        let r = client.get(listen, "/", None).await.expect("proxy");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.backend(),
+            other.name,
+            "a drained endpoint got a new request"
+        );
+    }
+    assert_eq!(
+        drained.hits(),
+        hits_before,
+        "drained backend saw new requests"
+    );
+
+    let e = scrape_until(&client, admin_addr, |e| {
+        available(e, "web", &busy_addr) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        available(&e, "web", &busy_addr),
+        Some(0.0),
+        "gauge after drain"
+    );
+    assert_eq!(available(&e, "web", &other.addr.to_string()), Some(1.0));
+
+    // The request that started before the drain completes normally on the drained endpoint.
+    let r = tokio::time::timeout(Duration::from_secs(20), long)
+        .await
+        .expect("long request finished")
+        .expect("task")
+        .expect("long request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend(), drained.name);
+    let web = cluster_until(&client, admin_addr, "web", |c| {
+        c["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|e| e["in_flight"] == 0))
+    })
+    .await;
+    assert_eq!(endpoint(&web, drained.addr)["in_flight"], 0, "{web}");
+    assert_eq!(endpoint(&web, drained.addr)["health"], "drained");
+
+    // Enable brings it back.
+    let r = post(
+        &client,
+        admin_addr,
+        &format!("/clusters/web/endpoints/{busy_addr}/enable"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(json(&r)["health"], "healthy");
+    for _ in 0..40 {
+        let r = client.get(listen, "/", None).await.expect("proxy");
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        drained.hits() >= hits_before + 5,
+        "re-enabled endpoint got {} of 40 requests",
+        drained.hits() - hits_before
+    );
+    let e = scrape_until(&client, admin_addr, |e| {
+        available(e, "web", &busy_addr) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        available(&e, "web", &busy_addr),
+        Some(1.0),
+        "gauge after enable"
+    );
+    let transitions = |to: &str| {
+        e.value(
+            "lbd_endpoint_health_transitions_total",
+            &[("cluster", "web"), ("endpoint", &busy_addr), ("to", to)],
+        )
+    };
+    assert_eq!(transitions("down"), Some(1.0));
+    assert_eq!(transitions("up"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn availability_gauge_follows_passive_ejection_and_its_expiry() {
+    let live = Backend::start("live").await;
+    let dead = closed_addr();
+    let (listen, admin_addr) = (free_addr(), free_addr());
+    let cfg = format!(
+        r#"
+[admin]
+bind = "{admin_addr}"
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "all"
+cluster = "web"
+
+[[clusters]]
+name = "web"
+[clusters.passive]
+max_fails = 1
+fail_timeout = "3s"
+[[clusters.endpoints]]
+address = "{live}"
+[[clusters.endpoints]]
+address = "{dead}"
+"#,
+        live = live.addr
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let client = H1::new();
+    let dead_ep = dead.to_string();
+    let e = scrape(&client, admin_addr, None).await;
+    assert_eq!(
+        available(&e, "web", &dead_ep),
+        Some(1.0),
+        "starts available"
+    );
+
+    // Round robin reaches the dead endpoint within two requests; the connect failure ejects it
+    // and the request is retried on the live one.
+    for _ in 0..2 {
+        let r = client.get(listen, "/", None).await.expect("proxy");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let web = get_json(&client, admin_addr, "/clusters").await;
+    assert_eq!(endpoint(&web[0], dead)["health"], "ejected", "{web}");
+    let e = scrape_until(&client, admin_addr, |e| {
+        available(e, "web", &dead_ep) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        available(&e, "web", &dead_ep),
+        Some(0.0),
+        "gauge after ejection"
+    );
+
+    // Nothing but the deadline ends the ejection; the gauge must follow.
+    let e = scrape_until(&client, admin_addr, |e| {
+        available(e, "web", &dead_ep) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        available(&e, "web", &dead_ep),
+        Some(1.0),
+        "gauge after expiry"
+    );
+    assert_eq!(
+        e.value(
+            "lbd_endpoint_health_transitions_total",
+            &[("cluster", "web"), ("endpoint", &dead_ep), ("to", "down")]
+        ),
+        Some(1.0)
+    );
+}
