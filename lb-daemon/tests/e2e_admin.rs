@@ -838,3 +838,68 @@ address = "{dead}"
         Some(1.0)
     );
 }
+
+/// One HTTP/1.1 request on a fresh connection, no retries: fails if nothing listens yet.
+async fn raw_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr} right after READY=1: {e}"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_reloading_stopping() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (listen, admin_addr) = (free_addr(), free_addr());
+    let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "", "");
+    let mut lbd = Lbd::spawn(bin(), &cfg);
+    lbd.wait_notify("READY=1", Duration::from_secs(20));
+    // Readiness means serving: the first connection after READY=1 must work, no retry.
+    let resp = raw_get(listen, "/").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let resp = raw_get(admin_addr, "/status").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(lbd.notifications(), ["READY=1"]);
+
+    // SIGHUP: RELOADING=1, then READY=1 once the new config is active.
+    let client = H1::new();
+    let hash0 = get_json(&client, admin_addr, "/status").await["config_hash"].clone();
+    let changed = two_endpoint_config(listen, admin_addr, &a, &b, "", "policy = \"random\"\n");
+    lbd.reload(&changed);
+    assert_eq!(lbd.notifications(), ["READY=1", "RELOADING=1", "READY=1"]);
+    let status = get_json(&client, admin_addr, "/status").await;
+    assert_ne!(status["config_hash"], hash0);
+    assert_eq!(status["reloads_ok"], 1);
+
+    // A rejected SIGHUP reload still ends in READY=1 (the old config is serving).
+    lbd.reload("this is not toml");
+    assert_eq!(lbd.notifications()[3..], ["RELOADING=1", "READY=1"]);
+    assert_eq!(
+        get_json(&client, admin_addr, "/status").await["reloads_failed"],
+        1
+    );
+    let resp = raw_get(listen, "/").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // POST /reload reports the same way.
+    std::fs::write(&lbd.config, &cfg).expect("write config");
+    let r = post(&client, admin_addr, "/reload").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    lbd.wait_notify("READY=1", Duration::from_secs(20));
+    assert_eq!(lbd.notifications()[5..], ["RELOADING=1", "READY=1"]);
+
+    // SIGTERM: STOPPING=1, then a clean exit.
+    let status = lbd.terminate(Duration::from_secs(20)).expect("exited");
+    assert!(status.success(), "{status}");
+    lbd.wait_notify("STOPPING=1", Duration::from_secs(5));
+    assert_eq!(lbd.notifications()[7..], ["STOPPING=1"]);
+}
