@@ -251,6 +251,28 @@ unhealthy_threshold = 1
     assert_eq!(available(&e, "web", &web_ep), Some(1.0));
     assert_eq!(available(&e, "dead", &dead_ep), Some(0.0));
 
+    // Upstream connections: each request either opened a connection or reused a pooled one.
+    let opened = e
+        .value(
+            "lbd_upstream_connections_opened_total",
+            &[("cluster", "web"), ("endpoint", &web_ep)],
+        )
+        .expect("connections opened to web");
+    let reused = e
+        .value("lbd_upstream_requests_reused_total", &[("cluster", "web")])
+        .expect("reused requests on web");
+    assert!(opened >= 1.0, "opened {opened}");
+    assert!((1.0..=36.0).contains(&reused), "keep-alive reuse: {reused}");
+    assert!(opened + reused >= 37.0, "opened {opened} + reused {reused}");
+    assert_eq!(
+        e.sum(
+            "lbd_upstream_connections_opened_total",
+            &[("cluster", "dead")]
+        ),
+        0.0,
+        "nothing connects to a cluster with no healthy endpoint"
+    );
+
     // Labels are bounded by the config: no client address, no request path or query.
     for s in &e.samples {
         for (k, v) in &s.labels {
