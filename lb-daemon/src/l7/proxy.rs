@@ -164,7 +164,7 @@ pub async fn handle(
                 // to upstream": one line per failed attempt, with the whole cause chain.
                 tracing::warn!(
                     cluster = %cluster.name,
-                    endpoint = ?log.endpoint,
+                    endpoint = log.endpoint.map(tracing::field::display),
                     attempt = attempt + 1,
                     ?kind,
                     error = %crate::telemetry::logging::chain(&err),
