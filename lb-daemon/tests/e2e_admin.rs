@@ -703,7 +703,13 @@ async fn drain_stops_new_requests_and_lets_in_flight_finish() {
     assert_eq!(v["health"], "drained");
     assert_eq!(v["in_flight"], 1, "the long request is still running: {v}");
 
+    // lbd counts the request in flight before the backend has read it; wait for the backend.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drained.hits() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let hits_before = drained.hits();
+    assert_eq!(hits_before, 1, "only the long request reached it");
     for _ in 0..50 {
         let r = client.get(listen, "/", None).await.expect("proxy");
         assert_eq!(r.status, 200);

@@ -28,10 +28,20 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
+fn default_filter() -> String {
+    std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into())
+}
+
 impl Lbd {
     /// Starts `bin run --config <file with config>` and waits (≤ 20 s) for READY=1.
     pub fn start(bin: &Path, config: &str) -> Lbd {
-        let mut lbd = Self::spawn(bin, config);
+        let filter = default_filter();
+        Self::start_logging(bin, config, &filter)
+    }
+
+    /// Like [`Lbd::start`] with `RUST_LOG` set to `filter`.
+    pub fn start_logging(bin: &Path, config: &str, filter: &str) -> Lbd {
+        let mut lbd = Self::spawn_logging(bin, config, filter);
         lbd.wait_notify("READY=1", Duration::from_secs(20));
         lbd
     }
@@ -39,6 +49,11 @@ impl Lbd {
     /// Starts `bin run --config <file with config>` without waiting for anything (for tests
     /// of startup itself: refusals, readiness ordering).
     pub fn spawn(bin: &Path, config: &str) -> Lbd {
+        Self::spawn_logging(bin, config, &default_filter())
+    }
+
+    /// Like [`Lbd::spawn`] with `RUST_LOG` set to `filter`.
+    pub fn spawn_logging(bin: &Path, config: &str, filter: &str) -> Lbd {
         let dir = temp_dir();
         let path = dir.join("lb.toml");
         std::fs::write(&path, config).expect("write config");
@@ -52,10 +67,7 @@ impl Lbd {
             .args(["run", "--config"])
             .arg(&path)
             .env("NOTIFY_SOCKET", &sock_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

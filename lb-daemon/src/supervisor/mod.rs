@@ -257,6 +257,9 @@ impl Control for Supervisor {
             .get(ei)
             .ok_or_else(not_found)?;
         ep.set_drained(drained);
+        // Rebuild now rather than via the watcher, so once the admin API answers, no new
+        // request can be picked from a snapshot that still has the endpoint.
+        rt.clusters[ci].balancer.rebuild();
         tracing::info!(cluster, endpoint = %rt.model.clusters[ci].endpoints[ei].address, drained, "endpoint drain changed by admin");
         admin::view::clusters(&rt.model, &rt.health())
             .into_iter()
