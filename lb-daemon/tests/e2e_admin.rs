@@ -669,7 +669,7 @@ async fn drain_stops_new_requests_and_lets_in_flight_finish() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let (listen, admin_addr) = (free_addr(), free_addr());
     let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "", "");
-    let _lbd = Lbd::start(bin(), &cfg);
+    let lbd = Lbd::start(bin(), &cfg);
     let client = H1::new();
 
     // A long request, then find which endpoint holds it.
@@ -788,6 +788,38 @@ async fn drain_stops_new_requests_and_lets_in_flight_finish() {
     };
     assert_eq!(transitions("down"), Some(1.0));
     assert_eq!(transitions("up"), Some(1.0));
+
+    // An endpoint removed by a reload reads 0, not its last value; the config hash moves.
+    let hash0 = get_json(&client, admin_addr, "/status").await["config_hash"]
+        .as_str()
+        .expect("hash")
+        .to_owned();
+    let weight = if drained.name == "a" { 1 } else { 3 };
+    let only_other = cfg.replace(
+        &format!(
+            "[[clusters.endpoints]]\naddress = \"{}\"\nweight = {weight}\n",
+            drained.addr
+        ),
+        "",
+    );
+    assert_ne!(only_other, cfg);
+    std::fs::write(&lbd.config, &only_other).expect("write config");
+    let r = post(&client, admin_addr, "/reload").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let hash1 = json(&r)["config_hash"].as_str().expect("hash").to_owned();
+    let e = scrape(&client, admin_addr, None).await;
+    assert_eq!(
+        available(&e, "web", &busy_addr),
+        Some(0.0),
+        "removed endpoint"
+    );
+    assert_eq!(available(&e, "web", &other.addr.to_string()), Some(1.0));
+    assert_eq!(e.value("lbd_config_info", &[("hash", &hash0)]), Some(0.0));
+    assert_eq!(e.value("lbd_config_info", &[("hash", &hash1)]), Some(1.0));
+    assert_eq!(
+        e.value("lbd_config_reloads_total", &[("result", "success")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

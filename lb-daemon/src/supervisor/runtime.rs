@@ -187,6 +187,22 @@ fn spawn_availability_metrics(
     })
 }
 
+/// An endpoint the new config no longer has takes no traffic; without this its
+/// `lbd_endpoint_available` series would keep its last value (often 1) until restart.
+fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
+    for pc in &previous.clusters {
+        let kept = model.clusters.iter().find(|c| c.name == pc.config.name);
+        for ep in &pc.config.endpoints {
+            if kept.is_some_and(|c| c.endpoints.iter().any(|e| e.address == ep.address)) {
+                continue;
+            }
+            metrics::gauge!(m::ENDPOINT_AVAILABLE,
+                "cluster" => pc.config.name.clone(), "endpoint" => ep.address.to_string())
+            .set(0.0);
+        }
+    }
+}
+
 impl Runtime {
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
@@ -203,6 +219,9 @@ impl Runtime {
                 }
             })
             .collect();
+        if let Some(prev) = previous {
+            zero_removed_endpoints(prev, &model);
+        }
         let route_names: Vec<Arc<str>> = model
             .routes
             .iter()
