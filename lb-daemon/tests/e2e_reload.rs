@@ -609,8 +609,8 @@ passive = {{ max_fails = 0 }}
 
 [clusters.health_check]
 kind = "tcp"
-interval = "100ms"
-timeout = "50ms"
+interval = "300ms"
+timeout = "250ms"
 unhealthy_threshold = 1
 # Once down, an endpoint stays down for the whole test even if it starts answering.
 healthy_threshold = 100000

@@ -102,8 +102,8 @@ policy = "least_request"
 
 [clusters.health_check]
 kind = "tcp"
-interval = "100ms"
-timeout = "50ms"
+interval = "300ms"
+timeout = "250ms"
 unhealthy_threshold = 1
 {api}"#,
         web = eps(web),
