@@ -61,6 +61,9 @@ pub struct Supervisor {
     listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
     tracker: Arc<ConnTracker>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Held while a new runtime is built and swapped in, and while an operator drains an
+    /// endpoint, so a drain is never applied to a runtime that is about to be replaced.
+    swap_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -87,6 +90,7 @@ impl Supervisor {
             listeners: Mutex::new(HashMap::new()),
             tracker: Arc::new(ConnTracker::default()),
             reload_lock: tokio::sync::Mutex::new(()),
+            swap_lock: Mutex::new(()),
         });
         let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
         sup.spawn_listeners(&model, bound);
@@ -159,8 +163,13 @@ impl Supervisor {
             }
         };
         let model = Arc::new(model);
-        self.state
-            .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&old))));
+        {
+            // Drains carried over by Runtime::build must include one made a moment ago.
+            let _swap = self.swap_lock.lock();
+            let current = self.state.load_full();
+            self.state
+                .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&current))));
+        }
         self.spawn_listeners(&model, bound);
         let mut removed = Vec::new();
         if let Ok(mut handles) = self.listeners.lock() {
@@ -259,6 +268,7 @@ impl Control for Supervisor {
         endpoint: &str,
         drained: bool,
     ) -> Result<EndpointView, ControlError> {
+        let _swap = self.swap_lock.lock();
         let rt = self.runtime();
         let not_found = || ControlError::NotFound {
             cluster: cluster.to_owned(),
