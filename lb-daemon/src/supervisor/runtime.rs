@@ -89,10 +89,9 @@ impl ClusterRuntime {
                     continue;
                 };
                 let (old, new) = (&prev.health.endpoints[j], &health.endpoints[i]);
-                new.set_drained(old.drained());
-                new.set_active_healthy(old.active_healthy());
-                if let Some(c) = old.last_check() {
-                    new.record_check(c);
+                new.inherit(old);
+                if let Some(until) = new.ejected_until() {
+                    crate::health::schedule_expiry(Arc::clone(new), until);
                 }
             }
         }
