@@ -160,7 +160,16 @@ pub async fn handle(
                 return respond(resp, log);
             }
             Ok(Err((kind, err))) => {
-                tracing::debug!(cluster = %cluster.name, endpoint = ?log.endpoint, error = %err, ?kind, "upstream attempt failed");
+                // Like nginx's "connect() failed (111: Connection refused) while connecting
+                // to upstream": one line per failed attempt, with the whole cause chain.
+                tracing::warn!(
+                    cluster = %cluster.name,
+                    endpoint = log.endpoint.map(tracing::field::display),
+                    attempt = attempt + 1,
+                    ?kind,
+                    error = %crate::telemetry::logging::chain(&err),
+                    "upstream attempt failed"
+                );
                 match kind {
                     UpstreamError::BodyTooLarge => {
                         return fail(log, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", true);
