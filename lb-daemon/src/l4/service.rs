@@ -110,6 +110,9 @@ impl L4Service {
             }
             tracing::info!(interface = i, "XDP program attached");
         }
+        for p in &desired.problems {
+            tracing::warn!(problem = %p, "l4");
+        }
         let problems = Arc::new(Mutex::new(desired.problems));
         let (tx, rx) = watch::channel(inputs);
         let task = tokio::spawn(run(prog, state, rx, Arc::clone(&problems), opts));
@@ -171,15 +174,35 @@ async fn run(
                 () = tokio::time::sleep(opts.refresh) => {}
             }
             let now = inputs.borrow_and_update().clone();
-            match refresh(&mut prog, &mut state, &now) {
+            // Map writes are syscalls (a first ring fill is 65,537 of them) and next-hop lookup
+            // runs `ip`: keep both off the async workers.
+            let job = tokio::task::spawn_blocking(move || {
+                let r = refresh(&mut prog, &mut state, &now);
+                if let Ok(d) = &r {
+                    export(&mut prog, &now.model, d);
+                }
+                (prog, state, r)
+            });
+            let r;
+            (prog, state, r) = match job.await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = %e, "l4: map update task failed; L4 maps frozen");
+                    watchers.iter().for_each(|w| w.abort());
+                    return;
+                }
+            };
+            match r {
                 Ok(d) => {
-                    for p in &d.problems {
-                        tracing::warn!(problem = %p, "l4");
+                    if let Ok(mut g) = problems.lock()
+                        && *g != d.problems
+                    {
+                        // Logged when they change, not on every refresh.
+                        for p in &d.problems {
+                            tracing::warn!(problem = %p, "l4");
+                        }
+                        *g = d.problems;
                     }
-                    if let Ok(mut g) = problems.lock() {
-                        *g = d.problems.clone();
-                    }
-                    export(&mut prog, &now.model, &d);
                 }
                 Err(e) => tracing::error!(error = %e, "l4: updating the XDP maps failed"),
             }
