@@ -13,7 +13,10 @@ export CARGO_TERM_COLOR=never
 
 ./scripts/setup.sh
 
-echo "== build (host workspace + eBPF object)"
+echo "== eBPF object (lb-ebpf, Debian rustc + bpf-linker)"
+cargo xtask build-ebpf
+
+echo "== build (host workspace; lb-daemon/build.rs embeds the eBPF object)"
 cargo build --workspace --all-targets --locked
 
 echo "== tests"
@@ -21,6 +24,13 @@ cargo test --workspace --locked --no-fail-fast
 
 echo "== lint"
 cargo fmt --all --check
+# lb-ebpf is its own workspace (another compiler and target), so it is checked on its own:
+# clippy for the host target with the rustup toolchain (Debian's rustc has no clippy), with
+# panic=abort as for the BPF build.
+(cd lb-ebpf && cargo fmt --check)
+(cd lb-ebpf && RUSTC="$(rustup which rustc)" cargo clippy --locked \
+    --target "$(rustc -vV | sed -n 's/^host: //p')" \
+    --target-dir "${CARGO_TARGET_DIR:-target}/bpf-clippy" -- -C panic=abort -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The issue asks for the bench in CI as a smoke test: every contender installed and started,

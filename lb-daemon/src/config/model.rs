@@ -65,6 +65,8 @@ pub struct Admin {
     pub bind: SocketAddr,
     /// Optional bearer token required on every admin request.
     pub token: Option<String>,
+    /// Operator's explicit consent to a non-loopback bind without a token.
+    pub allow_insecure_non_loopback: bool,
 }
 
 /// Downstream protocol of a listener.
@@ -102,7 +104,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How long an idle keep-alive connection is kept open.
     pub idle_timeout: Duration,
-    /// How long a client may take to send the request headers (slowloris guard, → 408).
+    /// How long a client may take to send the request headers (slowloris guard; the connection is closed).
     pub header_read_timeout: Duration,
 }
 

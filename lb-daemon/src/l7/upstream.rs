@@ -4,16 +4,23 @@
 //! endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2 connections
 //! are shared by concurrent requests (each request is its own stream).
 use std::error::Error as _;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
+use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyError, RequestBody};
 use crate::config::model::{Cluster, UpstreamProtocol};
+use crate::telemetry::metrics as m;
 
 /// How an upstream attempt failed; decides retry, passive health and the status sent back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +57,9 @@ impl UpstreamError {
 /// The pooled client for one cluster.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<CountingConnector, RequestBody>,
+    /// `lbd_upstream_requests_reused_total` for this cluster, registered once.
+    reused: metrics::Counter,
     version: http::Version,
     /// `ip:port` authority of each endpoint, built once so requests only clone it.
     authorities: Vec<Authority>,
@@ -85,8 +94,13 @@ impl Upstream {
             .iter()
             .map(|e| authority(e.address))
             .collect();
+        let connector = CountingConnector {
+            inner: connector,
+            cluster: Arc::from(cluster.name.as_str()),
+        };
         Upstream {
             client: builder.build(connector),
+            reused: metrics::counter!(m::UPSTREAM_REUSED, "cluster" => cluster.name.clone()),
             version,
             authorities,
         }
@@ -115,10 +129,115 @@ impl Upstream {
         &self,
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<Incoming>, (UpstreamError, hyper_util::client::legacy::Error)> {
-        self.client
+        let resp = self
+            .client
             .request(req)
             .await
-            .map_err(|e| (UpstreamError::classify(&e), e))
+            .map_err(|e| (UpstreamError::classify(&e), e))?;
+        // Every response carries its connection's use counter (see `CountingConnector`).
+        if let Some(uses) = resp.extensions().get::<ConnectionUses>()
+            && uses.0.fetch_add(1, Ordering::Relaxed) > 0
+        {
+            self.reused.increment(1);
+        }
+        Ok(resp)
+    }
+}
+
+/// Requests answered on one upstream connection so far; hyper-util copies it into the
+/// extensions of every response received on that connection.
+#[derive(Debug, Clone)]
+struct ConnectionUses(Arc<AtomicU64>);
+
+/// `HttpConnector` that counts the connections it opens (`lbd_upstream_connections_opened_total`)
+/// and tags each with a [`ConnectionUses`], so reuse from the pool can be counted without
+/// hooks inside hyper-util's pool.
+#[derive(Debug, Clone)]
+struct CountingConnector {
+    inner: HttpConnector,
+    cluster: Arc<str>,
+}
+
+type HttpIo = <HttpConnector as tower_service::Service<Uri>>::Response;
+type HttpConnectError = <HttpConnector as tower_service::Service<Uri>>::Error;
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = CountedIo;
+    type Error = HttpConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, HttpConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst.clone());
+        let cluster = Arc::clone(&self.cluster);
+        Box::pin(async move {
+            let io = connecting.await?;
+            // The authority is a configured endpoint's `ip:port`, a bounded label value.
+            let endpoint = dst.authority().map_or_else(String::new, |a| a.to_string());
+            metrics::counter!(m::UPSTREAM_CONNECTS,
+                "cluster" => cluster.to_string(), "endpoint" => endpoint)
+            .increment(1);
+            Ok(CountedIo {
+                inner: io,
+                uses: ConnectionUses(Arc::new(AtomicU64::new(0))),
+            })
+        })
+    }
+}
+
+/// An upstream TCP stream carrying its [`ConnectionUses`].
+#[derive(Debug)]
+struct CountedIo {
+    inner: HttpIo,
+    uses: ConnectionUses,
+}
+
+impl Connection for CountedIo {
+    fn connected(&self) -> Connected {
+        self.inner.connected().extra(self.uses.clone())
+    }
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
