@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs lbd's whole test suite on a fresh Debian 12 machine: installs prerequisites (idempotent),
 # builds everything including the XDP object, runs every test, the lint gates, then a quick
-# benchmark run (installs the bench contenders; about 20 minutes on 2 busy cores).
+# benchmark run (installs the bench contenders; 10–16 minutes on 2 shared cores).
 #
 # Tests that need root, BPF or network namespaces run when those are available (as in CI) and
 # print a "SKIP: <reason>" line otherwise.

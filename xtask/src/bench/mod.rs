@@ -3,8 +3,8 @@
 //! The machines are shared and noisy, so: the proxy under test is pinned to CPU 0 and the load
 //! generator plus backends to CPU 1; contenders are interleaved (A B C A B C …) and each
 //! measurement is repeated, medians reported with their spread; proxy CPU time per request is
-//! read from /proc (the figure least disturbed by noise); a run during which other processes
-//! used noticeable CPU is repeated.
+//! read from /proc (the figure least disturbed by noise); in a full run, a measurement during
+//! which other processes used noticeable CPU is repeated (`--quick` only records the noise).
 mod contenders;
 mod idle;
 mod load;

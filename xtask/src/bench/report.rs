@@ -294,4 +294,18 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
     }
+
+    #[test]
+    fn counts_failures_per_contender_across_scenarios_and_idle() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        r.fail("a", "lbd", "x".into());
+        r.fail("a", "nginx", "y".into());
+        r.fail("b", "lbd", "z".into());
+        r.fail_idle("lbd", "w".into());
+        assert_eq!(r.failures_of("lbd"), 3);
+        assert_eq!(r.failures_of("nginx"), 1);
+        assert_eq!(r.failures_of("envoy"), 0);
+        let md = r.markdown();
+        assert!(md.contains("| lbd | failed: x |"), "{md}");
+    }
 }
