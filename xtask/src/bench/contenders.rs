@@ -308,6 +308,10 @@ fn nginx_config(s: &Shape, dir: &Path) -> String {
     )
 }
 
+/// HAProxy's `maxconn` refuses connections past the limit; it must stay above the idle-memory
+/// scenario's 5,000 connections plus the upstream ones, like nginx's `worker_connections 8192`.
+/// HAProxy raises its fd limit to about 2 × maxconn, which must fit the hard `ulimit -n`
+/// (20,000 on the bench machine).
 fn haproxy_config(s: &Shape) -> String {
     let proto = if s.upstream_h2 { " proto h2" } else { "" };
     let servers: String = s
@@ -317,7 +321,7 @@ fn haproxy_config(s: &Shape) -> String {
         .map(|(i, b)| format!("    server s{i} {b}{proto}\n"))
         .collect();
     format!(
-        "global\n    nbthread 1\n    maxconn 4096\n\n\
+        "global\n    nbthread 1\n    maxconn 8192\n\n\
          defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    http-reuse always\n\n\
          frontend bench\n    bind 127.0.0.1:{port}{fproto}\n    default_backend bench\n\n\
          backend bench\n    balance roundrobin\n{servers}",
