@@ -1,4 +1,5 @@
 //! `lbd` command line.
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -27,6 +28,22 @@ enum Cmd {
         #[arg(short, long, default_value = "/etc/lbd/lb.toml")]
         config: PathBuf,
     },
+    /// Show which VIP a flow addresses and which backend the XDP program gives a new flow of
+    /// it (assuming every endpoint healthy except those named with --down), and why.
+    Explain {
+        /// Path to the configuration file (TOML).
+        #[arg(short, long, default_value = "/etc/lbd/lb.toml")]
+        config: PathBuf,
+        /// "tcp" or "udp".
+        protocol: String,
+        /// Client address, ip:port ("[::1]:80" for IPv6).
+        src: SocketAddr,
+        /// Destination address, ip:port.
+        dst: SocketAddr,
+        /// Treat this backend address as down (repeatable).
+        #[arg(long)]
+        down: Vec<IpAddr>,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -40,6 +57,13 @@ fn main() -> ExitCode {
         }
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
+        Cmd::Explain {
+            config,
+            protocol,
+            src,
+            dst,
+            down,
+        } => explain(&config, &protocol, src, dst, down),
     }
 }
 
@@ -104,6 +128,47 @@ fn check(path: &Path) -> ExitCode {
                 path.display(),
                 if n == 1 { "" } else { "s" }
             );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lbd explain`: the answer on stdout; config or argument problems on stderr, exit 1.
+fn explain(
+    path: &Path,
+    protocol: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    down: Vec<IpAddr>,
+) -> ExitCode {
+    use lbd::l4::explain::{Query, explain, parse_protocol};
+    let protocol = match parse_protocol(protocol) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lbd explain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let model = match config::load(path) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let q = Query {
+        protocol,
+        src,
+        dst,
+        down,
+    };
+    match explain(&model, &q) {
+        Ok(e) => {
+            print!("{e}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lbd explain: {e}");
             ExitCode::FAILURE
         }
     }

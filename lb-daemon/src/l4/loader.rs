@@ -126,6 +126,21 @@ pub struct RingMember<'a> {
     pub weight: u32,
 }
 
+/// The Maglev table `set_vip` writes for `members`: per ring slot (`RING_SIZE` of them), the
+/// index into `members` of the backend that owns it; empty when no member has a weight.
+///
+/// `lbd explain` uses it too, so its answer is the ring the kernel reads.
+pub fn ring_table(members: &[RingMember<'_>]) -> Result<Vec<u32>, MaglevError> {
+    let eps: Vec<MaglevEndpoint<'_>> = members
+        .iter()
+        .map(|m| MaglevEndpoint {
+            key: m.key,
+            weight: m.weight,
+        })
+        .collect();
+    maglev::build(&eps, RING_SIZE)
+}
+
 /// The loaded (not necessarily attached) XDP program and its maps.
 pub struct L4Program {
     ebpf: Ebpf,
@@ -263,14 +278,7 @@ impl L4Program {
         for m in members {
             check("backend id", m.id, MAX_BACKENDS)?;
         }
-        let eps: Vec<MaglevEndpoint<'_>> = members
-            .iter()
-            .map(|m| MaglevEndpoint {
-                key: m.key,
-                weight: m.weight,
-            })
-            .collect();
-        let table = maglev::build(&eps, RING_SIZE)?;
+        let table = ring_table(members)?;
         let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
         let next = match self.active.get(&spec.vip_id) {
             Some(&(r, switched)) => {

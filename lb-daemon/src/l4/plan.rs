@@ -254,7 +254,8 @@ pub fn plan(
     d
 }
 
-fn vip_key(a: SocketAddr, p: L4Protocol) -> VipKey {
+/// The `VIPS` map key of a VIP at `a` for protocol `p`.
+pub fn vip_key(a: SocketAddr, p: L4Protocol) -> VipKey {
     let proto = match p {
         L4Protocol::Tcp => PROTO_TCP,
         L4Protocol::Udp => PROTO_UDP,
