@@ -44,6 +44,16 @@ enum Cmd {
         #[arg(long)]
         down: Vec<IpAddr>,
     },
+    /// Backend side of `ipip` VIPs without the kernel's tunnel modules: attach the `lb_decap`
+    /// XDP program (strips the outer IPv4/IPv6 header) until SIGTERM/SIGINT.
+    Decap {
+        /// Interface that receives the encapsulated packets (repeatable).
+        #[arg(short, long, required = true)]
+        interface: Vec<String>,
+        /// Use generic (skb) mode instead of trying driver mode first.
+        #[arg(long)]
+        generic: bool,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -64,6 +74,15 @@ fn main() -> ExitCode {
             dst,
             down,
         } => explain(&config, &protocol, src, dst, down),
+        Cmd::Decap { interface, generic } => {
+            match lbd::l4::decap::run_until_signal(&interface, generic) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lbd decap: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

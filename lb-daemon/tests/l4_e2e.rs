@@ -745,3 +745,96 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
     drop(backends);
     drop(ns);
 }
+
+#[test]
+fn lbd_decap_attaches_until_sigterm() {
+    if let Err(r) = lbd::l4::decap_object() {
+        println!("SKIP: XDP objects not built: {r}");
+        return;
+    }
+    let ns = Netns::new(format!("lbdd{}", std::process::id()), &["x"]);
+    if let Err(e) = ip(&["netns", "add", &ns.name("x")]) {
+        println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+        return;
+    }
+    let x = ns.name("x");
+    ip(&[
+        "-n", &x, "link", "add", "e0", "type", "veth", "peer", "name", "e1",
+    ])
+    .expect("veth");
+    ip(&["-n", &x, "link", "set", "e0", "up"]).expect("up");
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &x,
+            env!("CARGO_BIN_EXE_lbd"),
+            "decap",
+            "--interface",
+            "e0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn lbd decap");
+    /// Kills the child by PID if the test fails before it exits.
+    struct Kill(Option<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut child = Kill(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attached = false;
+    while Instant::now() < deadline {
+        if let Some(c) = child.0.as_mut()
+            && let Ok(Some(st)) = c.try_wait()
+        {
+            let out = child
+                .0
+                .take()
+                .expect("child")
+                .wait_with_output()
+                .expect("output");
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Operation not permitted") {
+                println!("SKIP: no permission to load BPF: {err}");
+                return;
+            }
+            panic!("lbd decap exited early ({st}): {err}");
+        }
+        if ip(&["-n", &x, "link", "show", "e0"]).is_ok_and(|l| l.contains("xdp")) {
+            attached = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(attached, "lbd decap attached lb_decap to e0");
+    let pid = child.0.as_ref().expect("child").id();
+    // `ip netns exec` execs lbd, so the PID is lbd's.
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let out = child
+        .0
+        .take()
+        .expect("child")
+        .wait_with_output()
+        .expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("lb_decap attached to e0"), "{stdout}");
+    let link = ip(&["-n", &x, "link", "show", "e0"]).expect("ip link");
+    assert!(!link.contains("xdp"), "detached on SIGTERM: {link}");
+}
