@@ -43,7 +43,8 @@ fn backend_addr(i: usize) -> Ipv4Addr {
 }
 
 fn config() -> String {
-    let mut s = String::new();
+    // Admin on ns l's loopback: the XDP counters as Prometheus metrics.
+    let mut s = String::from("[admin]\nbind = \"127.0.0.1:9901\"\n\n");
     s.push_str("[[clusters]]\nname = \"svc\"\n");
     for i in 0..BACKENDS.len() {
         s.push_str(&format!(
@@ -433,6 +434,39 @@ fn packet_socket(dev: &str) -> std::io::Result<Fd> {
     }
 }
 
+/// GETs lbd's `/metrics` in namespace `ns` until `done` holds for the page (≤ 15 s: lbd
+/// exports the XDP counters every 5 s).
+fn scrape_until(
+    ns: &str,
+    done: impl Fn(&lb_tests::prom::Exposition) -> bool + Send + 'static,
+) -> lb_tests::prom::Exposition {
+    in_netns(ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let page = scrape();
+            if done(&page) || Instant::now() > deadline {
+                return page;
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    })
+    .join()
+    .expect("scrape")
+}
+
+fn scrape() -> lb_tests::prom::Exposition {
+    use std::io::Read as _;
+    let mut s = TcpStream::connect("127.0.0.1:9901").expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lbd\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    lb_tests::prom::parse(body).unwrap_or_else(|e| panic!("metrics page: {e}\n{body}"))
+}
+
 fn mac_text(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -507,12 +541,9 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
     let backend_macs: Vec<[u8; 6]> = BACKENDS.iter().map(|b| mac_of(&ns.name(b), "vB")).collect();
     let lb_mac = mac_of(&ns.name("l"), "vL");
 
-    // lbd in ns l (a child inherits the namespace of the thread that spawns it, as with
-    // `ip netns exec`). Its health checks resolve the backends' MACs; lbd re-reads the
-    // neighbour table every 5 s, so resolve them first to not wait for that.
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
-    let cfg = config();
-    let lbd = in_netns(&ns.name("l"), move || {
+    // lbd's health checks resolve the backends' MACs, but lbd re-reads the neighbour table only
+    // every 5 s: resolve them first so the test need not wait for that.
+    in_netns(&ns.name("l"), move || {
         let probe = UdpSocket::bind("198.18.0.2:0").expect("probe socket");
         for _ in 0..50 {
             let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
@@ -525,10 +556,28 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        Lbd::start(&bin, &cfg)
     })
     .join()
-    .expect("lbd thread");
+    .expect("arp probe");
+    // lbd runs in ns l through `ip netns exec` (a wrapper that execs, so the PID the harness
+    // kills is lbd's).
+    let wrapper = std::env::temp_dir().join(format!("lbd-e2e-{}.sh", std::process::id()));
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+            ns.name("l"),
+            env!("CARGO_BIN_EXE_lbd")
+        ),
+    )
+    .expect("write wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod wrapper");
+    }
+    let lbd = Lbd::start(&wrapper, &config());
+    let _ = std::fs::remove_file(&wrapper);
     let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
     assert!(link.contains(" xdp"), "lbd attached XDP to vL: {link}");
     println!(
@@ -621,6 +670,37 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
     assert!(
         from_vip_at_lb.is_empty(),
         "VIP → client traffic must not cross the LB: {from_vip_at_lb:?}"
+    );
+
+    // lbd's own XDP counters (exported every 5 s): every VIP packet that reached vL was
+    // forwarded to a backend; the backends' replies never came by, or they would count as
+    // `pass_not_vip`.
+    let page = scrape_until(&ns.name("l"), |m| {
+        m.sum("lbd_l4_backend_packets_total", &[]) >= 4.0 * CONNS as f64
+    });
+    let reason = |r: &str| {
+        page.value("lbd_l4_packets_total", &[("reason", r)])
+            .unwrap_or(0.0)
+    };
+    let (tx, not_vip) = (reason("tx_dsr_l2"), reason("pass_not_vip"));
+    let to_backends = page.sum("lbd_l4_backend_packets_total", &[]);
+    let to_vip = page
+        .value("lbd_l4_vip_packets_total", &[("vip", "svc-tcp")])
+        .unwrap_or(0.0);
+    println!(
+        "lbd metrics: tx_dsr_l2 {tx}, pass_not_vip {not_vip}, vip svc-tcp {to_vip}, backends {to_backends}"
+    );
+    assert_eq!(
+        tx, to_backends,
+        "every forwarded packet counted per backend"
+    );
+    assert_eq!(tx, to_vip, "only TCP so far: every VIP packet forwarded");
+    // What vL does get that is not for a VIP: the answers to lbd's own health checks
+    // (3 backends, every 200 ms), a few hundred packets, not the ~12,000 reply frames.
+    let replies = from_vip_at_client.values().sum::<u64>() as f64;
+    assert!(
+        not_vip < replies / 10.0,
+        "replies do not cross the LB: pass_not_vip {not_vip}, reply frames {replies}"
     );
 
     // 2. UDP: 900 flows, one fresh source port each.
