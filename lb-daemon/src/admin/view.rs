@@ -246,7 +246,7 @@ pub fn effective_config(model: &Model) -> Value {
         "clusters": model.clusters.iter().map(|c| json!({
             "name": c.name,
             "policy": policy(&c.policy),
-            "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2" },
+            "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2", UpstreamProtocol::Grpc => "grpc" },
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.address.to_string(), "weight": e.weight, "backup": e.backup,
             })).collect::<Vec<_>>(),

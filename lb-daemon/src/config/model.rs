@@ -228,6 +228,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c).
     Http2,
+    /// gRPC over h2c: HTTP/2 upstream, and lbd's own failures answered as gRPC statuses.
+    Grpc,
 }
 
 /// `[[clusters]]`.

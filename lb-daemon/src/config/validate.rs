@@ -464,6 +464,7 @@ impl Checker<'_> {
                 &[
                     ("http1", UpstreamProtocol::Http1),
                     ("http2", UpstreamProtocol::Http2),
+                    ("grpc", UpstreamProtocol::Grpc),
                 ],
             );
             let endpoints = self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key);
@@ -555,10 +556,17 @@ impl Checker<'_> {
             Cookie,
             Maglev,
         }
+        // gRPC multiplexes many calls of very different cost over few connections: least
+        // outstanding requests spreads them better than a blind rotation.
+        let default = if c.protocol.as_ref().is_some_and(|p| p.get_ref() == "grpc") {
+            P::Lr
+        } else {
+            P::Rr
+        };
         let p = self.choice(
             c.policy.as_ref(),
             &format!("{key}.policy"),
-            P::Rr,
+            default,
             &[
                 ("round_robin", P::Rr),
                 ("weighted_round_robin", P::Wrr),

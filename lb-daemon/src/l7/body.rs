@@ -119,6 +119,14 @@ impl ResponseBody {
         }
     }
 
+    /// No body at all: the response ends with its headers (gRPC trailers-only answers).
+    pub fn empty(log: Option<Box<RequestLog>>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+            log,
+        }
+    }
+
     fn count(&mut self, n: usize) {
         if let Some(log) = self.log.as_mut() {
             log.bytes_out += n as u64;

@@ -80,6 +80,8 @@ pub struct RequestLog {
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
+    /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
+    pub grpc: bool,
 }
 
 impl RequestLog {

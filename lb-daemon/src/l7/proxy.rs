@@ -13,6 +13,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body as _, Incoming};
 
 use super::body::{RequestBody, ResponseBody};
+use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
 use super::router;
@@ -71,6 +72,7 @@ pub async fn handle(
         error: None,
         metrics: Arc::clone(&listener.unrouted_metrics),
         in_flight: None,
+        grpc: grpc::is_grpc(&parts.headers),
     });
 
     if parts.method == Method::CONNECT {
@@ -100,6 +102,13 @@ pub async fn handle(
         .timeout
         .unwrap_or(listener.limits.request_timeout)
         .min(cluster.config.timeouts.response);
+    // A gRPC client's own deadline only shortens the configured one.
+    let client_deadline = log
+        .grpc
+        .then(|| grpc::client_timeout(&parts.headers))
+        .flatten()
+        .filter(|d| *d < deadline);
+    let deadline = client_deadline.unwrap_or(deadline);
     let path = router::rewrite_uri(route, &parts.uri);
     let mut head = parts;
     prepare_head(&mut head, &conn, cluster);
@@ -174,8 +183,13 @@ pub async fn handle(
                 }
             }
             Err(_elapsed) => {
-                passive_failure(cluster, idx);
                 log.upstream = Some(sent.elapsed());
+                if client_deadline.is_some() {
+                    // The client's deadline, not a slow endpoint: no passive-health strike.
+                    // Dropping the send future resets the upstream stream (RST_STREAM CANCEL).
+                    return fail(log, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", false);
+                }
+                passive_failure(cluster, idx);
                 return fail(log, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", false);
             }
         }
@@ -255,8 +269,12 @@ fn fail(
     reason: &'static str,
     close: bool,
 ) -> Response<ResponseBody> {
-    log.status = status.as_u16();
     log.error = Some(reason);
+    if log.grpc {
+        log.status = StatusCode::OK.as_u16();
+        return grpc::error_response(reason, Some(log));
+    }
+    log.status = status.as_u16();
     local(status, reason, Some(log), close)
 }
 

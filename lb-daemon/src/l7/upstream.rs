@@ -75,7 +75,7 @@ impl Upstream {
             .set_host(false);
         let version = match cluster.protocol {
             UpstreamProtocol::Http1 => http::Version::HTTP_11,
-            UpstreamProtocol::Http2 => {
+            UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => {
                 builder.http2_only(true);
                 http::Version::HTTP_2
             }

@@ -1,0 +1,206 @@
+//! gRPC awareness of the L7 path: detection, `grpc-timeout`, and the answers lbd gives a gRPC
+//! client when it fails a call itself.
+//!
+//! A gRPC client cannot read an HTTP error page: it expects HTTP 200 and a `grpc-status`. So
+//! every local failure becomes a *trailers-only* response (one HEADERS frame with END_STREAM
+//! carrying `grpc-status` and `grpc-message`), the form gRPC uses for calls that fail before
+//! any message (gRPC over HTTP/2 spec, "Responses").
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+
+use super::body::ResponseBody;
+use super::log::RequestLog;
+
+/// gRPC status codes lbd itself produces (google.rpc.Code numbering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    /// The call was cancelled (the client went away).
+    Cancelled = 1,
+    /// The deadline passed before the call completed.
+    DeadlineExceeded = 4,
+    /// A limit was hit (message or body size).
+    ResourceExhausted = 8,
+    /// Nothing serves this method (no route).
+    Unimplemented = 12,
+    /// lbd's own failure, not an upstream's.
+    Internal = 13,
+    /// No endpoint could take the call, or the connection to it failed: safe to retry.
+    Unavailable = 14,
+}
+
+/// Whether the request is a gRPC call: `content-type: application/grpc` or `application/grpc+…`
+/// / `application/grpc;…` (the gRPC spec's detection rule).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(rest) = ct.strip_prefix("application/grpc") else {
+        return false;
+    };
+    rest.is_empty() || rest.starts_with('+') || rest.starts_with(';')
+}
+
+/// Parses a `grpc-timeout` value: 1–8 ASCII digits and a unit (`H M S m u n`).
+/// Returns `None` for anything malformed (the call then runs without a client deadline).
+pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
+    let s = value.to_str().ok()?;
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The client's deadline for this call, if it sent one.
+pub fn client_timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers.get("grpc-timeout").and_then(parse_timeout)
+}
+
+/// The gRPC status for one of lbd's local failure reasons (the `x-lbd-error` names).
+pub fn code_for(reason: &str) -> Code {
+    match reason {
+        "no_route" => Code::Unimplemented,
+        "upstream_timeout" | "deadline_exceeded" => Code::DeadlineExceeded,
+        "body_too_large" => Code::ResourceExhausted,
+        "client_body" => Code::Cancelled,
+        "no_healthy_endpoint" | "upstream_connect" | "upstream_reset" | "listener_removed" => {
+            Code::Unavailable
+        }
+        _ => Code::Internal,
+    }
+}
+
+/// A human-readable `grpc-message` for a local failure reason.
+fn message_for(reason: &str, cluster: Option<&str>) -> String {
+    let what = match reason {
+        "no_route" => "no route matches this method",
+        "no_healthy_endpoint" => "no healthy endpoint",
+        "upstream_connect" => "could not connect to any endpoint",
+        "upstream_reset" => "upstream connection reset",
+        "upstream_timeout" => "upstream did not answer in time",
+        "deadline_exceeded" => "deadline exceeded",
+        "body_too_large" => "request exceeds the listener's max_body_bytes",
+        "client_body" => "client request stream failed",
+        "listener_removed" => "listener removed by a reload",
+        other => other,
+    };
+    match cluster {
+        Some(c) if c != "-" => format!("lbd: {what} (cluster {c})"),
+        _ => format!("lbd: {what}"),
+    }
+}
+
+/// Percent-encodes a `grpc-message` as the spec asks (bytes outside 0x20..=0x7E and `%`).
+fn encode_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A trailers-only gRPC response for the local failure `reason`.
+pub fn error_response(
+    reason: &'static str,
+    log: Option<Box<RequestLog>>,
+) -> Response<ResponseBody> {
+    let code = code_for(reason);
+    let message = message_for(reason, log.as_ref().map(|l| &*l.cluster));
+    let mut resp = Response::new(ResponseBody::empty(log));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code as u16));
+    if let Ok(v) = HeaderValue::from_str(&encode_message(&message)) {
+        h.insert("grpc-message", v);
+    }
+    h.insert("x-lbd-error", HeaderValue::from_static(reason));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ct(v: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+        h
+    }
+
+    #[test]
+    fn detects_grpc_content_types() {
+        assert!(is_grpc(&ct("application/grpc")));
+        assert!(is_grpc(&ct("application/grpc+proto")));
+        assert!(is_grpc(&ct("application/grpc;charset=utf-8")));
+        assert!(!is_grpc(&ct("application/grpc-web")));
+        assert!(!is_grpc(&ct("application/json")));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let p = |s: &'static str| parse_timeout(&HeaderValue::from_static(s));
+        assert_eq!(p("50m"), Some(Duration::from_millis(50)));
+        assert_eq!(p("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(p("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(p("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(p("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(p("10n"), Some(Duration::from_nanos(10)));
+        assert_eq!(p("123456789m"), None, "more than 8 digits");
+        assert_eq!(p("m"), None);
+        assert_eq!(p("5x"), None);
+        assert_eq!(p("-5m"), None);
+        assert_eq!(p("5 m"), None);
+    }
+
+    #[test]
+    fn error_response_is_trailers_only_with_status() {
+        let r = error_response("no_healthy_endpoint", None);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert!(http_body::Body::is_end_stream(r.body()));
+        assert_eq!(
+            error_response("no_route", None).headers()["grpc-status"],
+            "12"
+        );
+        assert_eq!(
+            error_response("upstream_timeout", None).headers()["grpc-status"],
+            "4"
+        );
+        assert_eq!(
+            error_response("body_too_large", None).headers()["grpc-status"],
+            "8"
+        );
+    }
+
+    #[test]
+    fn message_is_percent_encoded() {
+        assert_eq!(encode_message("a%b é"), "a%25b %C3%A9");
+    }
+}
