@@ -592,3 +592,173 @@ async fn lbd_failures_are_grpc_statuses() {
         );
     }
 }
+
+/// A request stream fed from a channel, so the test can interleave sends and receives.
+fn channel_stream(
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so corruption cannot hide in a pattern.
+fn noise(seed: u64, len: usize) -> Bytes {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.put_u64(x);
+    }
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_calls_and_large_messages_arrive_intact() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let listen = free_addr();
+    let lbd = Lbd::start(bin(), &config(listen, &[a.addr, b.addr], ""));
+    let mut cl = client(listen).await;
+
+    // Server streaming: 10,000 messages, each checked in order.
+    cl.ready().await.expect("ready");
+    let mut n = Vec::new();
+    n.put_u64(10_000);
+    let mut s = cl
+        .server_streaming(
+            Request::new(Bytes::from(n)),
+            PathAndQuery::from_static("/test.Echo/Count"),
+            RawCodec,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("count: {e:?}\n{}", lbd.logs()))
+        .into_inner();
+    let mut i = 0u64;
+    while let Some(m) = s.message().await.expect("stream message") {
+        assert_eq!(m, count_msg(i), "message {i}");
+        i += 1;
+    }
+    assert_eq!(i, 10_000, "server-streamed messages received");
+
+    // Bidi ping-pong: 1,000 round trips, each answer awaited before the next send.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    cl.ready().await.expect("ready");
+    tx.send(Bytes::from_static(b"ping 0")).await.expect("send");
+    let mut replies = cl
+        .streaming(
+            Request::new(channel_stream(rx)),
+            PathAndQuery::from_static("/test.Echo/Bidi"),
+            RawCodec,
+        )
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..1000u32 {
+        let m = replies
+            .message()
+            .await
+            .expect("bidi reply")
+            .unwrap_or_else(|| panic!("bidi stream ended at round trip {i}"));
+        assert_eq!(m, Bytes::from(format!("ping {i}")));
+        if i + 1 < 1000 {
+            tx.send(Bytes::from(format!("ping {}", i + 1)))
+                .await
+                .expect("send");
+        }
+    }
+    drop(tx);
+    assert!(
+        replies.message().await.expect("bidi end").is_none(),
+        "bidi ends after the client's half-close"
+    );
+
+    // Client streaming: 10 MiB in 64 KiB messages; the server answers length and hash.
+    let chunks: Vec<Bytes> = (0..160u64).map(|i| noise(i + 1, 64 << 10)).collect();
+    let want_len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let want_hash = chunks.iter().fold(FNV_INIT, |h, c| fnv(h, c));
+    assert_eq!(want_len, 10 << 20);
+    cl.ready().await.expect("ready");
+    let mut r = cl
+        .client_streaming(
+            Request::new(futures_util::stream::iter(chunks)),
+            PathAndQuery::from_static("/test.Echo/Sum"),
+            RawCodec,
+        )
+        .await
+        .expect("sum")
+        .into_inner();
+    assert_eq!((r.get_u64(), r.get_u64()), (want_len, want_hash));
+
+    // 4 MiB in one message each way.
+    let big = noise(42, 4 << 20);
+    let r = unary(&mut cl, "/test.Echo/Unary", Request::new(big.clone()))
+        .await
+        .expect("4 MiB echo");
+    assert_eq!(r.get_ref().len(), big.len());
+    assert!(r.get_ref() == &big, "4 MiB echo differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_binary_trailers_pass_unchanged() {
+    let a = GrpcBackend::start("a").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &[a.addr], ""));
+    let mut cl = client(listen).await;
+
+    let raw: &[u8] = &[0, 255, 1, 254, b'\n', b'\r', 0x80];
+    let mut req = Request::new(Bytes::from_static(b"m"));
+    req.metadata_mut().insert(
+        "x-custom",
+        MetadataValue::from_static("some value; with=symbols"),
+    );
+    req.metadata_mut()
+        .insert_bin("x-custom-bin", MetadataValue::from_bytes(raw));
+    let r = unary(&mut cl, "/test.Echo/Unary", req)
+        .await
+        .expect("unary");
+    assert_eq!(
+        r.metadata().get("x-custom").and_then(|v| v.to_str().ok()),
+        Some("some value; with=symbols")
+    );
+    let bin = r
+        .metadata()
+        .get_bin("x-custom-bin")
+        .expect("binary metadata echoed")
+        .to_bytes()
+        .expect("base64");
+    assert_eq!(&bin[..], raw);
+
+    // Trailers after data: the status, its message and custom (binary) trailers arrive as sent.
+    cl.ready().await.expect("ready");
+    let mut s = cl
+        .server_streaming(
+            Request::new(Bytes::new()),
+            PathAndQuery::from_static("/test.Echo/Trailers"),
+            RawCodec,
+        )
+        .await
+        .expect("trailers call")
+        .into_inner();
+    for i in 0..3 {
+        let m = s.message().await.expect("message").expect("three messages");
+        assert_eq!(m, count_msg(i));
+    }
+    let status = s.message().await.expect_err("ends with the custom status");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(status.message(), "custom failure: ü");
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-trailer")
+            .and_then(|v| v.to_str().ok()),
+        Some("plain value")
+    );
+    let trace = status
+        .metadata()
+        .get_bin("x-trace-bin")
+        .expect("binary trailer")
+        .to_bytes()
+        .expect("base64");
+    assert_eq!(&trace[..], &[0, 1, 2, 255, 254, 10, 13]);
+}
