@@ -12,7 +12,10 @@ export CARGO_TERM_COLOR=never
 
 ./scripts/setup.sh
 
-echo "== build (host workspace + eBPF object)"
+echo "== eBPF object (lb-ebpf, Debian rustc + bpf-linker)"
+cargo xtask build-ebpf
+
+echo "== build (host workspace; lb-daemon/build.rs embeds the eBPF object)"
 cargo build --workspace --all-targets --locked
 
 echo "== tests"
@@ -20,6 +23,8 @@ cargo test --workspace --locked --no-fail-fast
 
 echo "== lint"
 cargo fmt --all --check
+# lb-ebpf is its own workspace (another compiler and target), so it is checked on its own.
+(cd lb-ebpf && cargo fmt --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "test.sh: all checks passed"

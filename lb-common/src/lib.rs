@@ -9,5 +9,6 @@
 extern crate alloc;
 
 pub mod hash;
+pub mod l4;
 #[cfg(feature = "user")]
 pub mod maglev;

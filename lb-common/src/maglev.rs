@@ -52,6 +52,8 @@ impl core::fmt::Display for MaglevError {
     }
 }
 
+impl core::error::Error for MaglevError {}
+
 /// Builds a table of `size` slots; each slot holds an index into `endpoints`.
 ///
 /// Returns an empty table when no endpoint has a weight: callers treat that as "no endpoint".

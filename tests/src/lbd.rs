@@ -29,6 +29,13 @@ fn temp_dir() -> PathBuf {
 impl Lbd {
     /// Starts `bin run --config <file with config>` and waits (≤ 20 s) for READY=1.
     pub fn start(bin: &Path, config: &str) -> Lbd {
+        let filter =
+            std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into());
+        Self::start_logging(bin, config, &filter)
+    }
+
+    /// Like [`Lbd::start`] with `RUST_LOG` set to `filter`.
+    pub fn start_logging(bin: &Path, config: &str, filter: &str) -> Lbd {
         let dir = temp_dir();
         let path = dir.join("lb.toml");
         std::fs::write(&path, config).expect("write config");
@@ -42,10 +49,7 @@ impl Lbd {
             .args(["run", "--config"])
             .arg(&path)
             .env("NOTIFY_SOCKET", &sock_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -102,7 +102,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How long an idle keep-alive connection is kept open.
     pub idle_timeout: Duration,
-    /// How long a client may take to send the request headers (slowloris guard, → 408).
+    /// How long a client may take to send the request headers (slowloris guard; the connection is closed).
     pub header_read_timeout: Duration,
 }
 

@@ -2,7 +2,7 @@
 //!
 //! lbd answers by itself only when it must, always with a short text body and an
 //! `x-lbd-error` header naming the reason: 404 `no_route`, 503 `no_healthy_endpoint`,
-//! 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`, 413 `body_too_large`.
+//! 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`, 413 `body_too_large`, 414 `uri_too_long`.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -56,8 +56,8 @@ pub async fn handle(
     let mut log = Box::new(RequestLog {
         access_log: listener.access_log,
         listener: Arc::clone(&listener.name),
-        route: Arc::from("-"),
-        cluster: Arc::from("-"),
+        route: Arc::clone(&rt.unnamed),
+        cluster: Arc::clone(&rt.unnamed),
         endpoint: None,
         client: conn.client,
         method: parts.method.clone(),
@@ -75,6 +75,10 @@ pub async fn handle(
         grpc: grpc::is_grpc(&parts.headers),
     });
 
+    if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes(&listener.limits)
+    {
+        return fail(log, StatusCode::URI_TOO_LONG, "uri_too_long", true);
+    }
     if parts.method == Method::CONNECT {
         return fail(
             log,
@@ -165,7 +169,16 @@ pub async fn handle(
                 return respond(resp, log);
             }
             Ok(Err((kind, err))) => {
-                tracing::debug!(cluster = %cluster.name, endpoint = ?log.endpoint, error = %err, ?kind, "upstream attempt failed");
+                // Like nginx's "connect() failed (111: Connection refused) while connecting
+                // to upstream": one line per failed attempt, with the whole cause chain.
+                tracing::warn!(
+                    cluster = %cluster.name,
+                    endpoint = log.endpoint.map(tracing::field::display),
+                    attempt = attempt + 1,
+                    ?kind,
+                    error = %crate::telemetry::logging::chain(&err),
+                    "upstream attempt failed"
+                );
                 match kind {
                     UpstreamError::BodyTooLarge => {
                         return fail(log, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", true);
@@ -206,6 +219,12 @@ pub async fn handle(
         }
         Some(_) => fail(log, StatusCode::BAD_GATEWAY, "upstream_reset", false),
     }
+}
+
+/// Longest request target accepted (nginx's `large_client_header_buffers` default is 8 KiB);
+/// never more than the whole head may be.
+fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
+    limits.max_header_bytes.min(8192)
 }
 
 /// Turns the downstream head into the upstream head (minus URI and version, set per attempt).

@@ -23,6 +23,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<ClusterRuntime>>,
     /// Route names, same order as `model.routes`.
     pub route_names: Vec<Arc<str>>,
+    /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
+    pub unnamed: Arc<str>,
 }
 
 /// Per-listener routing and limits.
@@ -161,6 +163,7 @@ impl Runtime {
             listeners,
             clusters,
             route_names,
+            unnamed: Arc::from("-"),
         }
     }
 

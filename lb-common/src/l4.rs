@@ -1,0 +1,648 @@
+//! Keys, values and limits of the L4 (XDP) BPF maps, and the flow hash.
+//!
+//! Every type here is `#[repr(C)]` with explicit `_pad` fields so that no implicit padding
+//! exists: the kernel compares map keys byte for byte, and a hole with stack garbage in it would
+//! make two equal keys differ. Multi-byte fields that come straight from a packet (ports) are
+//! kept in network byte order; everything the daemon writes (ids, flags) is host order.
+//!
+//! Map layout (names are the map names in the object):
+//!
+//! | map | kind | key → value |
+//! | --- | --- | --- |
+//! | `VIPS` | hash, [`MAX_VIPS`] | [`VipKey`] → [`VipMeta`] |
+//! | `RINGS` | array, [`MAX_RINGS`]` * `[`RING_SIZE`] | ring `r`, slot `s` at `r * RING_SIZE + s` → backend id (`u32`) |
+//! | `BACKENDS` | array, [`MAX_BACKENDS`] | backend id → [`BackendInfo`] |
+//! | `FLOWS` | LRU hash, [`MAX_FLOWS`] | [`FlowKey`] → [`FlowValue`] |
+//! | `REASONS` | per-CPU array, [`REASON_COUNT`] | [`Reason`] → packets (`u64`) |
+//! | `VIP_STATS` | per-CPU array, [`MAX_VIPS`] | [`VipMeta::vip_id`] → [`Counters`] |
+//! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`] |
+//! | `ENCAP` | array, 1 | 0 → [`EncapConfig`] (outer source addresses for `ipip`) |
+//!
+//! Ring updates never expose a half-written ring: each VIP owns two rings (`2 * vip_id` and
+//! `2 * vip_id + 1`). The daemon rewrites the ring that is *not* named by [`VipMeta::ring`],
+//! then replaces the VIP's [`VipMeta`] (one map update, atomic for readers) to point at it.
+
+use crate::hash::fmix64;
+
+/// Largest number of VIPs (address, port, protocol) one XDP program serves.
+pub const MAX_VIPS: u32 = 64;
+
+/// Maglev ring slots per VIP. A prime (Maglev needs one so every skip visits every slot), and
+/// the same as `maglev::DEFAULT_TABLE_SIZE` in userspace: at 65,537 slots
+/// even 650 backends differ by < 1% in share, and one backend leaving moves < 1% of the others'
+/// flows. The verifier does not care about map sizes; the cost is memory: two rings per VIP of
+/// 4-byte entries, 512 KiB per VIP, 32 MiB at [`MAX_VIPS`]. The daemon shrinks `RINGS` at load
+/// time to the VIPs it actually has.
+pub const RING_SIZE: u32 = 65_537;
+
+/// Rings in `RINGS`: two per VIP (active and standby, see the module docs).
+pub const MAX_RINGS: u32 = 2 * MAX_VIPS;
+
+/// Largest backend id + 1 (size of `BACKENDS`); ids are shared by all VIPs.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// Default size of the LRU flow table.
+pub const MAX_FLOWS: u32 = 65_536;
+
+/// [`VipKey::family`] / [`FlowKey::family`] / [`BackendInfo::family`] of IPv4 (`AF_INET`).
+pub const FAMILY_V4: u8 = 4;
+/// Family value of IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// [`VipMeta::flags`]: hash only the client address into the ring, so all flows of one client
+/// reach the same backend (e.g. for protocols that open several related connections).
+pub const VIP_F_SOURCE_HASH_ONLY: u32 = 1 << 0;
+
+/// [`BackendInfo::flags`]: the backend may receive packets. A flow-table hit on a backend
+/// without this flag is treated as a miss, so flows of a failed backend move to a live one;
+/// a draining backend keeps the flag (existing flows stay) but is left out of the rings.
+pub const BACKEND_F_ACTIVE: u32 = 1 << 0;
+
+/// Seed of [`flow_hash`]; part of the contract between lbd nodes (equal rings and equal
+/// hashes give equal backends), so it may never change.
+pub const FLOW_HASH_SEED: u64 = 0x6c62_645f_666c_6f77; // "lbd_flow"
+
+/// How packets of a VIP reach the backends ([`VipMeta::mode`]).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rewrite the destination MAC to the backend's and send back out (`XDP_TX`); the backend
+    /// shares the L2 segment and holds the VIP on its loopback.
+    DsrL2 = 0,
+    /// Encapsulate in IPv4-in-IPv4 / IPv6-in-IPv6 towards the backend's address.
+    Ipip = 1,
+}
+
+impl Mode {
+    /// The mode stored as `raw`, if it is one.
+    #[inline]
+    pub const fn from_u32(raw: u32) -> Option<Mode> {
+        match raw {
+            0 => Some(Mode::DsrL2),
+            1 => Some(Mode::Ipip),
+            _ => None,
+        }
+    }
+}
+
+/// Key of `VIPS`: the destination a client addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// IPv6 address, or an IPv4 address in the first 4 bytes and zeros after.
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+impl VipKey {
+    /// An IPv4 VIP; `port` in host byte order.
+    pub const fn v4(addr: [u8; 4], port: u16, proto: u8) -> VipKey {
+        VipKey {
+            addr: v4_addr(addr),
+            port: port.to_be(),
+            proto,
+            family: FAMILY_V4,
+        }
+    }
+
+    /// An IPv6 VIP; `port` in host byte order.
+    pub const fn v6(addr: [u8; 16], port: u16, proto: u8) -> VipKey {
+        VipKey {
+            addr,
+            port: port.to_be(),
+            proto,
+            family: FAMILY_V6,
+        }
+    }
+}
+
+/// Value of `VIPS`: what to do with a VIP's packets.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS`, `< MAX_VIPS`; stable for the VIP's lifetime.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// A [`Mode`] as `u32`.
+    pub mode: u32,
+    /// The active ring: slots `ring * RING_SIZE ..` of `RINGS`.
+    pub ring: u32,
+    /// Backends in the active ring; 0 means none is healthy and packets are dropped.
+    pub backend_count: u32,
+}
+
+/// Value of `BACKENDS`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    /// IPv6 address, or IPv4 in the first 4 bytes (the `ipip` outer destination).
+    pub addr: [u8; 16],
+    /// Next-hop MAC: the backend's own for `dsr-l2`; for `ipip` the backend's if it shares our
+    /// L2 segment, else the gateway's towards it (the daemon resolves it).
+    pub mac: [u8; 6],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding, always 0.
+    pub _pad: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// Key of `FLOWS`: a connection's 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client address (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// VIP address (IPv4 in the first 4 bytes).
+    pub dst: [u8; 16],
+    /// Client port, network byte order.
+    pub sport: u16,
+    /// VIP port, network byte order.
+    pub dport: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding, always 0 (compared as part of the key).
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// An IPv4 flow; ports in host byte order.
+    pub const fn v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src: v4_addr(src),
+            dst: v4_addr(dst),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+
+    /// An IPv6 flow; ports in host byte order.
+    pub const fn v6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src,
+            dst,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The VIP this flow addresses.
+    #[inline]
+    pub const fn vip(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// Backend id the flow is pinned to.
+    pub backend: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet (monotonic, for idle-flow reporting).
+    pub last_seen_ns: u64,
+}
+
+/// Value of `ENCAP[0]`: how `ipip` builds the outer source address.
+///
+/// The low `hash_bits*` bits of the configured address are replaced by bits of the flow hash,
+/// so routers between us and the backends spread different flows over ECMP paths while each
+/// flow keeps one path. The configured prefix must be routed back to this node (or be accepted
+/// by the backends' reverse-path filter).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EncapConfig {
+    /// Outer IPv4 source (base); all zeros disables IPv4 outer headers.
+    pub src4: [u8; 4],
+    /// Outer IPv6 source (base); all zeros disables IPv6 outer headers.
+    pub src6: [u8; 16],
+    /// Host bits of `src4` taken from the flow hash, at most 16.
+    pub hash_bits4: u8,
+    /// Host bits of `src6` taken from the flow hash, at most 32.
+    pub hash_bits6: u8,
+    /// Explicit padding, always 0.
+    pub _pad: [u8; 2],
+}
+
+#[inline(always)]
+const fn low_mask(bits: u8, max: u8) -> u32 {
+    let b = if bits > max { max } else { bits };
+    if b >= 32 { u32::MAX } else { (1u32 << b) - 1 }
+}
+
+/// Outer IPv4 source for a flow with hash `hash` ([`flow_hash`]).
+#[inline(always)]
+pub const fn encap_src_v4(cfg: &EncapConfig, hash: u32) -> [u8; 4] {
+    let m = low_mask(cfg.hash_bits4, 16);
+    let base = u32::from_be_bytes(cfg.src4);
+    ((base & !m) | (hash & m)).to_be_bytes()
+}
+
+/// Outer IPv6 source for a flow with hash `hash`: the low 32 bits carry the hash bits.
+#[inline(always)]
+pub const fn encap_src_v6(cfg: &EncapConfig, hash: u32) -> [u8; 16] {
+    let m = low_mask(cfg.hash_bits6, 32);
+    let mut a = cfg.src6;
+    let low = u32::from_be_bytes([a[12], a[13], a[14], a[15]]);
+    let v = ((low & !m) | (hash & m)).to_be_bytes();
+    a[12] = v[0];
+    a[13] = v[1];
+    a[14] = v[2];
+    a[15] = v[3];
+    a
+}
+
+/// Outer IPv6 flow label for a flow with hash `hash` (20 bits; ECMP hashes it).
+#[inline(always)]
+pub const fn encap_flow_label(hash: u32) -> u32 {
+    hash & 0x000f_ffff
+}
+
+/// TTL / hop limit of outer headers.
+pub const ENCAP_TTL: u8 = 64;
+
+/// Per-CPU packet and byte counters (`VIP_STATS`, `BACKEND_STATS`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes, counting from the Ethernet header.
+    pub bytes: u64,
+}
+
+/// What the program did with a packet, and why; index of `REASONS`. Every packet is counted
+/// under exactly one reason, so the sum over reasons is the number of packets seen.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `XDP_PASS`: not IPv4/IPv6 (ARP, LLDP, …).
+    PassNotIp = 0,
+    /// `XDP_PASS`: more than one VLAN tag (QinQ is not parsed).
+    PassVlanStacked = 1,
+    /// `XDP_PASS`: frame ends inside the Ethernet/VLAN or IP header.
+    PassTruncatedL3 = 2,
+    /// `XDP_PASS`: IPv4 header length < 20 or version field wrong.
+    PassBadIpHeader = 3,
+    /// `XDP_PASS`: IPv4 with options (IHL > 5), left to the kernel.
+    PassIpOptions = 4,
+    /// `XDP_PASS`: IPv4 fragment (MF set or offset ≠ 0), left to the kernel, which can reassemble.
+    PassFragment = 5,
+    /// `XDP_PASS`: IPv6 with an extension header before the transport header (incl. fragments).
+    PassIpv6ExtHeader = 6,
+    /// `XDP_PASS`: neither TCP nor UDP.
+    PassNotTcpUdp = 7,
+    /// `XDP_PASS`: frame ends inside the TCP/UDP ports.
+    PassTruncatedL4 = 8,
+    /// `XDP_PASS`: destination is not a configured VIP.
+    PassNotVip = 9,
+    /// `XDP_TX`: forwarded by `dsr-l2`.
+    TxDsrL2 = 10,
+    /// `XDP_TX`: forwarded by `ipip` encapsulation.
+    TxIpip = 11,
+    /// `XDP_DROP`: the VIP has no healthy backend.
+    DropNoBackend = 12,
+    /// `XDP_DROP`: the ring named a backend id with no active `BACKENDS` entry.
+    DropBackendMissing = 13,
+    /// `XDP_DROP`: the VIP's mode is unknown or not implemented in this object.
+    DropBadMode = 14,
+    /// `XDP_DROP`: `ipip` could not encapsulate: no outer source configured for the backend's
+    /// family, or the frame could not grow (`bpf_xdp_adjust_head` failed).
+    DropEncapFailed = 15,
+}
+
+/// Number of [`Reason`]s (size of `REASONS`).
+pub const REASON_COUNT: u32 = 16;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassVlanStacked,
+        Reason::PassTruncatedL3,
+        Reason::PassBadIpHeader,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::PassIpv6ExtHeader,
+        Reason::PassNotTcpUdp,
+        Reason::PassTruncatedL4,
+        Reason::PassNotVip,
+        Reason::TxDsrL2,
+        Reason::TxIpip,
+        Reason::DropNoBackend,
+        Reason::DropBackendMissing,
+        Reason::DropBadMode,
+        Reason::DropEncapFailed,
+    ];
+
+    /// Stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassVlanStacked => "pass_vlan_stacked",
+            Reason::PassTruncatedL3 => "pass_truncated_l3",
+            Reason::PassBadIpHeader => "pass_bad_ip_header",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassTruncatedL4 => "pass_truncated_l4",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::TxDsrL2 => "tx_dsr_l2",
+            Reason::TxIpip => "tx_ipip",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBackendMissing => "drop_backend_missing",
+            Reason::DropBadMode => "drop_bad_mode",
+            Reason::DropEncapFailed => "drop_encap_failed",
+        }
+    }
+}
+
+/// An IPv4 address in the 16-byte layout used by every key here.
+#[inline]
+pub const fn v4_addr(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// One FNV-1a step; written out (no slices) so the BPF backend sees fixed, unrolled loops.
+#[inline(always)]
+const fn fnv(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+#[inline(always)]
+const fn fnv16(mut h: u64, a: &[u8; 16]) -> u64 {
+    let mut i = 0;
+    while i < 16 {
+        h = fnv(h, a[i]);
+        i += 1;
+    }
+    h
+}
+
+#[inline(always)]
+const fn fold(h: u64) -> u32 {
+    let h = fmix64(h);
+    (h ^ (h >> 32)) as u32
+}
+
+/// Hash of a whole 5-tuple, identical in the kernel and in userspace.
+///
+/// Ports are hashed in wire byte order and IPv4 addresses with their zero tail, so the result
+/// does not depend on the host's endianness. The padding is not hashed.
+#[inline(always)]
+pub const fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ FLOW_HASH_SEED;
+    h = fnv16(h, &k.src);
+    h = fnv16(h, &k.dst);
+    let sp = k.sport.to_ne_bytes();
+    let dp = k.dport.to_ne_bytes();
+    h = fnv(h, sp[0]);
+    h = fnv(h, sp[1]);
+    h = fnv(h, dp[0]);
+    h = fnv(h, dp[1]);
+    h = fnv(h, k.proto);
+    h = fnv(h, k.family);
+    fold(h)
+}
+
+/// Hash of the client address only (VIPs with [`VIP_F_SOURCE_HASH_ONLY`]).
+#[inline(always)]
+pub const fn source_hash(k: &FlowKey) -> u32 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ FLOW_HASH_SEED;
+    h = fnv16(h, &k.src);
+    h = fnv(h, k.family);
+    fold(h)
+}
+
+/// Index into `RINGS` of the slot a new flow of `meta`'s VIP hashes to.
+///
+/// The kernel reads the backend id at this index; tests compute it the same way to predict
+/// the backend.
+#[inline(always)]
+pub const fn ring_index(meta: &VipMeta, k: &FlowKey) -> u32 {
+    let h = if meta.flags & VIP_F_SOURCE_HASH_ONLY != 0 {
+        source_hash(k)
+    } else {
+        flow_hash(k)
+    };
+    meta.ring
+        .wrapping_mul(RING_SIZE)
+        .wrapping_add(h % RING_SIZE)
+}
+
+// Layouts are part of the kernel/user contract; fail the build (both sides) if one drifts.
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<VipKey>() == 20 && align_of::<VipKey>() == 2);
+    assert!(size_of::<VipMeta>() == 20 && align_of::<VipMeta>() == 4);
+    assert!(size_of::<BackendInfo>() == 28 && align_of::<BackendInfo>() == 4);
+    assert!(size_of::<FlowKey>() == 40 && align_of::<FlowKey>() == 2);
+    assert!(size_of::<FlowValue>() == 16 && align_of::<FlowValue>() == 8);
+    assert!(size_of::<Counters>() == 16 && align_of::<Counters>() == 8);
+    assert!(size_of::<EncapConfig>() == 24 && align_of::<EncapConfig>() == 1);
+    assert!(Reason::ALL.len() == REASON_COUNT as usize);
+    assert!(MAX_RINGS as u64 * RING_SIZE as u64 <= u32::MAX as u64);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all impls): each type is `#[repr(C)]`, `Copy`, made only of integers and integer
+    // arrays (every bit pattern is valid) and has no implicit padding (checked by the size
+    // asserts above), which is what `aya::Pod` requires.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    mod impls {
+        use super::super::*;
+        unsafe impl aya::Pod for VipKey {}
+        unsafe impl aya::Pod for VipMeta {}
+        unsafe impl aya::Pod for BackendInfo {}
+        unsafe impl aya::Pod for FlowKey {}
+        unsafe impl aya::Pod for FlowValue {}
+        unsafe impl aya::Pod for Counters {}
+        unsafe impl aya::Pod for EncapConfig {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn field_offsets_have_no_holes() {
+        assert_eq!(offset_of!(VipKey, port), 16);
+        assert_eq!(offset_of!(VipKey, proto), 18);
+        assert_eq!(offset_of!(VipKey, family), 19);
+        assert_eq!(offset_of!(VipMeta, backend_count), 16);
+        assert_eq!(offset_of!(BackendInfo, mac), 16);
+        assert_eq!(offset_of!(BackendInfo, family), 22);
+        assert_eq!(offset_of!(BackendInfo, flags), 24);
+        assert_eq!(offset_of!(FlowKey, dst), 16);
+        assert_eq!(offset_of!(FlowKey, sport), 32);
+        assert_eq!(offset_of!(FlowKey, dport), 34);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
+        assert_eq!(offset_of!(FlowKey, family), 37);
+        assert_eq!(offset_of!(FlowKey, _pad), 38);
+        assert_eq!(offset_of!(FlowValue, last_seen_ns), 8);
+        assert_eq!(size_of::<FlowKey>(), 40);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn ring_size_is_prime_and_matches_userspace_default() {
+        assert!(crate::maglev::is_prime(RING_SIZE));
+        assert_eq!(RING_SIZE, crate::maglev::DEFAULT_TABLE_SIZE);
+    }
+
+    #[test]
+    fn reasons_are_indexed_in_order_with_unique_names() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32);
+            for o in &Reason::ALL[..i] {
+                assert_ne!(o.name(), r.name());
+            }
+        }
+    }
+
+    #[test]
+    fn keys_store_ports_in_network_order() {
+        let k = FlowKey::v4([10, 0, 0, 1], 0x1234, [192, 0, 2, 1], 80, PROTO_TCP);
+        assert_eq!(k.sport.to_ne_bytes(), [0x12, 0x34]);
+        assert_eq!(k.dport.to_ne_bytes(), [0, 80]);
+        assert_eq!(k.vip(), VipKey::v4([192, 0, 2, 1], 80, PROTO_TCP));
+    }
+
+    #[test]
+    fn encap_sources_keep_the_prefix_and_take_hash_bits() {
+        let cfg = EncapConfig {
+            src4: [172, 16, 255, 255],
+            src6: [
+                0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+            ],
+            hash_bits4: 12,
+            hash_bits6: 40,
+            _pad: [0; 2],
+        };
+        assert_eq!(encap_src_v4(&cfg, 0x1234_5678), [172, 16, 0xf6, 0x78]);
+        let v6 = encap_src_v6(&cfg, 0x1234_5678);
+        assert_eq!(v6[..12], cfg.src6[..12]);
+        assert_eq!(v6[12..], [0x12, 0x34, 0x56, 0x78], "bits clamp to 32");
+        let fixed = EncapConfig {
+            hash_bits4: 0,
+            ..cfg
+        };
+        assert_eq!(encap_src_v4(&fixed, 0xffff_ffff), cfg.src4);
+        let wide = EncapConfig {
+            hash_bits4: 30,
+            ..cfg
+        };
+        assert_eq!(
+            encap_src_v4(&wide, 0xffff_0000)[..2],
+            [172, 16],
+            "bits clamp to 16"
+        );
+        assert_eq!(encap_flow_label(0xffff_ffff), 0xf_ffff);
+    }
+
+    #[test]
+    fn flow_hash_golden_values_are_stable() {
+        // Nodes and versions must agree, so these may never change (cross-checked against an
+        // independent Python FNV-1a + fmix64 implementation when they were pinned).
+        let k4 = FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, PROTO_TCP);
+        let mut v6 = [0u8; 16];
+        v6[0] = 0x20;
+        v6[1] = 0x01;
+        v6[15] = 1;
+        let k6 = FlowKey::v6(v6, 5353, v6, 53, PROTO_UDP);
+        assert_eq!(flow_hash(&k4), 0x6867_f10a);
+        assert_eq!(flow_hash(&k6), 0x86d2_8f89);
+        assert_eq!(source_hash(&k4), 0xef39_25f5);
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field_but_padding() {
+        let base = FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, PROTO_TCP);
+        let h = flow_hash(&base);
+        let mut k = base;
+        k._pad = [7, 7];
+        assert_eq!(flow_hash(&k), h);
+        let variants = [
+            FlowKey::v4([10, 0, 0, 2], 40000, [192, 0, 2, 1], 80, PROTO_TCP),
+            FlowKey::v4([10, 0, 0, 1], 40001, [192, 0, 2, 1], 80, PROTO_TCP),
+            FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 2], 80, PROTO_TCP),
+            FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 81, PROTO_TCP),
+            FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, PROTO_UDP),
+        ];
+        for v in variants {
+            assert_ne!(flow_hash(&v), h, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn source_hash_ignores_everything_but_the_client_address() {
+        let a = FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, PROTO_TCP);
+        let b = FlowKey::v4([10, 0, 0, 1], 1234, [192, 0, 2, 9], 443, PROTO_UDP);
+        assert_eq!(source_hash(&a), source_hash(&b));
+        let c = FlowKey::v4([10, 0, 0, 2], 40000, [192, 0, 2, 1], 80, PROTO_TCP);
+        assert_ne!(source_hash(&a), source_hash(&c));
+    }
+
+    #[test]
+    fn flow_hash_spreads_over_ring_slots() {
+        // 20,000 sequential client ports into 16 buckets: each within 10% of the mean.
+        let mut buckets = [0u32; 16];
+        for p in 0..20_000u16 {
+            let k = FlowKey::v4([10, 0, 0, 1], 10_000 + p, [192, 0, 2, 1], 80, PROTO_TCP);
+            buckets[(flow_hash(&k) % RING_SIZE % 16) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((1125..=1375).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn ring_index_uses_the_active_ring_and_the_vip_hash_mode() {
+        let k = FlowKey::v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, PROTO_TCP);
+        let mut m = VipMeta {
+            ring: 3,
+            ..VipMeta::default()
+        };
+        assert_eq!(
+            ring_index(&m, &k),
+            3 * RING_SIZE + flow_hash(&k) % RING_SIZE
+        );
+        m.flags = VIP_F_SOURCE_HASH_ONLY;
+        assert_eq!(
+            ring_index(&m, &k),
+            3 * RING_SIZE + source_hash(&k) % RING_SIZE
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! Loads the XDP object and writes VIPs, backends and Maglev rings into its maps.
+//!
+//! Rings are double-buffered (see `lb_common::l4`): VIP `v` owns rings `2v` and `2v + 1`.
+//! [`L4Program::set_vip`] builds the new ring with `lb_common::maglev` (the same builder tests
+//! use to predict backends), writes only the slots that differ into the ring the kernel is
+//! *not* reading, and then switches the VIP to it with one `VIPS` update. The kernel thus
+//! never sees a half-written ring. A program run that read the old `VipMeta` just before the
+//! switch may still be reading the old ring; it finishes within microseconds, and we wait
+//! [`RING_GRACE`] after a switch before writing that ring again.
+
+use std::collections::HashMap as StdHashMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use lb_common::l4::{
+    BackendInfo, Counters, EncapConfig, MAX_BACKENDS, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE,
+    Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
+};
+use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
+
+use super::PROGRAM;
+
+/// Minimum time between two ring switches of one VIP: a program run that saw the previous
+/// switch's old ring has long finished (runs take microseconds; XDP runs in one RCU read-side
+/// section), so rewriting that ring cannot be observed half-done.
+pub const RING_GRACE: Duration = Duration::from_millis(2);
+
+/// Why the L4 program could not be loaded or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum L4Error {
+    /// Parsing the object or creating its maps failed.
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    /// The verifier rejected the program, or attaching failed.
+    #[error("XDP program {PROGRAM}: {0}")]
+    Program(#[from] ProgramError),
+    /// A map is missing from the object or an update failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name in the object.
+        name: &'static str,
+        /// What went wrong.
+        source: MapError,
+    },
+    /// The program is missing from the object.
+    #[error("the object has no program {PROGRAM}")]
+    NoProgram,
+    /// The Maglev ring could not be built.
+    #[error("maglev ring: {0}")]
+    Maglev(#[from] MaglevError),
+    /// An id is outside the limits compiled into the object.
+    #[error("{what} {value} out of range (limit {limit})")]
+    OutOfRange {
+        /// Which id.
+        what: &'static str,
+        /// The value given.
+        value: u32,
+        /// Exclusive upper bound.
+        limit: u32,
+    },
+}
+
+impl L4Error {
+    /// The OS error underneath, if any (e.g. `EPERM` when not allowed to use BPF).
+    pub fn os_error(&self) -> Option<i32> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return io.raw_os_error();
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> L4Error {
+    move |source| L4Error::Map { name, source }
+}
+
+/// Sizes chosen at load time; smaller than the compiled maxima to save kernel memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// VIPs this instance may hold (two rings of [`RING_SIZE`] slots each are allocated per VIP).
+    pub max_vips: u32,
+    /// Entries of the LRU flow table.
+    pub max_flows: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_vips: MAX_VIPS,
+            max_flows: lb_common::l4::MAX_FLOWS,
+        }
+    }
+}
+
+/// A VIP as the loader sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct VipSpec {
+    /// Index into `VIP_STATS`, `< max_vips`; also selects the VIP's two rings.
+    pub vip_id: u32,
+    /// How packets are forwarded.
+    pub mode: Mode,
+    /// Hash only the client address.
+    pub source_hash_only: bool,
+}
+
+/// One backend of a VIP's ring.
+#[derive(Debug, Clone, Copy)]
+pub struct RingMember<'a> {
+    /// Backend id (index of `BACKENDS`, set with [`L4Program::set_backend`]).
+    pub id: u32,
+    /// Stable identity for Maglev, e.g. the backend address; equal on every lbd node.
+    pub key: &'a [u8],
+    /// Relative weight; 0 leaves the backend out of the ring.
+    pub weight: u32,
+}
+
+/// The loaded (not necessarily attached) XDP program and its maps.
+pub struct L4Program {
+    ebpf: Ebpf,
+    max_vips: u32,
+    /// Userspace copy of every ring written, so updates touch only the slots that change.
+    rings: StdHashMap<u32, Vec<u32>>,
+    /// Active ring per VIP id, and when we switched to it.
+    active: StdHashMap<u32, (u32, Instant)>,
+}
+
+impl std::fmt::Debug for L4Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L4Program")
+            .field("max_vips", &self.max_vips)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl L4Program {
+    /// Creates the maps and loads (verifies) the program from `object`.
+    pub fn load(object: &[u8], opts: LoadOptions) -> Result<L4Program, L4Error> {
+        let max_vips = opts.max_vips.clamp(1, MAX_VIPS);
+        let ebpf = EbpfLoader::new()
+            .map_max_entries("VIPS", max_vips)
+            .map_max_entries("VIP_STATS", max_vips)
+            .map_max_entries("RINGS", 2 * max_vips * RING_SIZE)
+            .map_max_entries("FLOWS", opts.max_flows.max(1))
+            .load(object)?;
+        let mut me = L4Program {
+            ebpf,
+            max_vips,
+            rings: StdHashMap::new(),
+            active: StdHashMap::new(),
+        };
+        me.xdp()?.load()?;
+        Ok(me)
+    }
+
+    fn xdp(&mut self) -> Result<&mut Xdp, L4Error> {
+        let p = self.ebpf.program_mut(PROGRAM).ok_or(L4Error::NoProgram)?;
+        p.try_into().map_err(L4Error::Program)
+    }
+
+    /// The program's fd, for `BPF_PROG_TEST_RUN` (see [`super::test_run`]).
+    pub fn program_fd(&mut self) -> Result<std::os::fd::BorrowedFd<'_>, L4Error> {
+        use std::os::fd::AsFd as _;
+        let fd = self.xdp()?.fd()?;
+        Ok(fd.as_fd())
+    }
+
+    /// Attaches to `interface` (driver mode first, then generic); detached when dropped.
+    pub fn attach(&mut self, interface: &str) -> Result<(), L4Error> {
+        let xdp = self.xdp()?;
+        if xdp.attach(interface, XdpMode::Driver).is_err() {
+            xdp.attach(interface, XdpMode::Skb)?;
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, L4Error> {
+        self.ebpf.map_mut(name).ok_or(L4Error::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })
+    }
+
+    /// Writes backend `id`; it receives packets only with `BACKEND_F_ACTIVE` in `info.flags`.
+    pub fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), L4Error> {
+        check("backend id", id, MAX_BACKENDS)?;
+        let mut m: Array<&mut MapData, BackendInfo> =
+            Array::try_from(self.map("BACKENDS")?).map_err(map_err("BACKENDS"))?;
+        m.set(id, info, 0).map_err(map_err("BACKENDS"))
+    }
+
+    /// Sets the outer source addresses used by `ipip` VIPs (until set, they drop packets).
+    pub fn set_encap(&mut self, cfg: EncapConfig) -> Result<(), L4Error> {
+        let mut m: Array<&mut MapData, EncapConfig> =
+            Array::try_from(self.map("ENCAP")?).map_err(map_err("ENCAP"))?;
+        m.set(0, cfg, 0).map_err(map_err("ENCAP"))
+    }
+
+    /// Adds or updates a VIP and its ring of `members` without exposing a half-written ring.
+    ///
+    /// With no member of non-zero weight the VIP stays configured and its packets are dropped
+    /// (counted as `drop_no_backend`), which is what clients of a dead service should see.
+    pub fn set_vip(
+        &mut self,
+        key: VipKey,
+        spec: VipSpec,
+        members: &[RingMember<'_>],
+    ) -> Result<(), L4Error> {
+        check("vip id", spec.vip_id, self.max_vips)?;
+        for m in members {
+            check("backend id", m.id, MAX_BACKENDS)?;
+        }
+        let eps: Vec<MaglevEndpoint<'_>> = members
+            .iter()
+            .map(|m| MaglevEndpoint {
+                key: m.key,
+                weight: m.weight,
+            })
+            .collect();
+        let table = maglev::build(&eps, RING_SIZE)?;
+        let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
+        let next = match self.active.get(&spec.vip_id) {
+            Some(&(r, switched)) => {
+                // `r ^ 1` was active until `switched`; let readers of it finish first.
+                let since = switched.elapsed();
+                if since < RING_GRACE {
+                    std::thread::sleep(RING_GRACE - since);
+                }
+                r ^ 1
+            }
+            None => 2 * spec.vip_id,
+        };
+        if !table.is_empty() {
+            let ring: Vec<u32> = table.iter().map(|&i| members[i as usize].id).collect();
+            self.write_ring(next, ring)?;
+        }
+        let meta = VipMeta {
+            vip_id: spec.vip_id,
+            flags: if spec.source_hash_only {
+                VIP_F_SOURCE_HASH_ONLY
+            } else {
+                0
+            },
+            mode: spec.mode as u32,
+            ring: next,
+            backend_count,
+        };
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map("VIPS")?).map_err(map_err("VIPS"))?;
+        // One element replace: readers see the old or the new meta, never a mix.
+        vips.insert(key, meta, 0).map_err(map_err("VIPS"))?;
+        self.active.insert(spec.vip_id, (next, Instant::now()));
+        Ok(())
+    }
+
+    /// Removes a VIP; its packets are passed to the kernel again.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), L4Error> {
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map("VIPS")?).map_err(map_err("VIPS"))?;
+        match vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("VIPS")(e)),
+        }
+    }
+
+    /// Writes ring `ring`, touching only slots that differ from what we wrote there before.
+    fn write_ring(&mut self, ring: u32, new: Vec<u32>) -> Result<(), L4Error> {
+        let base = ring * RING_SIZE;
+        let old = self.rings.remove(&ring);
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("RINGS").ok_or(L4Error::Map {
+                name: "RINGS",
+                source: MapError::InvalidName {
+                    name: "RINGS".into(),
+                },
+            })?)
+            .map_err(map_err("RINGS"))?;
+        for (slot, &id) in new.iter().enumerate() {
+            if old.as_ref().is_some_and(|o| o[slot] == id) {
+                continue;
+            }
+            m.set(base + slot as u32, id, 0).map_err(map_err("RINGS"))?;
+        }
+        self.rings.insert(ring, new);
+        Ok(())
+    }
+
+    /// Packets per [`Reason`], summed over CPUs, in [`Reason::ALL`] order.
+    pub fn reasons(&mut self) -> Result<[u64; REASON_COUNT as usize], L4Error> {
+        let m: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map("REASONS")?).map_err(map_err("REASONS"))?;
+        let mut out = [0u64; REASON_COUNT as usize];
+        for r in Reason::ALL {
+            let v = m.get(&(r as u32), 0).map_err(map_err("REASONS"))?;
+            out[r as usize] = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Packets and bytes seen for VIP `vip_id`, summed over CPUs.
+    pub fn vip_counters(&mut self, vip_id: u32) -> Result<Counters, L4Error> {
+        self.counters("VIP_STATS", vip_id)
+    }
+
+    /// Packets and bytes forwarded to backend `id`, summed over CPUs.
+    pub fn backend_counters(&mut self, id: u32) -> Result<Counters, L4Error> {
+        self.counters("BACKEND_STATS", id)
+    }
+
+    fn counters(&mut self, name: &'static str, idx: u32) -> Result<Counters, L4Error> {
+        let m: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let v = m.get(&idx, 0).map_err(map_err(name))?;
+        Ok(v.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+}
+
+fn check(what: &'static str, value: u32, limit: u32) -> Result<(), L4Error> {
+    if value >= limit {
+        return Err(L4Error::OutOfRange { what, value, limit });
+    }
+    Ok(())
+}

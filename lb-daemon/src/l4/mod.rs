@@ -1,0 +1,25 @@
+//! L4 data path: the XDP program from `lb-ebpf` and the maps lbd fills for it.
+//!
+//! The object is built by `build.rs` and embedded; [`object`] says whether this build has it.
+
+/// The XDP object embedded at build time, or why this build has none (toolchain missing,
+/// `LBD_SKIP_EBPF`); see `lb-daemon/build.rs`.
+pub fn object() -> Result<&'static [u8], &'static str> {
+    #[cfg(lbd_ebpf)]
+    {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+        Ok(OBJECT)
+    }
+    #[cfg(not(lbd_ebpf))]
+    {
+        Err(env!("LBD_EBPF_STATUS"))
+    }
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "lb_xdp";
+
+pub mod loader;
+pub mod test_run;
+
+pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};

@@ -1,0 +1,233 @@
+//! Connection and request limits, malformed input and the access log, through the real binary
+//! and raw TCP so that what the client sees on the wire is asserted exactly.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lb_tests::{Backend, Lbd, free_addr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lbd"))
+}
+
+fn config(listen: SocketAddr, backend: &Backend, limits: &str, global: &str) -> String {
+    format!(
+        r#"
+[global]
+{global}
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+[listeners.limits]
+{limits}
+
+[[routes]]
+name = "all"
+cluster = "web"
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        backend.addr
+    )
+}
+
+/// Sends one request on `s` and reads one whole response with a Content-Length body.
+async fn roundtrip(s: &mut TcpStream, req: &str) -> String {
+    s.write_all(req.as_bytes()).await.expect("write");
+    read_response(s).await
+}
+
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response within 5s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= head_end + 4 + len {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Whether the peer closes `s` within `limit` (EOF or reset).
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut b = [0u8; 1024];
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(deadline - Instant::now(), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+const GET: &str = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_are_closed() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, "idle_timeout = \"300ms\"", ""));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let r = roundtrip(&mut s, GET).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let t = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "idle connection kept open"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(
+        bin(),
+        &config(listen, &b, "header_read_timeout = \"300ms\"", ""),
+    );
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "a client that never finishes its headers must not hold the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_gets_400_and_close() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, "", ""));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"GARBAGE \x01\x02 NONSENSE\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r:?}");
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    assert_eq!(b.hits(), 0, "nothing malformed reaches a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_uri_gets_414() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, "", ""));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let path = "/".to_owned() + &"a".repeat(10_000);
+    let r = roundtrip(&mut s, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 414"), "{r}");
+    assert!(
+        r.to_lowercase().contains("x-lbd-error: uri_too_long"),
+        "{r}"
+    );
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_makes_extra_clients_wait() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, "max_connections = 2", ""));
+    let mut c1 = TcpStream::connect(listen).await.expect("c1");
+    let mut c2 = TcpStream::connect(listen).await.expect("c2");
+    assert!(roundtrip(&mut c1, GET).await.starts_with("HTTP/1.1 200"));
+    assert!(roundtrip(&mut c2, GET).await.starts_with("HTTP/1.1 200"));
+    // The kernel completes the handshake (backlog) but lbd does not serve a third connection.
+    let mut c3 = TcpStream::connect(listen).await.expect("c3");
+    c3.write_all(GET.as_bytes()).await.expect("write");
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), c3.read(&mut buf)).await;
+    assert!(early.is_err(), "third connection served while two are open");
+    drop(c1);
+    let r = read_response(&mut c3).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200"),
+        "served once a slot freed: {r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_has_one_line_per_request() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let lbd = Lbd::start_logging(
+        bin(),
+        &config(listen, &b, "", "log_format = \"json\"\naccess_log = true"),
+        "info",
+    );
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    for i in 0..3 {
+        let r = roundtrip(
+            &mut s,
+            &format!("GET /p{i}?q=1 HTTP/1.1\r\nHost: t\r\n\r\n"),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let logs = lbd.logs();
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "lbd::access")
+            .collect();
+        if lines.len() >= 3 || Instant::now() > deadline {
+            assert!(
+                logs.lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+                "every log line is JSON:\n{logs}"
+            );
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["path"], format!("/p{i}?q=1"));
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["route"], "all");
+        assert_eq!(l["cluster"], "web");
+        assert_eq!(l["endpoint"], b.addr.to_string());
+        assert_eq!(l["method"], "GET");
+        assert_eq!(l["bytes_out"], 1);
+        assert!(l["total_ms"].as_f64().is_some(), "{l}");
+        assert!(l["upstream_ms"].as_f64().is_some(), "{l}");
+    }
+}

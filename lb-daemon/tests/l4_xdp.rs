@@ -1,0 +1,948 @@
+//! The XDP program run on built frames through `BPF_PROG_TEST_RUN`: a table of fixtures with
+//! expected action, reason counter and output bytes, flow-table behaviour across ring updates,
+//! and a differential test (kernel's choice of backend == `lb_common`'s prediction).
+//!
+//! Needs root (or CAP_BPF) and an object built by `build.rs`; otherwise each test prints
+//! `SKIP: <reason>` and returns.
+
+use lb_common::l4::{
+    BACKEND_F_ACTIVE, BackendInfo, ENCAP_TTL, EncapConfig, FAMILY_V4, FAMILY_V6, FlowKey,
+    MAX_BACKENDS, Mode, PROTO_TCP, PROTO_UDP, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey,
+    VipMeta, encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr,
+};
+use lb_common::maglev::{self, MaglevEndpoint};
+use lbd::l4::test_run::{RunResult, run_xdp};
+use lbd::l4::{L4Program, LoadOptions, RingMember, VipSpec};
+use rand::{Rng as _, SeedableRng as _};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// MAC of the load balancer's interface (destination of every incoming frame).
+const LB_MAC: [u8; 6] = [0x02, 0x1b, 0xd0, 0x00, 0x00, 0x01];
+/// MAC of the router that delivered the frame.
+const GW_MAC: [u8; 6] = [0x02, 0x9a, 0x7e, 0x00, 0x00, 0x01];
+
+const VIP4: [u8; 4] = [192, 0, 2, 10];
+const VIP4_DEAD: [u8; 4] = [192, 0, 2, 11];
+const VIP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const CLIENT4: [u8; 4] = [198, 51, 100, 7];
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xc1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+];
+
+/// Loads the program, or prints why this machine cannot run it.
+fn load() -> Option<L4Program> {
+    let obj = match lbd::l4::object() {
+        Ok(o) => o,
+        Err(reason) => {
+            println!("SKIP: XDP object not built: {reason}");
+            return None;
+        }
+    };
+    let opts = LoadOptions {
+        max_vips: 4,
+        max_flows: 65_536,
+    };
+    match L4Program::load(obj, opts) {
+        Ok(p) => Some(p),
+        Err(e) if e.os_error() == Some(libc::EPERM) => {
+            println!("SKIP: no permission to load BPF (need root or CAP_BPF): {e}");
+            None
+        }
+        // Anything else, above all a verifier rejection, is a real failure.
+        Err(e) => panic!("loading the XDP program: {e}\n{e:?}"),
+    }
+}
+
+fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, (id >> 8) as u8, id as u8]
+}
+
+/// Ids from this one up are IPv6 backends (2001:db8:be::<id>), below it IPv4 (10.1.x.y).
+const FIRST_V6_BACKEND: u32 = 200;
+
+fn backend_info(id: u32) -> BackendInfo {
+    let (addr, family) = if id >= FIRST_V6_BACKEND {
+        let mut a = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0xbe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        a[14..].copy_from_slice(&(id as u16).to_be_bytes());
+        (a, FAMILY_V6)
+    } else {
+        (
+            v4_addr([10, 1, (id / 250) as u8, (id % 250 + 1) as u8]),
+            FAMILY_V4,
+        )
+    };
+    BackendInfo {
+        addr,
+        mac: backend_mac(id),
+        family,
+        _pad: 0,
+        flags: BACKEND_F_ACTIVE,
+    }
+}
+
+fn backend_key(id: u32) -> String {
+    let b = backend_info(id);
+    if b.family == FAMILY_V6 {
+        std::net::Ipv6Addr::from(b.addr).to_string()
+    } else {
+        std::net::Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3]).to_string()
+    }
+}
+
+/// A VIP under test: its map key, meta flags and members (id, weight).
+struct Vip {
+    key: VipKey,
+    spec: VipSpec,
+    members: Vec<(u32, u32)>,
+}
+
+impl Vip {
+    fn install(&self, p: &mut L4Program) {
+        for &(id, _) in &self.members {
+            p.set_backend(id, backend_info(id)).expect("set backend");
+        }
+        let keys: Vec<String> = self
+            .members
+            .iter()
+            .map(|&(id, _)| backend_key(id))
+            .collect();
+        let members: Vec<RingMember<'_>> = self
+            .members
+            .iter()
+            .zip(&keys)
+            .map(|(&(id, weight), k)| RingMember {
+                id,
+                key: k.as_bytes(),
+                weight,
+            })
+            .collect();
+        p.set_vip(self.key, self.spec, &members).expect("set vip");
+    }
+
+    /// The Maglev table userspace builds for this VIP (slot → index into `members`).
+    fn table(&self) -> Vec<u32> {
+        let keys: Vec<String> = self
+            .members
+            .iter()
+            .map(|&(id, _)| backend_key(id))
+            .collect();
+        let eps: Vec<MaglevEndpoint<'_>> = self
+            .members
+            .iter()
+            .zip(&keys)
+            .map(|(&(_, weight), k)| MaglevEndpoint {
+                key: k.as_bytes(),
+                weight,
+            })
+            .collect();
+        maglev::build(&eps, RING_SIZE).expect("maglev")
+    }
+
+    /// The backend id userspace predicts for a new flow `k` (None: no backend).
+    fn predict(&self, k: &FlowKey) -> Option<u32> {
+        self.predict_with(&self.table(), k)
+    }
+
+    fn predict_with(&self, table: &[u32], k: &FlowKey) -> Option<u32> {
+        if table.is_empty() {
+            return None;
+        }
+        // Ring 0 so that `ring_index` is the slot alone.
+        let meta = VipMeta {
+            flags: if self.spec.source_hash_only {
+                VIP_F_SOURCE_HASH_ONLY
+            } else {
+                0
+            },
+            ..VipMeta::default()
+        };
+        let slot = ring_index(&meta, k);
+        Some(self.members[table[slot as usize] as usize].0)
+    }
+}
+
+fn vip4() -> Vip {
+    Vip {
+        key: VipKey::v4(VIP4, 80, PROTO_TCP),
+        spec: VipSpec {
+            vip_id: 0,
+            mode: Mode::DsrL2,
+            source_hash_only: false,
+        },
+        members: vec![(1, 1), (2, 1), (3, 2)],
+    }
+}
+
+fn vip6() -> Vip {
+    Vip {
+        key: VipKey::v6(VIP6, 53, PROTO_UDP),
+        spec: VipSpec {
+            vip_id: 1,
+            mode: Mode::DsrL2,
+            source_hash_only: false,
+        },
+        members: vec![(4, 1), (5, 1)],
+    }
+}
+
+fn vip_dead() -> Vip {
+    Vip {
+        key: VipKey::v4(VIP4_DEAD, 80, PROTO_TCP),
+        spec: VipSpec {
+            vip_id: 2,
+            mode: Mode::DsrL2,
+            source_hash_only: false,
+        },
+        members: vec![(6, 0)],
+    }
+}
+
+// ---- frame building -------------------------------------------------------------------------
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn vlan(tpid: u16, vid: u16, inner: u16) -> Vec<u8> {
+    let mut f = eth(tpid);
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&inner.to_be_bytes());
+    f
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// IPv4 header (+ `options` bytes, a multiple of 4) and payload.
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, frag: u16, options: &[u8], l4: &[u8]) -> Vec<u8> {
+    let hlen = 20 + options.len();
+    let mut h = vec![0x40 | (hlen / 4) as u8, 0];
+    h.extend_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34]);
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(options);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(l4);
+    h
+}
+
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, l4: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(l4);
+    h
+}
+
+fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn cat(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
+    let mut a = a;
+    a.extend(b);
+    a
+}
+
+fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    cat(
+        eth(0x0800),
+        ipv4(src, dst, PROTO_TCP, 0, &[], &tcp(sport, dport)),
+    )
+}
+
+fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    cat(
+        eth(0x86dd),
+        ipv6(src, dst, PROTO_UDP, &udp(sport, dport, b"query")),
+    )
+}
+
+/// `frame` as dsr-l2 should leave it: dst MAC = backend's, src MAC = the LB's.
+fn rewritten(frame: &[u8], backend: u32) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&backend_mac(backend));
+    f[6..12].copy_from_slice(&LB_MAC);
+    f
+}
+
+fn run(p: &mut L4Program, frame: &[u8]) -> RunResult {
+    run_xdp(p.program_fd().expect("prog fd"), frame).expect("BPF_PROG_TEST_RUN")
+}
+
+fn reasons(p: &mut L4Program) -> [u64; 16] {
+    p.reasons().expect("read REASONS")
+}
+
+// ---- tests ----------------------------------------------------------------------------------
+
+/// Expected outcome of one fixture.
+enum Want {
+    /// `XDP_PASS` with the frame untouched.
+    Pass(Reason),
+    /// `XDP_DROP`.
+    Drop(Reason),
+    /// `XDP_TX` to this backend, MACs rewritten, rest untouched.
+    Tx(u32),
+}
+
+#[test]
+fn fixtures_give_expected_action_reason_and_bytes() {
+    let Some(mut p) = load() else { return };
+    let (v4, v6, dead) = (vip4(), vip6(), vip_dead());
+    for v in [&v4, &v6, &dead] {
+        v.install(&mut p);
+    }
+    let k4 = FlowKey::v4(CLIENT4, 40_000, VIP4, 80, PROTO_TCP);
+    let k6 = FlowKey::v6(CLIENT6, 5353, VIP6, 53, PROTO_UDP);
+    let b4 = v4.predict(&k4).expect("backend");
+    let b6 = v6.predict(&k6).expect("backend");
+
+    let tcp_l4 = tcp(40_000, 80);
+    let ip4_tcp = ipv4(CLIENT4, VIP4, PROTO_TCP, 0, &[], &tcp_l4);
+    let ip6_udp = ipv6(CLIENT6, VIP6, PROTO_UDP, &udp(5353, 53, b"query"));
+    let full4 = tcp4(CLIENT4, 40_000, VIP4, 80);
+    let mut bad_version = full4.clone();
+    bad_version[14] = 0x65; // version 6 in an IPv4 ethertype
+    let mut short_ihl = full4.clone();
+    short_ihl[14] = 0x44;
+    let mut ipv6_frag_hdr = Vec::from([PROTO_UDP, 0, 0, 0, 0, 0, 0, 1]);
+    ipv6_frag_hdr.extend(udp(5353, 53, b"query"));
+
+    let cases: Vec<(&str, Vec<u8>, Want)> = vec![
+        ("ipv4 tcp to vip", full4.clone(), Want::Tx(b4)),
+        (
+            "ipv6 udp to vip",
+            udp6(CLIENT6, 5353, VIP6, 53),
+            Want::Tx(b6),
+        ),
+        (
+            "ipv4 tcp to vip in 802.1q vlan",
+            cat(vlan(0x8100, 100, 0x0800), ip4_tcp.clone()),
+            Want::Tx(b4),
+        ),
+        (
+            "ipv6 udp to vip in 802.1ad vlan",
+            cat(vlan(0x88a8, 7, 0x86dd), ip6_udp.clone()),
+            Want::Tx(b6),
+        ),
+        (
+            "ipv4 tcp to vip with payload",
+            cat(
+                eth(0x0800),
+                ipv4(
+                    CLIENT4,
+                    VIP4,
+                    PROTO_TCP,
+                    0,
+                    &[],
+                    &cat(tcp_l4.clone(), vec![0xab; 1000]),
+                ),
+            ),
+            Want::Tx(b4),
+        ),
+        (
+            "non-vip address",
+            tcp4(CLIENT4, 40_000, [192, 0, 2, 99], 80),
+            Want::Pass(Reason::PassNotVip),
+        ),
+        (
+            "vip address, other port",
+            tcp4(CLIENT4, 40_000, VIP4, 443),
+            Want::Pass(Reason::PassNotVip),
+        ),
+        (
+            "vip address and port, udp instead of tcp",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP4, PROTO_UDP, 0, &[], &udp(40_000, 80, b"x")),
+            ),
+            Want::Pass(Reason::PassNotVip),
+        ),
+        (
+            "ipv6 to non-vip",
+            udp6(CLIENT6, 5353, CLIENT6, 53),
+            Want::Pass(Reason::PassNotVip),
+        ),
+        (
+            "arp request",
+            cat(
+                eth(0x0806),
+                vec![
+                    0, 1, 8, 0, 6, 4, 0, 1, 2, 0x9a, 0x7e, 0, 0, 1, 198, 51, 100, 1, 0, 0, 0, 0, 0,
+                    0, 192, 0, 2, 10,
+                ],
+            ),
+            Want::Pass(Reason::PassNotIp),
+        ),
+        (
+            "two vlan tags (qinq)",
+            cat(
+                cat(vlan(0x88a8, 7, 0x8100), vec![0, 100, 0x08, 0x00]),
+                ip4_tcp.clone(),
+            ),
+            Want::Pass(Reason::PassVlanStacked),
+        ),
+        (
+            "truncated: ethernet only",
+            eth(0x0800),
+            Want::Pass(Reason::PassTruncatedL3),
+        ),
+        (
+            "truncated: inside the vlan tag",
+            cat(eth(0x8100), vec![0, 100]),
+            Want::Pass(Reason::PassTruncatedL3),
+        ),
+        (
+            "truncated: inside the ipv4 header",
+            full4[..14 + 19].to_vec(),
+            Want::Pass(Reason::PassTruncatedL3),
+        ),
+        (
+            "truncated: inside the ipv6 header",
+            cat(eth(0x86dd), ip6_udp[..39].to_vec()),
+            Want::Pass(Reason::PassTruncatedL3),
+        ),
+        (
+            "truncated: ipv4 header, no ports",
+            full4[..14 + 20 + 3].to_vec(),
+            Want::Pass(Reason::PassTruncatedL4),
+        ),
+        (
+            "truncated: ipv6 header, no ports",
+            cat(eth(0x86dd), ip6_udp[..40 + 2].to_vec()),
+            Want::Pass(Reason::PassTruncatedL4),
+        ),
+        (
+            "ipv4 with options (ihl 6)",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP4, PROTO_TCP, 0, &[1, 1, 1, 0], &tcp_l4),
+            ),
+            Want::Pass(Reason::PassIpOptions),
+        ),
+        (
+            "ipv4 first fragment (MF)",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP4, PROTO_TCP, 0x2000, &[], &tcp_l4),
+            ),
+            Want::Pass(Reason::PassFragment),
+        ),
+        (
+            "ipv4 later fragment (offset)",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP4, PROTO_TCP, 185, &[], &tcp_l4),
+            ),
+            Want::Pass(Reason::PassFragment),
+        ),
+        (
+            "ipv4 version field 6",
+            bad_version,
+            Want::Pass(Reason::PassBadIpHeader),
+        ),
+        ("ipv4 ihl 4", short_ihl, Want::Pass(Reason::PassBadIpHeader)),
+        (
+            "ipv6 fragment header",
+            cat(eth(0x86dd), ipv6(CLIENT6, VIP6, 44, &ipv6_frag_hdr)),
+            Want::Pass(Reason::PassIpv6ExtHeader),
+        ),
+        (
+            "icmp to vip address",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP4, 1, 0, &[], &[8, 0, 0, 0, 0, 1, 0, 1]),
+            ),
+            Want::Pass(Reason::PassNotTcpUdp),
+        ),
+        (
+            "vip with no healthy backend",
+            tcp4(CLIENT4, 40_000, VIP4_DEAD, 80),
+            Want::Drop(Reason::DropNoBackend),
+        ),
+    ];
+
+    let mut want_counts = [0u64; 16];
+    for (name, frame, want) in &cases {
+        let before = reasons(&mut p);
+        let got = run(&mut p, frame);
+        let after = reasons(&mut p);
+        let reason = match want {
+            Want::Pass(r) => {
+                assert_eq!(got.action, XDP_PASS, "{name}: action");
+                assert_eq!(&got.frame, frame, "{name}: frame must be untouched");
+                *r
+            }
+            Want::Drop(r) => {
+                assert_eq!(got.action, XDP_DROP, "{name}: action");
+                *r
+            }
+            Want::Tx(b) => {
+                assert_eq!(got.action, XDP_TX, "{name}: action");
+                assert_eq!(got.frame, rewritten(frame, *b), "{name}: output bytes");
+                Reason::TxDsrL2
+            }
+        };
+        for r in Reason::ALL {
+            let delta = after[r as usize] - before[r as usize];
+            let expect = u64::from(r == reason);
+            assert_eq!(
+                delta,
+                expect,
+                "{name}: counter {} moved by {delta}",
+                r.name()
+            );
+        }
+        want_counts[reason as usize] += 1;
+    }
+    assert_eq!(
+        reasons(&mut p),
+        want_counts,
+        "every packet counted once, under its reason"
+    );
+    println!("{} fixtures passed", cases.len());
+
+    // Per-VIP and per-backend counters follow the forwarded frames.
+    let vc = p.vip_counters(0).expect("vip counters");
+    assert_eq!(vc.packets, 3, "ipv4 vip saw the 3 forwarded frames");
+    let dc = p.vip_counters(2).expect("vip counters");
+    assert_eq!(dc.packets, 1, "the dead vip saw its dropped frame");
+    let bc = p.backend_counters(b6).expect("backend counters");
+    assert_eq!(bc.packets, 2);
+    assert_eq!(
+        bc.bytes as usize,
+        udp6(CLIENT6, 5353, VIP6, 53).len() + ip6_udp.len() + 18
+    );
+}
+
+#[test]
+fn established_flows_survive_ring_changes_but_follow_dead_backends_away() {
+    let Some(mut p) = load() else { return };
+    let mut v = vip4();
+    v.members = (1..=8).map(|id| (id, 1)).collect();
+    v.install(&mut p);
+
+    // Open 200 flows and remember where each went.
+    let flows: Vec<(u16, u32)> = (0..200u16)
+        .map(|i| {
+            let sport = 20_000 + i;
+            let k = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+            let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+            assert_eq!(got.action, XDP_TX);
+            let b = v.predict(&k).expect("backend");
+            assert_eq!(got.frame[0..6], backend_mac(b));
+            (sport, b)
+        })
+        .collect();
+
+    // Add a ninth backend: the ring changes (written into the standby half, then switched),
+    // but every established flow stays where it was.
+    v.members.push((9, 1));
+    v.install(&mut p);
+    let mut moved_if_new = 0;
+    for &(sport, b) in &flows {
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        assert_eq!(got.frame[0..6], backend_mac(b), "flow {sport} moved");
+        let k = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        if v.predict(&k) != Some(b) {
+            moved_if_new += 1;
+        }
+    }
+    assert!(
+        moved_if_new > 0,
+        "the new ring must differ, or this test proves nothing"
+    );
+
+    // New flows use the new ring.
+    for i in 0..200u16 {
+        let sport = 30_000 + i;
+        let k = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        assert_eq!(
+            got.frame[0..6],
+            backend_mac(v.predict(&k).expect("backend"))
+        );
+    }
+
+    // Backend 3 fails: it leaves the ring and loses BACKEND_F_ACTIVE; its flows re-hash.
+    let mut info = backend_info(3);
+    v.members.retain(|&(id, _)| id != 3);
+    v.install(&mut p);
+    info.flags = 0;
+    p.set_backend(3, info).expect("deactivate backend");
+    let on_three = flows.iter().filter(|&&(_, b)| b == 3).count();
+    assert!(on_three > 0);
+    for &(sport, b) in &flows {
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        let k = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        let want = if b == 3 {
+            v.predict(&k).expect("backend")
+        } else {
+            b
+        };
+        assert_ne!(want, 3);
+        assert_eq!(
+            got.frame[0..6],
+            backend_mac(want),
+            "flow {sport} (was on {b})"
+        );
+    }
+
+    // No backend left at all: new flows are dropped and counted.
+    v.members.iter_mut().for_each(|m| m.1 = 0);
+    v.install(&mut p);
+    let before = reasons(&mut p)[Reason::DropNoBackend as usize];
+    let got = run(&mut p, &tcp4(CLIENT4, 50_000, VIP4, 80));
+    assert_eq!(got.action, XDP_DROP);
+    assert_eq!(reasons(&mut p)[Reason::DropNoBackend as usize], before + 1);
+
+    // Removing the VIP hands its traffic back to the kernel.
+    p.remove_vip(&v.key).expect("remove vip");
+    assert_eq!(
+        run(&mut p, &tcp4(CLIENT4, 50_001, VIP4, 80)).action,
+        XDP_PASS
+    );
+}
+
+#[test]
+fn source_hash_vip_sends_all_flows_of_a_client_to_one_backend() {
+    let Some(mut p) = load() else { return };
+    let mut v = vip4();
+    v.spec.source_hash_only = true;
+    v.members = (1..=16).map(|id| (id, 1)).collect();
+    v.install(&mut p);
+    let mut seen = std::collections::HashSet::new();
+    for c in 0..20u8 {
+        let client = [198, 51, 100, c];
+        let first = run(&mut p, &tcp4(client, 10_000, VIP4, 80)).frame[0..6].to_vec();
+        for sport in 10_001..10_010 {
+            let got = run(&mut p, &tcp4(client, sport, VIP4, 80));
+            assert_eq!(got.frame[0..6], first[..], "client {c} port {sport}");
+        }
+        seen.insert(first);
+    }
+    assert!(
+        seen.len() > 5,
+        "clients must still spread over backends: {}",
+        seen.len()
+    );
+}
+
+#[test]
+fn differential_kernel_and_userspace_pick_the_same_backend() {
+    let Some(mut p) = load() else { return };
+    // Uneven weights and sizes, one VIP per family, one of them source-hashed.
+    let a = Vip {
+        key: VipKey::v4(VIP4, 443, PROTO_TCP),
+        spec: VipSpec {
+            vip_id: 0,
+            mode: Mode::DsrL2,
+            source_hash_only: false,
+        },
+        members: (1..=13).map(|id| (id, 1 + id % 3)).collect(),
+    };
+    let b = Vip {
+        key: VipKey::v6(VIP6, 53, PROTO_UDP),
+        spec: VipSpec {
+            vip_id: 3,
+            mode: Mode::DsrL2,
+            source_hash_only: true,
+        },
+        members: (100..107).map(|id| (id, 1)).collect(),
+    };
+    a.install(&mut p);
+    b.install(&mut p);
+    const { assert!(MAX_BACKENDS > 107) };
+
+    let (ta, tb) = (a.table(), b.table());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c62_6478_6470);
+    let n = 12_000;
+    let mut per_backend = std::collections::HashMap::<u32, u32>::new();
+    for i in 0..n {
+        let sport: u16 = rng.random_range(1024..=65_535);
+        let (frame, k, vip, table) = if i % 2 == 0 {
+            let src: [u8; 4] = rng.random();
+            (
+                tcp4(src, sport, VIP4, 443),
+                FlowKey::v4(src, sport, VIP4, 443, PROTO_TCP),
+                &a,
+                &ta,
+            )
+        } else {
+            let src: [u8; 16] = rng.random();
+            (
+                udp6(src, sport, VIP6, 53),
+                FlowKey::v6(src, sport, VIP6, 53, PROTO_UDP),
+                &b,
+                &tb,
+            )
+        };
+        assert!(k.family == FAMILY_V4 || k.family == FAMILY_V6);
+        let want = vip.predict_with(table, &k).expect("backend");
+        let got = run(&mut p, &frame);
+        assert_eq!(got.action, XDP_TX, "tuple {i}: {k:?}");
+        assert_eq!(
+            got.frame,
+            rewritten(&frame, want),
+            "tuple {i}: kernel and userspace disagree for {k:?}"
+        );
+        *per_backend.entry(want).or_default() += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        13 + 7,
+        "every backend was chosen at least once"
+    );
+    assert_eq!(reasons(&mut p)[Reason::TxDsrL2 as usize], n);
+    println!("differential: {n} random 5-tuples, kernel == userspace");
+}
+
+// ---- ipip -----------------------------------------------------------------------------------
+
+const ENCAP: EncapConfig = EncapConfig {
+    src4: [172, 16, 0, 0],
+    src6: [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    hash_bits4: 16,
+    hash_bits6: 20,
+    _pad: [0; 2],
+};
+
+/// `frame` (IP header at `l3`) as `ipip` should leave it for backend `id`: L2 header kept with
+/// new MACs and ethertype, an outer header built here field by field, the inner packet as is.
+fn encapsulated(frame: &[u8], l3: usize, k: &FlowKey, id: u32) -> Vec<u8> {
+    let b = backend_info(id);
+    let hash = flow_hash(k);
+    let inner = &frame[l3..];
+    let (inner_len, tclass, proto) = if k.family == FAMILY_V4 {
+        (u16::from_be_bytes([inner[2], inner[3]]), inner[1], 4u8)
+    } else {
+        let plen = u16::from_be_bytes([inner[4], inner[5]]);
+        (plen + 40, (inner[0] << 4) | (inner[1] >> 4), 41u8)
+    };
+    let mut out = frame[..l3].to_vec();
+    out[0..6].copy_from_slice(&backend_mac(id));
+    out[6..12].copy_from_slice(&LB_MAC);
+    if b.family == FAMILY_V6 {
+        out[l3 - 2..l3].copy_from_slice(&0x86ddu16.to_be_bytes());
+        let label = encap_flow_label(hash);
+        let vtf = (6u32 << 28) | (u32::from(tclass) << 20) | label;
+        out.extend_from_slice(&vtf.to_be_bytes());
+        out.extend_from_slice(&inner_len.to_be_bytes());
+        out.extend_from_slice(&[proto, ENCAP_TTL]);
+        let src = encap_src_v6(&ENCAP, hash);
+        assert_eq!(src[..12], ENCAP.src6[..12]);
+        assert_eq!(
+            u32::from_be_bytes([src[12], src[13], src[14], src[15]]),
+            hash & 0xf_ffff
+        );
+        out.extend_from_slice(&src);
+        out.extend_from_slice(&b.addr);
+    } else {
+        out[l3 - 2..l3].copy_from_slice(&0x0800u16.to_be_bytes());
+        let src = encap_src_v4(&ENCAP, hash);
+        assert_eq!(src[..2], [172, 16]);
+        assert_eq!(u16::from_be_bytes([src[2], src[3]]), hash as u16);
+        let mut h = vec![0x45, tclass];
+        h.extend_from_slice(&(inner_len + 20).to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0, ENCAP_TTL, proto, 0, 0]);
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&b.addr[..4]);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(checksum(&h), 0, "outer checksum verifies");
+        out.extend(h);
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+fn ipip_vip(key: VipKey, vip_id: u32, members: Vec<(u32, u32)>) -> Vip {
+    Vip {
+        key,
+        spec: VipSpec {
+            vip_id,
+            mode: Mode::Ipip,
+            source_hash_only: false,
+        },
+        members,
+    }
+}
+
+#[test]
+fn ipip_encapsulates_in_the_backend_family() {
+    let Some(mut p) = load() else { return };
+    const VIP_A: [u8; 4] = [192, 0, 2, 20];
+    const VIP_C: [u8; 4] = [192, 0, 2, 21];
+    let a = ipip_vip(VipKey::v4(VIP_A, 80, PROTO_TCP), 0, vec![(10, 1), (11, 1)]);
+    let b = ipip_vip(
+        VipKey::v6(VIP6, 443, PROTO_TCP),
+        1,
+        vec![(212, 1), (213, 1)],
+    );
+    let c = ipip_vip(VipKey::v4(VIP_C, 53, PROTO_UDP), 2, vec![(214, 1)]);
+    let d = ipip_vip(VipKey::v6(VIP6, 53, PROTO_UDP), 3, vec![(15, 1)]);
+    for v in [&a, &b, &c, &d] {
+        v.install(&mut p);
+    }
+
+    // Without an outer source configured, ipip VIPs drop (and count) instead of sending junk.
+    let f = tcp4(CLIENT4, 1000, VIP_A, 80);
+    assert_eq!(run(&mut p, &f).action, XDP_DROP);
+    assert_eq!(reasons(&mut p)[Reason::DropEncapFailed as usize], 1);
+    p.set_encap(ENCAP).expect("set encap");
+
+    let mut ef4 = tcp4(CLIENT4, 1001, VIP_A, 80);
+    ef4[15] = 0xb9; // DSCP EF + ECN ECT(1) on the inner header
+    let c4 = checksum(&{
+        let mut h = ef4[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    ef4[24..26].copy_from_slice(&c4.to_be_bytes());
+    let mut ef6 = cat(eth(0x86dd), ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(2001, 443)));
+    ef6[14] = 0x6b; // traffic class 0xb9
+    ef6[15] = 0x90;
+
+    let cases: Vec<(&str, Vec<u8>, usize, FlowKey, &Vip)> = vec![
+        (
+            "4in4",
+            tcp4(CLIENT4, 1002, VIP_A, 80),
+            14,
+            FlowKey::v4(CLIENT4, 1002, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "4in4 with dscp",
+            ef4,
+            14,
+            FlowKey::v4(CLIENT4, 1001, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "4in4 in a vlan",
+            cat(
+                vlan(0x8100, 42, 0x0800),
+                ipv4(CLIENT4, VIP_A, PROTO_TCP, 0, &[], &tcp(1003, 80)),
+            ),
+            18,
+            FlowKey::v4(CLIENT4, 1003, VIP_A, 80, PROTO_TCP),
+            &a,
+        ),
+        (
+            "6in6",
+            cat(eth(0x86dd), ipv6(CLIENT6, VIP6, PROTO_TCP, &tcp(2000, 443))),
+            14,
+            FlowKey::v6(CLIENT6, 2000, VIP6, 443, PROTO_TCP),
+            &b,
+        ),
+        (
+            "6in6 with traffic class",
+            ef6,
+            14,
+            FlowKey::v6(CLIENT6, 2001, VIP6, 443, PROTO_TCP),
+            &b,
+        ),
+        (
+            "4in6",
+            cat(
+                eth(0x0800),
+                ipv4(CLIENT4, VIP_C, PROTO_UDP, 0, &[], &udp(3000, 53, b"q")),
+            ),
+            14,
+            FlowKey::v4(CLIENT4, 3000, VIP_C, 53, PROTO_UDP),
+            &c,
+        ),
+        (
+            "6in4 in a vlan",
+            cat(
+                vlan(0x8100, 42, 0x86dd),
+                ipv6(CLIENT6, VIP6, PROTO_UDP, &udp(4000, 53, b"q")),
+            ),
+            18,
+            FlowKey::v6(CLIENT6, 4000, VIP6, 53, PROTO_UDP),
+            &d,
+        ),
+    ];
+    for (name, frame, l3, k, vip) in &cases {
+        let want = vip.predict(k).expect("backend");
+        let got = run(&mut p, frame);
+        assert_eq!(got.action, XDP_TX, "{name}: action");
+        assert_eq!(
+            got.frame,
+            encapsulated(frame, *l3, k, want),
+            "{name}: output bytes"
+        );
+    }
+    assert_eq!(reasons(&mut p)[Reason::TxIpip as usize], cases.len() as u64);
+    println!("{} ipip fixtures passed", cases.len());
+}
+
+#[test]
+fn differential_ipip_outer_destination_matches_userspace() {
+    let Some(mut p) = load() else { return };
+    p.set_encap(ENCAP).expect("set encap");
+    // Mixed-family backends behind one VIP.
+    let mut members: Vec<(u32, u32)> = (20..30).map(|id| (id, 1)).collect();
+    members.extend((220..225).map(|id| (id, 2)));
+    let v = ipip_vip(VipKey::v4(VIP4, 80, PROTO_TCP), 0, members);
+    v.install(&mut p);
+    let table = v.table();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6970_6970);
+    let n = 10_000;
+    for i in 0..n {
+        let src: [u8; 4] = rng.random();
+        let sport: u16 = rng.random_range(1024..=65_535);
+        let frame = tcp4(src, sport, VIP4, 80);
+        let k = FlowKey::v4(src, sport, VIP4, 80, PROTO_TCP);
+        let want = v.predict_with(&table, &k).expect("backend");
+        let got = run(&mut p, &frame);
+        assert_eq!(got.action, XDP_TX, "tuple {i}");
+        assert_eq!(
+            got.frame,
+            encapsulated(&frame, 14, &k, want),
+            "tuple {i}: {k:?}"
+        );
+    }
+    println!("ipip differential: {n} random 5-tuples, kernel == userspace");
+}
