@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::StreamExt;
@@ -189,7 +189,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                     grpc().unary(m, req).await
                 }
                 // Sleeps for the 8-byte big-endian millisecond count in the message.
-                "/test.Echo/Sleep" => {
+                "/test.Echo/Sleep" | "/test.Echo/SlowRoute" => {
                     let m = Method(Box::new(move |r: Request<Bytes>| {
                         let this = this.clone();
                         Box::pin(async move {
@@ -382,6 +382,14 @@ name = "health"
 cluster = "grpc"
 [routes.match]
 path_exact = "/grpc.health.v1.Health/Check"
+
+[[routes]]
+name = "slow"
+cluster = "grpc"
+priority = 10
+timeout = "50ms"
+[routes.match]
+path_exact = "/test.Echo/SlowRoute"
 
 [[clusters]]
 name = "grpc"
@@ -761,4 +769,142 @@ async fn metadata_and_binary_trailers_pass_unchanged() {
         .to_bytes()
         .expect("base64");
     assert_eq!(&trace[..], &[0, 1, 2, 255, 254, 10, 13]);
+}
+
+/// One plain hyper HTTP/2 connection as a tonic transport. tonic's `Channel` enforces
+/// `grpc-timeout` itself (answering CANCELLED locally), which would hide what lbd does when the
+/// deadline passes; this transport only carries the header.
+#[derive(Clone)]
+struct RawH2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RawH2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+async fn raw_client(addr: SocketAddr) -> tonic::client::Grpc<RawH2> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let origin: http::Uri = format!("http://{addr}").parse().expect("origin");
+    tonic::client::Grpc::with_origin(RawH2(send), origin)
+}
+
+fn sleep_req(ms: u64) -> Request<Bytes> {
+    let mut v = Vec::new();
+    v.put_u64(ms);
+    Request::new(Bytes::from(v))
+}
+
+/// Waits (≤ 3 s) until `f` holds.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(3);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_cancellation_reach_the_backend() {
+    let a = GrpcBackend::start("a").await;
+    let listen = free_addr();
+    let lbd = Lbd::start(bin(), &config(listen, &[a.addr], ""));
+    let mut cl = client(listen).await;
+    let mut raw = raw_client(listen).await;
+    let cancelled = || a.seen.cancelled.load(Ordering::SeqCst);
+
+    // Client deadline 50 ms, backend sleeps 1 s: lbd answers DEADLINE_EXCEEDED itself.
+    let mut req = sleep_req(1000);
+    req.set_timeout(Duration::from_millis(50));
+    let t = Instant::now();
+    raw.ready().await.expect("ready");
+    let err = raw
+        .unary(req, PathAndQuery::from_static("/test.Echo/Sleep"), RawCodec)
+        .await
+        .expect_err("deadline");
+    let took = t.elapsed();
+    eprintln!("50 ms deadline answered after {took:?}: {err:?}");
+    assert_eq!(
+        err.code(),
+        Code::DeadlineExceeded,
+        "{err:?}\n{}",
+        lbd.logs()
+    );
+    assert!(
+        took >= Duration::from_millis(50) && took <= Duration::from_millis(150),
+        "DEADLINE_EXCEEDED after {took:?}"
+    );
+    eventually("backend sees the cancelled call", || cancelled() == 1).await;
+
+    // A route timeout caps a call without a client deadline.
+    let t = Instant::now();
+    let err = unary(&mut cl, "/test.Echo/SlowRoute", sleep_req(1000))
+        .await
+        .expect_err("route timeout");
+    let took = t.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "route timeout after {took:?}"
+    );
+    eventually("backend sees the route-timeout cancel", || cancelled() == 2).await;
+
+    // A client deadline also ends a response stream that is still open.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Bytes::from_static(b"one")).await.expect("send");
+    let mut req = Request::new(channel_stream(rx));
+    req.set_timeout(Duration::from_millis(200));
+    raw.ready().await.expect("ready");
+    let t = Instant::now();
+    let mut s = raw
+        .streaming(req, PathAndQuery::from_static("/test.Echo/Bidi"), RawCodec)
+        .await
+        .expect("bidi")
+        .into_inner();
+    assert_eq!(
+        s.message().await.expect("reply"),
+        Some(Bytes::from_static(b"one"))
+    );
+    let err = s.message().await.expect_err("deadline mid-stream");
+    let took = t.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(err.message(), "lbd: deadline exceeded", "{err:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
+        "mid-stream deadline after {took:?}"
+    );
+    drop(tx);
+
+    // The client giving up (RST_STREAM from tonic when the call future is dropped) cancels the
+    // backend's handler too.
+    let mut c2 = cl.clone();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        unary(&mut c2, "/test.Echo/Sleep", sleep_req(1000)),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "call should still be running: {gave_up:?}"
+    );
+    eventually("backend sees the client's cancel", || cancelled() == 3).await;
+    assert_eq!(
+        a.seen.slept.load(Ordering::SeqCst),
+        0,
+        "no sleep ran to the end"
+    );
 }

@@ -1,6 +1,7 @@
 //! Body wrappers: the request body is counted and capped on its way upstream; the response body
 //! is counted on its way downstream and, when it ends, closes the request's books (access log,
 //! metrics, in-flight count).
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +93,9 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: Kind,
+    /// gRPC call deadline: when it fires mid-stream, the upstream body is dropped and these
+    /// trailers end the response instead.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Option<http::HeaderMap>)>,
     /// Finished (logged) when the body ends or is dropped, whichever comes first.
     log: Option<Box<RequestLog>>,
 }
@@ -107,6 +111,7 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, log: Box<RequestLog>) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            deadline: None,
             log: Some(log),
         }
     }
@@ -115,6 +120,7 @@ impl ResponseBody {
     pub fn full(bytes: Bytes, log: Option<Box<RequestLog>>) -> Self {
         ResponseBody {
             kind: Kind::Full(Some(bytes)),
+            deadline: None,
             log,
         }
     }
@@ -123,8 +129,18 @@ impl ResponseBody {
     pub fn empty(log: Option<Box<RequestLog>>) -> Self {
         ResponseBody {
             kind: Kind::Full(None),
+            deadline: None,
             log,
         }
+    }
+
+    /// Ends the response with `trailers` if it is still streaming at `at`.
+    pub fn with_deadline(mut self, at: std::time::Instant, trailers: http::HeaderMap) -> Self {
+        self.deadline = Some((
+            Box::pin(tokio::time::sleep_until(at.into())),
+            Some(trailers),
+        ));
+        self
     }
 
     fn count(&mut self, n: usize) {
@@ -165,6 +181,16 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some((sleep, trailers)) = &mut this.deadline
+            && matches!(this.kind, Kind::Upstream(_))
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the upstream body resets its stream (RST_STREAM CANCEL).
+            this.kind = Kind::Full(None);
+            let trailers = trailers.take().unwrap_or_default();
+            this.finish(Some("deadline_exceeded"));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),

@@ -5,7 +5,7 @@
 //! every local failure becomes a *trailers-only* response (one HEADERS frame with END_STREAM
 //! carrying `grpc-status` and `grpc-message`), the form gRPC uses for calls that fail before
 //! any message (gRPC over HTTP/2 spec, "Responses").
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
@@ -71,6 +71,74 @@ pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
 /// The client's deadline for this call, if it sent one.
 pub fn client_timeout(headers: &HeaderMap) -> Option<Duration> {
     headers.get("grpc-timeout").and_then(parse_timeout)
+}
+
+/// The deadline of one gRPC call whose client sent `grpc-timeout`: it bounds the whole call,
+/// response stream included, not only the wait for response headers.
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadline {
+    /// When the call must be over.
+    pub at: Instant,
+    /// The client's deadline is the binding one (not the route/listener timeout capping it):
+    /// expiry is then no fault of the endpoint.
+    pub client_set: bool,
+}
+
+impl CallDeadline {
+    /// The deadline for a call that started at `start`, if the client sent `grpc-timeout`;
+    /// `configured` (route/listener/cluster timeout) caps it.
+    pub fn new(headers: &HeaderMap, start: Instant, configured: Duration) -> Option<Self> {
+        let client = client_timeout(headers)?;
+        Some(CallDeadline {
+            at: start + client.min(configured),
+            client_set: client <= configured,
+        })
+    }
+
+    /// Time left.
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// Rewrites `grpc-timeout` to the time left, so the backend works to the same deadline
+    /// (and a route cap becomes visible to it).
+    pub fn propagate(&self, headers: &mut HeaderMap) {
+        headers.insert("grpc-timeout", encode_timeout(self.remaining()));
+    }
+}
+
+/// `grpc-timeout` for `d`: the finest unit whose count fits the spec's 8 digits.
+pub fn encode_timeout(d: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let v = if d.as_micros() <= MAX {
+        format!("{}u", d.as_micros().max(1))
+    } else if d.as_millis() <= MAX {
+        format!("{}m", d.as_millis())
+    } else {
+        format!("{}S", u128::from(d.as_secs()).min(MAX))
+    };
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("99999999S"))
+}
+
+/// Applies a call deadline to a proxied response: if it passes while the response streams,
+/// the upstream stream is dropped (hyper resets it with CANCEL) and the client gets
+/// `grpc-status: 4` trailers.
+pub fn bound_response(resp: Response<ResponseBody>, call: CallDeadline) -> Response<ResponseBody> {
+    resp.map(|b| b.with_deadline(call.at, deadline_trailers()))
+}
+
+/// Trailers ending a call that ran out of time mid-stream.
+fn deadline_trailers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(Code::DeadlineExceeded as u16),
+    );
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static("lbd: deadline exceeded"),
+    );
+    h
 }
 
 /// The gRPC status for one of lbd's local failure reasons (the `x-lbd-error` names).
@@ -197,6 +265,38 @@ mod tests {
             error_response("body_too_large", None).headers()["grpc-status"],
             "8"
         );
+    }
+
+    #[test]
+    fn encodes_timeouts_within_eight_digits() {
+        let e = |d| {
+            encode_timeout(d)
+                .to_str()
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert_eq!(e(Duration::from_millis(50)), "50000u");
+        assert_eq!(e(Duration::ZERO), "1u");
+        assert_eq!(e(Duration::from_secs(1000)), "1000000m");
+        assert_eq!(e(Duration::from_secs(10_000_000)), "10000000S");
+        assert_eq!(e(Duration::from_secs(u64::MAX)), "99999999S");
+        for d in [Duration::from_millis(50), Duration::from_secs(1000)] {
+            assert_eq!(parse_timeout(&encode_timeout(d)), Some(d));
+        }
+    }
+
+    #[test]
+    fn call_deadline_is_capped_by_the_configured_timeout() {
+        let mut h = HeaderMap::new();
+        let start = Instant::now();
+        assert!(CallDeadline::new(&h, start, Duration::from_secs(1)).is_none());
+        h.insert("grpc-timeout", HeaderValue::from_static("50m"));
+        let c = CallDeadline::new(&h, start, Duration::from_secs(1)).expect("deadline");
+        assert!(c.client_set);
+        assert_eq!(c.at, start + Duration::from_millis(50));
+        let c = CallDeadline::new(&h, start, Duration::from_millis(20)).expect("deadline");
+        assert!(!c.client_set);
+        assert_eq!(c.at, start + Duration::from_millis(20));
     }
 
     #[test]

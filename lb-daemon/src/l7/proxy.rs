@@ -106,16 +106,17 @@ pub async fn handle(
         .timeout
         .unwrap_or(listener.limits.request_timeout)
         .min(cluster.config.timeouts.response);
-    // A gRPC client's own deadline only shortens the configured one.
-    let client_deadline = log
+    // A gRPC client's deadline (capped by the configured one) bounds the whole call.
+    let call = log
         .grpc
-        .then(|| grpc::client_timeout(&parts.headers))
-        .flatten()
-        .filter(|d| *d < deadline);
-    let deadline = client_deadline.unwrap_or(deadline);
+        .then(|| grpc::CallDeadline::new(&parts.headers, start, deadline))
+        .flatten();
     let path = router::rewrite_uri(route, &parts.uri);
     let mut head = parts;
     prepare_head(&mut head, &conn, cluster);
+    if let Some(call) = &call {
+        call.propagate(&mut head.headers);
+    }
 
     // Only a request without a body can be re-sent: a streamed body is consumed by the first
     // attempt. Connect failures send nothing, so such a retry is safe for any method.
@@ -162,11 +163,16 @@ pub async fn handle(
             std::mem::take(&mut head.headers)
         };
         let sent = Instant::now();
-        match tokio::time::timeout(deadline, cluster.upstream.send(req)).await {
+        let budget = call.as_ref().map_or(deadline, |c| c.remaining());
+        match tokio::time::timeout(budget, cluster.upstream.send(req)).await {
             Ok(Ok(resp)) => {
                 log.upstream = Some(sent.elapsed());
                 log.in_flight = Some(guard);
-                return respond(resp, log);
+                let resp = respond(resp, log);
+                return match call {
+                    Some(c) => grpc::bound_response(resp, c),
+                    None => resp,
+                };
             }
             Ok(Err((kind, err))) => {
                 // Like nginx's "connect() failed (111: Connection refused) while connecting
@@ -197,7 +203,7 @@ pub async fn handle(
             }
             Err(_elapsed) => {
                 log.upstream = Some(sent.elapsed());
-                if client_deadline.is_some() {
+                if call.as_ref().is_some_and(|c| c.client_set) {
                     // The client's deadline, not a slow endpoint: no passive-health strike.
                     // Dropping the send future resets the upstream stream (RST_STREAM CANCEL).
                     return fail(log, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", false);
