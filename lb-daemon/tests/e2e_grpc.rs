@@ -299,7 +299,6 @@ fn count_msg(i: u64) -> Bytes {
 struct GrpcBackend {
     addr: SocketAddr,
     seen: Arc<Seen>,
-    #[allow(dead_code, reason = "used by the health-check test")]
     health: tonic_health::server::HealthReporter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -906,5 +905,113 @@ async fn deadlines_and_cancellation_reach_the_backend() {
         a.seen.slept.load(Ordering::SeqCst),
         0,
         "no sleep ran to the end"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_check_takes_not_serving_out_and_back() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let listen = free_addr();
+    let lbd = Lbd::start(
+        bin(),
+        &config(
+            listen,
+            &[a.addr, b.addr],
+            r#"policy = "round_robin"
+[clusters.health_check]
+kind = "grpc"
+service = "test.Echo"
+interval = "100ms"
+timeout = "80ms"
+healthy_threshold = 1
+unhealthy_threshold = 1
+"#,
+        ),
+    );
+    let mut cl = client(listen).await;
+    let spread = |cl: &mut tonic::client::Grpc<Channel>| {
+        let mut cl = cl.clone();
+        async move {
+            let mut m: HashMap<String, u64> = HashMap::new();
+            for _ in 0..20 {
+                let r = unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
+                    .await
+                    .expect("call");
+                *m.entry(backend_of(&r)).or_default() += 1;
+            }
+            m
+        }
+    };
+    assert_eq!(spread(&mut cl).await.len(), 2, "both serve at first");
+
+    b.health
+        .set_service_status("test.Echo", tonic_health::ServingStatus::NotServing)
+        .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = spread(&mut cl).await;
+        if m.keys().all(|k| k == "a") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "b still gets calls: {m:?}\n{}",
+            lbd.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once out, it stays out while NOT_SERVING.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(spread(&mut cl).await.get("b"), None);
+
+    b.health
+        .set_service_status("test.Echo", tonic_health::ServingStatus::Serving)
+        .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = spread(&mut cl).await;
+        if m.get("b").copied().unwrap_or(0) >= 5 {
+            break;
+        }
+        assert!(Instant::now() < until, "b not back: {m:?}\n{}", lbd.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A service the backend does not know is not healthy either (NOT_FOUND / SERVICE_UNKNOWN).
+    drop(lbd);
+    let listen = free_addr();
+    let lbd = Lbd::start(
+        bin(),
+        &config(
+            listen,
+            &[a.addr, b.addr],
+            r#"[clusters.health_check]
+kind = "grpc"
+service = "no.Such"
+interval = "100ms"
+timeout = "80ms"
+unhealthy_threshold = 1
+"#,
+        ),
+    );
+    let mut cl = client(listen).await;
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new())).await;
+        if let Err(e) = &r {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("no healthy endpoint"), "{e:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "unknown service still healthy\n{}",
+            lbd.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        lbd.logs().contains("grpc-status 5"),
+        "the check's reason is logged: {}",
+        lbd.logs()
     );
 }

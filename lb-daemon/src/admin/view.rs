@@ -253,6 +253,7 @@ pub fn effective_config(model: &Model) -> Value {
             "health_check": c.health_check.as_ref().map(|h| json!({
                 "kind": match &h.kind {
                     HealthCheckKind::Tcp => json!("tcp"),
+                    HealthCheckKind::Grpc { service } => json!({ "grpc": { "service": service } }),
                     HealthCheckKind::Http { path, host, expected } => json!({
                         "http": { "path": path, "host": host, "expected_status": [expected.0, expected.1] }
                     }),

@@ -297,6 +297,11 @@ pub enum HealthCheckKind {
         /// Accepted status range, inclusive.
         expected: (u16, u16),
     },
+    /// `grpc.health.v1.Health/Check` over h2c answers SERVING.
+    Grpc {
+        /// Service name asked about; empty = the server as a whole.
+        service: String,
+    },
 }
 
 /// Passive health: `max_fails` failures within `fail_timeout` take an endpoint out for

@@ -188,6 +188,7 @@ pub struct RawHealthCheck {
     pub path: Option<S<String>>,
     pub host: Option<S<String>>,
     pub expected_status: Option<S<RawStatus>>,
+    pub service: Option<S<String>>,
     pub interval: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub healthy_threshold: Option<S<i64>>,

@@ -709,13 +709,19 @@ impl Checker<'_> {
     fn health_check(&mut self, h: &S<RawHealthCheck>, cluster: &str) -> HealthCheck {
         let h = h.get_ref();
         let k = |f: &str| format!("{cluster}.health_check.{f}");
-        let is_tcp = self.choice(
+        #[derive(Clone, Copy, PartialEq)]
+        enum K {
+            Tcp,
+            Http,
+            Grpc,
+        }
+        let kind = self.choice(
             h.kind.as_ref(),
             &k("kind"),
-            false,
-            &[("tcp", true), ("http", false)],
+            K::Http,
+            &[("tcp", K::Tcp), ("http", K::Http), ("grpc", K::Grpc)],
         );
-        let kind = if is_tcp {
+        if kind != K::Http {
             for (v, f) in [(&h.path, "path"), (&h.host, "host")] {
                 if let Some(v) = v {
                     self.err(v.span(), &k(f), "only used with kind = \"http\"");
@@ -728,7 +734,29 @@ impl Checker<'_> {
                     "only used with kind = \"http\"",
                 );
             }
+        }
+        if kind != K::Grpc
+            && let Some(v) = &h.service
+        {
+            self.err(v.span(), &k("service"), "only used with kind = \"grpc\"");
+        }
+        let kind = if kind == K::Tcp {
             HealthCheckKind::Tcp
+        } else if kind == K::Grpc {
+            let service = h.service.as_ref().map_or_else(String::new, |s| {
+                // Sent as a protobuf string: any UTF-8 is valid, but a service name never has
+                // whitespace or control characters; such a value is a typo.
+                let v = s.get_ref();
+                if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    self.err(
+                        s.span(),
+                        &k("service"),
+                        format!("invalid gRPC service name {v:?}"),
+                    );
+                }
+                v.clone()
+            });
+            HealthCheckKind::Grpc { service }
         } else {
             let path = h
                 .path
