@@ -95,6 +95,11 @@ struct Seen {
     cancelled: AtomicU64,
     /// Sleep calls that ran to the end.
     slept: AtomicU64,
+    /// Sleep calls running now, and the most seen at once.
+    sleeping: AtomicU64,
+    peak_sleeping: AtomicU64,
+    /// TCP connections accepted.
+    connections: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -137,6 +142,7 @@ struct CancelGuard(Arc<Seen>, bool);
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
+        self.0.sleeping.fetch_sub(1, Ordering::SeqCst);
         if !self.1 {
             self.0.cancelled.fetch_add(1, Ordering::SeqCst);
         }
@@ -196,6 +202,8 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                             let mut b = r.get_ref().clone();
                             let ms = if b.len() >= 8 { b.get_u64() } else { 0 };
                             let mut guard = CancelGuard(Arc::clone(&this.seen), false);
+                            let now = this.seen.sleeping.fetch_add(1, Ordering::SeqCst) + 1;
+                            this.seen.peak_sleeping.fetch_max(now, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(ms)).await;
                             guard.1 = true;
                             this.seen.slept.fetch_add(1, Ordering::SeqCst);
@@ -306,6 +314,11 @@ struct GrpcBackend {
 
 impl GrpcBackend {
     async fn start(name: &str) -> GrpcBackend {
+        Self::start_with(name, None).await
+    }
+
+    /// `max_streams`: the SETTINGS_MAX_CONCURRENT_STREAMS the server announces.
+    async fn start_with(name: &str, max_streams: Option<u32>) -> GrpcBackend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -320,9 +333,14 @@ impl GrpcBackend {
             seen: Arc::clone(&seen),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counted = Arc::clone(&seen);
         let task = tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).inspect(move |_| {
+                    counted.connections.fetch_add(1, Ordering::SeqCst);
+                });
             let _ = tonic::transport::Server::builder()
+                .max_concurrent_streams(max_streams)
                 .add_service(health_svc)
                 .add_service(echo)
                 .serve_with_incoming_shutdown(incoming, async {
@@ -1013,5 +1031,51 @@ unhealthy_threshold = 1
         lbd.logs().contains("grpc-status 5"),
         "the check's reason is logged: {}",
         lbd.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_upstream_connections_at_the_peer_stream_limit() {
+    // The backend allows 4 concurrent streams per connection; 32 calls in flight need 8.
+    let a = GrpcBackend::start_with("a", Some(4)).await;
+    let listen = free_addr();
+    let lbd = Lbd::start(bin(), &config(listen, &[a.addr], ""));
+    let mut cl = client(listen).await;
+    // One call first, so lbd has the backend's SETTINGS before the burst.
+    unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
+        .await
+        .expect("warm-up");
+    let results: Vec<Result<Response<Bytes>, Status>> = futures_util::stream::iter(0..32)
+        .map(|_| {
+            let mut cl = cl.clone();
+            async move { unary(&mut cl, "/test.Echo/Sleep", sleep_req(1000)).await }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}\n{}", lbd.logs());
+    }
+    let conns = a.seen.connections.load(Ordering::SeqCst);
+    let peak = a.seen.peak_sleeping.load(Ordering::SeqCst);
+    eprintln!(
+        "32 calls in flight, peer limit 4 streams: {conns} upstream connections, peak {peak} concurrent at the backend"
+    );
+    assert!((8..=9).contains(&conns), "{conns} upstream connections");
+    assert_eq!(peak, 32, "all 32 calls ran at once on the backend");
+    // Idle connections are reused, not reopened.
+    let results: Vec<_> = futures_util::stream::iter(0..32)
+        .map(|_| {
+            let mut cl = cl.clone();
+            async move { unary(&mut cl, "/test.Echo/Sleep", sleep_req(200)).await }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(
+        a.seen.connections.load(Ordering::SeqCst),
+        conns,
+        "connections reused"
     );
 }

@@ -80,6 +80,8 @@ pub struct RequestLog {
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
+    /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
+    pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
     /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
     pub grpc: bool,
 }
@@ -88,6 +90,7 @@ impl RequestLog {
     /// Records metrics and writes the access-log line.
     pub fn finish(&mut self) {
         self.in_flight = None;
+        self.stream_slot = None;
         let total = self.start.elapsed();
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let class = usize::from(self.status / 100).clamp(1, 5) - 1;

@@ -73,6 +73,7 @@ pub async fn handle(
         metrics: Arc::clone(&listener.unrouted_metrics),
         in_flight: None,
         grpc: grpc::is_grpc(&parts.headers),
+        stream_slot: None,
     });
 
     if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes(&listener.limits)
@@ -164,7 +165,7 @@ pub async fn handle(
         };
         let sent = Instant::now();
         let budget = call.as_ref().map_or(deadline, |c| c.remaining());
-        match tokio::time::timeout(budget, cluster.upstream.send(req)).await {
+        match tokio::time::timeout(budget, cluster.upstream.send(idx, req)).await {
             Ok(Ok(resp)) => {
                 log.upstream = Some(sent.elapsed());
                 log.in_flight = Some(guard);
@@ -285,6 +286,7 @@ fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<Respo
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     log.status = parts.status.as_u16();
+    log.stream_slot = parts.extensions.remove();
     Response::from_parts(parts, ResponseBody::upstream(body, log))
 }
 

@@ -1,8 +1,9 @@
 //! Upstream connections of one cluster: a keep-alive pool per endpoint, HTTP/1.1 or HTTP/2.
 //!
-//! hyper-util's pooled client keys its pool by authority, and every request carries its
-//! endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2 connections
-//! are shared by concurrent requests (each request is its own stream).
+//! HTTP/1.1 uses hyper-util's pooled client: it keys its pool by authority, and every request
+//! carries its endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2
+//! (and gRPC) use [`super::h2pool`]: several connections per endpoint, each shared by up to the
+//! peer's stream limit of concurrent requests.
 use std::error::Error as _;
 use std::net::SocketAddr;
 
@@ -12,7 +13,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use std::sync::Arc;
+
 use super::body::{BodyError, RequestBody};
+use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use crate::config::model::{Cluster, UpstreamProtocol};
 
 /// How an upstream attempt failed; decides retry, passive health and the status sent back.
@@ -33,7 +37,25 @@ impl UpstreamError {
         if e.is_connect() {
             return UpstreamError::Connect;
         }
+        Self::from_chain(e.source())
+    }
+
+    fn classify_h2(e: &hyper::Error) -> Self {
+        // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
+        // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
         let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(h2) = s.downcast_ref::<h2::Error>()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            {
+                return UpstreamError::Connect;
+            }
+            source = s.source();
+        }
+        Self::from_chain(e.source())
+    }
+
+    fn from_chain(mut source: Option<&(dyn std::error::Error + 'static)>) -> Self {
         while let Some(s) = source {
             if let Some(b) = s.downcast_ref::<BodyError>() {
                 return match b {
@@ -47,10 +69,32 @@ impl UpstreamError {
     }
 }
 
+/// Why an upstream attempt failed, with the whole cause chain.
+#[derive(Debug)]
+pub struct UpstreamFailure(BoxError);
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for UpstreamFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Http1(Box<Client<HttpConnector, RequestBody>>),
+    Http2(Arc<H2Pool>),
+}
+
 /// The pooled client for one cluster.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
+    pool: Pool,
     version: http::Version,
     /// `ip:port` authority of each endpoint, built once so requests only clone it.
     authorities: Vec<Authority>,
@@ -73,11 +117,24 @@ impl Upstream {
             // that lost the race with an idle connection's close stays on (nothing was sent).
             .retry_canceled_requests(true)
             .set_host(false);
-        let version = match cluster.protocol {
-            UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        let (pool, version) = match cluster.protocol {
+            UpstreamProtocol::Http1 => (
+                Pool::Http1(Box::new(builder.build(connector))),
+                http::Version::HTTP_11,
+            ),
             UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => {
-                builder.http2_only(true);
-                http::Version::HTTP_2
+                let addresses: Vec<SocketAddr> =
+                    cluster.endpoints.iter().map(|e| e.address).collect();
+                let config = PoolConfig {
+                    connect_timeout: cluster.timeouts.connect,
+                    idle_timeout: cluster.timeouts.idle,
+                    max_idle: cluster.pool.max_idle,
+                    max_connections: cluster.pool.max_connections,
+                };
+                (
+                    Pool::Http2(Arc::new(H2Pool::new(&addresses, config))),
+                    http::Version::HTTP_2,
+                )
             }
         };
         let authorities = cluster
@@ -86,7 +143,7 @@ impl Upstream {
             .map(|e| authority(e.address))
             .collect();
         Upstream {
-            client: builder.build(connector),
+            pool,
             version,
             authorities,
         }
@@ -110,15 +167,34 @@ impl Upstream {
         http::Uri::from_parts(parts).ok()
     }
 
-    /// Sends one request (its URI already absolute for the chosen endpoint).
+    /// Sends one request to `endpoint` (its URI already absolute for that endpoint). An HTTP/2
+    /// response holds its stream's place on the connection in its extensions (an
+    /// `Arc<StreamSlot>`) until it is dropped.
     pub async fn send(
         &self,
+        endpoint: usize,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, (UpstreamError, hyper_util::client::legacy::Error)> {
-        self.client
-            .request(req)
-            .await
-            .map_err(|e| (UpstreamError::classify(&e), e))
+    ) -> Result<http::Response<Incoming>, (UpstreamError, UpstreamFailure)> {
+        match &self.pool {
+            Pool::Http1(client) => client
+                .request(req)
+                .await
+                .map_err(|e| (UpstreamError::classify(&e), UpstreamFailure(e.into()))),
+            Pool::Http2(pool) => pool.send(endpoint, req).await.map_err(|e| match e {
+                SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
+                SendError::Request(e) => {
+                    (UpstreamError::classify_h2(&e), UpstreamFailure(e.into()))
+                }
+            }),
+        }
+    }
+
+    /// Open HTTP/2 connections to `endpoint` (0 for HTTP/1.1 clusters).
+    pub fn h2_connections(&self, endpoint: usize) -> usize {
+        match &self.pool {
+            Pool::Http1(_) => 0,
+            Pool::Http2(p) => p.connections(endpoint),
+        }
     }
 }
 

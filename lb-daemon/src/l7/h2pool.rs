@@ -1,0 +1,301 @@
+//! HTTP/2 (h2c) upstream connections per endpoint, several streams multiplexed on each, and
+//! another connection opened when every one is at the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//!
+//! Why not hyper-util's pooled client: for HTTP/2 it keeps ONE connection per authority and
+//! queues requests once that connection is at its stream limit, so a busy gRPC endpoint
+//! would be served through a single connection (and a single TCP window) however many calls
+//! wait. Here each endpoint has a list of connections with a stream counter each; hyper's
+//! `client::conn::http2` still does the protocol, flow control included (a stream's body is
+//! only pulled as the peer's window allows, so nothing is buffered whole).
+//!
+//! The peer's limit is read from hyper's `Connection::current_max_send_streams` by the task
+//! that drives the connection, each time it makes progress. A fresh connection has not seen
+//! the peer's SETTINGS yet, so until it does the limit last learned from that endpoint is used.
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::RequestBody;
+
+/// Streams a connection is assumed to allow before the peer's SETTINGS say otherwise
+/// (hyper's and h2's customary default).
+const INITIAL_MAX_STREAMS: usize = 100;
+
+/// Boxed error with its cause chain intact.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How opening a stream failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(BoxError),
+    /// The request failed on an established connection.
+    Request(hyper::Error),
+}
+
+/// Pool limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// TCP connect plus HTTP/2 handshake deadline.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle: usize,
+    /// Connections per endpoint; 0 = unlimited. At the cap, streams queue on the least busy.
+    pub max_connections: usize,
+}
+
+/// The connections of every endpoint of one cluster.
+#[derive(Debug)]
+pub struct H2Pool {
+    config: PoolConfig,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    address: SocketAddr,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Serialises connection set-up, so a burst of calls waits for one new connection
+    /// instead of opening one each.
+    connecting: tokio::sync::Mutex<()>,
+    /// Stream limit last announced by this endpoint (0 = not learned yet).
+    learned_max: Arc<AtomicUsize>,
+}
+
+struct Conn {
+    sender: http2::SendRequest<RequestBody>,
+    /// Open streams.
+    active: AtomicUsize,
+    /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS as hyper sees it.
+    peer_max: Arc<AtomicUsize>,
+    /// When the last stream ended (for idle expiry).
+    idle_since: Mutex<Instant>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .field("peer_max", &self.peer_max.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Conn {
+    fn limit(&self, learned: usize) -> usize {
+        let peer = self.peer_max.load(Ordering::Relaxed);
+        // Still hyper's initial guess: prefer what this endpoint told us before.
+        let limit = if peer == INITIAL_MAX_STREAMS && learned > 0 {
+            learned
+        } else {
+            peer
+        };
+        limit.max(1)
+    }
+
+    fn usable(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// Holds one stream's place on its connection; the place is freed when this is dropped
+/// (when the response has been streamed to its end, or abandoned).
+pub struct StreamSlot {
+    conn: Arc<Conn>,
+}
+
+impl fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StreamSlot")
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.conn.idle_since.lock()
+        {
+            *t = Instant::now();
+        }
+    }
+}
+
+impl H2Pool {
+    /// A pool for `addresses` (endpoint order); connections open on demand.
+    pub fn new(addresses: &[SocketAddr], config: PoolConfig) -> Self {
+        H2Pool {
+            config,
+            endpoints: addresses
+                .iter()
+                .map(|&address| Endpoint {
+                    address,
+                    conns: Mutex::new(Vec::new()),
+                    connecting: tokio::sync::Mutex::new(()),
+                    learned_max: Arc::new(AtomicUsize::new(0)),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends `req` to endpoint `idx` on a connection with a free stream, opening one if needed.
+    /// The response carries its [`StreamSlot`] in its extensions.
+    pub async fn send(
+        &self,
+        idx: usize,
+        req: http::Request<RequestBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let Some(ep) = self.endpoints.get(idx) else {
+            return Err(SendError::Connect("no such endpoint".into()));
+        };
+        let slot = match self.acquire(ep) {
+            Some(s) => s,
+            None => {
+                let _one_at_a_time = ep.connecting.lock().await;
+                // Another call may have opened a connection while this one waited.
+                match self.acquire(ep) {
+                    Some(s) => s,
+                    None => self.connect(ep).await?,
+                }
+            }
+        };
+        let mut sender = slot.conn.sender.clone();
+        let mut resp = sender.send_request(req).await.map_err(SendError::Request)?;
+        resp.extensions_mut().insert(Arc::new(slot));
+        Ok(resp)
+    }
+
+    /// A stream on an existing connection below its limit, if any. Takes the busiest such
+    /// connection, so streams pack onto few connections and spare ones can go idle.
+    /// At `max_connections`, the least busy connection takes the stream even if full.
+    fn acquire(&self, ep: &Endpoint) -> Option<StreamSlot> {
+        let learned = ep.learned_max.load(Ordering::Relaxed);
+        let mut conns = ep.conns.lock().ok()?;
+        self.prune(&mut conns);
+        let best = conns
+            .iter()
+            .filter(|c| c.active.load(Ordering::Relaxed) < c.limit(learned))
+            .max_by_key(|c| c.active.load(Ordering::Relaxed));
+        let chosen = match best {
+            Some(c) => Arc::clone(c),
+            None if self.config.max_connections > 0
+                && conns.len() >= self.config.max_connections =>
+            {
+                Arc::clone(
+                    conns
+                        .iter()
+                        .min_by_key(|c| c.active.load(Ordering::Relaxed))?,
+                )
+            }
+            None => return None,
+        };
+        chosen.active.fetch_add(1, Ordering::AcqRel);
+        Some(StreamSlot { conn: chosen })
+    }
+
+    /// Drops closed connections and idle ones beyond `max_idle` or older than `idle_timeout`.
+    fn prune(&self, conns: &mut Vec<Arc<Conn>>) {
+        let now = Instant::now();
+        let mut idle_kept = 0;
+        conns.retain(|c| {
+            if !c.usable() {
+                return false;
+            }
+            if c.active.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            let since = c.idle_since.lock().map_or(now, |t| *t);
+            idle_kept += 1;
+            idle_kept <= self.config.max_idle.max(1)
+                && now.duration_since(since) < self.config.idle_timeout
+        });
+    }
+
+    /// Opens a connection to `ep` and takes its first stream.
+    async fn connect(&self, ep: &Endpoint) -> Result<StreamSlot, SendError> {
+        let setup = async {
+            let tcp = TcpStream::connect(ep.address).await?;
+            tcp.set_nodelay(true)?;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .initial_max_send_streams(INITIAL_MAX_STREAMS);
+            let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
+            Ok::<_, BoxError>((sender, conn))
+        };
+        let (sender, conn) = match tokio::time::timeout(self.config.connect_timeout, setup).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Err(_) => {
+                return Err(SendError::Connect(
+                    format!("connect timeout after {:?}", self.config.connect_timeout).into(),
+                ));
+            }
+        };
+        let peer_max = Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS));
+        let address = ep.address;
+        tokio::spawn(Driver {
+            conn,
+            peer_max: Arc::clone(&peer_max),
+            learned: Arc::clone(&ep.learned_max),
+            address,
+        });
+        let conn = Arc::new(Conn {
+            sender,
+            active: AtomicUsize::new(1),
+            peer_max,
+            idle_since: Mutex::new(Instant::now()),
+        });
+        if let Ok(mut conns) = ep.conns.lock() {
+            conns.push(Arc::clone(&conn));
+            tracing::debug!(endpoint = %address, connections = conns.len(), "h2 upstream connection opened");
+        }
+        Ok(StreamSlot { conn })
+    }
+
+    /// Open connections to endpoint `idx` (for tests and the admin view).
+    pub fn connections(&self, idx: usize) -> usize {
+        self.endpoints
+            .get(idx)
+            .and_then(|e| e.conns.lock().ok().map(|c| c.len()))
+            .unwrap_or(0)
+    }
+}
+
+/// Drives one connection and publishes the peer's stream limit whenever it makes progress.
+struct Driver {
+    conn: http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
+    peer_max: Arc<AtomicUsize>,
+    learned: Arc<AtomicUsize>,
+    address: SocketAddr,
+}
+
+impl std::future::Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = Pin::new(&mut self.conn).poll(cx);
+        let max = self.conn.current_max_send_streams();
+        if self.peer_max.swap(max, Ordering::Relaxed) != max && max != INITIAL_MAX_STREAMS {
+            self.learned.store(max, Ordering::Relaxed);
+        }
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(endpoint = %self.address, error = %e, "h2 upstream connection ended");
+                Poll::Ready(())
+            }
+        }
+    }
+}
