@@ -50,6 +50,20 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "invalid gRPC service name",
     ),
     (
+        "grpc retry status on an http1 cluster",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\"]\n",
+        6,
+        "clusters[0].retry.grpc_status[0]",
+        "only used with protocol = \"grpc\"",
+    ),
+    (
+        "unknown grpc retry status",
+        "[[clusters]]\nname = \"c\"\nprotocol = \"grpc\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\", \"busy\"]\n",
+        7,
+        "clusters[0].retry.grpc_status[1]",
+        "unknown value \"busy\"",
+    ),
+    (
         "unknown cluster protocol",
         "[[clusters]]\nname = \"c\"\nprotocol = \"grpc-web\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
         3,
@@ -850,6 +864,8 @@ address = "127.0.0.1:50051"
 [clusters.health_check]
 kind = "grpc"
 service = "helloworld.Greeter"
+[clusters.retry]
+grpc_status = ["unavailable", "resource_exhausted", "unavailable"]
 
 [[clusters]]
 name = "g2"
@@ -870,7 +886,9 @@ kind = "grpc"
             service: "helloworld.Greeter".into()
         })
     );
+    assert_eq!(g.retry.grpc_status, vec![14, 8]);
     assert_eq!(g2.policy, Policy::RoundRobin);
+    assert!(g2.retry.grpc_status.is_empty());
     assert_eq!(
         g2.health_check.as_ref().map(|h| &h.kind),
         Some(&HealthCheckKind::Grpc {

@@ -100,6 +100,8 @@ struct Seen {
     peak_sleeping: AtomicU64,
     /// TCP connections accepted.
     connections: AtomicU64,
+    /// Unary answers UNAVAILABLE (after reading the request).
+    fail_unary: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -189,6 +191,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                 // Echoes the message.
                 "/test.Echo/Unary" => {
                     let m = Method(Box::new(move |r: Request<Bytes>| {
+                        if this.seen.fail_unary.load(Ordering::SeqCst) {
+                            let e = Status::unavailable(format!("{} is overloaded", this.name));
+                            return Box::pin(async move { Err(e) });
+                        }
                         let resp = this.reply(r.get_ref().clone(), r.metadata());
                         Box::pin(async move { Ok(resp) })
                     }));
@@ -1078,4 +1084,104 @@ async fn more_upstream_connections_at_the_peer_stream_limit() {
         conns,
         "connections reused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_is_retried_on_another_endpoint_when_configured() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    b.seen.fail_unary.store(true, Ordering::SeqCst);
+    let retry = "policy = \"round_robin\"\n[clusters.retry]\nattempts = 1\ngrpc_status = [\"unavailable\"]\n";
+
+    // Without the setting the backend's UNAVAILABLE reaches the client.
+    let listen = free_addr();
+    let lbd = Lbd::start(
+        bin(),
+        &config(listen, &[a.addr, b.addr], "policy = \"round_robin\""),
+    );
+    let mut cl = client(listen).await;
+    let mut failed = 0;
+    for _ in 0..20 {
+        if let Err(e) = unary(
+            &mut cl,
+            "/test.Echo/Unary",
+            Request::new(Bytes::from_static(b"x")),
+        )
+        .await
+        {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert_eq!(e.message(), "b is overloaded");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10, "round robin sends every other call to b");
+    drop(lbd);
+
+    // With it, every call succeeds on a; b still saw its share.
+    let listen = free_addr();
+    let lbd = Lbd::start(bin(), &config(listen, &[a.addr, b.addr], retry));
+    let mut cl = client(listen).await;
+    let b_before = b.calls();
+    for i in 0..20u32 {
+        let payload = Bytes::from(format!("retry me {i}"));
+        let r = unary(&mut cl, "/test.Echo/Unary", Request::new(payload.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:?}\n{}", lbd.logs()));
+        assert_eq!(backend_of(&r), "a");
+        assert_eq!(r.get_ref(), &payload, "the retried body is the original");
+    }
+    // Each retry advances the rotation too, so b is first choice more often than not.
+    let tried_b = b.calls() - b_before;
+    assert!((10..=20).contains(&tried_b), "b tried {tried_b} times");
+
+    // A call too large to keep a copy of is not retried: b's answer comes back.
+    let big = noise(7, 200 << 10);
+    let mut b_answered = 0;
+    for _ in 0..4 {
+        match unary(&mut cl, "/test.Echo/Unary", Request::new(big.clone())).await {
+            Ok(r) => assert_eq!(r.get_ref(), &big),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert_eq!(e.message(), "b is overloaded");
+                b_answered += 1;
+            }
+        }
+    }
+    assert_eq!(b_answered, 2, "large calls to b fail without retry");
+
+    // Streaming calls still stream with retries on: ping-pong and a 1 MiB client stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Bytes::from_static(b"ping 0")).await.expect("send");
+    cl.ready().await.expect("ready");
+    let mut replies = cl
+        .streaming(
+            Request::new(channel_stream(rx)),
+            PathAndQuery::from_static("/test.Echo/Bidi"),
+            RawCodec,
+        )
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..100u32 {
+        let m = replies.message().await.expect("reply").expect("open");
+        assert_eq!(m, Bytes::from(format!("ping {i}")));
+        if i < 99 {
+            tx.send(Bytes::from(format!("ping {}", i + 1)))
+                .await
+                .expect("send");
+        }
+    }
+    drop(tx);
+    let chunks: Vec<Bytes> = (0..16u64).map(|i| noise(i + 9, 64 << 10)).collect();
+    let want = chunks.iter().fold(FNV_INIT, |h, c| fnv(h, c));
+    cl.ready().await.expect("ready");
+    let mut r = cl
+        .client_streaming(
+            Request::new(futures_util::stream::iter(chunks)),
+            PathAndQuery::from_static("/test.Echo/Sum"),
+            RawCodec,
+        )
+        .await
+        .expect("sum")
+        .into_inner();
+    assert_eq!((r.get_u64(), r.get_u64()), (1 << 20, want));
 }

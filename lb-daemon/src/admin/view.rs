@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::model::{
-    ForwardMode, HashKey, HealthCheckKind, HostMatch, L4Protocol, ListenerProtocol, LogFormat,
-    Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
+    ForwardMode, GRPC_STATUS_NAMES, HashKey, HealthCheckKind, HostMatch, L4Protocol,
+    ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
 };
 use crate::health::ClusterHealth;
 
@@ -271,7 +271,12 @@ pub fn effective_config(model: &Model) -> Value {
                 "idle_ms": ms(c.timeouts.idle),
             },
             "pool": { "max_connections": c.pool.max_connections, "max_idle": c.pool.max_idle },
-            "retry": { "attempts": c.retry.attempts },
+            "retry": {
+                "attempts": c.retry.attempts,
+                "grpc_status": c.retry.grpc_status.iter()
+                    .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
+                    .collect::<Vec<_>>(),
+            },
         })).collect::<Vec<_>>(),
         "l4": { "vips": model.vips.iter().map(|v| json!({
             "name": v.name,

@@ -226,6 +226,7 @@ pub struct RawPool {
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<S<i64>>,
+    pub grpc_status: Option<Vec<S<String>>>,
 }
 
 /// `[[l4.vips]]`.

@@ -520,6 +520,25 @@ impl Checker<'_> {
                     0,
                 ),
             };
+            let mut grpc_status = Vec::new();
+            for (j, name) in c
+                .retry
+                .as_ref()
+                .and_then(|r| r.get_ref().grpc_status.as_ref())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let k = format!("{key}.retry.grpc_status[{j}]");
+                if protocol != UpstreamProtocol::Grpc {
+                    self.err(name.span(), &k, "only used with protocol = \"grpc\"");
+                    break;
+                }
+                let code = self.choice(Some(name), &k, 0, GRPC_STATUS_NAMES);
+                if code != 0 && !grpc_status.contains(&code) {
+                    grpc_status.push(code);
+                }
+            }
             let retry = Retry {
                 attempts: self.u32(
                     c.retry.as_ref().and_then(|r| r.get_ref().attempts.as_ref()),
@@ -528,6 +547,7 @@ impl Checker<'_> {
                     0,
                     u32::MAX,
                 ),
+                grpc_status,
             };
             out.push(Cluster {
                 name: c.name.get_ref().clone(),

@@ -3,8 +3,8 @@
 //! metrics, in-flight count).
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -25,6 +25,18 @@ pub enum BodyError {
     /// The peer's stream failed.
     #[error(transparent)]
     Stream(#[from] hyper::Error),
+    /// A retried attempt took over the client body.
+    #[error("request body taken over by a retry")]
+    Superseded,
+}
+
+/// Copies a data or trailers frame (`Bytes` clones share the buffer).
+fn clone_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
+    match (f.data_ref(), f.trailers_ref()) {
+        (Some(d), _) => Frame::data(d.clone()),
+        (None, Some(t)) => Frame::trailers(t.clone()),
+        (None, None) => Frame::data(Bytes::new()),
+    }
 }
 
 /// The downstream request body, counted and capped, streamed upstream without buffering.
@@ -41,6 +53,71 @@ pub enum RequestBody {
     },
     /// No body (also what a retry sends, since retries only happen for empty bodies).
     Empty,
+    /// One attempt's view of a client body kept for retries (gRPC retries): what earlier
+    /// attempts already read is replayed from memory, the rest is read from the client.
+    Replayable {
+        /// The body and the copy of what was read so far.
+        shared: Arc<Mutex<Replay>>,
+        /// Which attempt this is; only the newest attempt may read on.
+        attempt: usize,
+        /// Next chunk of `shared.chunks` to send.
+        pos: usize,
+    },
+}
+
+/// A client body read once and kept (up to a limit) so a failed attempt can be repeated.
+#[derive(Debug)]
+pub struct Replay {
+    inner: Incoming,
+    limit: u64,
+    seen: Arc<AtomicU64>,
+    /// Copy of the data read so far; dropped once it would exceed `keep`.
+    chunks: Vec<Frame<Bytes>>,
+    kept: usize,
+    keep: usize,
+    /// The copy was dropped: no further attempt can start.
+    overflowed: bool,
+    done: bool,
+    /// The attempt allowed to read from the client.
+    current: usize,
+}
+
+impl Replay {
+    /// Wraps the client body `inner` (`limit`/`seen` as in [`RequestBody::Stream`]) keeping
+    /// up to `keep` bytes for replays.
+    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>, keep: usize) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Replay {
+            inner,
+            limit,
+            seen,
+            chunks: Vec::new(),
+            kept: 0,
+            keep,
+            overflowed: false,
+            done: false,
+            current: 0,
+        }))
+    }
+
+    /// Whether another attempt can still get the whole body.
+    pub fn can_replay(shared: &Arc<Mutex<Self>>) -> bool {
+        shared.lock().is_ok_and(|s| !s.overflowed)
+    }
+
+    /// The body for attempt `attempt` (0-based), if it can still be sent in full. Older
+    /// attempts stop reading from then on.
+    pub fn attempt(shared: &Arc<Mutex<Self>>, attempt: usize) -> Option<RequestBody> {
+        let mut s = shared.lock().ok()?;
+        if s.overflowed {
+            return None;
+        }
+        s.current = attempt;
+        Some(RequestBody::Replayable {
+            shared: Arc::clone(shared),
+            attempt,
+            pos: 0,
+        })
+    }
 }
 
 impl Body for RequestBody {
@@ -53,6 +130,57 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Replayable {
+                shared,
+                attempt,
+                pos,
+            } => {
+                let Ok(mut s) = shared.lock() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(f) = s.chunks.get(*pos) {
+                    *pos += 1;
+                    return Poll::Ready(Some(Ok(clone_frame(f))));
+                }
+                if s.current != *attempt || (s.overflowed && *pos != usize::MAX) {
+                    // A superseded attempt (hyper may still be pumping its body while the next
+                    // one runs): it must not read on, nor take the reader's wakeup.
+                    return Poll::Ready(Some(Err(BodyError::Superseded)));
+                }
+                if s.done {
+                    return Poll::Ready(None);
+                }
+                let s = &mut *s;
+                match std::task::ready!(Pin::new(&mut s.inner).poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            let n = data.len();
+                            let total = s.seen.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                            if s.limit > 0 && total > s.limit {
+                                return Poll::Ready(Some(Err(BodyError::TooLarge {
+                                    limit: s.limit,
+                                })));
+                            }
+                            s.kept += n;
+                        }
+                        if s.kept > s.keep {
+                            // Too big to keep: this attempt streams on, no other can follow.
+                            s.overflowed = true;
+                            s.chunks = Vec::new();
+                            *pos = usize::MAX;
+                        } else if !s.overflowed {
+                            s.chunks.push(clone_frame(&frame));
+                            *pos = s.chunks.len();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Stream(e)))),
+                    None => {
+                        s.done = true;
+                        Poll::Ready(None)
+                    }
+                }
+            }
             RequestBody::Stream { inner, limit, seen } => {
                 match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
                     Some(Ok(frame)) => {
@@ -77,6 +205,10 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Replayable { shared, pos, .. } => shared
+                .lock()
+                .map(|s| s.done && *pos >= s.chunks.len())
+                .unwrap_or(true),
             RequestBody::Stream { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -84,6 +216,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Replayable { .. } => SizeHint::default(),
             RequestBody::Stream { inner, .. } => inner.size_hint(),
         }
     }

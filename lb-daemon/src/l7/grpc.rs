@@ -141,6 +141,16 @@ fn deadline_trailers() -> HeaderMap {
     h
 }
 
+/// Request bytes kept per gRPC call for retries on status; a larger call is not retried
+/// (Envoy buffers similarly, `per_request_buffer_limit_bytes`).
+pub const RETRY_BUFFER_BYTES: usize = 64 << 10;
+
+/// The `grpc-status` of a trailers-only response if it is one of `codes`.
+pub fn retry_status(headers: &HeaderMap, codes: &[u8]) -> Option<u8> {
+    let code: u8 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    codes.contains(&code).then_some(code)
+}
+
 /// The gRPC status for one of lbd's local failure reasons (the `x-lbd-error` names).
 pub fn code_for(reason: &str) -> Code {
     match reason {

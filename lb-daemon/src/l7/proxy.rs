@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body as _, Incoming};
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::{Replay, RequestBody, ResponseBody};
 use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
@@ -121,17 +121,23 @@ pub async fn handle(
 
     // Only a request without a body can be re-sent: a streamed body is consumed by the first
     // attempt. Connect failures send nothing, so such a retry is safe for any method.
-    let retryable = body.is_end_stream();
+    // gRPC calls retried on status keep a bounded copy of their body for the next attempt.
+    let grpc_retry = log.grpc && !cluster.config.retry.grpc_status.is_empty();
+    let retryable = body.is_end_stream() || grpc_retry;
     let max_attempts = if retryable {
         (cluster.config.retry.attempts as usize + 1).min(MAX_ATTEMPTS)
     } else {
         1
     };
-    let mut body = Some(RequestBody::Stream {
-        inner: body,
-        limit,
-        seen: Arc::clone(&log.bytes_in),
-    });
+    let seen = Arc::clone(&log.bytes_in);
+    let (mut body, replay) = if grpc_retry {
+        let keep = grpc::RETRY_BUFFER_BYTES;
+        (None, Some(Replay::new(body, limit, seen, keep)))
+    } else {
+        let inner = body;
+        (Some(RequestBody::Stream { inner, limit, seen }), None)
+    };
+    let mut held = None;
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last_error = None;
     for attempt in 0..max_attempts {
@@ -154,7 +160,14 @@ pub async fn handle(
         let Some(uri) = cluster.upstream.uri(idx, path.path_and_query()) else {
             break;
         };
-        let mut req = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        let req_body = match &replay {
+            Some(r) => match Replay::attempt(r, attempt) {
+                Some(b) => b,
+                None => break,
+            },
+            None => body.take().unwrap_or(RequestBody::Empty),
+        };
+        let mut req = Request::new(req_body);
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = cluster.upstream.version();
@@ -167,6 +180,18 @@ pub async fn handle(
         let budget = call.as_ref().map_or(deadline, |c| c.remaining());
         match tokio::time::timeout(budget, cluster.upstream.send(idx, req)).await {
             Ok(Ok(resp)) => {
+                if attempt + 1 < max_attempts
+                    && replay.as_ref().is_some_and(Replay::can_replay)
+                    && let Some(code) =
+                        grpc::retry_status(resp.headers(), &cluster.config.retry.grpc_status)
+                {
+                    // Trailers-only, nothing sent downstream yet: try another endpoint, but
+                    // keep this answer for the client in case no attempt does better.
+                    tracing::info!(cluster = %cluster.name, endpoint = log.endpoint.map(tracing::field::display),
+                        grpc_status = code, attempt = attempt + 1, "retrying gRPC call");
+                    held = Some(resp);
+                    continue;
+                }
                 log.upstream = Some(sent.elapsed());
                 log.in_flight = Some(guard);
                 let resp = respond(resp, log);
@@ -213,6 +238,9 @@ pub async fn handle(
                 return fail(log, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", false);
             }
         }
+    }
+    if let Some(resp) = held {
+        return respond(resp, log);
     }
     match last_error {
         None => fail(

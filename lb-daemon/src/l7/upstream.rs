@@ -61,6 +61,8 @@ impl UpstreamError {
                 return match b {
                     BodyError::TooLarge { .. } => UpstreamError::BodyTooLarge,
                     BodyError::Stream(_) => UpstreamError::ClientBody,
+                    // Only an abandoned attempt sees this; its outcome is not used.
+                    BodyError::Superseded => UpstreamError::Reset,
                 };
             }
             source = s.source();
