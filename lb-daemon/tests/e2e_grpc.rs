@@ -1185,3 +1185,100 @@ async fn unavailable_is_retried_on_another_endpoint_when_configured() {
         .into_inner();
     assert_eq!((r.get_u64(), r.get_u64()), (1 << 20, want));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_calls_per_method_and_status() {
+    let a = GrpcBackend::start("a").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = config(listen, &[a.addr], "").replace(
+        "drain_timeout = \"2s\"\n",
+        &format!("drain_timeout = \"2s\"\n\n[admin]\nbind = \"{admin}\"\n"),
+    );
+    let lbd = Lbd::start(bin(), &cfg);
+    let mut cl = client(listen).await;
+    for _ in 0..5 {
+        unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
+            .await
+            .expect("ok call");
+    }
+    for _ in 0..2 {
+        unary(&mut cl, "/test.Echo/Nope", Request::new(Bytes::new()))
+            .await
+            .expect_err("backend unimplemented");
+    }
+    // Status from trailers after data.
+    cl.ready().await.expect("ready");
+    let mut s = cl
+        .server_streaming(
+            Request::new(Bytes::new()),
+            PathAndQuery::from_static("/test.Echo/Trailers"),
+            RawCodec,
+        )
+        .await
+        .expect("trailers call")
+        .into_inner();
+    while s.message().await.is_ok_and(|m| m.is_some()) {}
+    unary(&mut cl, "/nope.Service/Method", Request::new(Bytes::new()))
+        .await
+        .expect_err("no route");
+
+    let want = [
+        (
+            r#"route="echo""#,
+            r#"method="Unary""#,
+            r#"grpc_status="ok""#,
+            5,
+        ),
+        (
+            r#"route="echo""#,
+            r#"method="Nope""#,
+            r#"grpc_status="unimplemented""#,
+            2,
+        ),
+        (
+            r#"route="echo""#,
+            r#"method="Trailers""#,
+            r#"grpc_status="failed_precondition""#,
+            1,
+        ),
+        (
+            r#"route="-""#,
+            r#"method="Method""#,
+            r#"grpc_status="unimplemented""#,
+            1,
+        ),
+    ];
+    let http = lb_tests::client::H1::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let text = http
+            .get(admin, "/metrics", None)
+            .await
+            .expect("metrics")
+            .text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("lbd_grpc_requests_total{"))
+            .collect();
+        let found = want.iter().all(|(r, m, st, n)| {
+            lines.iter().any(|l| {
+                l.contains(r) && l.contains(m) && l.contains(st) && l.ends_with(&format!(" {n}"))
+            })
+        });
+        if found {
+            assert!(
+                lines.iter().all(|l| l.contains(r#"service="test.Echo""#)
+                    || l.contains(r#"service="nope.Service""#)),
+                "{lines:#?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "metrics missing: {want:?} in\n{}\n{}",
+            lines.join("\n"),
+            lbd.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -321,6 +321,9 @@ impl Body for ResponseBody {
             // Dropping the upstream body resets its stream (RST_STREAM CANCEL).
             this.kind = Kind::Full(None);
             let trailers = trailers.take().unwrap_or_default();
+            if let Some(log) = this.log.as_mut() {
+                log.grpc_status = Some(4);
+            }
             this.finish(Some("deadline_exceeded"));
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
@@ -333,6 +336,11 @@ impl Body for ResponseBody {
                 if let Some(d) = frame.data_ref() {
                     let n = d.len();
                     this.count(n);
+                } else if let Some(t) = frame.trailers_ref()
+                    && let Some(log) = this.log.as_mut()
+                    && log.grpc
+                {
+                    log.grpc_status = super::grpc::status_of(t);
                 }
             }
             Poll::Ready(Some(Err(_))) => this.finish(Some("upstream_reset")),

@@ -5,12 +5,16 @@
 //! every local failure becomes a *trailers-only* response (one HEADERS frame with END_STREAM
 //! carrying `grpc-status` and `grpc-message`), the form gRPC uses for calls that fail before
 //! any message (gRPC over HTTP/2 spec, "Responses").
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use metrics::{Counter, Histogram};
 
 use super::body::ResponseBody;
 use super::log::RequestLog;
+use crate::telemetry::metrics as m;
 
 /// gRPC status codes lbd itself produces (google.rpc.Code numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,13 +145,142 @@ fn deadline_trailers() -> HeaderMap {
     h
 }
 
+/// gRPC status names, index = code (`grpc_status` label values).
+const STATUS_NAMES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
+
+/// Label for a call without a valid status (stream reset, client gone).
+const NO_STATUS: usize = STATUS_NAMES.len();
+
+/// Distinct (service, method) label pairs per route; further methods are counted as `other`,
+/// so a client inventing method names cannot grow the metrics without bound.
+pub const MAX_METHODS_PER_ROUTE: usize = 64;
+
+/// Per-route gRPC metric handles, registered lazily per method (bounded).
+#[derive(Debug)]
+pub struct GrpcMetrics {
+    listener: String,
+    route: String,
+    methods: Mutex<HashMap<String, Arc<MethodMetrics>>>,
+    other: Arc<MethodMetrics>,
+}
+
+/// One method's handles; a status's counter is registered on first use.
+#[derive(Debug)]
+struct MethodMetrics {
+    labels: [String; 4],
+    statuses: [OnceLock<Counter>; NO_STATUS + 1],
+    duration: Histogram,
+}
+
+impl MethodMetrics {
+    fn new(listener: &str, route: &str, service: &str, method: &str) -> Self {
+        MethodMetrics {
+            labels: [
+                listener.to_owned(),
+                route.to_owned(),
+                service.to_owned(),
+                method.to_owned(),
+            ],
+            statuses: std::array::from_fn(|_| OnceLock::new()),
+            duration: metrics::histogram!(m::GRPC_DURATION,
+                "route" => route.to_owned(), "service" => service.to_owned(),
+                "method" => method.to_owned()),
+        }
+    }
+
+    fn record(&self, status: Option<u8>, took: Duration) {
+        let i = status.map_or(NO_STATUS, |s| usize::from(s).min(NO_STATUS));
+        let counter = self.statuses[i].get_or_init(|| {
+            let [l, r, s, me] = self.labels.clone();
+            let status = STATUS_NAMES.get(i).copied().unwrap_or("none");
+            metrics::counter!(m::GRPC_REQUESTS, "listener" => l, "route" => r,
+                "service" => s, "method" => me, "grpc_status" => status)
+        });
+        counter.increment(1);
+        self.duration.record(took.as_secs_f64());
+    }
+}
+
+impl GrpcMetrics {
+    /// Handles for calls on `listener`/`route`; nothing is registered until a call ends.
+    pub fn new(listener: &str, route: &str) -> Self {
+        GrpcMetrics {
+            listener: listener.to_owned(),
+            route: route.to_owned(),
+            methods: Mutex::new(HashMap::new()),
+            other: Arc::new(MethodMetrics::new(listener, route, "other", "other")),
+        }
+    }
+
+    /// Counts one call to `path` (`/package.Service/Method`) that ended with `status`.
+    pub fn record(&self, path: &str, status: Option<u8>, took: Duration) {
+        let mm = match split_method(path) {
+            None => Arc::clone(&self.other),
+            Some((service, method)) => match self.methods.lock() {
+                Ok(mut map) => match map.get(path) {
+                    Some(mm) => Arc::clone(mm),
+                    None if map.len() < MAX_METHODS_PER_ROUTE => {
+                        let mm = Arc::new(MethodMetrics::new(
+                            &self.listener,
+                            &self.route,
+                            service,
+                            method,
+                        ));
+                        map.insert(path.to_owned(), Arc::clone(&mm));
+                        mm
+                    }
+                    None => Arc::clone(&self.other),
+                },
+                Err(_) => Arc::clone(&self.other),
+            },
+        };
+        mm.record(status, took);
+    }
+}
+
+/// `("package.Service", "Method")` from a gRPC path; `None` if it is not of that shape or
+/// holds characters no protobuf name has.
+fn split_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    };
+    (ok(service) && ok(method)).then_some((service, method))
+}
+
+/// The `grpc-status` in `headers` (response headers of a trailers-only answer, or trailers).
+pub fn status_of(headers: &HeaderMap) -> Option<u8> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
 /// Request bytes kept per gRPC call for retries on status; a larger call is not retried
 /// (Envoy buffers similarly, `per_request_buffer_limit_bytes`).
 pub const RETRY_BUFFER_BYTES: usize = 64 << 10;
 
 /// The `grpc-status` of a trailers-only response if it is one of `codes`.
 pub fn retry_status(headers: &HeaderMap, codes: &[u8]) -> Option<u8> {
-    let code: u8 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let code = status_of(headers)?;
     codes.contains(&code).then_some(code)
 }
 
@@ -201,9 +334,12 @@ fn encode_message(msg: &str) -> String {
 /// A trailers-only gRPC response for the local failure `reason`.
 pub fn error_response(
     reason: &'static str,
-    log: Option<Box<RequestLog>>,
+    mut log: Option<Box<RequestLog>>,
 ) -> Response<ResponseBody> {
     let code = code_for(reason);
+    if let Some(l) = log.as_mut() {
+        l.grpc_status = Some(code as u8);
+    }
     let message = message_for(reason, log.as_ref().map(|l| &*l.cluster));
     let mut resp = Response::new(ResponseBody::empty(log));
     *resp.status_mut() = StatusCode::OK;
@@ -307,6 +443,26 @@ mod tests {
         let c = CallDeadline::new(&h, start, Duration::from_millis(20)).expect("deadline");
         assert!(!c.client_set);
         assert_eq!(c.at, start + Duration::from_millis(20));
+    }
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(
+            split_method("/helloworld.Greeter/SayHello"),
+            Some(("helloworld.Greeter", "SayHello"))
+        );
+        assert_eq!(split_method("/a/b/c"), None);
+        assert_eq!(split_method("/svc/"), None);
+        assert_eq!(split_method("/sv c/M"), None);
+        assert_eq!(split_method("nope"), None);
+        let g = GrpcMetrics::new("l", "r");
+        for i in 0..(MAX_METHODS_PER_ROUTE + 10) {
+            g.record(&format!("/s.S/M{i}"), Some(0), Duration::ZERO);
+        }
+        assert_eq!(
+            g.methods.lock().map(|m| m.len()).unwrap_or(0),
+            MAX_METHODS_PER_ROUTE
+        );
     }
 
     #[test]

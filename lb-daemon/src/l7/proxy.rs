@@ -74,6 +74,7 @@ pub async fn handle(
         in_flight: None,
         grpc: grpc::is_grpc(&parts.headers),
         stream_slot: None,
+        grpc_status: None,
     });
 
     if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes(&listener.limits)
@@ -315,6 +316,9 @@ fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<Respo
     headers::strip_hop_by_hop(&mut parts.headers);
     log.status = parts.status.as_u16();
     log.stream_slot = parts.extensions.remove();
+    if log.grpc {
+        log.grpc_status = grpc::status_of(&parts.headers);
+    }
     Response::from_parts(parts, ResponseBody::upstream(body, log))
 }
 
