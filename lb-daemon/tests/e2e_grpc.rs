@@ -100,6 +100,8 @@ struct Seen {
     peak_sleeping: AtomicU64,
     /// TCP connections accepted.
     connections: AtomicU64,
+    /// Flood messages generated so far (pulled by the server's flow control).
+    produced: AtomicU64,
     /// Unary answers UNAVAILABLE (after reading the request).
     fail_unary: std::sync::atomic::AtomicBool,
 }
@@ -227,6 +229,23 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                         let s = MsgStream(Box::pin(
                             futures_util::stream::iter(0..n).map(|i| Ok(count_msg(i))),
                         ));
+                        let resp = this.reply(s, r.metadata());
+                        Box::pin(async move { Ok(resp) })
+                    }));
+                    grpc().server_streaming(m, req).await
+                }
+                // Streams n messages of 64 KiB (n = 8-byte count), counting each as it is
+                // generated, i.e. as flow control lets the server send it.
+                "/test.Echo/Flood" => {
+                    let m = Method(Box::new(move |r: Request<Bytes>| {
+                        let mut b = r.get_ref().clone();
+                        let n = if b.len() >= 8 { b.get_u64() } else { 0 };
+                        let seen = Arc::clone(&this.seen);
+                        let s =
+                            MsgStream(Box::pin(futures_util::stream::iter(0..n).map(move |i| {
+                                seen.produced.fetch_add(1, Ordering::SeqCst);
+                                Ok(Bytes::from(vec![(i % 251) as u8; 64 << 10]))
+                            })));
                         let resp = this.reply(s, r.metadata());
                         Box::pin(async move { Ok(resp) })
                     }));
@@ -1281,4 +1300,73 @@ async fn metrics_count_calls_per_method_and_status() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn vm_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("vm field")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_stalls_the_backend_not_lbd_memory() {
+    let a = GrpcBackend::start("a").await;
+    let listen = free_addr();
+    let lbd = Lbd::start(bin(), &config(listen, &[a.addr], ""));
+    let mut cl = client(listen).await;
+    unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
+        .await
+        .expect("warm-up");
+    let rss_before = vm_kib(lbd.pid(), "VmRSS");
+
+    // 1,024 messages of 64 KiB = 64 MiB; the client reads one, then stops reading.
+    const N: u64 = 1024;
+    let mut n = Vec::new();
+    n.put_u64(N);
+    cl.ready().await.expect("ready");
+    let mut s = cl
+        .server_streaming(
+            Request::new(Bytes::from(n)),
+            PathAndQuery::from_static("/test.Echo/Flood"),
+            RawCodec,
+        )
+        .await
+        .expect("flood")
+        .into_inner();
+    let first = s.message().await.expect("first").expect("one message");
+    assert_eq!(first.len(), 64 << 10);
+    // Give the backend time to push whatever the windows allow, and check it stopped.
+    let mut last = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = a.seen.produced.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let produced = a.seen.produced.load(Ordering::SeqCst);
+    let hwm = vm_kib(lbd.pid(), "VmHWM");
+    eprintln!(
+        "stalled client: backend produced {produced} of {N} messages ({} MiB); lbd RSS {rss_before} KiB before, peak {hwm} KiB",
+        produced / 16
+    );
+    assert!(
+        produced < N / 4,
+        "backend produced {produced} of {N} 64 KiB messages while the client read one"
+    );
+    assert!(
+        hwm < rss_before + 16 * 1024,
+        "lbd peak RSS {hwm} KiB vs {rss_before} KiB before"
+    );
+    // Reading on, everything arrives.
+    let mut got = 1u64;
+    while let Some(m) = s.message().await.expect("message") {
+        assert_eq!(m[0], (got % 251) as u8, "message {got}");
+        got += 1;
+    }
+    assert_eq!(got, N);
 }
