@@ -1370,3 +1370,93 @@ async fn a_stalled_client_stalls_the_backend_not_lbd_memory() {
     }
     assert_eq!(got, N);
 }
+
+/// A bare hyper h2c server that answers every call with one gRPC message and then either
+/// fails the body (hyper resets the stream with INTERNAL_ERROR) or, with `drop_conn`, closes
+/// the whole connection 200 ms later.
+async fn broken_backend(drop_conn: bool) -> SocketAddr {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| async move {
+                        let msg = count_msg(0);
+                        let mut framed = vec![0u8];
+                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                        framed.extend_from_slice(&msg);
+                        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(
+                            hyper::body::Frame::data(Bytes::from(framed)),
+                        )]);
+                        let rest: Pin<
+                            Box<
+                                dyn Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>>
+                                    + Send,
+                            >,
+                        > = if drop_conn {
+                            Box::pin(futures_util::stream::pending())
+                        } else {
+                            Box::pin(futures_util::stream::once(async {
+                                // Later than the headers: h2 drops a response whose stream is
+                                // reset before the client has read its headers.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                Err(std::io::Error::other("boom"))
+                            }))
+                        };
+                        let body = BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+                            first.chain(rest),
+                        ));
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                if drop_conn {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), conn).await;
+                } else {
+                    let _ = conn.await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failure_mid_stream_ends_the_call_with_a_status() {
+    for (drop_conn, code, msg) in [
+        (
+            false,
+            Code::Internal,
+            "lbd: upstream reset the stream (INTERNAL_ERROR)",
+        ),
+        (true, Code::Unavailable, "lbd: upstream connection lost"),
+    ] {
+        let addr = broken_backend(drop_conn).await;
+        let listen = free_addr();
+        let _lbd = Lbd::start(bin(), &config(listen, &[addr], ""));
+        let mut cl = client(listen).await;
+        cl.ready().await.expect("ready");
+        let mut s = cl
+            .server_streaming(
+                Request::new(Bytes::new()),
+                PathAndQuery::from_static("/test.Echo/Count"),
+                RawCodec,
+            )
+            .await
+            .expect("response headers")
+            .into_inner();
+        assert_eq!(s.message().await.expect("first"), Some(count_msg(0)));
+        let err = s.message().await.expect_err("then the failure");
+        assert_eq!((err.code(), err.message()), (code, msg), "{err:?}");
+    }
+}

@@ -343,7 +343,20 @@ impl Body for ResponseBody {
                     log.grpc_status = super::grpc::status_of(t);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(Some("upstream_reset")),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(log) = this.log.as_mut()
+                    && log.grpc
+                {
+                    // A gRPC client gets a status, not a bare stream reset (gRPC over
+                    // HTTP/2, "Errors"): end the call with trailers saying what happened.
+                    let (code, trailers) = super::grpc::reset_trailers(e);
+                    log.grpc_status = Some(code);
+                    this.kind = Kind::Full(None);
+                    this.finish(Some("upstream_reset"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                this.finish(Some("upstream_reset"))
+            }
             Poll::Ready(None) => this.finish(None),
             Poll::Pending => {}
         }

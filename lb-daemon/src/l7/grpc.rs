@@ -284,6 +284,54 @@ pub fn retry_status(headers: &HeaderMap, codes: &[u8]) -> Option<u8> {
     codes.contains(&code).then_some(code)
 }
 
+/// Trailers ending a call whose upstream stream failed after the response headers, with the
+/// status the gRPC spec maps the failure to: RST_STREAM CANCEL → CANCELLED, REFUSED_STREAM →
+/// UNAVAILABLE, ENHANCE_YOUR_CALM → RESOURCE_EXHAUSTED, other stream errors → INTERNAL; a lost
+/// connection → UNAVAILABLE.
+pub fn reset_trailers(e: &hyper::Error) -> (u8, HeaderMap) {
+    let mut reason = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            // Only a reset of this stream by the peer names a stream-level reason; GOAWAY
+            // and I/O errors are the connection going away.
+            if h2.is_reset() && !h2.is_go_away() {
+                reason = h2.reason();
+            }
+            break;
+        }
+        source = s.source();
+    }
+    let (code, what) = match reason {
+        None => (
+            Code::Unavailable as u8,
+            "upstream connection lost".to_owned(),
+        ),
+        Some(h2::Reason::CANCEL) => (
+            Code::Cancelled as u8,
+            "upstream cancelled the stream".to_owned(),
+        ),
+        Some(h2::Reason::REFUSED_STREAM) => (
+            Code::Unavailable as u8,
+            "upstream refused the stream".to_owned(),
+        ),
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => (
+            Code::ResourceExhausted as u8,
+            "upstream asked to slow down".to_owned(),
+        ),
+        Some(r) => (
+            Code::Internal as u8,
+            format!("upstream reset the stream ({r:?})"),
+        ),
+    };
+    let mut h = HeaderMap::new();
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::from_str(&encode_message(&format!("lbd: {what}"))) {
+        h.insert("grpc-message", v);
+    }
+    (code, h)
+}
+
 /// The gRPC status for one of lbd's local failure reasons (the `x-lbd-error` names).
 pub fn code_for(reason: &str) -> Code {
     match reason {
