@@ -13,6 +13,8 @@ pub struct Lbd {
     child: Option<Child>,
     dir: PathBuf,
     notify: UnixDatagram,
+    /// Every sd_notify datagram received so far, in arrival order.
+    received: Vec<String>,
     /// The config file it runs from (rewrite it and call [`Lbd::reload`]).
     pub config: PathBuf,
 }
@@ -26,16 +28,32 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
+fn default_filter() -> String {
+    std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into())
+}
+
 impl Lbd {
     /// Starts `bin run --config <file with config>` and waits (≤ 20 s) for READY=1.
     pub fn start(bin: &Path, config: &str) -> Lbd {
-        let filter =
-            std::env::var("LBD_TEST_LOG").unwrap_or_else(|_| "info,lbd::access=off".into());
+        let filter = default_filter();
         Self::start_logging(bin, config, &filter)
     }
 
     /// Like [`Lbd::start`] with `RUST_LOG` set to `filter`.
     pub fn start_logging(bin: &Path, config: &str, filter: &str) -> Lbd {
+        let mut lbd = Self::spawn_logging(bin, config, filter);
+        lbd.wait_notify("READY=1", Duration::from_secs(20));
+        lbd
+    }
+
+    /// Starts `bin run --config <file with config>` without waiting for anything (for tests
+    /// of startup itself: refusals, readiness ordering).
+    pub fn spawn(bin: &Path, config: &str) -> Lbd {
+        Self::spawn_logging(bin, config, &default_filter())
+    }
+
+    /// Like [`Lbd::spawn`] with `RUST_LOG` set to `filter`.
+    pub fn spawn_logging(bin: &Path, config: &str, filter: &str) -> Lbd {
         let dir = temp_dir();
         let path = dir.join("lb.toml");
         std::fs::write(&path, config).expect("write config");
@@ -55,14 +73,33 @@ impl Lbd {
             .stderr(log)
             .spawn()
             .expect("spawn lbd");
-        let mut lbd = Lbd {
+        Lbd {
             child: Some(child),
             dir,
             notify,
+            received: Vec::new(),
             config: path,
-        };
-        lbd.wait_notify("READY=1", Duration::from_secs(20));
-        lbd
+        }
+    }
+
+    /// Every sd_notify message received so far (by the `wait_notify` calls), oldest first.
+    pub fn notifications(&self) -> &[String] {
+        &self.received
+    }
+
+    /// Waits (≤ `timeout`) for the process to exit on its own; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Waits for a notification containing `what`; panics with the logs on timeout or exit.
@@ -70,10 +107,13 @@ impl Lbd {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 512];
         while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).contains(what)
-            {
-                return;
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = msg.contains(what);
+                self.received.push(msg);
+                if hit {
+                    return;
+                }
             }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
@@ -126,17 +166,7 @@ impl Lbd {
     /// Sends SIGTERM and waits (≤ `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.signal(15);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.wait_exit(timeout)
     }
 }
 

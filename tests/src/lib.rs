@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod client;
 pub mod lbd;
+pub mod prom;
 
 pub use backend::{Backend, BackendOpts};
 pub use lbd::Lbd;

@@ -68,7 +68,7 @@ pub struct ReloadReport {
 pub enum AdminError {
     /// Non-loopback bind without a token.
     #[error(
-        "admin.bind {0} is not a loopback address and admin.token is not set; set a token (or bind to 127.0.0.1)"
+        "admin.bind {0} is not a loopback address and admin.token is not set; set a token, bind to 127.0.0.1, or set admin.allow_insecure_non_loopback = true"
     )]
     OpenWithoutToken(SocketAddr),
     /// The socket could not be bound.
@@ -84,7 +84,10 @@ pub enum AdminError {
 /// Binds the admin listener, refusing an unauthenticated non-loopback address.
 pub async fn bind(admin: &Admin) -> Result<TcpListener, AdminError> {
     if !admin.bind.ip().is_loopback() && admin.token.is_none() {
-        return Err(AdminError::OpenWithoutToken(admin.bind));
+        if !admin.allow_insecure_non_loopback {
+            return Err(AdminError::OpenWithoutToken(admin.bind));
+        }
+        tracing::warn!(bind = %admin.bind, "admin API open to the network without a token (admin.allow_insecure_non_loopback = true)");
     }
     TcpListener::bind(admin.bind)
         .await

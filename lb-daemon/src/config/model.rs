@@ -65,6 +65,8 @@ pub struct Admin {
     pub bind: SocketAddr,
     /// Optional bearer token required on every admin request.
     pub token: Option<String>,
+    /// Operator's explicit consent to a non-loopback bind without a token.
+    pub allow_insecure_non_loopback: bool,
 }
 
 /// Downstream protocol of a listener.

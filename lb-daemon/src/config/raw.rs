@@ -54,6 +54,7 @@ pub struct RawGlobal {
 pub struct RawAdmin {
     pub bind: Option<S<String>>,
     pub token: Option<S<String>>,
+    pub allow_insecure_non_loopback: Option<S<bool>>,
 }
 
 /// `[[listeners]]`.

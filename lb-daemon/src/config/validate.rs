@@ -362,7 +362,30 @@ impl Checker<'_> {
             }
             t.get_ref().clone()
         });
-        Admin { bind, token }
+        let allow_insecure_non_loopback = a
+            .allow_insecure_non_loopback
+            .as_ref()
+            .is_some_and(|b| *b.get_ref());
+        // Refused here rather than at bind time so `lbd check` reports it too, with a line.
+        if !bind.ip().is_loopback() && token.is_none() && !allow_insecure_non_loopback {
+            let at = a.bind.as_ref().map(|b| b.span());
+            if let Some(at) = at {
+                self.err(
+                    at,
+                    "admin.bind",
+                    format!(
+                        "{bind} is not a loopback address and admin.token is not set: anyone who \
+                         can reach it could drain endpoints and reload config; set admin.token, \
+                         bind to 127.0.0.1, or set admin.allow_insecure_non_loopback = true"
+                    ),
+                );
+            }
+        }
+        Admin {
+            bind,
+            token,
+            allow_insecure_non_loopback,
+        }
     }
 
     fn listeners(&mut self, raw: &[(usize, S<RawListener>)]) -> Vec<Listener> {

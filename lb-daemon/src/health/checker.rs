@@ -20,7 +20,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::model::{Cluster, HealthCheck, HealthCheckKind};
 use crate::health::state::{CheckOutcome, ClusterHealth, EndpointHealth};
-use crate::telemetry::metrics;
 
 /// `User-Agent` of HTTP checks, so backends can tell checks from traffic.
 const USER_AGENT: &str = concat!("lbd-health/", env!("CARGO_PKG_VERSION"));
@@ -167,7 +166,6 @@ impl EndpointTask {
             streak: 0,
         };
         let endpoint = self.address.to_string();
-        self.publish_available(&endpoint);
         loop {
             // Jitter spreads the checks of many endpoints started at the same moment.
             let pause = self
@@ -187,7 +185,6 @@ impl EndpointTask {
             self.state.record_check(outcome);
             if passed && verdict.healthy && self.state.clear_ejection() {
                 tracing::info!(cluster = %self.cluster, endpoint = %endpoint, "passive ejection ended by a passing active check");
-                self.publish_available(&endpoint);
             }
             if let Some(healthy) = changed {
                 self.state.set_active_healthy(healthy);
@@ -196,27 +193,10 @@ impl EndpointTask {
                 } else {
                     tracing::warn!(cluster = %self.cluster, endpoint = %endpoint, reason = %reason, "endpoint down");
                 }
-                ::metrics::counter!(
-                    metrics::HEALTH_TRANSITIONS,
-                    "cluster" => self.cluster.to_string(),
-                    "endpoint" => endpoint.clone(),
-                    "to" => if healthy { "up" } else { "down" },
-                )
-                .increment(1);
-                self.publish_available(&endpoint);
+                // lbd_endpoint_available and the transition counter are published by the
+                // cluster's availability watcher (supervisor/runtime.rs), which sees every cause.
             }
         }
-    }
-
-    /// Sets the availability gauge from the endpoint's whole state (drain and passive too).
-    fn publish_available(&self, endpoint: &str) {
-        let up = self.state.is_available(Instant::now());
-        ::metrics::gauge!(
-            metrics::ENDPOINT_AVAILABLE,
-            "cluster" => self.cluster.to_string(),
-            "endpoint" => endpoint.to_owned(),
-        )
-        .set(if up { 1.0 } else { 0.0 });
     }
 }
 

@@ -159,6 +159,22 @@ impl EndpointHealth {
         None
     }
 
+    /// Takes over the state of the same endpoint in a replaced cluster (reload): operator
+    /// drain, active verdict, last check and a passive ejection still in force.
+    pub fn inherit(&self, old: &EndpointHealth) {
+        self.set_drained(old.drained());
+        self.set_active_healthy(old.active_healthy());
+        if let Some(c) = old.last_check() {
+            self.record_check(c);
+        }
+        let now = Instant::now();
+        if let Some(until) = old.ejected_until().filter(|u| *u > now) {
+            self.ejected_until
+                .store(self.nanos(until), Ordering::Release);
+            self.bump();
+        }
+    }
+
     /// Ends a passive ejection early (a passing active check proves the endpoint is back, as
     /// Envoy's `successful_active_health_check_uneject_host`); returns true if one was ended.
     pub fn clear_ejection(&self) -> bool {
@@ -284,6 +300,25 @@ mod tests {
         h.set_active_healthy(false);
         assert_eq!(*rx.borrow(), 2);
         assert!(!h.is_available(Instant::now()));
+    }
+
+    #[test]
+    fn inherit_takes_drain_verdict_and_live_ejection() {
+        let (old, _rx) = ep();
+        let t0 = Instant::now();
+        old.set_drained(true);
+        old.set_active_healthy(false);
+        let until = old
+            .report_failure(t0, 1, Duration::from_secs(30))
+            .expect("tripped");
+        let (new, rx) = ep();
+        new.inherit(&old);
+        assert!(new.drained());
+        assert!(!new.active_healthy());
+        assert!(new.is_ejected(t0 + Duration::from_secs(1)));
+        let got = new.ejected_until().expect("ejection carried");
+        assert!(got.max(until) - got.min(until) < Duration::from_millis(1));
+        assert!(*rx.borrow() >= 3, "each change announced");
     }
 
     #[test]

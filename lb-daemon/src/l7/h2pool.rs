@@ -59,6 +59,7 @@ pub struct PoolConfig {
 #[derive(Debug)]
 pub struct H2Pool {
     config: PoolConfig,
+    cluster: Arc<str>,
     endpoints: Vec<Endpoint>,
 }
 
@@ -113,6 +114,8 @@ impl Conn {
 /// (when the response has been streamed to its end, or abandoned).
 pub struct StreamSlot {
     conn: Arc<Conn>,
+    /// Taken on a connection that existed before this request.
+    reused: bool,
 }
 
 impl fmt::Debug for StreamSlot {
@@ -132,10 +135,11 @@ impl Drop for StreamSlot {
 }
 
 impl H2Pool {
-    /// A pool for `addresses` (endpoint order); connections open on demand.
-    pub fn new(addresses: &[SocketAddr], config: PoolConfig) -> Self {
+    /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
+    pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
         H2Pool {
             config,
+            cluster: Arc::from(cluster),
             endpoints: addresses
                 .iter()
                 .map(|&address| Endpoint {
@@ -150,10 +154,12 @@ impl H2Pool {
 
     /// Sends `req` to endpoint `idx` on a connection with a free stream, opening one if needed.
     /// The response carries its [`StreamSlot`] in its extensions.
+    /// `reused` counts streams opened on an existing connection.
     pub async fn send(
         &self,
         idx: usize,
         req: http::Request<RequestBody>,
+        reused: &metrics::Counter,
     ) -> Result<http::Response<Incoming>, SendError> {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err(SendError::Connect("no such endpoint".into()));
@@ -169,6 +175,9 @@ impl H2Pool {
                 }
             }
         };
+        if slot.reused {
+            reused.increment(1);
+        }
         let mut sender = slot.conn.sender.clone();
         let mut resp = sender.send_request(req).await.map_err(SendError::Request)?;
         resp.extensions_mut().insert(Arc::new(slot));
@@ -200,7 +209,10 @@ impl H2Pool {
             None => return None,
         };
         chosen.active.fetch_add(1, Ordering::AcqRel);
-        Some(StreamSlot { conn: chosen })
+        Some(StreamSlot {
+            conn: chosen,
+            reused: true,
+        })
     }
 
     /// Drops closed connections and idle ones beyond `max_idle` or older than `idle_timeout`.
@@ -256,11 +268,48 @@ impl H2Pool {
             peer_max,
             idle_since: Mutex::new(Instant::now()),
         });
+        metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
+            "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
+        .increment(1);
         if let Ok(mut conns) = ep.conns.lock() {
             conns.push(Arc::clone(&conn));
             tracing::debug!(endpoint = %address, connections = conns.len(), "h2 upstream connection opened");
         }
-        Ok(StreamSlot { conn })
+        Ok(StreamSlot {
+            conn,
+            reused: false,
+        })
+    }
+
+    /// Closes idle connections past `idle_timeout` (dropping the last sender ends the
+    /// connection gracefully); without this they would only be pruned by the next request to
+    /// their endpoint.
+    pub fn reap_idle(&self) {
+        for ep in &self.endpoints {
+            if let Ok(mut conns) = ep.conns.lock() {
+                self.prune(&mut conns);
+            }
+        }
+    }
+
+    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (needs a tokio runtime;
+    /// without one, idle connections are pruned on use only).
+    pub fn spawn_reaper(pool: &Arc<H2Pool>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let period = (pool.config.idle_timeout / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let weak = Arc::downgrade(pool);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap_idle();
+            }
+        });
     }
 
     /// Open connections to endpoint `idx` (for tests and the admin view).
@@ -297,5 +346,100 @@ impl std::future::Future for Driver {
                 Poll::Ready(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An h2c server answering 200 to everything; returns its address and accepted count.
+    async fn h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new(
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn req(addr: SocketAddr) -> http::Request<RequestBody> {
+        let mut r = http::Request::new(RequestBody::Empty);
+        *r.uri_mut() = format!("http://{addr}/").parse().expect("uri");
+        *r.version_mut() = http::Version::HTTP_2;
+        r
+    }
+
+    #[tokio::test]
+    async fn reuses_a_connection_and_reaps_it_when_idle() {
+        let (addr, accepted) = h2_server().await;
+        let pool = Arc::new(H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_millis(200),
+                max_idle: 4,
+                max_connections: 0,
+            },
+        ));
+        H2Pool::spawn_reaper(&pool);
+        let reused = metrics::Counter::noop();
+        for _ in 0..3 {
+            let resp = pool.send(0, req(addr), &reused).await.expect("send");
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+        assert_eq!(pool.connections(0), 1);
+        let until = Instant::now() + Duration::from_secs(3);
+        while pool.connections(0) > 0 {
+            assert!(Instant::now() < until, "idle connection not reaped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A held response keeps its stream (and connection) busy: not reaped.
+        let held = pool.send(0, req(addr), &reused).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(pool.connections(0), 1, "busy connection kept");
+        drop(held);
+        assert!(matches!(
+            pool.send(9, req(addr), &reused).await,
+            Err(SendError::Connect(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_a_connect_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let pool = H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(1),
+                max_idle: 1,
+                max_connections: 0,
+            },
+        );
+        let r = pool.send(0, req(addr), &metrics::Counter::noop()).await;
+        assert!(matches!(r, Err(SendError::Connect(_))), "{r:?}");
     }
 }

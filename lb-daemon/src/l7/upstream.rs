@@ -5,19 +5,24 @@
 //! (and gRPC) use [`super::h2pool`]: several connections per endpoint, each shared by up to the
 //! peer's stream limit of concurrent requests.
 use std::error::Error as _;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
+use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use std::sync::Arc;
 
 use super::body::{BodyError, RequestBody};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use crate::config::model::{Cluster, UpstreamProtocol};
+use crate::telemetry::metrics as m;
 
 /// How an upstream attempt failed; decides retry, passive health and the status sent back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +94,7 @@ impl std::error::Error for UpstreamFailure {
 
 #[derive(Debug, Clone)]
 enum Pool {
-    Http1(Box<Client<HttpConnector, RequestBody>>),
+    Http1(Box<Client<CountingConnector, RequestBody>>),
     Http2(Arc<H2Pool>),
 }
 
@@ -97,6 +102,8 @@ enum Pool {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pool: Pool,
+    /// `lbd_upstream_requests_reused_total` for this cluster, registered once.
+    reused: metrics::Counter,
     version: http::Version,
     /// `ip:port` authority of each endpoint, built once so requests only clone it.
     authorities: Vec<Authority>,
@@ -119,6 +126,10 @@ impl Upstream {
             // that lost the race with an idle connection's close stays on (nothing was sent).
             .retry_canceled_requests(true)
             .set_host(false);
+        let connector = CountingConnector {
+            inner: connector,
+            cluster: Arc::from(cluster.name.as_str()),
+        };
         let (pool, version) = match cluster.protocol {
             UpstreamProtocol::Http1 => (
                 Pool::Http1(Box::new(builder.build(connector))),
@@ -133,10 +144,9 @@ impl Upstream {
                     max_idle: cluster.pool.max_idle,
                     max_connections: cluster.pool.max_connections,
                 };
-                (
-                    Pool::Http2(Arc::new(H2Pool::new(&addresses, config))),
-                    http::Version::HTTP_2,
-                )
+                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config));
+                H2Pool::spawn_reaper(&pool);
+                (Pool::Http2(pool), http::Version::HTTP_2)
             }
         };
         let authorities = cluster
@@ -146,6 +156,7 @@ impl Upstream {
             .collect();
         Upstream {
             pool,
+            reused: metrics::counter!(m::UPSTREAM_REUSED, "cluster" => cluster.name.clone()),
             version,
             authorities,
         }
@@ -178,16 +189,29 @@ impl Upstream {
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<Incoming>, (UpstreamError, UpstreamFailure)> {
         match &self.pool {
-            Pool::Http1(client) => client
-                .request(req)
-                .await
-                .map_err(|e| (UpstreamError::classify(&e), UpstreamFailure(e.into()))),
-            Pool::Http2(pool) => pool.send(endpoint, req).await.map_err(|e| match e {
-                SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
-                SendError::Request(e) => {
-                    (UpstreamError::classify_h2(&e), UpstreamFailure(e.into()))
+            Pool::Http1(client) => {
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| (UpstreamError::classify(&e), UpstreamFailure(e.into())))?;
+                // Every response carries its connection's use counter (see `CountingConnector`).
+                if let Some(uses) = resp.extensions().get::<ConnectionUses>()
+                    && uses.0.fetch_add(1, Ordering::Relaxed) > 0
+                {
+                    self.reused.increment(1);
                 }
-            }),
+                Ok(resp)
+            }
+            Pool::Http2(pool) => {
+                pool.send(endpoint, req, &self.reused)
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
+                        SendError::Request(e) => {
+                            (UpstreamError::classify_h2(&e), UpstreamFailure(e.into()))
+                        }
+                    })
+            }
         }
     }
 
@@ -197,6 +221,103 @@ impl Upstream {
             Pool::Http1(_) => 0,
             Pool::Http2(p) => p.connections(endpoint),
         }
+    }
+}
+
+/// Requests answered on one upstream connection so far; hyper-util copies it into the
+/// extensions of every response received on that connection.
+#[derive(Debug, Clone)]
+struct ConnectionUses(Arc<AtomicU64>);
+
+/// `HttpConnector` that counts the connections it opens (`lbd_upstream_connections_opened_total`)
+/// and tags each with a [`ConnectionUses`], so reuse from the pool can be counted without
+/// hooks inside hyper-util's pool.
+#[derive(Debug, Clone)]
+struct CountingConnector {
+    inner: HttpConnector,
+    cluster: Arc<str>,
+}
+
+type HttpIo = <HttpConnector as tower_service::Service<Uri>>::Response;
+type HttpConnectError = <HttpConnector as tower_service::Service<Uri>>::Error;
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = CountedIo;
+    type Error = HttpConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, HttpConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst.clone());
+        let cluster = Arc::clone(&self.cluster);
+        Box::pin(async move {
+            let io = connecting.await?;
+            // The authority is a configured endpoint's `ip:port`, a bounded label value.
+            let endpoint = dst.authority().map_or_else(String::new, |a| a.to_string());
+            metrics::counter!(m::UPSTREAM_CONNECTS,
+                "cluster" => cluster.to_string(), "endpoint" => endpoint)
+            .increment(1);
+            Ok(CountedIo {
+                inner: io,
+                uses: ConnectionUses(Arc::new(AtomicU64::new(0))),
+            })
+        })
+    }
+}
+
+/// An upstream TCP stream carrying its [`ConnectionUses`].
+#[derive(Debug)]
+struct CountedIo {
+    inner: HttpIo,
+    uses: ConnectionUses,
+}
+
+impl Connection for CountedIo {
+    fn connected(&self) -> Connected {
+        self.inner.connected().extra(self.uses.clone())
+    }
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 

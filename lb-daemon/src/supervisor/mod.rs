@@ -47,6 +47,8 @@ pub enum StartError {
 
 struct ListenerHandle {
     shutdown: watch::Sender<bool>,
+    /// The accept loop; it drops (closes) the listening socket when it ends.
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The running daemon.
@@ -59,6 +61,9 @@ pub struct Supervisor {
     listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
     tracker: Arc<ConnTracker>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Held while a new runtime is built and swapped in, and while an operator drains an
+    /// endpoint, so a drain is never applied to a runtime that is about to be replaced.
+    swap_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -85,6 +90,7 @@ impl Supervisor {
             listeners: Mutex::new(HashMap::new()),
             tracker: Arc::new(ConnTracker::default()),
             reload_lock: tokio::sync::Mutex::new(()),
+            swap_lock: Mutex::new(()),
         });
         let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
         sup.spawn_listeners(&model, bound);
@@ -108,8 +114,8 @@ impl Supervisor {
             };
             let limits = l.limits.clone();
             tracing::info!(listener = %l.name, bind = %l.bind, "listening");
-            tokio::spawn(async move { server::serve(socket, &limits, ctx).await });
-            handles.insert(l.bind, ListenerHandle { shutdown: tx });
+            let task = tokio::spawn(async move { server::serve(socket, &limits, ctx).await });
+            handles.insert(l.bind, ListenerHandle { shutdown: tx, task });
         }
     }
 
@@ -122,12 +128,18 @@ impl Supervisor {
     pub async fn reload(&self) -> ReloadReport {
         let _serial = self.reload_lock.lock().await;
         let _ = sdnotify::notify(sdnotify::State::Reloading);
-        let report = self.reload_locked();
+        let (report, removed) = self.reload_locked();
+        // A removed listener's socket is closed only when its accept loop ends; wait for that,
+        // so that once the reload is reported done the old address refuses new connections.
+        for task in removed {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
         let _ = sdnotify::notify(sdnotify::State::Ready);
         report
     }
 
-    fn reload_locked(&self) -> ReloadReport {
+    /// Applies the file; returns the accept loops of removed listeners (told to stop).
+    fn reload_locked(&self) -> (ReloadReport, Vec<tokio::task::JoinHandle<()>>) {
         let old = self.state.load_full();
         let model = match config::load(&self.path) {
             Ok(m) => m,
@@ -135,7 +147,8 @@ impl Supervisor {
                 for e in &errors.0 {
                     tracing::error!(error = %e, "reload rejected: invalid config");
                 }
-                return self.reload_failed(&old, errors.0.iter().map(|e| e.to_string()).collect());
+                let errors = errors.0.iter().map(|e| e.to_string()).collect();
+                return (self.reload_failed(&old, errors), Vec::new());
             }
         };
         let keep: HashMap<SocketAddr, ()> = match self.listeners.lock() {
@@ -146,33 +159,44 @@ impl Supervisor {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected");
-                return self.reload_failed(&old, vec![e.to_string()]);
+                return (self.reload_failed(&old, vec![e.to_string()]), Vec::new());
             }
         };
         let model = Arc::new(model);
-        self.state
-            .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&old))));
+        {
+            // Drains carried over by Runtime::build must include one made a moment ago.
+            let _swap = self.swap_lock.lock();
+            let current = self.state.load_full();
+            self.state
+                .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&current))));
+        }
         self.spawn_listeners(&model, bound);
+        let mut removed = Vec::new();
         if let Ok(mut handles) = self.listeners.lock() {
-            handles.retain(|addr, h| {
-                let keep = model.listeners.iter().any(|l| l.bind == *addr);
-                if !keep {
+            let gone: Vec<SocketAddr> = handles
+                .keys()
+                .filter(|addr| !model.listeners.iter().any(|l| l.bind == **addr))
+                .copied()
+                .collect();
+            for addr in gone {
+                if let Some(h) = handles.remove(&addr) {
                     tracing::info!(bind = %addr, "listener removed by reload; draining its connections");
                     let _ = h.shutdown.send(true);
+                    removed.push(h.task);
                 }
-                keep
-            });
+            }
         }
         self.reloads_ok.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::RELOADS, "result" => "success").increment(1);
         metrics::gauge!(m::CONFIG_INFO, "hash" => old.model.source.hash.clone()).set(0.0);
         set_config_info(&model);
         tracing::info!(hash = %model.source.hash, "config reloaded");
-        ReloadReport {
+        let report = ReloadReport {
             ok: true,
             config_hash: model.source.hash.clone(),
             errors: Vec::new(),
-        }
+        };
+        (report, removed)
     }
 
     fn reload_failed(&self, old: &Runtime, errors: Vec<String>) -> ReloadReport {
@@ -244,6 +268,7 @@ impl Control for Supervisor {
         endpoint: &str,
         drained: bool,
     ) -> Result<EndpointView, ControlError> {
+        let _swap = self.swap_lock.lock();
         let rt = self.runtime();
         let not_found = || ControlError::NotFound {
             cluster: cluster.to_owned(),
@@ -257,6 +282,9 @@ impl Control for Supervisor {
             .get(ei)
             .ok_or_else(not_found)?;
         ep.set_drained(drained);
+        // Rebuild now rather than via the watcher, so once the admin API answers, no new
+        // request can be picked from a snapshot that still has the endpoint.
+        rt.clusters[ci].balancer.rebuild();
         tracing::info!(cluster, endpoint = %rt.model.clusters[ci].endpoints[ei].address, drained, "endpoint drain changed by admin");
         admin::view::clusters(&rt.model, &rt.health())
             .into_iter()

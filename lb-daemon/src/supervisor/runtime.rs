@@ -11,6 +11,7 @@ use crate::health::{ClusterChecker, ClusterHealth};
 use crate::l7::log::RouteMetrics;
 use crate::l7::router::Router;
 use crate::l7::upstream::Upstream;
+use crate::telemetry::metrics as m;
 
 /// Everything the data path needs for one config generation.
 #[derive(Debug)]
@@ -88,15 +89,17 @@ impl ClusterRuntime {
                     continue;
                 };
                 let (old, new) = (&prev.health.endpoints[j], &health.endpoints[i]);
-                new.set_drained(old.drained());
-                new.set_active_healthy(old.active_healthy());
-                if let Some(c) = old.last_check() {
-                    new.record_check(c);
+                new.inherit(old);
+                if let Some(until) = new.ejected_until() {
+                    crate::health::schedule_expiry(Arc::clone(new), until);
                 }
             }
         }
         let balancer = Balancer::new(cluster, Arc::clone(&health));
-        let tasks = vec![balancer.spawn_watcher()];
+        let tasks = vec![
+            balancer.spawn_watcher(),
+            spawn_availability_metrics(cluster, Arc::clone(&health)),
+        ];
         let checker = ClusterChecker::spawn(cluster, Arc::clone(&health));
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
@@ -116,6 +119,89 @@ impl ClusterRuntime {
     }
 }
 
+/// Keeps `lbd_endpoint_available` (and the transition counter) in step with every cause of an
+/// availability change — active checks, operator drains, passive ejection and its expiry — by
+/// following the cluster's change channel instead of instrumenting each cause.
+fn spawn_availability_metrics(
+    cluster: &Cluster,
+    health: Arc<ClusterHealth>,
+) -> tokio::task::JoinHandle<()> {
+    let name = cluster.name.clone();
+    let endpoints: Vec<String> = cluster
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    let mut changes = health.subscribe();
+    tokio::spawn(async move {
+        let gauges: Vec<metrics::Gauge> = endpoints
+            .iter()
+            .map(|e| {
+                metrics::gauge!(m::ENDPOINT_AVAILABLE,
+                    "cluster" => name.clone(), "endpoint" => e.clone())
+            })
+            .collect();
+        let mut last: Vec<Option<bool>> = vec![None; endpoints.len()];
+        loop {
+            // Seen before reading, so a change racing with this pass triggers another pass.
+            changes.borrow_and_update();
+            let now = Instant::now();
+            let mut next_expiry: Option<Instant> = None;
+            for (i, ep) in health.endpoints.iter().enumerate() {
+                let up = ep.is_available(now);
+                if let Some(until) = ep.ejected_until().filter(|u| *u > now) {
+                    next_expiry = Some(next_expiry.map_or(until, |n| n.min(until)));
+                }
+                if last[i] == Some(up) {
+                    continue;
+                }
+                if let (Some(g), Some(addr)) = (gauges.get(i), endpoints.get(i)) {
+                    g.set(if up { 1.0 } else { 0.0 });
+                    // The first pass only publishes the starting state; it is no transition.
+                    if last[i].is_some() {
+                        metrics::counter!(m::HEALTH_TRANSITIONS,
+                            "cluster" => name.clone(), "endpoint" => addr.clone(),
+                            "to" => if up { "up" } else { "down" })
+                        .increment(1);
+                    }
+                }
+                last[i] = Some(up);
+            }
+            // A passive ejection can end by its deadline alone; wake for it too.
+            let expiry = async {
+                match next_expiry {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = expiry => {}
+            }
+        }
+    })
+}
+
+/// An endpoint the new config no longer has takes no traffic; without this its
+/// `lbd_endpoint_available` series would keep its last value (often 1) until restart.
+fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
+    for pc in &previous.clusters {
+        let kept = model.clusters.iter().find(|c| c.name == pc.config.name);
+        for ep in &pc.config.endpoints {
+            if kept.is_some_and(|c| c.endpoints.iter().any(|e| e.address == ep.address)) {
+                continue;
+            }
+            metrics::gauge!(m::ENDPOINT_AVAILABLE,
+                "cluster" => pc.config.name.clone(), "endpoint" => ep.address.to_string())
+            .set(0.0);
+        }
+    }
+}
+
 impl Runtime {
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
@@ -132,6 +218,9 @@ impl Runtime {
                 }
             })
             .collect();
+        if let Some(prev) = previous {
+            zero_removed_endpoints(prev, &model);
+        }
         let route_names: Vec<Arc<str>> = model
             .routes
             .iter()
