@@ -129,6 +129,7 @@ impl RequestLog {
             upstream_ms = self.upstream.map(|d| d.as_secs_f64() * 1e3),
             total_ms = total.as_secs_f64() * 1e3,
             attempts = self.attempts,
+            grpc_status = self.grpc_status,
             error = self.error,
         );
     }
