@@ -497,15 +497,18 @@ async fn unary_calls_on_one_connection_spread_per_call() {
         GrpcBackend::start("b").await,
         GrpcBackend::start("c").await,
     );
-    let listen = free_addr();
+    let (listen, admin) = (free_addr(), free_addr());
     // round_robin makes the expected split exact; least_request (the grpc default) is
     // checked with concurrency below.
     let lbd = Lbd::start(
         bin(),
-        &config(
-            listen,
-            &[a.addr, b.addr, c.addr],
-            "policy = \"round_robin\"",
+        &with_admin(
+            config(
+                listen,
+                &[a.addr, b.addr, c.addr],
+                "policy = \"round_robin\"",
+            ),
+            admin,
         ),
     );
     let mut cl = client(listen).await;
@@ -529,18 +532,26 @@ async fn unary_calls_on_one_connection_spread_per_call() {
     );
     assert_eq!(counts, by_reply);
     assert_even(&counts, 3000, 20, "sequential");
+    assert_eq!(
+        accepted_connections(admin).await,
+        1,
+        "the client used one connection"
+    );
     drop(lbd);
 
     // Same with 64 calls in flight: round robin (exact split expected), then least_request
     // (the grpc default), which follows load and so only roughly evens out.
     for (policy, tol) in [("round_robin", 20), ("least_request", 6)] {
-        let listen = free_addr();
+        let (listen, admin) = (free_addr(), free_addr());
         let lbd = Lbd::start(
             bin(),
-            &config(
-                listen,
-                &[a.addr, b.addr, c.addr],
-                &format!("policy = \"{policy}\""),
+            &with_admin(
+                config(
+                    listen,
+                    &[a.addr, b.addr, c.addr],
+                    &format!("policy = \"{policy}\""),
+                ),
+                admin,
             ),
         );
         let before: Vec<u64> = [&a, &b, &c].iter().map(|x| x.calls()).collect();
@@ -556,8 +567,38 @@ async fn unary_calls_on_one_connection_spread_per_call() {
         );
         assert_eq!(counts, replies);
         assert_even(&counts, 3000, tol, policy);
+        assert_eq!(
+            accepted_connections(admin).await,
+            1,
+            "one client connection"
+        );
         drop(lbd);
     }
+}
+
+/// `cfg` with the admin API (and its /metrics) on `admin`.
+fn with_admin(cfg: String, admin: SocketAddr) -> String {
+    cfg.replace(
+        "drain_timeout = \"2s\"\n",
+        &format!("drain_timeout = \"2s\"\n\n[admin]\nbind = \"{admin}\"\n"),
+    )
+}
+
+/// Downstream connections lbd accepted on listener `main`, from its /metrics.
+async fn accepted_connections(admin: SocketAddr) -> u64 {
+    let text = lb_tests::client::H1::new()
+        .get(admin, "/metrics", None)
+        .await
+        .expect("metrics")
+        .text();
+    text.lines()
+        .find(|l| {
+            l.starts_with("lbd_downstream_connections_accepted_total{")
+                && l.contains(r#"listener="main""#)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accepted-connections counter in\n{text}"))
 }
 
 /// `n` echo calls with `in_flight` outstanding at a time; replies counted per backend.
@@ -1209,10 +1250,7 @@ async fn unavailable_is_retried_on_another_endpoint_when_configured() {
 async fn metrics_count_calls_per_method_and_status() {
     let a = GrpcBackend::start("a").await;
     let (listen, admin) = (free_addr(), free_addr());
-    let cfg = config(listen, &[a.addr], "").replace(
-        "drain_timeout = \"2s\"\n",
-        &format!("drain_timeout = \"2s\"\n\n[admin]\nbind = \"{admin}\"\n"),
-    );
+    let cfg = with_admin(config(listen, &[a.addr], ""), admin);
     let lbd = Lbd::start(bin(), &cfg);
     let mut cl = client(listen).await;
     for _ in 0..5 {
