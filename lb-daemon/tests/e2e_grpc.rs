@@ -1138,15 +1138,24 @@ unhealthy_threshold = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_upstream_connections_at_the_peer_stream_limit() {
+    for warm in [true, false] {
+        upstream_connections_at_limit(warm).await;
+    }
+}
+
+/// `warm`: one call first, so lbd knows the backend's SETTINGS before the burst; otherwise the
+/// burst hits a cold endpoint.
+async fn upstream_connections_at_limit(warm: bool) {
     // The backend allows 4 concurrent streams per connection; 32 calls in flight need 8.
     let a = GrpcBackend::start_with("a", Some(4)).await;
     let listen = free_addr();
     let lbd = Lbd::start(bin(), &config(listen, &[a.addr], ""));
     let mut cl = client(listen).await;
-    // One call first, so lbd has the backend's SETTINGS before the burst.
-    unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
-        .await
-        .expect("warm-up");
+    if warm {
+        unary(&mut cl, "/test.Echo/Unary", Request::new(Bytes::new()))
+            .await
+            .expect("warm-up");
+    }
     let results: Vec<Result<Response<Bytes>, Status>> = futures_util::stream::iter(0..32)
         .map(|_| {
             let mut cl = cl.clone();
@@ -1161,7 +1170,7 @@ async fn more_upstream_connections_at_the_peer_stream_limit() {
     let conns = a.seen.connections.load(Ordering::SeqCst);
     let peak = a.seen.peak_sleeping.load(Ordering::SeqCst);
     eprintln!(
-        "32 calls in flight, peer limit 4 streams: {conns} upstream connections, peak {peak} concurrent at the backend"
+        "32 calls in flight (warm: {warm}), peer limit 4 streams: {conns} upstream connections, peak {peak} concurrent at the backend"
     );
     assert!((8..=9).contains(&conns), "{conns} upstream connections");
     assert_eq!(peak, 32, "all 32 calls ran at once on the backend");

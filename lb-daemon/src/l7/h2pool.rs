@@ -10,7 +10,11 @@
 //!
 //! The peer's limit is read from hyper's `Connection::current_max_send_streams` by the task
 //! that drives the connection, each time it makes progress. A fresh connection has not seen
-//! the peer's SETTINGS yet, so until it does the limit last learned from that endpoint is used.
+//! the peer's SETTINGS yet: the limit last learned from that endpoint is used until it does.
+//! While an endpoint's limit is not known at all (its first connection), only the call that
+//! opened the connection uses it; concurrent calls wait (briefly) until the SETTINGS are in or
+//! a first response proves the peer announced none, so a cold burst does not pile onto one
+//! connection beyond the peer's limit.
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,9 +30,20 @@ use tokio::net::TcpStream;
 
 use super::body::RequestBody;
 
-/// Streams a connection is assumed to allow before the peer's SETTINGS say otherwise
-/// (hyper's and h2's customary default).
-const INITIAL_MAX_STREAMS: usize = 100;
+/// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
+/// announce it (the setting is a u32), so seeing it means "not announced (yet)"; a peer that
+/// never announces a limit allows unlimited streams (RFC 9113 §6.5.2), which this also means.
+const UNANNOUNCED: usize = usize::MAX;
+
+/// How long after an endpoint's first connection opened calls wait for its stream limit.
+/// Servers send their SETTINGS first thing, and a first response also settles it, so this only
+/// runs out when the peer announces no limit (it is then taken as unlimited) or is very slow.
+const SETTINGS_WAIT: Duration = Duration::from_millis(50);
+
+/// How often a connection's driver re-reads the peer's limit while it is not announced.
+/// hyper runs the HTTP/2 connection in its own task, so the driver's future (hyper's request
+/// dispatcher) is not woken when SETTINGS arrive.
+const SETTINGS_PROBE: Duration = Duration::from_millis(2);
 
 /// Boxed error with its cause chain intact.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,8 +85,11 @@ struct Endpoint {
     /// Serialises connection set-up, so a burst of calls waits for one new connection
     /// instead of opening one each.
     connecting: tokio::sync::Mutex<()>,
-    /// Stream limit last announced by this endpoint (0 = not learned yet).
+    /// Stream limit last announced by this endpoint (0 = not learned yet, `UNANNOUNCED` =
+    /// it announced none).
     learned_max: Arc<AtomicUsize>,
+    /// Woken when `learned_max` is first set.
+    learned: Arc<tokio::sync::Notify>,
 }
 
 struct Conn {
@@ -82,6 +100,8 @@ struct Conn {
     peer_max: Arc<AtomicUsize>,
     /// When the last stream ended (for idle expiry).
     idle_since: Mutex<Instant>,
+    /// When the connection was opened.
+    opened: Instant,
 }
 
 impl fmt::Debug for Conn {
@@ -96,8 +116,8 @@ impl fmt::Debug for Conn {
 impl Conn {
     fn limit(&self, learned: usize) -> usize {
         let peer = self.peer_max.load(Ordering::Relaxed);
-        // Still hyper's initial guess: prefer what this endpoint told us before.
-        let limit = if peer == INITIAL_MAX_STREAMS && learned > 0 {
+        // No SETTINGS on this connection yet: go by what this endpoint told us before.
+        let limit = if peer == UNANNOUNCED && learned > 0 {
             learned
         } else {
             peer
@@ -134,6 +154,19 @@ impl Drop for StreamSlot {
     }
 }
 
+impl Endpoint {
+    /// Records `max` as the endpoint's limit unless one is known, waking waiters.
+    fn set_learned_if_unknown(&self, max: usize) {
+        if self
+            .learned_max
+            .compare_exchange(0, max, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.learned.notify_waiters();
+        }
+    }
+}
+
 impl H2Pool {
     /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
     pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
@@ -147,6 +180,7 @@ impl H2Pool {
                     conns: Mutex::new(Vec::new()),
                     connecting: tokio::sync::Mutex::new(()),
                     learned_max: Arc::new(AtomicUsize::new(0)),
+                    learned: Arc::new(tokio::sync::Notify::new()),
                 })
                 .collect(),
         }
@@ -168,6 +202,7 @@ impl H2Pool {
             Some(s) => s,
             None => {
                 let _one_at_a_time = ep.connecting.lock().await;
+                self.await_limit(ep).await;
                 // Another call may have opened a connection while this one waited.
                 match self.acquire(ep) {
                     Some(s) => s,
@@ -180,15 +215,47 @@ impl H2Pool {
         }
         let mut sender = slot.conn.sender.clone();
         let mut resp = sender.send_request(req).await.map_err(SendError::Request)?;
+        // A response follows the peer's SETTINGS (its preface): if they named no limit by
+        // now, the peer has none.
+        ep.set_learned_if_unknown(UNANNOUNCED);
         resp.extensions_mut().insert(Arc::new(slot));
         Ok(resp)
+    }
+
+    /// While the endpoint's first connection is open but its limit unknown, waits until it is
+    /// known (or `SETTINGS_WAIT` passes, after which it counts as unlimited).
+    async fn await_limit(&self, ep: &Endpoint) {
+        let notified = ep.learned.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a wake-up in between is not lost.
+        notified.as_mut().enable();
+        if ep.learned_max.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let Some(oldest) = ep
+            .conns
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().map(|c| c.opened).min())
+        else {
+            return;
+        };
+        let left = SETTINGS_WAIT.saturating_sub(oldest.elapsed());
+        if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+            tracing::debug!(endpoint = %ep.address, "h2 peer announced no stream limit");
+            ep.set_learned_if_unknown(UNANNOUNCED);
+        }
     }
 
     /// A stream on an existing connection below its limit, if any. Takes the busiest such
     /// connection, so streams pack onto few connections and spare ones can go idle.
     /// At `max_connections`, the least busy connection takes the stream even if full.
+    /// Nothing while the endpoint's limit is unknown (see [`H2Pool::await_limit`]).
     fn acquire(&self, ep: &Endpoint) -> Option<StreamSlot> {
         let learned = ep.learned_max.load(Ordering::Relaxed);
+        if learned == 0 {
+            return None;
+        }
         let mut conns = ep.conns.lock().ok()?;
         self.prune(&mut conns);
         let best = conns
@@ -241,7 +308,7 @@ impl H2Pool {
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
-                .initial_max_send_streams(INITIAL_MAX_STREAMS);
+                .initial_max_send_streams(UNANNOUNCED);
             let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
             Ok::<_, BoxError>((sender, conn))
         };
@@ -254,19 +321,25 @@ impl H2Pool {
                 ));
             }
         };
-        let peer_max = Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS));
+        let peer_max = Arc::new(AtomicUsize::new(UNANNOUNCED));
         let address = ep.address;
         tokio::spawn(Driver {
             conn,
             peer_max: Arc::clone(&peer_max),
             learned: Arc::clone(&ep.learned_max),
+            notify: Arc::clone(&ep.learned),
             address,
+            probe: Some((
+                Box::pin(tokio::time::sleep(SETTINGS_PROBE)),
+                Instant::now() + SETTINGS_WAIT,
+            )),
         });
         let conn = Arc::new(Conn {
             sender,
             active: AtomicUsize::new(1),
             peer_max,
             idle_since: Mutex::new(Instant::now()),
+            opened: Instant::now(),
         });
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
@@ -326,7 +399,11 @@ struct Driver {
     conn: http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
     peer_max: Arc<AtomicUsize>,
     learned: Arc<AtomicUsize>,
+    /// Wakes calls waiting for the endpoint's limit.
+    notify: Arc<tokio::sync::Notify>,
     address: SocketAddr,
+    /// Re-poll timer while the peer's limit is unannounced, and until when to keep at it.
+    probe: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
 }
 
 impl std::future::Future for Driver {
@@ -335,8 +412,25 @@ impl std::future::Future for Driver {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let polled = Pin::new(&mut self.conn).poll(cx);
         let max = self.conn.current_max_send_streams();
-        if self.peer_max.swap(max, Ordering::Relaxed) != max && max != INITIAL_MAX_STREAMS {
+        if self.peer_max.swap(max, Ordering::Relaxed) != max && max != UNANNOUNCED {
             self.learned.store(max, Ordering::Relaxed);
+            self.notify.notify_waiters();
+            tracing::debug!(endpoint = %self.address, max_streams = max, "h2 peer stream limit");
+        }
+        if max != UNANNOUNCED {
+            self.probe = None;
+        } else if let Some((sleep, until)) = &mut self.probe {
+            let until = *until;
+            if Instant::now() >= until {
+                self.probe = None;
+            } else {
+                // Fire-and-rearm: each expiry polls this future again.
+                while sleep.as_mut().poll(cx).is_ready() {
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + SETTINGS_PROBE);
+                }
+            }
         }
         match polled {
             Poll::Pending => Poll::Pending,
