@@ -45,6 +45,9 @@ pub async fn handle(
     let start = Instant::now();
     let Some(listener) = rt.listener(conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
+        if grpc::is_grpc(req.headers()) {
+            return grpc::error_response("listener_removed", None);
+        }
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener_removed",
