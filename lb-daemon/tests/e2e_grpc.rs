@@ -651,6 +651,13 @@ async fn lbd_failures_are_grpc_statuses() {
         .expect_err("unrouted");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     assert!(err.message().contains("no route"), "{err:?}");
+    // path_prefix = "/test.Echo" is segment-aware: another service sharing the prefix's
+    // letters is not routed.
+    let err = unary(&mut cl, "/test.EchoV2/Unary", Request::new(Bytes::new()))
+        .await
+        .expect_err("unrouted look-alike service");
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert_eq!(a.calls(), 0, "nothing reached the backend");
 
     // The backend's own statuses pass through untouched.
     let err = unary(&mut cl, "/test.Echo/Nope", Request::new(Bytes::new()))
