@@ -1,4 +1,5 @@
-//! Builds the XDP object (`lb-ebpf`) and hands its path to the crate as `OUT_DIR/lb-xdp`.
+//! Builds the XDP objects (`lb-ebpf`) and hands them to the crate as `OUT_DIR/lb-xdp` and
+//! `OUT_DIR/lb-decap`.
 //!
 //! The object needs Debian's rustc (the only compiler here with a `core` for
 //! `bpfel-unknown-none`) and `bpf-linker`, so we run a separate cargo on the standalone
@@ -15,6 +16,8 @@ use std::process::Command;
 
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
+/// The objects `lb-ebpf` builds: the load balancer and the backend-side decapsulator.
+const OBJECTS: [&str; 2] = ["lb-xdp", "lb-decap"];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lbd_ebpf)");
@@ -37,10 +40,13 @@ fn main() {
     }
 
     match build(&ebpf) {
-        Ok(obj) => {
-            let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("lb-xdp");
-            std::fs::copy(&obj, &out)
-                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", obj.display(), out.display()));
+        Ok(dir) => {
+            let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+            for name in OBJECTS {
+                let (obj, out) = (dir.join(name), out_dir.join(name));
+                std::fs::copy(&obj, &out)
+                    .unwrap_or_else(|e| panic!("copy {} to {}: {e}", obj.display(), out.display()));
+            }
             println!("cargo::rustc-cfg=lbd_ebpf");
             println!("cargo::rustc-env=LBD_EBPF_STATUS=built");
         }
@@ -51,7 +57,7 @@ fn main() {
     }
 }
 
-/// Builds the object and returns its path, or the reason it cannot be built here.
+/// Builds the objects and returns their directory, or the reason they cannot be built here.
 fn build(ebpf: &Path) -> Result<PathBuf, String> {
     if env::var_os("LBD_SKIP_EBPF").is_some() {
         return Err("LBD_SKIP_EBPF is set".into());
@@ -101,11 +107,13 @@ fn build(ebpf: &Path) -> Result<PathBuf, String> {
     if !status.success() {
         panic!("building lb-ebpf failed ({status}); see the output above");
     }
-    let obj = target_dir.join("bpfel-unknown-none/release/lb-xdp");
-    if !obj.exists() {
-        panic!("lb-ebpf built but {} is missing", obj.display());
+    let dir = target_dir.join("bpfel-unknown-none/release");
+    for name in OBJECTS {
+        if !dir.join(name).exists() {
+            panic!("lb-ebpf built but {} is missing", dir.join(name).display());
+        }
     }
-    Ok(obj)
+    Ok(dir)
 }
 
 /// `bpf-linker` on PATH, or where `cargo install` puts it.

@@ -6,6 +6,10 @@
 //! rewrite the MACs; `ipip`: prepend an outer IP header; both `XDP_TX`). Every packet is counted under exactly one
 //! [`Reason`] in `REASONS`. All layouts, limits and the hash come from `lb_common::l4`.
 //!
+//! ICMP errors about packets a backend sent from a VIP (fragmentation needed, packet too big,
+//! …) are forwarded like the flow they quote, to the same backend, so path MTU discovery works
+//! through DSR.
+//!
 //! Policy for what we do not parse: anything that is not a complete, option-free IPv4 or
 //! extension-free IPv6 TCP/UDP packet is `XDP_PASS`ed to the kernel and counted. The kernel
 //! stack validates and reassembles far better than we could here, and passing is never worse
@@ -16,7 +20,7 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
+mod pkt;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -31,6 +35,7 @@ use lb_common::l4::{
     ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS, PROTO_TCP,
     PROTO_UDP, REASON_COUNT, RING_SIZE,
 };
+use pkt::{ptr_at, read};
 
 /// VIP (address, port, protocol) → what to do with it.
 #[map(name = "VIPS")]
@@ -74,6 +79,8 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_IPV6: u8 = 41;
 /// Longest L2 header we parse: Ethernet + one VLAN tag.
 const MAX_L2_LEN: usize = ETH_HLEN + VLAN_HLEN;
@@ -87,24 +94,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         unsafe { *p += 1 };
     }
     action
-}
-
-/// Pointer to a `T` at `off` bytes into the frame, if the whole `T` lies inside it.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
-/// Reads a `T` at `off`; `None` when the frame is too short.
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
-    // SAFETY: `ptr_at` checked the bounds; packet data has no alignment guarantee, hence
-    // `read_unaligned`.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[inline(always)]
@@ -163,6 +152,11 @@ fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
         }
         _ => return Err(Reason::PassNotIp),
     };
+    if (family == FAMILY_V4 && proto == IPPROTO_ICMP)
+        || (family == FAMILY_V6 && proto == IPPROTO_ICMPV6)
+    {
+        return icmp_error(ctx, family, dst, l4).map(|k| (k, l3));
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
     }
@@ -178,6 +172,58 @@ fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
         _pad: [0; 2],
     };
     Ok((key, l3))
+}
+
+/// An ICMP error about a packet a backend sent from a VIP (in DSR the backend answers clients
+/// with the VIP as source, so errors such as "fragmentation needed" / "packet too big" come
+/// back to the VIP, i.e. to us). Returns the key of the flow the quoted packet belongs to, as
+/// seen from the client, so the error follows the flow to the same backend and path MTU
+/// discovery works. Anything else ICMP is `pass_not_tcp_udp`.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    family: u8,
+    outer_dst: [u8; 16],
+    l4: usize,
+) -> Result<FlowKey, Reason> {
+    let t = read::<u8>(ctx, l4).ok_or(Reason::PassTruncatedL4)?;
+    let quoted = l4 + 8;
+    let (src, dst, proto, ports_at) = if family == FAMILY_V4 {
+        // Destination unreachable (incl. fragmentation needed), time exceeded.
+        if t != 3 && t != 11 {
+            return Err(Reason::PassNotTcpUdp);
+        }
+        let h = read::<[u8; IPV4_HLEN]>(ctx, quoted).ok_or(Reason::PassTruncatedL4)?;
+        if h[0] != 0x45 {
+            return Err(Reason::PassNotTcpUdp);
+        }
+        let s = v4_addr([h[12], h[13], h[14], h[15]]);
+        let d = v4_addr([h[16], h[17], h[18], h[19]]);
+        (s, d, h[9], quoted + IPV4_HLEN)
+    } else {
+        // Destination unreachable, packet too big, time exceeded.
+        if t != 1 && t != 2 && t != 3 {
+            return Err(Reason::PassNotTcpUdp);
+        }
+        let next = read::<u8>(ctx, quoted + 6).ok_or(Reason::PassTruncatedL4)?;
+        let s = read::<[u8; 16]>(ctx, quoted + 8).ok_or(Reason::PassTruncatedL4)?;
+        let d = read::<[u8; 16]>(ctx, quoted + 24).ok_or(Reason::PassTruncatedL4)?;
+        (s, d, next, quoted + IPV6_HLEN)
+    };
+    // The quoted packet left a VIP (its source) for a client, and the error was sent to it.
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer_dst {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let ports = read::<[u16; 2]>(ctx, ports_at).ok_or(Reason::PassTruncatedL4)?;
+    Ok(FlowKey {
+        src: dst,
+        dst: src,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        family,
+        _pad: [0; 2],
+    })
 }
 
 /// IPv6 extension headers (RFC 8200 §4, plus the IANA list) that may precede the transport.
@@ -387,13 +433,10 @@ fn grow(
     write(ctx, l3 - 2, ethertype.to_be_bytes())
 }
 
-/// Writes `v` at `off` if it fits in the frame.
+/// Writes `v` at `off`; an encapsulated frame that does not fit is dropped.
 #[inline(always)]
 fn write<T>(ctx: &XdpContext, off: usize, v: T) -> Result<(), Reason> {
-    let p = ptr_at::<T>(ctx, off).ok_or(Reason::DropEncapFailed)?;
-    // SAFETY: `ptr_at` checked the bounds; unaligned write for packet data.
-    unsafe { core::ptr::write_unaligned(p, v) };
-    Ok(())
+    pkt::write(ctx, off, v).ok_or(Reason::DropEncapFailed)
 }
 
 /// The IPv4 header checksum of `h` (whose checksum field is 0).

@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds `lb-ebpf` exactly as `lb-daemon/build.rs` does and prints the object's path.
+/// Builds `lb-ebpf` exactly as `lb-daemon/build.rs` does and prints the objects' paths.
 ///
 /// Target dir: `$CARGO_TARGET_DIR/bpf` when set (shared with the build script), else
 /// `lb-ebpf/target`; a separate dir because another compiler builds it for another target.
@@ -57,8 +57,10 @@ fn build_ebpf() -> Result<()> {
         .status()
         .context("running /usr/bin/cargo (Debian cargo-web; run scripts/setup.sh)")?;
     anyhow::ensure!(status.success(), "building lb-ebpf failed: {status}");
-    let obj = target_dir.join("bpfel-unknown-none/release/lb-xdp");
-    anyhow::ensure!(obj.exists(), "{} missing after the build", obj.display());
-    println!("{}", obj.display());
+    for name in ["lb-xdp", "lb-decap"] {
+        let obj = target_dir.join("bpfel-unknown-none/release").join(name);
+        anyhow::ensure!(obj.exists(), "{} missing after the build", obj.display());
+        println!("{}", obj.display());
+    }
     Ok(())
 }

@@ -22,6 +22,7 @@ use lb_common::l4::{
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
 use super::PROGRAM;
+use super::plan::Desired;
 
 /// Minimum time between two ring switches of one VIP: a program run that saw the previous
 /// switch's old ring has long finished (runs take microseconds; XDP runs in one RCU read-side
@@ -31,6 +32,9 @@ pub const RING_GRACE: Duration = Duration::from_millis(2);
 /// Why the L4 program could not be loaded or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum L4Error {
+    /// This lbd was built without the XDP object.
+    #[error("lbd was built without the XDP object: {0}")]
+    NotBuilt(&'static str),
     /// Parsing the object or creating its maps failed.
     #[error("loading the XDP object: {0}")]
     Load(#[from] EbpfError),
@@ -100,7 +104,7 @@ impl Default for LoadOptions {
 }
 
 /// A VIP as the loader sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VipSpec {
     /// Index into `VIP_STATS`, `< max_vips`; also selects the VIP's two rings.
     pub vip_id: u32,
@@ -129,6 +133,8 @@ pub struct L4Program {
     rings: StdHashMap<u32, Vec<u32>>,
     /// Active ring per VIP id, and when we switched to it.
     active: StdHashMap<u32, (u32, Instant)>,
+    /// What [`L4Program::apply`] last wrote, to write only differences next time.
+    applied: Desired,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -155,6 +161,7 @@ impl L4Program {
             max_vips,
             rings: StdHashMap::new(),
             active: StdHashMap::new(),
+            applied: Desired::default(),
         };
         me.xdp()?.load()?;
         Ok(me)
@@ -173,11 +180,21 @@ impl L4Program {
     }
 
     /// Attaches to `interface` (driver mode first, then generic); detached when dropped.
+    ///
+    /// The interface name is resolved in the calling thread's network namespace. Note that
+    /// on veth, driver-mode `XDP_TX` only delivers when the peer runs an XDP program too; use
+    /// [`L4Program::attach_mode`] with [`XdpMode::Skb`] there.
     pub fn attach(&mut self, interface: &str) -> Result<(), L4Error> {
         let xdp = self.xdp()?;
         if xdp.attach(interface, XdpMode::Driver).is_err() {
             xdp.attach(interface, XdpMode::Skb)?;
         }
+        Ok(())
+    }
+
+    /// Attaches to `interface` in the given mode; detached when dropped.
+    pub fn attach_mode(&mut self, interface: &str, mode: XdpMode) -> Result<(), L4Error> {
+        self.xdp()?.attach(interface, mode)?;
         Ok(())
     }
 
@@ -289,6 +306,51 @@ impl L4Program {
             m.set(base + slot as u32, id, 0).map_err(map_err("RINGS"))?;
         }
         self.rings.insert(ring, new);
+        Ok(())
+    }
+
+    /// Brings the maps to `d`, writing only what differs from the previous `apply`.
+    ///
+    /// Order matters for flows: new backends are written before rings that use them, and
+    /// released backends are written inactive after rings stopped naming them.
+    pub fn apply(&mut self, d: &Desired) -> Result<(), L4Error> {
+        for (&id, info) in &d.backends {
+            if self.applied.backends.get(&id) != Some(info) {
+                self.set_backend(id, *info)?;
+            }
+        }
+        for v in &d.vips {
+            let old = self.applied.vips.iter().find(|o| o.key == v.key);
+            if old.is_some_and(|o| o.spec == v.spec && o.members == v.members) {
+                continue;
+            }
+            let members: Vec<RingMember<'_>> = v
+                .members
+                .iter()
+                .map(|m| RingMember {
+                    id: m.id,
+                    key: m.key.as_bytes(),
+                    weight: m.weight,
+                })
+                .collect();
+            self.set_vip(v.key, v.spec, &members)?;
+        }
+        let gone: Vec<_> = self
+            .applied
+            .vips
+            .iter()
+            .filter(|o| !d.vips.iter().any(|v| v.key == o.key))
+            .map(|o| o.key)
+            .collect();
+        for key in gone {
+            self.remove_vip(&key)?;
+        }
+        for &id in &d.released {
+            if !d.backends.contains_key(&id) {
+                self.set_backend(id, BackendInfo::default())?;
+            }
+        }
+        self.applied = d.clone();
         Ok(())
     }
 

@@ -16,10 +16,33 @@ pub fn object() -> Result<&'static [u8], &'static str> {
     }
 }
 
+/// The backend-side `ipip` decapsulation object (program [`DECAP_PROGRAM`]), or why this
+/// build has none.
+pub fn decap_object() -> Result<&'static [u8], &'static str> {
+    #[cfg(lbd_ebpf)]
+    {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+        Ok(OBJECT)
+    }
+    #[cfg(not(lbd_ebpf))]
+    {
+        Err(env!("LBD_EBPF_STATUS"))
+    }
+}
+
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb_xdp";
 
+/// Name of the decapsulation program in [`decap_object`].
+pub const DECAP_PROGRAM: &str = "lb_decap";
+
+pub mod decap;
 pub mod loader;
+pub mod plan;
+pub mod service;
 pub mod test_run;
 
+pub use aya::programs::XdpMode;
+pub use decap::Decap;
 pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
+pub use service::{Inputs, L4Service, ServiceOptions};

@@ -46,6 +46,19 @@ pub struct RunResult {
 
 /// Runs the XDP program `prog` once on `frame` (at least 14 bytes; the kernel rejects less).
 pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<RunResult> {
+    run_xdp_repeat(prog, frame, 1).map(|(r, _)| r)
+}
+
+/// Runs `prog` `repeat` times and also returns the kernel's mean time per run in ns.
+///
+/// The runs share one buffer: the result is that of the last run, on a frame already changed
+/// by the earlier ones (after two `dsr-l2` runs both MACs are the backend's; `ipip` pushes one
+/// more header per run until the headroom is gone).
+pub fn run_xdp_repeat(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+) -> io::Result<(RunResult, u32)> {
     // Room for encapsulation headers the program may push.
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = BpfAttrTest {
@@ -54,7 +67,7 @@ pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<RunResult> {
         data_size_out: out.len() as u32,
         data_in: frame.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ..BpfAttrTest::default()
     };
     // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` prefix whose size we pass;
@@ -72,8 +85,11 @@ pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<RunResult> {
         return Err(io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok(RunResult {
-        action: attr.retval,
-        frame: out,
-    })
+    Ok((
+        RunResult {
+            action: attr.retval,
+            frame: out,
+        },
+        attr.duration,
+    ))
 }
