@@ -104,6 +104,8 @@ struct Seen {
     produced: AtomicU64,
     /// `grpc-timeout` of the last call, as received (tonic hides it from handlers).
     last_timeout: Mutex<Option<String>>,
+    /// `:authority` of the last call.
+    last_authority: Mutex<Option<String>>,
     /// Unary answers UNAVAILABLE (after reading the request).
     fail_unary: std::sync::atomic::AtomicBool,
 }
@@ -184,6 +186,9 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         self.seen.calls.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut t) = self.seen.last_authority.lock() {
+            *t = req.uri().authority().map(|a| a.to_string());
+        }
         if let Ok(mut t) = self.seen.last_timeout.lock() {
             *t = req
                 .headers()
@@ -827,6 +832,12 @@ async fn metadata_and_binary_trailers_pass_unchanged() {
     assert_eq!(
         r.metadata().get("x-custom").and_then(|v| v.to_str().ok()),
         Some("some value; with=symbols")
+    );
+    // The backend sees the authority the client used (lbd's address), as an HTTP/1.1
+    // backend would see the client's Host.
+    assert_eq!(
+        a.seen.last_authority.lock().expect("lock").as_deref(),
+        Some(listen.to_string().as_str())
     );
     let bin = r
         .metadata()

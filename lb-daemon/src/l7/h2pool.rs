@@ -214,7 +214,10 @@ impl H2Pool {
             reused.increment(1);
         }
         let mut sender = slot.conn.sender.clone();
-        let mut resp = sender.send_request(req).await.map_err(SendError::Request)?;
+        let mut resp = sender
+            .send_request(host_as_authority(req))
+            .await
+            .map_err(SendError::Request)?;
         // A response follows the peer's SETTINGS (its preface): if they named no limit by
         // now, the peer has none.
         ep.set_learned_if_unknown(UNANNOUNCED);
@@ -392,6 +395,25 @@ impl H2Pool {
             .and_then(|e| e.conns.lock().ok().map(|c| c.len()))
             .unwrap_or(0)
     }
+}
+
+/// Moves the `Host` header into the URI's authority, which hyper sends as `:authority`: the
+/// backend sees the client's host (as an HTTP/1.1 backend sees `Host`), and no `host` field
+/// goes out, which RFC 9113 §8.3.1 discourages next to `:authority`. The URI's endpoint
+/// address stays when there is no usable Host.
+fn host_as_authority(mut req: http::Request<RequestBody>) -> http::Request<RequestBody> {
+    let Some(host) = req.headers_mut().remove(http::header::HOST) else {
+        return req;
+    };
+    let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+        return req;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.authority = Some(authority);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
 }
 
 /// Drives one connection and publishes the peer's stream limit whenever it makes progress.

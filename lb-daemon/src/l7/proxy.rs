@@ -118,7 +118,7 @@ pub async fn handle(
         .flatten();
     let path = router::rewrite_uri(route, &parts.uri);
     let mut head = parts;
-    prepare_head(&mut head, &conn, cluster);
+    prepare_head(&mut head, &conn);
     if let Some(call) = &call {
         call.propagate(&mut head.headers);
     }
@@ -267,7 +267,7 @@ fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
 }
 
 /// Turns the downstream head into the upstream head (minus URI and version, set per attempt).
-fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &ClusterRuntime) {
+fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
     // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
     if !head.headers.contains_key(header::HOST)
@@ -283,10 +283,7 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &Clus
         conn.scheme,
         head.version,
     );
-    if cluster.upstream.version() == http::Version::HTTP_2 {
-        // RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2.
-        head.headers.remove(header::HOST);
-    }
+    // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
 }
 
 fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
