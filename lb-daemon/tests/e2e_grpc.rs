@@ -87,6 +87,32 @@ impl Stream for MsgStream {
     }
 }
 
+/// A response stream that counts itself as cancelled when dropped before its end.
+struct Tracked<S> {
+    inner: S,
+    seen: Arc<Seen>,
+    done: bool,
+}
+
+impl<S: Stream<Item = Result<Bytes, Status>> + Unpin> Stream for Tracked<S> {
+    type Item = Result<Bytes, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = Pin::new(&mut self.inner).poll_next(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.done = true;
+        }
+        polled
+    }
+}
+
+impl<S> Drop for Tracked<S> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.seen.streams_cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// What one backend saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -100,6 +126,8 @@ struct Seen {
     peak_sleeping: AtomicU64,
     /// TCP connections accepted.
     connections: AtomicU64,
+    /// Response streams dropped before their end (the call was cancelled).
+    streams_cancelled: AtomicU64,
     /// Flood messages generated so far (pulled by the server's flow control).
     produced: AtomicU64,
     /// `grpc-timeout` of the last call, as received (tonic hides it from handlers).
@@ -255,11 +283,15 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                         let mut b = r.get_ref().clone();
                         let n = if b.len() >= 8 { b.get_u64() } else { 0 };
                         let seen = Arc::clone(&this.seen);
-                        let s =
-                            MsgStream(Box::pin(futures_util::stream::iter(0..n).map(move |i| {
-                                seen.produced.fetch_add(1, Ordering::SeqCst);
-                                Ok(Bytes::from(vec![(i % 251) as u8; 64 << 10]))
-                            })));
+                        let flood = futures_util::stream::iter(0..n).map(move |i| {
+                            seen.produced.fetch_add(1, Ordering::SeqCst);
+                            Ok(Bytes::from(vec![(i % 251) as u8; 64 << 10]))
+                        });
+                        let s = MsgStream(Box::pin(Tracked {
+                            inner: flood,
+                            seen: Arc::clone(&this.seen),
+                            done: false,
+                        }));
                         let resp = this.reply(s, r.metadata());
                         Box::pin(async move { Ok(resp) })
                     }));
@@ -1039,6 +1071,34 @@ async fn deadlines_and_cancellation_reach_the_backend() {
         "call should still be running: {gave_up:?}"
     );
     eventually("backend sees the client's cancel", || cancelled() == 3).await;
+
+    // Dropping a server stream mid-way (tonic resets it) stops the backend's stream too.
+    let mut n = Vec::new();
+    n.put_u64(1 << 20);
+    cl.ready().await.expect("ready");
+    let mut s = cl
+        .server_streaming(
+            Request::new(Bytes::from(n)),
+            PathAndQuery::from_static("/test.Echo/Flood"),
+            RawCodec,
+        )
+        .await
+        .expect("flood")
+        .into_inner();
+    s.message().await.expect("message").expect("first");
+    assert_eq!(a.seen.streams_cancelled.load(Ordering::SeqCst), 0);
+    drop(s);
+    eventually("backend's stream dropped", || {
+        a.seen.streams_cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let produced = a.seen.produced.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        a.seen.produced.load(Ordering::SeqCst),
+        produced,
+        "production stopped"
+    );
     assert_eq!(
         a.seen.slept.load(Ordering::SeqCst),
         slept_so_far,
