@@ -214,10 +214,25 @@ impl H2Pool {
             reused.increment(1);
         }
         let mut sender = slot.conn.sender.clone();
-        let mut resp = sender
-            .send_request(host_as_authority(req))
-            .await
-            .map_err(SendError::Request)?;
+        let (mut resp, slot) = match sender.try_send_request(host_as_authority(req)).await {
+            Ok(resp) => (resp, slot),
+            Err(mut e) => {
+                // The connection closed before taking the request (it went away while idle):
+                // nothing was sent, so it goes out once more on a new connection.
+                let Some(req) = e.take_message() else {
+                    return Err(SendError::Request(e.into_error()));
+                };
+                drop(slot);
+                tracing::debug!(endpoint = %ep.address, "h2 upstream connection closed before the request; reconnecting");
+                let slot = {
+                    let _one_at_a_time = ep.connecting.lock().await;
+                    self.connect(ep).await?
+                };
+                let mut sender = slot.conn.sender.clone();
+                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+                (resp, slot)
+            }
+        };
         // A response follows the peer's SETTINGS (its preface): if they named no limit by
         // now, the peer has none.
         ep.set_learned_if_unknown(UNANNOUNCED);
@@ -537,6 +552,69 @@ mod tests {
             pool.send(9, req(addr), &reused).await,
             Err(SendError::Connect(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_peer_closing_after_each_call_costs_no_call() {
+        // Each connection serves one request, then the server shuts it down (GOAWAY).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let tx = Arc::new(Mutex::new(Some(tx)));
+                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(());
+                    }
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::spawn(async move {
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = rx => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        });
+        let pool = H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(10),
+                max_idle: 4,
+                max_connections: 0,
+            },
+        );
+        let reused = metrics::Counter::noop();
+        for i in 0..10 {
+            let resp = pool.send(0, req(addr), &reused).await;
+            assert!(resp.is_ok(), "call {i}: {resp:?}");
+            drop(resp);
+            // Let the GOAWAY arrive, as it would between real calls (or not: both must work).
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // A GOAWAY still admits streams the client sent before seeing it, so a connection
+        // may serve a second call; what matters is that connections were replaced.
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n >= 5, "{n} connections for 10 calls");
     }
 
     #[tokio::test]
