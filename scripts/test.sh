@@ -23,8 +23,13 @@ cargo test --workspace --locked --no-fail-fast
 
 echo "== lint"
 cargo fmt --all --check
-# lb-ebpf is its own workspace (another compiler and target), so it is checked on its own.
+# lb-ebpf is its own workspace (another compiler and target), so it is checked on its own:
+# clippy for the host target with the rustup toolchain (Debian's rustc has no clippy), with
+# panic=abort as for the BPF build.
 (cd lb-ebpf && cargo fmt --check)
+(cd lb-ebpf && RUSTC="$(rustup which rustc)" cargo clippy --locked \
+    --target "$(rustc -vV | sed -n 's/^host: //p')" \
+    --target-dir "${CARGO_TARGET_DIR:-target}/bpf-clippy" -- -C panic=abort -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "test.sh: all checks passed"

@@ -402,9 +402,10 @@ cluster = "echo"
     // lbd in ns L: a single-threaded runtime on that thread, so the service's tasks (and their
     // reads of the neighbour table) stay in ns L.
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Reloads for the service (`Some`), or stop (`None`).
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Inputs>>();
     let inputs = Inputs {
-        model,
+        model: Arc::clone(&model),
         health: vec![Arc::clone(&health)],
     };
     let lb = in_netns(&ns.name("l"), move || {
@@ -445,7 +446,9 @@ cluster = "echo"
             };
             let _ = ready_tx.send(Ok(()));
             println!("l4 problems at start: {:?}", svc.problems());
-            let _ = stop_rx.await;
+            while let Some(Some(next)) = ctl_rx.recv().await {
+                svc.update(next);
+            }
             svc.problems()
         })
     });
@@ -479,7 +482,43 @@ cluster = "echo"
     assert_eq!(server.join().expect("server"), 3);
     assert_eq!(echoed, 3);
 
-    let _ = stop_tx.send(());
+    // A reload moves the VIP to another interface: the program leaves vL (the LB's kernel,
+    // which neither owns the VIP nor forwards, gets the datagrams) ...
+    // (d0: one end of a veth pair inside ns L; this kernel has no dummy devices.)
+    let l = ns.name("l");
+    ip(&[
+        "-n", &l, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ])
+    .expect("veth d0");
+    ip(&["-n", &l, "link", "set", "d0", "up"]).expect("d0 up");
+    let moved = Arc::new(
+        lbd::config::parse(
+            &toml.replace(r#"interfaces = ["vL"]"#, r#"interfaces = ["d0"]"#),
+            std::path::Path::new("l4.toml"),
+        )
+        .expect("config"),
+    );
+    let _ = ctl_tx.send(Some(Inputs {
+        model: moved,
+        health: vec![Arc::clone(&health)],
+    }));
+    thread::sleep(Duration::from_millis(500));
+    let server = echo_server(&ns.name("b"), 1);
+    let echoed = client(&ns.name("c"), 1).join().expect("client");
+    assert_eq!(echoed, 0, "detached from vL by the reload");
+    assert_eq!(server.join().expect("server"), 0);
+    // ... and the reverse reload attaches to vL again.
+    let _ = ctl_tx.send(Some(Inputs {
+        model,
+        health: vec![Arc::clone(&health)],
+    }));
+    thread::sleep(Duration::from_millis(500));
+    let server = echo_server(&ns.name("b"), 3);
+    let echoed = client(&ns.name("c"), 3).join().expect("client");
+    assert_eq!(server.join().expect("server"), 3);
+    assert_eq!(echoed, 3, "attached to vL again by the reload");
+
+    let _ = ctl_tx.send(None);
     let problems = lb.join().expect("lb thread");
     assert!(problems.is_empty(), "{problems:?}");
     drop(ns);

@@ -242,7 +242,7 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
         Err(r) => return (xdp_action::XDP_PASS, r),
     };
     // SAFETY: VIPS is updated by replacing whole values; we copy the value out at once.
-    let meta = match unsafe { VIPS.get(&key.vip()) } {
+    let meta = match unsafe { VIPS.get(key.vip()) } {
         Some(m) => *m,
         None => return (xdp_action::XDP_PASS, Reason::PassNotVip),
     };
@@ -299,7 +299,7 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
         last_seen_ns: now,
     };
     // A full LRU evicts the oldest flow; a failed insert only costs a later re-hash.
-    let _ = FLOWS.insert(key, &fv, 0);
+    let _ = FLOWS.insert(key, fv, 0);
     Ok((id, b))
 }
 

@@ -28,6 +28,8 @@ pub struct StatusView {
     pub reloads_failed: u64,
     /// Listeners of the active config.
     pub listeners: Vec<ListenerView>,
+    /// L4 VIPs that cannot be fully served now (e.g. a backend's next-hop MAC is unknown).
+    pub l4_problems: Vec<String>,
 }
 
 /// One listener in [`StatusView`].
@@ -100,6 +102,7 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
                 protocol: listener_protocol(l.protocol),
             })
             .collect(),
+        l4_problems: Vec::new(),
     }
 }
 

@@ -13,6 +13,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
@@ -135,6 +136,8 @@ pub struct L4Program {
     active: StdHashMap<u32, (u32, Instant)>,
     /// What [`L4Program::apply`] last wrote, to write only differences next time.
     applied: Desired,
+    /// Interfaces the program is attached to.
+    links: StdHashMap<String, XdpLinkId>,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -162,6 +165,7 @@ impl L4Program {
             rings: StdHashMap::new(),
             active: StdHashMap::new(),
             applied: Desired::default(),
+            links: StdHashMap::new(),
         };
         me.xdp()?.load()?;
         Ok(me)
@@ -179,23 +183,48 @@ impl L4Program {
         Ok(fd.as_fd())
     }
 
-    /// Attaches to `interface` (driver mode first, then generic); detached when dropped.
+    /// Attaches to `interface` (driver mode first, then generic); detached when dropped or by
+    /// [`L4Program::detach`]. Attaching an interface twice is a no-op.
     ///
     /// The interface name is resolved in the calling thread's network namespace. Note that
     /// on veth, driver-mode `XDP_TX` only delivers when the peer runs an XDP program too; use
     /// [`L4Program::attach_mode`] with [`XdpMode::Skb`] there.
     pub fn attach(&mut self, interface: &str) -> Result<(), L4Error> {
+        if self.links.contains_key(interface) {
+            return Ok(());
+        }
         let xdp = self.xdp()?;
-        if xdp.attach(interface, XdpMode::Driver).is_err() {
-            xdp.attach(interface, XdpMode::Skb)?;
+        let link = match xdp.attach(interface, XdpMode::Driver) {
+            Ok(l) => l,
+            Err(_) => xdp.attach(interface, XdpMode::Skb)?,
+        };
+        self.links.insert(interface.to_owned(), link);
+        Ok(())
+    }
+
+    /// Attaches to `interface` in the given mode; a no-op if already attached.
+    pub fn attach_mode(&mut self, interface: &str, mode: XdpMode) -> Result<(), L4Error> {
+        if self.links.contains_key(interface) {
+            return Ok(());
+        }
+        let link = self.xdp()?.attach(interface, mode)?;
+        self.links.insert(interface.to_owned(), link);
+        Ok(())
+    }
+
+    /// Detaches from `interface`, if attached.
+    pub fn detach(&mut self, interface: &str) -> Result<(), L4Error> {
+        if let Some(link) = self.links.remove(interface) {
+            self.xdp()?.detach(link)?;
         }
         Ok(())
     }
 
-    /// Attaches to `interface` in the given mode; detached when dropped.
-    pub fn attach_mode(&mut self, interface: &str, mode: XdpMode) -> Result<(), L4Error> {
-        self.xdp()?.attach(interface, mode)?;
-        Ok(())
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.links.keys().cloned().collect();
+        v.sort();
+        v
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, L4Error> {

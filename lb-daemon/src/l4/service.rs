@@ -95,20 +95,14 @@ impl L4Service {
         )?;
         let mut state = PlanState::new(max_vips);
         let desired = refresh(&mut prog, &mut state, &inputs)?;
-        let mut ifaces: Vec<&str> = inputs
-            .model
-            .vips
-            .iter()
-            .flat_map(|v| v.interfaces.iter().map(String::as_str))
-            .collect();
-        ifaces.sort_unstable();
-        ifaces.dedup();
-        for i in ifaces {
+        // At start a missing interface is an error (the operator is there to see it); after a
+        // reload it becomes a problem retried on every refresh.
+        for i in interfaces(&inputs.model) {
             match opts.xdp_mode {
-                Some(m) => prog.attach_mode(i, m)?,
-                None => prog.attach(i)?,
+                Some(m) => prog.attach_mode(&i, m)?,
+                None => prog.attach(&i)?,
             }
-            tracing::info!(interface = i, "XDP program attached");
+            tracing::info!(interface = %i, "XDP program attached");
         }
         for p in &desired.problems {
             tracing::warn!(problem = %p, "l4");
@@ -123,8 +117,8 @@ impl L4Service {
         }))
     }
 
-    /// Follows a new config and its health (after a reload). VIPs on interfaces the program
-    /// is not attached to yet need a restart of the service.
+    /// Follows a new config and its health (after a reload), attaching to interfaces new VIPs
+    /// name and detaching from ones no VIP names any more.
     pub fn update(&self, inputs: Inputs) {
         self.inputs.send_replace(inputs);
     }
@@ -176,8 +170,13 @@ async fn run(
             let now = inputs.borrow_and_update().clone();
             // Map writes are syscalls (a first ring fill is 65,537 of them) and next-hop lookup
             // runs `ip`: keep both off the async workers.
+            let xdp_mode = opts.xdp_mode;
             let job = tokio::task::spawn_blocking(move || {
-                let r = refresh(&mut prog, &mut state, &now);
+                let attach_problems = sync_interfaces(&mut prog, &now.model, xdp_mode);
+                let r = refresh(&mut prog, &mut state, &now).map(|mut d| {
+                    d.problems.extend(attach_problems);
+                    d
+                });
                 if let Ok(d) = &r {
                     export(&mut prog, &now.model, d);
                 }
@@ -212,6 +211,44 @@ async fn run(
         }
         watchers.iter().for_each(|w| w.abort());
     }
+}
+
+/// Every interface some VIP is served on, sorted and unique.
+fn interfaces(model: &Model) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .vips
+        .iter()
+        .flat_map(|v| v.interfaces.iter().cloned())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Attaches to interfaces the config names and detaches from the others; returns problems.
+fn sync_interfaces(prog: &mut L4Program, model: &Model, mode: Option<XdpMode>) -> Vec<String> {
+    let want = interfaces(model);
+    let mut problems = Vec::new();
+    for i in prog.interfaces() {
+        if !want.contains(&i) {
+            match prog.detach(&i) {
+                Ok(()) => tracing::info!(interface = %i, "XDP program detached"),
+                Err(e) => problems.push(format!("interface {i}: detach failed: {e}")),
+            }
+        }
+    }
+    let attached = prog.interfaces();
+    for i in want.iter().filter(|i| !attached.contains(i)) {
+        let r = match mode {
+            Some(m) => prog.attach_mode(i, m),
+            None => prog.attach(i),
+        };
+        match r {
+            Ok(()) => tracing::info!(interface = %i, "XDP program attached"),
+            Err(e) => problems.push(format!("interface {i}: attach failed: {e}")),
+        }
+    }
+    problems
 }
 
 /// Plans from the current inputs, neighbour table and routes, and applies the plan.
