@@ -40,6 +40,11 @@ const UNANNOUNCED: usize = usize::MAX;
 /// runs out when the peer announces no limit (it is then taken as unlimited) or is very slow.
 const SETTINGS_WAIT: Duration = Duration::from_millis(50);
 
+/// PING interval on upstream connections with open streams.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a connection's driver re-reads the peer's limit while it is not announced.
 /// hyper runs the HTTP/2 connection in its own task, so the driver's future (hyper's request
 /// dispatcher) is not woken when SETTINGS arrive.
@@ -326,7 +331,12 @@ impl H2Pool {
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
-                .initial_max_send_streams(UNANNOUNCED);
+                .initial_max_send_streams(UNANNOUNCED)
+                // A peer that stops answering while calls are open (hung process, dropped
+                // route) is found by PING and its connection closed, failing those calls,
+                // instead of leaving them hanging for their whole deadline.
+                .keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
             let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
             Ok::<_, BoxError>((sender, conn))
         };
