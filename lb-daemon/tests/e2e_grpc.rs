@@ -703,6 +703,28 @@ async fn lbd_failures_are_grpc_statuses() {
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     assert_eq!(err.message(), "no such method");
 
+    // A request over the listener's max_body_bytes: RESOURCE_EXHAUSTED, not a 413.
+    let listen = free_addr();
+    let limited = config(listen, &[a.addr], "").replace(
+        &format!("bind = \"{listen}\"\n"),
+        &format!("bind = \"{listen}\"\n[listeners.limits]\nmax_body_bytes = 1048576\n"),
+    );
+    let _lbd_limited = Lbd::start(bin(), &limited);
+    let mut lc = client(listen).await;
+    let err = unary(&mut lc, "/test.Echo/Unary", Request::new(noise(3, 2 << 20)))
+        .await
+        .expect_err("2 MiB over a 1 MiB limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("max_body_bytes"), "{err:?}");
+    let ok = unary(
+        &mut lc,
+        "/test.Echo/Unary",
+        Request::new(noise(4, 512 << 10)),
+    )
+    .await
+    .expect("512 KiB under the limit");
+    assert_eq!(ok.get_ref().len(), 512 << 10);
+
     // All endpoints down: UNAVAILABLE with a message that says why.
     let listen = free_addr();
     let _lbd2 = Lbd::start(

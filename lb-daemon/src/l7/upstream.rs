@@ -45,15 +45,30 @@ impl UpstreamError {
         Self::from_chain(e.source())
     }
 
-    fn classify_h2(e: &hyper::Error) -> Self {
-        // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
-        // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
+    /// `body`: the request body's byte count and limit, to tell a body that grew too large
+    /// from one the client broke off (hyper's HTTP/2 client resets the stream on a body error
+    /// and reports only the reset, not the body's error).
+    fn classify_h2(e: &hyper::Error, body: Option<(Arc<AtomicU64>, u64)>) -> Self {
         let mut source = e.source();
         while let Some(s) = source {
-            if let Some(h2) = s.downcast_ref::<h2::Error>()
-                && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-            {
-                return UpstreamError::Connect;
+            if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
+                // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
+                if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    return UpstreamError::Connect;
+                }
+                // Reset by us, not by the peer nor for a protocol error: the request body
+                // failed, i.e. the client's side.
+                if h2.is_reset() && !h2.is_remote() && !h2.is_library() {
+                    let too_large = body.is_some_and(|(seen, limit)| {
+                        limit > 0 && seen.load(Ordering::Relaxed) > limit
+                    });
+                    return if too_large {
+                        UpstreamError::BodyTooLarge
+                    } else {
+                        UpstreamError::ClientBody
+                    };
+                }
             }
             source = s.source();
         }
@@ -203,13 +218,15 @@ impl Upstream {
                 Ok(resp)
             }
             Pool::Http2(pool) => {
+                let body = req.body().limit_probe();
                 pool.send(endpoint, req, &self.reused)
                     .await
                     .map_err(|e| match e {
                         SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
-                        SendError::Request(e) => {
-                            (UpstreamError::classify_h2(&e), UpstreamFailure(e.into()))
-                        }
+                        SendError::Request(e) => (
+                            UpstreamError::classify_h2(&e, body),
+                            UpstreamFailure(e.into()),
+                        ),
                     })
             }
         }
