@@ -5,11 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lbd::config;
 
-// The proxy allocates and frees small buffers per request on every worker; mimalloc's
-// thread-local free lists cut that cost (measured with `cargo xtask bench`, see bench/README.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "lbd", about = "L4/L7 load balancer and API gateway", version)]
 struct Cli {

@@ -727,3 +727,90 @@ cluster = "echo6"
     );
     drop(ns);
 }
+
+#[test]
+fn lbd_binary_serves_a_vip_in_driver_mode_and_detaches_on_exit() {
+    use lb_tests::Lbd;
+    use lbd::l4::Decap;
+
+    let Ok(pass_through) = lbd::l4::decap_object() else {
+        println!("SKIP: XDP objects not built");
+        return;
+    };
+    let ns = match topology("n") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+            return;
+        }
+    };
+    // Driver-mode XDP_TX on a veth delivers only if the peer runs an XDP program too. lb_decap
+    // passes everything that is not IP-in-IP, so it serves as that program on pl (vL's peer,
+    // a bridge port in ns R).
+    let peer = in_netns(&ns.name("r"), move || {
+        let mut d = match Decap::load(pass_through) {
+            Ok(d) => d,
+            Err(e) if e.os_error() == Some(libc::EPERM) => return Err(e.to_string()),
+            Err(e) => panic!("loading lb_decap: {e}"),
+        };
+        d.attach("pl", XdpMode::Driver).expect("attach to pl");
+        Ok(d)
+    })
+    .join()
+    .expect("peer thread");
+    let _peer = match peer {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP: no permission to load BPF: {e}");
+            return;
+        }
+    };
+
+    let config = r#"
+[[clusters]]
+name = "echo"
+[[clusters.endpoints]]
+address = "198.18.0.3:7777"
+
+[[l4.vips]]
+name = "echo"
+interfaces = ["vL"]
+address = "198.18.1.10:7777"
+protocol = "udp"
+cluster = "echo"
+"#;
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
+    // lbd runs in ns L: a child inherits the network namespace of the thread that spawns it.
+    let lbd = in_netns(&ns.name("l"), move || {
+        let probe = UdpSocket::bind("198.18.0.2:0").expect("probe socket");
+        for _ in 0..50 {
+            let _ = probe.send_to(b"arp", "198.18.0.3:9");
+            let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
+            if arp.contains("198.18.0.3 ") && !arp.contains("00:00:00:00:00:00") {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Lbd::start(&bin, config)
+    })
+    .join()
+    .expect("lbd thread");
+
+    let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
+    assert!(
+        link.contains(" xdp ") && !link.contains("xdpgeneric"),
+        "lbd attached in driver mode: {link}"
+    );
+    let server = echo_server(&ns.name("b"), DATAGRAMS);
+    let echoed = client(&ns.name("c"), DATAGRAMS).join().expect("client");
+    assert_eq!(server.join().expect("server"), DATAGRAMS);
+    assert_eq!(
+        echoed, DATAGRAMS,
+        "lbd's XDP program forwards the VIP to the backend"
+    );
+
+    drop(lbd);
+    let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
+    assert!(!link.contains("xdp"), "detached when lbd exits: {link}");
+    drop(ns);
+}
