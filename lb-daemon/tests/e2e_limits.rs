@@ -231,3 +231,58 @@ async fn json_access_log_has_one_line_per_request() {
         assert!(l["upstream_ms"].as_f64().is_some(), "{l}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_connection_limit_spills_over_then_answers_503() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let cfg = format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+[[routes]]
+name = "all"
+cluster = "web"
+[[clusters]]
+name = "web"
+# Every request hashes to the same endpoint, so only the limit can send one elsewhere.
+policy = "ip_hash"
+[clusters.pool]
+max_connections = 1
+[[clusters.endpoints]]
+address = "{}"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        a.addr, b.addr
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let client = lb_tests::client::H1::new();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get(listen, "/sleep/800", None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both endpoints hold their one allowed request: a third is refused, not queued.
+    let r = client.get(listen, "/", None).await.expect("third");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.lbd_error(), "endpoint_limit");
+    let mut served = Vec::new();
+    for t in slow {
+        let r = t.await.expect("join").expect("slow request");
+        assert_eq!(r.status, 200);
+        served.push(r.backend().to_owned());
+    }
+    served.sort();
+    assert_eq!(
+        served,
+        ["a", "b"],
+        "the second request spilled over to the free endpoint"
+    );
+    let r = client.get(listen, "/", None).await.expect("after");
+    assert_eq!(r.status, 200, "limits free up when requests finish");
+}

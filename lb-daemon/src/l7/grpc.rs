@@ -342,6 +342,7 @@ pub fn code_for(reason: &str) -> Code {
         "no_healthy_endpoint" | "upstream_connect" | "upstream_reset" | "listener_removed" => {
             Code::Unavailable
         }
+        "endpoint_limit" => Code::ResourceExhausted,
         _ => Code::Internal,
     }
 }
@@ -358,6 +359,7 @@ fn message_for(reason: &str, cluster: Option<&str>) -> String {
         "body_too_large" => "request exceeds the listener's max_body_bytes",
         "client_body" => "client request stream failed",
         "listener_removed" => "listener removed by a reload",
+        "endpoint_limit" => "every endpoint is at its connection limit",
         other => other,
     };
     match cluster {

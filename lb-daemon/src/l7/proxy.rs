@@ -2,7 +2,8 @@
 //!
 //! lbd answers by itself only when it must, always with a short text body and an
 //! `x-lbd-error` header naming the reason: 404 `no_route`, 503 `no_healthy_endpoint`,
-//! 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`, 413 `body_too_large`, 414 `uri_too_long`.
+//! 503 `endpoint_limit`, 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`,
+//! 413 `body_too_large`, 414 `uri_too_long`.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -144,13 +145,19 @@ pub async fn handle(
     let mut held = None;
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last_error = None;
+    let mut at_limit = false;
     for attempt in 0..max_attempts {
         let ctx = PickContext {
             client_ip: conn.client.ip(),
             headers: &head.headers,
         };
-        let Some(idx) = cluster.balancer.pick(&ctx, &tried[..attempt]) else {
-            break;
+        let idx = match pick_within_limit(cluster, &ctx, &tried[..attempt]) {
+            Picked::Endpoint(i) => i,
+            Picked::None => break,
+            Picked::AllAtLimit => {
+                at_limit = true;
+                break;
+            }
         };
         tried[attempt] = idx;
         if attempt > 0 {
@@ -247,6 +254,12 @@ pub async fn handle(
         return respond(resp, log);
     }
     match last_error {
+        None if at_limit => fail(
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "endpoint_limit",
+            false,
+        ),
         None => fail(
             log,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -257,6 +270,46 @@ pub async fn handle(
             fail(log, StatusCode::BAD_GATEWAY, "upstream_connect", false)
         }
         Some(_) => fail(log, StatusCode::BAD_GATEWAY, "upstream_reset", false),
+    }
+}
+
+/// Outcome of choosing an endpoint under the cluster's connection limit.
+enum Picked {
+    Endpoint(usize),
+    /// No available endpoint at all.
+    None,
+    /// Endpoints are available, but every one is at `pool.max_connections`.
+    AllAtLimit,
+}
+
+/// Picks an endpoint, passing over those at `pool.max_connections` (nginx `max_conns`: a full
+/// server counts as unavailable for this request). HTTP/1.1 only: there one request holds one
+/// connection, while the HTTP/2 pool enforces the limit on connections itself.
+fn pick_within_limit(cluster: &ClusterRuntime, ctx: &PickContext<'_>, tried: &[usize]) -> Picked {
+    let max = cluster.config.pool.max_connections as u64;
+    if max == 0 || cluster.upstream.version() != http::Version::HTTP_11 {
+        return match cluster.balancer.pick(ctx, tried) {
+            Some(i) => Picked::Endpoint(i),
+            None => Picked::None,
+        };
+    }
+    const SKIP: usize = 2 * MAX_ATTEMPTS;
+    let mut skip = [usize::MAX; SKIP];
+    skip[..tried.len()].copy_from_slice(tried);
+    let mut n = tried.len();
+    loop {
+        match cluster.balancer.pick(ctx, &skip[..n]) {
+            None if n > tried.len() => return Picked::AllAtLimit,
+            None => return Picked::None,
+            Some(i) if cluster.health.endpoints[i].in_flight() >= max => {
+                if n == SKIP {
+                    return Picked::AllAtLimit;
+                }
+                skip[n] = i;
+                n += 1;
+            }
+            Some(i) => return Picked::Endpoint(i),
+        }
     }
 }
 
