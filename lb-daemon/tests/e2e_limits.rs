@@ -286,3 +286,35 @@ address = "{}"
     let r = client.get(listen, "/", None).await.expect("after");
     assert_eq!(r.status, 200, "limits free up when requests finish");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_backend_answers_reach_http11_clients_as_http11_keepalive() {
+    // A raw HTTP/1.0 backend (like Python's http.server): one answer, then close.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = backend.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut s, _)) = backend.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let listen = free_addr();
+    let cfg = format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n[[routes]]\nname = \"all\"\ncluster = \"web\"\n[[clusters]]\nname = \"web\"\n[[clusters.endpoints]]\naddress = \"{addr}\"\n"
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    for _ in 0..2 {
+        let r = roundtrip(&mut s, GET).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with("ok"), "{r}");
+    }
+}
