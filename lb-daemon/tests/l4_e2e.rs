@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::Lbd;
-use lbd::l4::{Decap, XdpMode};
+use lbd::l4::{L4Program, LoadOptions, XdpMode};
 
 use common::netns::{Netns, in_netns, ip, mac_of, sysctl};
 
@@ -42,7 +42,7 @@ fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 11 + i as u8)
 }
 
-fn config() -> String {
+fn config(mode: &str) -> String {
     // Admin on ns l's loopback: the XDP counters as Prometheus metrics.
     let mut s = String::from("[admin]\nbind = \"127.0.0.1:9901\"\n\n");
     s.push_str("[[clusters]]\nname = \"svc\"\n");
@@ -65,6 +65,7 @@ name = "svc-tcp"
 interfaces = ["vL"]
 address = "{VIP}:{PORT}"
 protocol = "tcp"
+mode = "{mode}"
 cluster = "svc"
 
 [[l4.vips]]
@@ -72,6 +73,7 @@ name = "svc-udp"
 interfaces = ["vL"]
 address = "{VIP}:{PORT}"
 protocol = "udp"
+mode = "{mode}"
 cluster = "svc"
 "#,
         HEALTH_INTERVAL.as_millis()
@@ -80,10 +82,10 @@ cluster = "svc"
 }
 
 /// Builds the namespaces; `Err` only when namespaces cannot be created at all (SKIP).
-fn topology() -> Result<Netns, String> {
+fn topology(tag: &str) -> Result<Netns, String> {
     let mut members = vec!["r", "c", "l"];
     members.extend(BACKENDS);
-    let ns = Netns::new(format!("lbde{}", std::process::id()), &members);
+    let ns = Netns::new(format!("lbde{}{tag}", std::process::id()), &members);
     ip(&["netns", "add", &ns.name("r")])?;
     build(&ns).unwrap_or_else(|e| panic!("building the test topology: {e}"));
     Ok(ns)
@@ -487,15 +489,27 @@ fn assert_spread(what: &str, counts: &HashMap<String, usize>, total: usize, tole
     }
 }
 
-#[test]
-fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
-    if let Err(r) = lbd::l4::object() {
-        println!("SKIP: XDP object not built: {r}");
-        return;
-    }
-    let Ok(pass_through) = lbd::l4::decap_object() else {
-        println!("SKIP: XDP objects not built");
-        return;
+/// Everything a scenario runs on; fields drop in order: lbd, backends, the peer program, the
+/// namespaces.
+struct Setup {
+    lbd: Lbd,
+    backends: Vec<Backend>,
+    _peer: L4Program,
+    backend_macs: Vec<[u8; 6]>,
+    lb_mac: [u8; 6],
+    ns: Netns,
+}
+
+/// Namespaces, backends (with `before_lbd` run in between, e.g. to start decapsulators), lbd
+/// serving both VIPs in `mode`, and a warm-up until every backend answers through the VIP.
+/// `None` after printing `SKIP: …` when this machine cannot run it.
+fn setup(tag: &str, mode: &str, before_lbd: impl FnOnce(&Netns) -> bool) -> Option<Setup> {
+    let pass_through = match lbd::l4::object() {
+        Ok(o) => o,
+        Err(r) => {
+            println!("SKIP: XDP object not built: {r}");
+            return None;
+        }
     };
     if std::process::Command::new("ethtool")
         .arg("--version")
@@ -503,25 +517,30 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         .is_err()
     {
         println!("SKIP: ethtool missing");
-        return;
+        return None;
     }
-    let ns = match topology() {
+    let ns = match topology(tag) {
         Ok(ns) => ns,
         Err(e) => {
             println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
-            return;
+            return None;
         }
     };
-    // Driver-mode XDP_TX on a veth delivers only if the peer runs an XDP program too; lb_decap
-    // passes everything that is not IP-in-IP, so it serves as that program on pl (vL's peer).
+    // Driver-mode XDP_TX on a veth delivers only if the peer runs an XDP program too. lb_xdp
+    // without VIPs passes everything, so it serves as that program on pl (vL's peer). (Not
+    // lb_decap: it would strip the IP-in-IP headers meant for the backends.)
     let peer = in_netns(&ns.name("r"), move || {
-        let mut d = match Decap::load(pass_through) {
-            Ok(d) => d,
-            Err(e) if e.os_error() == Some(libc::EPERM) => return Err(e.to_string()),
-            Err(e) => panic!("loading lb_decap: {e}"),
+        let opts = LoadOptions {
+            max_vips: 1,
+            max_flows: 1024,
         };
-        d.attach("pl", XdpMode::Driver).expect("attach to pl");
-        Ok(d)
+        let mut p = match L4Program::load(pass_through, opts) {
+            Ok(p) => p,
+            Err(e) if e.os_error() == Some(libc::EPERM) => return Err(e.to_string()),
+            Err(e) => panic!("loading lb_xdp: {e}"),
+        };
+        p.attach_mode("pl", XdpMode::Driver).expect("attach to pl");
+        Ok(p)
     })
     .join()
     .expect("peer thread");
@@ -529,17 +548,20 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         Ok(d) => d,
         Err(e) => {
             println!("SKIP: no permission to load BPF: {e}");
-            return;
+            return None;
         }
     };
 
-    let mut backends: Vec<Backend> = BACKENDS
+    let backends: Vec<Backend> = BACKENDS
         .iter()
         .enumerate()
         .map(|(i, b)| Backend::start(&ns.name(b), b, backend_addr(i)))
         .collect();
     let backend_macs: Vec<[u8; 6]> = BACKENDS.iter().map(|b| mac_of(&ns.name(b), "vB")).collect();
     let lb_mac = mac_of(&ns.name("l"), "vL");
+    if !before_lbd(&ns) {
+        return None;
+    }
 
     // lbd's health checks resolve the backends' MACs, but lbd re-reads the neighbour table only
     // every 5 s: resolve them first so the test need not wait for that.
@@ -561,7 +583,7 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
     .expect("arp probe");
     // lbd runs in ns l through `ip netns exec` (a wrapper that execs, so the PID the harness
     // kills is lbd's).
-    let wrapper = std::env::temp_dir().join(format!("lbd-e2e-{}.sh", std::process::id()));
+    let wrapper = std::env::temp_dir().join(format!("lbd-e2e-{}{tag}.sh", std::process::id()));
     std::fs::write(
         &wrapper,
         format!(
@@ -576,7 +598,7 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
             .expect("chmod wrapper");
     }
-    let lbd = Lbd::start(&wrapper, &config());
+    let lbd = Lbd::start(&wrapper, &config(mode));
     let _ = std::fs::remove_file(&wrapper);
     let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
     assert!(link.contains(" xdp"), "lbd attached XDP to vL: {link}");
@@ -607,6 +629,29 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         "all backends reachable through the VIP: {warm:?}\n{}",
         lbd.logs()
     );
+    Some(Setup {
+        lbd,
+        backends,
+        _peer,
+        backend_macs,
+        lb_mac,
+        ns,
+    })
+}
+
+#[test]
+fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
+    let Some(Setup {
+        lbd,
+        mut backends,
+        _peer,
+        backend_macs,
+        lb_mac,
+        ns,
+    }) = setup("d", "dsr-l2", |_| true)
+    else {
+        return;
+    };
 
     // 1. 3,000 short TCP connections, watching who sends the replies.
     let at_client = Capture::start(&ns.name("c"), "vC");
@@ -826,6 +871,155 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
     drop(ns);
 }
 
+/// A child process, killed by PID when dropped unless it was waited for.
+struct Child(Option<std::process::Child>);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `ip netns exec <ns> lbd decap --interface <dev>` (ip execs lbd: the PID is lbd's), once
+/// `dev` shows an XDP program (≤ 10 s). `Err(stderr)` if it exited first.
+fn start_decap(ns: &str, dev: &str) -> Result<Child, String> {
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_lbd"),
+            "decap",
+            "--interface",
+            dev,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn lbd decap");
+    let mut child = Child(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(c) = child.0.as_mut()
+            && let Ok(Some(_)) = c.try_wait()
+        {
+            let out = child
+                .0
+                .take()
+                .expect("child")
+                .wait_with_output()
+                .expect("output");
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        if ip(&["-n", ns, "link", "show", dev]).is_ok_and(|l| l.contains("xdp")) {
+            return Ok(child);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("lbd decap did not attach to {dev} in {ns} within 10 s");
+}
+
+/// SIGTERMs a `lbd decap` and returns its exit status and stdout.
+fn stop_decap(mut child: Child) -> (std::process::ExitStatus, String) {
+    let c = child.0.take().expect("child");
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let out = c.wait_with_output().expect("wait");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn lbd_ipip_to_backends_running_lbd_decap() {
+    let mut decaps: Vec<Child> = Vec::new();
+    let setup = setup("i", "ipip", |ns| {
+        for b in BACKENDS {
+            match start_decap(&ns.name(b), "vB") {
+                Ok(c) => decaps.push(c),
+                Err(e) if e.contains("not permitted") => {
+                    println!("SKIP: no permission to load BPF: {e}");
+                    return false;
+                }
+                Err(e) => panic!("lbd decap in {b}: {e}"),
+            }
+        }
+        true
+    });
+    let Some(Setup {
+        lbd,
+        backends,
+        _peer,
+        backend_macs,
+        ns,
+        ..
+    }) = setup
+    else {
+        return;
+    };
+    let at_client = Capture::start(&ns.name("c"), "vC");
+    const CONNS: usize = 600;
+    let (tcp, failed) = in_netns(&ns.name("c"), || {
+        let mut counts = HashMap::<String, usize>::new();
+        let mut failed = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for _ in 0..CONNS {
+            if Instant::now() > deadline {
+                failed.push("time limit".to_string());
+                break;
+            }
+            match one_tcp() {
+                Ok(b) => *counts.entry(b).or_default() += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (counts, failed)
+    })
+    .join()
+    .expect("tcp client");
+    let from_vip = at_client.finish();
+    println!("ipip: TCP spread over {CONNS} connections: {tcp:?}");
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    assert_spread("ipip TCP", &tcp, CONNS, 0.25);
+    assert!(
+        !from_vip.is_empty() && from_vip.keys().all(|m| backend_macs.contains(m)),
+        "replies straight from the backends: {from_vip:?}"
+    );
+    // One export period after the last packet, lbd's counters are final.
+    thread::sleep(Duration::from_millis(5500));
+    let page = scrape_until(&ns.name("l"), |_| true);
+    let tx = page
+        .value("lbd_l4_packets_total", &[("reason", "tx_ipip")])
+        .unwrap_or(0.0);
+    let mut decapsulated = 0u64;
+    for d in decaps {
+        let (st, out) = stop_decap(d);
+        assert!(st.success(), "lbd decap exit: {st}");
+        decapsulated += out
+            .split("lb_decap: ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("counters in lbd decap output: {out}"));
+    }
+    println!("ipip: lbd tx_ipip {tx}, decapsulated by the backends' lbd decap {decapsulated}");
+    assert!(tx >= 4.0 * CONNS as f64, "tx_ipip {tx}");
+    assert_eq!(
+        decapsulated as f64, tx,
+        "every encapsulated packet was decapsulated by a backend"
+    );
+    drop(lbd);
+    drop(backends);
+    drop(ns);
+}
+
 #[test]
 fn lbd_decap_attaches_until_sigterm() {
     if let Err(r) = lbd::l4::decap_object() {
@@ -843,77 +1037,17 @@ fn lbd_decap_attaches_until_sigterm() {
     ])
     .expect("veth");
     ip(&["-n", &x, "link", "set", "e0", "up"]).expect("up");
-    let child = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &x,
-            env!("CARGO_BIN_EXE_lbd"),
-            "decap",
-            "--interface",
-            "e0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn lbd decap");
-    /// Kills the child by PID if the test fails before it exits.
-    struct Kill(Option<std::process::Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(c) = self.0.as_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+    let child = match start_decap(&x, "e0") {
+        Ok(c) => c,
+        Err(e) if e.contains("not permitted") => {
+            println!("SKIP: no permission to load BPF: {e}");
+            return;
         }
-    }
-    let mut child = Kill(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut attached = false;
-    while Instant::now() < deadline {
-        if let Some(c) = child.0.as_mut()
-            && let Ok(Some(st)) = c.try_wait()
-        {
-            let out = child
-                .0
-                .take()
-                .expect("child")
-                .wait_with_output()
-                .expect("output");
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("Operation not permitted") {
-                println!("SKIP: no permission to load BPF: {err}");
-                return;
-            }
-            panic!("lbd decap exited early ({st}): {err}");
-        }
-        if ip(&["-n", &x, "link", "show", "e0"]).is_ok_and(|l| l.contains("xdp")) {
-            attached = true;
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(attached, "lbd decap attached lb_decap to e0");
-    let pid = child.0.as_ref().expect("child").id();
-    // `ip netns exec` execs lbd, so the PID is lbd's.
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(st.success());
-    let out = child
-        .0
-        .take()
-        .expect("child")
-        .wait_with_output()
-        .expect("wait");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        Err(e) => panic!("lbd decap exited early: {e}"),
+    };
+    let (st, stdout) = stop_decap(child);
     println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(st.success(), "lbd decap exit: {st}");
     assert!(stdout.contains("lb_decap attached to e0"), "{stdout}");
     let link = ip(&["-n", &x, "link", "show", "e0"]).expect("ip link");
     assert!(!link.contains("xdp"), "detached on SIGTERM: {link}");
