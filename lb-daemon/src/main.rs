@@ -1,14 +1,10 @@
 //! `lbd` command line.
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lbd::config;
-
-// The proxy allocates and frees small buffers per request on every worker; mimalloc's
-// thread-local free lists cut that cost (measured with `cargo xtask bench`, see bench/README.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "lbd", about = "L4/L7 load balancer and API gateway", version)]
@@ -32,6 +28,32 @@ enum Cmd {
         #[arg(short, long, default_value = "/etc/lbd/lb.toml")]
         config: PathBuf,
     },
+    /// Show which VIP a flow addresses and which backend the XDP program gives a new flow of
+    /// it (assuming every endpoint healthy except those named with --down), and why.
+    Explain {
+        /// Path to the configuration file (TOML).
+        #[arg(short, long, default_value = "/etc/lbd/lb.toml")]
+        config: PathBuf,
+        /// "tcp" or "udp".
+        protocol: String,
+        /// Client address, ip:port ("[::1]:80" for IPv6).
+        src: SocketAddr,
+        /// Destination address, ip:port.
+        dst: SocketAddr,
+        /// Treat this backend address as down (repeatable).
+        #[arg(long)]
+        down: Vec<IpAddr>,
+    },
+    /// Backend side of `ipip` VIPs without the kernel's tunnel modules: attach the `lb_decap`
+    /// XDP program (strips the outer IPv4/IPv6 header) until SIGTERM/SIGINT.
+    Decap {
+        /// Interface that receives the encapsulated packets (repeatable).
+        #[arg(short, long, required = true)]
+        interface: Vec<String>,
+        /// Use generic (skb) mode instead of trying driver mode first.
+        #[arg(long)]
+        generic: bool,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -45,6 +67,22 @@ fn main() -> ExitCode {
         }
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
+        Cmd::Explain {
+            config,
+            protocol,
+            src,
+            dst,
+            down,
+        } => explain(&config, &protocol, src, dst, down),
+        Cmd::Decap { interface, generic } => {
+            match lbd::l4::decap::run_until_signal(&interface, generic) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lbd decap: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -109,6 +147,47 @@ fn check(path: &Path) -> ExitCode {
                 path.display(),
                 if n == 1 { "" } else { "s" }
             );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lbd explain`: the answer on stdout; config or argument problems on stderr, exit 1.
+fn explain(
+    path: &Path,
+    protocol: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    down: Vec<IpAddr>,
+) -> ExitCode {
+    use lbd::l4::explain::{Query, explain, parse_protocol};
+    let protocol = match parse_protocol(protocol) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lbd explain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let model = match config::load(path) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let q = Query {
+        protocol,
+        src,
+        dst,
+        down,
+    };
+    match explain(&model, &q) {
+        Ok(e) => {
+            print!("{e}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lbd explain: {e}");
             ExitCode::FAILURE
         }
     }

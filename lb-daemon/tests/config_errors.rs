@@ -29,6 +29,48 @@ fn errors(text: &str) -> Vec<ConfigError> {
 /// (what, config, line, key, message substring). Each config has exactly one problem.
 const CASES: &[(&str, &str, usize, &str, &str)] = &[
     (
+        "grpc service on an http check",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nservice = \"a.B\"\n",
+        6,
+        "clusters[0].health_check.service",
+        "only used with kind = \"grpc\"",
+    ),
+    (
+        "path on a grpc check",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nkind = \"grpc\"\npath = \"/x\"\n",
+        7,
+        "clusters[0].health_check.path",
+        "only used with kind = \"http\"",
+    ),
+    (
+        "grpc service name with a space",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nkind = \"grpc\"\nservice = \"a B\"\n",
+        7,
+        "clusters[0].health_check.service",
+        "invalid gRPC service name",
+    ),
+    (
+        "grpc retry status on an http1 cluster",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\"]\n",
+        6,
+        "clusters[0].retry.grpc_status[0]",
+        "only used with protocol = \"grpc\"",
+    ),
+    (
+        "unknown grpc retry status",
+        "[[clusters]]\nname = \"c\"\nprotocol = \"grpc\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\", \"busy\"]\n",
+        7,
+        "clusters[0].retry.grpc_status[1]",
+        "unknown value \"busy\"",
+    ),
+    (
+        "unknown cluster protocol",
+        "[[clusters]]\nname = \"c\"\nprotocol = \"grpc-web\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+        3,
+        "clusters[0].protocol",
+        "expected one of \"http1\", \"http2\", \"grpc\"",
+    ),
+    (
         "unknown top-level key",
         "lisener = 1\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n",
         1,
@@ -805,4 +847,52 @@ fn example_config_parses() {
     assert!(m.global.admin.is_some());
     assert!(m.routes.len() >= 2);
     assert!(m.vips.is_empty());
+}
+
+#[test]
+fn grpc_cluster_defaults_to_least_request_and_takes_a_grpc_check() {
+    let text = r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+
+[[clusters]]
+name = "g"
+protocol = "grpc"
+[[clusters.endpoints]]
+address = "127.0.0.1:50051"
+[clusters.health_check]
+kind = "grpc"
+service = "helloworld.Greeter"
+[clusters.retry]
+grpc_status = ["unavailable", "resource_exhausted", "unavailable"]
+
+[[clusters]]
+name = "g2"
+protocol = "grpc"
+policy = "round_robin"
+[[clusters.endpoints]]
+address = "127.0.0.1:50052"
+[clusters.health_check]
+kind = "grpc"
+"#;
+    let m = parse(text, Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let (g, g2) = (&m.clusters[0], &m.clusters[1]);
+    assert_eq!(g.protocol, UpstreamProtocol::Grpc);
+    assert_eq!(g.policy, Policy::LeastRequest);
+    assert_eq!(
+        g.health_check.as_ref().map(|h| &h.kind),
+        Some(&HealthCheckKind::Grpc {
+            service: "helloworld.Greeter".into()
+        })
+    );
+    assert_eq!(g.retry.grpc_status, vec![14, 8]);
+    assert_eq!(g2.policy, Policy::RoundRobin);
+    assert!(g2.retry.grpc_status.is_empty());
+    assert_eq!(
+        g2.health_check.as_ref().map(|h| &h.kind),
+        Some(&HealthCheckKind::Grpc {
+            service: String::new()
+        })
+    );
 }

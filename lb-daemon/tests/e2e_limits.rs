@@ -231,3 +231,90 @@ async fn json_access_log_has_one_line_per_request() {
         assert!(l["upstream_ms"].as_f64().is_some(), "{l}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_connection_limit_spills_over_then_answers_503() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let cfg = format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+[[routes]]
+name = "all"
+cluster = "web"
+[[clusters]]
+name = "web"
+# Every request hashes to the same endpoint, so only the limit can send one elsewhere.
+policy = "ip_hash"
+[clusters.pool]
+max_connections = 1
+[[clusters.endpoints]]
+address = "{}"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        a.addr, b.addr
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let client = lb_tests::client::H1::new();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get(listen, "/sleep/800", None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both endpoints hold their one allowed request: a third is refused, not queued.
+    let r = client.get(listen, "/", None).await.expect("third");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.lbd_error(), "endpoint_limit");
+    let mut served = Vec::new();
+    for t in slow {
+        let r = t.await.expect("join").expect("slow request");
+        assert_eq!(r.status, 200);
+        served.push(r.backend().to_owned());
+    }
+    served.sort();
+    assert_eq!(
+        served,
+        ["a", "b"],
+        "the second request spilled over to the free endpoint"
+    );
+    let r = client.get(listen, "/", None).await.expect("after");
+    assert_eq!(r.status, 200, "limits free up when requests finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_backend_answers_reach_http11_clients_as_http11_keepalive() {
+    // A raw HTTP/1.0 backend (like Python's http.server): one answer, then close.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = backend.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut s, _)) = backend.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let listen = free_addr();
+    let cfg = format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n[[routes]]\nname = \"all\"\ncluster = \"web\"\n[[clusters]]\nname = \"web\"\n[[clusters.endpoints]]\naddress = \"{addr}\"\n"
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    for _ in 0..2 {
+        let r = roundtrip(&mut s, GET).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with("ok"), "{r}");
+    }
+}

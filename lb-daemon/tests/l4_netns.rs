@@ -15,9 +15,9 @@
 //! Needs root, `ip` and BPF; otherwise prints `SKIP: <reason>`. Only namespaces created here
 //! carry traffic, and they are deleted on exit.
 
-use std::fs::File;
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
@@ -25,69 +25,19 @@ use std::time::Duration;
 use lb_common::l4::{BACKEND_F_ACTIVE, BackendInfo, FAMILY_V4, Mode, PROTO_UDP, Reason, VipKey};
 use lbd::l4::{L4Program, LoadOptions, RingMember, VipSpec, XdpMode};
 
+use common::netns::{Netns, in_netns, ip, mac_of};
+
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const VIP_PORT: u16 = 7777;
 const DATAGRAMS: usize = 10;
 
-/// Namespaces of one run; deleted on drop.
-struct Netns {
-    prefix: String,
-}
-
-impl Netns {
-    fn name(&self, n: &str) -> String {
-        format!("{}{n}", self.prefix)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in ["c", "l", "b", "r"] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name(n)])
-                .status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a new thread inside network namespace `ns` (sockets it opens live there).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns(2) on an fd we own; it only changes this thread's network namespace,
-        // and this thread ends after `f`.
-        #[allow(unsafe_code, reason = "setns(2) has no safe std wrapper")]
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
 /// Builds the topology for test `tag`; `Err` means this machine cannot create namespaces at
 /// all (reported as SKIP); any later failure is a test failure.
 fn topology(tag: &str) -> Result<Netns, String> {
-    let ns = Netns {
-        prefix: format!("lbdx{}{tag}", std::process::id()),
-    };
+    let ns = Netns::new(
+        format!("lbdx{}{tag}", std::process::id()),
+        &["c", "l", "b", "r"],
+    );
     ip(&["netns", "add", &ns.name("r")])?;
     build(&ns).unwrap_or_else(|e| panic!("building the test topology: {e}"));
     Ok(ns)
@@ -189,20 +139,6 @@ fn build(ns: &Netns) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
-    let out = ip(&["-n", ns, "-o", "link", "show", dev]).expect("ip link show");
-    let text = out
-        .split("link/ether ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("link/ether in ip output");
-    let mut mac = [0u8; 6];
-    for (b, h) in mac.iter_mut().zip(text.split(':')) {
-        *b = u8::from_str_radix(h, 16).expect("hex");
-    }
-    mac
 }
 
 /// A bounded UDP echo server on the IPv4 VIP in `ns`, bound when this returns; the handle
@@ -725,5 +661,92 @@ cluster = "echo6"
         echoed, DATAGRAMS,
         "the IPv6 VIP is served by XDP, answered from the VIP"
     );
+    drop(ns);
+}
+
+#[test]
+fn lbd_binary_serves_a_vip_in_driver_mode_and_detaches_on_exit() {
+    use lb_tests::Lbd;
+    use lbd::l4::Decap;
+
+    let Ok(pass_through) = lbd::l4::decap_object() else {
+        println!("SKIP: XDP objects not built");
+        return;
+    };
+    let ns = match topology("n") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIP: cannot create network namespaces (need root and iproute2): {e}");
+            return;
+        }
+    };
+    // Driver-mode XDP_TX on a veth delivers only if the peer runs an XDP program too. lb_decap
+    // passes everything that is not IP-in-IP, so it serves as that program on pl (vL's peer,
+    // a bridge port in ns R).
+    let peer = in_netns(&ns.name("r"), move || {
+        let mut d = match Decap::load(pass_through) {
+            Ok(d) => d,
+            Err(e) if e.os_error() == Some(libc::EPERM) => return Err(e.to_string()),
+            Err(e) => panic!("loading lb_decap: {e}"),
+        };
+        d.attach("pl", XdpMode::Driver).expect("attach to pl");
+        Ok(d)
+    })
+    .join()
+    .expect("peer thread");
+    let _peer = match peer {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP: no permission to load BPF: {e}");
+            return;
+        }
+    };
+
+    let config = r#"
+[[clusters]]
+name = "echo"
+[[clusters.endpoints]]
+address = "198.18.0.3:7777"
+
+[[l4.vips]]
+name = "echo"
+interfaces = ["vL"]
+address = "198.18.1.10:7777"
+protocol = "udp"
+cluster = "echo"
+"#;
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
+    // lbd runs in ns L: a child inherits the network namespace of the thread that spawns it.
+    let lbd = in_netns(&ns.name("l"), move || {
+        let probe = UdpSocket::bind("198.18.0.2:0").expect("probe socket");
+        for _ in 0..50 {
+            let _ = probe.send_to(b"arp", "198.18.0.3:9");
+            let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
+            if arp.contains("198.18.0.3 ") && !arp.contains("00:00:00:00:00:00") {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Lbd::start(&bin, config)
+    })
+    .join()
+    .expect("lbd thread");
+
+    let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
+    assert!(
+        link.contains(" xdp ") && !link.contains("xdpgeneric"),
+        "lbd attached in driver mode: {link}"
+    );
+    let server = echo_server(&ns.name("b"), DATAGRAMS);
+    let echoed = client(&ns.name("c"), DATAGRAMS).join().expect("client");
+    assert_eq!(server.join().expect("server"), DATAGRAMS);
+    assert_eq!(
+        echoed, DATAGRAMS,
+        "lbd's XDP program forwards the VIP to the backend"
+    );
+
+    drop(lbd);
+    let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
+    assert!(!link.contains("xdp"), "detached when lbd exits: {link}");
     drop(ns);
 }

@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::model::{
-    ForwardMode, HashKey, HealthCheckKind, HostMatch, L4Protocol, ListenerProtocol, LogFormat,
-    Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
+    ForwardMode, GRPC_STATUS_NAMES, HashKey, HealthCheckKind, HostMatch, L4Protocol,
+    ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
 };
 use crate::health::ClusterHealth;
 
@@ -28,6 +28,8 @@ pub struct StatusView {
     pub reloads_failed: u64,
     /// Listeners of the active config.
     pub listeners: Vec<ListenerView>,
+    /// L4 VIPs that cannot be fully served now (e.g. a backend's next-hop MAC is unknown).
+    pub l4_problems: Vec<String>,
 }
 
 /// One listener in [`StatusView`].
@@ -100,6 +102,7 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
                 protocol: listener_protocol(l.protocol),
             })
             .collect(),
+        l4_problems: Vec::new(),
     }
 }
 
@@ -246,13 +249,14 @@ pub fn effective_config(model: &Model) -> Value {
         "clusters": model.clusters.iter().map(|c| json!({
             "name": c.name,
             "policy": policy(&c.policy),
-            "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2" },
+            "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2", UpstreamProtocol::Grpc => "grpc" },
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.address.to_string(), "weight": e.weight, "backup": e.backup,
             })).collect::<Vec<_>>(),
             "health_check": c.health_check.as_ref().map(|h| json!({
                 "kind": match &h.kind {
                     HealthCheckKind::Tcp => json!("tcp"),
+                    HealthCheckKind::Grpc { service } => json!({ "grpc": { "service": service } }),
                     HealthCheckKind::Http { path, host, expected } => json!({
                         "http": { "path": path, "host": host, "expected_status": [expected.0, expected.1] }
                     }),
@@ -270,7 +274,12 @@ pub fn effective_config(model: &Model) -> Value {
                 "idle_ms": ms(c.timeouts.idle),
             },
             "pool": { "max_connections": c.pool.max_connections, "max_idle": c.pool.max_idle },
-            "retry": { "attempts": c.retry.attempts },
+            "retry": {
+                "attempts": c.retry.attempts,
+                "grpc_status": c.retry.grpc_status.iter()
+                    .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
+                    .collect::<Vec<_>>(),
+            },
         })).collect::<Vec<_>>(),
         "l4": { "vips": model.vips.iter().map(|v| json!({
             "name": v.name,

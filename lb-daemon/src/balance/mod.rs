@@ -467,7 +467,10 @@ pub(crate) mod testutil {
                 max_connections: 0,
                 max_idle: 1,
             },
-            retry: Retry { attempts: 1 },
+            retry: Retry {
+                attempts: 1,
+                grpc_status: Vec::new(),
+            },
         }
     }
 }

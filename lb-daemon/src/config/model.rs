@@ -230,6 +230,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c).
     Http2,
+    /// gRPC over h2c: HTTP/2 upstream, and lbd's own failures answered as gRPC statuses.
+    Grpc,
 }
 
 /// `[[clusters]]`.
@@ -297,6 +299,11 @@ pub enum HealthCheckKind {
         /// Accepted status range, inclusive.
         expected: (u16, u16),
     },
+    /// `grpc.health.v1.Health/Check` over h2c answers SERVING.
+    Grpc {
+        /// Service name asked about; empty = the server as a whole.
+        service: String,
+    },
 }
 
 /// Passive health: `max_fails` failures within `fail_timeout` take an endpoint out for
@@ -334,7 +341,31 @@ pub struct PoolLimits {
 pub struct Retry {
     /// Extra attempts on another endpoint after a connect failure of an idempotent request.
     pub attempts: u32,
+    /// gRPC status codes (numeric) that make lbd retry a gRPC call on another endpoint when
+    /// the upstream answered trailers-only with one of them (nothing sent downstream yet).
+    pub grpc_status: Vec<u8>,
 }
+
+/// gRPC status code names as written in the config (`[clusters.retry] grpc_status`), with
+/// their codes.
+pub const GRPC_STATUS_NAMES: &[(&str, u8)] = &[
+    ("cancelled", 1),
+    ("unknown", 2),
+    ("invalid_argument", 3),
+    ("deadline_exceeded", 4),
+    ("not_found", 5),
+    ("already_exists", 6),
+    ("permission_denied", 7),
+    ("resource_exhausted", 8),
+    ("failed_precondition", 9),
+    ("aborted", 10),
+    ("out_of_range", 11),
+    ("unimplemented", 12),
+    ("internal", 13),
+    ("unavailable", 14),
+    ("data_loss", 15),
+    ("unauthenticated", 16),
+];
 
 /// Forwarding mode of an L4 VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -189,6 +189,7 @@ pub struct RawHealthCheck {
     pub path: Option<S<String>>,
     pub host: Option<S<String>>,
     pub expected_status: Option<S<RawStatus>>,
+    pub service: Option<S<String>>,
     pub interval: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub healthy_threshold: Option<S<i64>>,
@@ -226,6 +227,7 @@ pub struct RawPool {
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<S<i64>>,
+    pub grpc_status: Option<Vec<S<String>>>,
 }
 
 /// `[[l4.vips]]`.

@@ -487,6 +487,7 @@ impl Checker<'_> {
                 &[
                     ("http1", UpstreamProtocol::Http1),
                     ("http2", UpstreamProtocol::Http2),
+                    ("grpc", UpstreamProtocol::Grpc),
                 ],
             );
             let endpoints = self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key);
@@ -542,6 +543,25 @@ impl Checker<'_> {
                     0,
                 ),
             };
+            let mut grpc_status = Vec::new();
+            for (j, name) in c
+                .retry
+                .as_ref()
+                .and_then(|r| r.get_ref().grpc_status.as_ref())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let k = format!("{key}.retry.grpc_status[{j}]");
+                if protocol != UpstreamProtocol::Grpc {
+                    self.err(name.span(), &k, "only used with protocol = \"grpc\"");
+                    break;
+                }
+                let code = self.choice(Some(name), &k, 0, GRPC_STATUS_NAMES);
+                if code != 0 && !grpc_status.contains(&code) {
+                    grpc_status.push(code);
+                }
+            }
             let retry = Retry {
                 attempts: self.u32(
                     c.retry.as_ref().and_then(|r| r.get_ref().attempts.as_ref()),
@@ -550,6 +570,7 @@ impl Checker<'_> {
                     0,
                     u32::MAX,
                 ),
+                grpc_status,
             };
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
@@ -578,10 +599,17 @@ impl Checker<'_> {
             Cookie,
             Maglev,
         }
+        // gRPC multiplexes many calls of very different cost over few connections: least
+        // outstanding requests spreads them better than a blind rotation.
+        let default = if c.protocol.as_ref().is_some_and(|p| p.get_ref() == "grpc") {
+            P::Lr
+        } else {
+            P::Rr
+        };
         let p = self.choice(
             c.policy.as_ref(),
             &format!("{key}.policy"),
-            P::Rr,
+            default,
             &[
                 ("round_robin", P::Rr),
                 ("weighted_round_robin", P::Wrr),
@@ -724,13 +752,19 @@ impl Checker<'_> {
     fn health_check(&mut self, h: &S<RawHealthCheck>, cluster: &str) -> HealthCheck {
         let h = h.get_ref();
         let k = |f: &str| format!("{cluster}.health_check.{f}");
-        let is_tcp = self.choice(
+        #[derive(Clone, Copy, PartialEq)]
+        enum K {
+            Tcp,
+            Http,
+            Grpc,
+        }
+        let kind = self.choice(
             h.kind.as_ref(),
             &k("kind"),
-            false,
-            &[("tcp", true), ("http", false)],
+            K::Http,
+            &[("tcp", K::Tcp), ("http", K::Http), ("grpc", K::Grpc)],
         );
-        let kind = if is_tcp {
+        if kind != K::Http {
             for (v, f) in [(&h.path, "path"), (&h.host, "host")] {
                 if let Some(v) = v {
                     self.err(v.span(), &k(f), "only used with kind = \"http\"");
@@ -743,7 +777,29 @@ impl Checker<'_> {
                     "only used with kind = \"http\"",
                 );
             }
+        }
+        if kind != K::Grpc
+            && let Some(v) = &h.service
+        {
+            self.err(v.span(), &k("service"), "only used with kind = \"grpc\"");
+        }
+        let kind = if kind == K::Tcp {
             HealthCheckKind::Tcp
+        } else if kind == K::Grpc {
+            let service = h.service.as_ref().map_or_else(String::new, |s| {
+                // Sent as a protobuf string: any UTF-8 is valid, but a service name never has
+                // whitespace or control characters; such a value is a typo.
+                let v = s.get_ref();
+                if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    self.err(
+                        s.span(),
+                        &k("service"),
+                        format!("invalid gRPC service name {v:?}"),
+                    );
+                }
+                v.clone()
+            });
+            HealthCheckKind::Grpc { service }
         } else {
             let path = h
                 .path

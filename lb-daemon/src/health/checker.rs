@@ -229,6 +229,7 @@ async fn check_once(address: SocketAddr, check: &HealthCheck) -> CheckOutcome {
                     Err(e) => Err(e),
                 }
             }
+            HealthCheckKind::Grpc { service } => grpc_health(address, service).await,
         }
     })
     .await;
@@ -271,6 +272,151 @@ async fn http_status(address: SocketAddr, path: &str, host: &str) -> Result<u16,
     Ok(resp.status().as_u16())
 }
 
+/// gRPC health `ServingStatus` values (grpc/health/v1/health.proto).
+const SERVING_STATUS: [&str; 4] = ["UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"];
+
+/// Largest health response read; the real one is 7 bytes.
+const MAX_HEALTH_RESPONSE: usize = 4096;
+
+/// `grpc.health.v1.Health/Check` for `service` over a fresh h2c connection; healthy only when
+/// the answer is SERVING. Messages are encoded by hand: one string field out, one enum back.
+async fn grpc_health(address: SocketAddr, service: &str) -> Result<String, String> {
+    use http_body_util::BodyExt as _;
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| reason("h2", e))?;
+    // The connection task ends when `sender` is dropped at the end of this check.
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .header(header::USER_AGENT, USER_AGENT)
+        .body(http_body_util::Full::new(health_request(service)))
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| reason("h2", e))?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("http status {}", resp.status().as_u16()));
+    }
+    // Trailers-only answers carry the status in the headers.
+    if let Some(status) = grpc_status(resp.headers()) {
+        return Err(status);
+    }
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| reason("h2", e))?;
+        match frame.into_data() {
+            Ok(d) => {
+                if data.len() + d.len() > MAX_HEALTH_RESPONSE {
+                    return Err("health response too large".into());
+                }
+                data.extend_from_slice(&d);
+            }
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    if let Some(status) = trailers.as_ref().and_then(grpc_status) {
+        return Err(status);
+    }
+    match serving_status(&data) {
+        Some(1) => Ok("SERVING".to_owned()),
+        Some(s) => Err(SERVING_STATUS
+            .get(s as usize)
+            .map_or_else(|| format!("serving status {s}"), |n| (*n).to_owned())),
+        None => Err("malformed health response".into()),
+    }
+}
+
+/// `Some(description)` when `grpc-status` is present and not OK.
+fn grpc_status(h: &http::HeaderMap) -> Option<String> {
+    let code = h.get("grpc-status")?.to_str().unwrap_or("?");
+    if code == "0" {
+        return None;
+    }
+    let msg = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Some(format!("grpc-status {code} {msg}").trim_end().to_owned())
+}
+
+/// A length-prefixed gRPC message holding `HealthCheckRequest { string service = 1; }`.
+fn health_request(service: &str) -> Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        put_varint(&mut msg, service.len() as u64);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut out = Vec::with_capacity(msg.len() + 5);
+    out.push(0); // not compressed
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    Bytes::from(out)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(b: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first()?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The `status` (field 1) of one length-prefixed `HealthCheckResponse`; 0 (UNKNOWN) when
+/// absent, as protobuf defaults say. `None` for a malformed or compressed message.
+fn serving_status(data: &[u8]) -> Option<u64> {
+    let (&flag, rest) = data.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
+    let mut msg = rest.get(4..4 + len)?;
+    let mut status = 0;
+    while !msg.is_empty() {
+        let key = get_varint(&mut msg)?;
+        match key & 7 {
+            0 => {
+                let v = get_varint(&mut msg)?;
+                if key >> 3 == 1 {
+                    status = v;
+                }
+            }
+            2 => {
+                let n = usize::try_from(get_varint(&mut msg)?).ok()?;
+                msg = msg.get(n..)?;
+            }
+            5 => msg = msg.get(4..)?,
+            1 => msg = msg.get(8..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
 /// The request target: the configured path, with a leading `/` if it lacks one.
 fn origin_form(path: &str) -> std::borrow::Cow<'_, str> {
     if path.starts_with('/') {
@@ -306,6 +452,35 @@ mod tests {
         Endpoint, Passive, Policy, PoolLimits, Retry, UpstreamProtocol, UpstreamTimeouts,
     };
 
+    #[test]
+    fn health_messages_encode_and_decode() {
+        assert_eq!(&health_request("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &health_request("a.B")[..],
+            &[0, 0, 0, 0, 5, 0x0a, 3, b'a', b'.', b'B']
+        );
+        assert_eq!(serving_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(serving_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 0]),
+            Some(0),
+            "absent = UNKNOWN"
+        );
+        // Unknown fields are skipped.
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 6, 0x12, 2, b'x', b'y', 0x08, 1]),
+            Some(1)
+        );
+        assert_eq!(
+            serving_status(&[1, 0, 0, 0, 2, 0x08, 1]),
+            None,
+            "compressed"
+        );
+        assert_eq!(serving_status(&[0, 0, 0, 0, 9, 0x08]), None, "truncated");
+        let mut b: &[u8] = &[0xac, 0x02];
+        assert_eq!(get_varint(&mut b), Some(300));
+    }
+
     fn cluster(addrs: &[SocketAddr], check: Option<HealthCheck>) -> Cluster {
         Cluster {
             name: "backend".to_owned(),
@@ -333,7 +508,10 @@ mod tests {
                 max_connections: 0,
                 max_idle: 1,
             },
-            retry: Retry { attempts: 0 },
+            retry: Retry {
+                attempts: 0,
+                grpc_status: Vec::new(),
+            },
         }
     }
 

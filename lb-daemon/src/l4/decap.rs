@@ -63,3 +63,40 @@ impl Decap {
         Ok((sum(0)?, sum(1)?))
     }
 }
+
+/// `lbd decap`: attaches `lb_decap` to `interfaces` (driver mode, falling back to generic,
+/// unless `generic`), waits for SIGTERM or SIGINT, prints the counters and detaches.
+pub fn run_until_signal(interfaces: &[String], generic: bool) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let object = super::decap_object().map_err(|e| format!("lb_decap not built: {e}"))?;
+    let mut d = Decap::load(object).map_err(|e| format!("loading lb_decap: {e}"))?;
+    for i in interfaces {
+        let mode = if generic {
+            d.attach(i, XdpMode::Skb).map(|()| "generic")
+        } else {
+            d.attach(i, XdpMode::Driver)
+                .map(|()| "driver")
+                .or_else(|_| d.attach(i, XdpMode::Skb).map(|()| "generic"))
+        }
+        .map_err(|e| format!("attaching lb_decap to {i}: {e}"))?;
+        println!("lb_decap attached to {i} ({mode} mode)");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signals: {e}"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signals: {e}"))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok::<(), String>(())
+    })?;
+    if let Ok((decapsulated, passed)) = d.stats() {
+        println!("lb_decap: {decapsulated} packets decapsulated, {passed} passed; detaching");
+    }
+    Ok(())
+}

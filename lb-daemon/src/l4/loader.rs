@@ -17,8 +17,8 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
-    BackendInfo, Counters, EncapConfig, MAX_BACKENDS, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE,
-    Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, MAX_BACKENDS, MAX_VIPS, Mode,
+    REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
 };
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
@@ -124,6 +124,21 @@ pub struct RingMember<'a> {
     pub key: &'a [u8],
     /// Relative weight; 0 leaves the backend out of the ring.
     pub weight: u32,
+}
+
+/// The Maglev table `set_vip` writes for `members`: per ring slot (`RING_SIZE` of them), the
+/// index into `members` of the backend that owns it; empty when no member has a weight.
+///
+/// `lbd explain` uses it too, so its answer is the ring the kernel reads.
+pub fn ring_table(members: &[RingMember<'_>]) -> Result<Vec<u32>, MaglevError> {
+    let eps: Vec<MaglevEndpoint<'_>> = members
+        .iter()
+        .map(|m| MaglevEndpoint {
+            key: m.key,
+            weight: m.weight,
+        })
+        .collect();
+    maglev::build(&eps, RING_SIZE)
 }
 
 /// The loaded (not necessarily attached) XDP program and its maps.
@@ -263,14 +278,7 @@ impl L4Program {
         for m in members {
             check("backend id", m.id, MAX_BACKENDS)?;
         }
-        let eps: Vec<MaglevEndpoint<'_>> = members
-            .iter()
-            .map(|m| MaglevEndpoint {
-                key: m.key,
-                weight: m.weight,
-            })
-            .collect();
-        let table = maglev::build(&eps, RING_SIZE)?;
+        let table = ring_table(members)?;
         let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
         let next = match self.active.get(&spec.vip_id) {
             Some(&(r, switched)) => {
@@ -340,13 +348,21 @@ impl L4Program {
 
     /// Brings the maps to `d`, writing only what differs from the previous `apply`.
     ///
-    /// Order matters for flows: new backends are written before rings that use them, and
-    /// released backends are written inactive after rings stopped naming them.
+    /// Order matters, or new flows would meet `drop_backend_missing` for a moment: active
+    /// backends are written before the rings that name them, and backends going inactive
+    /// (down or released) after the rings stopped naming them.
     pub fn apply(&mut self, d: &Desired) -> Result<(), L4Error> {
-        for (&id, info) in &d.backends {
-            if self.applied.backends.get(&id) != Some(info) {
-                self.set_backend(id, *info)?;
-            }
+        let changed: Vec<(u32, BackendInfo)> = d
+            .backends
+            .iter()
+            .filter(|(id, info)| self.applied.backends.get(id) != Some(info))
+            .map(|(&id, &info)| (id, info))
+            .collect();
+        for &(id, info) in changed
+            .iter()
+            .filter(|(_, i)| i.flags & BACKEND_F_ACTIVE != 0)
+        {
+            self.set_backend(id, info)?;
         }
         for v in &d.vips {
             let old = self.applied.vips.iter().find(|o| o.key == v.key);
@@ -373,6 +389,12 @@ impl L4Program {
             .collect();
         for key in gone {
             self.remove_vip(&key)?;
+        }
+        for &(id, info) in changed
+            .iter()
+            .filter(|(_, i)| i.flags & BACKEND_F_ACTIVE == 0)
+        {
+            self.set_backend(id, info)?;
         }
         for &id in &d.released {
             if !d.backends.contains_key(&id) {

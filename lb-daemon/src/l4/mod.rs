@@ -37,6 +37,7 @@ pub const PROGRAM: &str = "lb_xdp";
 pub const DECAP_PROGRAM: &str = "lb_decap";
 
 pub mod decap;
+pub mod explain;
 pub mod loader;
 pub mod plan;
 pub mod service;

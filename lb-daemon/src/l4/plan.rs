@@ -254,7 +254,8 @@ pub fn plan(
     d
 }
 
-fn vip_key(a: SocketAddr, p: L4Protocol) -> VipKey {
+/// The `VIPS` map key of a VIP at `a` for protocol `p`.
+pub fn vip_key(a: SocketAddr, p: L4Protocol) -> VipKey {
     let proto = match p {
         L4Protocol::Tcp => PROTO_TCP,
         L4Protocol::Udp => PROTO_UDP,
@@ -322,11 +323,21 @@ mod tests {
 
     /// A model with the given clusters and VIPs; everything else is irrelevant to L4.
     fn model(clusters: Vec<Vec<(&str, u32, bool)>>, vips: Vec<(&str, &str, usize)>) -> Model {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb.toml"))
-                .expect("example config");
-        let mut m = crate::config::parse(&text, std::path::Path::new("lb.toml"))
-            .expect("example config is valid");
+        // A minimal valid config supplies every non-L4 field; clusters and VIPs are replaced.
+        let text = r#"
+[[clusters]]
+name = "t"
+[[clusters.endpoints]]
+address = "10.0.0.1:80"
+
+[[l4.vips]]
+name = "t"
+interfaces = ["eth0"]
+address = "192.0.2.1:80"
+cluster = "t"
+"#;
+        let mut m = crate::config::parse(text, std::path::Path::new("lb.toml"))
+            .expect("minimal config is valid");
         let template: Cluster = m.clusters[0].clone();
         m.clusters = clusters
             .into_iter()

@@ -1,9 +1,10 @@
 //! Body wrappers: the request body is counted and capped on its way upstream; the response body
 //! is counted on its way downstream and, when it ends, closes the request's books (access log,
 //! metrics, in-flight count).
+use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,6 +25,18 @@ pub enum BodyError {
     /// The peer's stream failed.
     #[error(transparent)]
     Stream(#[from] hyper::Error),
+    /// A retried attempt took over the client body.
+    #[error("request body taken over by a retry")]
+    Superseded,
+}
+
+/// Copies a data or trailers frame (`Bytes` clones share the buffer).
+fn clone_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
+    match (f.data_ref(), f.trailers_ref()) {
+        (Some(d), _) => Frame::data(d.clone()),
+        (None, Some(t)) => Frame::trailers(t.clone()),
+        (None, None) => Frame::data(Bytes::new()),
+    }
 }
 
 /// The downstream request body, counted and capped, streamed upstream without buffering.
@@ -40,6 +53,84 @@ pub enum RequestBody {
     },
     /// No body (also what a retry sends, since retries only happen for empty bodies).
     Empty,
+    /// One attempt's view of a client body kept for retries (gRPC retries): what earlier
+    /// attempts already read is replayed from memory, the rest is read from the client.
+    Replayable {
+        /// The body and the copy of what was read so far.
+        shared: Arc<Mutex<Replay>>,
+        /// Which attempt this is; only the newest attempt may read on.
+        attempt: usize,
+        /// Next chunk of `shared.chunks` to send.
+        pos: usize,
+    },
+}
+
+/// A client body read once and kept (up to a limit) so a failed attempt can be repeated.
+#[derive(Debug)]
+pub struct Replay {
+    inner: Incoming,
+    limit: u64,
+    seen: Arc<AtomicU64>,
+    /// Copy of the data read so far; dropped once it would exceed `keep`.
+    chunks: Vec<Frame<Bytes>>,
+    kept: usize,
+    keep: usize,
+    /// The copy was dropped: no further attempt can start.
+    overflowed: bool,
+    done: bool,
+    /// The attempt allowed to read from the client.
+    current: usize,
+}
+
+impl Replay {
+    /// Wraps the client body `inner` (`limit`/`seen` as in [`RequestBody::Stream`]) keeping
+    /// up to `keep` bytes for replays.
+    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>, keep: usize) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Replay {
+            inner,
+            limit,
+            seen,
+            chunks: Vec::new(),
+            kept: 0,
+            keep,
+            overflowed: false,
+            done: false,
+            current: 0,
+        }))
+    }
+
+    /// Whether another attempt can still get the whole body.
+    pub fn can_replay(shared: &Arc<Mutex<Self>>) -> bool {
+        shared.lock().is_ok_and(|s| !s.overflowed)
+    }
+
+    /// The body for attempt `attempt` (0-based), if it can still be sent in full. Older
+    /// attempts stop reading from then on.
+    pub fn attempt(shared: &Arc<Mutex<Self>>, attempt: usize) -> Option<RequestBody> {
+        let mut s = shared.lock().ok()?;
+        if s.overflowed {
+            return None;
+        }
+        s.current = attempt;
+        Some(RequestBody::Replayable {
+            shared: Arc::clone(shared),
+            attempt,
+            pos: 0,
+        })
+    }
+}
+
+impl RequestBody {
+    /// The client body's byte counter and limit (`None` without a client body).
+    pub fn limit_probe(&self) -> Option<(Arc<AtomicU64>, u64)> {
+        match self {
+            RequestBody::Empty => None,
+            RequestBody::Stream { seen, limit, .. } => Some((Arc::clone(seen), *limit)),
+            RequestBody::Replayable { shared, .. } => {
+                shared.lock().ok().map(|s| (Arc::clone(&s.seen), s.limit))
+            }
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -52,6 +143,57 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Replayable {
+                shared,
+                attempt,
+                pos,
+            } => {
+                let Ok(mut s) = shared.lock() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(f) = s.chunks.get(*pos) {
+                    *pos += 1;
+                    return Poll::Ready(Some(Ok(clone_frame(f))));
+                }
+                if s.current != *attempt || (s.overflowed && *pos != usize::MAX) {
+                    // A superseded attempt (hyper may still be pumping its body while the next
+                    // one runs): it must not read on, nor take the reader's wakeup.
+                    return Poll::Ready(Some(Err(BodyError::Superseded)));
+                }
+                if s.done {
+                    return Poll::Ready(None);
+                }
+                let s = &mut *s;
+                match std::task::ready!(Pin::new(&mut s.inner).poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            let n = data.len();
+                            let total = s.seen.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                            if s.limit > 0 && total > s.limit {
+                                return Poll::Ready(Some(Err(BodyError::TooLarge {
+                                    limit: s.limit,
+                                })));
+                            }
+                            s.kept += n;
+                        }
+                        if s.kept > s.keep {
+                            // Too big to keep: this attempt streams on, no other can follow.
+                            s.overflowed = true;
+                            s.chunks = Vec::new();
+                            *pos = usize::MAX;
+                        } else if !s.overflowed {
+                            s.chunks.push(clone_frame(&frame));
+                            *pos = s.chunks.len();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Stream(e)))),
+                    None => {
+                        s.done = true;
+                        Poll::Ready(None)
+                    }
+                }
+            }
             RequestBody::Stream { inner, limit, seen } => {
                 match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
                     Some(Ok(frame)) => {
@@ -76,6 +218,10 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Replayable { shared, pos, .. } => shared
+                .lock()
+                .map(|s| s.done && *pos >= s.chunks.len())
+                .unwrap_or(true),
             RequestBody::Stream { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -83,6 +229,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Replayable { .. } => SizeHint::default(),
             RequestBody::Stream { inner, .. } => inner.size_hint(),
         }
     }
@@ -92,6 +239,9 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: Kind,
+    /// gRPC call deadline: when it fires mid-stream, the upstream body is dropped and these
+    /// trailers end the response instead.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Option<http::HeaderMap>)>,
     /// Finished (logged) when the body ends or is dropped, whichever comes first.
     log: Option<Box<RequestLog>>,
 }
@@ -107,6 +257,7 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, log: Box<RequestLog>) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            deadline: None,
             log: Some(log),
         }
     }
@@ -115,8 +266,27 @@ impl ResponseBody {
     pub fn full(bytes: Bytes, log: Option<Box<RequestLog>>) -> Self {
         ResponseBody {
             kind: Kind::Full(Some(bytes)),
+            deadline: None,
             log,
         }
+    }
+
+    /// No body at all: the response ends with its headers (gRPC trailers-only answers).
+    pub fn empty(log: Option<Box<RequestLog>>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+            deadline: None,
+            log,
+        }
+    }
+
+    /// Ends the response with `trailers` if it is still streaming at `at`.
+    pub fn with_deadline(mut self, at: std::time::Instant, trailers: http::HeaderMap) -> Self {
+        self.deadline = Some((
+            Box::pin(tokio::time::sleep_until(at.into())),
+            Some(trailers),
+        ));
+        self
     }
 
     fn count(&mut self, n: usize) {
@@ -157,6 +327,19 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some((sleep, trailers)) = &mut this.deadline
+            && matches!(this.kind, Kind::Upstream(_))
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the upstream body resets its stream (RST_STREAM CANCEL).
+            this.kind = Kind::Full(None);
+            let trailers = trailers.take().unwrap_or_default();
+            if let Some(log) = this.log.as_mut() {
+                log.grpc_status = Some(4);
+            }
+            this.finish(Some("deadline_exceeded"));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
@@ -166,9 +349,27 @@ impl Body for ResponseBody {
                 if let Some(d) = frame.data_ref() {
                     let n = d.len();
                     this.count(n);
+                } else if let Some(t) = frame.trailers_ref()
+                    && let Some(log) = this.log.as_mut()
+                    && log.grpc
+                {
+                    log.grpc_status = super::grpc::status_of(t);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(Some("upstream_reset")),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(log) = this.log.as_mut()
+                    && log.grpc
+                {
+                    // A gRPC client gets a status, not a bare stream reset (gRPC over
+                    // HTTP/2, "Errors"): end the call with trailers saying what happened.
+                    let (code, trailers) = super::grpc::reset_trailers(e);
+                    log.grpc_status = Some(code);
+                    this.kind = Kind::Full(None);
+                    this.finish(Some("upstream_reset"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                this.finish(Some("upstream_reset"))
+            }
             Poll::Ready(None) => this.finish(None),
             Poll::Pending => {}
         }

@@ -20,6 +20,8 @@ pub struct RouteMetrics {
     upstream_duration: Histogram,
     bytes_in: Counter,
     bytes_out: Counter,
+    /// Per gRPC method and status.
+    pub grpc: crate::l7::grpc::GrpcMetrics,
 }
 
 impl RouteMetrics {
@@ -37,6 +39,7 @@ impl RouteMetrics {
             upstream_duration: metrics::histogram!(m::UPSTREAM_DURATION, "cluster" => cluster.to_owned()),
             bytes_in: metrics::counter!(m::BYTES_IN, "listener" => listener.to_owned()),
             bytes_out: metrics::counter!(m::BYTES_OUT, "listener" => listener.to_owned()),
+            grpc: crate::l7::grpc::GrpcMetrics::new(listener, route),
         }
     }
 }
@@ -80,12 +83,19 @@ pub struct RequestLog {
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
+    /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
+    pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
+    /// gRPC status of the call (response headers, trailers, or lbd's own answer).
+    pub grpc_status: Option<u8>,
+    /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
+    pub grpc: bool,
 }
 
 impl RequestLog {
     /// Records metrics and writes the access-log line.
     pub fn finish(&mut self) {
         self.in_flight = None;
+        self.stream_slot = None;
         let total = self.start.elapsed();
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let class = usize::from(self.status / 100).clamp(1, 5) - 1;
@@ -97,6 +107,9 @@ impl RequestLog {
         }
         mt.bytes_in.increment(bytes_in);
         mt.bytes_out.increment(self.bytes_out);
+        if self.grpc {
+            mt.grpc.record(self.uri.path(), self.grpc_status, total);
+        }
         if !self.access_log {
             return;
         }
@@ -116,6 +129,7 @@ impl RequestLog {
             upstream_ms = self.upstream.map(|d| d.as_secs_f64() * 1e3),
             total_ms = total.as_secs_f64() * 1e3,
             attempts = self.attempts,
+            grpc_status = self.grpc_status,
             error = self.error,
         );
     }

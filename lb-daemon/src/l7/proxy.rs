@@ -2,7 +2,8 @@
 //!
 //! lbd answers by itself only when it must, always with a short text body and an
 //! `x-lbd-error` header naming the reason: 404 `no_route`, 503 `no_healthy_endpoint`,
-//! 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`, 413 `body_too_large`, 414 `uri_too_long`.
+//! 503 `endpoint_limit`, 502 `upstream_connect` / `upstream_reset`, 504 `upstream_timeout`,
+//! 413 `body_too_large`, 414 `uri_too_long`.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -12,7 +13,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body as _, Incoming};
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::{Replay, RequestBody, ResponseBody};
+use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
 use super::router;
@@ -44,6 +46,9 @@ pub async fn handle(
     let start = Instant::now();
     let Some(listener) = rt.listener(conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
+        if grpc::is_grpc(req.headers()) {
+            return grpc::error_response("listener_removed", None);
+        }
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener_removed",
@@ -71,6 +76,9 @@ pub async fn handle(
         error: None,
         metrics: Arc::clone(&listener.unrouted_metrics),
         in_flight: None,
+        grpc: grpc::is_grpc(&parts.headers),
+        stream_slot: None,
+        grpc_status: None,
     });
 
     if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes(&listener.limits)
@@ -104,32 +112,52 @@ pub async fn handle(
         .timeout
         .unwrap_or(listener.limits.request_timeout)
         .min(cluster.config.timeouts.response);
+    // A gRPC client's deadline (capped by the configured one) bounds the whole call.
+    let call = log
+        .grpc
+        .then(|| grpc::CallDeadline::new(&parts.headers, start, deadline))
+        .flatten();
     let path = router::rewrite_uri(route, &parts.uri);
     let mut head = parts;
-    prepare_head(&mut head, &conn, cluster);
+    prepare_head(&mut head, &conn);
+    if let Some(call) = &call {
+        call.propagate(&mut head.headers);
+    }
 
     // Only a request without a body can be re-sent: a streamed body is consumed by the first
     // attempt. Connect failures send nothing, so such a retry is safe for any method.
-    let retryable = body.is_end_stream();
+    // gRPC calls retried on status keep a bounded copy of their body for the next attempt.
+    let grpc_retry = log.grpc && !cluster.config.retry.grpc_status.is_empty();
+    let retryable = body.is_end_stream() || grpc_retry;
     let max_attempts = if retryable {
         (cluster.config.retry.attempts as usize + 1).min(MAX_ATTEMPTS)
     } else {
         1
     };
-    let mut body = Some(RequestBody::Stream {
-        inner: body,
-        limit,
-        seen: Arc::clone(&log.bytes_in),
-    });
+    let seen = Arc::clone(&log.bytes_in);
+    let (mut body, replay) = if grpc_retry {
+        let keep = grpc::RETRY_BUFFER_BYTES;
+        (None, Some(Replay::new(body, limit, seen, keep)))
+    } else {
+        let inner = body;
+        (Some(RequestBody::Stream { inner, limit, seen }), None)
+    };
+    let mut held = None;
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last_error = None;
+    let mut at_limit = false;
     for attempt in 0..max_attempts {
         let ctx = PickContext {
             client_ip: conn.client.ip(),
             headers: &head.headers,
         };
-        let Some(idx) = cluster.balancer.pick(&ctx, &tried[..attempt]) else {
-            break;
+        let idx = match pick_within_limit(cluster, &ctx, &tried[..attempt]) {
+            Picked::Endpoint(i) => i,
+            Picked::None => break,
+            Picked::AllAtLimit => {
+                at_limit = true;
+                break;
+            }
         };
         tried[attempt] = idx;
         if attempt > 0 {
@@ -143,7 +171,14 @@ pub async fn handle(
         let Some(uri) = cluster.upstream.uri(idx, path.path_and_query()) else {
             break;
         };
-        let mut req = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        let req_body = match &replay {
+            Some(r) => match Replay::attempt(r, attempt) {
+                Some(b) => b,
+                None => break,
+            },
+            None => body.take().unwrap_or(RequestBody::Empty),
+        };
+        let mut req = Request::new(req_body);
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = cluster.upstream.version();
@@ -153,11 +188,28 @@ pub async fn handle(
             std::mem::take(&mut head.headers)
         };
         let sent = Instant::now();
-        match tokio::time::timeout(deadline, cluster.upstream.send(req)).await {
+        let budget = call.as_ref().map_or(deadline, |c| c.remaining());
+        match tokio::time::timeout(budget, cluster.upstream.send(idx, req)).await {
             Ok(Ok(resp)) => {
+                if attempt + 1 < max_attempts
+                    && replay.as_ref().is_some_and(Replay::can_replay)
+                    && let Some(code) =
+                        grpc::retry_status(resp.headers(), &cluster.config.retry.grpc_status)
+                {
+                    // Trailers-only, nothing sent downstream yet: try another endpoint, but
+                    // keep this answer for the client in case no attempt does better.
+                    tracing::info!(cluster = %cluster.name, endpoint = log.endpoint.map(tracing::field::display),
+                        grpc_status = code, attempt = attempt + 1, "retrying gRPC call");
+                    held = Some(resp);
+                    continue;
+                }
                 log.upstream = Some(sent.elapsed());
                 log.in_flight = Some(guard);
-                return respond(resp, log);
+                let resp = respond(resp, log);
+                return match call {
+                    Some(c) => grpc::bound_response(resp, c),
+                    None => resp,
+                };
             }
             Ok(Err((kind, err))) => {
                 // Like nginx's "connect() failed (111: Connection refused) while connecting
@@ -187,13 +239,27 @@ pub async fn handle(
                 }
             }
             Err(_elapsed) => {
-                passive_failure(cluster, idx);
                 log.upstream = Some(sent.elapsed());
+                if call.as_ref().is_some_and(|c| c.client_set) {
+                    // The client's deadline, not a slow endpoint: no passive-health strike.
+                    // Dropping the send future resets the upstream stream (RST_STREAM CANCEL).
+                    return fail(log, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", false);
+                }
+                passive_failure(cluster, idx);
                 return fail(log, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", false);
             }
         }
     }
+    if let Some(resp) = held {
+        return respond(resp, log);
+    }
     match last_error {
+        None if at_limit => fail(
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "endpoint_limit",
+            false,
+        ),
         None => fail(
             log,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -207,6 +273,46 @@ pub async fn handle(
     }
 }
 
+/// Outcome of choosing an endpoint under the cluster's connection limit.
+enum Picked {
+    Endpoint(usize),
+    /// No available endpoint at all.
+    None,
+    /// Endpoints are available, but every one is at `pool.max_connections`.
+    AllAtLimit,
+}
+
+/// Picks an endpoint, passing over those at `pool.max_connections` (nginx `max_conns`: a full
+/// server counts as unavailable for this request). HTTP/1.1 only: there one request holds one
+/// connection, while the HTTP/2 pool enforces the limit on connections itself.
+fn pick_within_limit(cluster: &ClusterRuntime, ctx: &PickContext<'_>, tried: &[usize]) -> Picked {
+    let max = cluster.config.pool.max_connections as u64;
+    if max == 0 || cluster.upstream.version() != http::Version::HTTP_11 {
+        return match cluster.balancer.pick(ctx, tried) {
+            Some(i) => Picked::Endpoint(i),
+            None => Picked::None,
+        };
+    }
+    const SKIP: usize = 2 * MAX_ATTEMPTS;
+    let mut skip = [usize::MAX; SKIP];
+    skip[..tried.len()].copy_from_slice(tried);
+    let mut n = tried.len();
+    loop {
+        match cluster.balancer.pick(ctx, &skip[..n]) {
+            None if n > tried.len() => return Picked::AllAtLimit,
+            None => return Picked::None,
+            Some(i) if cluster.health.endpoints[i].in_flight() >= max => {
+                if n == SKIP {
+                    return Picked::AllAtLimit;
+                }
+                skip[n] = i;
+                n += 1;
+            }
+            Some(i) => return Picked::Endpoint(i),
+        }
+    }
+}
+
 /// Longest request target accepted (nginx's `large_client_header_buffers` default is 8 KiB);
 /// never more than the whole head may be.
 fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
@@ -214,7 +320,7 @@ fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
 }
 
 /// Turns the downstream head into the upstream head (minus URI and version, set per attempt).
-fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &ClusterRuntime) {
+fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
     // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
     if !head.headers.contains_key(header::HOST)
@@ -230,10 +336,7 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo, cluster: &Clus
         conn.scheme,
         head.version,
     );
-    if cluster.upstream.version() == http::Version::HTTP_2 {
-        // RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2.
-        head.headers.remove(header::HOST);
-    }
+    // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
 }
 
 fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
@@ -264,7 +367,14 @@ fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
 fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1
+    // keep-alive connection into an HTTP/1.0 one.
+    parts.version = log.version;
     log.status = parts.status.as_u16();
+    log.stream_slot = parts.extensions.remove();
+    if log.grpc {
+        log.grpc_status = grpc::status_of(&parts.headers);
+    }
     Response::from_parts(parts, ResponseBody::upstream(body, log))
 }
 
@@ -274,8 +384,12 @@ fn fail(
     reason: &'static str,
     close: bool,
 ) -> Response<ResponseBody> {
-    log.status = status.as_u16();
     log.error = Some(reason);
+    if log.grpc {
+        log.status = StatusCode::OK.as_u16();
+        return grpc::error_response(reason, Some(log));
+    }
+    log.status = status.as_u16();
     local(status, reason, Some(log), close)
 }
 

@@ -355,7 +355,10 @@ mod tests {
                     max_connections: 0,
                     max_idle: 1,
                 },
-                retry: Retry { attempts: 0 },
+                retry: Retry {
+                    attempts: 0,
+                    grpc_status: Vec::new(),
+                },
             }],
             vips: Vec::new(),
         }

@@ -1,8 +1,9 @@
 //! Upstream connections of one cluster: a keep-alive pool per endpoint, HTTP/1.1 or HTTP/2.
 //!
-//! hyper-util's pooled client keys its pool by authority, and every request carries its
-//! endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2 connections
-//! are shared by concurrent requests (each request is its own stream).
+//! HTTP/1.1 uses hyper-util's pooled client: it keys its pool by authority, and every request
+//! carries its endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2
+//! (and gRPC) use [`super::h2pool`]: several connections per endpoint, each shared by up to the
+//! peer's stream limit of concurrent requests.
 use std::error::Error as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyError, RequestBody};
+use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::telemetry::metrics as m;
 
@@ -40,12 +42,47 @@ impl UpstreamError {
         if e.is_connect() {
             return UpstreamError::Connect;
         }
+        Self::from_chain(e.source())
+    }
+
+    /// `body`: the request body's byte count and limit, to tell a body that grew too large
+    /// from one the client broke off (hyper's HTTP/2 client resets the stream on a body error
+    /// and reports only the reset, not the body's error).
+    fn classify_h2(e: &hyper::Error, body: Option<(Arc<AtomicU64>, u64)>) -> Self {
         let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
+                // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
+                if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    return UpstreamError::Connect;
+                }
+                // Reset by us, not by the peer nor for a protocol error: the request body
+                // failed, i.e. the client's side.
+                if h2.is_reset() && !h2.is_remote() && !h2.is_library() {
+                    let too_large = body.is_some_and(|(seen, limit)| {
+                        limit > 0 && seen.load(Ordering::Relaxed) > limit
+                    });
+                    return if too_large {
+                        UpstreamError::BodyTooLarge
+                    } else {
+                        UpstreamError::ClientBody
+                    };
+                }
+            }
+            source = s.source();
+        }
+        Self::from_chain(e.source())
+    }
+
+    fn from_chain(mut source: Option<&(dyn std::error::Error + 'static)>) -> Self {
         while let Some(s) = source {
             if let Some(b) = s.downcast_ref::<BodyError>() {
                 return match b {
                     BodyError::TooLarge { .. } => UpstreamError::BodyTooLarge,
                     BodyError::Stream(_) => UpstreamError::ClientBody,
+                    // Only an abandoned attempt sees this; its outcome is not used.
+                    BodyError::Superseded => UpstreamError::Reset,
                 };
             }
             source = s.source();
@@ -54,10 +91,32 @@ impl UpstreamError {
     }
 }
 
+/// Why an upstream attempt failed, with the whole cause chain.
+#[derive(Debug)]
+pub struct UpstreamFailure(BoxError);
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for UpstreamFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Http1(Box<Client<CountingConnector, RequestBody>>),
+    Http2(Arc<H2Pool>),
+}
+
 /// The pooled client for one cluster.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<CountingConnector, RequestBody>,
+    pool: Pool,
     /// `lbd_upstream_requests_reused_total` for this cluster, registered once.
     reused: metrics::Counter,
     version: http::Version,
@@ -82,11 +141,27 @@ impl Upstream {
             // that lost the race with an idle connection's close stays on (nothing was sent).
             .retry_canceled_requests(true)
             .set_host(false);
-        let version = match cluster.protocol {
-            UpstreamProtocol::Http1 => http::Version::HTTP_11,
-            UpstreamProtocol::Http2 => {
-                builder.http2_only(true);
-                http::Version::HTTP_2
+        let connector = CountingConnector {
+            inner: connector,
+            cluster: Arc::from(cluster.name.as_str()),
+        };
+        let (pool, version) = match cluster.protocol {
+            UpstreamProtocol::Http1 => (
+                Pool::Http1(Box::new(builder.build(connector))),
+                http::Version::HTTP_11,
+            ),
+            UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => {
+                let addresses: Vec<SocketAddr> =
+                    cluster.endpoints.iter().map(|e| e.address).collect();
+                let config = PoolConfig {
+                    connect_timeout: cluster.timeouts.connect,
+                    idle_timeout: cluster.timeouts.idle,
+                    max_idle: cluster.pool.max_idle,
+                    max_connections: cluster.pool.max_connections,
+                };
+                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config));
+                H2Pool::spawn_reaper(&pool);
+                (Pool::Http2(pool), http::Version::HTTP_2)
             }
         };
         let authorities = cluster
@@ -94,12 +169,8 @@ impl Upstream {
             .iter()
             .map(|e| authority(e.address))
             .collect();
-        let connector = CountingConnector {
-            inner: connector,
-            cluster: Arc::from(cluster.name.as_str()),
-        };
         Upstream {
-            client: builder.build(connector),
+            pool,
             reused: metrics::counter!(m::UPSTREAM_REUSED, "cluster" => cluster.name.clone()),
             version,
             authorities,
@@ -124,23 +195,49 @@ impl Upstream {
         http::Uri::from_parts(parts).ok()
     }
 
-    /// Sends one request (its URI already absolute for the chosen endpoint).
+    /// Sends one request to `endpoint` (its URI already absolute for that endpoint). An HTTP/2
+    /// response holds its stream's place on the connection in its extensions (an
+    /// `Arc<StreamSlot>`) until it is dropped.
     pub async fn send(
         &self,
+        endpoint: usize,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, (UpstreamError, hyper_util::client::legacy::Error)> {
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| (UpstreamError::classify(&e), e))?;
-        // Every response carries its connection's use counter (see `CountingConnector`).
-        if let Some(uses) = resp.extensions().get::<ConnectionUses>()
-            && uses.0.fetch_add(1, Ordering::Relaxed) > 0
-        {
-            self.reused.increment(1);
+    ) -> Result<http::Response<Incoming>, (UpstreamError, UpstreamFailure)> {
+        match &self.pool {
+            Pool::Http1(client) => {
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| (UpstreamError::classify(&e), UpstreamFailure(e.into())))?;
+                // Every response carries its connection's use counter (see `CountingConnector`).
+                if let Some(uses) = resp.extensions().get::<ConnectionUses>()
+                    && uses.0.fetch_add(1, Ordering::Relaxed) > 0
+                {
+                    self.reused.increment(1);
+                }
+                Ok(resp)
+            }
+            Pool::Http2(pool) => {
+                let body = req.body().limit_probe();
+                pool.send(endpoint, req, &self.reused)
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
+                        SendError::Request(e) => (
+                            UpstreamError::classify_h2(&e, body),
+                            UpstreamFailure(e.into()),
+                        ),
+                    })
+            }
         }
-        Ok(resp)
+    }
+
+    /// Open HTTP/2 connections to `endpoint` (0 for HTTP/1.1 clusters).
+    pub fn h2_connections(&self, endpoint: usize) -> usize {
+        match &self.pool {
+            Pool::Http1(_) => 0,
+            Pool::Http2(p) => p.connections(endpoint),
+        }
     }
 }
 

@@ -40,6 +40,10 @@ pub enum StartError {
     /// The admin listener could not start.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// The XDP program could not be loaded or attached (no object, no permission, unknown
+    /// interface).
+    #[error("L4 (XDP): {0}")]
+    L4(#[from] crate::l4::L4Error),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -64,6 +68,8 @@ pub struct Supervisor {
     /// Held while a new runtime is built and swapped in, and while an operator drains an
     /// endpoint, so a drain is never applied to a runtime that is about to be replaced.
     swap_lock: Mutex<()>,
+    /// The XDP data path, when the config has VIPs; dropping it detaches the program.
+    l4: Mutex<Option<crate::l4::L4Service>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -91,8 +97,16 @@ impl Supervisor {
             tracker: Arc::new(ConnTracker::default()),
             reload_lock: tokio::sync::Mutex::new(()),
             swap_lock: Mutex::new(()),
+            l4: Mutex::new(None),
         });
         let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
+        // L4 before the listeners serve: a VIP that cannot be attached fails the start, while
+        // the operator is watching, instead of leaving a half-working daemon.
+        let l4 =
+            crate::l4::L4Service::start(sup.l4_inputs(), crate::l4::ServiceOptions::default())?;
+        if let Ok(mut slot) = sup.l4.lock() {
+            *slot = l4;
+        }
         sup.spawn_listeners(&model, bound);
         set_config_info(&model);
         Ok(sup)
@@ -117,6 +131,44 @@ impl Supervisor {
             let task = tokio::spawn(async move { server::serve(socket, &limits, ctx).await });
             handles.insert(l.bind, ListenerHandle { shutdown: tx, task });
         }
+    }
+
+    fn l4_inputs(&self) -> crate::l4::Inputs {
+        let rt = self.runtime();
+        crate::l4::Inputs {
+            model: Arc::clone(&rt.model),
+            health: rt.health(),
+        }
+    }
+
+    /// Hands the new config and its health to the L4 service, starting it when the first VIP
+    /// appears; a failure there is logged and leaves L7 running on the new config.
+    fn update_l4(&self) {
+        let Ok(mut slot) = self.l4.lock() else {
+            return;
+        };
+        let inputs = self.l4_inputs();
+        match &*slot {
+            Some(svc) => svc.update(inputs),
+            None if !inputs.model.vips.is_empty() => {
+                match crate::l4::L4Service::start(inputs, crate::l4::ServiceOptions::default()) {
+                    Ok(svc) => *slot = svc,
+                    Err(e) => {
+                        tracing::error!(error = %e, "L4 (XDP) could not start after reload; VIPs are not served")
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Parts of the L4 config that cannot be served now (unknown next-hop MACs, full tables).
+    pub fn l4_problems(&self) -> Vec<String> {
+        self.l4
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.problems()))
+            .unwrap_or_default()
     }
 
     /// The active runtime.
@@ -170,6 +222,7 @@ impl Supervisor {
             self.state
                 .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&current))));
         }
+        self.update_l4();
         self.spawn_listeners(&model, bound);
         let mut removed = Vec::new();
         if let Ok(mut handles) = self.listeners.lock() {
@@ -249,12 +302,14 @@ fn set_config_info(model: &Model) {
 
 impl Control for Supervisor {
     fn status(&self) -> StatusView {
-        admin::view::status(
+        let mut view = admin::view::status(
             &self.runtime().model,
             self.started,
             self.reloads_ok.load(Ordering::Relaxed),
             self.reloads_failed.load(Ordering::Relaxed),
-        )
+        );
+        view.l4_problems = self.l4_problems();
+        view
     }
 
     fn clusters(&self) -> Vec<ClusterView> {

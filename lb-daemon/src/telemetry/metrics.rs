@@ -32,6 +32,11 @@ pub const RETRIES: &str = "lbd_retries_total";
 pub const ENDPOINT_AVAILABLE: &str = "lbd_endpoint_available";
 /// Changes of an endpoint's availability (`cluster`, `endpoint`, `to`: `up`/`down`).
 pub const HEALTH_TRANSITIONS: &str = "lbd_endpoint_health_transitions_total";
+/// gRPC calls answered (`listener`, `route`, `service`, `method`, `grpc_status` like
+/// `unavailable`). Methods are labelled per route up to a cap, then counted as `other`.
+pub const GRPC_REQUESTS: &str = "lbd_grpc_requests_total";
+/// gRPC call duration, head received to response end (`route`, `service`, `method`).
+pub const GRPC_DURATION: &str = "lbd_grpc_request_duration_seconds";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -86,6 +91,15 @@ fn describe() {
         "1 when the endpoint may receive traffic."
     );
     describe_counter!(HEALTH_TRANSITIONS, "Endpoint availability changes.");
+    describe_counter!(
+        GRPC_REQUESTS,
+        "gRPC calls answered, by route, service, method and gRPC status."
+    );
+    describe_histogram!(
+        GRPC_DURATION,
+        Unit::Seconds,
+        "gRPC call duration, by route, service and method."
+    );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
 }

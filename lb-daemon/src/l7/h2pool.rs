@@ -1,0 +1,649 @@
+//! HTTP/2 (h2c) upstream connections per endpoint, several streams multiplexed on each, and
+//! another connection opened when every one is at the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//!
+//! Why not hyper-util's pooled client: for HTTP/2 it keeps ONE connection per authority and
+//! queues requests once that connection is at its stream limit, so a busy gRPC endpoint
+//! would be served through a single connection (and a single TCP window) however many calls
+//! wait. Here each endpoint has a list of connections with a stream counter each; hyper's
+//! `client::conn::http2` still does the protocol, flow control included (a stream's body is
+//! only pulled as the peer's window allows, so nothing is buffered whole).
+//!
+//! The peer's limit is read from hyper's `Connection::current_max_send_streams` by the task
+//! that drives the connection, each time it makes progress. A fresh connection has not seen
+//! the peer's SETTINGS yet: the limit last learned from that endpoint is used until it does.
+//! While an endpoint's limit is not known at all (its first connection), only the call that
+//! opened the connection uses it; concurrent calls wait (briefly) until the SETTINGS are in or
+//! a first response proves the peer announced none, so a cold burst does not pile onto one
+//! connection beyond the peer's limit.
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::RequestBody;
+
+/// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
+/// announce it (the setting is a u32), so seeing it means "not announced (yet)"; a peer that
+/// never announces a limit allows unlimited streams (RFC 9113 §6.5.2), which this also means.
+const UNANNOUNCED: usize = usize::MAX;
+
+/// How long after an endpoint's first connection opened calls wait for its stream limit.
+/// Servers send their SETTINGS first thing, and a first response also settles it, so this only
+/// runs out when the peer announces no limit (it is then taken as unlimited) or is very slow.
+const SETTINGS_WAIT: Duration = Duration::from_millis(50);
+
+/// PING interval on upstream connections with open streams.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a connection's driver re-reads the peer's limit while it is not announced.
+/// hyper runs the HTTP/2 connection in its own task, so the driver's future (hyper's request
+/// dispatcher) is not woken when SETTINGS arrive.
+const SETTINGS_PROBE: Duration = Duration::from_millis(2);
+
+/// Boxed error with its cause chain intact.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How opening a stream failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(BoxError),
+    /// The request failed on an established connection.
+    Request(hyper::Error),
+}
+
+/// Pool limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// TCP connect plus HTTP/2 handshake deadline.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle: usize,
+    /// Connections per endpoint; 0 = unlimited. At the cap, streams queue on the least busy.
+    pub max_connections: usize,
+}
+
+/// The connections of every endpoint of one cluster.
+#[derive(Debug)]
+pub struct H2Pool {
+    config: PoolConfig,
+    cluster: Arc<str>,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    address: SocketAddr,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Serialises connection set-up, so a burst of calls waits for one new connection
+    /// instead of opening one each.
+    connecting: tokio::sync::Mutex<()>,
+    /// Stream limit last announced by this endpoint (0 = not learned yet, `UNANNOUNCED` =
+    /// it announced none).
+    learned_max: Arc<AtomicUsize>,
+    /// Woken when `learned_max` is first set.
+    learned: Arc<tokio::sync::Notify>,
+}
+
+struct Conn {
+    sender: http2::SendRequest<RequestBody>,
+    /// Open streams.
+    active: AtomicUsize,
+    /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS as hyper sees it.
+    peer_max: Arc<AtomicUsize>,
+    /// When the last stream ended (for idle expiry).
+    idle_since: Mutex<Instant>,
+    /// When the connection was opened.
+    opened: Instant,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .field("peer_max", &self.peer_max.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Conn {
+    fn limit(&self, learned: usize) -> usize {
+        let peer = self.peer_max.load(Ordering::Relaxed);
+        // No SETTINGS on this connection yet: go by what this endpoint told us before.
+        let limit = if peer == UNANNOUNCED && learned > 0 {
+            learned
+        } else {
+            peer
+        };
+        limit.max(1)
+    }
+
+    fn usable(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// Holds one stream's place on its connection; the place is freed when this is dropped
+/// (when the response has been streamed to its end, or abandoned).
+pub struct StreamSlot {
+    conn: Arc<Conn>,
+    /// Taken on a connection that existed before this request.
+    reused: bool,
+}
+
+impl fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StreamSlot")
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.conn.idle_since.lock()
+        {
+            *t = Instant::now();
+        }
+    }
+}
+
+impl Endpoint {
+    /// Records `max` as the endpoint's limit unless one is known, waking waiters.
+    fn set_learned_if_unknown(&self, max: usize) {
+        if self
+            .learned_max
+            .compare_exchange(0, max, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.learned.notify_waiters();
+        }
+    }
+}
+
+impl H2Pool {
+    /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
+    pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
+        H2Pool {
+            config,
+            cluster: Arc::from(cluster),
+            endpoints: addresses
+                .iter()
+                .map(|&address| Endpoint {
+                    address,
+                    conns: Mutex::new(Vec::new()),
+                    connecting: tokio::sync::Mutex::new(()),
+                    learned_max: Arc::new(AtomicUsize::new(0)),
+                    learned: Arc::new(tokio::sync::Notify::new()),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends `req` to endpoint `idx` on a connection with a free stream, opening one if needed.
+    /// The response carries its [`StreamSlot`] in its extensions.
+    /// `reused` counts streams opened on an existing connection.
+    pub async fn send(
+        &self,
+        idx: usize,
+        req: http::Request<RequestBody>,
+        reused: &metrics::Counter,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let Some(ep) = self.endpoints.get(idx) else {
+            return Err(SendError::Connect("no such endpoint".into()));
+        };
+        let slot = match self.acquire(ep) {
+            Some(s) => s,
+            None => {
+                let _one_at_a_time = ep.connecting.lock().await;
+                self.await_limit(ep).await;
+                // Another call may have opened a connection while this one waited.
+                match self.acquire(ep) {
+                    Some(s) => s,
+                    None => self.connect(ep).await?,
+                }
+            }
+        };
+        if slot.reused {
+            reused.increment(1);
+        }
+        let mut sender = slot.conn.sender.clone();
+        let (mut resp, slot) = match sender.try_send_request(host_as_authority(req)).await {
+            Ok(resp) => (resp, slot),
+            Err(mut e) => {
+                // The connection closed before taking the request (it went away while idle):
+                // nothing was sent, so it goes out once more on a new connection.
+                let Some(req) = e.take_message() else {
+                    return Err(SendError::Request(e.into_error()));
+                };
+                drop(slot);
+                tracing::debug!(endpoint = %ep.address, "h2 upstream connection closed before the request; reconnecting");
+                let slot = {
+                    let _one_at_a_time = ep.connecting.lock().await;
+                    self.connect(ep).await?
+                };
+                let mut sender = slot.conn.sender.clone();
+                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+                (resp, slot)
+            }
+        };
+        // A response follows the peer's SETTINGS (its preface): if they named no limit by
+        // now, the peer has none.
+        ep.set_learned_if_unknown(UNANNOUNCED);
+        resp.extensions_mut().insert(Arc::new(slot));
+        Ok(resp)
+    }
+
+    /// While the endpoint's first connection is open but its limit unknown, waits until it is
+    /// known (or `SETTINGS_WAIT` passes, after which it counts as unlimited).
+    async fn await_limit(&self, ep: &Endpoint) {
+        let notified = ep.learned.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a wake-up in between is not lost.
+        notified.as_mut().enable();
+        if ep.learned_max.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let Some(oldest) = ep
+            .conns
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().map(|c| c.opened).min())
+        else {
+            return;
+        };
+        let left = SETTINGS_WAIT.saturating_sub(oldest.elapsed());
+        if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+            tracing::debug!(endpoint = %ep.address, "h2 peer announced no stream limit");
+            ep.set_learned_if_unknown(UNANNOUNCED);
+        }
+    }
+
+    /// A stream on an existing connection below its limit, if any. Takes the busiest such
+    /// connection, so streams pack onto few connections and spare ones can go idle.
+    /// At `max_connections`, the least busy connection takes the stream even if full.
+    /// Nothing while the endpoint's limit is unknown (see [`H2Pool::await_limit`]).
+    fn acquire(&self, ep: &Endpoint) -> Option<StreamSlot> {
+        let learned = ep.learned_max.load(Ordering::Relaxed);
+        if learned == 0 {
+            return None;
+        }
+        let mut conns = ep.conns.lock().ok()?;
+        self.prune(&mut conns);
+        let best = conns
+            .iter()
+            .filter(|c| c.active.load(Ordering::Relaxed) < c.limit(learned))
+            .max_by_key(|c| c.active.load(Ordering::Relaxed));
+        let chosen = match best {
+            Some(c) => Arc::clone(c),
+            None if self.config.max_connections > 0
+                && conns.len() >= self.config.max_connections =>
+            {
+                Arc::clone(
+                    conns
+                        .iter()
+                        .min_by_key(|c| c.active.load(Ordering::Relaxed))?,
+                )
+            }
+            None => return None,
+        };
+        chosen.active.fetch_add(1, Ordering::AcqRel);
+        Some(StreamSlot {
+            conn: chosen,
+            reused: true,
+        })
+    }
+
+    /// Drops closed connections and idle ones beyond `max_idle` or older than `idle_timeout`.
+    fn prune(&self, conns: &mut Vec<Arc<Conn>>) {
+        let now = Instant::now();
+        let mut idle_kept = 0;
+        conns.retain(|c| {
+            if !c.usable() {
+                return false;
+            }
+            if c.active.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            let since = c.idle_since.lock().map_or(now, |t| *t);
+            idle_kept += 1;
+            idle_kept <= self.config.max_idle.max(1)
+                && now.duration_since(since) < self.config.idle_timeout
+        });
+    }
+
+    /// Opens a connection to `ep` and takes its first stream.
+    async fn connect(&self, ep: &Endpoint) -> Result<StreamSlot, SendError> {
+        let setup = async {
+            let tcp = TcpStream::connect(ep.address).await?;
+            tcp.set_nodelay(true)?;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .initial_max_send_streams(UNANNOUNCED)
+                // A peer that stops answering while calls are open (hung process, dropped
+                // route) is found by PING and its connection closed, failing those calls,
+                // instead of leaving them hanging for their whole deadline.
+                .keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+            let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
+            Ok::<_, BoxError>((sender, conn))
+        };
+        let (sender, conn) = match tokio::time::timeout(self.config.connect_timeout, setup).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Err(_) => {
+                return Err(SendError::Connect(
+                    format!("connect timeout after {:?}", self.config.connect_timeout).into(),
+                ));
+            }
+        };
+        let peer_max = Arc::new(AtomicUsize::new(UNANNOUNCED));
+        let address = ep.address;
+        tokio::spawn(Driver {
+            conn,
+            peer_max: Arc::clone(&peer_max),
+            learned: Arc::clone(&ep.learned_max),
+            notify: Arc::clone(&ep.learned),
+            address,
+            probe: Some((
+                Box::pin(tokio::time::sleep(SETTINGS_PROBE)),
+                Instant::now() + SETTINGS_WAIT,
+            )),
+        });
+        let conn = Arc::new(Conn {
+            sender,
+            active: AtomicUsize::new(1),
+            peer_max,
+            idle_since: Mutex::new(Instant::now()),
+            opened: Instant::now(),
+        });
+        metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
+            "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
+        .increment(1);
+        if let Ok(mut conns) = ep.conns.lock() {
+            conns.push(Arc::clone(&conn));
+            tracing::debug!(endpoint = %address, connections = conns.len(), "h2 upstream connection opened");
+        }
+        Ok(StreamSlot {
+            conn,
+            reused: false,
+        })
+    }
+
+    /// Closes idle connections past `idle_timeout` (dropping the last sender ends the
+    /// connection gracefully); without this they would only be pruned by the next request to
+    /// their endpoint.
+    pub fn reap_idle(&self) {
+        for ep in &self.endpoints {
+            if let Ok(mut conns) = ep.conns.lock() {
+                self.prune(&mut conns);
+            }
+        }
+    }
+
+    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (needs a tokio runtime;
+    /// without one, idle connections are pruned on use only).
+    pub fn spawn_reaper(pool: &Arc<H2Pool>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let period = (pool.config.idle_timeout / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let weak = Arc::downgrade(pool);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap_idle();
+            }
+        });
+    }
+
+    /// Open connections to endpoint `idx` (for tests and the admin view).
+    pub fn connections(&self, idx: usize) -> usize {
+        self.endpoints
+            .get(idx)
+            .and_then(|e| e.conns.lock().ok().map(|c| c.len()))
+            .unwrap_or(0)
+    }
+}
+
+/// Moves the `Host` header into the URI's authority, which hyper sends as `:authority`: the
+/// backend sees the client's host (as an HTTP/1.1 backend sees `Host`), and no `host` field
+/// goes out, which RFC 9113 §8.3.1 discourages next to `:authority`. The URI's endpoint
+/// address stays when there is no usable Host.
+fn host_as_authority(mut req: http::Request<RequestBody>) -> http::Request<RequestBody> {
+    let Some(host) = req.headers_mut().remove(http::header::HOST) else {
+        return req;
+    };
+    let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+        return req;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.authority = Some(authority);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
+}
+
+/// Drives one connection and publishes the peer's stream limit whenever it makes progress.
+struct Driver {
+    conn: http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
+    peer_max: Arc<AtomicUsize>,
+    learned: Arc<AtomicUsize>,
+    /// Wakes calls waiting for the endpoint's limit.
+    notify: Arc<tokio::sync::Notify>,
+    address: SocketAddr,
+    /// Re-poll timer while the peer's limit is unannounced, and until when to keep at it.
+    probe: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
+}
+
+impl std::future::Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = Pin::new(&mut self.conn).poll(cx);
+        let max = self.conn.current_max_send_streams();
+        if self.peer_max.swap(max, Ordering::Relaxed) != max && max != UNANNOUNCED {
+            self.learned.store(max, Ordering::Relaxed);
+            self.notify.notify_waiters();
+            tracing::debug!(endpoint = %self.address, max_streams = max, "h2 peer stream limit");
+        }
+        if max != UNANNOUNCED {
+            self.probe = None;
+        } else if let Some((sleep, until)) = &mut self.probe {
+            let until = *until;
+            if Instant::now() >= until {
+                self.probe = None;
+            } else {
+                // Fire-and-rearm: each expiry polls this future again.
+                while sleep.as_mut().poll(cx).is_ready() {
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + SETTINGS_PROBE);
+                }
+            }
+        }
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(endpoint = %self.address, error = %e, "h2 upstream connection ended");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An h2c server answering 200 to everything; returns its address and accepted count.
+    async fn h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new(
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn req(addr: SocketAddr) -> http::Request<RequestBody> {
+        let mut r = http::Request::new(RequestBody::Empty);
+        *r.uri_mut() = format!("http://{addr}/").parse().expect("uri");
+        *r.version_mut() = http::Version::HTTP_2;
+        r
+    }
+
+    #[tokio::test]
+    async fn reuses_a_connection_and_reaps_it_when_idle() {
+        let (addr, accepted) = h2_server().await;
+        let pool = Arc::new(H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_millis(200),
+                max_idle: 4,
+                max_connections: 0,
+            },
+        ));
+        H2Pool::spawn_reaper(&pool);
+        let reused = metrics::Counter::noop();
+        for _ in 0..3 {
+            let resp = pool.send(0, req(addr), &reused).await.expect("send");
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+        assert_eq!(pool.connections(0), 1);
+        let until = Instant::now() + Duration::from_secs(3);
+        while pool.connections(0) > 0 {
+            assert!(Instant::now() < until, "idle connection not reaped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A held response keeps its stream (and connection) busy: not reaped.
+        let held = pool.send(0, req(addr), &reused).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(pool.connections(0), 1, "busy connection kept");
+        drop(held);
+        assert!(matches!(
+            pool.send(9, req(addr), &reused).await,
+            Err(SendError::Connect(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_peer_closing_after_each_call_costs_no_call() {
+        // Each connection serves one request, then the server shuts it down (GOAWAY).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let tx = Arc::new(Mutex::new(Some(tx)));
+                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(());
+                    }
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::spawn(async move {
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = rx => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        });
+        let pool = H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(10),
+                max_idle: 4,
+                max_connections: 0,
+            },
+        );
+        let reused = metrics::Counter::noop();
+        for i in 0..10 {
+            let resp = pool.send(0, req(addr), &reused).await;
+            assert!(resp.is_ok(), "call {i}: {resp:?}");
+            drop(resp);
+            // Let the GOAWAY arrive, as it would between real calls (or not: both must work).
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // A GOAWAY still admits streams the client sent before seeing it, so a connection
+        // may serve a second call; what matters is that connections were replaced.
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n >= 5, "{n} connections for 10 calls");
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_a_connect_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let pool = H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(1),
+                max_idle: 1,
+                max_connections: 0,
+            },
+        );
+        let r = pool.send(0, req(addr), &metrics::Counter::noop()).await;
+        assert!(matches!(r, Err(SendError::Connect(_))), "{r:?}");
+    }
+}
