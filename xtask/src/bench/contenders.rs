@@ -277,7 +277,9 @@ fn lbd_config(s: &Shape) -> String {
          [[clusters]]\nname = \"bench\"\npolicy = \"round_robin\"\nprotocol = \"{}\"\n",
         s.port,
         if s.downstream_h2 { "h2c" } else { "http" },
-        if s.upstream_h2 { "http2" } else { "http1" },
+        // Only the gRPC scenario has an HTTP/2 upstream; lbd's `grpc` protocol (h2c plus gRPC
+        // error mapping) is what a user would configure there, as nginx gets `grpc_pass`.
+        if s.upstream_h2 { "grpc" } else { "http1" },
     );
     for b in &s.backends {
         let _ = write!(c, "\n[[clusters.endpoints]]\naddress = \"{b}\"\n");
