@@ -15,7 +15,6 @@ use lb_common::l4::{
     ring_index, source_hash,
 };
 
-use super::RingMember;
 use super::loader::ring_table;
 use super::plan::{self, Availability, PlanState};
 use crate::config::Model;
@@ -135,15 +134,7 @@ pub fn explain(model: &Model, q: &Query) -> Result<Explanation, String> {
         .iter()
         .find(|v| v.key == key)
         .ok_or_else(|| format!("vip {}: not planned: {:?}", cfg.name, desired.problems))?;
-    let members: Vec<RingMember<'_>> = v
-        .members
-        .iter()
-        .map(|m| RingMember {
-            id: m.id,
-            key: m.key.as_bytes(),
-            weight: m.weight,
-        })
-        .collect();
+    let members = v.ring_members();
     let table = ring_table(&members).map_err(|e| format!("vip {}: ring: {e}", cfg.name))?;
     // Ring 0: `ring_index` is then the slot within the VIP's ring, whichever of its two rings
     // is active in the kernel.

@@ -369,16 +369,7 @@ impl L4Program {
             if old.is_some_and(|o| o.spec == v.spec && o.members == v.members) {
                 continue;
             }
-            let members: Vec<RingMember<'_>> = v
-                .members
-                .iter()
-                .map(|m| RingMember {
-                    id: m.id,
-                    key: m.key.as_bytes(),
-                    weight: m.weight,
-                })
-                .collect();
-            self.set_vip(v.key, v.spec, &members)?;
+            self.set_vip(v.key, v.spec, &v.ring_members())?;
         }
         let gone: Vec<_> = self
             .applied

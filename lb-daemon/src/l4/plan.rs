@@ -150,6 +150,20 @@ pub struct DesiredVip {
     pub members: Vec<DesiredMember>,
 }
 
+impl DesiredVip {
+    /// The members as the ring builder takes them (borrowing their keys).
+    pub fn ring_members(&self) -> Vec<super::RingMember<'_>> {
+        self.members
+            .iter()
+            .map(|m| super::RingMember {
+                id: m.id,
+                key: m.key.as_bytes(),
+                weight: m.weight,
+            })
+            .collect()
+    }
+}
+
 /// Everything the maps should hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
