@@ -134,7 +134,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
 
     let (limits, protocol) = {
         let rt = ctx.state.load();
-        match rt.model.listeners.iter().find(|l| l.bind == ctx.bind) {
+        match rt.listener(ctx.bind) {
             Some(l) => (l.limits.clone(), l.protocol),
             None => {
                 active.decrement(1.0);

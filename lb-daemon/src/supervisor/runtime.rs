@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::Balancer;
-use crate::config::model::{Cluster, Limits, Model};
+use crate::config::model::{Cluster, Limits, ListenerProtocol, Model};
 use crate::health::{ClusterChecker, ClusterHealth};
 use crate::l7::log::RouteMetrics;
 use crate::l7::router::Router;
@@ -39,6 +39,8 @@ pub struct ListenerRuntime {
     pub router: Router,
     /// Limits.
     pub limits: Limits,
+    /// Downstream protocol.
+    pub protocol: ListenerProtocol,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`).
@@ -235,6 +237,7 @@ impl Runtime {
                 bind: l.bind,
                 router: Router::new(&model, i),
                 limits: l.limits.clone(),
+                protocol: l.protocol,
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes
