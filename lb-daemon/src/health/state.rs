@@ -205,6 +205,19 @@ impl EndpointHealth {
         InFlightGuard(Arc::clone(self))
     }
 
+    /// Like [`EndpointHealth::start_request`], but only while fewer than `max` requests are in
+    /// flight; the check and the count are one atomic step, so concurrent requests cannot both
+    /// take the last slot.
+    pub fn try_start_request(self: &Arc<Self>, max: u64) -> Option<InFlightGuard> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        Some(InFlightGuard(Arc::clone(self)))
+    }
+
     /// Requests ever started to this endpoint.
     pub fn requests_total(&self) -> u64 {
         self.requests_total.load(Ordering::Relaxed)
@@ -319,6 +332,17 @@ mod tests {
         let got = new.ejected_until().expect("ejection carried");
         assert!(got.max(until) - got.min(until) < Duration::from_millis(1));
         assert!(*rx.borrow() >= 3, "each change announced");
+    }
+
+    #[test]
+    fn try_start_request_stops_at_max() {
+        let (h, _rx) = ep();
+        let g1 = h.try_start_request(2).expect("first");
+        let _g2 = h.try_start_request(2).expect("second");
+        assert!(h.try_start_request(2).is_none());
+        drop(g1);
+        assert!(h.try_start_request(2).is_some());
+        assert_eq!(h.requests_total(), 3);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use super::log::RequestLog;
 use super::router;
 use super::upstream::UpstreamError;
 use crate::balance::PickContext;
+use crate::health::InFlightGuard;
 use crate::supervisor::runtime::{ClusterRuntime, Runtime};
 
 /// The downstream connection a request arrived on.
@@ -151,8 +152,8 @@ pub async fn handle(
             client_ip: conn.client.ip(),
             headers: &head.headers,
         };
-        let idx = match pick_within_limit(cluster, &ctx, &tried[..attempt]) {
-            Picked::Endpoint(i) => i,
+        let (idx, guard) = match pick_within_limit(cluster, &ctx, &tried[..attempt]) {
+            Picked::Endpoint(i, guard) => (i, guard),
             Picked::None => break,
             Picked::AllAtLimit => {
                 at_limit = true;
@@ -166,8 +167,6 @@ pub async fn handle(
         }
         log.attempts = attempt as u32 + 1;
         log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
-        let ep = &cluster.health.endpoints[idx];
-        let guard = ep.start_request();
         let Some(uri) = cluster.upstream.uri(idx, path.path_and_query()) else {
             break;
         };
@@ -275,7 +274,8 @@ pub async fn handle(
 
 /// Outcome of choosing an endpoint under the cluster's connection limit.
 enum Picked {
-    Endpoint(usize),
+    /// The endpoint, with the request already counted in flight on it.
+    Endpoint(usize, InFlightGuard),
     /// No available endpoint at all.
     None,
     /// Endpoints are available, but every one is at `pool.max_connections`.
@@ -289,7 +289,7 @@ fn pick_within_limit(cluster: &ClusterRuntime, ctx: &PickContext<'_>, tried: &[u
     let max = cluster.config.pool.max_connections as u64;
     if max == 0 || cluster.upstream.version() != http::Version::HTTP_11 {
         return match cluster.balancer.pick(ctx, tried) {
-            Some(i) => Picked::Endpoint(i),
+            Some(i) => Picked::Endpoint(i, cluster.health.endpoints[i].start_request()),
             None => Picked::None,
         };
     }
@@ -301,14 +301,14 @@ fn pick_within_limit(cluster: &ClusterRuntime, ctx: &PickContext<'_>, tried: &[u
         match cluster.balancer.pick(ctx, &skip[..n]) {
             None if n > tried.len() => return Picked::AllAtLimit,
             None => return Picked::None,
-            Some(i) if cluster.health.endpoints[i].in_flight() >= max => {
-                if n == SKIP {
-                    return Picked::AllAtLimit;
+            Some(i) => match cluster.health.endpoints[i].try_start_request(max) {
+                Some(guard) => return Picked::Endpoint(i, guard),
+                None if n == SKIP => return Picked::AllAtLimit,
+                None => {
+                    skip[n] = i;
+                    n += 1;
                 }
-                skip[n] = i;
-                n += 1;
-            }
-            Some(i) => return Picked::Endpoint(i),
+            },
         }
     }
 }
