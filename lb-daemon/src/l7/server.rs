@@ -89,6 +89,42 @@ pub struct ListenerCtx {
     pub shutdown: watch::Receiver<bool>,
     /// Open connections.
     pub tracker: Arc<ConnTracker>,
+    /// The listener's connection metrics.
+    pub metrics: Arc<ConnMetrics>,
+}
+
+/// Why a downstream connection ended (the `reason` label of `CONNECTIONS_CLOSED`).
+#[derive(Debug, Clone, Copy)]
+enum CloseReason {
+    Client = 0,
+    Drain = 1,
+    Idle = 2,
+    Error = 3,
+}
+
+const CLOSE_REASONS: [&str; 4] = ["client", "drain", "idle", "error"];
+
+/// A listener's connection metric handles, registered once when the listener starts so that
+/// accepting and closing a connection does no registry lookup or label allocation.
+#[derive(Debug)]
+pub struct ConnMetrics {
+    accepted: metrics::Counter,
+    active: metrics::Gauge,
+    closed: [metrics::Counter; 4],
+}
+
+impl ConnMetrics {
+    /// Registers the handles for listener `name`.
+    pub fn new(name: &str) -> Self {
+        let closed = CLOSE_REASONS.map(|reason| {
+            metrics::counter!(m::CONNECTIONS_CLOSED, "listener" => name.to_owned(), "reason" => reason)
+        });
+        ConnMetrics {
+            accepted: metrics::counter!(m::CONNECTIONS_ACCEPTED, "listener" => name.to_owned()),
+            active: metrics::gauge!(m::CONNECTIONS_ACTIVE, "listener" => name.to_owned()),
+            closed,
+        }
+    }
 }
 
 /// Accepts until `ctx.shutdown` turns true. The number of concurrent connections is capped by
@@ -127,17 +163,16 @@ pub async fn serve(listener: TcpListener, limits: &Limits, mut ctx: ListenerCtx)
 
 async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: ListenerCtx) {
     let _track = ctx.tracker.enter();
-    let labels = [("listener", ctx.name.to_string())];
-    metrics::counter!(m::CONNECTIONS_ACCEPTED, &labels).increment(1);
-    let active = metrics::gauge!(m::CONNECTIONS_ACTIVE, &labels);
-    active.increment(1.0);
+    let cm = Arc::clone(&ctx.metrics);
+    cm.accepted.increment(1);
+    cm.active.increment(1.0);
 
     let (limits, protocol) = {
         let rt = ctx.state.load();
         match rt.listener(ctx.bind) {
             Some(l) => (l.limits.clone(), l.protocol),
             None => {
-                active.decrement(1.0);
+                cm.active.decrement(1.0);
                 return;
             }
         }
@@ -165,7 +200,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
     let tick = limits.idle_timeout.max(Duration::from_millis(100)) / 4;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reason = "client";
+    let mut reason = CloseReason::Client;
     let mut closing = false;
     let result = loop {
         tokio::select! {
@@ -173,24 +208,23 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
             _ = ctx.shutdown.wait_for(|s| *s), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
-                reason = "drain";
+                reason = CloseReason::Drain;
             }
             _ = ticker.tick(), if !closing => {
                 if now_ms().saturating_sub(activity.load(Ordering::Relaxed)) >= idle_ms {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
-                    reason = "idle";
+                    reason = CloseReason::Idle;
                 }
             }
         }
     };
     if let Err(e) = result {
         tracing::debug!(listener = %ctx.name, client = %client, error = %e, "connection ended with error");
-        reason = "error";
+        reason = CloseReason::Error;
     }
-    active.decrement(1.0);
-    metrics::counter!(m::CONNECTIONS_CLOSED, "listener" => ctx.name.to_string(), "reason" => reason)
-        .increment(1);
+    cm.active.decrement(1.0);
+    cm.closed[reason as usize].increment(1);
 }
 
 fn builder(limits: &Limits, protocol: ListenerProtocol) -> auto::Builder<TokioExecutor> {

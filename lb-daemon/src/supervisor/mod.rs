@@ -125,6 +125,7 @@ impl Supervisor {
                 state: Arc::clone(&self.state),
                 shutdown: rx,
                 tracker: Arc::clone(&self.tracker),
+                metrics: Arc::new(server::ConnMetrics::new(&l.name)),
             };
             let limits = l.limits.clone();
             tracing::info!(listener = %l.name, bind = %l.bind, "listening");
