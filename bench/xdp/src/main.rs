@@ -102,6 +102,9 @@ struct Args {
     /// Paired single-run calls per measurement for the paired method.
     #[arg(long, default_value_t = 5_000)]
     calls: usize,
+    /// Only load the program (checks that this machine can run XDP); no measurement.
+    #[arg(long)]
+    check: bool,
 }
 
 /// One packet class's measurements (the bench reports their median and spread).
@@ -139,7 +142,11 @@ fn main() -> Result<()> {
         Ok(mut p) => Output {
             skip: None,
             label: LABEL,
-            rows: measure(&mut p, &args)?,
+            rows: if args.check {
+                Vec::new()
+            } else {
+                measure(&mut p, &args)?
+            },
         },
     };
     println!("{}", serde_json::to_string(&out)?);

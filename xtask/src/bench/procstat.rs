@@ -93,3 +93,43 @@ pub fn cpu_busy_ticks(cpu: u32) -> u64 {
 
 /// Clock ticks per second for /proc/stat.
 pub const TICKS_PER_SEC: u64 = 100;
+
+/// Whole-machine CPU time from the `cpu` line of /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTicks {
+    /// user + nice + system + irq + softirq over all CPUs (steal and idle left out).
+    pub busy: u64,
+    /// irq + softirq alone: work not charged to any process (e.g. veth XDP in softirq).
+    pub irq: u64,
+}
+
+/// Reads [`MachineTicks`] now.
+pub fn machine_ticks() -> MachineTicks {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    MachineTicks {
+        busy: f(0) + f(1) + f(2) + f(5) + f(6),
+        irq: f(5) + f(6),
+    }
+}
+
+/// CPU ticks of this process's waited-for children (cutime + cstime of /proc/self/stat):
+/// what a load generator that ran to completion under `Command::output` used.
+pub fn reaped_children_ticks() -> u64 {
+    let pid = std::process::id();
+    [16, 17]
+        .iter()
+        .filter_map(|&n| stat_field(pid, n)?.parse::<u64>().ok())
+        .sum()
+}
