@@ -186,11 +186,11 @@ impl Topology {
         }
         // Every backend answers on its own address before anything is measured.
         let deadline = Instant::now() + Duration::from_secs(10);
-        for i in 0..BACKENDS.len() {
+        for (i, b) in BACKENDS.iter().enumerate() {
             let probe = format!("exec 3<>/dev/tcp/{}/{PORT}", backend_addr(i));
             while exec_in(&t.ns("c"), "timeout", &["1", "bash", "-c", &probe]).is_err() {
                 if Instant::now() > deadline {
-                    bail!("bench-backend in {} not answering", t.ns(BACKENDS[i]));
+                    bail!("bench-backend in {} not answering", t.ns(b));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -484,6 +484,7 @@ pub fn measure(
             .pids()
             .into_iter()
             .chain(t.backends.iter().map(Child::id))
+            .chain(procstat::ksoftirqd_pids())
             .collect();
         let ours_ns = || ours.iter().map(|&p| procstat::cpu_ns(p)).sum::<u64>();
         let (m0, o0, w0) = (
@@ -502,7 +503,10 @@ pub fn measure(
         drop(active);
         let busy = m1.busy.saturating_sub(m0.busy) as f64;
         let irq = m1.irq.saturating_sub(m0.irq) as f64;
-        // Whatever the machine did beyond our processes and interrupt work is someone else's.
+        // Whatever the machine did beyond our processes, ksoftirqd and interrupt work is
+        // someone else's. Approximate: without IRQ time accounting (Debian's kernels) softirq
+        // time is both sampled as softirq ticks and charged to the task it interrupted, so
+        // this can only err low.
         let foreign =
             ((busy - irq - ours_ticks).max(0.0)) / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
         let sample = Sample {

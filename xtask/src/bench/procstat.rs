@@ -133,3 +133,18 @@ pub fn reaped_children_ticks() -> u64 {
         .filter_map(|&n| stat_field(pid, n)?.parse::<u64>().ok())
         .sum()
 }
+
+/// PIDs of the kernel's `ksoftirqd/N` threads: softirq work (veth, XDP, forwarding) deferred
+/// to them under load is the bench's, not someone else's.
+pub fn ksoftirqd_pids() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .collect()
+}
