@@ -303,12 +303,6 @@ struct Active<'a> {
     dnat: bool,
 }
 
-impl Active<'_> {
-    fn pids(&self) -> Vec<u32> {
-        self.procs.iter().map(Child::id).collect()
-    }
-}
-
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         for p in &mut self.procs {
@@ -480,35 +474,26 @@ pub fn measure(
         // Warm-up (also proves the path works before it is measured).
         load::run(generator, &url, Duration::from_secs(1), place, scratch)
             .with_context(|| format!("warm-up through {url}"))?;
-        let ours: Vec<u32> = active
-            .pids()
-            .into_iter()
-            .chain(t.backends.iter().map(Child::id))
-            .chain(procstat::ksoftirqd_pids())
-            .collect();
-        let ours_ns = || ours.iter().map(|&p| procstat::cpu_ns(p)).sum::<u64>();
-        let (m0, o0, w0) = (
-            procstat::machine_ticks(),
-            ours_ns(),
-            procstat::reaped_children_ticks(),
+        // The bench's own processes: this one's tree (wrk, backends, lbd, `lbd decap`) and
+        // ksoftirqd, where softirq work (ours, nearly all) is deferred under load.
+        let mut ours = procstat::tree(std::process::id());
+        ours.extend(procstat::ksoftirqd_pids());
+        let (m0, o0) = (
+            procstat::machine_busy_ticks(),
+            procstat::others_snapshot(&ours),
         );
         let t0 = Instant::now();
         let r = load::run(generator, &url, duration, place, scratch)?;
         let wall = t0.elapsed().as_secs_f64();
-        let m1 = procstat::machine_ticks();
-        let ours_ticks = (ours_ns().saturating_sub(o0)) as f64 / 1e9
-            * procstat::TICKS_PER_SEC as f64
-            + procstat::reaped_children_ticks().saturating_sub(w0) as f64;
+        let (m1, o1) = (
+            procstat::machine_busy_ticks(),
+            procstat::others_snapshot(&ours),
+        );
         let rss = active.procs.first().map(|p| procstat::peak_rss_kib(p.id()));
         drop(active);
-        let busy = m1.busy.saturating_sub(m0.busy) as f64;
-        let irq = m1.irq.saturating_sub(m0.irq) as f64;
-        // Whatever the machine did beyond our processes, ksoftirqd and interrupt work is
-        // someone else's. Approximate: without IRQ time accounting (Debian's kernels) softirq
-        // time is both sampled as softirq ticks and charged to the task it interrupted, so
-        // this can only err low.
-        let foreign =
-            ((busy - irq - ours_ticks).max(0.0)) / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
+        let busy = m1.saturating_sub(m0) as f64;
+        let foreign = procstat::others_delta(&o0, &o1) as f64
+            / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
         let sample = Sample {
             rps: r.rps,
             p50_us: r.p50_us,

@@ -479,4 +479,75 @@ mod tests {
         let md = r.markdown();
         assert!(md.contains("| lbd | failed: x |"), "{md}");
     }
+
+    fn sample(rps: f64, cpu: f64) -> Sample {
+        Sample {
+            rps,
+            p50_us: 100.0,
+            p99_us: 900.0,
+            cpu_us_per_req: Some(cpu),
+            peak_rss_kib: None,
+            errors: 0,
+            foreign_cpu: 0.0,
+        }
+    }
+
+    #[test]
+    fn l4_rows_show_extra_cpu_over_direct_and_ratios_to_lbd_xdp() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        r.add_l4("l4-tcp-keepalive", "direct", sample(100_000.0, 10.0));
+        r.add_l4("l4-tcp-keepalive", "lbd-xdp", sample(90_000.0, 12.0));
+        r.add_l4("l4-tcp-keepalive", "kernel-dnat", sample(60_000.0, 18.0));
+        let md = r.markdown();
+        assert!(
+            md.contains("| lbd-xdp | 90000 | ±0% | 100 | 900 | 12.0 | 2.0 | - | 0 | 0% |  |  |"),
+            "{md}"
+        );
+        // lbd-xdp ÷ kernel-dnat: 1.5× the req/s, 0.25× the extra CPU (2 µs vs 8 µs).
+        assert!(
+            md.contains("| kernel-dnat | 60000 | ±0% | 100 | 900 | 18.0 | 8.0 | - | 0 | 0% | 1.50× | 0.25× |"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("proxy's core"),
+            "no L7 legend without L7 rows: {md}"
+        );
+        r.fail_l4("l4-tcp-new-conn", "lbd-xdp", "lbd exited".into());
+        assert_eq!(r.failures_of("lbd-xdp"), 1);
+    }
+
+    #[test]
+    fn xdp_section_shows_skip_or_medians_with_the_label_and_target() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        r.set_xdp(Ok(XdpResult {
+            skip: Some("XDP object not built: bpf-linker not found".into()),
+            ..XdpResult::default()
+        }));
+        assert!(
+            r.markdown()
+                .contains("SKIP: XDP object not built: bpf-linker not found")
+        );
+        r.set_xdp(Ok(XdpResult {
+            skip: None,
+            label: "upper bound (BPF_PROG_TEST_RUN, no NIC, no driver)".into(),
+            rows: vec![super::super::xdp::XdpRow {
+                class: "ipv4-tcp-hit-dsr-l2".into(),
+                method: "repeat".into(),
+                action: "XDP_TX".into(),
+                target_ns: Some(60.0),
+                ns: vec![90.0, 100.0, 110.0],
+                single_run_ns: Vec::new(),
+                hit_single_run_ns: Vec::new(),
+            }],
+        }));
+        let md = r.markdown();
+        assert!(
+            md.contains("**upper bound (BPF_PROG_TEST_RUN, no NIC, no driver)**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ipv4-tcp-hit-dsr-l2 | XDP_TX | repeat | 100.0 | ±10% | ≤ 60 | - |"),
+            "{md}"
+        );
+    }
 }
