@@ -21,7 +21,8 @@
 //!
 //! veth XDP and forwarding run in softirq on whichever CPU sends, so the LB's cost is not any
 //! process's CPU time: the figure is whole-machine CPU (user + system + irq + softirq of all
-//! CPUs, /proc/stat) per request, next to `direct`'s so the LB's extra cost shows.
+//! CPUs, /proc/stat) less the CPU time of processes outside the bench, per request, next to
+//! `direct`'s so the LB's extra cost shows.
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -478,6 +479,13 @@ pub fn measure(
         // ksoftirqd, where softirq work (ours, nearly all) is deferred under load.
         let mut ours = procstat::tree(std::process::id());
         ours.extend(procstat::ksoftirqd_pids());
+        let backend_cpu = || -> Vec<u64> {
+            t.backends
+                .iter()
+                .map(|b| procstat::cpu_ns(b.id()))
+                .collect()
+        };
+        let b0 = backend_cpu();
         let (m0, o0) = (
             procstat::machine_busy_ticks(),
             procstat::others_snapshot(&ours),
@@ -490,10 +498,36 @@ pub fn measure(
             procstat::others_snapshot(&ours),
         );
         let rss = active.procs.first().map(|p| procstat::peak_rss_kib(p.id()));
+        if c != L4Contender::Direct {
+            // Each backend's share of the backends' CPU: a load balancer that sent (nearly)
+            // nothing to one of them would be measuring another setup.
+            let used: Vec<f64> = backend_cpu()
+                .iter()
+                .zip(&b0)
+                .map(|(a, b)| a.saturating_sub(*b) as f64)
+                .collect();
+            let total: f64 = used.iter().sum();
+            let shares: Vec<String> = used
+                .iter()
+                .map(|u| format!("{:.0}%", u / total.max(1.0) * 100.0))
+                .collect();
+            if used
+                .iter()
+                .any(|u| *u < total / BACKENDS.len() as f64 / 3.0)
+            {
+                eprintln!(
+                    "bench:   {}: uneven backend load (CPU shares {})",
+                    c.name(),
+                    shares.join(" ")
+                );
+            }
+        }
         drop(active);
-        let busy = m1.saturating_sub(m0) as f64;
-        let foreign = procstat::others_delta(&o0, &o1) as f64
-            / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
+        let others = procstat::others_delta(&o0, &o1) as f64;
+        // Whole-machine busy time, less what processes outside the bench used: on a quiet
+        // machine the same figure, on a shared one the bench's share of it.
+        let busy = (m1.saturating_sub(m0) as f64 - others).max(0.0);
+        let foreign = others / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
         let sample = Sample {
             rps: r.rps,
             p50_us: r.p50_us,

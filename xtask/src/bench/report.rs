@@ -295,10 +295,11 @@ impl Report {
         if !self.l4.is_empty() {
             md.push_str(
                 "\nL4 CPU is whole-machine (user + system + irq + softirq of all CPUs, /proc/stat) \
-                 per request: veth XDP and forwarding run in softirq on whichever CPU sends, so no \
-                 process's CPU time holds the LB's cost. \"LB extra\" is that minus `direct`'s; \
-                 \"other CPU\" is the share of the whole machine used by processes other than the \
-                 bench's. lbd RSS is lbd's peak (control plane only; packets never reach it).\n",
+                 less the CPU time of processes outside the bench, per request: veth XDP and \
+                 forwarding run in softirq on whichever CPU sends, so no process's CPU time holds \
+                 the LB's cost. \"LB extra\" is that minus `direct`'s; \"other CPU\" is the share \
+                 of the whole machine used by processes outside the bench (subtracted). lbd RSS is \
+                 lbd's peak (control plane only; packets never reach it).\n",
             );
         }
     }
