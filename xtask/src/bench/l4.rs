@@ -61,8 +61,6 @@ const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
 /// wrk runs here; the backends and lbd on the other CPU.
 const CLIENT_CPU: u32 = 1;
 const SERVER_CPU: u32 = 0;
-/// Other processes may use at most this share of the machine during a measurement.
-const NOISE_LIMIT: f64 = 0.10;
 
 fn backend_addr(i: usize) -> String {
     format!("198.18.0.{}", 11 + i)
@@ -444,11 +442,7 @@ fn start<'a>(c: L4Contender, t: &'a Topology, lbd: &Path, scratch: &Path) -> Res
 }
 
 /// One measurement of `c` under `generator`; repeated up to `attempts` times while other
-/// processes used more than [`NOISE_LIMIT`] of the machine.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; the values are the run's settings"
-)]
+/// processes used more than `NOISE_LIMIT` of the machine.
 pub fn measure(
     c: L4Contender,
     generator: &Generator,
@@ -458,96 +452,99 @@ pub fn measure(
     lbd: &Path,
     scratch: &Path,
 ) -> Result<Sample> {
+    super::until_quiet(attempts, "the machine", || {
+        measure_once(c, generator, t, duration, lbd, scratch)
+    })
+}
+
+/// One measurement: set the contender up, warm up, load, tear it down.
+fn measure_once(
+    c: L4Contender,
+    generator: &Generator,
+    t: &Topology,
+    duration: Duration,
+    lbd: &Path,
+    scratch: &Path,
+) -> Result<Sample> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let mut last = None;
-    for attempt in 1..=attempts.max(1) {
-        let active = start(c, t, lbd, scratch)?;
-        let target = match c {
-            L4Contender::Direct => backend_addr(0),
-            _ => VIP.to_owned(),
-        };
-        let url = format!("http://{target}:{PORT}/");
-        let client = t.ns("c");
-        let place = Place {
-            cpu: CLIENT_CPU,
-            netns: Some(&client),
-        };
-        // Warm-up (also proves the path works before it is measured).
-        load::run(generator, &url, Duration::from_secs(1), place, scratch)
-            .with_context(|| format!("warm-up through {url}"))?;
-        // The bench's own processes: this one's tree (wrk, backends, lbd, `lbd decap`) and
-        // ksoftirqd, where softirq work (ours, nearly all) is deferred under load.
-        let mut ours = procstat::tree(std::process::id());
-        ours.extend(procstat::ksoftirqd_pids());
-        let backend_cpu = || -> Vec<u64> {
-            t.backends
-                .iter()
-                .map(|b| procstat::cpu_ns(b.id()))
-                .collect()
-        };
-        let b0 = backend_cpu();
-        let (m0, o0) = (
-            procstat::machine_busy_ticks(),
-            procstat::others_snapshot(&ours),
-        );
-        let t0 = Instant::now();
-        let r = load::run(generator, &url, duration, place, scratch)?;
-        let wall = t0.elapsed().as_secs_f64();
-        let (m1, o1) = (
-            procstat::machine_busy_ticks(),
-            procstat::others_snapshot(&ours),
-        );
-        let rss = active.procs.first().map(|p| procstat::peak_rss_kib(p.id()));
-        if c != L4Contender::Direct {
-            // Each backend's share of the backends' CPU: a load balancer that sent (nearly)
-            // nothing to one of them would be measuring another setup.
-            let used: Vec<f64> = backend_cpu()
-                .iter()
-                .zip(&b0)
-                .map(|(a, b)| a.saturating_sub(*b) as f64)
-                .collect();
-            let total: f64 = used.iter().sum();
-            let shares: Vec<String> = used
-                .iter()
-                .map(|u| format!("{:.0}%", u / total.max(1.0) * 100.0))
-                .collect();
-            if used
-                .iter()
-                .any(|u| *u < total / BACKENDS.len() as f64 / 3.0)
-            {
-                eprintln!(
-                    "bench:   {}: uneven backend load (CPU shares {})",
-                    c.name(),
-                    shares.join(" ")
-                );
-            }
+    let active = start(c, t, lbd, scratch)?;
+    let target = match c {
+        L4Contender::Direct => backend_addr(0),
+        _ => VIP.to_owned(),
+    };
+    let url = format!("http://{target}:{PORT}/");
+    let client = t.ns("c");
+    let place = Place {
+        cpu: CLIENT_CPU,
+        netns: Some(&client),
+    };
+    // Warm-up (also proves the path works before it is measured).
+    load::run(generator, &url, Duration::from_secs(1), place, scratch)
+        .with_context(|| format!("warm-up through {url}"))?;
+    // The bench's own processes: this one's tree (wrk, backends, lbd, `lbd decap`) and
+    // ksoftirqd, where softirq work (ours, nearly all) is deferred under load.
+    let mut ours = procstat::tree(std::process::id());
+    ours.extend(procstat::ksoftirqd_pids());
+    let backend_cpu = || -> Vec<u64> {
+        t.backends
+            .iter()
+            .map(|b| procstat::cpu_ns(b.id()))
+            .collect()
+    };
+    let b0 = backend_cpu();
+    let (m0, o0) = (
+        procstat::machine_busy_ticks(),
+        procstat::others_snapshot(&ours),
+    );
+    let t0 = Instant::now();
+    let r = load::run(generator, &url, duration, place, scratch)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let (m1, o1) = (
+        procstat::machine_busy_ticks(),
+        procstat::others_snapshot(&ours),
+    );
+    let rss = active.procs.first().map(|p| procstat::peak_rss_kib(p.id()));
+    if c != L4Contender::Direct {
+        // Each backend's share of the backends' CPU: a load balancer that sent (nearly)
+        // nothing to one of them would be measuring another setup.
+        let used: Vec<f64> = backend_cpu()
+            .iter()
+            .zip(&b0)
+            .map(|(a, b)| a.saturating_sub(*b) as f64)
+            .collect();
+        let total: f64 = used.iter().sum();
+        let shares: Vec<String> = used
+            .iter()
+            .map(|u| format!("{:.0}%", u / total.max(1.0) * 100.0))
+            .collect();
+        if used
+            .iter()
+            .any(|u| *u < total / BACKENDS.len() as f64 / 3.0)
+        {
+            eprintln!(
+                "bench:   {}: uneven backend load (CPU shares {})",
+                c.name(),
+                shares.join(" ")
+            );
         }
-        drop(active);
-        let others = procstat::others_delta(&o0, &o1) as f64;
-        // Whole-machine busy time, less what processes outside the bench used: on a quiet
-        // machine the same figure, on a shared one the bench's share of it.
-        let busy = (m1.saturating_sub(m0) as f64 - others).max(0.0);
-        let foreign = others / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
-        let sample = Sample {
-            rps: r.rps,
-            p50_us: r.p50_us,
-            p99_us: r.p99_us,
-            cpu_us_per_req: (r.ok > 0)
-                .then(|| busy / procstat::TICKS_PER_SEC as f64 * 1e6 / r.ok as f64),
-            peak_rss_kib: if c == L4Contender::LbdXdp { rss } else { None },
-            errors: r.errors,
-            foreign_cpu: foreign,
-        };
-        if foreign <= NOISE_LIMIT || attempt == attempts {
-            return Ok(sample);
-        }
-        eprintln!(
-            "bench:   noisy run ({:.0}% of the machine used elsewhere), repeating",
-            foreign * 100.0
-        );
-        last = Some(sample);
     }
-    last.context("no measurement")
+    drop(active);
+    let others = procstat::others_delta(&o0, &o1) as f64;
+    // Whole-machine busy time, less what processes outside the bench used: on a quiet
+    // machine the same figure, on a shared one the bench's share of it.
+    let busy = (m1.saturating_sub(m0) as f64 - others).max(0.0);
+    let foreign = others / (wall * procstat::TICKS_PER_SEC as f64 * cpus);
+    let sample = Sample {
+        rps: r.rps,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        cpu_us_per_req: (r.ok > 0)
+            .then(|| busy / procstat::TICKS_PER_SEC as f64 * 1e6 / r.ok as f64),
+        peak_rss_kib: if c == L4Contender::LbdXdp { rss } else { None },
+        errors: r.errors,
+        foreign_cpu: foreign,
+    };
+    Ok(sample)
 }
 
 /// Where lbd-xdp's logs go (named in failure messages).

@@ -517,60 +517,84 @@ fn measure(
     scratch: &Path,
     bins: &Bins,
 ) -> Result<Sample> {
-    let mut last = None;
-    for attempt in 1..=attempts.max(1) {
-        let running = c.start(shape, PROXY_CPU, scratch, bins)?;
-        let target_port = match c {
-            Contender::Direct => shape.backends[0].port(),
-            _ => PROXY_PORT,
-        };
-        let url = format!("http://127.0.0.1:{target_port}/");
-        // Warm up connections and caches; not measured.
-        let _ = load::run(
-            &sc.generator,
-            &url,
-            Duration::from_secs(1),
-            LOAD_PLACE,
-            scratch,
-        );
-        let pid = running.as_ref().map(|r| r.pid());
-        let cpu0 = pid.map(procstat::cpu_ns);
-        let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
-        let t0 = Instant::now();
-        let r = load::run(&sc.generator, &url, duration, LOAD_PLACE, scratch)?;
-        let wall = t0.elapsed();
-        let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
-        let cpu = pid
-            .zip(cpu0)
-            .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
-        let rss = pid.map(procstat::peak_rss_kib);
-        drop(running);
-        // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
-        // processes, or softirq work not charged to the proxy) is noise.
-        let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
-        let foreign = ((busy as f64 - ours_ticks).max(0.0))
-            / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
-        let sample = Sample {
-            rps: r.rps,
-            p50_us: r.p50_us,
-            p99_us: r.p99_us,
-            cpu_us_per_req: cpu
-                .filter(|_| r.ok > 0)
-                .map(|ns| ns as f64 / 1e3 / r.ok as f64),
-            peak_rss_kib: rss,
-            errors: r.errors,
-            foreign_cpu: foreign,
-        };
-        if foreign <= NOISE_LIMIT || attempt == attempts {
-            return Ok(sample);
+    until_quiet(attempts, "a core", || {
+        measure_once(c, sc, shape, duration, scratch, bins)
+    })
+}
+
+/// One measurement: start, warm up, load, stop.
+fn measure_once(
+    c: Contender,
+    sc: &Scenario,
+    shape: &Shape,
+    duration: Duration,
+    scratch: &Path,
+    bins: &Bins,
+) -> Result<Sample> {
+    let running = c.start(shape, PROXY_CPU, scratch, bins)?;
+    let target_port = match c {
+        Contender::Direct => shape.backends[0].port(),
+        _ => PROXY_PORT,
+    };
+    let url = format!("http://127.0.0.1:{target_port}/");
+    // Warm up connections and caches; not measured.
+    let _ = load::run(
+        &sc.generator,
+        &url,
+        Duration::from_secs(1),
+        LOAD_PLACE,
+        scratch,
+    );
+    let pid = running.as_ref().map(|r| r.pid());
+    let cpu0 = pid.map(procstat::cpu_ns);
+    let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
+    let t0 = Instant::now();
+    let r = load::run(&sc.generator, &url, duration, LOAD_PLACE, scratch)?;
+    let wall = t0.elapsed();
+    let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
+    let cpu = pid
+        .zip(cpu0)
+        .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
+    let rss = pid.map(procstat::peak_rss_kib);
+    drop(running);
+    // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
+    // processes, or softirq work not charged to the proxy) is noise.
+    let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
+    let foreign = ((busy as f64 - ours_ticks).max(0.0))
+        / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
+    let sample = Sample {
+        rps: r.rps,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        cpu_us_per_req: cpu
+            .filter(|_| r.ok > 0)
+            .map(|ns| ns as f64 / 1e3 / r.ok as f64),
+        peak_rss_kib: rss,
+        errors: r.errors,
+        foreign_cpu: foreign,
+    };
+    Ok(sample)
+}
+
+/// Calls `once` until its measurement's noise (`foreign_cpu`, a share of `of_what`) is at most
+/// [`NOISE_LIMIT`], at most `attempts` times; returns the last measurement.
+fn until_quiet(
+    attempts: usize,
+    of_what: &str,
+    mut once: impl FnMut() -> Result<Sample>,
+) -> Result<Sample> {
+    let mut attempt = 1;
+    loop {
+        let s = once()?;
+        if s.foreign_cpu <= NOISE_LIMIT || attempt >= attempts {
+            return Ok(s);
         }
         eprintln!(
-            "bench:   noisy run ({:.0}% of a core used elsewhere), repeating",
-            foreign * 100.0
+            "bench:   noisy run ({:.0}% of {of_what} used elsewhere), repeating",
+            s.foreign_cpu * 100.0
         );
-        last = Some(sample);
+        attempt += 1;
     }
-    last.context("no measurement")
 }
 
 /// The bench backends: three ports served by one process pinned to the load CPU.

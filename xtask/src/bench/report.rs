@@ -158,11 +158,7 @@ impl Report {
             for name in &sc.order {
                 let c = &sc.contenders[name];
                 if c.samples.is_empty() {
-                    let why = c
-                        .failures
-                        .first()
-                        .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | | |");
+                    failed_row(&mut md, name, &c.failures, 9);
                     continue;
                 }
                 let s = Summary::of(c);
@@ -204,10 +200,7 @@ impl Report {
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
             for (name, samples, failures) in &self.idle {
                 let Some(last) = samples.last() else {
-                    let why = failures
-                        .first()
-                        .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | |");
+                    failed_row(&mut md, name, failures, 4);
                     continue;
                 };
                 let k = per(samples);
@@ -260,11 +253,7 @@ impl Report {
             for name in &sc.order {
                 let c = &sc.contenders[name];
                 if c.samples.is_empty() {
-                    let why = c
-                        .failures
-                        .first()
-                        .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | | | |");
+                    failed_row(md, name, &c.failures, 10);
                     continue;
                 }
                 let s = Summary::of(c);
@@ -389,6 +378,15 @@ impl Summary {
             foreign: median(&c.samples.iter().map(|s| s.foreign_cpu).collect::<Vec<_>>()),
         }
     }
+}
+
+/// A table row for a contender with no measurement: the first line of its first failure,
+/// then `empty` blank cells.
+fn failed_row(md: &mut String, name: &str, failures: &[String], empty: usize) {
+    let why = failures
+        .first()
+        .map_or("", |s| s.lines().next().unwrap_or(""));
+    let _ = writeln!(md, "| {name} | failed: {why} |{}", " |".repeat(empty));
 }
 
 fn entry<'a>(
