@@ -430,8 +430,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Time the L4 part may take before noisy measurements stop being repeated.
-const L4_BUDGET: Duration = Duration::from_secs(270);
+/// Time the L4 part should stay within: noisy measurements are repeated only while the
+/// measurements still to come fit in what is left.
+const L4_BUDGET: Duration = Duration::from_secs(300);
+/// Per measurement beyond its duration: warm-up (1 s) and starting/stopping the contender.
+const L4_OVERHEAD: Duration = Duration::from_secs(2);
 
 /// The L4 end-to-end scenarios on one namespace topology, contenders interleaved.
 #[allow(
@@ -463,11 +466,15 @@ fn run_l4(
             return;
         }
     };
+    // Measurements in all, and made so far.
+    let (total, mut done) = (scenarios.len() * repeat * present.len(), 0);
     for (name, generator) in scenarios {
         eprintln!("bench: scenario {name}");
         for rep in 0..repeat {
             for &c in present {
-                let attempts = if started.elapsed() < L4_BUDGET {
+                done += 1;
+                let still = (duration + L4_OVERHEAD) * (total - done + 2) as u32;
+                let attempts = if started.elapsed() + still < L4_BUDGET {
                     attempts
                 } else {
                     1
