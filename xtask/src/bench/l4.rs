@@ -233,11 +233,10 @@ impl Topology {
         // veth's TX checksum offload leaves partial checksums that do not survive being
         // bounced by XDP (real NICs deliver full checksums); off for every contender alike.
         exec_in(&c, "ethtool", &["-K", "vC", "tx", "off"])?;
-        // Connection-per-request load: when the client closes first its ports sit in
-        // TIME_WAIT for 60 s, and once most of the range is, every connect() searches it
-        // (seen as a collapse to ~1,000 req/s for the VIP contenders in a full run). The
-        // usual load-generator settings: the whole port range, TIME_WAIT reuse (safe with
-        // TCP timestamps). Loopback, where the L7 bench runs, reuses by default.
+        // Connection-per-request load: when wrk closes first its ports sit in TIME_WAIT for
+        // 60 s (a full run without these settings once collapsed to ~1,000 req/s for the VIP
+        // contenders). The usual load-generator settings: the whole port range, TIME_WAIT
+        // reuse (safe with TCP timestamps); loopback, where the L7 bench runs, reuses anyway.
         sysctl(&c, "net/ipv4/ip_local_port_range", "1024 65535")?;
         sysctl(&c, "net/ipv4/tcp_tw_reuse", "1")?;
         let l = self.ns("l");
