@@ -5,6 +5,10 @@
 //! measurement is repeated, medians reported with their spread; proxy CPU time per request is
 //! read from /proc (the figure least disturbed by noise); in a full run, a measurement during
 //! which other processes used noticeable CPU is repeated (`--quick` only records the noise).
+//!
+//! L4 (`l4.rs`, `xdp.rs`): lbd's XDP path against the kernel's (nftables DNAT) and no load
+//! balancer, in network namespaces, with whole-machine CPU per request; and the XDP program's
+//! ns per packet from `BPF_PROG_TEST_RUN` (`bench/xdp`), an upper bound.
 mod contenders;
 mod idle;
 mod l4;
@@ -419,6 +423,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "lbd failed {lbd_failures} measurement(s); see the table and {}/lbd.log",
             scratch.display()
         );
+    }
+    if let Some(e) = results.xdp_failure() {
+        bail!("bench-xdp failed (lbd's XDP program): {e}");
     }
     let xdp_failures = results.failures_of(l4::L4Contender::LbdXdp.name());
     if xdp_failures > 0 {

@@ -81,6 +81,14 @@ impl Report {
         entry(&mut self.l4, scenario, contender).failures.push(why);
     }
 
+    /// Why the XDP per-packet measurement failed, if it ran and failed (a SKIP is no failure).
+    pub fn xdp_failure(&self) -> Option<&str> {
+        match &self.xdp {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Records the XDP per-packet result (or why it failed).
     pub fn set_xdp(&mut self, r: Result<XdpResult, String>) {
         self.xdp = Some(r);
