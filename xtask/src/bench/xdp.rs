@@ -41,11 +41,14 @@ pub struct XdpRow {
 
 /// Runs `bench-xdp` with `runs` measurements per class (`check`: only load the program).
 pub fn run(bin: &Path, runs: usize, quick: bool, check: bool) -> Result<XdpResult> {
+    // Every paired miss call is a new flow: all of them must fit the 65,536-entry flow table
+    // (bench-xdp refuses otherwise), whatever `--repeat` asked for.
+    let calls = (60_000 / runs.max(1)).min(if quick { 2_000 } else { 5_000 });
     let mut cmd = Command::new(bin);
-    cmd.arg("--runs").arg(runs.to_string());
-    if quick {
-        cmd.args(["--calls", "2000"]);
-    }
+    cmd.arg("--runs")
+        .arg(runs.to_string())
+        .arg("--calls")
+        .arg(calls.to_string());
     if check {
         cmd.arg("--check");
     }
