@@ -18,7 +18,7 @@ use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
 use super::router;
-use super::upstream::UpstreamError;
+use super::upstream::{UpstreamBody, UpstreamError};
 use crate::balance::PickContext;
 use crate::health::InFlightGuard;
 use crate::supervisor::runtime::{ClusterRuntime, Runtime};
@@ -364,7 +364,7 @@ fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
     }
 }
 
-fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
+fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1
