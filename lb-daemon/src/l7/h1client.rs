@@ -97,6 +97,9 @@ pub struct Head {
     parts: http::response::Parts,
     framing: Framing,
     keep_alive: bool,
+    /// The rest of the request body, when the answer came before it was all sent (boxed:
+    /// rare, and it would double the size of every response body).
+    upload: Option<Box<Upload>>,
 }
 
 /// Sends the request (`parts` as prepared by the proxy, `body`) on `conn` and reads the
@@ -120,7 +123,7 @@ pub async fn send(
 async fn exchange(
     conn: &mut H1Conn,
     parts: &http::request::Parts,
-    mut body: RequestBody,
+    body: RequestBody,
     head_req: bool,
 ) -> Result<Head, H1Error> {
     let framing = request_framing(&parts.method, &body);
@@ -133,119 +136,212 @@ async fn exchange(
         conn.io.write_all(&conn.wbuf).await?;
         return read_head(conn, head_req).await;
     }
+    let mut upload = Upload {
+        body,
+        framing,
+        sent: 0,
+        line: [0; 18],
+        line_at: 0,
+        line_end: 0,
+        data: Bytes::new(),
+        tail: b"",
+        ended: false,
+        broken: None,
+    };
     // A body that is already here (the common small POST) goes out with the head in one write.
-    let mut sent = 0u64;
-    let mut done = false;
-    if let Poll::Ready(first) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await
+    if let Poll::Ready(first) =
+        poll_fn(|cx| Poll::Ready(Pin::new(&mut upload.body).poll_frame(cx))).await
     {
         match first {
             Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data()
-                    && !data.is_empty()
-                {
-                    sent += data.len() as u64;
-                    encode_data(&mut conn.wbuf, &data, framing);
+                if let Ok(data) = frame.into_data() {
+                    upload.sent += data.len() as u64;
+                    if data.len() <= COPY_CHUNK {
+                        encode_data(&mut conn.wbuf, &data, framing);
+                    } else {
+                        upload.stage(data);
+                    }
+                }
+                if upload.data.is_empty() && upload.body.is_end_stream() {
+                    upload.end()?;
+                    conn.wbuf.extend_from_slice(upload.tail);
+                    upload.tail = b"";
                 }
             }
             Some(Err(e)) => return Err(H1Error::Body(e)),
-            None => done = true,
-        }
-        if !done && body.is_end_stream() {
-            done = true;
-        }
-        if done {
-            finish_body(&mut conn.wbuf, framing, sent)?;
+            None => {
+                upload.end()?;
+                conn.wbuf.extend_from_slice(upload.tail);
+                upload.tail = b"";
+            }
         }
     }
     conn.io.write_all(&conn.wbuf).await?;
-    if !done {
-        let H1Conn {
-            io, rbuf, received, ..
-        } = conn;
-        if let Some(early) =
-            send_body(io, rbuf, received, &mut body, framing, sent, head_req).await?
-        {
-            // The body was not sent completely: the connection cannot carry another request.
-            return Ok(Head {
-                keep_alive: false,
-                ..early
-            });
-        }
+    if upload.finished() {
+        return read_head(conn, head_req).await;
     }
-    read_head(conn, head_req).await
+    // Send the rest while watching for the answer: a backend may answer before it has read
+    // the whole body (an early 413 or 401, or an echo that streams its answer back).
+    let mut head = poll_fn(|cx| poll_head_uploading(conn, &mut upload, head_req, cx)).await?;
+    if !upload.finished() {
+        head.upload = Some(Box::new(upload));
+    }
+    Ok(head)
 }
 
-/// Streams the rest of the body while watching the connection: an answer that arrives before
-/// the body is sent (e.g. 413 or 401) stops the upload and is returned.
-async fn send_body(
-    io: &mut tokio::net::TcpStream,
-    rbuf: &mut BytesMut,
-    received: &mut bool,
-    body: &mut RequestBody,
-    framing: ReqFraming,
-    mut sent: u64,
+/// Pushes the upload as far as it goes, then reads towards the response head.
+fn poll_head_uploading(
+    conn: &mut H1Conn,
+    upload: &mut Upload,
     head_req: bool,
-) -> Result<Option<Head>, H1Error> {
-    let (mut rd, mut wr) = io.split();
-    let writing = async {
-        let mut framing_buf = Vec::new();
-        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-            let frame = frame.map_err(H1Error::Body)?;
-            let Ok(data) = frame.into_data() else {
-                // Trailers are not forwarded over HTTP/1.1.
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            sent += data.len() as u64;
-            if framing == ReqFraming::Chunked {
-                framing_buf.clear();
-                if data.len() <= COPY_CHUNK {
-                    encode_data(&mut framing_buf, &data, framing);
-                    wr.write_all(&framing_buf).await?;
-                } else {
-                    push_hex(&mut framing_buf, data.len() as u64);
-                    framing_buf.extend_from_slice(b"\r\n");
-                    let mut chain = Buf::chain(&framing_buf[..], &data[..]).chain(&b"\r\n"[..]);
-                    wr.write_all_buf(&mut chain).await?;
-                }
-            } else {
-                wr.write_all(&data).await?;
-            }
-        }
-        framing_buf.clear();
-        finish_body(&mut framing_buf, framing, sent)?;
-        if !framing_buf.is_empty() {
-            wr.write_all(&framing_buf).await?;
-        }
-        Ok::<(), H1Error>(())
-    };
-    tokio::pin!(writing);
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, H1Error>> {
+    if let Poll::Ready(Err(e)) = upload.poll(&mut conn.io, cx) {
+        return Poll::Ready(Err(e));
+    }
     loop {
-        if rbuf.capacity() - rbuf.len() < 1024 {
-            rbuf.reserve(READ_BUF);
+        if !conn.rbuf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.rbuf, head_req)? {
+                return Poll::Ready(Ok(head));
+            }
+            if conn.rbuf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(H1Error::HeadTooLarge));
+            }
         }
-        tokio::select! {
-            biased;
-            read = rd.read_buf(rbuf) => {
-                let n = read?;
-                if n > 0 {
-                    *received = true;
-                }
-                if let Some(head) = parse_head(rbuf, head_req)? {
-                    return Ok(Some(head));
-                }
+        if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+            conn.rbuf.reserve(READ_BUF);
+        }
+        let read = std::pin::pin!(conn.io.read_buf(&mut conn.rbuf));
+        match ready!(read.poll(cx)) {
+            Ok(0) => {
+                // A write that failed first says more (the peer reset the connection).
+                let e = upload.broken.take().map_or(H1Error::Closed, H1Error::Io);
+                return Poll::Ready(Err(e));
+            }
+            Ok(_) => conn.received = true,
+            Err(e) => return Poll::Ready(Err(H1Error::Io(e))),
+        }
+    }
+}
+
+/// The part of a request body still to be sent, resumable from any point.
+#[derive(Debug)]
+struct Upload {
+    body: RequestBody,
+    framing: ReqFraming,
+    /// Body bytes taken from `body`.
+    sent: u64,
+    /// Chunk-size line of the staged chunk, `line[line_at..line_end]` still to write.
+    line: [u8; 18],
+    line_at: u8,
+    line_end: u8,
+    /// Staged data still to write.
+    data: Bytes,
+    /// CRLF after a chunk, or the last chunk, still to write.
+    tail: &'static [u8],
+    /// `body` is exhausted (what remains is staged).
+    ended: bool,
+    /// Writing failed: nothing more is sent; the response may still be read.
+    broken: Option<std::io::Error>,
+}
+
+impl Upload {
+    fn finished(&self) -> bool {
+        self.ended && !self.pending()
+    }
+
+    fn pending(&self) -> bool {
+        self.line_at < self.line_end || !self.data.is_empty() || !self.tail.is_empty()
+    }
+
+    /// Stages one data frame with its framing.
+    fn stage(&mut self, data: Bytes) {
+        if self.framing == ReqFraming::Chunked {
+            let mut n = data.len() as u64;
+            let mut i = 16;
+            self.line[16] = b'\r';
+            self.line[17] = b'\n';
+            loop {
+                i -= 1;
+                self.line[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+                n >>= 4;
                 if n == 0 {
-                    return Err(H1Error::Closed);
-                }
-                if rbuf.len() >= MAX_HEAD {
-                    return Err(H1Error::HeadTooLarge);
+                    break;
                 }
             }
-            written = &mut writing => {
-                written?;
-                return Ok(None);
+            self.line_at = i as u8;
+            self.line_end = 18;
+            self.tail = b"\r\n";
+        }
+        self.data = data;
+    }
+
+    /// The body ended: stages the last chunk and checks a declared length was met.
+    fn end(&mut self) -> Result<(), H1Error> {
+        self.ended = true;
+        match self.framing {
+            ReqFraming::Chunked => self.tail = b"0\r\n\r\n",
+            ReqFraming::Length(n) if n != self.sent => return Err(H1Error::BodyLength),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes staged bytes and pulls further frames until the body is sent (`Ready(Ok)`), the
+    /// socket or the client's body is not ready (`Pending`), or the client's body fails.
+    /// A write error stops the upload quietly (it is kept in `broken`): the peer may have
+    /// answered and closed, and that answer is still worth reading.
+    fn poll(
+        &mut self,
+        io: &mut tokio::net::TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), H1Error>> {
+        use tokio::io::AsyncWrite as _;
+        if self.broken.is_some() {
+            return Poll::Pending;
+        }
+        loop {
+            while self.pending() {
+                let line = &self.line[self.line_at as usize..self.line_end as usize];
+                let slices = [
+                    std::io::IoSlice::new(line),
+                    std::io::IoSlice::new(&self.data),
+                    std::io::IoSlice::new(self.tail),
+                ];
+                let mut n = match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
+                    Ok(0) => {
+                        self.broken = Some(std::io::ErrorKind::WriteZero.into());
+                        return Poll::Pending;
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.broken = Some(e);
+                        return Poll::Pending;
+                    }
+                };
+                let from_line = n.min(line.len());
+                self.line_at += from_line as u8;
+                n -= from_line;
+                let from_data = n.min(self.data.len());
+                self.data.advance(from_data);
+                n -= from_data;
+                self.tail = &self.tail[n.min(self.tail.len())..];
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers are not forwarded over HTTP/1.1.
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        self.sent += data.len() as u64;
+                        self.stage(data);
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+                None => self.end()?,
             }
         }
     }
@@ -334,18 +430,6 @@ fn encode_data(buf: &mut Vec<u8>, data: &[u8], framing: ReqFraming) {
     } else {
         buf.extend_from_slice(data);
     }
-}
-
-/// Appends the end of the body (the last chunk) and checks a declared length was met.
-fn finish_body(buf: &mut Vec<u8>, framing: ReqFraming, sent: u64) -> Result<(), H1Error> {
-    match framing {
-        ReqFraming::Chunked => buf.extend_from_slice(b"0\r\n\r\n"),
-        ReqFraming::Length(n) if n != sent => {
-            return Err(H1Error::BodyLength);
-        }
-        _ => {}
-    }
-    Ok(())
 }
 
 fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
@@ -475,6 +559,7 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
             parts,
             framing,
             keep_alive,
+            upload: None,
         }));
     }
 }
@@ -523,6 +608,7 @@ impl Head {
             state,
             keep_alive: self.keep_alive,
             ready: None,
+            upload: self.upload,
         };
         body.prefetch();
         http::Response::from_parts(self.parts, body)
@@ -561,6 +647,8 @@ pub struct H1Body {
     keep_alive: bool,
     /// Data already taken out of the buffer (the whole body, when it came with the head).
     ready: Option<Bytes>,
+    /// The rest of the request body, sent as the response is read (full duplex).
+    upload: Option<Box<Upload>>,
 }
 
 /// What the buffered bytes allow without reading.
@@ -678,8 +766,11 @@ impl H1Body {
     /// request, else it is closed.
     fn release(&mut self) {
         self.state = State::Done;
+        // An upload still under way (the answer came early) leaves the connection mid-request.
+        let upload = self.upload.take();
         if let Some(conn) = self.conn.take()
             && self.keep_alive
+            && upload.is_none_or(|u| u.finished())
         {
             self.pool.checkin(conn);
         }
@@ -703,6 +794,13 @@ impl Body for H1Body {
         let this = self.get_mut();
         if let Some(data) = this.ready.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            match upload.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(e)) => return this.fail(e),
+                Poll::Pending => {}
+            }
         }
         loop {
             match this.step(true) {
