@@ -201,7 +201,7 @@ fn poll_head_uploading(
     }
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.rbuf, head_req)? {
+            if let Some(head) = parse_head(&mut conn.rbuf, &mut conn.spans, head_req)? {
                 return Poll::Ready(Ok(head));
             }
             if conn.rbuf.len() >= MAX_HEAD {
@@ -351,7 +351,7 @@ impl Upload {
 async fn read_head(conn: &mut H1Conn, head_req: bool) -> Result<Head, H1Error> {
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.rbuf, head_req)? {
+            if let Some(head) = parse_head(&mut conn.rbuf, &mut conn.spans, head_req)? {
                 return Ok(head);
             }
             if conn.rbuf.len() >= MAX_HEAD {
@@ -462,29 +462,38 @@ fn push_hex(buf: &mut Vec<u8>, mut n: u64) {
 
 /// Parses a final response head off the front of `rbuf`, skipping interim (1xx) responses.
 /// `None` while the head is incomplete.
-fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Error> {
+/// `spans` is scratch space kept by the connection (header positions, found while the parser
+/// borrows `rbuf`).
+fn parse_head(
+    rbuf: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
+    head_req: bool,
+) -> Result<Option<Head>, H1Error> {
     loop {
-        // Header name and value positions, found while `rbuf` is borrowed by the parser.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let (len, code, minor, count) = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut headers);
-            let len = match res.parse(rbuf)? {
-                httparse::Status::Complete(len) => len,
-                httparse::Status::Partial => return Ok(None),
+        spans.clear();
+        let (len, code, minor) =
+            {
+                // Uninitialised: an initialised array of MAX_HEADERS headers costs a 4 KiB memset
+                // per response.
+                let mut headers =
+                    [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+                let mut res = httparse::Response::new(&mut []);
+                let len = match httparse::ParserConfig::default()
+                    .parse_response_with_uninit_headers(&mut res, rbuf, &mut headers)?
+                {
+                    httparse::Status::Complete(len) => len,
+                    httparse::Status::Partial => return Ok(None),
+                };
+                let code = res.code.unwrap_or(0);
+                let minor = res.version.unwrap_or(1);
+                let base = rbuf.as_ptr() as usize;
+                for h in res.headers.iter() {
+                    let name = h.name.as_ptr() as usize - base;
+                    let value = h.value.as_ptr() as usize - base;
+                    spans.push([name, name + h.name.len(), value, value + h.value.len()]);
+                }
+                (len, code, minor)
             };
-            let code = res.code.unwrap_or(0);
-            let minor = res.version.unwrap_or(1);
-            let base = rbuf.as_ptr() as usize;
-            let mut count = 0;
-            for (h, span) in res.headers.iter().zip(spans.iter_mut()) {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                *span = (name, name + h.name.len(), value, value + h.value.len());
-                count += 1;
-            }
-            (len, code, minor, count)
-        };
         if (100..200).contains(&code) {
             if code == 101 {
                 return Err(H1Error::Upgrade);
@@ -495,13 +504,13 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
         }
         let status = StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("status code"))?;
         let raw = rbuf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = HeaderMap::with_capacity(spans.len());
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
         let mut close = false;
         let mut keep_alive = false;
-        for &(ns, ne, vs, ve) in &spans[..count] {
+        for &[ns, ne, vs, ve] in spans.iter() {
             let name = HeaderName::from_bytes(&raw[ns..ne])
                 .map_err(|_| H1Error::Invalid("header name"))?;
             let value_bytes = &raw[vs..ve];
@@ -861,7 +870,7 @@ mod tests {
 
     fn head(raw: &[u8], head_req: bool) -> Result<Option<Head>, H1Error> {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, head_req)
+        parse_head(&mut buf, &mut Vec::new(), head_req)
     }
 
     #[test]
@@ -910,7 +919,9 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi"[..],
         );
-        let h = parse_head(&mut buf, false).expect("ok").expect("complete");
+        let h = parse_head(&mut buf, &mut Vec::new(), false)
+            .expect("ok")
+            .expect("complete");
         assert_eq!(h.status(), StatusCode::CREATED);
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);

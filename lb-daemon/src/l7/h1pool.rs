@@ -59,6 +59,8 @@ pub struct H1Conn {
     pub(super) rbuf: BytesMut,
     /// The request head being written.
     pub(super) wbuf: Vec<u8>,
+    /// Header positions while a response head is parsed (scratch, kept for its capacity).
+    pub(super) spans: Vec<[usize; 4]>,
     /// Some byte of the current request's response arrived (decides whether a failed request
     /// may be sent again).
     pub(super) received: bool,
@@ -147,6 +149,7 @@ impl H1Pool {
             io,
             rbuf: BytesMut::with_capacity(READ_BUF),
             wbuf: Vec::with_capacity(1024),
+            spans: Vec::new(),
             received: false,
             endpoint: idx,
             idle_since: Instant::now(),

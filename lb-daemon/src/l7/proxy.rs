@@ -177,18 +177,19 @@ pub async fn handle(
             },
             None => body.take().unwrap_or(RequestBody::Empty),
         };
-        let mut req = Request::new(req_body);
-        *req.method_mut() = head.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = cluster.upstream.version();
-        *req.headers_mut() = if attempt + 1 < max_attempts {
-            head.headers.clone()
-        } else {
-            std::mem::take(&mut head.headers)
-        };
+        head.uri = uri;
+        head.version = cluster.upstream.version();
+        // The head stays here for another attempt (HTTP/1.1 writes it from a reference;
+        // HTTP/2 copies it only while another attempt may follow).
+        let last = attempt + 1 == max_attempts;
         let sent = Instant::now();
         let budget = call.as_ref().map_or(deadline, |c| c.remaining());
-        match tokio::time::timeout(budget, cluster.upstream.send(idx, req)).await {
+        match tokio::time::timeout(
+            budget,
+            cluster.upstream.send(idx, &mut head, req_body, last),
+        )
+        .await
+        {
             Ok(Ok(resp)) => {
                 if attempt + 1 < max_attempts
                     && replay.as_ref().is_some_and(Replay::can_replay)

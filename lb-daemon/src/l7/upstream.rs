@@ -185,17 +185,32 @@ impl Upstream {
     /// Sends one request to `endpoint` (its URI already absolute for that endpoint). An HTTP/2
     /// response holds its stream's place on the connection in its extensions (an
     /// `Arc<StreamSlot>`) until it is dropped.
+    ///
+    /// `head` is the request head (its URI already absolute for the endpoint). `last`: no
+    /// other attempt follows, so the head may be consumed (its headers are taken, not copied,
+    /// for HTTP/2); otherwise it is left intact.
     pub async fn send(
         &self,
         endpoint: usize,
-        req: http::Request<RequestBody>,
+        head: &mut http::request::Parts,
+        body: RequestBody,
+        last: bool,
     ) -> Result<http::Response<UpstreamBody>, (UpstreamError, UpstreamFailure)> {
         match &self.pool {
             Pool::Http1(pool) => self
-                .send_h1(pool, endpoint, req)
+                .send_h1(pool, endpoint, head, body)
                 .await
                 .map(|r| r.map(UpstreamBody::H1)),
             Pool::Http2(pool) => {
+                let mut req = http::Request::new(body);
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = head.uri.clone();
+                *req.version_mut() = head.version;
+                *req.headers_mut() = if last {
+                    std::mem::take(&mut head.headers)
+                } else {
+                    head.headers.clone()
+                };
                 let body = req.body().limit_probe();
                 pool.send(endpoint, req, &self.reused)
                     .await
@@ -216,9 +231,9 @@ impl Upstream {
         &self,
         pool: &Arc<H1Pool>,
         endpoint: usize,
-        req: http::Request<RequestBody>,
+        parts: &http::request::Parts,
+        body: RequestBody,
     ) -> Result<http::Response<H1Body>, (UpstreamError, UpstreamFailure)> {
-        let (parts, body) = req.into_parts();
         let empty = body.is_end_stream();
         let mut body = Some(body);
         let mut pooled = pool.checkout(endpoint);
@@ -235,7 +250,7 @@ impl Upstream {
                     .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
             };
             let attempt_body = body.take().unwrap_or(RequestBody::Empty);
-            match h1client::send(&mut conn, &parts, attempt_body).await {
+            match h1client::send(&mut conn, parts, attempt_body).await {
                 Ok(head) => return Ok(head.into_response(conn, pool)),
                 // The peer closed the idle connection as the request went out (the keep-alive
                 // race): nothing was processed, so the request goes out once more on a new
