@@ -244,8 +244,9 @@ impl Upstream {
                     self.reused.increment(1);
                     c
                 }
-                None => pool
-                    .connect(endpoint)
+                // Boxed: connecting is the rare path, and its future would otherwise make the
+                // whole request future (moved several times per request) much bigger.
+                None => Box::pin(pool.connect(endpoint))
                     .await
                     .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
             };
