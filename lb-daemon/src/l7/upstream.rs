@@ -234,7 +234,9 @@ impl Upstream {
         parts: &http::request::Parts,
         body: RequestBody,
     ) -> Result<http::Response<H1Body>, (UpstreamError, UpstreamFailure)> {
-        let empty = body.is_end_stream();
+        // Sent again only if that cannot do harm twice: no body to replay, and an idempotent
+        // method (RFC 9110 §9.2.2), since the peer may have acted on it before closing.
+        let repeatable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = Some(body);
         let mut pooled = pool.checkout(endpoint);
         loop {
@@ -254,10 +256,9 @@ impl Upstream {
             match h1client::send(&mut conn, parts, attempt_body).await {
                 Ok(head) => return Ok(head.into_response(conn, pool)),
                 // The peer closed the idle connection as the request went out (the keep-alive
-                // race): nothing was processed, so the request goes out once more on a new
-                // connection, if it can be repeated (what hyper's `retry_canceled_requests`
-                // did).
-                Err(f) if reused && empty && f.before_response => {
+                // race): the request goes out once more on a new connection, if it can be
+                // repeated (like hyper's `retry_canceled_requests`, which lbd used before).
+                Err(f) if reused && repeatable && f.before_response => {
                     tracing::debug!(endpoint, error = %crate::telemetry::logging::chain(&f.error),
                         "pooled h1 upstream connection failed before a response; reconnecting");
                 }
