@@ -212,7 +212,9 @@ impl Upstream {
                     head.headers.clone()
                 };
                 let body = req.body().limit_probe();
-                pool.send(endpoint, req, &self.reused)
+                // Boxed: the HTTP/2 future is ~2.8 KiB, and unboxed it would size (and make
+                // every move of) the future of every HTTP/1.1 request too.
+                Box::pin(pool.send(endpoint, req, &self.reused))
                     .await
                     .map(|r| r.map(UpstreamBody::H2))
                     .map_err(|e| match e {
