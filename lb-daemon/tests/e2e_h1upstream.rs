@@ -20,6 +20,10 @@ fn bin() -> &'static Path {
 }
 
 fn config(listen: SocketAddr, admin: SocketAddr, backend: SocketAddr) -> String {
+    config_with(listen, admin, backend, "")
+}
+
+fn config_with(listen: SocketAddr, admin: SocketAddr, backend: SocketAddr, extra: &str) -> String {
     format!(
         r#"
 [global]
@@ -38,6 +42,7 @@ cluster = "raw"
 
 [[clusters]]
 name = "raw"
+{extra}
 [[clusters.endpoints]]
 address = "{backend}"
 "#
@@ -552,5 +557,61 @@ async fn request_bodies_are_framed() {
         text.ends_with(&format!("chunked:abc{big}")),
         "{}",
         &text[..200]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_expire_and_max_idle_caps_the_pool() {
+    // Each connection reports when lbd closes it.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let raw = Raw::start(move |i, mut s| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_request(&mut s, &mut buf).await {
+                if req.head.starts_with("GET /slow") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = closed_tx.send((i, Instant::now()));
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let extra = "[clusters.timeouts]\nidle = \"400ms\"\n[clusters.pool]\nmax_idle = 1\n";
+    let _lbd = Lbd::start(bin(), &config_with(listen, admin, raw.addr, extra));
+
+    // Two concurrent requests need two upstream connections; only one may stay idle.
+    let (c1, c2) = (H1::new(), H1::new());
+    let start = Instant::now();
+    let (a, b) = tokio::join!(c1.get(listen, "/slow", None), c2.get(listen, "/slow", None));
+    assert_eq!(a.expect("a").status, 200);
+    assert_eq!(b.expect("b").status, 200);
+    let done = Instant::now();
+    assert_eq!(raw.accepted(), 2);
+    let first = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("one connection closed")
+        .expect("closed");
+    assert!(
+        first.1 < done + Duration::from_millis(300),
+        "the connection beyond max_idle is closed at once, not after the idle timeout"
+    );
+    // The idle one is closed by the reaper once `timeouts.idle` has passed, without traffic.
+    let second = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("idle connection closed by the reaper")
+        .expect("closed");
+    // Returned to the pool after the backend's 300 ms, then idle for 400 ms.
+    assert!(
+        second.1 >= start + Duration::from_millis(700),
+        "closed {:?} after the requests started",
+        second.1 - start
     );
 }
