@@ -69,7 +69,7 @@ pub async fn handle(
         uri: parts.uri.clone(),
         version: parts.version,
         status: 0,
-        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_in: None,
         bytes_out: 0,
         start,
         upstream: None,
@@ -135,11 +135,15 @@ pub async fn handle(
     } else {
         1
     };
-    let seen = Arc::clone(&log.bytes_in);
     let (mut body, replay) = if grpc_retry {
+        let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
         let keep = grpc::RETRY_BUFFER_BYTES;
         (None, Some(Replay::new(body, limit, seen, keep)))
+    } else if body.is_end_stream() {
+        // Nothing to stream or count (most requests): no shared counter to allocate.
+        (Some(RequestBody::Empty), None)
     } else {
+        let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
         let inner = body;
         (Some(RequestBody::Stream { inner, limit, seen }), None)
     };
