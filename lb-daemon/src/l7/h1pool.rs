@@ -236,3 +236,50 @@ impl H1Pool {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checkout_skips_closed_and_expired_connections_and_caps_idle() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let config = H1PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_millis(300),
+            max_idle: 2,
+        };
+        let pool = H1Pool::new("c", &[addr], config);
+        let mut conns = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.connect(0).await.expect("connect"));
+            peers.push(l.accept().await.expect("accept").0);
+        }
+        let ports: Vec<u16> = conns
+            .iter()
+            .map(|c| c.io.local_addr().expect("addr").port())
+            .collect();
+        for c in conns {
+            pool.checkin(c);
+        }
+        // The third is beyond max_idle and closed.
+        assert_eq!(pool.idle(0), 2);
+        // The peer closes the most recent idle one: it is passed over.
+        drop(peers.remove(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = pool
+            .checkout(0)
+            .expect("the first connection is still open");
+        assert_eq!(c.io.local_addr().expect("addr").port(), ports[0]);
+        assert_eq!(pool.idle(0), 0);
+        // Back in the pool, then idle past the timeout: not handed out again.
+        pool.checkin(c);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(pool.checkout(0).is_none());
+        assert!(pool.checkout(1).is_none(), "no such endpoint");
+    }
+}

@@ -274,14 +274,6 @@ impl Upstream {
         }
     }
 
-    /// Idle pooled HTTP/1.1 connections to `endpoint` (0 for HTTP/2 clusters).
-    pub fn h1_idle(&self, endpoint: usize) -> usize {
-        match &self.pool {
-            Pool::Http1(p) => p.idle(endpoint),
-            Pool::Http2(_) => 0,
-        }
-    }
-
     /// Open HTTP/2 connections to `endpoint` (0 for HTTP/1.1 clusters).
     pub fn h2_connections(&self, endpoint: usize) -> usize {
         match &self.pool {
