@@ -25,6 +25,8 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (with extensions) or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Largest read of a response body.
+const MAX_BODY_READ: usize = 64 * 1024;
 /// Request body chunks up to this size are copied next to their framing into one write.
 const COPY_CHUNK: usize = 4096;
 
@@ -617,6 +619,7 @@ impl Head {
             state,
             keep_alive: self.keep_alive,
             ready: None,
+            read_size: READ_BUF,
             upload: self.upload,
         };
         body.prefetch();
@@ -656,6 +659,8 @@ pub struct H1Body {
     keep_alive: bool,
     /// Data already taken out of the buffer (the whole body, when it came with the head).
     ready: Option<Bytes>,
+    /// Bytes to make room for before each read of the body (grows while reads fill it).
+    read_size: usize,
     /// The rest of the request body, sent as the response is read (full duplex).
     upload: Option<Box<Upload>>,
 }
@@ -827,9 +832,10 @@ impl Body for H1Body {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
-                conn.rbuf.reserve(READ_BUF);
+            if conn.rbuf.capacity() - conn.rbuf.len() < this.read_size {
+                conn.rbuf.reserve(this.read_size);
             }
+            let spare = conn.rbuf.capacity() - conn.rbuf.len();
             // The read future holds no state of its own: polled once here and dropped.
             let read = std::pin::pin!(conn.io.read_buf(&mut conn.rbuf));
             match ready!(read.poll(cx)) {
@@ -840,7 +846,13 @@ impl Body for H1Body {
                     return Poll::Ready(None);
                 }
                 Ok(0) => return this.fail(H1Error::Truncated),
-                Ok(_) => {}
+                Ok(n) => {
+                    // A read that filled the buffer: a big body is streaming, read more at a
+                    // time (fewer reads and frames), like hyper's adaptive read buffer.
+                    if n >= spare && this.read_size < MAX_BODY_READ {
+                        this.read_size *= 2;
+                    }
+                }
                 Err(e) => return this.fail(H1Error::Io(e)),
             }
         }
