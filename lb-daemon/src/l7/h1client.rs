@@ -26,7 +26,7 @@ const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (with extensions) or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest read of a response body.
-const MAX_BODY_READ: usize = 64 * 1024;
+const MAX_BODY_READ: usize = 256 * 1024;
 /// Request body chunks up to this size are copied next to their framing into one write.
 const COPY_CHUNK: usize = 4096;
 
