@@ -11,7 +11,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::h2pool::BoxError;
 use super::log::RequestLog;
+use super::upstream::UpstreamBody;
 
 /// Why a body stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -248,13 +250,13 @@ pub struct ResponseBody {
 
 #[derive(Debug)]
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
     /// Streams an upstream body.
-    pub fn upstream(body: Incoming, log: Box<RequestLog>) -> Self {
+    pub fn upstream(body: UpstreamBody, log: Box<RequestLog>) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
             deadline: None,
@@ -320,12 +322,12 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some((sleep, trailers)) = &mut this.deadline
             && matches!(this.kind, Kind::Upstream(_))
@@ -362,7 +364,7 @@ impl Body for ResponseBody {
                 {
                     // A gRPC client gets a status, not a bare stream reset (gRPC over
                     // HTTP/2, "Errors"): end the call with trailers saying what happened.
-                    let (code, trailers) = super::grpc::reset_trailers(e);
+                    let (code, trailers) = super::grpc::reset_trailers(&**e);
                     log.grpc_status = Some(code);
                     this.kind = Kind::Full(None);
                     this.finish(Some("upstream_reset"));

@@ -288,7 +288,7 @@ pub fn retry_status(headers: &HeaderMap, codes: &[u8]) -> Option<u8> {
 /// status the gRPC spec maps the failure to: RST_STREAM CANCEL → CANCELLED, REFUSED_STREAM →
 /// UNAVAILABLE, ENHANCE_YOUR_CALM → RESOURCE_EXHAUSTED, other stream errors → INTERNAL; a lost
 /// connection → UNAVAILABLE.
-pub fn reset_trailers(e: &hyper::Error) -> (u8, HeaderMap) {
+pub fn reset_trailers(e: &(dyn std::error::Error + 'static)) -> (u8, HeaderMap) {
     let mut reason = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {

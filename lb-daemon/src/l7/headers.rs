@@ -22,6 +22,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// header without the upgrade machinery would hand the backend a request it cannot honour.
 /// `TE: trailers` is kept because gRPC over HTTP/2 requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names is cheaper than the ten hashed
+    // removals below (this runs twice per proxied request).
+    if !headers
+        .keys()
+        .any(|n| n == header::UPGRADE || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     // Names listed in Connection are only known at run time; collect them before removing.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
@@ -78,29 +86,67 @@ pub fn add_forwarding(
     scheme: Scheme,
     version: http::Version,
 ) {
-    let client_str = client.to_string();
+    // Up to four headers are added: one growth of the map (a rehash) instead of several.
+    headers.reserve(4);
+    let client_str = ip_text(client);
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_str}"),
-        _ => client_str.clone(),
+        Some(prev) if !prev.trim().is_empty() => {
+            let mut s = String::with_capacity(prev.len() + 2 + client_str.len());
+            s.push_str(prev);
+            s.push_str(", ");
+            s.push_str(&client_str);
+            HeaderValue::from_str(&s)
+        }
+        _ => HeaderValue::from_str(&client_str),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    let mut fwd = String::with_capacity(client_str.len() + 24);
+    fwd.push_str("for=");
     // RFC 7239: IPv6 addresses are quoted and bracketed.
-    let node = match client {
-        IpAddr::V4(_) => client_str,
-        IpAddr::V6(_) => format!("\"[{client_str}]\""),
-    };
-    let fwd = format!("for={node};proto={}", scheme.as_str());
-    append_list(headers, header::FORWARDED, &fwd);
+    if client.is_ipv6() {
+        fwd.push_str("\"[");
+        fwd.push_str(&client_str);
+        fwd.push_str("]\"");
+    } else {
+        fwd.push_str(&client_str);
+    }
+    fwd.push_str(";proto=");
+    fwd.push_str(scheme.as_str());
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        append_list(headers, header::FORWARDED, v);
+    }
     let via = match version {
         http::Version::HTTP_10 => "1.0 lbd",
         http::Version::HTTP_2 => "2 lbd",
         http::Version::HTTP_3 => "3 lbd",
         _ => "1.1 lbd",
     };
-    append_list(headers, header::VIA, via);
+    append_list(headers, header::VIA, HeaderValue::from_static(via));
+}
+
+/// The address as text; IPv4 without the formatting machinery, which costs more than the
+/// rest of this module per request.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut s = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if octet >= 100 {
+            s.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            s.push(char::from(b'0' + octet / 10 % 10));
+        }
+        s.push(char::from(b'0' + octet % 10));
+    }
+    s
 }
 
 /// `X-Forwarded-For`.
@@ -109,9 +155,17 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Appends `item` to a comma-separated list header, folding existing values into one line.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
+    let mut entry = match headers.entry(name) {
+        // The usual case: nothing to fold, the item goes in as it is.
+        header::Entry::Vacant(v) => {
+            v.insert(item);
+            return;
+        }
+        header::Entry::Occupied(o) => o,
+    };
     let mut joined = String::new();
-    for v in headers.get_all(&name) {
+    for v in entry.iter() {
         if let Ok(s) = v.to_str() {
             if !joined.is_empty() {
                 joined.push_str(", ");
@@ -122,15 +176,33 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
     if !joined.is_empty() {
         joined.push_str(", ");
     }
+    let Ok(item) = item.to_str() else {
+        return;
+    };
     joined.push_str(item);
     if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name, v);
+        entry.insert(v);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "192.168.9.99",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {
@@ -161,6 +233,22 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none());
+    }
+
+    #[test]
+    fn forwarding_headers_on_a_bare_request() {
+        let mut h = HeaderMap::new();
+        add_forwarding(
+            &mut h,
+            "192.0.2.10".parse().expect("ip"),
+            Scheme::Https,
+            http::Version::HTTP_2,
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.10");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.10;proto=https");
+        assert_eq!(h[header::VIA], "2 lbd");
+        assert_eq!(h.len(), 4);
     }
 
     #[test]

@@ -67,8 +67,8 @@ pub struct RequestLog {
     pub version: http::Version,
     /// Response status sent downstream.
     pub status: u16,
-    /// Request body bytes received (shared with the request body).
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes received (shared with the request body; `None` without a body).
+    pub bytes_in: Option<Arc<AtomicU64>>,
     /// Response body bytes sent.
     pub bytes_out: u64,
     /// When the request head was received.
@@ -97,7 +97,10 @@ impl RequestLog {
         self.in_flight = None;
         self.stream_slot = None;
         let total = self.start.elapsed();
-        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
         let class = usize::from(self.status / 100).clamp(1, 5) - 1;
         let mt = &self.metrics;
         mt.requests[class].increment(1);

@@ -18,7 +18,7 @@ use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
 use super::router;
-use super::upstream::UpstreamError;
+use super::upstream::{UpstreamBody, UpstreamError};
 use crate::balance::PickContext;
 use crate::health::InFlightGuard;
 use crate::supervisor::runtime::{ClusterRuntime, Runtime};
@@ -69,7 +69,7 @@ pub async fn handle(
         uri: parts.uri.clone(),
         version: parts.version,
         status: 0,
-        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_in: None,
         bytes_out: 0,
         start,
         upstream: None,
@@ -135,11 +135,15 @@ pub async fn handle(
     } else {
         1
     };
-    let seen = Arc::clone(&log.bytes_in);
     let (mut body, replay) = if grpc_retry {
+        let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
         let keep = grpc::RETRY_BUFFER_BYTES;
         (None, Some(Replay::new(body, limit, seen, keep)))
+    } else if body.is_end_stream() {
+        // Nothing to stream or count (most requests): no shared counter to allocate.
+        (Some(RequestBody::Empty), None)
     } else {
+        let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
         let inner = body;
         (Some(RequestBody::Stream { inner, limit, seen }), None)
     };
@@ -177,18 +181,19 @@ pub async fn handle(
             },
             None => body.take().unwrap_or(RequestBody::Empty),
         };
-        let mut req = Request::new(req_body);
-        *req.method_mut() = head.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = cluster.upstream.version();
-        *req.headers_mut() = if attempt + 1 < max_attempts {
-            head.headers.clone()
-        } else {
-            std::mem::take(&mut head.headers)
-        };
+        head.uri = uri;
+        head.version = cluster.upstream.version();
+        // The head stays here for another attempt (HTTP/1.1 writes it from a reference;
+        // HTTP/2 copies it only while another attempt may follow).
+        let last = attempt + 1 == max_attempts;
         let sent = Instant::now();
         let budget = call.as_ref().map_or(deadline, |c| c.remaining());
-        match tokio::time::timeout(budget, cluster.upstream.send(idx, req)).await {
+        match tokio::time::timeout(
+            budget,
+            cluster.upstream.send(idx, &mut head, req_body, last),
+        )
+        .await
+        {
             Ok(Ok(resp)) => {
                 if attempt + 1 < max_attempts
                     && replay.as_ref().is_some_and(Replay::can_replay)
@@ -364,7 +369,7 @@ fn passive_failure(cluster: &ClusterRuntime, idx: usize) {
     }
 }
 
-fn respond(resp: Response<Incoming>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
+fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1

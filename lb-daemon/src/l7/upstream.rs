@@ -1,25 +1,24 @@
 //! Upstream connections of one cluster: a keep-alive pool per endpoint, HTTP/1.1 or HTTP/2.
 //!
-//! HTTP/1.1 uses hyper-util's pooled client: it keys its pool by authority, and every request
-//! carries its endpoint's `ip:port` as authority, so each endpoint gets its own pool. HTTP/2
-//! (and gRPC) use [`super::h2pool`]: several connections per endpoint, each shared by up to the
-//! peer's stream limit of concurrent requests.
+//! HTTP/1.1 uses [`super::h1pool`] (a stack of idle connections per endpoint) and the codec in
+//! [`super::h1client`], run by the downstream request's own task. HTTP/2 (and gRPC) use
+//! [`super::h2pool`]: several connections per endpoint, each shared by up to the peer's stream
+//! limit of concurrent requests.
 use std::error::Error as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::Uri;
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyError, RequestBody};
+use super::h1client::{self, H1Body, H1Error};
+use super::h1pool::{H1Pool, H1PoolConfig};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::telemetry::metrics as m;
@@ -38,11 +37,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    fn classify(e: &hyper_util::client::legacy::Error) -> Self {
-        if e.is_connect() {
-            return UpstreamError::Connect;
+    fn classify_h1(e: &H1Error) -> Self {
+        match e {
+            H1Error::Body(BodyError::TooLarge { .. }) => UpstreamError::BodyTooLarge,
+            H1Error::Body(BodyError::Stream(_)) | H1Error::BodyLength => UpstreamError::ClientBody,
+            _ => UpstreamError::Reset,
         }
-        Self::from_chain(e.source())
     }
 
     /// `body`: the request body's byte count and limit, to tell a body that grew too large
@@ -109,7 +109,7 @@ impl std::error::Error for UpstreamFailure {
 
 #[derive(Debug, Clone)]
 enum Pool {
-    Http1(Box<Client<CountingConnector, RequestBody>>),
+    Http1(Arc<H1Pool>),
     Http2(Arc<H2Pool>),
 }
 
@@ -127,32 +127,19 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the client for `cluster` (no connection is opened until the first request).
     pub fn new(cluster: &Cluster) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cluster.timeouts.connect));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(cluster.timeouts.idle)
-            .pool_max_idle_per_host(cluster.pool.max_idle)
-            // Our own retry logic decides about other endpoints; hyper's retry of a request
-            // that lost the race with an idle connection's close stays on (nothing was sent).
-            .retry_canceled_requests(true)
-            .set_host(false);
-        let connector = CountingConnector {
-            inner: connector,
-            cluster: Arc::from(cluster.name.as_str()),
-        };
+        let addresses: Vec<SocketAddr> = cluster.endpoints.iter().map(|e| e.address).collect();
         let (pool, version) = match cluster.protocol {
-            UpstreamProtocol::Http1 => (
-                Pool::Http1(Box::new(builder.build(connector))),
-                http::Version::HTTP_11,
-            ),
+            UpstreamProtocol::Http1 => {
+                let config = H1PoolConfig {
+                    connect_timeout: cluster.timeouts.connect,
+                    idle_timeout: cluster.timeouts.idle,
+                    max_idle: cluster.pool.max_idle,
+                };
+                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config));
+                H1Pool::spawn_reaper(&pool);
+                (Pool::Http1(pool), http::Version::HTTP_11)
+            }
             UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => {
-                let addresses: Vec<SocketAddr> =
-                    cluster.endpoints.iter().map(|e| e.address).collect();
                 let config = PoolConfig {
                     connect_timeout: cluster.timeouts.connect,
                     idle_timeout: cluster.timeouts.idle,
@@ -198,29 +185,38 @@ impl Upstream {
     /// Sends one request to `endpoint` (its URI already absolute for that endpoint). An HTTP/2
     /// response holds its stream's place on the connection in its extensions (an
     /// `Arc<StreamSlot>`) until it is dropped.
+    ///
+    /// `head` is the request head (its URI already absolute for the endpoint). `last`: no
+    /// other attempt follows, so the head may be consumed (its headers are taken, not copied,
+    /// for HTTP/2); otherwise it is left intact.
     pub async fn send(
         &self,
         endpoint: usize,
-        req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, (UpstreamError, UpstreamFailure)> {
+        head: &mut http::request::Parts,
+        body: RequestBody,
+        last: bool,
+    ) -> Result<http::Response<UpstreamBody>, (UpstreamError, UpstreamFailure)> {
         match &self.pool {
-            Pool::Http1(client) => {
-                let resp = client
-                    .request(req)
-                    .await
-                    .map_err(|e| (UpstreamError::classify(&e), UpstreamFailure(e.into())))?;
-                // Every response carries its connection's use counter (see `CountingConnector`).
-                if let Some(uses) = resp.extensions().get::<ConnectionUses>()
-                    && uses.0.fetch_add(1, Ordering::Relaxed) > 0
-                {
-                    self.reused.increment(1);
-                }
-                Ok(resp)
-            }
+            Pool::Http1(pool) => self
+                .send_h1(pool, endpoint, head, body)
+                .await
+                .map(|r| r.map(UpstreamBody::H1)),
             Pool::Http2(pool) => {
+                let mut req = http::Request::new(body);
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = head.uri.clone();
+                *req.version_mut() = head.version;
+                *req.headers_mut() = if last {
+                    std::mem::take(&mut head.headers)
+                } else {
+                    head.headers.clone()
+                };
                 let body = req.body().limit_probe();
-                pool.send(endpoint, req, &self.reused)
+                // Boxed: the HTTP/2 future is ~2.8 KiB, and unboxed it would size (and make
+                // every move of) the future of every HTTP/1.1 request too.
+                Box::pin(pool.send(endpoint, req, &self.reused))
                     .await
+                    .map(|r| r.map(UpstreamBody::H2))
                     .map_err(|e| match e {
                         SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
                         SendError::Request(e) => (
@@ -228,6 +224,52 @@ impl Upstream {
                             UpstreamFailure(e.into()),
                         ),
                     })
+            }
+        }
+    }
+
+    /// HTTP/1.1: on an idle pooled connection if there is one, else on a new one.
+    async fn send_h1(
+        &self,
+        pool: &Arc<H1Pool>,
+        endpoint: usize,
+        parts: &http::request::Parts,
+        body: RequestBody,
+    ) -> Result<http::Response<H1Body>, (UpstreamError, UpstreamFailure)> {
+        // Sent again only if that cannot do harm twice: no body to replay, and an idempotent
+        // method (RFC 9110 §9.2.2), since the peer may have acted on it before closing.
+        let repeatable = body.is_end_stream() && parts.method.is_idempotent();
+        let mut body = Some(body);
+        let mut pooled = pool.checkout(endpoint);
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(c) => {
+                    self.reused.increment(1);
+                    c
+                }
+                // Boxed: connecting is the rare path, and its future would otherwise make the
+                // whole request future (moved several times per request) much bigger.
+                None => Box::pin(pool.connect(endpoint))
+                    .await
+                    .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
+            };
+            let attempt_body = body.take().unwrap_or(RequestBody::Empty);
+            match h1client::send(&mut conn, parts, attempt_body).await {
+                Ok(head) => return Ok(head.into_response(conn, pool)),
+                // The peer closed the idle connection as the request went out (the keep-alive
+                // race): the request goes out once more on a new connection, if it can be
+                // repeated (like hyper's `retry_canceled_requests`, which lbd used before).
+                Err(f) if reused && repeatable && f.before_response => {
+                    tracing::debug!(endpoint, error = %crate::telemetry::logging::chain(&f.error),
+                        "pooled h1 upstream connection failed before a response; reconnecting");
+                }
+                Err(f) => {
+                    return Err((
+                        UpstreamError::classify_h1(&f.error),
+                        UpstreamFailure(Box::new(f.error)),
+                    ));
+                }
             }
         }
     }
@@ -241,106 +283,47 @@ impl Upstream {
     }
 }
 
-/// Requests answered on one upstream connection so far; hyper-util copies it into the
-/// extensions of every response received on that connection.
-#[derive(Debug, Clone)]
-struct ConnectionUses(Arc<AtomicU64>);
-
-/// `HttpConnector` that counts the connections it opens (`lbd_upstream_connections_opened_total`)
-/// and tags each with a [`ConnectionUses`], so reuse from the pool can be counted without
-/// hooks inside hyper-util's pool.
-#[derive(Debug, Clone)]
-struct CountingConnector {
-    inner: HttpConnector,
-    cluster: Arc<str>,
-}
-
-type HttpIo = <HttpConnector as tower_service::Service<Uri>>::Response;
-type HttpConnectError = <HttpConnector as tower_service::Service<Uri>>::Error;
-
-impl tower_service::Service<Uri> for CountingConnector {
-    type Response = CountedIo;
-    type Error = HttpConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, HttpConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = self.inner.call(dst.clone());
-        let cluster = Arc::clone(&self.cluster);
-        Box::pin(async move {
-            let io = connecting.await?;
-            // The authority is a configured endpoint's `ip:port`, a bounded label value.
-            let endpoint = dst.authority().map_or_else(String::new, |a| a.to_string());
-            metrics::counter!(m::UPSTREAM_CONNECTS,
-                "cluster" => cluster.to_string(), "endpoint" => endpoint)
-            .increment(1);
-            Ok(CountedIo {
-                inner: io,
-                uses: ConnectionUses(Arc::new(AtomicU64::new(0))),
-            })
-        })
-    }
-}
-
-/// An upstream TCP stream carrying its [`ConnectionUses`].
-#[derive(Debug)]
-struct CountedIo {
-    inner: HttpIo,
-    uses: ConnectionUses,
-}
-
-impl Connection for CountedIo {
-    fn connected(&self) -> Connected {
-        self.inner.connected().extra(self.uses.clone())
-    }
-}
-
-impl hyper::rt::Read for CountedIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for CountedIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-}
-
 fn authority(addr: SocketAddr) -> Authority {
     // A SocketAddr always formats as a valid authority (`1.2.3.4:80`, `[::1]:80`).
     addr.to_string()
         .parse()
         .unwrap_or_else(|_| Authority::from_static("invalid"))
+}
+
+/// A response body from either kind of upstream connection.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read from a pooled HTTP/1.1 connection by the task polling it.
+    H1(H1Body),
+    /// An HTTP/2 stream.
+    H2(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }

@@ -1,0 +1,997 @@
+//! HTTP/1.1 client codec on one pooled upstream connection ([`super::h1pool`]), run by the task
+//! that serves the downstream request: no per-request task hand-off.
+//!
+//! [`send`] writes the request head (and streams the body, watching for an early answer),
+//! then reads and parses the response head. The response body is an [`H1Body`], read from the
+//! socket when the downstream side polls it; read to its end, it returns the connection to the
+//! pool, dropped early it closes it.
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::body::{BodyError, RequestBody};
+use super::h1pool::{H1Conn, H1Pool, READ_BUF};
+
+/// Largest response head accepted (nginx's `proxy_buffer_size` is 4-8 KiB; be generous).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one response head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Largest read of a response body.
+const MAX_BODY_READ: usize = 256 * 1024;
+/// Request body chunks up to this size are copied next to their framing into one write.
+const COPY_CHUNK: usize = 4096;
+
+/// How an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The socket failed.
+    #[error("upstream i/o error")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection before a complete response head.
+    #[error("upstream closed the connection before a complete response head")]
+    Closed,
+    /// The peer closed the connection in the middle of the response body.
+    #[error("upstream closed the connection in the middle of the response body")]
+    Truncated,
+    /// The response head exceeded [`MAX_HEAD`].
+    #[error("upstream response head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// The response head did not parse.
+    #[error("invalid upstream response head")]
+    Parse(#[from] httparse::Error),
+    /// The response was malformed in another way.
+    #[error("invalid upstream response: {0}")]
+    Invalid(&'static str),
+    /// 101 Switching Protocols: lbd does not tunnel upgrades.
+    #[error("upstream switched protocols (101), which lbd does not support")]
+    Upgrade,
+    /// The client's request body failed.
+    #[error("request body failed")]
+    Body(#[source] BodyError),
+    /// The client's request body ended before its declared length.
+    #[error("request body ended before its content-length")]
+    BodyLength,
+}
+
+/// A failed [`send`], with whether any response byte had arrived.
+#[derive(Debug)]
+pub struct SendFailure {
+    /// What failed.
+    pub error: H1Error,
+    /// Nothing came back from the upstream: on a reused connection the peer may have closed
+    /// it just before the request went out, so an empty-bodied request may go out again.
+    pub before_response: bool,
+}
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqFraming {
+    /// No body and no framing header.
+    None,
+    /// `content-length`.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the peer closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    parts: http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+    /// The rest of the request body, when the answer came before it was all sent (boxed:
+    /// rare, and it would double the size of every response body).
+    upload: Option<Box<Upload>>,
+}
+
+/// Sends the request (`parts` as prepared by the proxy, `body`) on `conn` and reads the
+/// response head. On success the caller turns the head into a response with [`Head::into_response`].
+pub async fn send(
+    conn: &mut H1Conn,
+    parts: &http::request::Parts,
+    body: RequestBody,
+) -> Result<Head, SendFailure> {
+    conn.received = false;
+    let head_req = parts.method == Method::HEAD;
+    match exchange(conn, parts, body, head_req).await {
+        Ok(h) => Ok(h),
+        Err(error) => Err(SendFailure {
+            error,
+            before_response: !conn.received,
+        }),
+    }
+}
+
+async fn exchange(
+    conn: &mut H1Conn,
+    parts: &http::request::Parts,
+    body: RequestBody,
+    head_req: bool,
+) -> Result<Head, H1Error> {
+    let framing = request_framing(&parts.method, &body);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    write_head(&mut conn.wbuf, &parts.method, pq, &parts.headers, framing);
+    if framing == ReqFraming::None {
+        conn.io.write_all(&conn.wbuf).await?;
+        return read_head(conn, head_req).await;
+    }
+    let mut upload = Upload {
+        body,
+        framing,
+        sent: 0,
+        line: [0; 18],
+        line_at: 0,
+        line_end: 0,
+        data: Bytes::new(),
+        tail: b"",
+        ended: false,
+        broken: None,
+    };
+    // A body that is already here (the common small POST) goes out with the head in one write.
+    if let Poll::Ready(first) =
+        poll_fn(|cx| Poll::Ready(Pin::new(&mut upload.body).poll_frame(cx))).await
+    {
+        match first {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    upload.sent += data.len() as u64;
+                    if data.len() <= COPY_CHUNK {
+                        encode_data(&mut conn.wbuf, &data, framing);
+                    } else {
+                        upload.stage(data);
+                    }
+                }
+                if upload.data.is_empty() && upload.body.is_end_stream() {
+                    upload.end()?;
+                    conn.wbuf.extend_from_slice(upload.tail);
+                    upload.tail = b"";
+                }
+            }
+            Some(Err(e)) => return Err(H1Error::Body(e)),
+            None => {
+                upload.end()?;
+                conn.wbuf.extend_from_slice(upload.tail);
+                upload.tail = b"";
+            }
+        }
+    }
+    conn.io.write_all(&conn.wbuf).await?;
+    if upload.finished() {
+        return read_head(conn, head_req).await;
+    }
+    // Send the rest while watching for the answer: a backend may answer before it has read
+    // the whole body (an early 413 or 401, or an echo that streams its answer back).
+    let mut head = poll_fn(|cx| poll_head_uploading(conn, &mut upload, head_req, cx)).await?;
+    if !upload.finished() {
+        head.upload = Some(Box::new(upload));
+    }
+    Ok(head)
+}
+
+/// Pushes the upload as far as it goes, then reads towards the response head.
+fn poll_head_uploading(
+    conn: &mut H1Conn,
+    upload: &mut Upload,
+    head_req: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, H1Error>> {
+    if let Poll::Ready(Err(e)) = upload.poll(&mut conn.io, cx) {
+        return Poll::Ready(Err(e));
+    }
+    loop {
+        if !conn.rbuf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.rbuf, &mut conn.spans, head_req)? {
+                return Poll::Ready(Ok(head));
+            }
+            if conn.rbuf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(H1Error::HeadTooLarge));
+            }
+        }
+        if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+            conn.rbuf.reserve(READ_BUF);
+        }
+        let read = std::pin::pin!(conn.io.read_buf(&mut conn.rbuf));
+        match ready!(read.poll(cx)) {
+            Ok(0) => {
+                // A write that failed first says more (the peer reset the connection).
+                let e = upload.broken.take().map_or(H1Error::Closed, H1Error::Io);
+                return Poll::Ready(Err(e));
+            }
+            Ok(_) => conn.received = true,
+            Err(e) => return Poll::Ready(Err(H1Error::Io(e))),
+        }
+    }
+}
+
+/// The part of a request body still to be sent, resumable from any point.
+#[derive(Debug)]
+struct Upload {
+    body: RequestBody,
+    framing: ReqFraming,
+    /// Body bytes taken from `body`.
+    sent: u64,
+    /// Chunk-size line of the staged chunk, `line[line_at..line_end]` still to write.
+    line: [u8; 18],
+    line_at: u8,
+    line_end: u8,
+    /// Staged data still to write.
+    data: Bytes,
+    /// CRLF after a chunk, or the last chunk, still to write.
+    tail: &'static [u8],
+    /// `body` is exhausted (what remains is staged).
+    ended: bool,
+    /// Writing failed: nothing more is sent; the response may still be read.
+    broken: Option<std::io::Error>,
+}
+
+impl Upload {
+    fn finished(&self) -> bool {
+        self.ended && !self.pending()
+    }
+
+    fn pending(&self) -> bool {
+        self.line_at < self.line_end || !self.data.is_empty() || !self.tail.is_empty()
+    }
+
+    /// Stages one data frame with its framing.
+    fn stage(&mut self, data: Bytes) {
+        if self.framing == ReqFraming::Chunked {
+            let mut n = data.len() as u64;
+            let mut i = 16;
+            self.line[16] = b'\r';
+            self.line[17] = b'\n';
+            loop {
+                i -= 1;
+                self.line[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+                n >>= 4;
+                if n == 0 {
+                    break;
+                }
+            }
+            self.line_at = i as u8;
+            self.line_end = 18;
+            self.tail = b"\r\n";
+        }
+        self.data = data;
+    }
+
+    /// The body ended: stages the last chunk and checks a declared length was met.
+    fn end(&mut self) -> Result<(), H1Error> {
+        self.ended = true;
+        match self.framing {
+            ReqFraming::Chunked => self.tail = b"0\r\n\r\n",
+            ReqFraming::Length(n) if n != self.sent => return Err(H1Error::BodyLength),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes staged bytes and pulls further frames until the body is sent (`Ready(Ok)`), the
+    /// socket or the client's body is not ready (`Pending`), or the client's body fails.
+    /// A write error stops the upload quietly (it is kept in `broken`): the peer may have
+    /// answered and closed, and that answer is still worth reading.
+    fn poll(
+        &mut self,
+        io: &mut tokio::net::TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), H1Error>> {
+        use tokio::io::AsyncWrite as _;
+        if self.broken.is_some() {
+            return Poll::Pending;
+        }
+        loop {
+            while self.pending() {
+                let line = &self.line[self.line_at as usize..self.line_end as usize];
+                let slices = [
+                    std::io::IoSlice::new(line),
+                    std::io::IoSlice::new(&self.data),
+                    std::io::IoSlice::new(self.tail),
+                ];
+                let mut n = match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
+                    Ok(0) => {
+                        self.broken = Some(std::io::ErrorKind::WriteZero.into());
+                        return Poll::Pending;
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.broken = Some(e);
+                        return Poll::Pending;
+                    }
+                };
+                let from_line = n.min(line.len());
+                self.line_at += from_line as u8;
+                n -= from_line;
+                let from_data = n.min(self.data.len());
+                self.data.advance(from_data);
+                n -= from_data;
+                self.tail = &self.tail[n.min(self.tail.len())..];
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers are not forwarded over HTTP/1.1.
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        self.sent += data.len() as u64;
+                        self.stage(data);
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+                None => self.end()?,
+            }
+        }
+    }
+}
+
+/// Reads until a complete final response head is in the buffer.
+async fn read_head(conn: &mut H1Conn, head_req: bool) -> Result<Head, H1Error> {
+    loop {
+        if !conn.rbuf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.rbuf, &mut conn.spans, head_req)? {
+                return Ok(head);
+            }
+            if conn.rbuf.len() >= MAX_HEAD {
+                return Err(H1Error::HeadTooLarge);
+            }
+        }
+        if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+            conn.rbuf.reserve(READ_BUF);
+        }
+        if conn.io.read_buf(&mut conn.rbuf).await? == 0 {
+            return Err(H1Error::Closed);
+        }
+        conn.received = true;
+    }
+}
+
+/// The request's framing from its body: its exact size when known, chunked otherwise.
+fn request_framing(method: &Method, body: &RequestBody) -> ReqFraming {
+    if body.is_end_stream() {
+        // Like hyper's client: methods that normally carry a body say it is empty, since some
+        // servers refuse a POST without a length (411).
+        return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            ReqFraming::Length(0)
+        } else {
+            ReqFraming::None
+        };
+    }
+    match body.size_hint().exact() {
+        Some(n) => ReqFraming::Length(n),
+        None => ReqFraming::Chunked,
+    }
+}
+
+/// Writes the request head into `buf` (cleared first): the headers as given, except the
+/// framing ones, which follow from `framing`.
+fn write_head(
+    buf: &mut Vec<u8>,
+    method: &Method,
+    pq: &str,
+    headers: &HeaderMap,
+    framing: ReqFraming,
+) {
+    buf.clear();
+    buf.extend_from_slice(method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(pq.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            push_decimal(buf, n);
+            buf.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Appends one body chunk with its framing.
+fn encode_data(buf: &mut Vec<u8>, data: &[u8], framing: ReqFraming) {
+    if framing == ReqFraming::Chunked {
+        push_hex(buf, data.len() as u64);
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(b"\r\n");
+    } else {
+        buf.extend_from_slice(data);
+    }
+}
+
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+fn push_hex(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// Parses a final response head off the front of `rbuf`, skipping interim (1xx) responses.
+/// `None` while the head is incomplete.
+/// `spans` is scratch space kept by the connection (header positions, found while the parser
+/// borrows `rbuf`).
+fn parse_head(
+    rbuf: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
+    head_req: bool,
+) -> Result<Option<Head>, H1Error> {
+    loop {
+        spans.clear();
+        let (len, code, minor) =
+            {
+                // Uninitialised: an initialised array of MAX_HEADERS headers costs a 4 KiB memset
+                // per response.
+                let mut headers =
+                    [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+                let mut res = httparse::Response::new(&mut []);
+                let len = match httparse::ParserConfig::default()
+                    .parse_response_with_uninit_headers(&mut res, rbuf, &mut headers)?
+                {
+                    httparse::Status::Complete(len) => len,
+                    httparse::Status::Partial => return Ok(None),
+                };
+                let code = res.code.unwrap_or(0);
+                let minor = res.version.unwrap_or(1);
+                let base = rbuf.as_ptr() as usize;
+                for h in res.headers.iter() {
+                    let name = h.name.as_ptr() as usize - base;
+                    let value = h.value.as_ptr() as usize - base;
+                    spans.push([name, name + h.name.len(), value, value + h.value.len()]);
+                }
+                (len, code, minor)
+            };
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(H1Error::Upgrade);
+            }
+            // 100 Continue, 103 Early Hints: the final answer follows.
+            rbuf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("status code"))?;
+        let raw = rbuf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut transfer_encoding = false;
+        let mut close = false;
+        let mut keep_alive = false;
+        for &[ns, ne, vs, ve] in spans.iter() {
+            let name = HeaderName::from_bytes(&raw[ns..ne])
+                .map_err(|_| H1Error::Invalid("header name"))?;
+            let value_bytes = &raw[vs..ve];
+            if name == header::CONTENT_LENGTH {
+                let n = parse_length(value_bytes)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Invalid("conflicting content-length"));
+                }
+                length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                transfer_encoding = true;
+                // Chunked must be the final coding (RFC 9112 §6.3 item 4).
+                chunked = last_token(value_bytes).eq_ignore_ascii_case(b"chunked");
+            } else if name == header::CONNECTION {
+                for token in value_bytes.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
+                .map_err(|_| H1Error::Invalid("header value"))?;
+            headers.append(name, value);
+        }
+        let framing =
+            if head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+                Framing::Empty
+            } else if transfer_encoding {
+                if chunked {
+                    Framing::Chunked
+                } else {
+                    Framing::Close
+                }
+            } else {
+                match length {
+                    Some(0) => Framing::Empty,
+                    Some(n) => Framing::Length(n),
+                    None => Framing::Close,
+                }
+            };
+        let keep_alive = framing != Framing::Close
+            // Both framings at once smells of request smuggling: use it once only.
+            && !(transfer_encoding && length.is_some())
+            && if minor == 0 { keep_alive && !close } else { !close };
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = if minor == 0 {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        };
+        *resp.headers_mut() = headers;
+        let (parts, ()) = resp.into_parts();
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+            upload: None,
+        }));
+    }
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, H1Error> {
+    // A list of equal values ("5, 5") is allowed by RFC 9110 §8.6; anything else is not.
+    let mut value = None;
+    for part in v.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(H1Error::Invalid("content-length"));
+        }
+        let n = part
+            .iter()
+            .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
+        if value.is_some_and(|v| v != n) {
+            return Err(H1Error::Invalid("conflicting content-length"));
+        }
+        value = Some(n);
+    }
+    value.ok_or(H1Error::Invalid("content-length"))
+}
+
+fn last_token(v: &[u8]) -> &[u8] {
+    v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii()
+}
+
+impl Head {
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        self.parts.status
+    }
+
+    /// The response with its body read from `conn`; a body that is already complete (empty,
+    /// or all in the buffer) returns the connection to `pool` right away.
+    pub fn into_response(self, conn: H1Conn, pool: &Arc<H1Pool>) -> http::Response<H1Body> {
+        let state = match self.framing {
+            Framing::Empty => State::Length(0),
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::Close => State::Close,
+        };
+        let mut body = H1Body {
+            conn: Some(conn),
+            pool: Arc::clone(pool),
+            state,
+            keep_alive: self.keep_alive,
+            ready: None,
+            read_size: READ_BUF,
+            upload: self.upload,
+        };
+        body.prefetch();
+        http::Response::from_parts(self.parts, body)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Bytes left of a `content-length` body.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until EOF.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes left of the current chunk.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// Expecting the trailer section after the last chunk.
+    Trailers,
+}
+
+/// An upstream HTTP/1.1 response body, read from the connection as it is polled.
+#[derive(Debug)]
+pub struct H1Body {
+    /// Until the body ends: then returned to the pool, or dropped.
+    conn: Option<H1Conn>,
+    pool: Arc<H1Pool>,
+    state: State,
+    keep_alive: bool,
+    /// Data already taken out of the buffer (the whole body, when it came with the head).
+    ready: Option<Bytes>,
+    /// Bytes to make room for before each read of the body (grows while reads fill it).
+    read_size: usize,
+    /// The rest of the request body, sent as the response is read (full duplex).
+    upload: Option<Box<Upload>>,
+}
+
+/// What the buffered bytes allow without reading.
+enum Step {
+    Data(Bytes),
+    Done,
+    NeedMore,
+}
+
+impl H1Body {
+    /// If the whole body is already buffered, takes it out and releases the connection.
+    fn prefetch(&mut self) {
+        match self.step(true) {
+            Ok(Step::Data(d)) => {
+                self.ready = Some(d);
+                self.settle();
+            }
+            Ok(Step::Done) => self.release(),
+            Ok(Step::NeedMore) | Err(_) => {}
+        }
+    }
+
+    /// Advances over framing in the buffer: the next data, the end, or a need for more bytes.
+    /// With `take_data` false it stops before any data (reporting `NeedMore`).
+    fn step(&mut self, take_data: bool) -> Result<Step, H1Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Step::Done);
+        };
+        let buf = &mut conn.rbuf;
+        loop {
+            match &mut self.state {
+                State::Done => return Ok(Step::Done),
+                State::Length(0) => {
+                    self.state = State::Done;
+                }
+                State::Length(left) | State::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() || !take_data {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = (*left).min(buf.len() as u64);
+                    *left -= n;
+                    let data = buf.split_to(n as usize).freeze();
+                    if let State::Chunked(c) = &mut self.state
+                        && *c == Chunk::Data(0)
+                    {
+                        *c = Chunk::DataEnd;
+                    }
+                    return Ok(Step::Data(data));
+                }
+                State::Close => {
+                    if buf.is_empty() || !take_data {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                State::Chunked(Chunk::Size) => {
+                    match httparse::parse_chunk_size(buf)
+                        .map_err(|_| H1Error::Invalid("chunk size"))?
+                    {
+                        httparse::Status::Complete((used, size)) => {
+                            buf.advance(used);
+                            self.state = State::Chunked(if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            });
+                        }
+                        httparse::Status::Partial if buf.len() > MAX_CHUNK_LINE => {
+                            return Err(H1Error::Invalid("chunk size line too long"));
+                        }
+                        httparse::Status::Partial => return Ok(Step::NeedMore),
+                    }
+                }
+                State::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Invalid("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = State::Chunked(Chunk::Size);
+                }
+                State::Chunked(Chunk::Trailers) => {
+                    // Trailer fields are dropped: HTTP/1.1 clients rarely accept them.
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = State::Done;
+                    } else if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.advance(end + 4);
+                        self.state = State::Done;
+                    } else if buf.len() > MAX_CHUNK_LINE {
+                        return Err(H1Error::Invalid("trailer section too long"));
+                    } else {
+                        return Ok(Step::NeedMore);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After data was handed out: if only framing remains and it is buffered, the body is
+    /// complete, so the connection goes back to the pool before the last frame is even sent.
+    fn settle(&mut self) {
+        match self.step(false) {
+            Ok(Step::Done) => self.release(),
+            Ok(Step::Data(_) | Step::NeedMore) => {}
+            Err(_) => {
+                // Framing error after the data: the next poll reports it.
+            }
+        }
+    }
+
+    /// The body is complete: the connection goes back to the pool if it can carry another
+    /// request, else it is closed.
+    fn release(&mut self) {
+        self.state = State::Done;
+        // An upload still under way (the answer came early) leaves the connection mid-request.
+        let upload = self.upload.take();
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && upload.is_none_or(|u| u.finished())
+        {
+            self.pool.checkin(conn);
+        }
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            match upload.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(e)) => return this.fail(e),
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            match this.step(true) {
+                Ok(Step::Data(data)) => {
+                    this.settle();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Done) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(e) => return this.fail(e),
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if conn.rbuf.capacity() - conn.rbuf.len() < this.read_size {
+                conn.rbuf.reserve(this.read_size);
+            }
+            let spare = conn.rbuf.capacity() - conn.rbuf.len();
+            // The read future holds no state of its own: polled once here and dropped.
+            let read = std::pin::pin!(conn.io.read_buf(&mut conn.rbuf));
+            match ready!(read.poll(cx)) {
+                Ok(0) if this.state == State::Close => {
+                    // Close-delimited: EOF is the end; the connection is spent.
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(H1Error::Truncated),
+                Ok(n) => {
+                    // A read that filled the buffer: a big body is streaming, read more at a
+                    // time (fewer reads and frames), like hyper's adaptive read buffer.
+                    if n >= spare && this.read_size < MAX_BODY_READ {
+                        this.read_size *= 2;
+                    }
+                }
+                Err(e) => return this.fail(H1Error::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_none() && self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ready = self.ready.as_ref().map_or(0, |d| d.len() as u64);
+        match self.state {
+            State::Done => SizeHint::with_exact(ready),
+            State::Length(n) => SizeHint::with_exact(ready + n),
+            _ => {
+                let mut h = SizeHint::new();
+                h.set_lower(ready);
+                h
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8], head_req: bool) -> Result<Option<Head>, H1Error> {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, &mut Vec::new(), head_req)
+    }
+
+    #[test]
+    fn request_head_is_written_with_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut buf = Vec::new();
+        write_head(
+            &mut buf,
+            &Method::POST,
+            "/p?q=1",
+            &headers,
+            ReqFraming::Length(12345),
+        );
+        assert_eq!(
+            std::str::from_utf8(&buf).expect("utf8"),
+            "POST /p?q=1 HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12345\r\n\r\n"
+        );
+        write_head(
+            &mut buf,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            ReqFraming::Chunked,
+        );
+        assert_eq!(
+            &buf[..],
+            b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let mut v = Vec::new();
+        push_hex(&mut v, 0x1f40);
+        push_decimal(&mut v, 0);
+        assert_eq!(&v[..], b"1f400");
+    }
+
+    #[test]
+    fn partial_head_waits_and_1xx_is_skipped() {
+        assert!(
+            head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+                .expect("ok")
+                .is_none()
+        );
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi"[..],
+        );
+        let h = parse_head(&mut buf, &mut Vec::new(), false)
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.status(), StatusCode::CREATED);
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+        assert_eq!(&buf[..], b"hi");
+        assert_eq!(h.parts.headers["content-length"], "2");
+    }
+
+    #[test]
+    fn framing_follows_rfc9112() {
+        let f = |raw: &[u8], head_req| head(raw, head_req).expect("ok").expect("complete");
+        let h = f(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let h = f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = f(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true);
+        assert_eq!(h.framing, Framing::Empty);
+        let h = f(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Empty);
+        let h = f(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = f(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+            false,
+        );
+        assert!(!h.keep_alive);
+        let h = f(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false);
+        assert!(!h.keep_alive);
+        assert_eq!(h.parts.version, http::Version::HTTP_10);
+        let h = f(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: Keep-Alive\r\n\r\n",
+            false,
+        );
+        assert!(h.keep_alive);
+        let h = f(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false);
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn bad_heads_are_errors() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTP/1.1 200 OK\r\n\r\n",
+        ] {
+            assert!(
+                head(raw, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! HTTP/1.1 upstream connections: per endpoint a LIFO stack of idle keep-alive connections.
+//!
+//! Why not hyper-util's pooled client: it runs each upstream connection in its own task and
+//! hands every request and response across channels (oneshot, want/giver, pool mutex), so each
+//! request costs several task wake-ups. Here the downstream connection's task takes an idle
+//! connection from the stack, writes the request and reads the answer itself
+//! ([`super::h1client`]); the response body returns the connection when it has been read to its
+//! end. The most recently used connection is taken first (LIFO): it is the least likely to have
+//! been closed by the peer's idle timeout, and the older ones can expire.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+use super::h2pool::BoxError;
+
+/// Initial read buffer of a connection; it only grows for a response head that needs more.
+pub const READ_BUF: usize = 8 * 1024;
+
+/// A read buffer larger than this is not kept in the pool (a big head or body grew it).
+const KEEP_READ_BUF: usize = 4 * READ_BUF;
+
+/// Pool limits.
+#[derive(Debug, Clone, Copy)]
+pub struct H1PoolConfig {
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint (0 = none: every request opens a connection).
+    pub max_idle: usize,
+}
+
+/// The idle connections of every endpoint of one cluster.
+#[derive(Debug)]
+pub struct H1Pool {
+    config: H1PoolConfig,
+    cluster: Arc<str>,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    address: SocketAddr,
+    /// Idle connections, the most recently used last.
+    idle: Mutex<Vec<H1Conn>>,
+}
+
+/// One upstream HTTP/1.1 connection and its buffers, which live as long as the connection so
+/// requests on it do not allocate them again.
+#[derive(Debug)]
+pub struct H1Conn {
+    /// The socket (`TCP_NODELAY` set).
+    pub(super) io: TcpStream,
+    /// Bytes read but not consumed yet. Empty whenever the connection is idle.
+    pub(super) rbuf: BytesMut,
+    /// The request head being written.
+    pub(super) wbuf: Vec<u8>,
+    /// Header positions while a response head is parsed (scratch, kept for its capacity).
+    pub(super) spans: Vec<[usize; 4]>,
+    /// Some byte of the current request's response arrived (decides whether a failed request
+    /// may be sent again).
+    pub(super) received: bool,
+    /// Endpoint index in its pool.
+    pub(super) endpoint: usize,
+    /// When the connection was returned to the pool.
+    idle_since: Instant,
+}
+
+impl H1Conn {
+    /// Whether the peer closed (or wrote to) this idle connection. Costs no system call unless
+    /// the reactor has seen the socket become readable since the last read drained it.
+    fn peer_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        // Readable with EOF (closed), with bytes (nothing may arrive on an idle connection),
+        // or with an error: unusable either way.
+        !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+impl H1Pool {
+    /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
+    pub fn new(cluster: &str, addresses: &[SocketAddr], config: H1PoolConfig) -> Self {
+        H1Pool {
+            config,
+            cluster: Arc::from(cluster),
+            endpoints: addresses
+                .iter()
+                .map(|&address| Endpoint {
+                    address,
+                    idle: Mutex::new(Vec::new()),
+                })
+                .collect(),
+        }
+    }
+
+    /// An idle connection to endpoint `idx` that is still open, if any. Expired and closed
+    /// connections met on the way are dropped.
+    pub fn checkout(&self, idx: usize) -> Option<H1Conn> {
+        let ep = self.endpoints.get(idx)?;
+        let now = Instant::now();
+        loop {
+            let conn = {
+                let mut idle = ep.idle.lock().ok()?;
+                let conn = idle.pop()?;
+                if now.duration_since(conn.idle_since) >= self.config.idle_timeout {
+                    // The stack is ordered by last use: everything below is older still.
+                    let expired = std::mem::take(&mut *idle);
+                    drop(idle);
+                    drop(expired);
+                    return None;
+                }
+                conn
+            };
+            if !conn.peer_closed() {
+                return Some(conn);
+            }
+            tracing::debug!(endpoint = %ep.address, "pooled h1 upstream connection closed by the peer");
+        }
+    }
+
+    /// Opens a new connection to endpoint `idx` (within the connect timeout).
+    pub async fn connect(&self, idx: usize) -> Result<H1Conn, BoxError> {
+        let Some(ep) = self.endpoints.get(idx) else {
+            return Err("no such endpoint".into());
+        };
+        let io =
+            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(ep.address))
+                .await
+            {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => return Err(Box::new(e)),
+                Err(_) => {
+                    return Err(format!(
+                        "connect to {} timed out after {:?}",
+                        ep.address, self.config.connect_timeout
+                    )
+                    .into());
+                }
+            };
+        io.set_nodelay(true)?;
+        metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
+            "cluster" => self.cluster.to_string(), "endpoint" => ep.address.to_string())
+        .increment(1);
+        Ok(H1Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_BUF),
+            wbuf: Vec::with_capacity(1024),
+            spans: Vec::new(),
+            received: false,
+            endpoint: idx,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Returns a connection whose last response was read completely (and nothing more).
+    /// Beyond `max_idle` idle connections it is closed instead.
+    pub fn checkin(&self, mut conn: H1Conn) {
+        if !conn.rbuf.is_empty() {
+            return;
+        }
+        let Some(ep) = self.endpoints.get(conn.endpoint) else {
+            return;
+        };
+        if conn.rbuf.capacity() > KEEP_READ_BUF {
+            conn.rbuf = BytesMut::with_capacity(READ_BUF);
+        }
+        conn.idle_since = Instant::now();
+        let Ok(mut idle) = ep.idle.lock() else {
+            return;
+        };
+        if idle.len() < self.config.max_idle {
+            idle.push(conn);
+            return;
+        }
+        // Closed outside the lock.
+        drop(idle);
+        drop(conn);
+    }
+
+    /// Closes idle connections past `idle_timeout` or closed by their peer; without this
+    /// they would only be dropped when their endpoint is next used.
+    pub fn reap_idle(&self) {
+        let now = Instant::now();
+        for ep in &self.endpoints {
+            let stale: Vec<H1Conn> = {
+                let Ok(mut idle) = ep.idle.lock() else {
+                    continue;
+                };
+                let mut stale = Vec::new();
+                let mut i = 0;
+                while i < idle.len() {
+                    let c = &idle[i];
+                    if now.duration_since(c.idle_since) >= self.config.idle_timeout
+                        || c.peer_closed()
+                    {
+                        stale.push(idle.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                stale
+            };
+            drop(stale);
+        }
+    }
+
+    /// Runs [`H1Pool::reap_idle`] periodically while `pool` is alive (needs a tokio runtime;
+    /// without one, idle connections are dropped on use only).
+    pub fn spawn_reaper(pool: &Arc<H1Pool>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let period = (pool.config.idle_timeout / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let weak = Arc::downgrade(pool);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap_idle();
+            }
+        });
+    }
+
+    /// Idle connections kept for endpoint `idx` (for tests).
+    pub fn idle(&self, idx: usize) -> usize {
+        self.endpoints
+            .get(idx)
+            .and_then(|e| e.idle.lock().ok().map(|c| c.len()))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checkout_skips_closed_and_expired_connections_and_caps_idle() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let config = H1PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_millis(300),
+            max_idle: 2,
+        };
+        let pool = H1Pool::new("c", &[addr], config);
+        let mut conns = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.connect(0).await.expect("connect"));
+            peers.push(l.accept().await.expect("accept").0);
+        }
+        let ports: Vec<u16> = conns
+            .iter()
+            .map(|c| c.io.local_addr().expect("addr").port())
+            .collect();
+        for c in conns {
+            pool.checkin(c);
+        }
+        // The third is beyond max_idle and closed.
+        assert_eq!(pool.idle(0), 2);
+        // The peer closes the most recent idle one: it is passed over.
+        drop(peers.remove(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = pool
+            .checkout(0)
+            .expect("the first connection is still open");
+        assert_eq!(c.io.local_addr().expect("addr").port(), ports[0]);
+        assert_eq!(pool.idle(0), 0);
+        // Back in the pool, then idle past the timeout: not handed out again.
+        pool.checkin(c);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(pool.checkout(0).is_none());
+        assert!(pool.checkout(1).is_none(), "no such endpoint");
+    }
+}

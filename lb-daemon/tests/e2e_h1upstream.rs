@@ -1,0 +1,617 @@
+//! lbd's own HTTP/1.1 upstream client against raw TCP backends written here, so the exact bytes
+//! on the wire (split chunks, interim responses, early answers, closes) are under the test's
+//! control.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use lb_tests::client::H1;
+use lb_tests::{Lbd, free_addr, prom};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lbd"))
+}
+
+fn config(listen: SocketAddr, admin: SocketAddr, backend: SocketAddr) -> String {
+    config_with(listen, admin, backend, "")
+}
+
+fn config_with(listen: SocketAddr, admin: SocketAddr, backend: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[global]
+drain_timeout = "1s"
+
+[admin]
+bind = "{admin}"
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "all"
+cluster = "raw"
+
+[[clusters]]
+name = "raw"
+{extra}
+[[clusters.endpoints]]
+address = "{backend}"
+"#
+    )
+}
+
+/// One request as the raw backend saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads one request (head, and a content-length or chunked body) off `s`; `None` at EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Seen> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(cl) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let n: usize = cl.trim().parse().expect("content-length");
+        while buf.len() < n {
+            let mut chunk = [0u8; 65536];
+            let r = s.read(&mut chunk).await.ok()?;
+            if r == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..r]);
+        }
+        body.extend(buf.drain(..n));
+    } else if lower.contains("transfer-encoding: chunked") {
+        // Good enough for tests: read until the last chunk and decode.
+        loop {
+            if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                let raw: Vec<u8> = buf.drain(..i + 5).collect();
+                let mut rest = &raw[..];
+                loop {
+                    let line_end = rest
+                        .windows(2)
+                        .position(|w| w == b"\r\n")
+                        .expect("size line");
+                    let size = usize::from_str_radix(
+                        std::str::from_utf8(&rest[..line_end]).expect("hex"),
+                        16,
+                    )
+                    .expect("chunk size");
+                    rest = &rest[line_end + 2..];
+                    if size == 0 {
+                        break;
+                    }
+                    body.extend_from_slice(&rest[..size]);
+                    rest = &rest[size + 2..];
+                }
+                break;
+            }
+            let mut chunk = [0u8; 65536];
+            let r = s.read(&mut chunk).await.ok()?;
+            if r == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..r]);
+        }
+    }
+    Some(Seen { head, body })
+}
+
+/// A raw backend: `serve(connection index, stream)` runs for every accepted connection.
+struct Raw {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Raw {
+    async fn start<F, Fut>(serve: F) -> Raw
+    where
+        F: Fn(usize, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let i = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(i, s));
+            }
+        });
+        Raw { addr, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Writes `parts` with a pause between them, so they arrive in separate reads.
+async fn write_split(s: &mut TcpStream, parts: &[&[u8]]) {
+    for p in parts {
+        if s.write_all(p).await.is_err() {
+            return;
+        }
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+async fn scrape(client: &H1, admin: SocketAddr) -> prom::Exposition {
+    let r = client.get(admin, "/metrics", None).await.expect("metrics");
+    assert_eq!(r.status, 200);
+    prom::parse(&r.text()).expect("exposition")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_split_across_reads_and_connection_reused() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            if req.head.starts_with("GET /chunked") {
+                write_split(
+                    &mut s,
+                    &[
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-backend: raw\r\n",
+                        b"\r\n5\r\nhel",
+                        b"lo\r\n6;ext=1\r\n world\r",
+                        b"\n0\r\n",
+                        b"x-trailer: t\r\n\r\n",
+                    ],
+                )
+                .await;
+            } else {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    let r = client.get(listen, "/chunked", None).await.expect("chunked");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello world");
+    assert_eq!(r.backend(), "raw");
+    // The chunked body was read to its end: the connection went back to the pool.
+    let r = client.get(listen, "/plain", None).await.expect("plain");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(raw.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_sequential_requests_use_one_upstream_connection() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while read_request(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                .await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    for i in 0..10 {
+        let r = client.get(listen, "/", None).await.expect("request");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "hello"),
+            "#{i}"
+        );
+    }
+    assert_eq!(raw.accepted(), 1);
+    let e = scrape(&client, admin).await;
+    let ep = raw.addr.to_string();
+    assert_eq!(
+        e.value(
+            "lbd_upstream_connections_opened_total",
+            &[("cluster", "raw"), ("endpoint", &ep)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value("lbd_upstream_requests_reused_total", &[("cluster", "raw")]),
+        Some(9.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_100_continue_then_final_response() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            let body = String::from_utf8_lossy(&req.body).into_owned();
+            let resp = format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+                 HTTP/1.1 201 Created\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            write_split(&mut s, &[&resp.as_bytes()[..30], &resp.as_bytes()[30..]]).await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    for _ in 0..2 {
+        let req = Request::post("/upload")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .expect("request");
+        let r = client.send(listen, req).await.expect("post");
+        assert_eq!(r.status, 201);
+        assert_eq!(r.text(), "payload");
+    }
+    assert_eq!(raw.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_response_with_content_length_has_no_body() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            let resp: &[u8] = if req.head.starts_with("HEAD ") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nget"
+            };
+            let _ = s.write_all(resp).await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    let req = Request::builder()
+        .method(Method::HEAD)
+        .uri("/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = client.send(listen, req).await.expect("head");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], "1234");
+    assert!(r.body.is_empty());
+    // Had lbd waited for 1234 body bytes, this would hang or get them mixed up.
+    let r = client.get(listen, "/", None).await.expect("get");
+    assert_eq!(r.text(), "get");
+    assert_eq!(raw.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_body_is_read_to_eof() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut s, &mut buf).await.is_some() {
+            write_split(
+                &mut s,
+                &[
+                    b"HTTP/1.1 200 OK\r\nx-backend: raw\r\n\r\nuntil ",
+                    b"the end",
+                ],
+            )
+            .await;
+        }
+        // Dropping the stream closes it: the end of the body.
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    for _ in 0..2 {
+        let r = client.get(listen, "/", None).await.expect("get");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "until the end");
+    }
+    // Such a connection cannot be reused.
+    assert_eq!(raw.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_stops_a_large_upload() {
+    let read_by_backend = Arc::new(AtomicUsize::new(0));
+    let read_count = Arc::clone(&read_by_backend);
+    let raw = Raw::start(move |_, mut s| {
+        let read_count = Arc::clone(&read_count);
+        async move {
+            // Read the head only, answer, and keep the connection open without reading on.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            read_count.store(buf.len(), Ordering::SeqCst);
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n",
+                )
+                .await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+
+    // A raw client: it uploads 64 MiB slowly enough to be interrupted, reading the answer
+    // concurrently.
+    let total: usize = 64 << 20;
+    let s = TcpStream::connect(listen).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.expect("head");
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let mut resp = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&resp).contains("too big") && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(20), rd.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => resp.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("too big"), "{text}");
+    writer.abort();
+    assert_eq!(raw.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closed_by_backend_is_retried_on_a_new_connection() {
+    // Connection 0 answers one request, then reads the next and closes without answering:
+    // the keep-alive race where the backend's idle close crosses lbd's next request.
+    let raw = Raw::start(|i, mut s| async move {
+        let mut buf = Vec::new();
+        let mut served = 0;
+        while read_request(&mut s, &mut buf).await.is_some() {
+            if i == 0 && served == 1 {
+                return;
+            }
+            let body = format!("conn{i}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            served += 1;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    let r = client.get(listen, "/", None).await.expect("first");
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "conn0"));
+    let r = client.get(listen, "/", None).await.expect("second");
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "conn1"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(raw.accepted(), 2);
+
+    // A POST with a body is not repeated: the client sees the failure.
+    let raw2 = Raw::start(|i, mut s| async move {
+        let mut buf = Vec::new();
+        let mut served = 0;
+        while read_request(&mut s, &mut buf).await.is_some() {
+            if i == 0 && served == 1 {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            served += 1;
+        }
+    })
+    .await;
+    let (listen2, admin2) = (free_addr(), free_addr());
+    let _lbd2 = Lbd::start(bin(), &config(listen2, admin2, raw2.addr));
+    let post = || {
+        Request::post("/")
+            .body(Full::new(Bytes::from_static(b"data")))
+            .expect("request")
+    };
+    let r = client.send(listen2, post()).await.expect("first post");
+    assert_eq!(r.status, 200);
+    let r = client.send(listen2, post()).await.expect("second post");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.lbd_error(), "upstream_reset");
+    assert_eq!(raw2.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_closed_by_backend_is_not_used() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+        // Closed right after one answer, without saying so.
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    for i in 0..3 {
+        let r = client.get(listen, "/", None).await.expect("get");
+        assert_eq!(r.status, 200, "#{i}: {:?}", r.headers);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(raw.accepted(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_framed() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            let framing = if req.head.contains("transfer-encoding: chunked") {
+                "chunked"
+            } else if req.head.contains("content-length:") {
+                "length"
+            } else {
+                "none"
+            };
+            let body = format!("{framing}:{}", String::from_utf8_lossy(&req.body));
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+
+    // Content-length body, and an empty POST (which still says its length).
+    let client = H1::new();
+    let req = Request::post("/")
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .expect("request");
+    assert_eq!(
+        client.send(listen, req).await.expect("post").text(),
+        "length:abc"
+    );
+    let req = Request::post("/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(
+        client.send(listen, req).await.expect("post").text(),
+        "length:"
+    );
+    assert_eq!(
+        client.get(listen, "/", None).await.expect("get").text(),
+        "none:"
+    );
+
+    // A chunked body from the client stays chunked upstream, big chunks included.
+    let big = "y".repeat(100_000);
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let req = format!(
+        "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+        .await
+        .expect("timeout")
+        .expect("read");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(
+        text.ends_with(&format!("chunked:abc{big}")),
+        "{}",
+        &text[..200]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_expire_and_max_idle_caps_the_pool() {
+    // Each connection reports when lbd closes it.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let raw = Raw::start(move |i, mut s| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_request(&mut s, &mut buf).await {
+                if req.head.starts_with("GET /slow") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = closed_tx.send((i, Instant::now()));
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let extra = "[clusters.timeouts]\nidle = \"400ms\"\n[clusters.pool]\nmax_idle = 1\n";
+    let _lbd = Lbd::start(bin(), &config_with(listen, admin, raw.addr, extra));
+
+    // Two concurrent requests need two upstream connections; only one may stay idle.
+    let (c1, c2) = (H1::new(), H1::new());
+    let start = Instant::now();
+    let (a, b) = tokio::join!(c1.get(listen, "/slow", None), c2.get(listen, "/slow", None));
+    assert_eq!(a.expect("a").status, 200);
+    assert_eq!(b.expect("b").status, 200);
+    let done = Instant::now();
+    assert_eq!(raw.accepted(), 2);
+    let first = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("one connection closed")
+        .expect("closed");
+    assert!(
+        first.1 < done + Duration::from_millis(300),
+        "the connection beyond max_idle is closed at once, not after the idle timeout"
+    );
+    // The idle one is closed by the reaper once `timeouts.idle` has passed, without traffic.
+    let second = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("idle connection closed by the reaper")
+        .expect("closed");
+    // Returned to the pool after the backend's 300 ms, then idle for 400 ms.
+    assert!(
+        second.1 >= start + Duration::from_millis(700),
+        "closed {:?} after the requests started",
+        second.1 - start
+    );
+}
