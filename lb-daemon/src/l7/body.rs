@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::downstream::{DownstreamBody, DownstreamError};
 use super::log::RequestLog;
 
 /// Why a body stream failed.
@@ -22,9 +23,9 @@ pub enum BodyError {
         /// The configured limit.
         limit: u64,
     },
-    /// The peer's stream failed.
+    /// The client's stream failed.
     #[error(transparent)]
-    Stream(#[from] hyper::Error),
+    Stream(#[from] DownstreamError),
     /// A retried attempt took over the client body.
     #[error("request body taken over by a retry")]
     Superseded,
@@ -45,7 +46,7 @@ pub enum RequestBody {
     /// The client's body.
     Stream {
         /// Body from the client.
-        inner: Incoming,
+        inner: DownstreamBody,
         /// `max_body_bytes`; 0 = unlimited.
         limit: u64,
         /// Bytes seen so far (shared with the access log).
@@ -68,7 +69,7 @@ pub enum RequestBody {
 /// A client body read once and kept (up to a limit) so a failed attempt can be repeated.
 #[derive(Debug)]
 pub struct Replay {
-    inner: Incoming,
+    inner: DownstreamBody,
     limit: u64,
     seen: Arc<AtomicU64>,
     /// Copy of the data read so far; dropped once it would exceed `keep`.
@@ -85,7 +86,12 @@ pub struct Replay {
 impl Replay {
     /// Wraps the client body `inner` (`limit`/`seen` as in [`RequestBody::Stream`]) keeping
     /// up to `keep` bytes for replays.
-    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>, keep: usize) -> Arc<Mutex<Self>> {
+    pub fn new(
+        inner: DownstreamBody,
+        limit: u64,
+        seen: Arc<AtomicU64>,
+        keep: usize,
+    ) -> Arc<Mutex<Self>> {
         Arc::new(Mutex::new(Replay {
             inner,
             limit,
