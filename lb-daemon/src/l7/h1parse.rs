@@ -124,7 +124,8 @@ pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, 
         Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Bad("bad_method"))?;
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
         .map_err(|_| HeadError::Bad("bad_uri"))?;
-    let mut headers = HeaderMap::with_capacity(n);
+    // Room for the forwarding headers the proxy adds, so that does not regrow the map.
+    let mut headers = HeaderMap::with_capacity(n + 4);
     for &((ns, ne), (vs, ve)) in &spans[..n] {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| HeadError::Bad("bad_header"))?;

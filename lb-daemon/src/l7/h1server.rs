@@ -94,15 +94,17 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
                 Err(reason) => return End::Closed(reason),
             }
             rbuf.reserve(HEAD_BUF);
-            match stream.try_read_buf(&mut rbuf) {
-                Ok(0) => return End::Closed(CloseReason::Client),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // A polled read (not `try_read`): a short read clears the socket's readiness, so
+            // the next wait for input does not start with a read that finds nothing.
+            match stream.read_buf(&mut rbuf).now_or_never() {
+                Some(Ok(0)) => return End::Closed(CloseReason::Client),
+                Some(Ok(_)) => {}
+                None => {
                     // Spurious readiness: give the buffer back and wait again.
                     rbuf = BytesMut::new();
                     continue;
                 }
-                Err(_) => return End::Closed(CloseReason::Error),
+                Some(Err(_)) => return End::Closed(CloseReason::Error),
             }
         }
         let deadline = Instant::now() + cx.limits.header_read_timeout;
@@ -455,11 +457,8 @@ async fn read_side(
         if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(HEAD_BUF);
         }
-        match rd.as_ref().try_read_buf(rbuf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+        if let Some(Ok(0) | Err(_)) = rd.read_buf(rbuf).now_or_never() {
+            return;
         }
     }
 }

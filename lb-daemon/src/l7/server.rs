@@ -407,3 +407,31 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole future of a connection is allocated for its whole life, idle or not, so
+    /// everything large (a request in flight, hyper's HTTP/2 connection) must stay boxed.
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let model = crate::config::load(std::path::Path::new("../configs/lb.toml")).expect("model");
+        let state = Arc::new(ArcSwap::from_pointee(Runtime::build(Arc::new(model), None)));
+        let (_tx, shutdown) = watch::channel(false);
+        let ctx = ListenerCtx {
+            bind: addr,
+            name: "t".into(),
+            state,
+            shutdown,
+            tracker: Arc::default(),
+            metrics: Arc::new(ConnMetrics::new("t")),
+        };
+        let fut = serve_connection(stream, addr, ctx);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2048, "connection future is {size} bytes");
+    }
+}
