@@ -77,6 +77,9 @@ pub(super) struct ConnCtx<'a> {
 }
 
 /// Serves HTTP/1.x requests on `stream` until it closes.
+///
+/// This future lives as long as the connection, so only the idle wait is inline; each request
+/// (head, exchange, error answers) runs in a boxed future that exists while it does.
 pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
     let mut rbuf = BytesMut::new();
     let mut first = true;
@@ -89,9 +92,8 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
             } else {
                 cx.limits.idle_timeout
             };
-            match wait_readable(&stream, wait, cx.shutdown).await {
-                Ok(()) => {}
-                Err(reason) => return End::Closed(reason),
+            if let Err(reason) = wait_readable(&stream, wait, cx.shutdown).await {
+                return End::Closed(reason);
             }
             rbuf.reserve(HEAD_BUF);
             // A polled read (not `try_read`): a short read clears the socket's readiness, so
@@ -107,59 +109,13 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
                 Some(Err(_)) => return End::Closed(CloseReason::Error),
             }
         }
-        let deadline = Instant::now() + cx.limits.header_read_timeout;
-        let head = loop {
-            if first && cx.sniff_h2 {
-                let n = rbuf.len().min(H2_PREFACE.len());
-                if rbuf[..n] == H2_PREFACE[..n] {
-                    if n == H2_PREFACE.len() {
-                        return End::H2(stream, rbuf.freeze());
-                    }
-                } else {
-                    first = false;
-                }
-            }
-            if !(first && cx.sniff_h2) {
-                match h1parse::parse_head(&mut rbuf, cx.limits.max_header_bytes) {
-                    Ok(Some(h)) => break h,
-                    Ok(None) => {}
-                    Err(e) => {
-                        let resp = proxy::local(e.status(), e.reason(), None, true);
-                        let wr = write_response(
-                            &mut stream,
-                            resp,
-                            &Method::GET,
-                            Version::HTTP_11,
-                            false,
-                            false,
-                        );
-                        if let Ok(Ok(_)) = tokio::time::timeout(DISCARD_TIME, Box::pin(wr)).await {
-                            Box::pin(linger(&mut stream)).await;
-                        }
-                        return End::Closed(CloseReason::Error);
-                    }
-                }
-            }
-            if rbuf.capacity() == rbuf.len() {
-                rbuf.reserve(rbuf.len().clamp(HEAD_BUF, 64 * 1024));
-            }
-            match tokio::time::timeout_at(deadline, stream.read_buf(&mut rbuf)).await {
-                // Slow headers (slowloris): closed without an answer, as hyper did.
-                Err(_elapsed) => return End::Closed(CloseReason::Error),
-                Ok(Ok(0)) => return End::Closed(CloseReason::Client),
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return End::Closed(CloseReason::Error),
-            }
-        };
-        first = false;
-        match Box::pin(exchange(&mut stream, &mut rbuf, head, &mut cx)).await {
+        match Box::pin(request(&mut stream, &mut rbuf, &mut cx, first)).await {
             Next::KeepAlive => {}
-            Next::Close(reason) => return End::Closed(reason),
-            Next::Linger(reason) => {
-                Box::pin(linger(&mut stream)).await;
-                return End::Closed(reason);
-            }
+            // (`request` lingers itself.)
+            Next::Close(reason) | Next::Linger(reason) => return End::Closed(reason),
+            Next::H2 => return End::H2(stream, rbuf.freeze()),
         }
+        first = false;
         if *cx.shutdown.borrow() {
             return End::Closed(CloseReason::Drain);
         }
@@ -172,15 +128,80 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
 }
 
 /// Waits until `stream` is readable, `wait` passes (idle timeout) or the listener drains.
+/// A hand-written poll keeps this (the state of every idle connection) small: the socket's
+/// own readiness slot instead of a `readable()` future, one timer, one drain watch.
 async fn wait_readable(
     stream: &TcpStream,
     wait: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), CloseReason> {
-    tokio::select! {
-        r = stream.readable() => r.map_err(|_| CloseReason::Error),
-        _ = tokio::time::sleep(wait) => Err(CloseReason::Idle),
-        _ = shutdown.wait_for(|s| *s) => Err(CloseReason::Drain),
+    let mut sleep = pin!(tokio::time::sleep(wait));
+    let mut drain = pin!(shutdown.wait_for(|s| *s));
+    poll_fn(|c| {
+        if let Poll::Ready(r) = stream.poll_read_ready(c) {
+            return Poll::Ready(r.map_err(|_| CloseReason::Error));
+        }
+        if drain.as_mut().poll(c).is_ready() {
+            return Poll::Ready(Err(CloseReason::Drain));
+        }
+        if sleep.as_mut().poll(c).is_ready() {
+            return Poll::Ready(Err(CloseReason::Idle));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Reads one request head (header timeout from its first byte) and serves the exchange.
+async fn request(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    cx: &mut ConnCtx<'_>,
+    first: bool,
+) -> Next {
+    let deadline = Instant::now() + cx.limits.header_read_timeout;
+    let mut sniff = first && cx.sniff_h2;
+    let head = loop {
+        if sniff {
+            let n = rbuf.len().min(H2_PREFACE.len());
+            if rbuf[..n] != H2_PREFACE[..n] {
+                sniff = false;
+            } else if n == H2_PREFACE.len() {
+                return Next::H2;
+            }
+        }
+        if !sniff {
+            match h1parse::parse_head(rbuf, cx.limits.max_header_bytes) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => {
+                    let resp = proxy::local(e.status(), e.reason(), None, true);
+                    let wr =
+                        write_response(stream, resp, &Method::GET, Version::HTTP_11, false, false);
+                    if let Ok(Ok(_)) = tokio::time::timeout(DISCARD_TIME, wr).await {
+                        linger(stream).await;
+                    }
+                    return Next::Close(CloseReason::Error);
+                }
+            }
+        }
+        if rbuf.capacity() == rbuf.len() {
+            rbuf.reserve(rbuf.len().clamp(HEAD_BUF, 64 * 1024));
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(rbuf)).await {
+            // Slow headers (slowloris): closed without an answer, as hyper did.
+            Err(_elapsed) => return Next::Close(CloseReason::Error),
+            Ok(Ok(0)) => return Next::Close(CloseReason::Client),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Next::Close(CloseReason::Error),
+        }
+    };
+    match exchange(stream, rbuf, head, cx).await {
+        Next::Linger(reason) => {
+            linger(stream).await;
+            Next::Close(reason)
+        }
+        next => next,
     }
 }
 
@@ -225,6 +246,8 @@ enum Next {
     /// request we did not read (closing with unread input resets the connection, which can
     /// destroy the answer in flight).
     Linger(CloseReason),
+    /// The client spoke HTTP/2: hand the connection over.
+    H2,
 }
 
 /// Closes the write side and reads (and drops) what the client still sends, briefly.

@@ -432,6 +432,6 @@ mod tests {
         };
         let fut = serve_connection(stream, addr, ctx);
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 2048, "connection future is {size} bytes");
+        assert!(size <= 1536, "connection future is {size} bytes");
     }
 }
