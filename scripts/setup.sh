@@ -3,7 +3,8 @@
 # Idempotent: re-running only installs what is missing.
 #
 #   scripts/setup.sh           build + test prerequisites (eBPF toolchain, netns tools)
-#   scripts/setup.sh --bench   also the benchmark contenders (nginx, haproxy, envoy, wrk, h2load)
+#   scripts/setup.sh --bench   also the benchmark contenders (nginx, haproxy, envoy, wrk, h2load,
+#                              nftables for the L4 kernel-dnat contender)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -28,8 +29,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl ca-certificates pkg-config chromium)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
-# Pingora's zlib-ng).
-bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake)
+# Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
+bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)
 
 not_installed() {
     local p

@@ -227,8 +227,9 @@ pub struct FlowValue {
     pub backend: u32,
     /// Explicit padding, always 0.
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet (monotonic, for idle-flow reporting).
-    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` when the flow was pinned (monotonic). Not refreshed per packet:
+    /// the LRU keeps recency, and a clock read per packet would be the hit path's largest cost.
+    pub created_ns: u64,
 }
 
 /// Value of `ENCAP[0]`: how `ipip` builds the outer source address.
@@ -512,7 +513,7 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, proto), 36);
         assert_eq!(offset_of!(FlowKey, family), 37);
         assert_eq!(offset_of!(FlowKey, _pad), 38);
-        assert_eq!(offset_of!(FlowValue, last_seen_ns), 8);
+        assert_eq!(offset_of!(FlowValue, created_ns), 8);
         assert_eq!(size_of::<FlowKey>(), 40);
     }
 

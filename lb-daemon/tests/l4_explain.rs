@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use lb_common::l4::{Mode, PROTO_TCP, PROTO_UDP};
+use lb_tests::frames::{cat, eth, ipv4, tcp, udp};
 use lbd::config::model::L4Protocol;
 use lbd::l4::explain::{Query, explain};
 use lbd::l4::plan::{Availability, PlanState, plan};
@@ -19,8 +20,6 @@ use lbd::l4::{L4Program, LoadOptions};
 const FLOWS: u32 = 600;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const LB_MAC: [u8; 6] = [0x02, 0x1b, 0xd0, 0x00, 0x00, 0x01];
-const GW_MAC: [u8; 6] = [0x02, 0x9a, 0x7e, 0x00, 0x00, 0x01];
 
 const CONFIG: &str = r#"
 [[clusters]]
@@ -61,44 +60,20 @@ fn mac(ip: IpAddr, _: Mode) -> Option<[u8; 6]> {
     }
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An Ethernet + IPv4 + TCP SYN (or UDP datagram) frame from `src` to `dst`.
 fn frame(proto: u8, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
         panic!("IPv4 only");
     };
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    if proto == PROTO_TCP {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let l4 = if proto == PROTO_TCP {
+        tcp(src.port(), dst.port())
     } else {
-        l4.extend_from_slice(&[0, 12, 0, 0, b'h', b'i', b'!', b'!']);
-    }
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0, 0, 64, proto, 0, 0]);
-    ip.extend_from_slice(&s.octets());
-    ip.extend_from_slice(&d.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&LB_MAC);
-    f.extend_from_slice(&GW_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend(ip);
-    f.extend(l4);
-    f
+        udp(src.port(), dst.port(), b"hi!!")
+    };
+    cat(
+        eth(0x0800),
+        ipv4(s.octets(), d.octets(), proto, 0, &[], &l4),
+    )
 }
 
 #[test]

@@ -11,6 +11,7 @@ use lb_common::l4::{
     VipMeta, encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr,
 };
 use lb_common::maglev::{self, MaglevEndpoint};
+use lb_tests::frames::{LB_MAC, cat, checksum, eth, ipv4, ipv6, tcp, tcp4, udp, udp6, vlan};
 use lbd::l4::test_run::{RunResult, run_xdp};
 use lbd::l4::{L4Program, LoadOptions, RingMember, VipSpec};
 use rand::{Rng as _, SeedableRng as _};
@@ -18,11 +19,6 @@ use rand::{Rng as _, SeedableRng as _};
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-
-/// MAC of the load balancer's interface (destination of every incoming frame).
-const LB_MAC: [u8; 6] = [0x02, 0x1b, 0xd0, 0x00, 0x00, 0x01];
-/// MAC of the router that delivered the frame.
-const GW_MAC: [u8; 6] = [0x02, 0x9a, 0x7e, 0x00, 0x00, 0x01];
 
 const VIP4: [u8; 4] = [192, 0, 2, 10];
 const VIP4_DEAD: [u8; 4] = [192, 0, 2, 11];
@@ -202,99 +198,6 @@ fn vip_dead() -> Vip {
         },
         members: vec![(6, 0)],
     }
-}
-
-// ---- frame building -------------------------------------------------------------------------
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&LB_MAC);
-    f.extend_from_slice(&GW_MAC);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-fn vlan(tpid: u16, vid: u16, inner: u16) -> Vec<u8> {
-    let mut f = eth(tpid);
-    f.extend_from_slice(&vid.to_be_bytes());
-    f.extend_from_slice(&inner.to_be_bytes());
-    f
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// IPv4 header (+ `options` bytes, a multiple of 4) and payload.
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, frag: u16, options: &[u8], l4: &[u8]) -> Vec<u8> {
-    let hlen = 20 + options.len();
-    let mut h = vec![0x40 | (hlen / 4) as u8, 0];
-    h.extend_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&[0x12, 0x34]);
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, proto, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(options);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(l4);
-    h
-}
-
-fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, l4: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    h.extend_from_slice(&[next, 64]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(l4);
-    h
-}
-
-fn tcp(sport: u16, dport: u16) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    t
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-fn cat(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
-    let mut a = a;
-    a.extend(b);
-    a
-}
-
-fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    cat(
-        eth(0x0800),
-        ipv4(src, dst, PROTO_TCP, 0, &[], &tcp(sport, dport)),
-    )
-}
-
-fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    cat(
-        eth(0x86dd),
-        ipv6(src, dst, PROTO_UDP, &udp(sport, dport, b"query")),
-    )
 }
 
 /// A router on the way to a client.

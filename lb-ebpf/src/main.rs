@@ -270,15 +270,11 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
 /// The backend of an established flow if it is still active, else a new one from the ring.
 #[inline(always)]
 fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
-    // SAFETY: helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(fv) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: the LRU entry stays valid during this program run (RCU); a racing update
-        // of `last_seen_ns` from another CPU is harmless.
-        let id = unsafe { (*fv).backend };
+    // SAFETY: the LRU entry stays valid during this program run (RCU); we only read it.
+    if let Some(fv) = unsafe { FLOWS.get(key) } {
+        let id = fv.backend;
         if let Some(b) = BACKENDS.get(id) {
             if b.flags & BACKEND_F_ACTIVE != 0 {
-                unsafe { (*fv).last_seen_ns = now };
                 return Ok((id, *b));
             }
         }
@@ -296,7 +292,9 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
     let fv = FlowValue {
         backend: id,
         _pad: 0,
-        last_seen_ns: now,
+        // SAFETY: helper call without arguments. Read only here: a clock read per hit
+        // costs more than the rest of the lookup, and the LRU already keeps recency.
+        created_ns: unsafe { bpf_ktime_get_ns() },
     };
     // A full LRU evicts the oldest flow; a failed insert only costs a later re-hash.
     let _ = FLOWS.insert(key, fv, 0);

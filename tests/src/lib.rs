@@ -4,6 +4,7 @@
 //! does Cargo hand them the path of the freshly built `lbd`; they use this crate for the parts.
 pub mod backend;
 pub mod client;
+pub mod frames;
 pub mod lbd;
 pub mod prom;
 

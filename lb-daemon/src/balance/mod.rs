@@ -439,7 +439,6 @@ pub(crate) mod testutil {
         use crate::config::model::{
             Passive, PoolLimits, Retry, UpstreamProtocol, UpstreamTimeouts,
         };
-        use std::time::Duration;
         Cluster {
             name: "c".into(),
             endpoints: spec
@@ -456,20 +455,13 @@ pub(crate) mod testutil {
             health_check: None,
             passive: Passive {
                 max_fails: 1,
-                fail_timeout: Duration::from_secs(10),
+                ..Passive::default()
             },
-            timeouts: UpstreamTimeouts {
-                connect: Duration::from_secs(1),
-                response: Duration::from_secs(1),
-                idle: Duration::from_secs(1),
-            },
-            pool: PoolLimits {
-                max_connections: 0,
-                max_idle: 1,
-            },
+            timeouts: UpstreamTimeouts::default(),
+            pool: PoolLimits::default(),
             retry: Retry {
                 attempts: 1,
-                grpc_status: Vec::new(),
+                ..Retry::default()
             },
         }
     }

@@ -108,6 +108,20 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+impl Default for Limits {
+    /// The values an omitted `[listeners.limits]` key takes (documented in configs/lb.toml).
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_header_bytes: 65_536,
+            max_body_bytes: 0,
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `[[routes]]`: a matcher and what to do with a match.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -316,6 +330,16 @@ pub struct Passive {
     pub fail_timeout: Duration,
 }
 
+impl Default for Passive {
+    /// nginx's `max_fails=1 fail_timeout=10s`.
+    fn default() -> Self {
+        Passive {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Upstream timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTimeouts {
@@ -327,6 +351,17 @@ pub struct UpstreamTimeouts {
     pub idle: Duration,
 }
 
+impl Default for UpstreamTimeouts {
+    /// The values an omitted `[clusters.timeouts]` key takes.
+    fn default() -> Self {
+        UpstreamTimeouts {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(60),
+            idle: Duration::from_secs(90),
+        }
+    }
+}
+
 /// Per-endpoint connection pool limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLimits {
@@ -334,6 +369,16 @@ pub struct PoolLimits {
     pub max_connections: usize,
     /// Maximum idle connections kept per endpoint.
     pub max_idle: usize,
+}
+
+impl Default for PoolLimits {
+    /// Unlimited connections, 64 idle ones kept per endpoint.
+    fn default() -> Self {
+        PoolLimits {
+            max_connections: 0,
+            max_idle: 64,
+        }
+    }
 }
 
 /// Retry policy.
@@ -344,6 +389,16 @@ pub struct Retry {
     /// gRPC status codes (numeric) that make lbd retry a gRPC call on another endpoint when
     /// the upstream answered trailers-only with one of them (nothing sent downstream yet).
     pub grpc_status: Vec<u8>,
+}
+
+impl Default for Retry {
+    /// One retry on another endpoint after a connect failure; no gRPC status retries.
+    fn default() -> Self {
+        Retry {
+            attempts: 1,
+            grpc_status: Vec::new(),
+        }
+    }
 }
 
 /// gRPC status code names as written in the config (`[clusters.retry] grpc_status`), with

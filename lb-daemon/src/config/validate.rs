@@ -432,40 +432,41 @@ impl Checker<'_> {
 
     fn limits(&mut self, l: Option<&RawLimits>, listener: &str) -> Limits {
         let k = |f: &str| format!("{listener}.limits.{f}");
+        let d = Limits::default();
         Limits {
             max_connections: self.usize(
                 l.and_then(|l| l.max_connections.as_ref()),
                 &k("max_connections"),
-                10_000,
+                d.max_connections,
                 1,
             ),
             max_header_bytes: self.usize(
                 l.and_then(|l| l.max_header_bytes.as_ref()),
                 &k("max_header_bytes"),
-                65_536,
+                d.max_header_bytes,
                 1,
             ),
             max_body_bytes: self.int(
                 l.and_then(|l| l.max_body_bytes.as_ref()),
                 &k("max_body_bytes"),
-                0,
+                i64::try_from(d.max_body_bytes).unwrap_or(i64::MAX),
                 0,
                 i64::MAX,
             ) as u64,
             request_timeout: self.positive_duration(
                 l.and_then(|l| l.request_timeout.as_ref()),
                 &k("request_timeout"),
-                Duration::from_secs(60),
+                d.request_timeout,
             ),
             idle_timeout: self.positive_duration(
                 l.and_then(|l| l.idle_timeout.as_ref()),
                 &k("idle_timeout"),
-                Duration::from_secs(60),
+                d.idle_timeout,
             ),
             header_read_timeout: self.positive_duration(
                 l.and_then(|l| l.header_read_timeout.as_ref()),
                 &k("header_read_timeout"),
-                Duration::from_secs(10),
+                d.header_read_timeout,
             ),
         }
     }
@@ -511,35 +512,33 @@ impl Checker<'_> {
             let passive = self.passive(c.passive.as_ref().map(|p| p.get_ref()), &key);
             let t = c.timeouts.as_ref().map(|t| t.get_ref());
             let tk = |f: &str| format!("{key}.timeouts.{f}");
+            let td = UpstreamTimeouts::default();
             let timeouts = UpstreamTimeouts {
                 connect: self.positive_duration(
                     t.and_then(|t| t.connect.as_ref()),
                     &tk("connect"),
-                    Duration::from_secs(5),
+                    td.connect,
                 ),
                 response: self.positive_duration(
                     t.and_then(|t| t.response.as_ref()),
                     &tk("response"),
-                    Duration::from_secs(60),
+                    td.response,
                 ),
-                idle: self.positive_duration(
-                    t.and_then(|t| t.idle.as_ref()),
-                    &tk("idle"),
-                    Duration::from_secs(90),
-                ),
+                idle: self.positive_duration(t.and_then(|t| t.idle.as_ref()), &tk("idle"), td.idle),
             };
             let p = c.pool.as_ref().map(|p| p.get_ref());
+            let pd = PoolLimits::default();
             let pool = PoolLimits {
                 max_connections: self.usize(
                     p.and_then(|p| p.max_connections.as_ref()),
                     &format!("{key}.pool.max_connections"),
-                    0,
+                    pd.max_connections,
                     0,
                 ),
                 max_idle: self.usize(
                     p.and_then(|p| p.max_idle.as_ref()),
                     &format!("{key}.pool.max_idle"),
-                    64,
+                    pd.max_idle,
                     0,
                 ),
             };
@@ -566,7 +565,7 @@ impl Checker<'_> {
                 attempts: self.u32(
                     c.retry.as_ref().and_then(|r| r.get_ref().attempts.as_ref()),
                     &format!("{key}.retry.attempts"),
-                    1,
+                    Retry::default().attempts,
                     0,
                     u32::MAX,
                 ),
@@ -877,10 +876,11 @@ impl Checker<'_> {
     }
 
     fn passive(&mut self, p: Option<&RawPassive>, cluster: &str) -> Passive {
+        let d = Passive::default();
         let max_fails = self.u32(
             p.and_then(|p| p.max_fails.as_ref()),
             &format!("{cluster}.passive.max_fails"),
-            1,
+            d.max_fails,
             0,
             u32::MAX,
         );
@@ -888,9 +888,9 @@ impl Checker<'_> {
         let key = format!("{cluster}.passive.fail_timeout");
         let fail_timeout = if max_fails == 0 {
             // Disabled: the window is unused, so zero is as good as any.
-            self.duration(ft, &key, Duration::from_secs(10))
+            self.duration(ft, &key, d.fail_timeout)
         } else {
-            self.positive_duration(ft, &key, Duration::from_secs(10))
+            self.positive_duration(ft, &key, d.fail_timeout)
         };
         Passive {
             max_fails,

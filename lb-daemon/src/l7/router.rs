@@ -344,20 +344,13 @@ mod tests {
                 health_check: None,
                 passive: Passive {
                     max_fails: 0,
-                    fail_timeout: Duration::from_secs(10),
+                    ..Passive::default()
                 },
-                timeouts: UpstreamTimeouts {
-                    connect: Duration::from_secs(1),
-                    response: Duration::from_secs(1),
-                    idle: Duration::from_secs(1),
-                },
-                pool: PoolLimits {
-                    max_connections: 0,
-                    max_idle: 1,
-                },
+                timeouts: UpstreamTimeouts::default(),
+                pool: PoolLimits::default(),
                 retry: Retry {
                     attempts: 0,
-                    grpc_status: Vec::new(),
+                    ..Retry::default()
                 },
             }],
             vips: Vec::new(),

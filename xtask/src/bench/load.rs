@@ -33,37 +33,56 @@ pub enum Generator {
     },
 }
 
-/// Runs the generator against `url` for `dur`, pinned to `cpu`.
+/// Where and how a load generator runs: pinned to `cpu`, inside network namespace `netns`
+/// when given.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    /// CPU the generator is pinned to.
+    pub cpu: u32,
+    /// Network namespace to run in (`ip netns exec`), or the caller's.
+    pub netns: Option<&'a str>,
+}
+
+impl Place<'_> {
+    /// `taskset -c <cpu> <program>`, through `ip netns exec <ns>` when in a namespace (both
+    /// exec, so the child's PID is the program's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = match self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "taskset"]);
+                c
+            }
+            None => Command::new("taskset"),
+        };
+        cmd.args(["-c", &self.cpu.to_string()]).arg(program);
+        cmd
+    }
+}
+
+/// Runs the generator against `url` for `dur` at `place`.
 pub fn run(
     generator: &Generator,
     url: &str,
     dur: Duration,
-    cpu: u32,
+    place: Place<'_>,
     scratch: &Path,
 ) -> Result<LoadResult> {
     match generator {
-        Generator::Wrk { conns, close } => wrk(url, *conns, *close, dur, cpu),
+        Generator::Wrk { conns, close } => wrk(url, *conns, *close, dur, place),
         Generator::H2load {
             conns,
             streams,
             grpc,
-        } => h2load(url, *conns, *streams, *grpc, dur, cpu, scratch),
+        } => h2load(url, *conns, *streams, *grpc, dur, place, scratch),
     }
 }
 
-fn wrk(url: &str, conns: u32, close: bool, dur: Duration, cpu: u32) -> Result<LoadResult> {
-    let mut cmd = Command::new("taskset");
-    cmd.args([
-        "-c",
-        &cpu.to_string(),
-        "wrk",
-        "-t1",
-        "--latency",
-        "--timeout",
-        "5s",
-    ])
-    .arg(format!("-c{conns}"))
-    .arg(format!("-d{}s", dur.as_secs().max(1)));
+fn wrk(url: &str, conns: u32, close: bool, dur: Duration, place: Place<'_>) -> Result<LoadResult> {
+    let mut cmd = place.command("wrk");
+    cmd.args(["-t1", "--latency", "--timeout", "5s"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{}s", dur.as_secs().max(1)));
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
@@ -142,13 +161,13 @@ fn h2load(
     streams: u32,
     grpc: bool,
     dur: Duration,
-    cpu: u32,
+    place: Place<'_>,
     scratch: &Path,
 ) -> Result<LoadResult> {
     let log = scratch.join("h2load.log");
     let _ = std::fs::remove_file(&log);
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &cpu.to_string(), "h2load", "-t1"])
+    let mut cmd = place.command("h2load");
+    cmd.arg("-t1")
         .arg(format!("-c{conns}"))
         .arg(format!("-m{streams}"))
         .arg(format!("-D{}", dur.as_secs().max(1)))

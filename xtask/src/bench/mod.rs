@@ -5,11 +5,17 @@
 //! measurement is repeated, medians reported with their spread; proxy CPU time per request is
 //! read from /proc (the figure least disturbed by noise); in a full run, a measurement during
 //! which other processes used noticeable CPU is repeated (`--quick` only records the noise).
+//!
+//! L4 (`l4.rs`, `xdp.rs`): lbd's XDP path against the kernel's (nftables DNAT) and no load
+//! balancer, in network namespaces, with whole-machine CPU per request; and the XDP program's
+//! ns per packet from `BPF_PROG_TEST_RUN` (`bench/xdp`), an upper bound.
 mod contenders;
 mod idle;
+mod l4;
 mod load;
 mod procstat;
 mod report;
+mod xdp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,10 +36,12 @@ pub struct BenchArgs {
     /// opt-level 1. Its numbers are indicative only.
     #[arg(long)]
     quick: bool,
-    /// Only scenarios whose name contains this string.
+    /// Only scenarios whose name contains this string (`l4` selects the L4 end-to-end
+    /// scenarios, `xdp` the XDP program's ns per packet).
     #[arg(long)]
     scenario: Option<String>,
-    /// Comma-separated contenders (direct,lbd,nginx,haproxy,envoy,pingora); default all.
+    /// Comma-separated contenders (L7: direct,lbd,nginx,haproxy,envoy,pingora; L4:
+    /// direct,lbd-xdp,kernel-dnat, where `lbd` also selects lbd-xdp); default all.
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
     /// Repetitions of each measurement (default 3, quick 1).
@@ -125,6 +133,10 @@ fn scenarios() -> Vec<Scenario> {
 /// CPU the proxy under test runs on; everything else runs on the other one.
 const PROXY_CPU: u32 = 0;
 const LOAD_CPU: u32 = 1;
+const LOAD_PLACE: load::Place<'static> = load::Place {
+    cpu: LOAD_CPU,
+    netns: None,
+};
 const PROXY_PORT: u16 = 18080;
 const BACKEND_BASE_PORT: u16 = 19101;
 /// Name of the idle keep-alive memory scenario (for `--scenario`).
@@ -169,6 +181,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     {
         bail!("the bench pins the proxy and the load generator to different CPUs and needs 2");
     }
+    let wants = |name: &str| args.scenario.as_deref().is_none_or(|f| name.contains(f));
+    let l7_scenarios: Vec<Scenario> = scenarios().into_iter().filter(|s| wants(s.name)).collect();
+    let want_idle = wants(IDLE_SCENARIO);
+    let want_l7 = !l7_scenarios.is_empty() || want_idle;
+    let l4_scenarios: Vec<_> = l4::scenarios()
+        .into_iter()
+        .filter(|(n, _)| wants(n))
+        .collect();
+    let want_xdp = wants(xdp::SCENARIO);
     let ok = Command::new(env!("CARGO"))
         .current_dir(&root)
         .args([
@@ -178,18 +199,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "lb-daemon",
             "-p",
             "lb-bench-backend",
+            "-p",
+            "lb-bench-xdp",
         ])
         .status()?
         .success();
     if !ok {
-        bail!("building lbd and bench-backend failed");
+        bail!("building lbd, bench-backend and bench-xdp failed");
     }
     let target = target_dir(&root);
     // Pingora is its own workspace (a large tree only the bench needs), built into its own
     // subdirectory of the target dir so its release artifacts never mix with the host
     // workspace's; a failed build makes it a missing contender, reported as such.
     let wants_pingora =
-        args.contenders.is_empty() || args.contenders.iter().any(|c| c == "pingora");
+        want_l7 && (args.contenders.is_empty() || args.contenders.iter().any(|c| c == "pingora"));
     let pingora_target = target.join("bench-pingora");
     // Pingora's optimised build takes ~12 minutes on a busy 2-core machine; the quick profile
     // (opt-level 1, see bench/pingora/Cargo.toml) keeps `--quick` within CI's budget.
@@ -222,13 +245,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // A quick run checks that everything works; repeating noisy measurements would triple its
     // time on a busy machine. The noise is still recorded and shown in the table.
     let attempts = if args.quick { 1 } else { 3 };
-    let wanted: Vec<Contender> = if args.contenders.is_empty() {
+    if let Some(n) = args
+        .contenders
+        .iter()
+        .find(|n| Contender::parse(n).is_none() && !l4::ALL.iter().any(|c| c.name() == n.as_str()))
+    {
+        bail!("unknown contender {n:?}");
+    }
+    let wanted: Vec<Contender> = if !want_l7 {
+        Vec::new()
+    } else if args.contenders.is_empty() {
         contenders::ALL.to_vec()
     } else {
         args.contenders
             .iter()
-            .map(|n| Contender::parse(n).with_context(|| format!("unknown contender {n:?}")))
-            .collect::<Result<_>>()?
+            .filter_map(|n| Contender::parse(n))
+            .collect()
     };
     let mut present = Vec::new();
     let mut missing = Vec::new();
@@ -244,15 +276,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
-    let mut results = report::Report::new(duration, repeat, missing);
-    for sc in scenarios() {
-        if args
-            .scenario
-            .as_deref()
-            .is_some_and(|f| !sc.name.contains(f))
-        {
-            continue;
+    let bench_xdp = release.join("bench-xdp");
+    let mut l4_present = Vec::new();
+    if !l4_scenarios.is_empty() {
+        // The same library as lbd's: if bench-xdp cannot load the program, neither can lbd.
+        let xdp_skip = match xdp::run(&bench_xdp, 1, true, true) {
+            Ok(r) => r.skip,
+            Err(e) => Some(format!("{e:#}")),
+        };
+        for c in l4::ALL {
+            let listed = args.contenders.is_empty()
+                || args.contenders.iter().any(|n| {
+                    n == c.name() || (c == l4::L4Contender::LbdXdp && n == Contender::Lbd.name())
+                });
+            if !listed {
+                continue;
+            }
+            match c.missing(&bins.lbd, xdp_skip.as_deref()) {
+                None => l4_present.push(c),
+                Some(why) => {
+                    eprintln!("bench: {} is MISSING (SKIP): {why}", c.name());
+                    missing.push((c.name(), why));
+                }
+            }
         }
+    }
+
+    let mut results = report::Report::new(duration, repeat, missing);
+    for sc in l7_scenarios {
         eprintln!("bench: scenario {}", sc.name);
         let backends = Backends::start(&release.join("bench-backend"), sc.body_bytes)?;
         let shape = Shape {
@@ -265,20 +316,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             for &c in &present {
                 match measure(c, &sc, &shape, duration, attempts, &scratch, &bins) {
                     Ok(s) => {
-                        eprintln!(
-                            "bench:   [{}/{repeat}] {:8} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req  other {:.0}%{}",
-                            rep + 1,
-                            c.name(),
-                            s.rps,
-                            s.p99_us,
-                            s.cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}")),
-                            s.foreign_cpu * 100.0,
-                            if s.errors > 0 {
-                                format!("  ERRORS {}", s.errors)
-                            } else {
-                                String::new()
-                            },
-                        );
+                        log_sample(rep, repeat, c.name(), &s);
                         results.add(sc.name, c.name(), s);
                     }
                     Err(e) => {
@@ -290,11 +328,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         drop(backends);
     }
-    if args
-        .scenario
-        .as_deref()
-        .is_none_or(|f| IDLE_SCENARIO.contains(f))
-    {
+    if want_idle && !present.is_empty() {
         let conns = if args.quick { 500 } else { IDLE_CONNS };
         eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
         let backends = Backends::start(&release.join("bench-backend"), 64)?;
@@ -335,6 +369,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         drop(backends);
     }
+    if want_xdp {
+        // Three measurements per repetition: they take milliseconds each.
+        let runs = 3 * repeat;
+        eprintln!(
+            "bench: scenario {} ({runs} measurements per class)",
+            xdp::SCENARIO
+        );
+        let r = xdp::run(&bench_xdp, runs, args.quick, false);
+        match &r {
+            Ok(x) if x.skip.is_some() => {
+                eprintln!("bench:   SKIP: {}", x.skip.as_deref().unwrap_or(""));
+            }
+            Ok(x) => {
+                for row in &x.rows {
+                    eprintln!(
+                        "bench:   {:30} {:>7.1} ns/packet  ({})",
+                        row.class,
+                        report::median(&row.ns),
+                        row.method
+                    );
+                }
+            }
+            Err(e) => eprintln!("bench:   bench-xdp failed: {e:#}"),
+        }
+        results.set_xdp(r.map_err(|e| format!("{e:#}")));
+    }
+    if !l4_scenarios.is_empty() && !l4_present.is_empty() {
+        run_l4(
+            &mut results,
+            &l4_scenarios,
+            &l4_present,
+            duration,
+            repeat,
+            attempts,
+            &bins.lbd,
+            &release,
+            &scratch,
+        );
+    }
     let md = results.markdown();
     println!("{md}");
     std::fs::write(out_dir.join("results.md"), &md)?;
@@ -351,7 +424,100 @@ pub fn run(args: BenchArgs) -> Result<()> {
             scratch.display()
         );
     }
+    if let Some(e) = results.xdp_failure() {
+        bail!("bench-xdp failed (lbd's XDP program): {e}");
+    }
+    let xdp_failures = results.failures_of(l4::L4Contender::LbdXdp.name());
+    if xdp_failures > 0 {
+        bail!(
+            "lbd-xdp failed {xdp_failures} L4 measurement(s); see the table and {}",
+            l4::log_path(&scratch).display()
+        );
+    }
     Ok(())
+}
+
+/// Time the L4 part should stay within: noisy measurements are repeated only while the
+/// measurements still to come fit in what is left.
+const L4_BUDGET: Duration = Duration::from_secs(300);
+/// Per measurement beyond its duration: warm-up (1 s) and starting/stopping the contender.
+const L4_OVERHEAD: Duration = Duration::from_secs(2);
+
+/// The L4 end-to-end scenarios on one namespace topology, contenders interleaved.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the values are the run's settings"
+)]
+fn run_l4(
+    results: &mut report::Report,
+    scenarios: &[(&'static str, load::Generator)],
+    present: &[l4::L4Contender],
+    duration: Duration,
+    repeat: usize,
+    attempts: usize,
+    lbd: &Path,
+    release: &Path,
+    scratch: &Path,
+) {
+    eprintln!("bench: L4 topology (network namespaces: client, LB, 3 backends)");
+    let started = Instant::now();
+    let topo = match l4::Topology::build(&release.join("bench-backend")) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("bench:   L4 topology failed: {e:#}");
+            for (name, _) in scenarios {
+                for c in present {
+                    results.fail_l4(name, c.name(), format!("topology: {e:#}"));
+                }
+            }
+            return;
+        }
+    };
+    // Measurements in all, and made so far.
+    let (total, mut done) = (scenarios.len() * repeat * present.len(), 0);
+    for (name, generator) in scenarios {
+        eprintln!("bench: scenario {name}");
+        for rep in 0..repeat {
+            for &c in present {
+                done += 1;
+                let still = (duration + L4_OVERHEAD) * (total - done + 2) as u32;
+                let attempts = if started.elapsed() + still < L4_BUDGET {
+                    attempts
+                } else {
+                    1
+                };
+                match l4::measure(c, generator, &topo, duration, attempts, lbd, scratch) {
+                    Ok(s) => {
+                        log_sample(rep, repeat, c.name(), &s);
+                        results.add_l4(name, c.name(), s);
+                    }
+                    Err(e) => {
+                        eprintln!("bench:   {} failed: {e:#}", c.name());
+                        results.fail_l4(name, c.name(), format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("bench: L4 part took {:.0?}", started.elapsed());
+}
+
+/// One progress line per measurement on stderr.
+fn log_sample(rep: usize, repeat: usize, name: &str, s: &Sample) {
+    eprintln!(
+        "bench:   [{}/{repeat}] {:11} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req  other {:.0}%{}",
+        rep + 1,
+        name,
+        s.rps,
+        s.p99_us,
+        s.cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}")),
+        s.foreign_cpu * 100.0,
+        if s.errors > 0 {
+            format!("  ERRORS {}", s.errors)
+        } else {
+            String::new()
+        },
+    );
 }
 
 /// Starts the contender, loads it, measures, stops it; makes up to `attempts` measurements
@@ -365,60 +531,84 @@ fn measure(
     scratch: &Path,
     bins: &Bins,
 ) -> Result<Sample> {
-    let mut last = None;
-    for attempt in 1..=attempts.max(1) {
-        let running = c.start(shape, PROXY_CPU, scratch, bins)?;
-        let target_port = match c {
-            Contender::Direct => shape.backends[0].port(),
-            _ => PROXY_PORT,
-        };
-        let url = format!("http://127.0.0.1:{target_port}/");
-        // Warm up connections and caches; not measured.
-        let _ = load::run(
-            &sc.generator,
-            &url,
-            Duration::from_secs(1),
-            LOAD_CPU,
-            scratch,
-        );
-        let pid = running.as_ref().map(|r| r.pid());
-        let cpu0 = pid.map(procstat::cpu_ns);
-        let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
-        let t0 = Instant::now();
-        let r = load::run(&sc.generator, &url, duration, LOAD_CPU, scratch)?;
-        let wall = t0.elapsed();
-        let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
-        let cpu = pid
-            .zip(cpu0)
-            .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
-        let rss = pid.map(procstat::peak_rss_kib);
-        drop(running);
-        // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
-        // processes, or softirq work not charged to the proxy) is noise.
-        let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
-        let foreign = ((busy as f64 - ours_ticks).max(0.0))
-            / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
-        let sample = Sample {
-            rps: r.rps,
-            p50_us: r.p50_us,
-            p99_us: r.p99_us,
-            cpu_us_per_req: cpu
-                .filter(|_| r.ok > 0)
-                .map(|ns| ns as f64 / 1e3 / r.ok as f64),
-            peak_rss_kib: rss,
-            errors: r.errors,
-            foreign_cpu: foreign,
-        };
-        if foreign <= NOISE_LIMIT || attempt == attempts {
-            return Ok(sample);
+    until_quiet(attempts, "a core", || {
+        measure_once(c, sc, shape, duration, scratch, bins)
+    })
+}
+
+/// One measurement: start, warm up, load, stop.
+fn measure_once(
+    c: Contender,
+    sc: &Scenario,
+    shape: &Shape,
+    duration: Duration,
+    scratch: &Path,
+    bins: &Bins,
+) -> Result<Sample> {
+    let running = c.start(shape, PROXY_CPU, scratch, bins)?;
+    let target_port = match c {
+        Contender::Direct => shape.backends[0].port(),
+        _ => PROXY_PORT,
+    };
+    let url = format!("http://127.0.0.1:{target_port}/");
+    // Warm up connections and caches; not measured.
+    let _ = load::run(
+        &sc.generator,
+        &url,
+        Duration::from_secs(1),
+        LOAD_PLACE,
+        scratch,
+    );
+    let pid = running.as_ref().map(|r| r.pid());
+    let cpu0 = pid.map(procstat::cpu_ns);
+    let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
+    let t0 = Instant::now();
+    let r = load::run(&sc.generator, &url, duration, LOAD_PLACE, scratch)?;
+    let wall = t0.elapsed();
+    let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
+    let cpu = pid
+        .zip(cpu0)
+        .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
+    let rss = pid.map(procstat::peak_rss_kib);
+    drop(running);
+    // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
+    // processes, or softirq work not charged to the proxy) is noise.
+    let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
+    let foreign = ((busy as f64 - ours_ticks).max(0.0))
+        / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
+    let sample = Sample {
+        rps: r.rps,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        cpu_us_per_req: cpu
+            .filter(|_| r.ok > 0)
+            .map(|ns| ns as f64 / 1e3 / r.ok as f64),
+        peak_rss_kib: rss,
+        errors: r.errors,
+        foreign_cpu: foreign,
+    };
+    Ok(sample)
+}
+
+/// Calls `once` until its measurement's noise (`foreign_cpu`, a share of `of_what`) is at most
+/// [`NOISE_LIMIT`], at most `attempts` times; returns the last measurement.
+fn until_quiet(
+    attempts: usize,
+    of_what: &str,
+    mut once: impl FnMut() -> Result<Sample>,
+) -> Result<Sample> {
+    let mut attempt = 1;
+    loop {
+        let s = once()?;
+        if s.foreign_cpu <= NOISE_LIMIT || attempt >= attempts {
+            return Ok(s);
         }
         eprintln!(
-            "bench:   noisy run ({:.0}% of a core used elsewhere), repeating",
-            foreign * 100.0
+            "bench:   noisy run ({:.0}% of {of_what} used elsewhere), repeating",
+            s.foreign_cpu * 100.0
         );
-        last = Some(sample);
+        attempt += 1;
     }
-    last.context("no measurement")
 }
 
 /// The bench backends: three ports served by one process pinned to the load CPU.

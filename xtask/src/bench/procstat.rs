@@ -72,18 +72,7 @@ fn status_kib_sum(root: u32, field: &str) -> u64 {
 
 /// Busy jiffies of one CPU (user+nice+system+irq+softirq+steal) from /proc/stat.
 pub fn cpu_busy_ticks(cpu: u32) -> u64 {
-    let Ok(s) = fs::read_to_string("/proc/stat") else {
-        return 0;
-    };
-    let tag = format!("cpu{cpu} ");
-    let Some(line) = s.lines().find(|l| l.starts_with(&tag)) else {
-        return 0;
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
+    let v = stat_line(&format!("cpu{cpu} "));
     // user nice system idle iowait irq softirq steal
     [0usize, 1, 2, 5, 6, 7]
         .iter()
@@ -91,5 +80,74 @@ pub fn cpu_busy_ticks(cpu: u32) -> u64 {
         .sum()
 }
 
+/// Busy jiffies of the whole machine (user+nice+system+irq+softirq of all CPUs; steal is
+/// the hypervisor's) from /proc/stat: softirq work such as veth XDP is in it whoever ran it.
+pub fn machine_busy_ticks() -> u64 {
+    let v = stat_line("cpu ");
+    [0usize, 1, 2, 5, 6].iter().filter_map(|&i| v.get(i)).sum()
+}
+
+/// The numbers of the /proc/stat line starting with `tag`.
+fn stat_line(tag: &str) -> Vec<u64> {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(tag))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Clock ticks per second for /proc/stat.
 pub const TICKS_PER_SEC: u64 = 100;
+
+/// PIDs of the kernel's `ksoftirqd/N` threads: softirq work (veth, XDP, forwarding) deferred
+/// to them under load is the bench's, not someone else's.
+pub fn ksoftirqd_pids() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .collect()
+}
+
+/// CPU ticks (utime + stime) of every process except `ours`, by PID: diff two snapshots with
+/// [`others_delta`] to see what other processes used in between.
+pub fn others_snapshot(ours: &[u32]) -> Vec<(u32, u64)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !ours.contains(pid))
+        .filter_map(|pid| {
+            // Gone between the listing and the read: nothing to count.
+            let user: u64 = stat_field(pid, 14)?.parse().ok()?;
+            let system: u64 = stat_field(pid, 15)?.parse().ok()?;
+            Some((pid, user + system))
+        })
+        .collect()
+}
+
+/// Ticks used between two [`others_snapshot`]s; a process that started in between counts
+/// fully, one that ended in between is missed (so this errs low).
+pub fn others_delta(before: &[(u32, u64)], after: &[(u32, u64)]) -> u64 {
+    after
+        .iter()
+        .map(|&(pid, t)| {
+            let t0 = before
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map_or(0, |&(_, t0)| t0);
+            t.saturating_sub(t0)
+        })
+        .sum()
+}

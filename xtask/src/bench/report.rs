@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::Sample;
 use super::idle::IdleSample;
+use super::xdp::XdpResult;
 
 /// Everything one bench run measured.
 #[derive(Debug, Serialize)]
@@ -19,6 +20,10 @@ pub struct Report {
     scenarios: Vec<ScenarioResult>,
     /// contender → idle keep-alive memory samples, in first-seen order.
     idle: Vec<(String, Vec<IdleSample>, Vec<String>)>,
+    /// L4 end-to-end scenarios (network namespaces), like `scenarios`; CPU is whole-machine.
+    l4: Vec<ScenarioResult>,
+    /// The XDP program's ns per packet (BPF_PROG_TEST_RUN), or why it did not run.
+    xdp: Option<Result<XdpResult, String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,32 +52,46 @@ impl Report {
                 .collect(),
             scenarios: Vec::new(),
             idle: Vec::new(),
+            l4: Vec::new(),
+            xdp: None,
         }
-    }
-
-    fn entry(&mut self, scenario: &str, contender: &str) -> &mut ContenderResult {
-        if self.scenarios.last().is_none_or(|s| s.name != scenario) {
-            self.scenarios.push(ScenarioResult {
-                name: scenario.to_owned(),
-                contenders: BTreeMap::new(),
-                order: Vec::new(),
-            });
-        }
-        let sc = self.scenarios.last_mut().expect("pushed above");
-        if !sc.order.iter().any(|c| c == contender) {
-            sc.order.push(contender.to_owned());
-        }
-        sc.contenders.entry(contender.to_owned()).or_default()
     }
 
     /// Records a measurement.
     pub fn add(&mut self, scenario: &str, contender: &str, s: Sample) {
-        self.entry(scenario, contender).samples.push(s);
+        entry(&mut self.scenarios, scenario, contender)
+            .samples
+            .push(s);
     }
 
     /// Records a failed measurement.
     pub fn fail(&mut self, scenario: &str, contender: &str, why: String) {
-        self.entry(scenario, contender).failures.push(why);
+        entry(&mut self.scenarios, scenario, contender)
+            .failures
+            .push(why);
+    }
+
+    /// Records an L4 end-to-end measurement.
+    pub fn add_l4(&mut self, scenario: &str, contender: &str, s: Sample) {
+        entry(&mut self.l4, scenario, contender).samples.push(s);
+    }
+
+    /// Records a failed L4 end-to-end measurement.
+    pub fn fail_l4(&mut self, scenario: &str, contender: &str, why: String) {
+        entry(&mut self.l4, scenario, contender).failures.push(why);
+    }
+
+    /// Why the XDP per-packet measurement failed, if it ran and failed (a SKIP is no failure).
+    pub fn xdp_failure(&self) -> Option<&str> {
+        match &self.xdp {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Records the XDP per-packet result (or why it failed).
+    pub fn set_xdp(&mut self, r: Result<XdpResult, String>) {
+        self.xdp = Some(r);
     }
 
     fn idle_entry(&mut self, contender: &str) -> &mut (String, Vec<IdleSample>, Vec<String>) {
@@ -102,6 +121,7 @@ impl Report {
         let load: usize = self
             .scenarios
             .iter()
+            .chain(&self.l4)
             .filter_map(|sc| sc.contenders.get(contender))
             .map(|c| c.failures.len())
             .sum();
@@ -119,9 +139,15 @@ impl Report {
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "# lbd bench\n\nMachine: {}. {} s per measurement, median of {} interleaved runs. \
-             Proxy pinned to CPU 0, load generator and backends to CPU 1, one worker each.\n",
-            self.machine, self.duration_s, self.repeat
+            "# lbd bench\n\nMachine: {}. {} s per measurement, median of {} interleaved runs.{}\n",
+            self.machine,
+            self.duration_s,
+            self.repeat,
+            if self.scenarios.is_empty() && self.idle.is_empty() {
+                ""
+            } else {
+                " L7: proxy pinned to CPU 0, load generator and backends to CPU 1, one worker each."
+            }
         );
         for (name, why) in &self.missing {
             let _ = writeln!(md, "- **{name} missing**: {why}");
@@ -140,11 +166,7 @@ impl Report {
             for name in &sc.order {
                 let c = &sc.contenders[name];
                 if c.samples.is_empty() {
-                    let why = c
-                        .failures
-                        .first()
-                        .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | | | | | | |");
+                    failed_row(&mut md, name, &c.failures, 9);
                     continue;
                 }
                 let s = Summary::of(c);
@@ -186,10 +208,7 @@ impl Report {
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
             for (name, samples, failures) in &self.idle {
                 let Some(last) = samples.last() else {
-                    let why = failures
-                        .first()
-                        .map_or("", |s| s.lines().next().unwrap_or(""));
-                    let _ = writeln!(md, "| {name} | failed: {why} | | | | |");
+                    failed_row(&mut md, name, failures, 4);
                     continue;
                 };
                 let k = per(samples);
@@ -206,12 +225,133 @@ impl Report {
                 );
             }
         }
-        md.push_str(
-            "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU. \
-             \"other CPU\" is the share of the proxy's core used by other processes during the \
-             measurement (noise; full runs repeat measurements above 10%).\n",
-        );
+        if !self.scenarios.is_empty() || !self.idle.is_empty() {
+            md.push_str(
+                "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU. \
+                 \"other CPU\" is the share of the proxy's core used by other processes during the \
+                 measurement (noise; full runs repeat measurements above 10%).\n",
+            );
+        }
+        self.l4_markdown(&mut md);
+        self.xdp_markdown(&mut md);
         md
+    }
+}
+
+impl Report {
+    fn l4_markdown(&self, md: &mut String) {
+        for sc in &self.l4 {
+            let _ = writeln!(md, "\n## {} (L4, network namespaces)\n", sc.name);
+            let _ = writeln!(
+                md,
+                "| contender | req/s | spread | p50 µs | p99 µs | machine CPU µs/req | LB extra CPU µs/req | lbd RSS MiB | errors | other CPU | lbd-xdp req/s ratio | lbd-xdp extra-CPU ratio |"
+            );
+            let _ = writeln!(
+                md,
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            let lbd = sc.contenders.get("lbd-xdp").map(Summary::of);
+            let direct_cpu = sc
+                .contenders
+                .get("direct")
+                .map(Summary::of)
+                .and_then(|d| d.cpu);
+            let extra = |s: &Summary| s.cpu.zip(direct_cpu).map(|(c, d)| c - d);
+            let lbd_extra = lbd.as_ref().and_then(extra);
+            for name in &sc.order {
+                let c = &sc.contenders[name];
+                if c.samples.is_empty() {
+                    failed_row(md, name, &c.failures, 10);
+                    continue;
+                }
+                let s = Summary::of(c);
+                let own = name == "lbd-xdp" || name == "direct";
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 && !own => format!("{:.2}×", a / b),
+                    _ => String::new(),
+                };
+                let lb_extra = if name == "direct" { None } else { extra(&s) };
+                let _ = writeln!(
+                    md,
+                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {} | {:.0}% | {} | {} |",
+                    s.rps,
+                    s.spread * 100.0,
+                    s.p50,
+                    s.p99,
+                    s.cpu.map_or("-".into(), |v| format!("{v:.1}")),
+                    lb_extra.map_or("-".into(), |v| format!("{v:.1}")),
+                    s.rss_kib
+                        .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                    s.errors,
+                    s.foreign * 100.0,
+                    ratio(lbd.as_ref().map(|l| l.rps), Some(s.rps)),
+                    ratio(lbd_extra, lb_extra),
+                );
+            }
+        }
+        if !self.l4.is_empty() {
+            md.push_str(
+                "\nL4 CPU is whole-machine (user + system + irq + softirq of all CPUs, /proc/stat) \
+                 less the CPU time of processes outside the bench, per request: veth XDP and \
+                 forwarding run in softirq on whichever CPU sends, so no process's CPU time holds \
+                 the LB's cost. \"LB extra\" is that minus `direct`'s; \"other CPU\" is the share \
+                 of the whole machine used by processes outside the bench (subtracted). lbd RSS is \
+                 lbd's peak (control plane only; packets never reach it).\n",
+            );
+        }
+    }
+
+    fn xdp_markdown(&self, md: &mut String) {
+        let Some(r) = &self.xdp else { return };
+        let _ = writeln!(md, "\n## {}\n", super::xdp::SCENARIO);
+        let r = match r {
+            Err(e) => {
+                let _ = writeln!(md, "failed: {e}");
+                return;
+            }
+            Ok(r) => r,
+        };
+        if let Some(why) = &r.skip {
+            let _ = writeln!(md, "SKIP: {why}");
+            return;
+        }
+        let _ = writeln!(md, "XDP program, ns per packet: **{}**.\n", r.label);
+        let _ = writeln!(
+            md,
+            "| packet class | verdict | method | ns/packet | spread | target ns | single run ns (class / hit) |"
+        );
+        let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|");
+        for row in &r.rows {
+            let (m, spread) = median_spread(&row.ns);
+            let single = if row.single_run_ns.is_empty() {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{:.0} / {:.0}",
+                    median(&row.single_run_ns),
+                    median(&row.hit_single_run_ns)
+                )
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {m:.1} | ±{:.0}% | {} | {single} |",
+                row.class,
+                row.action,
+                row.method,
+                spread * 100.0,
+                row.target_ns.map_or("-".into(), |t| format!("≤ {t:.0}")),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nMedian of {} measurements per class. `repeat`: one call running the program \
+             100,000 times on the same frame, kernel mean per run. `paired`: classes whose run \
+             changes what the next run sees (a miss inserts the flow; ipip pushes a header) run \
+             once per call on a fresh frame, a never-seen 5-tuple per call for the miss; each \
+             call is paired with a single-run call of the IPv4 hit and the class costs \
+             hit + (class − hit) of the single runs, which cancels the call's fixed cost.",
+            r.rows.first().map_or(0, |r| r.ns.len())
+        );
     }
 }
 
@@ -231,17 +371,10 @@ struct Summary {
 impl Summary {
     fn of(c: &ContenderResult) -> Summary {
         let rps: Vec<f64> = c.samples.iter().map(|s| s.rps).collect();
-        let med = median(&rps);
-        let (lo, hi) = rps
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (rps, spread) = median_spread(&rps);
         Summary {
-            rps: med,
-            spread: if med > 0.0 {
-                (hi - lo) / 2.0 / med
-            } else {
-                0.0
-            },
+            rps,
+            spread,
             p50: median(&c.samples.iter().map(|s| s.p50_us).collect::<Vec<_>>()),
             p99: median(&c.samples.iter().map(|s| s.p99_us).collect::<Vec<_>>()),
             cpu: {
@@ -255,7 +388,52 @@ impl Summary {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+/// A table row for a contender with no measurement: the first line of its first failure,
+/// then `empty` blank cells.
+fn failed_row(md: &mut String, name: &str, failures: &[String], empty: usize) {
+    let why = failures
+        .first()
+        .map_or("", |s| s.lines().next().unwrap_or(""));
+    let _ = writeln!(md, "| {name} | failed: {why} |{}", " |".repeat(empty));
+}
+
+fn entry<'a>(
+    list: &'a mut Vec<ScenarioResult>,
+    scenario: &str,
+    contender: &str,
+) -> &'a mut ContenderResult {
+    if list.last().is_none_or(|s| s.name != scenario) {
+        list.push(ScenarioResult {
+            name: scenario.to_owned(),
+            contenders: BTreeMap::new(),
+            order: Vec::new(),
+        });
+    }
+    let sc = list.last_mut().expect("pushed above");
+    if !sc.order.iter().any(|c| c == contender) {
+        sc.order.push(contender.to_owned());
+    }
+    sc.contenders.entry(contender.to_owned()).or_default()
+}
+
+/// Median and half the range relative to it.
+fn median_spread(v: &[f64]) -> (f64, f64) {
+    let med = median(v);
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    (
+        med,
+        if med > 0.0 {
+            (hi - lo) / 2.0 / med
+        } else {
+            0.0
+        },
+    )
+}
+
+/// The median (mean of the middle two for an even count; 0 for none).
+pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -307,5 +485,76 @@ mod tests {
         assert_eq!(r.failures_of("envoy"), 0);
         let md = r.markdown();
         assert!(md.contains("| lbd | failed: x |"), "{md}");
+    }
+
+    fn sample(rps: f64, cpu: f64) -> Sample {
+        Sample {
+            rps,
+            p50_us: 100.0,
+            p99_us: 900.0,
+            cpu_us_per_req: Some(cpu),
+            peak_rss_kib: None,
+            errors: 0,
+            foreign_cpu: 0.0,
+        }
+    }
+
+    #[test]
+    fn l4_rows_show_extra_cpu_over_direct_and_ratios_to_lbd_xdp() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        r.add_l4("l4-tcp-keepalive", "direct", sample(100_000.0, 10.0));
+        r.add_l4("l4-tcp-keepalive", "lbd-xdp", sample(90_000.0, 12.0));
+        r.add_l4("l4-tcp-keepalive", "kernel-dnat", sample(60_000.0, 18.0));
+        let md = r.markdown();
+        assert!(
+            md.contains("| lbd-xdp | 90000 | ±0% | 100 | 900 | 12.0 | 2.0 | - | 0 | 0% |  |  |"),
+            "{md}"
+        );
+        // lbd-xdp ÷ kernel-dnat: 1.5× the req/s, 0.25× the extra CPU (2 µs vs 8 µs).
+        assert!(
+            md.contains("| kernel-dnat | 60000 | ±0% | 100 | 900 | 18.0 | 8.0 | - | 0 | 0% | 1.50× | 0.25× |"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("proxy's core"),
+            "no L7 legend without L7 rows: {md}"
+        );
+        r.fail_l4("l4-tcp-new-conn", "lbd-xdp", "lbd exited".into());
+        assert_eq!(r.failures_of("lbd-xdp"), 1);
+    }
+
+    #[test]
+    fn xdp_section_shows_skip_or_medians_with_the_label_and_target() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        r.set_xdp(Ok(XdpResult {
+            skip: Some("XDP object not built: bpf-linker not found".into()),
+            ..XdpResult::default()
+        }));
+        assert!(
+            r.markdown()
+                .contains("SKIP: XDP object not built: bpf-linker not found")
+        );
+        r.set_xdp(Ok(XdpResult {
+            skip: None,
+            label: "upper bound (BPF_PROG_TEST_RUN, no NIC, no driver)".into(),
+            rows: vec![super::super::xdp::XdpRow {
+                class: "ipv4-tcp-hit-dsr-l2".into(),
+                method: "repeat".into(),
+                action: "XDP_TX".into(),
+                target_ns: Some(60.0),
+                ns: vec![90.0, 100.0, 110.0],
+                single_run_ns: Vec::new(),
+                hit_single_run_ns: Vec::new(),
+            }],
+        }));
+        let md = r.markdown();
+        assert!(
+            md.contains("**upper bound (BPF_PROG_TEST_RUN, no NIC, no driver)**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ipv4-tcp-hit-dsr-l2 | XDP_TX | repeat | 100.0 | ±10% | ≤ 60 | - |"),
+            "{md}"
+        );
     }
 }
