@@ -474,7 +474,8 @@ async fn read_side(
         if rbuf.len() >= max_head {
             return std::future::pending().await;
         }
-        if rd.as_ref().readable().await.is_err() {
+        // The socket's own readiness slot (no waiter node to link and unlink per request).
+        if poll_fn(|c| rd.as_ref().poll_read_ready(c)).await.is_err() {
             return;
         }
         if rbuf.capacity() == rbuf.len() {
