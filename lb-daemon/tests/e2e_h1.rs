@@ -378,3 +378,45 @@ async fn drain_closes_idle_connections_at_once_and_finishes_in_flight_ones() {
     let status = exit.await.expect("join").expect("lbd exited");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_and_too_many_fields_are_refused_before_the_backend() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, ""));
+    let many: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let cases = [
+        // Request smuggling shapes: two framings, or lengths that disagree.
+        (
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(),
+            400,
+            "bad_framing",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_owned(),
+            400,
+            "bad_content_length",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".to_owned(),
+            400,
+            "bad_framing",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n"),
+            431,
+            "header_too_large",
+        ),
+    ];
+    for (req, status, reason) in cases {
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut rd = Reader::new();
+        let r = rd.response(&mut s, "POST").await;
+        assert_eq!(r.status, status, "{req:?}: {r:?}");
+        assert_eq!(r.header("x-lbd-error"), Some(reason), "{r:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        assert!(closes_within(&mut s, Duration::from_secs(3)).await);
+    }
+    assert_eq!(b.hits(), 0, "nothing ambiguous reaches a backend");
+}
