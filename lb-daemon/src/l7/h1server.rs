@@ -92,8 +92,12 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
             } else {
                 cx.limits.idle_timeout
             };
-            if let Err(reason) = wait_readable(&stream, wait, cx.shutdown).await {
-                return End::Closed(reason);
+            match wait_readable(&stream, wait, cx.shutdown).await {
+                Ok(()) => {}
+                // Nothing sent at all within the header timeout: hyper counted this as an
+                // error (its header timeout), and the metric keeps that meaning.
+                Err(CloseReason::Idle) if first => return End::Closed(CloseReason::Error),
+                Err(reason) => return End::Closed(reason),
             }
             rbuf.reserve(HEAD_BUF);
             // A polled read (not `try_read`): a short read clears the socket's readiness, so
@@ -191,7 +195,8 @@ async fn request(
         match tokio::time::timeout_at(deadline, stream.read_buf(rbuf)).await {
             // Slow headers (slowloris): closed without an answer, as hyper did.
             Err(_elapsed) => return Next::Close(CloseReason::Error),
-            Ok(Ok(0)) => return Next::Close(CloseReason::Client),
+            // A head cut off by the client (hyper: an incomplete message, an error).
+            Ok(Ok(0)) => return Next::Close(CloseReason::Error),
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return Next::Close(CloseReason::Error),
         }
@@ -317,7 +322,8 @@ async fn exchange(
         tokio::select! {
             biased;
             r = &mut respond => break r,
-            () = &mut reader => return Next::Close(CloseReason::Client),
+            // As with hyper, a client gone mid-exchange counts as an error, not a normal close.
+            () = &mut reader => return Next::Close(CloseReason::Error),
             polled = first_poll(shared.as_deref()), if continue_pending => {
                 continue_pending = false;
                 if polled && wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
@@ -351,7 +357,7 @@ async fn exchange(
         tokio::select! {
             biased;
             w = &mut write => w,
-            () = &mut reader => return Next::Close(CloseReason::Client),
+            () = &mut reader => return Next::Close(CloseReason::Error),
         }
     };
     let Ok(keep_alive) = written else {
