@@ -63,6 +63,9 @@ pub struct ClusterRuntime {
     /// Upstream connection pools.
     pub upstream: Upstream,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Publishes `lbd_endpoint_available`; stopped as soon as a reload replaces the cluster,
+    /// since the replacement publishes the same series (see [`ClusterRuntime::retire`]).
+    availability_metrics: tokio::task::JoinHandle<()>,
     /// Active health checks; stopped when the cluster is dropped.
     _checker: ClusterChecker,
 }
@@ -72,6 +75,7 @@ impl Drop for ClusterRuntime {
         for t in &self.tasks {
             t.abort();
         }
+        self.availability_metrics.abort();
     }
 }
 
@@ -98,10 +102,8 @@ impl ClusterRuntime {
             }
         }
         let balancer = Balancer::new(cluster, Arc::clone(&health));
-        let tasks = vec![
-            balancer.spawn_watcher(),
-            spawn_availability_metrics(cluster, Arc::clone(&health)),
-        ];
+        let tasks = vec![balancer.spawn_watcher()];
+        let availability_metrics = spawn_availability_metrics(cluster, Arc::clone(&health));
         let checker = ClusterChecker::spawn(cluster, Arc::clone(&health));
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
@@ -110,8 +112,16 @@ impl ClusterRuntime {
             balancer,
             upstream: Upstream::new(cluster),
             tasks,
+            availability_metrics,
             _checker: checker,
         })
+    }
+
+    /// Called when a reload replaced or removed this cluster. It keeps serving the requests
+    /// that started on it, but its health may still change (their passive failures, its
+    /// checker) and must no longer reach the gauges its successor (or the removal) has set.
+    fn retire(&self) {
+        self.availability_metrics.abort();
     }
 
     /// Whether any endpoint may take traffic now.
@@ -221,6 +231,11 @@ impl Runtime {
             })
             .collect();
         if let Some(prev) = previous {
+            for pc in &prev.clusters {
+                if !clusters.iter().any(|c| Arc::ptr_eq(c, pc)) {
+                    pc.retire();
+                }
+            }
             zero_removed_endpoints(prev, &model);
         }
         let route_names: Vec<Arc<str>> = model

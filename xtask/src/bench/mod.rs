@@ -47,7 +47,7 @@ pub struct BenchArgs {
     /// Repetitions of each measurement (default 3, quick 1).
     #[arg(long)]
     repeat: Option<usize>,
-    /// Seconds per measurement (default 10, quick 2).
+    /// Seconds per measurement (default 8, quick 2).
     #[arg(long)]
     duration: Option<u64>,
     /// Do not run scripts/setup.sh --bench first.
@@ -240,7 +240,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let scratch = out_dir.join("run");
     std::fs::create_dir_all(&scratch)?;
 
-    let duration = Duration::from_secs(args.duration.unwrap_or(if args.quick { 2 } else { 10 }));
+    let duration = Duration::from_secs(args.duration.unwrap_or(if args.quick { 2 } else { 8 }));
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     // A quick run checks that everything works; repeating noisy measurements would triple its
     // time on a busy machine. The noise is still recorded and shown in the table.
