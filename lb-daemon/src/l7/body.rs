@@ -9,8 +9,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
+use super::downstream::{DownstreamBody, DownstreamError};
 use super::h2pool::BoxError;
 use super::log::RequestLog;
 use super::upstream::UpstreamBody;
@@ -24,9 +24,9 @@ pub enum BodyError {
         /// The configured limit.
         limit: u64,
     },
-    /// The peer's stream failed.
+    /// The client's stream failed.
     #[error(transparent)]
-    Stream(#[from] hyper::Error),
+    Stream(#[from] DownstreamError),
     /// A retried attempt took over the client body.
     #[error("request body taken over by a retry")]
     Superseded,
@@ -47,7 +47,7 @@ pub enum RequestBody {
     /// The client's body.
     Stream {
         /// Body from the client.
-        inner: Incoming,
+        inner: DownstreamBody,
         /// `max_body_bytes`; 0 = unlimited.
         limit: u64,
         /// Bytes seen so far (shared with the access log).
@@ -70,7 +70,7 @@ pub enum RequestBody {
 /// A client body read once and kept (up to a limit) so a failed attempt can be repeated.
 #[derive(Debug)]
 pub struct Replay {
-    inner: Incoming,
+    inner: DownstreamBody,
     limit: u64,
     seen: Arc<AtomicU64>,
     /// Copy of the data read so far; dropped once it would exceed `keep`.
@@ -87,7 +87,12 @@ pub struct Replay {
 impl Replay {
     /// Wraps the client body `inner` (`limit`/`seen` as in [`RequestBody::Stream`]) keeping
     /// up to `keep` bytes for replays.
-    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>, keep: usize) -> Arc<Mutex<Self>> {
+    pub fn new(
+        inner: DownstreamBody,
+        limit: u64,
+        seen: Arc<AtomicU64>,
+        keep: usize,
+    ) -> Arc<Mutex<Self>> {
         Arc::new(Mutex::new(Replay {
             inner,
             limit,

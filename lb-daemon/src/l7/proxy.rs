@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 
 use super::body::{Replay, RequestBody, ResponseBody};
+use super::downstream::DownstreamBody;
 use super::grpc;
 use super::headers::{self, Scheme};
 use super::log::RequestLog;
@@ -42,7 +43,7 @@ const MAX_ATTEMPTS: usize = 8;
 pub async fn handle(
     rt: Arc<Runtime>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let Some(listener) = rt.listener(conn.listener) else {

@@ -10,13 +10,18 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::{Buf as _, Bytes};
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
+use super::downstream::DownstreamBody;
+use super::h1server;
 use super::headers::Scheme;
 use super::proxy::{self, ConnInfo};
 use crate::config::model::{Limits, ListenerProtocol};
@@ -95,7 +100,7 @@ pub struct ListenerCtx {
 
 /// Why a downstream connection ended (the `reason` label of `CONNECTIONS_CLOSED`).
 #[derive(Debug, Clone, Copy)]
-enum CloseReason {
+pub(super) enum CloseReason {
     Client = 0,
     Drain = 1,
     Idle = 2,
@@ -177,20 +182,66 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
             }
         }
     };
-    let builder = builder(&limits, protocol);
-    let activity = Arc::new(AtomicU64::new(now_ms()));
-    let io = TokioIo::new(ActivityIo {
-        inner: stream,
-        last: Arc::clone(&activity),
-    });
     let info = ConnInfo {
         client,
         listener: ctx.bind,
         scheme: Scheme::Http,
     };
+    // HTTP/1.x is served by lbd's own codec; HTTP/2 by hyper (boxed: its connection state is
+    // large and must not size the future of every idle HTTP/1.1 connection).
+    let reason = match protocol {
+        ListenerProtocol::H2c => {
+            Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx)).await
+        }
+        ListenerProtocol::Http => {
+            let h1 = h1server::ConnCtx {
+                info,
+                limits: &limits,
+                state: &ctx.state,
+                shutdown: &mut ctx.shutdown,
+                sniff_h2: true,
+            };
+            match h1server::serve(stream, h1).await {
+                h1server::End::Closed(reason) => reason,
+                h1server::End::H2(stream, preface) => {
+                    Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx)).await
+                }
+            }
+        }
+    };
+    if matches!(reason, CloseReason::Error) {
+        tracing::debug!(listener = %ctx.name, client = %client, "connection ended with error");
+    }
+    cm.active.decrement(1.0);
+    cm.closed[reason as usize].increment(1);
+}
+
+/// Serves an HTTP/2 (prior knowledge) connection with hyper; `preface` holds bytes already
+/// read from the socket, replayed first.
+async fn serve_h2(
+    stream: TcpStream,
+    preface: Bytes,
+    info: ConnInfo,
+    limits: &Limits,
+    ctx: &mut ListenerCtx,
+) -> CloseReason {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    let activity = Arc::new(AtomicU64::new(now_ms()));
+    let io = TokioIo::new(Rewind {
+        preface,
+        inner: ActivityIo {
+            inner: stream,
+            last: Arc::clone(&activity),
+        },
+    });
     let state = Arc::clone(&ctx.state);
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let rt = state.load_full();
+        let req = req.map(DownstreamBody::from);
         async move { Ok::<_, Infallible>(proxy::handle(rt, info, req).await) }
     });
     let conn = builder.serve_connection(io, svc);
@@ -220,29 +271,10 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
         }
     };
     if let Err(e) = result {
-        tracing::debug!(listener = %ctx.name, client = %client, error = %e, "connection ended with error");
+        tracing::debug!(listener = %ctx.name, client = %info.client, error = %e, "connection ended with error");
         reason = CloseReason::Error;
     }
-    cm.active.decrement(1.0);
-    cm.closed[reason as usize].increment(1);
-}
-
-fn builder(limits: &Limits, protocol: ListenerProtocol) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper refuses buffers under 8 KiB; the head limit answers 431 when exceeded.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
-    if protocol == ListenerProtocol::H2c {
-        b = b.http2_only();
-    }
-    b
+    reason
 }
 
 fn now_ms() -> u64 {
@@ -320,5 +352,86 @@ impl AsyncWrite for ActivityIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Replays bytes read while sniffing the protocol before reading from the socket again.
+struct Rewind {
+    preface: Bytes,
+    inner: ActivityIo,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.preface.is_empty() {
+            let n = this.preface.len().min(buf.remaining());
+            buf.put_slice(&this.preface[..n]);
+            this.preface.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole future of a connection is allocated for its whole life, idle or not, so
+    /// everything large (a request in flight, hyper's HTTP/2 connection) must stay boxed.
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let model = crate::config::load(std::path::Path::new("../configs/lb.toml")).expect("model");
+        let state = Arc::new(ArcSwap::from_pointee(Runtime::build(Arc::new(model), None)));
+        let (_tx, shutdown) = watch::channel(false);
+        let ctx = ListenerCtx {
+            bind: addr,
+            name: "t".into(),
+            state,
+            shutdown,
+            tracker: Arc::default(),
+            metrics: Arc::new(ConnMetrics::new("t")),
+        };
+        let fut = serve_connection(stream, addr, ctx);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1536, "connection future is {size} bytes");
     }
 }

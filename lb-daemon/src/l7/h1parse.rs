@@ -1,0 +1,719 @@
+//! HTTP/1.1 wire format for downstream connections (RFC 9112): the request head (parsed with
+//! `httparse`, header values sliced out of the read buffer without copying), request body
+//! framing (`Content-Length`, chunked with extensions and trailers) and the response head.
+//!
+//! Everything here is synchronous and works on buffers; the connection loop is `h1server.rs`.
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+
+/// Most header fields accepted in one request (hyper's default; more → 431).
+pub const MAX_HEADERS: usize = 100;
+
+/// Longest chunk-size line (size plus extensions) accepted in a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why a request head was refused; each maps to the status the client gets before the
+/// connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// Malformed syntax or contradictory framing (400).
+    Bad(&'static str),
+    /// Head larger than `max_header_bytes`, or too many fields (431).
+    TooLarge,
+}
+
+impl HeadError {
+    /// The status answered for this error.
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::Bad(_) => StatusCode::BAD_REQUEST,
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// The `x-lbd-error` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            HeadError::Bad(r) => r,
+            HeadError::TooLarge => "header_too_large",
+        }
+    }
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length: n` (n > 0).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct Head {
+    /// Request method.
+    pub method: Method,
+    /// Request target.
+    pub uri: Uri,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// Header fields, in order.
+    pub headers: HeaderMap,
+    /// Body framing.
+    pub framing: Framing,
+    /// Whether the client allows the connection to be reused after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` (HTTP/1.1 only).
+    pub expect_continue: bool,
+    /// `TE: trailers`: the client accepts trailers in a chunked response.
+    pub te_trailers: bool,
+}
+
+/// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more (unless
+/// `buf` already holds `max_bytes`, which is answered with [`HeadError::TooLarge`]). On
+/// success the head's bytes are removed from `buf`; what follows (body, pipelined requests)
+/// stays.
+pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, HeadError> {
+    // Offsets into `buf` first, so the head can be frozen once and sliced without copies.
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_bytes {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad("bad_request")),
+    };
+    if len > max_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let method = req.method.map(|m| span(m.as_bytes()));
+    let path = req.path.map(|p| span(p.as_bytes()));
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        Some(1) => Version::HTTP_11,
+        _ => return Err(HeadError::Bad("bad_version")),
+    };
+    let mut spans = [((0usize, 0usize), (0usize, 0usize)); MAX_HEADERS];
+    let n = req.headers.len();
+    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
+        *slot = (span(h.name.as_bytes()), span(h.value));
+    }
+    let (Some(method), Some(path)) = (method, path) else {
+        return Err(HeadError::Bad("bad_request"));
+    };
+    let head = buf.split_to(len).freeze();
+    let method =
+        Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Bad("bad_method"))?;
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
+        .map_err(|_| HeadError::Bad("bad_uri"))?;
+    // Room for the forwarding headers the proxy adds, so that does not regrow the map.
+    let mut headers = HeaderMap::with_capacity(n + 4);
+    for &((ns, ne), (vs, ve)) in &spans[..n] {
+        let name =
+            HeaderName::from_bytes(&head[ns..ne]).map_err(|_| HeadError::Bad("bad_header"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| HeadError::Bad("bad_header"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(&headers, version, &method)?;
+    let (close, keep) = connection_tokens(&headers);
+    let keep_alive = match version {
+        Version::HTTP_11 => !close,
+        _ => keep && !close,
+    };
+    let expect_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")));
+    Ok(Some(Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue,
+        te_trailers,
+    }))
+}
+
+/// Comma-separated tokens of a header value, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// (`close`, `keep-alive`) present in the `Connection` header.
+fn connection_tokens(headers: &HeaderMap) -> (bool, bool) {
+    let (mut close, mut keep) = (false, false);
+    for v in headers.get_all(header::CONNECTION) {
+        for t in tokens(v.as_bytes()) {
+            close |= t.eq_ignore_ascii_case(b"close");
+            keep |= t.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    (close, keep)
+}
+
+/// The request body's framing (RFC 9112 §6.3), refusing what could be read two ways
+/// (request smuggling): both `Transfer-Encoding` and `Content-Length`, a transfer coding other
+/// than a final `chunked`, or differing lengths.
+fn framing(headers: &HeaderMap, version: Version, method: &Method) -> Result<Framing, HeadError> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if te.peek().is_some() {
+        if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(HeadError::Bad("bad_framing"));
+        }
+        let codings: Vec<&[u8]> = te.flat_map(|v| tokens(v.as_bytes())).collect();
+        let chunked = |t: &&[u8]| t.eq_ignore_ascii_case(b"chunked");
+        // Only a single, final `chunked` can be decoded here; lbd passes no other coding on
+        // (Transfer-Encoding is hop-by-hop), so anything else is refused.
+        if codings.len() != 1 || !codings.first().is_some_and(chunked) {
+            return Err(HeadError::Bad("bad_framing"));
+        }
+        return Ok(Framing::Chunked);
+    }
+    let mut len: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for t in tokens(v.as_bytes()) {
+            let n = parse_decimal(t).ok_or(HeadError::Bad("bad_content_length"))?;
+            if len.is_some_and(|l| l != n) {
+                return Err(HeadError::Bad("bad_content_length"));
+            }
+            len = Some(n);
+        }
+    }
+    Ok(match len {
+        // CONNECT has no body in lbd (it is refused before any would be read).
+        _ if method == Method::CONNECT => Framing::Empty,
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+fn parse_decimal(t: &[u8]) -> Option<u64> {
+    if t.is_empty() || t.len() > 19 {
+        return None;
+    }
+    t.iter().try_fold(0u64, |acc, &b| {
+        b.is_ascii_digit()
+            .then(|| acc.checked_mul(10)?.checked_add(u64::from(b - b'0')))?
+    })
+}
+
+/// One step of body decoding.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Body bytes (a slice of the read buffer, no copy).
+    Data(Bytes),
+    /// Chunked trailers.
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+    /// More input is needed.
+    NeedMore,
+}
+
+/// Incremental request body decoder over the connection's read buffer. It consumes exactly
+/// the body, so bytes of a pipelined next request stay in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// `Content-Length` body with this many bytes left.
+    Length(u64),
+    /// Chunked body.
+    Chunked(ChunkState),
+    /// Finished.
+    Done,
+}
+
+/// Where a chunked decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside chunk data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+}
+
+impl Decoder {
+    /// The decoder for a request with this framing.
+    pub fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(ChunkState::Size),
+        }
+    }
+
+    /// Whether the body has been read completely.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done)
+    }
+
+    /// Decodes what `buf` holds; `max_trailers` bounds the trailer section.
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        max_trailers: usize,
+    ) -> Result<Decoded, &'static str> {
+        loop {
+            match self {
+                Decoder::Done => return Ok(Decoded::End),
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = Decoder::Done;
+                    }
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                Decoder::Chunked(state) => match *state {
+                    ChunkState::Size => {
+                        let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+                            if buf.len() > MAX_CHUNK_LINE {
+                                return Err("chunk_line_too_long");
+                            }
+                            return Ok(Decoded::NeedMore);
+                        };
+                        if eol > MAX_CHUNK_LINE {
+                            return Err("chunk_line_too_long");
+                        }
+                        let size = chunk_size(&buf[..eol])?;
+                        buf.advance(eol + 1);
+                        *state = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                    }
+                    ChunkState::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(Decoded::NeedMore);
+                        }
+                        let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                        let rest = left - n as u64;
+                        *state = if rest == 0 {
+                            ChunkState::DataEnd
+                        } else {
+                            ChunkState::Data(rest)
+                        };
+                        return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    }
+                    ChunkState::DataEnd => {
+                        if buf.starts_with(b"\r\n") {
+                            buf.advance(2);
+                        } else if buf.starts_with(b"\n") {
+                            buf.advance(1);
+                        } else if buf.is_empty() || buf[..] == b"\r"[..] {
+                            return Ok(Decoded::NeedMore);
+                        } else {
+                            return Err("bad_chunk");
+                        }
+                        *state = ChunkState::Size;
+                    }
+                    ChunkState::Trailers => {
+                        let Some(end) = trailer_end(buf) else {
+                            if buf.len() > max_trailers {
+                                return Err("trailers_too_large");
+                            }
+                            return Ok(Decoded::NeedMore);
+                        };
+                        if end > max_trailers {
+                            return Err("trailers_too_large");
+                        }
+                        let section = buf.split_to(end);
+                        *self = Decoder::Done;
+                        if section.len() <= 2 {
+                            return Ok(Decoded::End);
+                        }
+                        return parse_trailers(&section).map(Decoded::Trailers);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The hex size of a chunk-size line (`1a;ext=val\r`); extensions are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err("bad_chunk_size");
+    }
+    let rest = rest.trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) {
+        return Err("bad_chunk_size");
+    }
+    if rest.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+        return Err("bad_chunk_extension");
+    }
+    let mut n = 0u64;
+    for &b in digits {
+        let d = (b as char).to_digit(16).ok_or("bad_chunk_size")?;
+        n = n * 16 + u64::from(d);
+    }
+    Ok(n)
+}
+
+/// Length of the trailer section including its terminating empty line, once complete.
+fn trailer_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, &'static str> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, parsed))) => {
+            let mut map = HeaderMap::with_capacity(parsed.len());
+            for h in parsed {
+                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad_trailer")?;
+                let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad_trailer")?;
+                map.append(name, value);
+            }
+            Ok(map)
+        }
+        _ => Err("bad_trailer"),
+    }
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body is written (HEAD, 1xx, 204, 304).
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Delimited by closing the connection (HTTP/1.0 client, unknown length).
+    Close,
+}
+
+/// Writes the status line and header fields of a response into `out`, adding `Date`,
+/// `Connection` and the framing header; returns how the body must be written.
+/// `exact_len` is the body's exact size when known up front.
+pub fn encode_response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    req_method: &Method,
+    req_version: Version,
+    exact_len: Option<u64>,
+    keep_alive: &mut bool,
+) -> ResponseFraming {
+    let no_body = *req_method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| parse_decimal(v.as_bytes()));
+    let framing = if no_body {
+        ResponseFraming::None
+    } else if let Some(n) = declared.or(exact_len) {
+        ResponseFraming::Length(n)
+    } else if req_version == Version::HTTP_11 {
+        ResponseFraming::Chunked
+    } else {
+        ResponseFraming::Close
+    };
+    if framing == ResponseFraming::Close {
+        *keep_alive = false;
+    }
+    if req_version == Version::HTTP_10 {
+        out.extend_from_slice(b"HTTP/1.0 ");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+    }
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH && declared.is_none() {
+            // An unparsable length is not passed on; the body's framing decides.
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        with_date(|d| out.extend_from_slice(d));
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(n) if declared.is_none() => {
+            out.extend_from_slice(b"content-length: ");
+            let mut digits = itoa_buf(n);
+            out.extend_from_slice(digits.as_bytes_mut());
+            out.extend_from_slice(b"\r\n");
+        }
+        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !*keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if req_version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// Decimal digits of `n` without an allocation.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_buf(mut n: u64) -> Digits {
+    let mut d = Digits {
+        buf: [0; 20],
+        start: 20,
+    };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+/// Calls `f` with the current IMF-fixdate, formatted at most once per second per thread.
+fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        f(c.1.as_bytes())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<Head>, HeadError> {
+        let mut b = BytesMut::from(s.as_bytes());
+        parse_head(&mut b, 65536)
+    }
+
+    #[test]
+    fn parses_a_head_and_leaves_the_rest() {
+        let mut b = BytesMut::from(
+            &b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nabcGET"[..],
+        );
+        let h = parse_head(&mut b, 65536).expect("ok").expect("complete");
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.uri, "/a?b=1");
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.framing, Framing::Length(3));
+        assert!(h.keep_alive);
+        assert_eq!(&b[..], b"abcGET");
+    }
+
+    #[test]
+    fn incomplete_then_too_large() {
+        assert!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\n")
+                .expect("ok")
+                .is_none()
+        );
+        let mut b = BytesMut::from(&b"GET / HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaa"[..]);
+        assert_eq!(parse_head(&mut b, 16).err(), Some(HeadError::TooLarge));
+        let mut b = BytesMut::from(&b"GET / HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaa\r\n\r\n"[..]);
+        assert_eq!(parse_head(&mut b, 16).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        let h = |s: &str| parse(s).expect("ok").expect("complete").keep_alive;
+        assert!(!h("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!h("GET / HTTP/1.0\r\n\r\n"));
+        assert!(h("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        assert!(h("GET / HTTP/1.1\r\nConnection: foo, keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GARBAGE \x01\x02 NONSENSE\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(HeadError::Bad(_))),
+                "{bad:?}: {:?}",
+                parse(bad)
+            );
+        }
+        let h = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    fn decode_all(
+        dec: &mut Decoder,
+        input: &[u8],
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), &'static str> {
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        // Byte by byte: every state must survive a split anywhere.
+        for &b in input {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match dec.decode(&mut buf, 1024)? {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::Trailers(t) => trailers = Some(t),
+                    Decoded::End => return Ok((data, trailers)),
+                    Decoded::NeedMore => break,
+                }
+            }
+        }
+        Err("incomplete")
+    }
+
+    #[test]
+    fn chunked_with_extensions_and_trailers() {
+        let mut dec = Decoder::new(Framing::Chunked);
+        let (data, trailers) = decode_all(
+            &mut dec,
+            b"5;name=value\r\nhello\r\n1A ; x\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Sum: 9\r\n\r\n",
+        )
+        .expect("decodes");
+        assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz");
+        assert_eq!(trailers.expect("trailers")["x-sum"], "9");
+        let mut dec = Decoder::new(Framing::Chunked);
+        let (data, trailers) = decode_all(&mut dec, b"3\r\nabc\r\n0\r\n\r\n").expect("decodes");
+        assert_eq!(data, b"abc");
+        assert!(trailers.is_none());
+    }
+
+    #[test]
+    fn chunked_errors() {
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"ffffffffffffffffff\r\n"] {
+            let mut dec = Decoder::new(Framing::Chunked);
+            assert!(decode_all(&mut dec, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn length_body_leaves_pipelined_bytes() {
+        let mut dec = Decoder::new(Framing::Length(3));
+        let mut buf = BytesMut::from(&b"abcGET / HTTP/1.1"[..]);
+        assert!(matches!(dec.decode(&mut buf, 0), Ok(Decoded::Data(d)) if &d[..] == b"abc"));
+        assert!(matches!(dec.decode(&mut buf, 0), Ok(Decoded::End)));
+        assert_eq!(&buf[..], b"GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn response_heads() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut out = Vec::new();
+        let mut keep = true;
+        let f = encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &h,
+            &Method::GET,
+            Version::HTTP_11,
+            Some(12),
+            &mut keep,
+        );
+        let s = String::from_utf8(out).expect("utf8");
+        assert_eq!(f, ResponseFraming::Length(12));
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: "), "{s}");
+        assert!(s.ends_with("content-length: 12\r\n\r\n"), "{s}");
+        assert!(!s.contains("connection"), "{s}");
+
+        let mut out = Vec::new();
+        let f = encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &Method::GET,
+            Version::HTTP_10,
+            None,
+            &mut keep,
+        );
+        assert_eq!(f, ResponseFraming::Close);
+        assert!(!keep);
+        let s = String::from_utf8(out).expect("utf8");
+        assert!(s.starts_with("HTTP/1.0 200 OK\r\n"), "{s}");
+        assert!(s.ends_with("connection: close\r\n\r\n"), "{s}");
+    }
+}
