@@ -583,9 +583,10 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         if data.len() <= COPY_MAX {
             out.extend_from_slice(&data);
         } else {
-            wr.write_all(&out).await?;
+            // Not copied: what is gathered (the head, framing, small frames) and the frame go
+            // out in one writev.
+            write_both(wr, &out, &data).await?;
             out.clear();
-            wr.write_all(&data).await?;
         }
         if framing == ResponseFraming::Chunked {
             out.extend_from_slice(b"\r\n");
@@ -622,6 +623,26 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         wr.write_all(&out).await?;
     }
     Ok(keep_alive)
+}
+
+/// Writes `a` then `b` with as few (vectored) writes as the socket allows.
+async fn write_both<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> io::Result<()> {
+    while !a.is_empty() || !b.is_empty() {
+        let n = wr
+            .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[(n - from_a).min(b.len())..];
+    }
+    Ok(())
 }
 
 /// Appends `n` in lower-case hex (a chunk size) without formatting machinery.
