@@ -26,10 +26,10 @@ const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (with extensions) or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest read of a response body. Each read is one downstream write, so this sets the
-/// syscalls per MiB streamed (~4 reads + ~4 writes at 256 KiB; 512 KiB halved that for ~10%
-/// less CPU per MiB), and, with the frame still being written to a slow client, what one
-/// response may hold: 2 × 256 KiB, about what hyper's client held (~400 KiB). Kept at 256 KiB
-/// so 10,000 slow downloads cannot pin 10 GiB.
+/// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
+/// about two of each), and, with the frame still being written to a slow client, what one
+/// response may hold: 2 × 256 KiB, about what hyper's client held (~400 KiB). Not larger, so
+/// 10,000 slow downloads cannot pin 10 GiB.
 const MAX_BODY_READ: usize = 256 * 1024;
 /// Largest first read of a body of known length (before a full read shows more is pending).
 const FIRST_BODY_READ: usize = 64 * 1024;
