@@ -89,23 +89,34 @@ pub fn add_forwarding(
     // Up to four headers are added: one growth of the map (a rehash) instead of several.
     headers.reserve(4);
     let values = client_values(client, scheme);
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let client_str = values
-                .client
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            let mut s = String::with_capacity(prev.len() + 2 + client_str.len());
-            s.push_str(prev);
-            s.push_str(", ");
-            s.push_str(client_str);
-            HeaderValue::from_str(&s).ok()
+    // One lookup for both reading and replacing the header (the name is hashed once).
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut o) => {
+            let joined = match o.get().to_str() {
+                Ok(prev) if !prev.trim().is_empty() => {
+                    let client_str = values
+                        .client
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    let mut s = String::with_capacity(prev.len() + 2 + client_str.len());
+                    s.push_str(prev);
+                    s.push_str(", ");
+                    s.push_str(client_str);
+                    HeaderValue::from_str(&s).ok()
+                }
+                _ => values.client,
+            };
+            // Replaces every earlier value, as `HeaderMap::insert` does.
+            if let Some(v) = joined {
+                o.insert(v);
+            }
         }
-        _ => values.client,
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        header::Entry::Vacant(v) => {
+            if let Some(c) = values.client {
+                v.insert(c);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     if let Some(v) = values.forwarded {
