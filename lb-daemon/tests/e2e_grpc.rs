@@ -1008,8 +1008,10 @@ async fn deadlines_and_cancellation_reach_the_backend() {
         "{err:?}\n{}",
         lbd.logs()
     );
+    // The upper bound only has to show that lbd cut the call at the deadline instead of
+    // waiting for the backend's 1 s answer; a loaded CI machine can add a few hundred ms.
     assert!(
-        took >= Duration::from_millis(50) && took <= Duration::from_millis(150),
+        took >= Duration::from_millis(50) && took < Duration::from_millis(900),
         "DEADLINE_EXCEEDED after {took:?}"
     );
     eventually("backend sees the cancelled call", || cancelled() == 1).await;
@@ -1022,7 +1024,7 @@ async fn deadlines_and_cancellation_reach_the_backend() {
     let took = t.elapsed();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(
-        took < Duration::from_millis(500),
+        took < Duration::from_millis(900),
         "route timeout after {took:?}"
     );
     eventually("backend sees the route-timeout cancel", || cancelled() == 2).await;
