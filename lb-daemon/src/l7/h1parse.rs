@@ -538,7 +538,10 @@ pub fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Noted while writing the fields: a lookup afterwards hashes the name again.
+    let mut has_date = false;
     for (name, value) in headers {
+        has_date |= name == header::DATE;
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -551,7 +554,7 @@ pub fn encode_response_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         with_date(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");
