@@ -81,10 +81,34 @@ pub struct Head {
 /// success the head's bytes are removed from `buf`; what follows (body, pipelined requests)
 /// stays.
 pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, HeadError> {
+    SPANS.with(|spans| parse_head_with(buf, max_bytes, &mut spans.borrow_mut()))
+}
+
+thread_local! {
+    /// Header positions found while the parser borrows the read buffer, kept per thread: a
+    /// `MAX_HEADERS` array on the stack costs a 3 KiB memset per request.
+    static SPANS: RefCell<Vec<Span>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Name and value byte ranges of one header field in the head.
+type Span = ((usize, usize), (usize, usize));
+
+fn parse_head_with(
+    buf: &mut BytesMut,
+    max_bytes: usize,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, HeadError> {
     // Offsets into `buf` first, so the head can be frozen once and sliced without copies.
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    // Uninitialised: an initialised array of MAX_HEADERS fields costs a 2.4 KiB memset per
+    // request.
+    let mut fields = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= max_bytes {
@@ -111,11 +135,13 @@ pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, 
         Some(1) => Version::HTTP_11,
         _ => return Err(HeadError::Bad("bad_version")),
     };
-    let mut spans = [((0usize, 0usize), (0usize, 0usize)); MAX_HEADERS];
-    let n = req.headers.len();
-    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
-        *slot = (span(h.name.as_bytes()), span(h.value));
-    }
+    spans.clear();
+    spans.extend(
+        req.headers
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value))),
+    );
+    let n = spans.len();
     let (Some(method), Some(path)) = (method, path) else {
         return Err(HeadError::Bad("bad_request"));
     };
@@ -126,27 +152,24 @@ pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, 
         .map_err(|_| HeadError::Bad("bad_uri"))?;
     // Room for the forwarding headers the proxy adds, so that does not regrow the map.
     let mut headers = HeaderMap::with_capacity(n + 4);
-    for &((ns, ne), (vs, ve)) in &spans[..n] {
+    // The fields that decide framing and connection handling are noted as they go into the
+    // map: six hashed lookups afterwards cost more than comparing each name here.
+    let mut scan = Scan::default();
+    for &((ns, ne), (vs, ve)) in spans.iter() {
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| HeadError::Bad("bad_header"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| HeadError::Bad("bad_header"))?;
+        scan.field(&name, value.as_bytes());
         headers.append(name, value);
     }
-    let framing = framing(&headers, version, &method)?;
-    let (close, keep) = connection_tokens(&headers);
+    let framing = scan.framing(version, &method)?;
     let keep_alive = match version {
-        Version::HTTP_11 => !close,
-        _ => keep && !close,
+        Version::HTTP_11 => !scan.close,
+        _ => scan.keep && !scan.close,
     };
-    let expect_continue = version == Version::HTTP_11
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")));
+    let expect_continue = version == Version::HTTP_11 && scan.expect_continue;
+    let te_trailers = scan.te_trailers;
     Ok(Some(Head {
         method,
         uri,
@@ -164,52 +187,95 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// (`close`, `keep-alive`) present in the `Connection` header.
-fn connection_tokens(headers: &HeaderMap) -> (bool, bool) {
-    let (mut close, mut keep) = (false, false);
-    for v in headers.get_all(header::CONNECTION) {
-        for t in tokens(v.as_bytes()) {
-            close |= t.eq_ignore_ascii_case(b"close");
-            keep |= t.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    (close, keep)
+/// What the framing and connection fields of a request head say, gathered field by field.
+#[derive(Debug, Default)]
+struct Scan {
+    /// A `Transfer-Encoding` field is present.
+    te: bool,
+    /// Transfer-coding tokens over all `Transfer-Encoding` fields.
+    te_tokens: usize,
+    /// The first of them is `chunked`.
+    te_first_chunked: bool,
+    /// A `Content-Length` field is present.
+    cl: bool,
+    /// The length all `Content-Length` values agree on so far.
+    len: Option<u64>,
+    /// A `Content-Length` value is malformed or differs from another.
+    cl_bad: bool,
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive`.
+    keep: bool,
+    /// The first `Expect` field has been seen.
+    expect_seen: bool,
+    /// It is `100-continue`.
+    expect_continue: bool,
+    /// `TE: trailers`.
+    te_trailers: bool,
 }
 
-/// The request body's framing (RFC 9112 §6.3), refusing what could be read two ways
-/// (request smuggling): both `Transfer-Encoding` and `Content-Length`, a transfer coding other
-/// than a final `chunked`, or differing lengths.
-fn framing(headers: &HeaderMap, version: Version, method: &Method) -> Result<Framing, HeadError> {
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
-        if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
-            return Err(HeadError::Bad("bad_framing"));
-        }
-        let codings: Vec<&[u8]> = te.flat_map(|v| tokens(v.as_bytes())).collect();
-        let chunked = |t: &&[u8]| t.eq_ignore_ascii_case(b"chunked");
-        // Only a single, final `chunked` can be decoded here; lbd passes no other coding on
-        // (Transfer-Encoding is hop-by-hop), so anything else is refused.
-        if codings.len() != 1 || !codings.first().is_some_and(chunked) {
-            return Err(HeadError::Bad("bad_framing"));
-        }
-        return Ok(Framing::Chunked);
-    }
-    let mut len: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for t in tokens(v.as_bytes()) {
-            let n = parse_decimal(t).ok_or(HeadError::Bad("bad_content_length"))?;
-            if len.is_some_and(|l| l != n) {
-                return Err(HeadError::Bad("bad_content_length"));
+impl Scan {
+    /// Notes one header field.
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::TRANSFER_ENCODING {
+            self.te = true;
+            for t in tokens(value) {
+                if self.te_tokens == 0 {
+                    self.te_first_chunked = t.eq_ignore_ascii_case(b"chunked");
+                }
+                self.te_tokens += 1;
             }
-            len = Some(n);
+        } else if *name == header::CONTENT_LENGTH {
+            self.cl = true;
+            for t in tokens(value) {
+                if self.cl_bad {
+                    break;
+                }
+                match parse_decimal(t) {
+                    Some(n) if self.len.is_none_or(|l| l == n) => self.len = Some(n),
+                    _ => self.cl_bad = true,
+                }
+            }
+        } else if *name == header::CONNECTION {
+            for t in tokens(value) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if *name == header::EXPECT {
+            if !self.expect_seen {
+                self.expect_seen = true;
+                self.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+            }
+        } else if *name == header::TE {
+            self.te_trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
     }
-    Ok(match len {
-        // CONNECT has no body in lbd (it is refused before any would be read).
-        _ if method == Method::CONNECT => Framing::Empty,
-        None | Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-    })
+
+    /// The request body's framing (RFC 9112 §6.3), refusing what could be read two ways
+    /// (request smuggling): both `Transfer-Encoding` and `Content-Length`, a transfer coding
+    /// other than a final `chunked`, or differing lengths.
+    fn framing(&self, version: Version, method: &Method) -> Result<Framing, HeadError> {
+        if self.te {
+            if version == Version::HTTP_10 || self.cl {
+                return Err(HeadError::Bad("bad_framing"));
+            }
+            // Only a single, final `chunked` can be decoded here; lbd passes no other coding
+            // on (Transfer-Encoding is hop-by-hop), so anything else is refused.
+            if self.te_tokens != 1 || !self.te_first_chunked {
+                return Err(HeadError::Bad("bad_framing"));
+            }
+            return Ok(Framing::Chunked);
+        }
+        if self.cl_bad {
+            return Err(HeadError::Bad("bad_content_length"));
+        }
+        Ok(match self.len {
+            // CONNECT has no body in lbd (it is refused before any would be read).
+            _ if method == Method::CONNECT => Framing::Empty,
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        })
+    }
 }
 
 fn parse_decimal(t: &[u8]) -> Option<u64> {
@@ -472,7 +538,10 @@ pub fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Noted while writing the fields: a lookup afterwards hashes the name again.
+    let mut has_date = false;
     for (name, value) in headers {
+        has_date |= name == header::DATE;
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -485,7 +554,7 @@ pub fn encode_response_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         with_date(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");

@@ -88,34 +88,38 @@ pub fn add_forwarding(
 ) {
     // Up to four headers are added: one growth of the map (a rehash) instead of several.
     headers.reserve(4);
-    let client_str = ip_text(client);
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let mut s = String::with_capacity(prev.len() + 2 + client_str.len());
-            s.push_str(prev);
-            s.push_str(", ");
-            s.push_str(&client_str);
-            HeaderValue::from_str(&s)
+    let values = client_values(client, scheme);
+    // One lookup for both reading and replacing the header (the name is hashed once).
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut o) => {
+            let joined = match o.get().to_str() {
+                Ok(prev) if !prev.trim().is_empty() => {
+                    let client_str = values
+                        .client
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    let mut s = String::with_capacity(prev.len() + 2 + client_str.len());
+                    s.push_str(prev);
+                    s.push_str(", ");
+                    s.push_str(client_str);
+                    HeaderValue::from_str(&s).ok()
+                }
+                _ => values.client,
+            };
+            // Replaces every earlier value, as `HeaderMap::insert` does.
+            if let Some(v) = joined {
+                o.insert(v);
+            }
         }
-        _ => HeaderValue::from_str(&client_str),
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        header::Entry::Vacant(v) => {
+            if let Some(c) = values.client {
+                v.insert(c);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
-    let mut fwd = String::with_capacity(client_str.len() + 24);
-    fwd.push_str("for=");
-    // RFC 7239: IPv6 addresses are quoted and bracketed.
-    if client.is_ipv6() {
-        fwd.push_str("\"[");
-        fwd.push_str(&client_str);
-        fwd.push_str("]\"");
-    } else {
-        fwd.push_str(&client_str);
-    }
-    fwd.push_str(";proto=");
-    fwd.push_str(scheme.as_str());
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Some(v) = values.forwarded {
         append_list(headers, header::FORWARDED, v);
     }
     let via = match version {
@@ -125,6 +129,57 @@ pub fn add_forwarding(
         _ => "1.1 lbd",
     };
     append_list(headers, header::VIA, HeaderValue::from_static(via));
+}
+
+/// The header values that depend only on the client: its address (`X-Forwarded-For`) and
+/// its `Forwarded` element.
+#[derive(Clone)]
+struct ClientValues {
+    ip: IpAddr,
+    scheme: Scheme,
+    client: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+/// The values for `client`, built once per client and thread: consecutive requests (a
+/// keep-alive connection) then share them (a reference count) instead of formatting and
+/// allocating both per request.
+fn client_values(ip: IpAddr, scheme: Scheme) -> ClientValues {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<ClientValues>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(v) = last.as_ref().filter(|v| v.ip == ip && v.scheme == scheme) {
+            return v.clone();
+        }
+        let v = build_client_values(ip, scheme);
+        *last = Some(v.clone());
+        v
+    })
+}
+
+fn build_client_values(ip: IpAddr, scheme: Scheme) -> ClientValues {
+    let client_str = ip_text(ip);
+    let mut fwd = String::with_capacity(client_str.len() + 24);
+    fwd.push_str("for=");
+    // RFC 7239: IPv6 addresses are quoted and bracketed.
+    if ip.is_ipv6() {
+        fwd.push_str("\"[");
+        fwd.push_str(&client_str);
+        fwd.push_str("]\"");
+    } else {
+        fwd.push_str(&client_str);
+    }
+    fwd.push_str(";proto=");
+    fwd.push_str(scheme.as_str());
+    ClientValues {
+        ip,
+        scheme,
+        client: HeaderValue::from_str(&client_str).ok(),
+        forwarded: HeaderValue::from_str(&fwd).ok(),
+    }
 }
 
 /// The address as text; IPv4 without the formatting machinery, which costs more than the

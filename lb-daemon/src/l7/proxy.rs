@@ -329,8 +329,10 @@ fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
 fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
     // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
-    if !head.headers.contains_key(header::HOST)
-        && let Some(a) = head.uri.authority()
+    // The authority first: an HTTP/1.1 request in origin form has none, and then the header
+    // lookup is not needed.
+    if let Some(a) = head.uri.authority()
+        && !head.headers.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         head.headers.insert(header::HOST, v);

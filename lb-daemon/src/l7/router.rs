@@ -50,7 +50,6 @@ impl Router {
     ///
     /// `model` must be the model this router was built from; indices it lacks are skipped.
     pub fn route(&self, model: &Model, req: &Parts) -> Option<usize> {
-        let host = request_host(req);
         let path = req.uri.path();
         // Decoded once per request, and only when some route looks at the query.
         let query = if self.needs_query {
@@ -59,7 +58,8 @@ impl Router {
             Vec::new()
         };
         let ctx = Request {
-            host,
+            req,
+            host: std::cell::OnceCell::new(),
             path,
             method: &req.method,
             headers: &req.headers,
@@ -74,7 +74,10 @@ impl Router {
 
 /// What the matchers look at, extracted once per request.
 struct Request<'a> {
-    host: Option<&'a str>,
+    req: &'a Parts,
+    /// The host, found only when a route has host conditions (a header lookup and UTF-8
+    /// check most requests do not need).
+    host: std::cell::OnceCell<Option<&'a str>>,
     path: &'a str,
     method: &'a http::Method,
     headers: &'a HeaderMap,
@@ -82,12 +85,16 @@ struct Request<'a> {
 }
 
 impl Request<'_> {
+    fn host(&self) -> Option<&str> {
+        *self.host.get_or_init(|| request_host(self.req))
+    }
+
     fn matches(&self, m: &RouteMatch) -> bool {
         // Cheapest conditions first; the regex last.
         (m.methods.is_empty() || m.methods.contains(self.method))
             && (m.hosts.is_empty()
                 || self
-                    .host
+                    .host()
                     .is_some_and(|h| m.hosts.iter().any(|p| host_matches(p, h))))
             && m.headers.iter().all(|c| header_matches(c, self.headers))
             && m.query.iter().all(|c| query_matches(c, self.query))
