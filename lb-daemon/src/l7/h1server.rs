@@ -320,10 +320,13 @@ async fn exchange(
     let mut continue_pending = expect_continue && shared.is_some();
     let resp = loop {
         tokio::select! {
+            // The reader first: body bytes that came with the head are decoded before the
+            // upstream request goes out, so a malformed body is refused (400) before a
+            // backend could start answering it.
             biased;
-            r = &mut respond => break r,
             // As with hyper, a client gone mid-exchange counts as an error, not a normal close.
             () = &mut reader => return Next::Close(CloseReason::Error),
+            r = &mut respond => break r,
             polled = first_poll(shared.as_deref()), if continue_pending => {
                 continue_pending = false;
                 if polled && wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
@@ -337,9 +340,22 @@ async fn exchange(
         }
     };
     if continue_pending {
-        // Answered without asking for the body: whether the client sends it anyway is
-        // unknowable, so the connection cannot be reused.
-        keep_alive = false;
+        if shared.as_deref().is_some_and(Shared::polled) {
+            // The upstream asked for the body, but its answer's head came in the same turn
+            // (an echo answers at once): the client still waits for 100 Continue before it
+            // sends the body the answer is made of.
+            if wr
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return Next::Close(CloseReason::Error);
+            }
+        } else {
+            // Answered without asking for the body: whether the client sends it anyway is
+            // unknowable, so the connection cannot be reused.
+            keep_alive = false;
+        }
     }
     let draining = *cx.shutdown.borrow();
     if draining {
@@ -360,8 +376,22 @@ async fn exchange(
             () = &mut reader => return Next::Close(CloseReason::Error),
         }
     };
-    let Ok(keep_alive) = written else {
-        return Next::Close(CloseReason::Error);
+    let keep_alive = match written {
+        Ok(k) => k,
+        Err(WriteFail::BeforeHead) => {
+            // The answer failed before any byte of it went out (its body needed the request
+            // body, which turned out malformed, or the upstream broke off at once): the
+            // client gets a proper error instead of a cut-off response.
+            let (status, reason) = if state.get() == BodyState::Failed {
+                (http::StatusCode::BAD_REQUEST, "client_body")
+            } else {
+                (http::StatusCode::BAD_GATEWAY, "upstream_reset")
+            };
+            let resp = proxy::local(status, reason, None, true);
+            let _ = write_response(&mut wr, resp, &method, version, false, false).await;
+            return Next::Linger(CloseReason::Error);
+        }
+        Err(WriteFail::Io) => return Next::Close(CloseReason::Error),
     };
     let closing = if draining {
         CloseReason::Drain
@@ -493,6 +523,21 @@ async fn read_side(
     }
 }
 
+/// Why [`write_response`] did not complete.
+#[derive(Debug)]
+enum WriteFail {
+    /// The response body failed before anything was written: another answer can be sent.
+    BeforeHead,
+    /// The socket failed, or the body failed after part of the response went out.
+    Io,
+}
+
+impl From<io::Error> for WriteFail {
+    fn from(_: io::Error) -> Self {
+        WriteFail::Io
+    }
+}
+
 /// Writes `resp` (head and body) for a request with `method`/`version`; returns whether the
 /// connection can be kept alive afterwards.
 async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
@@ -502,7 +547,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     version: Version,
     te_trailers: bool,
     mut keep_alive: bool,
-) -> io::Result<bool> {
+) -> Result<bool, WriteFail> {
     let (parts, mut body) = resp.into_parts();
     if parts.headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
@@ -532,6 +577,8 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         _ => u64::MAX,
     };
     let mut trailers = None;
+    // Whether any byte of the response went out (until then another answer can replace it).
+    let mut wrote = false;
     loop {
         let frame = if out.is_empty() {
             body.frame().await
@@ -541,6 +588,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
                 None => {
                     // Nothing more right now: send what is gathered, then wait.
                     wr.write_all(&out).await?;
+                    wrote = true;
                     out.clear();
                     continue;
                 }
@@ -548,11 +596,12 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         };
         let data = match frame {
             None => break,
-            Some(Err(e)) => {
+            Some(Err(_)) if !wrote => return Err(WriteFail::BeforeHead),
+            Some(Err(_)) => {
                 // The upstream body failed mid-way: the client must see a truncated
                 // response, never a complete-looking one.
                 wr.write_all(&out).await?;
-                return Err(io::Error::other(e));
+                return Err(WriteFail::Io);
             }
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) => d,
@@ -586,6 +635,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
             // Not copied: what is gathered (the head, framing, small frames) and the frame go
             // out in one writev.
             write_both(wr, &out, &data).await?;
+            wrote = true;
             out.clear();
         }
         if framing == ResponseFraming::Chunked {
@@ -593,6 +643,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         }
         if out.len() >= WRITE_AT {
             wr.write_all(&out).await?;
+            wrote = true;
             out.clear();
         }
         if !keep_alive && left == 0 {
@@ -615,7 +666,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         ResponseFraming::Length(_) if left != 0 && left != u64::MAX => {
             // Shorter than declared: the client will notice the close.
             wr.write_all(&out).await?;
-            return Err(io::Error::other("response body shorter than its length"));
+            return Err(WriteFail::Io);
         }
         _ => {}
     }
@@ -710,6 +761,11 @@ impl Shared {
             Poll::Ready(true)
         })
         .await
+    }
+
+    /// Whether the body's consumer has asked for it yet.
+    fn polled(&self) -> bool {
+        self.lock().polled
     }
 
     fn finish(&self) {
