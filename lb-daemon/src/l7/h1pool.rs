@@ -208,24 +208,9 @@ impl H1Pool {
         }
     }
 
-    /// Runs [`H1Pool::reap_idle`] periodically while `pool` is alive (needs a tokio runtime;
-    /// without one, idle connections are dropped on use only).
+    /// Runs [`H1Pool::reap_idle`] periodically while `pool` is alive (see [`super::reaper`]).
     pub fn spawn_reaper(pool: &Arc<H1Pool>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let period = (pool.config.idle_timeout / 2)
-            .clamp(Duration::from_millis(50), Duration::from_secs(30));
-        let weak = Arc::downgrade(pool);
-        rt.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = weak.upgrade() else { return };
-                pool.reap_idle();
-            }
-        });
+        super::reaper::spawn(pool, pool.config.idle_timeout, H1Pool::reap_idle);
     }
 
     /// Idle connections kept for endpoint `idx` (for tests).

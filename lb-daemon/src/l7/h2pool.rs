@@ -393,24 +393,9 @@ impl H2Pool {
         }
     }
 
-    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (needs a tokio runtime;
-    /// without one, idle connections are pruned on use only).
+    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (see [`super::reaper`]).
     pub fn spawn_reaper(pool: &Arc<H2Pool>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let period = (pool.config.idle_timeout / 2)
-            .clamp(Duration::from_millis(50), Duration::from_secs(30));
-        let weak = Arc::downgrade(pool);
-        rt.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = weak.upgrade() else { return };
-                pool.reap_idle();
-            }
-        });
+        super::reaper::spawn(pool, pool.config.idle_timeout, H2Pool::reap_idle);
     }
 
     /// Open connections to endpoint `idx` (for tests and the admin view).

@@ -10,6 +10,7 @@ pub mod h2pool;
 pub mod headers;
 pub mod log;
 pub mod proxy;
+pub mod reaper;
 pub mod router;
 pub mod server;
 pub mod upstream;
