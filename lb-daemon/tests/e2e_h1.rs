@@ -16,25 +16,7 @@ fn bin() -> &'static Path {
 }
 
 fn config(listen: SocketAddr, backend: &Backend, limits: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "main"
-bind = "{listen}"
-[listeners.limits]
-{limits}
-
-[[routes]]
-name = "all"
-cluster = "web"
-
-[[clusters]]
-name = "web"
-[[clusters.endpoints]]
-address = "{}"
-"#,
-        backend.addr
-    )
+    lb_tests::one_backend_config(listen, backend.addr, limits, "")
 }
 
 /// One response as read off the wire.

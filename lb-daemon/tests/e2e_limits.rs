@@ -13,28 +13,7 @@ fn bin() -> &'static Path {
 }
 
 fn config(listen: SocketAddr, backend: &Backend, limits: &str, global: &str) -> String {
-    format!(
-        r#"
-[global]
-{global}
-
-[[listeners]]
-name = "main"
-bind = "{listen}"
-[listeners.limits]
-{limits}
-
-[[routes]]
-name = "all"
-cluster = "web"
-
-[[clusters]]
-name = "web"
-[[clusters.endpoints]]
-address = "{}"
-"#,
-        backend.addr
-    )
+    lb_tests::one_backend_config(listen, backend.addr, limits, global)
 }
 
 /// Sends one request on `s` and reads one whole response with a Content-Length body.

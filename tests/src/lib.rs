@@ -23,3 +23,34 @@ pub fn free_addr() -> SocketAddr {
 pub fn closed_addr() -> SocketAddr {
     free_addr()
 }
+
+/// An lbd config with one listener on `listen` (its `[listeners.limits]` and `[global]` keys
+/// given as TOML lines) routing everything to one cluster `web` of one endpoint, `backend`.
+pub fn one_backend_config(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    limits: &str,
+    global: &str,
+) -> String {
+    format!(
+        r#"
+[global]
+{global}
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+[listeners.limits]
+{limits}
+
+[[routes]]
+name = "all"
+cluster = "web"
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{backend}"
+"#
+    )
+}
