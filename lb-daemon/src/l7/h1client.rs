@@ -431,7 +431,7 @@ fn write_head(
 /// Appends one body chunk with its framing.
 fn encode_data(buf: &mut Vec<u8>, data: &[u8], framing: ReqFraming) {
     if framing == ReqFraming::Chunked {
-        push_hex(buf, data.len() as u64);
+        super::h1parse::push_hex(buf, data.len() as u64);
         buf.extend_from_slice(b"\r\n");
         buf.extend_from_slice(data);
         buf.extend_from_slice(b"\r\n");
@@ -447,20 +447,6 @@ fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
         i -= 1;
         digits[i] = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[i..]);
-}
-
-fn push_hex(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
-        n >>= 4;
         if n == 0 {
             break;
         }
@@ -935,7 +921,7 @@ mod tests {
             b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let mut v = Vec::new();
-        push_hex(&mut v, 0x1f40);
+        super::super::h1parse::push_hex(&mut v, 0x1f40);
         push_decimal(&mut v, 0);
         assert_eq!(&v[..], b"1f400");
     }

@@ -621,6 +621,22 @@ fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
     })
 }
 
+/// Appends `n` in lower-case hex (a chunk size) without formatting machinery.
+pub fn push_hex(out: &mut Vec<u8>, mut n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,5 +800,14 @@ mod tests {
         let s = String::from_utf8(out).expect("utf8");
         assert!(s.starts_with("HTTP/1.0 200 OK\r\n"), "{s}");
         assert!(s.ends_with("connection: close\r\n\r\n"), "{s}");
+    }
+
+    #[test]
+    fn chunk_sizes_in_hex() {
+        for (n, hex) in [(0, "0"), (10, "a"), (255, "ff"), (65536, "10000")] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, hex.as_bytes());
+        }
     }
 }

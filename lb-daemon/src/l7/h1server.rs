@@ -626,7 +626,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         }
         left -= data.len() as u64;
         if framing == ResponseFraming::Chunked {
-            push_hex(&mut out, data.len());
+            h1parse::push_hex(&mut out, data.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         if data.len() <= COPY_MAX {
@@ -694,23 +694,6 @@ async fn write_both<W: tokio::io::AsyncWrite + Unpin>(
         b = &b[(n - from_a).min(b.len())..];
     }
     Ok(())
-}
-
-/// Appends `n` in lower-case hex (a chunk size) without formatting machinery.
-fn push_hex(out: &mut Vec<u8>, n: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 16];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = DIGITS[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
 }
 
 /// Why an HTTP/1.x request body could not be read.
@@ -886,20 +869,6 @@ impl Body for H1Body {
         match self.left {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_sizes_in_hex() {
-        for (n, hex) in [(0, "0"), (10, "a"), (255, "ff"), (65536, "10000")] {
-            let mut out = Vec::new();
-            push_hex(&mut out, n);
-            assert_eq!(out, hex.as_bytes());
         }
     }
 }
