@@ -23,8 +23,8 @@ use super::h1pool::{H1Conn, H1Pool, READ_BUF};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
-/// Longest chunk-size line (with extensions) or trailer section accepted.
-const MAX_CHUNK_LINE: usize = 4096;
+// Chunk-size lines (and trailer sections) are bounded as for request bodies.
+use super::h1parse::MAX_CHUNK_LINE;
 /// Largest read of a response body. Each read is one downstream write, so this sets the
 /// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
 /// about two of each), and, with the frame still being written to a slow client, what one

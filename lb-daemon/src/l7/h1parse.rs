@@ -13,8 +13,8 @@ use http::{Method, StatusCode, Uri, Version};
 /// Most header fields accepted in one request (hyper's default; more → 431).
 pub const MAX_HEADERS: usize = 100;
 
-/// Longest chunk-size line (size plus extensions) accepted in a chunked body.
-const MAX_CHUNK_LINE: usize = 4096;
+/// Longest chunk-size line (size plus extensions) accepted in a chunked body, either way.
+pub const MAX_CHUNK_LINE: usize = 4096;
 
 /// Why a request head was refused; each maps to the status the client gets before the
 /// connection is closed.
