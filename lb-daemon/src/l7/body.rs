@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::downstream::{DownstreamBody, DownstreamError};
 use super::h2pool::BoxError;
 use super::log::RequestLog;
+use super::reason::Reason;
 use super::upstream::UpstreamBody;
 
 /// Why a body stream failed.
@@ -302,7 +303,7 @@ impl ResponseBody {
         }
     }
 
-    fn finish(&mut self, error: Option<&'static str>) {
+    fn finish(&mut self, error: Option<Reason>) {
         if let Some(mut log) = self.log.take() {
             if log.error.is_none() {
                 log.error = error;
@@ -319,7 +320,7 @@ impl Drop for ResponseBody {
         let error = if self.is_end_stream() {
             None
         } else {
-            Some("downstream_closed")
+            Some(Reason::DownstreamClosed)
         };
         self.finish(error);
     }
@@ -344,7 +345,7 @@ impl Body for ResponseBody {
             if let Some(log) = this.log.as_mut() {
                 log.grpc_status = Some(4);
             }
-            this.finish(Some("deadline_exceeded"));
+            this.finish(Some(Reason::DeadlineExceeded));
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let polled = match &mut this.kind {
@@ -372,10 +373,10 @@ impl Body for ResponseBody {
                     let (code, trailers) = super::grpc::reset_trailers(&**e);
                     log.grpc_status = Some(code);
                     this.kind = Kind::Full(None);
-                    this.finish(Some("upstream_reset"));
+                    this.finish(Some(Reason::UpstreamReset));
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
-                this.finish(Some("upstream_reset"))
+                this.finish(Some(Reason::UpstreamReset))
             }
             Poll::Ready(None) => this.finish(None),
             Poll::Pending => {}

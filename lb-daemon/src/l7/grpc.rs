@@ -9,11 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, header};
 use metrics::{Counter, Histogram};
 
 use super::body::ResponseBody;
-use super::log::RequestLog;
 use crate::telemetry::metrics as m;
 
 /// gRPC status codes lbd itself produces (google.rpc.Code numbering).
@@ -332,44 +331,8 @@ pub fn reset_trailers(e: &(dyn std::error::Error + 'static)) -> (u8, HeaderMap) 
     (code, h)
 }
 
-/// The gRPC status for one of lbd's local failure reasons (the `x-lbd-error` names).
-pub fn code_for(reason: &str) -> Code {
-    match reason {
-        "no_route" => Code::Unimplemented,
-        "upstream_timeout" | "deadline_exceeded" => Code::DeadlineExceeded,
-        "body_too_large" => Code::ResourceExhausted,
-        "client_body" => Code::Cancelled,
-        "no_healthy_endpoint" | "upstream_connect" | "upstream_reset" | "listener_removed" => {
-            Code::Unavailable
-        }
-        "endpoint_limit" => Code::ResourceExhausted,
-        _ => Code::Internal,
-    }
-}
-
-/// A human-readable `grpc-message` for a local failure reason.
-fn message_for(reason: &str, cluster: Option<&str>) -> String {
-    let what = match reason {
-        "no_route" => "no route matches this method",
-        "no_healthy_endpoint" => "no healthy endpoint",
-        "upstream_connect" => "could not connect to any endpoint",
-        "upstream_reset" => "upstream connection reset",
-        "upstream_timeout" => "upstream did not answer in time",
-        "deadline_exceeded" => "deadline exceeded",
-        "body_too_large" => "request exceeds the listener's max_body_bytes",
-        "client_body" => "client request stream failed",
-        "listener_removed" => "listener removed by a reload",
-        "endpoint_limit" => "every endpoint is at its connection limit",
-        other => other,
-    };
-    match cluster {
-        Some(c) if c != "-" => format!("lbd: {what} (cluster {c})"),
-        _ => format!("lbd: {what}"),
-    }
-}
-
 /// Percent-encodes a `grpc-message` as the spec asks (bytes outside 0x20..=0x7E and `%`).
-fn encode_message(msg: &str) -> String {
+pub fn encode_message(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     for b in msg.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {
@@ -379,31 +342,6 @@ fn encode_message(msg: &str) -> String {
         }
     }
     out
-}
-
-/// A trailers-only gRPC response for the local failure `reason`.
-pub fn error_response(
-    reason: &'static str,
-    mut log: Option<Box<RequestLog>>,
-) -> Response<ResponseBody> {
-    let code = code_for(reason);
-    if let Some(l) = log.as_mut() {
-        l.grpc_status = Some(code as u8);
-    }
-    let message = message_for(reason, log.as_ref().map(|l| &*l.cluster));
-    let mut resp = Response::new(ResponseBody::empty(log));
-    *resp.status_mut() = StatusCode::OK;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(code as u16));
-    if let Ok(v) = HeaderValue::from_str(&encode_message(&message)) {
-        h.insert("grpc-message", v);
-    }
-    h.insert("x-lbd-error", HeaderValue::from_static(reason));
-    resp
 }
 
 #[cfg(test)]
@@ -440,27 +378,6 @@ mod tests {
         assert_eq!(p("5x"), None);
         assert_eq!(p("-5m"), None);
         assert_eq!(p("5 m"), None);
-    }
-
-    #[test]
-    fn error_response_is_trailers_only_with_status() {
-        let r = error_response("no_healthy_endpoint", None);
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.headers()["grpc-status"], "14");
-        assert_eq!(r.headers()["content-type"], "application/grpc");
-        assert!(http_body::Body::is_end_stream(r.body()));
-        assert_eq!(
-            error_response("no_route", None).headers()["grpc-status"],
-            "12"
-        );
-        assert_eq!(
-            error_response("upstream_timeout", None).headers()["grpc-status"],
-            "4"
-        );
-        assert_eq!(
-            error_response("body_too_large", None).headers()["grpc-status"],
-            "8"
-        );
     }
 
     #[test]

@@ -30,13 +30,16 @@ use tokio::net::tcp::ReadHalf;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::answer;
 use super::body::ResponseBody;
+use super::conn::ConnInfo;
 use super::downstream::DownstreamBody;
 use super::h1parse::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
-use super::proxy::{self, ConnInfo};
+use super::proxy;
+use super::reason::Reason;
+use super::runtime::Runtime;
 use super::server::CloseReason;
 use crate::config::model::Limits;
-use crate::supervisor::runtime::Runtime;
 
 /// First allocation of the read buffer for a request head (grown up to `max_header_bytes`).
 const HEAD_BUF: usize = 4096;
@@ -179,7 +182,7 @@ async fn request(
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
                 Err(e) => {
-                    let resp = proxy::local(e.status(), e.reason(), None, true);
+                    let resp = answer::http(Reason::from(e), true, None);
                     let wr =
                         write_response(stream, resp, &Method::GET, Version::HTTP_11, false, false);
                     if let Ok(Ok(_)) = tokio::time::timeout(DISCARD_TIME, wr).await {
@@ -382,12 +385,12 @@ async fn exchange(
             // The answer failed before any byte of it went out (its body needed the request
             // body, which turned out malformed, or the upstream broke off at once): the
             // client gets a proper error instead of a cut-off response.
-            let (status, reason) = if state.get() == BodyState::Failed {
-                (http::StatusCode::BAD_REQUEST, "client_body")
+            let reason = if state.get() == BodyState::Failed {
+                Reason::ClientBody
             } else {
-                (http::StatusCode::BAD_GATEWAY, "upstream_reset")
+                Reason::UpstreamReset
             };
-            let resp = proxy::local(status, reason, None, true);
+            let resp = answer::http(reason, true, None);
             let _ = write_response(&mut wr, resp, &method, version, false, false).await;
             return Next::Linger(CloseReason::Error);
         }

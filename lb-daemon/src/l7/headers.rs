@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::conn::Scheme;
+
 /// Headers that describe one hop and must never be forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -54,24 +56,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
     if keep_te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// The scheme the client used to reach lbd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// Cleartext.
-    Http,
-    /// TLS.
-    Https,
-}
-
-impl Scheme {
-    fn as_str(self) -> &'static str {
-        match self {
-            Scheme::Http => "http",
-            Scheme::Https => "https",
-        }
     }
 }
 

@@ -78,7 +78,7 @@ pub struct RequestLog {
     /// Attempts made upstream.
     pub attempts: u32,
     /// lbd's reason when it failed the request itself, or the stream ended abnormally.
-    pub error: Option<&'static str>,
+    pub error: Option<super::reason::Reason>,
     /// Metric handles.
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
@@ -133,7 +133,7 @@ impl RequestLog {
             total_ms = total.as_secs_f64() * 1e3,
             attempts = self.attempts,
             grpc_status = self.grpc_status,
-            error = self.error,
+            error = self.error.map(super::reason::Reason::as_str),
         );
     }
 }

@@ -1,6 +1,10 @@
 //! L7 data path: HTTP/1.1 and HTTP/2 listeners, routing, proxying.
+pub mod answer;
 pub mod body;
+pub mod cluster;
+pub mod conn;
 pub mod downstream;
+pub mod forward;
 pub mod grpc;
 pub mod h1client;
 pub mod h1parse;
@@ -11,6 +15,8 @@ pub mod headers;
 pub mod log;
 pub mod proxy;
 pub mod reaper;
+pub mod reason;
 pub mod router;
+pub mod runtime;
 pub mod server;
 pub mod upstream;

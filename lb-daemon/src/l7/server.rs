@@ -20,12 +20,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
+use super::conn::{ConnInfo, Scheme};
 use super::downstream::DownstreamBody;
 use super::h1server;
-use super::headers::Scheme;
-use super::proxy::{self, ConnInfo};
+use super::proxy;
+use super::runtime::Runtime;
 use crate::config::model::{Limits, ListenerProtocol};
-use crate::supervisor::runtime::Runtime;
 use crate::telemetry::metrics as m;
 
 /// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).

@@ -1,7 +1,5 @@
 //! Owns the running state built from a [`crate::config::Model`]: binds listeners, swaps in new
 //! runtimes on reload, serves the admin API, and drains on shutdown.
-pub mod runtime;
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,10 +17,10 @@ use crate::admin::{
     self, ClusterView, Control, ControlError, EndpointView, ReloadReport, StatusView,
 };
 use crate::config::{self, Model};
+pub use crate::l7::runtime::Runtime;
 use crate::l7::server::{self, ConnTracker, ListenerCtx};
 use crate::sdnotify;
 use crate::telemetry::metrics as m;
-pub use runtime::Runtime;
 
 /// Why `lbd run` could not start.
 #[derive(Debug, thiserror::Error)]

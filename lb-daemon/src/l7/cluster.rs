@@ -1,53 +1,13 @@
-//! Running state built from one validated [`Model`]: routers, balancers, upstream pools, health
-//! and metric handles. A request loads one `Runtime` snapshot when it starts and keeps it to the
-//! end, so a reload never changes the rules under an in-flight request.
-use std::net::SocketAddr;
+//! A cluster's live parts: endpoint health, the balancer, upstream pools, and the tasks that
+//! keep them current. Survives a reload unchanged when its config is unchanged.
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::balance::Balancer;
-use crate::config::model::{Cluster, Limits, ListenerProtocol, Model};
-use crate::health::{ClusterChecker, ClusterHealth};
-use crate::l7::log::RouteMetrics;
-use crate::l7::router::Router;
-use crate::l7::upstream::Upstream;
+use super::upstream::Upstream;
+use crate::balance::{Balancer, PickContext};
+use crate::config::model::Cluster;
+use crate::health::{ClusterChecker, ClusterHealth, InFlightGuard};
 use crate::telemetry::metrics as m;
-
-/// Everything the data path needs for one config generation.
-#[derive(Debug)]
-pub struct Runtime {
-    /// The config this was built from.
-    pub model: Arc<Model>,
-    /// One per model listener, same order.
-    pub listeners: Vec<ListenerRuntime>,
-    /// One per model cluster, same order.
-    pub clusters: Vec<Arc<ClusterRuntime>>,
-    /// Route names, same order as `model.routes`.
-    pub route_names: Vec<Arc<str>>,
-    /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
-    pub unnamed: Arc<str>,
-}
-
-/// Per-listener routing and limits.
-#[derive(Debug)]
-pub struct ListenerRuntime {
-    /// Listener name.
-    pub name: Arc<str>,
-    /// Bound address; the key that survives reloads.
-    pub bind: SocketAddr,
-    /// Routes of this listener.
-    pub router: Router,
-    /// Limits.
-    pub limits: Limits,
-    /// Downstream protocol.
-    pub protocol: ListenerProtocol,
-    /// Write access-log lines.
-    pub access_log: bool,
-    /// Metric handles per route index (same order as `model.routes`).
-    pub route_metrics: Vec<Arc<RouteMetrics>>,
-    /// Metric handles for requests that matched no route.
-    pub unrouted_metrics: Arc<RouteMetrics>,
-}
 
 /// A cluster's live parts.
 #[derive(Debug)]
@@ -68,6 +28,16 @@ pub struct ClusterRuntime {
     availability_metrics: tokio::task::JoinHandle<()>,
     /// Active health checks; stopped when the cluster is dropped.
     _checker: ClusterChecker,
+}
+
+/// Outcome of choosing an endpoint under the cluster's connection limit.
+pub enum Picked {
+    /// The endpoint, with the request already counted in flight on it.
+    Endpoint(usize, InFlightGuard),
+    /// No available endpoint at all.
+    None,
+    /// Endpoints are available, but every one is at `pool.max_connections`.
+    AllAtLimit,
 }
 
 impl Drop for ClusterRuntime {
@@ -120,8 +90,68 @@ impl ClusterRuntime {
     /// Called when a reload replaced or removed this cluster. It keeps serving the requests
     /// that started on it, but its health may still change (their passive failures, its
     /// checker) and must no longer reach the gauges its successor (or the removal) has set.
-    fn retire(&self) {
+    pub(crate) fn retire(&self) {
         self.availability_metrics.abort();
+    }
+
+    /// Picks an endpoint, passing over those at `pool.max_connections` (nginx `max_conns`: a
+    /// full server counts as unavailable for this request) and those in `tried`. HTTP/1.1
+    /// only: there one request holds one connection, while the HTTP/2 pool enforces the limit
+    /// on connections itself.
+    pub fn pick_within_limit(&self, ctx: &PickContext<'_>, tried: &[usize]) -> Picked {
+        let max = self.config.pool.max_connections as u64;
+        if max == 0 || self.upstream.version() != http::Version::HTTP_11 {
+            return match self.balancer.pick(ctx, tried) {
+                Some(i) => Picked::Endpoint(i, self.health.endpoints[i].start_request()),
+                None => Picked::None,
+            };
+        }
+        // Endpoints passed over (tried ones first, then those found full), on the stack.
+        const SKIP: usize = 16;
+        let mut skip = [usize::MAX; SKIP];
+        let mut n = tried.len().min(SKIP / 2);
+        skip[..n].copy_from_slice(&tried[..n]);
+        let first_full = n;
+        loop {
+            match self.balancer.pick(ctx, &skip[..n]) {
+                None if n > first_full => return Picked::AllAtLimit,
+                None => return Picked::None,
+                Some(i) => match self.health.endpoints[i].try_start_request(max) {
+                    Some(guard) => return Picked::Endpoint(i, guard),
+                    None if n == SKIP => return Picked::AllAtLimit,
+                    None => {
+                        skip[n] = i;
+                        n += 1;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Counts a failed attempt against endpoint `idx` (passive health, nginx `max_fails`).
+    pub fn passive_failure(&self, idx: usize) {
+        let p = &self.config.passive;
+        let Some(ep) = self.health.endpoints.get(idx) else {
+            return;
+        };
+        // Never eject the last endpoint that could serve (nginx ignores max_fails for a single
+        // server and revives all peers when every one has failed): an ejection would turn a
+        // struggling service into a dead one for a whole fail_timeout.
+        let now = Instant::now();
+        let others = self
+            .health
+            .endpoints
+            .iter()
+            .enumerate()
+            .any(|(i, e)| i != idx && e.is_available(now));
+        if !others {
+            return;
+        }
+        if let Some(until) = ep.report_failure(now, p.max_fails, p.fail_timeout) {
+            tracing::warn!(cluster = %self.name, endpoint = %self.config.endpoints[idx].address,
+                max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
+            crate::health::schedule_expiry(Arc::clone(ep), until);
+        }
     }
 
     /// Whether any endpoint may take traffic now.
@@ -196,94 +226,4 @@ fn spawn_availability_metrics(
             }
         }
     })
-}
-
-/// An endpoint the new config no longer has takes no traffic; without this its
-/// `lbd_endpoint_available` series would keep its last value (often 1) until restart.
-fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
-    for pc in &previous.clusters {
-        let kept = model.clusters.iter().find(|c| c.name == pc.config.name);
-        for ep in &pc.config.endpoints {
-            if kept.is_some_and(|c| c.endpoints.iter().any(|e| e.address == ep.address)) {
-                continue;
-            }
-            metrics::gauge!(m::ENDPOINT_AVAILABLE,
-                "cluster" => pc.config.name.clone(), "endpoint" => ep.address.to_string())
-            .set(0.0);
-        }
-    }
-}
-
-impl Runtime {
-    /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
-    /// (same pools, same health, same checkers) and carrying health over for changed ones.
-    pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
-        let clusters: Vec<Arc<ClusterRuntime>> = model
-            .clusters
-            .iter()
-            .map(|c| {
-                let prev =
-                    previous.and_then(|p| p.clusters.iter().find(|pc| pc.config.name == c.name));
-                match prev {
-                    Some(p) if p.config == *c => Arc::clone(p),
-                    p => ClusterRuntime::start(c, p.map(|a| &**a)),
-                }
-            })
-            .collect();
-        if let Some(prev) = previous {
-            for pc in &prev.clusters {
-                if !clusters.iter().any(|c| Arc::ptr_eq(c, pc)) {
-                    pc.retire();
-                }
-            }
-            zero_removed_endpoints(prev, &model);
-        }
-        let route_names: Vec<Arc<str>> = model
-            .routes
-            .iter()
-            .map(|r| Arc::from(r.name.as_str()))
-            .collect();
-        let listeners = model
-            .listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| ListenerRuntime {
-                name: Arc::from(l.name.as_str()),
-                bind: l.bind,
-                router: Router::new(&model, i),
-                limits: l.limits.clone(),
-                protocol: l.protocol,
-                access_log: model.global.access_log,
-                route_metrics: model
-                    .routes
-                    .iter()
-                    .map(|r| {
-                        let cluster = &model.clusters[r.cluster].name;
-                        Arc::new(RouteMetrics::new(&l.name, &r.name, cluster))
-                    })
-                    .collect(),
-                unrouted_metrics: Arc::new(RouteMetrics::new(&l.name, "-", "-")),
-            })
-            .collect();
-        Runtime {
-            model,
-            listeners,
-            clusters,
-            route_names,
-            unnamed: Arc::from("-"),
-        }
-    }
-
-    /// The listener bound to `bind`, if the active config still has it.
-    pub fn listener(&self, bind: SocketAddr) -> Option<&ListenerRuntime> {
-        self.listeners.iter().find(|l| l.bind == bind)
-    }
-
-    /// Health of every cluster, in model order (for the admin views).
-    pub fn health(&self) -> Vec<Arc<ClusterHealth>> {
-        self.clusters
-            .iter()
-            .map(|c| Arc::clone(&c.health))
-            .collect()
-    }
 }

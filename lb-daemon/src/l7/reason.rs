@@ -1,0 +1,185 @@
+//! lbd's own answers, named: why lbd answered a request itself (or why a stream ended early).
+//!
+//! One value per cause, the L7 twin of `lb_common::l4::Reason`. Each carries the HTTP status
+//! a client gets, the gRPC status a gRPC client gets instead, a sentence for humans, and the
+//! short name written in `x-lbd-error` and the access log. Adding a reason means adding it
+//! here once; every answer (HTTP text or gRPC trailers-only) is built from it in `answer.rs`.
+use http::StatusCode;
+
+use super::grpc::Code;
+use super::h1parse::HeadError;
+
+/// Why lbd answered (or ended) a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No route matches the request.
+    NoRoute,
+    /// The route's cluster has no available endpoint.
+    NoHealthyEndpoint,
+    /// Endpoints are available but every one is at its connection limit.
+    EndpointLimit,
+    /// No attempt could connect to an endpoint.
+    UpstreamConnect,
+    /// The upstream connection or stream failed after the request went out.
+    UpstreamReset,
+    /// The upstream did not answer within the configured timeout.
+    UpstreamTimeout,
+    /// The gRPC client's own deadline passed.
+    DeadlineExceeded,
+    /// The request body exceeds the listener's `max_body_bytes`.
+    BodyTooLarge,
+    /// The request target exceeds the URI limit.
+    UriTooLong,
+    /// The request head exceeds `max_header_bytes` or has too many fields.
+    HeaderTooLarge,
+    /// The client's request body stream failed (malformed framing, cut off).
+    ClientBody,
+    /// The listener was removed by a reload while the connection stayed open.
+    ListenerRemoved,
+    /// `CONNECT` tunnels are not offered.
+    ConnectUnsupported,
+    /// The client went away before the response ended (logged, never sent).
+    DownstreamClosed,
+    /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
+    Malformed(&'static str),
+}
+
+impl Reason {
+    /// The HTTP status of lbd's answer.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::NoHealthyEndpoint | Reason::EndpointLimit | Reason::ListenerRemoved => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Reason::UpstreamConnect | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Reason::UpstreamTimeout | Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::UriTooLong => StatusCode::URI_TOO_LONG,
+            Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
+            Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            // nginx's 499: never sent, only logged.
+            Reason::DownstreamClosed => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+        }
+    }
+
+    /// The gRPC status a gRPC client gets for this reason. UNAVAILABLE means "safe to retry
+    /// elsewhere" to gRPC clients, so it is kept for failures where nothing was processed.
+    pub fn grpc_code(self) -> Code {
+        match self {
+            Reason::NoRoute | Reason::ConnectUnsupported => Code::Unimplemented,
+            Reason::NoHealthyEndpoint
+            | Reason::EndpointLimit
+            | Reason::UpstreamConnect
+            | Reason::UpstreamReset
+            | Reason::ListenerRemoved => Code::Unavailable,
+            Reason::UpstreamTimeout | Reason::DeadlineExceeded => Code::DeadlineExceeded,
+            Reason::BodyTooLarge | Reason::UriTooLong | Reason::HeaderTooLarge => {
+                Code::ResourceExhausted
+            }
+            Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
+            Reason::Malformed(_) => Code::Internal,
+        }
+    }
+
+    /// The name in `x-lbd-error` and the access log's `error` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no_route",
+            Reason::NoHealthyEndpoint => "no_healthy_endpoint",
+            Reason::EndpointLimit => "endpoint_limit",
+            Reason::UpstreamConnect => "upstream_connect",
+            Reason::UpstreamReset => "upstream_reset",
+            Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::DeadlineExceeded => "deadline_exceeded",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::UriTooLong => "uri_too_long",
+            Reason::HeaderTooLarge => "header_too_large",
+            Reason::ClientBody => "client_body",
+            Reason::ListenerRemoved => "listener_removed",
+            Reason::ConnectUnsupported => "connect_unsupported",
+            Reason::DownstreamClosed => "downstream_closed",
+            Reason::Malformed(detail) => detail,
+        }
+    }
+
+    /// A short sentence for the answer's body or `grpc-message`.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no route matches this request",
+            Reason::NoHealthyEndpoint => "no healthy endpoint",
+            Reason::EndpointLimit => "every endpoint is at its connection limit",
+            Reason::UpstreamConnect => "could not connect to any endpoint",
+            Reason::UpstreamReset => "upstream connection reset",
+            Reason::UpstreamTimeout => "upstream did not answer in time",
+            Reason::DeadlineExceeded => "deadline exceeded",
+            Reason::BodyTooLarge => "request exceeds the listener's max_body_bytes",
+            Reason::UriTooLong => "request target too long",
+            Reason::HeaderTooLarge => "request header fields too large",
+            Reason::ClientBody => "client request stream failed",
+            Reason::ListenerRemoved => "listener removed by a reload",
+            Reason::ConnectUnsupported => "CONNECT is not supported",
+            Reason::DownstreamClosed => "client closed the connection",
+            Reason::Malformed(_) => "malformed request",
+        }
+    }
+}
+
+impl From<HeadError> for Reason {
+    fn from(e: HeadError) -> Self {
+        match e {
+            HeadError::Bad(detail) => Reason::Malformed(detail),
+            HeadError::TooLarge => Reason::HeaderTooLarge,
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_maps_to_a_client_or_gateway_error() {
+        let all = [
+            Reason::NoRoute,
+            Reason::NoHealthyEndpoint,
+            Reason::EndpointLimit,
+            Reason::UpstreamConnect,
+            Reason::UpstreamReset,
+            Reason::UpstreamTimeout,
+            Reason::DeadlineExceeded,
+            Reason::BodyTooLarge,
+            Reason::UriTooLong,
+            Reason::HeaderTooLarge,
+            Reason::ClientBody,
+            Reason::ListenerRemoved,
+            Reason::ConnectUnsupported,
+            Reason::DownstreamClosed,
+            Reason::Malformed("bad_framing"),
+        ];
+        for r in all {
+            let s = r.status().as_u16();
+            assert!((400..600).contains(&s), "{r:?} -> {s}");
+            assert!(
+                r.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{r:?} name {:?}",
+                r.as_str()
+            );
+        }
+        // The two that used to fall through to INTERNAL.
+        assert_eq!(Reason::UriTooLong.grpc_code(), Code::ResourceExhausted);
+        assert_eq!(Reason::ConnectUnsupported.grpc_code(), Code::Unimplemented);
+        assert_eq!(Reason::Malformed("bad_uri").as_str(), "bad_uri");
+    }
+}

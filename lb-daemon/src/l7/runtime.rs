@@ -1,0 +1,142 @@
+//! Running state built from one validated [`Model`]: routers, balancers, upstream pools, health
+//! and metric handles. A request loads one `Runtime` snapshot when it starts and keeps it to the
+//! end, so a reload never changes the rules under an in-flight request.
+//!
+//! Reload rule: a part whose config is equal to its predecessor's is reused as it is (an
+//! unchanged cluster keeps its pools, health and checkers); a changed one is built anew and
+//! inherits what should outlive a reload (operator drains, ejections).
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::cluster::ClusterRuntime;
+use super::log::RouteMetrics;
+use super::router::Router;
+use crate::config::model::{Limits, ListenerProtocol, Model};
+use crate::health::ClusterHealth;
+use crate::telemetry::metrics as m;
+
+/// Everything the data path needs for one config generation.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The config this was built from.
+    pub model: Arc<Model>,
+    /// One per model listener, same order.
+    pub listeners: Vec<ListenerRuntime>,
+    /// One per model cluster, same order.
+    pub clusters: Vec<Arc<ClusterRuntime>>,
+    /// Route names, same order as `model.routes`.
+    pub route_names: Vec<Arc<str>>,
+    /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
+    pub unnamed: Arc<str>,
+}
+
+/// Per-listener routing and limits.
+#[derive(Debug)]
+pub struct ListenerRuntime {
+    /// Listener name.
+    pub name: Arc<str>,
+    /// Bound address; the key that survives reloads.
+    pub bind: SocketAddr,
+    /// Routes of this listener.
+    pub router: Router,
+    /// Limits.
+    pub limits: Limits,
+    /// Downstream protocol.
+    pub protocol: ListenerProtocol,
+    /// Write access-log lines.
+    pub access_log: bool,
+    /// Metric handles per route index (same order as `model.routes`).
+    pub route_metrics: Vec<Arc<RouteMetrics>>,
+    /// Metric handles for requests that matched no route.
+    pub unrouted_metrics: Arc<RouteMetrics>,
+}
+
+/// An endpoint the new config no longer has takes no traffic; without this its
+/// `lbd_endpoint_available` series would keep its last value (often 1) until restart.
+fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
+    for pc in &previous.clusters {
+        let kept = model.clusters.iter().find(|c| c.name == pc.config.name);
+        for ep in &pc.config.endpoints {
+            if kept.is_some_and(|c| c.endpoints.iter().any(|e| e.address == ep.address)) {
+                continue;
+            }
+            metrics::gauge!(m::ENDPOINT_AVAILABLE,
+                "cluster" => pc.config.name.clone(), "endpoint" => ep.address.to_string())
+            .set(0.0);
+        }
+    }
+}
+
+impl Runtime {
+    /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
+    /// (same pools, same health, same checkers) and carrying health over for changed ones.
+    pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
+        let clusters: Vec<Arc<ClusterRuntime>> = model
+            .clusters
+            .iter()
+            .map(|c| {
+                let prev =
+                    previous.and_then(|p| p.clusters.iter().find(|pc| pc.config.name == c.name));
+                match prev {
+                    Some(p) if p.config == *c => Arc::clone(p),
+                    p => ClusterRuntime::start(c, p.map(|a| &**a)),
+                }
+            })
+            .collect();
+        if let Some(prev) = previous {
+            for pc in &prev.clusters {
+                if !clusters.iter().any(|c| Arc::ptr_eq(c, pc)) {
+                    pc.retire();
+                }
+            }
+            zero_removed_endpoints(prev, &model);
+        }
+        let route_names: Vec<Arc<str>> = model
+            .routes
+            .iter()
+            .map(|r| Arc::from(r.name.as_str()))
+            .collect();
+        let listeners = model
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ListenerRuntime {
+                name: Arc::from(l.name.as_str()),
+                bind: l.bind,
+                router: Router::new(&model, i),
+                limits: l.limits.clone(),
+                protocol: l.protocol,
+                access_log: model.global.access_log,
+                route_metrics: model
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let cluster = &model.clusters[r.cluster].name;
+                        Arc::new(RouteMetrics::new(&l.name, &r.name, cluster))
+                    })
+                    .collect(),
+                unrouted_metrics: Arc::new(RouteMetrics::new(&l.name, "-", "-")),
+            })
+            .collect();
+        Runtime {
+            model,
+            listeners,
+            clusters,
+            route_names,
+            unnamed: Arc::from("-"),
+        }
+    }
+
+    /// The listener bound to `bind`, if the active config still has it.
+    pub fn listener(&self, bind: SocketAddr) -> Option<&ListenerRuntime> {
+        self.listeners.iter().find(|l| l.bind == bind)
+    }
+
+    /// Health of every cluster, in model order (for the admin views).
+    pub fn health(&self) -> Vec<Arc<ClusterHealth>> {
+        self.clusters
+            .iter()
+            .map(|c| Arc::clone(&c.health))
+            .collect()
+    }
+}
