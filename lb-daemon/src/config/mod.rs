@@ -5,6 +5,7 @@
 mod check;
 pub mod duration;
 pub mod error;
+pub mod filter;
 pub mod model;
 mod raw;
 mod validate;

@@ -139,6 +139,8 @@ pub struct Route {
     pub rewrite: Option<PathRewrite>,
     /// Route-level request timeout overriding the listener's.
     pub timeout: Option<Duration>,
+    /// `[[routes.filters]]`, in config order.
+    pub filters: Vec<super::filter::FilterSpec>,
 }
 
 /// Conditions a request must meet; absent fields match anything.

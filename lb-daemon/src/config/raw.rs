@@ -91,6 +91,7 @@ pub struct RawRoute {
     #[serde(rename = "match")]
     pub matcher: Option<S<RawMatch>>,
     pub rewrite: Option<S<RawRewrite>>,
+    pub filters: Option<Vec<S<super::filter::RawFilter>>>,
 }
 
 /// `[routes.match]`.

@@ -59,7 +59,8 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
         clusters: &cluster_names,
         clusters_complete: !raw.clusters_incomplete,
     };
-    let routes = v.routes(&raw.routes, &refs);
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let routes = v.routes(&raw.routes, &refs, dir);
     let vips = v.vips(&raw.vips, &refs, &clusters);
 
     let something_unreadable =
@@ -722,7 +723,7 @@ impl Checker<'_> {
         }
     }
 
-    fn routes(&mut self, raw: &[(usize, S<RawRoute>)], refs: &Refs<'_>) -> Vec<Route> {
+    fn routes(&mut self, raw: &[(usize, S<RawRoute>)], refs: &Refs<'_>, dir: &Path) -> Vec<Route> {
         let mut names = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, r) in raw {
@@ -783,6 +784,13 @@ impl Checker<'_> {
                 .rewrite
                 .as_ref()
                 .and_then(|rw| self.rewrite(rw, &matcher, &key));
+            let filters = super::filter::check_all(
+                self,
+                r.filters.as_deref().unwrap_or_default(),
+                &key,
+                &matcher,
+                dir,
+            );
             out.push(Route {
                 name: r.name.get_ref().clone(),
                 listeners,
@@ -791,6 +799,7 @@ impl Checker<'_> {
                 cluster,
                 rewrite,
                 timeout,
+                filters,
             });
         }
         // Stable: equal priorities keep the order they were declared in.
@@ -1131,7 +1140,7 @@ fn status_range(s: &RawStatus) -> Result<(u16, u16), String> {
 
 /// One line for a regex error: the crate's message draws the pattern with a caret over
 /// several lines, which would break the one-error-per-line output of `lbd check`.
-fn regex_error(e: &regex::Error) -> String {
+pub(crate) fn regex_error(e: &regex::Error) -> String {
     let text = e.to_string();
     let last = text
         .lines()

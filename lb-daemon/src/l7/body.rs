@@ -297,6 +297,11 @@ impl ResponseBody {
         self
     }
 
+    /// The request's log record, while the body still holds it.
+    pub fn log(&self) -> Option<&RequestLog> {
+        self.log.as_deref()
+    }
+
     fn count(&mut self, n: usize) {
         if let Some(log) = self.log.as_mut() {
             log.bytes_out += n as u64;

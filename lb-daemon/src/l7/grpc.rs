@@ -23,6 +23,8 @@ pub enum Code {
     Cancelled = 1,
     /// The deadline passed before the call completed.
     DeadlineExceeded = 4,
+    /// The caller may not make this call.
+    PermissionDenied = 7,
     /// A limit was hit (message or body size).
     ResourceExhausted = 8,
     /// Nothing serves this method (no route).

@@ -87,6 +87,8 @@ pub struct RequestLog {
     pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
     /// gRPC status of the call (response headers, trailers, or lbd's own answer).
     pub grpc_status: Option<u8>,
+    /// The request's id (`request_id` filter).
+    pub request_id: Option<http::HeaderValue>,
     /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
     pub grpc: bool,
 }
@@ -134,6 +136,7 @@ impl RequestLog {
             attempts = self.attempts,
             grpc_status = self.grpc_status,
             error = self.error.map(super::reason::Reason::as_str),
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
         );
     }
 }

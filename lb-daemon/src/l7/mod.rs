@@ -4,6 +4,7 @@ pub mod body;
 pub mod cluster;
 pub mod conn;
 pub mod downstream;
+pub mod filter;
 pub mod forward;
 pub mod grpc;
 pub mod h1client;

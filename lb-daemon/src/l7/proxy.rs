@@ -1,11 +1,12 @@
-//! The request path, as phases: admit → route → forward → respond (→ the log closes when the
-//! response body ends).
+//! The request path, as phases: admit → route → filters (request) → forward → respond →
+//! filters (response), and the log record closes when the response body ends.
 //!
 //! lbd answers by itself only when it must, always naming the [`Reason`] in `x-lbd-error`
 //! (see `reason.rs` for every one and its status).
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Body as _;
 
@@ -13,6 +14,8 @@ use super::answer;
 use super::body::ResponseBody;
 use super::conn::ConnInfo;
 use super::downstream::DownstreamBody;
+use super::filter::vars::request_host;
+use super::filter::{Chain, Exchange, Flow, Notes, ResponseView};
 use super::forward::{Call, Failure};
 use super::grpc;
 use super::headers;
@@ -51,8 +54,9 @@ pub async fn handle(
         return fail(log, Reason::NoRoute.into());
     };
     let route = &rt.model.routes[route_idx];
+    let route_rt = &rt.routes[route_idx];
     let cluster = &rt.clusters[route.cluster];
-    log.route = Arc::clone(&rt.route_names[route_idx]);
+    log.route = Arc::clone(&route_rt.name);
     log.cluster = Arc::clone(&cluster.name);
     log.metrics = Arc::clone(&listener.route_metrics[route_idx]);
 
@@ -65,8 +69,56 @@ pub async fn handle(
         .grpc
         .then(|| grpc::CallDeadline::new(&parts.headers, start, deadline))
         .flatten();
-    let path = router::rewrite_uri(route, &parts.uri);
     let mut head = parts;
+    if route.rewrite.is_some() {
+        head.uri = router::rewrite_uri(route, &head.uri);
+    }
+
+    // Filters, request phase.
+    let mut notes = Notes::default();
+    let mut ran = 0;
+    if !route_rt.chain.is_empty() {
+        notes.host = request_host(&head).map(Bytes::copy_from_slice);
+        let mut ex = Exchange {
+            head: &mut head,
+            conn: &conn,
+            route,
+            route_name: &route_rt.name,
+            notes: &mut notes,
+            log: &mut log,
+        };
+        let (n, flow) = route_rt.chain.request(&mut ex).await;
+        ran = n;
+        let after = After {
+            chain: &route_rt.chain,
+            ran,
+            conn: &conn,
+            route_name: &route_rt.name,
+            notes: &notes,
+        };
+        // An answer leaves the request body unread: the connection cannot be reused.
+        let close = !body.is_end_stream();
+        match flow {
+            None => {}
+            Some(Flow::Answer(resp)) => {
+                let (mut parts, bytes) = resp.into_parts();
+                parts.version = log.version;
+                log.status = parts.status.as_u16();
+                if close {
+                    parts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let resp = Response::from_parts(parts, ResponseBody::full(bytes, Some(log)));
+                return after.response(resp);
+            }
+            Some(Flow::Refuse(reason)) => {
+                return after.response(fail(log, Failure { reason, close }));
+            }
+            Some(Flow::Next) => {}
+        }
+    }
+    let path = head.uri.clone();
     prepare_head(&mut head, &conn);
     if let Some(call) = &grpc_deadline {
         call.propagate(&mut head.headers);
@@ -81,7 +133,7 @@ pub async fn handle(
         grpc_deadline: grpc_deadline.as_ref(),
         body_limit: listener.limits.max_body_bytes,
     };
-    match call.send(&mut head, body, &mut log).await {
+    let resp = match call.send(&mut head, body, &mut log).await {
         Ok(resp) => {
             let resp = respond(resp, log);
             match grpc_deadline {
@@ -90,6 +142,45 @@ pub async fn handle(
             }
         }
         Err(f) => fail(log, f),
+    };
+    if ran == 0 {
+        return resp;
+    }
+    After {
+        chain: &route_rt.chain,
+        ran,
+        conn: &conn,
+        route_name: &route_rt.name,
+        notes: &notes,
+    }
+    .response(resp)
+}
+
+/// The response phase of a route's filters, for whichever response the exchange ends with.
+struct After<'a> {
+    chain: &'a Chain,
+    ran: usize,
+    conn: &'a ConnInfo,
+    route_name: &'a str,
+    notes: &'a Notes,
+}
+
+impl After<'_> {
+    fn response(&self, resp: Response<ResponseBody>) -> Response<ResponseBody> {
+        if self.ran == 0 {
+            return resp;
+        }
+        let (mut parts, body) = resp.into_parts();
+        if let Some(log) = body.log() {
+            let view = ResponseView {
+                conn: self.conn,
+                route_name: self.route_name,
+                notes: self.notes,
+                log,
+            };
+            self.chain.response(self.ran, &mut parts, &view);
+        }
+        Response::from_parts(parts, body)
     }
 }
 
@@ -123,6 +214,7 @@ fn begin_log(
         grpc: grpc::is_grpc(&parts.headers),
         stream_slot: None,
         grpc_status: None,
+        request_id: None,
     })
 }
 

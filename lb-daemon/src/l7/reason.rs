@@ -40,6 +40,8 @@ pub enum Reason {
     ConnectUnsupported,
     /// The client went away before the response ended (logged, never sent).
     DownstreamClosed,
+    /// The client's address is not allowed on this route (`access` filter).
+    AccessDenied,
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -59,6 +61,7 @@ impl Reason {
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::AccessDenied => StatusCode::FORBIDDEN,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -82,6 +85,7 @@ impl Reason {
             }
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
+            Reason::AccessDenied => Code::PermissionDenied,
         }
     }
 
@@ -102,6 +106,7 @@ impl Reason {
             Reason::ListenerRemoved => "listener_removed",
             Reason::ConnectUnsupported => "connect_unsupported",
             Reason::DownstreamClosed => "downstream_closed",
+            Reason::AccessDenied => "access_denied",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -123,6 +128,7 @@ impl Reason {
             Reason::ListenerRemoved => "listener removed by a reload",
             Reason::ConnectUnsupported => "CONNECT is not supported",
             Reason::DownstreamClosed => "client closed the connection",
+            Reason::AccessDenied => "access denied",
             Reason::Malformed(_) => "malformed request",
         }
     }
@@ -164,6 +170,7 @@ mod tests {
             Reason::ListenerRemoved,
             Reason::ConnectUnsupported,
             Reason::DownstreamClosed,
+            Reason::AccessDenied,
             Reason::Malformed("bad_framing"),
         ];
         for r in all {

@@ -325,6 +325,7 @@ mod tests {
             cluster: 0,
             rewrite: None,
             timeout: None,
+            filters: Vec::new(),
         }
     }
 

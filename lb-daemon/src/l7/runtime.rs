@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::cluster::ClusterRuntime;
+use super::filter::Chain;
 use super::log::RouteMetrics;
 use super::router::Router;
 use crate::config::model::{Limits, ListenerProtocol, Model};
@@ -24,10 +25,19 @@ pub struct Runtime {
     pub listeners: Vec<ListenerRuntime>,
     /// One per model cluster, same order.
     pub clusters: Vec<Arc<ClusterRuntime>>,
-    /// Route names, same order as `model.routes`.
-    pub route_names: Vec<Arc<str>>,
+    /// One per model route, same order.
+    pub routes: Vec<RouteRuntime>,
     /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
     pub unnamed: Arc<str>,
+}
+
+/// A route's live parts.
+#[derive(Debug)]
+pub struct RouteRuntime {
+    /// Route name (shared with log records, not allocated per request).
+    pub name: Arc<str>,
+    /// The route's filters.
+    pub chain: Chain,
 }
 
 /// Per-listener routing and limits.
@@ -91,10 +101,18 @@ impl Runtime {
             }
             zero_removed_endpoints(prev, &model);
         }
-        let route_names: Vec<Arc<str>> = model
+        let routes = model
             .routes
             .iter()
-            .map(|r| Arc::from(r.name.as_str()))
+            .map(|r| {
+                let prev = previous
+                    .and_then(|p| p.routes.iter().find(|pr| *pr.name == *r.name))
+                    .map(|pr| &pr.chain);
+                RouteRuntime {
+                    name: Arc::from(r.name.as_str()),
+                    chain: Chain::build(&r.filters, prev),
+                }
+            })
             .collect();
         let listeners = model
             .listeners
@@ -122,7 +140,7 @@ impl Runtime {
             model,
             listeners,
             clusters,
-            route_names,
+            routes,
             unnamed: Arc::from("-"),
         }
     }

@@ -1,0 +1,181 @@
+//! Per-route filters in the config: `[[routes.filters]]`, one table per filter, each with
+//! exactly one key naming the filter. Each filter's schema (raw shape, checks, validated
+//! spec) is one file here; `l7/filter/<name>.rs` builds the running filter from its spec.
+pub mod access;
+pub mod direct_response;
+pub mod headers;
+pub mod path_rewrite;
+pub mod redirect;
+pub mod request_id;
+pub mod template;
+
+use std::path::Path;
+
+use super::check::Checker;
+use super::model::{PathMatch, RouteMatch};
+use super::raw::S;
+
+/// One `[[routes.filters]]` element: exactly one field is set.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFilter {
+    pub request_headers: Option<S<headers::Raw>>,
+    pub response_headers: Option<S<headers::Raw>>,
+    pub request_id: Option<S<request_id::Raw>>,
+    pub path_rewrite: Option<S<path_rewrite::Raw>>,
+    pub redirect: Option<S<redirect::Raw>>,
+    pub direct_response: Option<S<direct_response::Raw>>,
+    pub access: Option<S<access::Raw>>,
+}
+
+/// A validated filter, in config order within its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterSpec {
+    /// Edit request header fields.
+    RequestHeaders(headers::Spec),
+    /// Edit response header fields.
+    ResponseHeaders(headers::Spec),
+    /// Ensure, pass on, log and echo a request id.
+    RequestId(request_id::Spec),
+    /// Rewrite the path by regex.
+    PathRewrite(path_rewrite::Spec),
+    /// Answer with a redirect.
+    Redirect(redirect::Spec),
+    /// Answer from the config.
+    DirectResponse(direct_response::Spec),
+    /// Allow/deny by client address.
+    Access(access::Spec),
+}
+
+impl FilterSpec {
+    /// The key that names this filter in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FilterSpec::RequestHeaders(_) => "request_headers",
+            FilterSpec::ResponseHeaders(_) => "response_headers",
+            FilterSpec::RequestId(_) => "request_id",
+            FilterSpec::PathRewrite(_) => "path_rewrite",
+            FilterSpec::Redirect(_) => "redirect",
+            FilterSpec::DirectResponse(_) => "direct_response",
+            FilterSpec::Access(_) => "access",
+        }
+    }
+}
+
+/// A regex compared by its source (so that a spec can be compared across reloads).
+#[derive(Debug, Clone)]
+pub struct Pattern(pub regex::Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Pattern {}
+
+impl Pattern {
+    /// Compiles `v`, recording a syntax error at its span.
+    pub(crate) fn check(c: &mut Checker<'_>, v: &S<String>, key: &str) -> Option<Pattern> {
+        match regex::Regex::new(v.get_ref()) {
+            Ok(r) => Some(Pattern(r)),
+            Err(e) => {
+                c.err(
+                    v.span(),
+                    key,
+                    format!("invalid regex: {}", super::validate::regex_error(&e)),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Checks a route's filter list. `route_key` is `routes[i]`; `dir` is the config's folder.
+pub(crate) fn check_all(
+    c: &mut Checker<'_>,
+    raw: &[S<RawFilter>],
+    route_key: &str,
+    matcher: &RouteMatch,
+    dir: &Path,
+) -> Vec<FilterSpec> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, f) in raw.iter().enumerate() {
+        let key = format!("{route_key}.filters[{i}]");
+        if let Some(spec) = check_one(c, f, &key, dir) {
+            if uses_captures(&spec) && !matches!(matcher.path, Some(PathMatch::Regex(_))) {
+                c.err(
+                    f.span(),
+                    &key,
+                    "${capture.…} needs the route to match with match.path_regex",
+                );
+                continue;
+            }
+            out.push(spec);
+        }
+    }
+    out
+}
+
+fn uses_captures(spec: &FilterSpec) -> bool {
+    match spec {
+        FilterSpec::RequestHeaders(h) | FilterSpec::ResponseHeaders(h) => h.uses_captures(),
+        _ => false,
+    }
+}
+
+fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Option<FilterSpec> {
+    let r = f.get_ref();
+    let set: Vec<&str> = [
+        ("request_headers", r.request_headers.is_some()),
+        ("response_headers", r.response_headers.is_some()),
+        ("request_id", r.request_id.is_some()),
+        ("path_rewrite", r.path_rewrite.is_some()),
+        ("redirect", r.redirect.is_some()),
+        ("direct_response", r.direct_response.is_some()),
+        ("access", r.access.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, s)| s.then_some(n))
+    .collect();
+    if set.len() != 1 {
+        let msg = if set.is_empty() {
+            "a filter needs exactly one of request_headers, response_headers, request_id, \
+             path_rewrite, redirect, direct_response, access"
+                .to_owned()
+        } else {
+            format!(
+                "one filter per [[routes.filters]] table; this one sets {}",
+                set.join(", ")
+            )
+        };
+        c.err(f.span(), key, msg);
+        return None;
+    }
+    if let Some(h) = &r.request_headers {
+        return headers::check(c, h, &format!("{key}.request_headers"))
+            .map(FilterSpec::RequestHeaders);
+    }
+    if let Some(h) = &r.response_headers {
+        return headers::check(c, h, &format!("{key}.response_headers"))
+            .map(FilterSpec::ResponseHeaders);
+    }
+    if let Some(x) = &r.request_id {
+        return request_id::check(c, x, &format!("{key}.request_id")).map(FilterSpec::RequestId);
+    }
+    if let Some(x) = &r.path_rewrite {
+        return path_rewrite::check(c, x, &format!("{key}.path_rewrite"))
+            .map(FilterSpec::PathRewrite);
+    }
+    if let Some(x) = &r.redirect {
+        return redirect::check(c, x, &format!("{key}.redirect")).map(FilterSpec::Redirect);
+    }
+    if let Some(x) = &r.direct_response {
+        return direct_response::check(c, x, &format!("{key}.direct_response"), dir)
+            .map(FilterSpec::DirectResponse);
+    }
+    if let Some(x) = &r.access {
+        return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
+    }
+    None
+}

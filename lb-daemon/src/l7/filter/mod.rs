@@ -1,0 +1,218 @@
+//! The per-route filter seam: policies that look at or change a request and its response, or
+//! answer in lbd's place.
+//!
+//! A route's [`Chain`] is built once per config generation (never per request) from its
+//! `[[routes.filters]]`. The proxy core runs it in two phases:
+//!
+//! - **request**: in config order, after routing and before an endpoint is picked. A filter
+//!   may change the head (path, headers), note values for later phases ([`Notes`]), or end
+//!   the exchange with [`Flow::Answer`] (a response of its own) or [`Flow::Refuse`] (one of
+//!   lbd's [`Reason`]s, answered as HTTP or gRPC). Ending skips the later filters and the
+//!   upstream.
+//! - **response**: on the response head (the upstream's, or an answer from the request
+//!   phase), in reverse order, for the filters whose request phase ran (Envoy's encode path).
+//!
+//! Example, filters `[request_id, access, response_headers]`: a denied client gets the 403
+//! from `access`, which then passes `request_id`'s response phase (the id is echoed) but not
+//! `response_headers`'s (its request phase never ran).
+//!
+//! Dispatch is a `match` over the closed [`Filter`] enum: no boxing, no allocation for routes
+//! without filters (the chain is empty and both phases return at once).
+//!
+//! Retries, timeouts, budgets and breakers are not filters: they are the forward step's
+//! policy (`forward.rs`).
+//!
+//! Adding a filter: `config/filter/<name>.rs` (Raw, check, Spec) + a `RawFilter` field and a
+//! `FilterSpec` variant; `l7/filter/<name>.rs` + a [`Filter`] variant and its arms here; its
+//! keys in `configs/lb.toml`; an e2e test when it touches the wire.
+pub mod access;
+pub mod headers;
+pub mod redirect;
+pub mod request_id;
+pub mod rewrite;
+pub mod vars;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+
+use super::conn::ConnInfo;
+use super::log::RequestLog;
+use super::reason::Reason;
+use crate::config::filter::FilterSpec;
+use crate::config::model::Route;
+
+/// What a request phase decided.
+#[derive(Debug)]
+pub enum Flow {
+    /// Go on with the next filter, then the upstream.
+    Next,
+    /// Answer with this response; later filters and the upstream are skipped.
+    Answer(Response<Bytes>),
+    /// Answer with lbd's answer for this reason.
+    Refuse(Reason),
+}
+
+/// Values a request phase leaves for response phases and the log.
+#[derive(Debug, Default)]
+pub struct Notes {
+    /// The request's id (`request_id` filter).
+    pub request_id: Option<HeaderValue>,
+    /// The request's host without port, as routed (kept for response templates).
+    pub host: Option<Bytes>,
+}
+
+/// One request as the filters see it: the head they may change, and what they may read.
+pub struct Exchange<'a> {
+    /// The request head (the URI's path is what goes upstream).
+    pub head: &'a mut http::request::Parts,
+    /// The downstream connection.
+    pub conn: &'a ConnInfo,
+    /// The matched route.
+    pub route: &'a Route,
+    /// The route's name (shared).
+    pub route_name: &'a str,
+    /// Per-request notes for later phases.
+    pub notes: &'a mut Notes,
+    /// The access-log record.
+    pub log: &'a mut RequestLog,
+}
+
+/// A running filter, built from its spec when a config generation is built.
+#[derive(Debug)]
+pub enum Filter {
+    /// `request_headers`.
+    RequestHeaders(headers::HeaderEdits),
+    /// `response_headers`.
+    ResponseHeaders(headers::HeaderEdits),
+    /// `request_id`.
+    RequestId(request_id::RequestId),
+    /// `path_rewrite`.
+    PathRewrite(rewrite::PathRegex),
+    /// `redirect`.
+    Redirect(redirect::Redirect),
+    /// `direct_response`.
+    DirectResponse(redirect::Direct),
+    /// `access`.
+    Access(access::Access),
+}
+
+impl Filter {
+    /// Builds the running filter for `spec`.
+    pub fn build(spec: &FilterSpec) -> Filter {
+        match spec {
+            FilterSpec::RequestHeaders(s) => Filter::RequestHeaders(headers::HeaderEdits::new(s)),
+            FilterSpec::ResponseHeaders(s) => Filter::ResponseHeaders(headers::HeaderEdits::new(s)),
+            FilterSpec::RequestId(s) => Filter::RequestId(request_id::RequestId::new(s)),
+            FilterSpec::PathRewrite(s) => Filter::PathRewrite(rewrite::PathRegex::new(s)),
+            FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
+            FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
+            FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
+        }
+    }
+
+    /// The request phase. Async because policies to come wait on the network (key sets,
+    /// shared limits); today's filters answer at once.
+    async fn request(&self, ex: &mut Exchange<'_>) -> Flow {
+        match self {
+            Filter::RequestHeaders(h) => {
+                h.apply_request(ex);
+                Flow::Next
+            }
+            Filter::ResponseHeaders(_) => Flow::Next,
+            Filter::RequestId(r) => {
+                r.request(ex);
+                Flow::Next
+            }
+            Filter::PathRewrite(p) => {
+                p.request(ex);
+                Flow::Next
+            }
+            Filter::Redirect(r) => Flow::Answer(r.answer(ex)),
+            Filter::DirectResponse(d) => Flow::Answer(d.answer()),
+            Filter::Access(a) => a.request(ex),
+        }
+    }
+
+    /// The response phase.
+    fn response(&self, head: &mut http::response::Parts, rx: &ResponseView<'_>) {
+        match self {
+            Filter::ResponseHeaders(h) => h.apply_response(head, rx),
+            Filter::RequestId(r) => r.response(head, rx),
+            Filter::RequestHeaders(_)
+            | Filter::PathRewrite(_)
+            | Filter::Redirect(_)
+            | Filter::DirectResponse(_)
+            | Filter::Access(_) => {}
+        }
+    }
+}
+
+/// What response phases may read: the request's notes and log record.
+pub struct ResponseView<'a> {
+    /// The downstream connection.
+    pub conn: &'a ConnInfo,
+    /// The route's name.
+    pub route_name: &'a str,
+    /// Notes from the request phase.
+    pub notes: &'a Notes,
+    /// The access-log record (method, original URI, …).
+    pub log: &'a RequestLog,
+}
+
+/// A route's filters in config order. Filters are shared (`Arc`) so that a reload whose spec
+/// for a filter is unchanged keeps the very same filter and whatever state it holds.
+#[derive(Debug, Default)]
+pub struct Chain {
+    filters: Box<[(FilterSpec, Arc<Filter>)]>,
+}
+
+impl Chain {
+    /// Builds the chain for `specs`, reusing filters of `previous` (the route's chain in the
+    /// last generation) whose spec is unchanged.
+    pub fn build(specs: &[FilterSpec], previous: Option<&Chain>) -> Chain {
+        let filters = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let reused = previous
+                    .and_then(|p| p.filters.get(i))
+                    .filter(|(s, _)| s == spec)
+                    .map(|(_, f)| Arc::clone(f));
+                let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec)));
+                (spec.clone(), f)
+            })
+            .collect();
+        Chain { filters }
+    }
+
+    /// Whether the route has no filters (both phases are then no-ops).
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// The filter at `i` (for tests and the admin view).
+    pub fn get(&self, i: usize) -> Option<&Arc<Filter>> {
+        self.filters.get(i).map(|(_, f)| f)
+    }
+
+    /// Runs the request phases; returns how many ran (the response phase runs those) and
+    /// the answer if one ended the exchange.
+    pub async fn request(&self, ex: &mut Exchange<'_>) -> (usize, Option<Flow>) {
+        for (i, (_, f)) in self.filters.iter().enumerate() {
+            match f.request(ex).await {
+                Flow::Next => {}
+                flow => return (i + 1, Some(flow)),
+            }
+        }
+        (self.filters.len(), None)
+    }
+
+    /// Runs the response phases of the first `ran` filters, last first.
+    pub fn response(&self, ran: usize, head: &mut http::response::Parts, rx: &ResponseView<'_>) {
+        for (_, f) in self.filters[..ran.min(self.filters.len())].iter().rev() {
+            f.response(head, rx);
+        }
+    }
+}
