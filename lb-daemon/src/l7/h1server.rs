@@ -398,7 +398,9 @@ async fn exchange(
     } else {
         CloseReason::Client
     };
-    let unread = if state.get() == BodyState::Done {
+    // Bytes after a CONNECT head are no request and were never read (the codec refuses to
+    // reuse the connection): like an unread body they must not turn the close into a reset.
+    let unread = if state.get() == BodyState::Done && method != Method::CONNECT {
         Next::Close(closing)
     } else {
         Next::Linger(closing)
