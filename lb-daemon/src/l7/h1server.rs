@@ -763,6 +763,9 @@ impl Shared {
 
     fn fail(&self, e: H1BodyError) {
         let mut s = self.lock();
+        // A frame not yet taken is dropped: nothing more of a body known to be malformed goes
+        // upstream (when the error came with the head, the upstream gets nothing at all).
+        s.frame = None;
         s.error = Some(e);
         if let Some(w) = s.body_waker.take() {
             w.wake();
