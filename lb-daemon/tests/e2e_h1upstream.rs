@@ -657,7 +657,7 @@ async fn lenient_chunk_lines_from_a_backend_are_a_bad_gateway() {
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
     let client = H1::new();
-    for i in 0..BAD_CHUNKED.len() {
+    for (i, bad) in BAD_CHUNKED.iter().enumerate() {
         // Nothing of the backend's answer reaches the client: it gets a whole 502 instead.
         let r = client
             .get(listen, &format!("/bad/{i}"), None)
@@ -667,7 +667,7 @@ async fn lenient_chunk_lines_from_a_backend_are_a_bad_gateway() {
             (r.status.as_u16(), r.lbd_error()),
             (502, "upstream_reset"),
             "{:?}: {r:?}",
-            String::from_utf8_lossy(BAD_CHUNKED[i])
+            String::from_utf8_lossy(bad)
         );
         assert_eq!(r.backend(), "", "{r:?}");
     }
