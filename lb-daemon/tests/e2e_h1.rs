@@ -405,3 +405,303 @@ async fn ambiguous_framing_and_too_many_fields_are_refused_before_the_backend() 
     }
     assert_eq!(b.hits(), 0, "nothing ambiguous reaches a backend");
 }
+
+/// Two clusters routed by host: `a.example` → `a`, `b.example` → `b`; any other host → 404.
+fn by_host_config(listen: SocketAddr, a: &Backend, b: &Backend) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "a"
+cluster = "a"
+[routes.match]
+hosts = ["a.example"]
+
+[[routes]]
+name = "b"
+cluster = "b"
+[routes.match]
+hosts = ["b.example"]
+
+[[clusters]]
+name = "a"
+[[clusters.endpoints]]
+address = "{}"
+
+[[clusters]]
+name = "b"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        a.addr, b.addr
+    )
+}
+
+/// Sends `req` on a fresh connection and expects a refusal with `status` and `reason`,
+/// `Connection: close`, and the connection closed.
+async fn refused(listen: SocketAddr, req: &[u8], status: u16, reason: &str) {
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut rd = Reader::new();
+    let r = rd.response(&mut s, "GET").await;
+    let shown = String::from_utf8_lossy(req);
+    assert_eq!(r.status, status, "{shown:?}: {r:?}");
+    assert_eq!(r.header("x-lbd-error"), Some(reason), "{shown:?}: {r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{shown:?}: {r:?}");
+    assert!(
+        closes_within(&mut s, Duration::from_secs(3)).await,
+        "{shown:?}: connection left open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_never_leaves_body_bytes_to_be_read_as_a_request() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &by_host_config(listen, &a, &b));
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a.example\r\n\r\n";
+    // CONNECT is refused (405) without reading anything after its head: whether that is a
+    // body or tunnel data, it is never taken for the next request.
+    refused(
+        listen,
+        format!(
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+        405,
+        "connect_unsupported",
+    )
+    .await;
+    refused(
+        listen,
+        format!("CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n{smuggled}")
+            .as_bytes(),
+        405,
+        "connect_unsupported",
+    )
+    .await;
+
+    // 404 for a request with a body (Content-Length, then chunked): the body is consumed
+    // exactly, so the smuggled request inside it is never served, and the next real request
+    // on the connection is answered as itself.
+    let bodies = [
+        format!("Content-Length: {}\r\n\r\n{smuggled}", smuggled.len()),
+        format!(
+            "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        ),
+    ];
+    for body in bodies {
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        s.write_all(format!("POST /x HTTP/1.1\r\nHost: nowhere.example\r\n{body}").as_bytes())
+            .await
+            .expect("write");
+        let mut rd = Reader::new();
+        let r = rd.response(&mut s, "POST").await;
+        assert_eq!(r.status, 404, "{r:?}");
+        assert_eq!(r.header("x-lbd-error"), Some("no_route"), "{r:?}");
+        // Let lbd act on whatever it took for a next request before asking for one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if s.write_all(b"GET /headers HTTP/1.1\r\nHost: b.example\r\n\r\n")
+            .await
+            .is_ok()
+            && rd.fill(&mut s).await
+        {
+            let r = rd.response(&mut s, "GET").await;
+            assert_eq!(r.status, 200, "{r:?}");
+            assert!(r.text().starts_with("GET /headers "), "{}", r.text());
+        }
+    }
+    assert_eq!(a.hits(), 0, "a smuggled request reached a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_request_target_rules() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, ""));
+    let host_cases: [(&[u8], &str); 14] = [
+        (b"GET / HTTP/1.1\r\n\r\n", "missing_host"),
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\nHost: t\r\n\r\n",
+            "duplicate_host",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n",
+            "duplicate_host",
+        ),
+        (
+            b"GET / HTTP/1.0\r\nHost: t\r\nHost: u\r\n\r\n",
+            "duplicate_host",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: t u\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: user@t\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: t/path\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: t:http\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: t:65536\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: t\"x\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: t<x>\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: ::1]:80\r\n\r\n", "bad_host"),
+        (b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", "bad_host"),
+    ];
+    let target_cases: [(&[u8], &str); 7] = [
+        (
+            b"GET http://user:pw@t/ HTTP/1.1\r\nHost: t\r\n\r\n",
+            "bad_target",
+        ),
+        (b"GET t:80 HTTP/1.1\r\nHost: t\r\n\r\n", "bad_target"),
+        (b"POST t:80 HTTP/1.1\r\nHost: t\r\n\r\n", "bad_target"),
+        (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", "bad_target"),
+        (b"CONNECT / HTTP/1.1\r\nHost: t\r\n\r\n", "bad_target"),
+        (b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n", "bad_uri"),
+        // Not UTF-8 either: httparse itself refuses it.
+        (b"GET /\x80 HTTP/1.1\r\nHost: t\r\n\r\n", "bad_request"),
+    ];
+    for (req, reason) in host_cases.into_iter().chain(target_cases) {
+        refused(listen, req, 400, reason).await;
+    }
+    assert_eq!(b.hits(), 0, "a refused request reached the backend");
+
+    // OPTIONS * and a valid IPv6 literal with a port are fine.
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+        .await
+        .expect("write");
+    let r = Reader::new().response(&mut s, "OPTIONS").await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_the_backend_sees_is_the_one_routed_by() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &by_host_config(listen, &a, &b));
+    let host_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("host:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let mut rd = Reader::new();
+    // Absolute-form: its authority counts, for routing and for the Host sent upstream.
+    for (req, backend, host) in [
+        (
+            &b"GET http://b.example/headers HTTP/1.1\r\nHost: a.example\r\n\r\n"[..],
+            "b",
+            "host: b.example",
+        ),
+        (
+            b"GET http://a.example:8080/headers HTTP/1.1\r\nHost: b.example\r\n\r\n",
+            "a",
+            "host: a.example:8080",
+        ),
+        // `Connection: Host` does not make Host hop-by-hop.
+        (
+            b"GET /headers HTTP/1.1\r\nHost: b.example\r\nConnection: Host, X-Hop\r\nX-Hop: 1\r\n\r\n",
+            "b",
+            "host: b.example",
+        ),
+    ] {
+        s.write_all(req).await.expect("write");
+        let r = rd.response(&mut s, "GET").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-backend"), Some(backend), "{r:?}");
+        assert_eq!(host_lines(&r.text()), [host], "{}", r.text());
+        assert!(!r.text().contains("x-hop"), "{}", r.text());
+    }
+    // HTTP/1.0 absolute-form without Host: the authority becomes the Host.
+    s.write_all(b"GET http://a.example/headers HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .expect("write");
+    let r = rd.response(&mut s, "GET").await;
+    assert_eq!(r.header("x-backend"), Some("a"), "{r:?}");
+    assert_eq!(host_lines(&r.text()), ["host: a.example"], "{}", r.text());
+
+    // HTTP/1.0 without any Host still reaches the HTTP/1.1 upstream with exactly one: the
+    // endpoint's address.
+    let c = Backend::start("c").await;
+    let listen = free_addr();
+    let _lbd2 = Lbd::start(bin(), &config(listen, &c, ""));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"GET /headers HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let r = Reader::new().response(&mut s, "GET").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        host_lines(&r.text()),
+        [format!("host: {}", c.addr)],
+        "{}",
+        r.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenient_chunk_lines_are_refused_before_the_backend() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, ""));
+    let head = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    for body in [
+        // Bare LF, bare CR in the size line.
+        format!("3\nabc\r\n0\r\n\r\n{smuggled}"),
+        format!("3\rabc\r\n0\r\n\r\n{smuggled}"),
+        format!("3;ext\nabc\r\n0\r\n\r\n{smuggled}"),
+        // Chunk data not followed by CRLF.
+        format!("3\r\nabc\n0\r\n\r\n{smuggled}"),
+        format!("3\r\nabcdef\r\n0\r\n\r\n{smuggled}"),
+        // Whitespace after the size without an extension; extensions without a name.
+        format!("3 \r\nabc\r\n0\r\n\r\n{smuggled}"),
+        format!("3\t\r\nabc\r\n0\r\n\r\n{smuggled}"),
+        format!("3;\r\nabc\r\n0\r\n\r\n{smuggled}"),
+        format!("3;=v\r\nabc\r\n0\r\n\r\n{smuggled}"),
+    ] {
+        refused(
+            listen,
+            format!("{head}{body}").as_bytes(),
+            400,
+            "client_body",
+        )
+        .await;
+    }
+    assert_eq!(b.hits(), 0, "a malformed chunked body reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_http1_minor_versions_are_served_as_http11() {
+    let b = Backend::start("b").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, &b, ""));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let mut rd = Reader::new();
+    // Pipelined, no Connection header: HTTP/1.1 semantics keep the connection open.
+    s.write_all(
+        b"GET /headers HTTP/1.2\r\nHost: t\r\n\r\nGET /status/201 HTTP/1.9\r\nHost: t\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let r = rd.response(&mut s, "GET").await;
+    assert!(r.head.starts_with("HTTP/1.1 200 "), "{r:?}");
+    assert_eq!(r.header("connection"), None, "{r:?}");
+    assert!(
+        r.text().starts_with("GET /headers HTTP/1.1"),
+        "{}",
+        r.text()
+    );
+    let r = rd.response(&mut s, "GET").await;
+    assert!(r.head.starts_with("HTTP/1.1 201 "), "{r:?}");
+    // HTTP/1.1 requires Host of them too.
+    s.write_all(b"GET / HTTP/1.2\r\n\r\n").await.expect("write");
+    let r = rd.response(&mut s, "GET").await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("x-lbd-error"), Some("missing_host"), "{r:?}");
+}

@@ -615,3 +615,68 @@ async fn idle_pooled_connections_expire_and_max_idle_caps_the_pool() {
         second.1 - start
     );
 }
+
+/// Chunk lines a backend may not send (RFC 9112 §7.1), indexed by the request path
+/// `/bad/<i>`; each would be read differently by a lenient and a strict parser.
+const BAD_CHUNKED: [&[u8]; 7] = [
+    b"5\nhello\r\n0\r\n\r\n",
+    b"5\rhello\r\n0\r\n\r\n",
+    b"5\r\nhello\n0\r\n\r\n",
+    b"5\r\nhelloX\r\n0\r\n\r\n",
+    b"5 \r\nhello\r\n0\r\n\r\n",
+    b"5;\r\nhello\r\n0\r\n\r\n",
+    b"5;=x\r\nhello\r\n0\r\n\r\n",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenient_chunk_lines_from_a_backend_are_a_bad_gateway() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            let path = req.head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-backend: raw\r\n\r\n";
+            if let Some(i) = path.strip_prefix("/bad/") {
+                let i: usize = i.parse().expect("case index");
+                let mut resp = head.to_vec();
+                resp.extend_from_slice(BAD_CHUNKED[i]);
+                let _ = s.write_all(&resp).await;
+            } else if path == "/late" {
+                // A good first chunk goes out to the client before the bad line comes.
+                write_split(
+                    &mut s,
+                    &[head, b"5\r\nhello\r\n", b"5 \r\nworld\r\n0\r\n\r\n"],
+                )
+                .await;
+            } else {
+                let _ = s.write_all(head).await;
+                let _ = s.write_all(b"2;a=\"b c\"\r\nok\r\n0\r\n\r\n").await;
+            }
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
+    let client = H1::new();
+    for (i, bad) in BAD_CHUNKED.iter().enumerate() {
+        // Nothing of the backend's answer reaches the client: it gets a whole 502 instead.
+        let r = client
+            .get(listen, &format!("/bad/{i}"), None)
+            .await
+            .expect("a complete answer");
+        assert_eq!(
+            (r.status.as_u16(), r.lbd_error()),
+            (502, "upstream_reset"),
+            "{:?}: {r:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert_eq!(r.backend(), "", "{r:?}");
+    }
+    // Once part of the answer went out, the client sees it cut off, never complete.
+    let r = client.get(listen, "/late", None).await;
+    assert!(r.is_err(), "{r:?}");
+    // A well-formed answer (a quoted extension) still passes.
+    let r = client.get(listen, "/good", None).await.expect("good");
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    // Every malformed answer cost its connection (none went back to the pool).
+    assert_eq!(raw.accepted(), BAD_CHUNKED.len() + 2);
+}

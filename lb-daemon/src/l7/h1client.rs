@@ -24,7 +24,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
 // Chunk-size lines (and trailer sections) are bounded as for request bodies.
-use super::h1parse::MAX_CHUNK_LINE;
+use super::h1parse::{MAX_CHUNK_LINE, chunk_line};
 /// Largest read of a response body. Each read is one downstream write, so this sets the
 /// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
 /// about two of each), and, with the frame still being written to a slow client, what one
@@ -139,7 +139,15 @@ async fn exchange(
         .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
-    write_head(&mut conn.wbuf, &parts.method, pq, &parts.headers, framing);
+    let authority = parts.uri.authority().map(http::uri::Authority::as_str);
+    write_head(
+        &mut conn.wbuf,
+        &parts.method,
+        pq,
+        authority,
+        &parts.headers,
+        framing,
+    );
     if framing == ReqFraming::None {
         conn.io.write_all(&conn.wbuf).await?;
         return read_head(conn, head_req).await;
@@ -394,11 +402,14 @@ fn request_framing(method: &Method, body: &RequestBody) -> ReqFraming {
 }
 
 /// Writes the request head into `buf` (cleared first): the headers as given, except the
-/// framing ones, which follow from `framing`.
+/// framing ones, which follow from `framing`, and exactly one `Host` (RFC 9112 §3.2): the
+/// first given, else `authority` (the endpoint's address, as nginx's default `$proxy_host`),
+/// which covers HTTP/1.0 clients that sent none.
 fn write_head(
     buf: &mut Vec<u8>,
     method: &Method,
     pq: &str,
+    authority: Option<&str>,
     headers: &HeaderMap,
     framing: ReqFraming,
 ) {
@@ -407,13 +418,25 @@ fn write_head(
     buf.push(b' ');
     buf.extend_from_slice(pq.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
+        if name == header::HOST {
+            if host {
+                continue;
+            }
+            host = true;
+        }
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if !host && let Some(a) = authority {
+        buf.extend_from_slice(b"host: ");
+        buf.extend_from_slice(a.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -724,22 +747,17 @@ impl H1Body {
                     return Ok(Step::Data(buf.split().freeze()));
                 }
                 State::Chunked(Chunk::Size) => {
-                    match httparse::parse_chunk_size(buf)
-                        .map_err(|_| H1Error::Invalid("chunk size"))?
-                    {
-                        httparse::Status::Complete((used, size)) => {
-                            buf.advance(used);
-                            self.state = State::Chunked(if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            });
-                        }
-                        httparse::Status::Partial if buf.len() > MAX_CHUNK_LINE => {
-                            return Err(H1Error::Invalid("chunk size line too long"));
-                        }
-                        httparse::Status::Partial => return Ok(Step::NeedMore),
-                    }
+                    // The same strict grammar as for request bodies: a backend's lenient
+                    // chunk lines are refused (502), not reinterpreted.
+                    let Some((used, size)) = chunk_line(buf).map_err(H1Error::Invalid)? else {
+                        return Ok(Step::NeedMore);
+                    };
+                    buf.advance(used);
+                    self.state = State::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
                 }
                 State::Chunked(Chunk::DataEnd) => {
                     if buf.len() < 2 {
@@ -897,11 +915,13 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append(header::HOST, HeaderValue::from_static("second.example"));
         let mut buf = Vec::new();
         write_head(
             &mut buf,
             &Method::POST,
             "/p?q=1",
+            Some("10.0.0.1:80"),
             &headers,
             ReqFraming::Length(12345),
         );
@@ -913,6 +933,7 @@ mod tests {
             &mut buf,
             &Method::GET,
             "/",
+            None,
             &HeaderMap::new(),
             ReqFraming::Chunked,
         );
@@ -920,6 +941,16 @@ mod tests {
             &buf[..],
             b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+        // No Host from the client (HTTP/1.0): the endpoint's authority stands in.
+        write_head(
+            &mut buf,
+            &Method::GET,
+            "/",
+            Some("10.0.0.1:80"),
+            &HeaderMap::new(),
+            ReqFraming::None,
+        );
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
         let mut v = Vec::new();
         super::super::h1parse::push_hex(&mut v, 0x1f40);
         push_decimal(&mut v, 0);

@@ -81,7 +81,35 @@ pub struct Head {
 /// success the head's bytes are removed from `buf`; what follows (body, pipelined requests)
 /// stays.
 pub fn parse_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Head>, HeadError> {
-    SPANS.with(|spans| parse_head_with(buf, max_bytes, &mut spans.borrow_mut()))
+    SPANS.with(|spans| {
+        let spans = &mut spans.borrow_mut();
+        match parse_head_with(buf, max_bytes, spans) {
+            Ok(h) => Ok(h),
+            Err(Failure::Head(e)) => Err(e),
+            Err(Failure::NewerMinor(at)) => {
+                buf[at] = b'1';
+                match parse_head_with(buf, max_bytes, spans) {
+                    Ok(h) => Ok(h),
+                    Err(Failure::Head(e)) => Err(e),
+                    Err(Failure::NewerMinor(_)) => Err(HeadError::Bad("bad_version")),
+                }
+            }
+        }
+    })
+}
+
+/// Why one parse of a head did not produce it.
+enum Failure {
+    /// The head is refused.
+    Head(HeadError),
+    /// The request line says HTTP/1.x with x above 1, its digit at this offset.
+    NewerMinor(usize),
+}
+
+impl From<HeadError> for Failure {
+    fn from(e: HeadError) -> Self {
+        Failure::Head(e)
+    }
 }
 
 thread_local! {
@@ -97,7 +125,7 @@ fn parse_head_with(
     buf: &mut BytesMut,
     max_bytes: usize,
     spans: &mut Vec<Span>,
-) -> Result<Option<Head>, HeadError> {
+) -> Result<Option<Head>, Failure> {
     // Offsets into `buf` first, so the head can be frozen once and sliced without copies.
     // Uninitialised: an initialised array of MAX_HEADERS fields costs a 2.4 KiB memset per
     // request.
@@ -112,16 +140,25 @@ fn parse_head_with(
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= max_bytes {
-                Err(HeadError::TooLarge)
+                Err(HeadError::TooLarge.into())
             } else {
                 Ok(None)
             };
         }
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Bad("bad_request")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge.into()),
+        Err(httparse::Error::Version) => {
+            // httparse knows HTTP/1.0 and 1.1 only; a higher 1.x minor version is processed
+            // as HTTP/1.1 (RFC 9110 §2.5): the caller rewrites its digit and parses again.
+            return match newer_minor_version(buf)? {
+                Some(at) => Err(Failure::NewerMinor(at)),
+                None if buf.len() < max_bytes => Ok(None),
+                None => Err(HeadError::TooLarge.into()),
+            };
+        }
+        Err(_) => return Err(HeadError::Bad("bad_request").into()),
     };
     if len > max_bytes {
-        return Err(HeadError::TooLarge);
+        return Err(HeadError::TooLarge.into());
     }
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| {
@@ -133,7 +170,7 @@ fn parse_head_with(
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         Some(1) => Version::HTTP_11,
-        _ => return Err(HeadError::Bad("bad_version")),
+        _ => return Err(HeadError::Bad("bad_version").into()),
     };
     spans.clear();
     spans.extend(
@@ -143,13 +180,20 @@ fn parse_head_with(
     );
     let n = spans.len();
     let (Some(method), Some(path)) = (method, path) else {
-        return Err(HeadError::Bad("bad_request"));
+        return Err(HeadError::Bad("bad_request").into());
     };
     let head = buf.split_to(len).freeze();
     let method =
         Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Bad("bad_method"))?;
+    let target = &head[path.0..path.1];
+    // httparse lets bytes above 0x7f through; a request-target is ASCII (RFC 3986), and a
+    // backend decoding them otherwise would see another path than the one routed.
+    if !target.is_ascii() {
+        return Err(HeadError::Bad("bad_uri").into());
+    }
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
         .map_err(|_| HeadError::Bad("bad_uri"))?;
+    let absolute = target_form(&method, target, &uri)?;
     // Room for the forwarding headers the proxy adds, so that does not regrow the map.
     let mut headers = HeaderMap::with_capacity(n + 4);
     // The fields that decide framing and connection handling are noted as they go into the
@@ -163,8 +207,19 @@ fn parse_head_with(
         scan.field(&name, value.as_bytes());
         headers.append(name, value);
     }
+    scan.host(version)?;
+    if absolute {
+        // RFC 9112 §3.2.2: the target's authority is the one that counts; the received Host
+        // is replaced, so routing and the upstream see the same host.
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let value = HeaderValue::from_str(authority).map_err(|_| HeadError::Bad("bad_target"))?;
+        headers.insert(header::HOST, value);
+    }
     let framing = scan.framing(version, &method)?;
     let keep_alive = match version {
+        // Whatever follows a CONNECT head is tunnel data (or a body with no framing lbd
+        // reads), never a request: after answering it the connection cannot be reused.
+        _ if method == Method::CONNECT => false,
         Version::HTTP_11 => !scan.close,
         _ => scan.keep && !scan.close,
     };
@@ -182,13 +237,156 @@ fn parse_head_with(
     }))
 }
 
+/// Where the digit of a request line's `HTTP/1.x` version with x in 2..=9 is, so it can be
+/// read as HTTP/1.1; `Ok(None)` while the request line is incomplete.
+fn newer_minor_version(buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    // httparse skips empty lines before the request line; so does this.
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let Some(eol) = buf[start..].iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    let line = &buf[start..start + eol];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match line.len().checked_sub(9).map(|i| (i, &line[i..])) {
+        Some((i, [b' ', b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'])) => {
+            Ok(Some(start + i + 8))
+        }
+        _ => Err(HeadError::Bad("bad_version")),
+    }
+}
+
+/// Checks the request-target's form against the method (RFC 9112 §3.2): origin-form for
+/// most, authority-form only for CONNECT, asterisk-form only for OPTIONS, absolute-form
+/// (http or https, a valid host, no userinfo) for any method but CONNECT. Returns whether
+/// the target is in absolute-form.
+fn target_form(method: &Method, target: &[u8], uri: &Uri) -> Result<bool, HeadError> {
+    const BAD: HeadError = HeadError::Bad("bad_target");
+    let connect = *method == Method::CONNECT;
+    if target.starts_with(b"/") {
+        return if connect { Err(BAD) } else { Ok(false) };
+    }
+    if target == b"*" {
+        return if *method == Method::OPTIONS {
+            Ok(false)
+        } else {
+            Err(BAD)
+        };
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(BAD);
+    };
+    let authority = authority.as_str().as_bytes();
+    match uri.scheme_str() {
+        // Absolute-form. No userinfo (RFC 9110 §4.2.4), and an http URI has a host (§4.2.1).
+        Some(s)
+            if !connect
+                && (s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
+                && !authority.starts_with(b":")
+                && valid_host(authority)
+                && !authority.is_empty() =>
+        {
+            Ok(true)
+        }
+        Some(_) => Err(BAD),
+        // Authority-form: `uri-host ":" port`, nothing else.
+        None if connect
+            && target == authority
+            && authority.contains(&b':')
+            && !authority.ends_with(b":")
+            && !authority.starts_with(b":")
+            && valid_host(authority) =>
+        {
+            Ok(false)
+        }
+        None => Err(BAD),
+    }
+}
+
+/// Whether `v` is a valid `Host` value (RFC 9110 §7.2): `uri-host [ ":" port ]`, where
+/// uri-host is an IP-literal in brackets, an IPv4 address or a reg-name (unreserved,
+/// percent-encoded and sub-delim characters), and port is decimal, at most 65535. An empty
+/// value is valid (a target without authority); a host without name before a port is not.
+fn valid_host(v: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let port = match &rest[end + 1..] {
+            [] => None,
+            [b':', p @ ..] => Some(p),
+            _ => return false,
+        };
+        (valid_ip_literal(&rest[..end]), port)
+    } else {
+        let (host, port) = match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        };
+        (
+            valid_reg_name(host) && !(host.is_empty() && port.is_some()),
+            port,
+        )
+    };
+    host_ok
+        && port.is_none_or(|p| {
+            // An empty port is allowed by the grammar (RFC 3986 §3.2.3).
+            p.iter().all(u8::is_ascii_digit)
+                && (p.is_empty() || parse_decimal(p).is_some_and(|n| n <= u64::from(u16::MAX)))
+        })
+}
+
+/// `unreserved / sub-delims` (RFC 3986 §2.2, §2.3).
+fn is_unreserved_or_sub_delim(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )` (RFC 3986 §3.2.2).
+fn valid_reg_name(h: &[u8]) -> bool {
+    let mut i = 0;
+    while i < h.len() {
+        match h[i] {
+            b'%' => {
+                if !(h.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && h.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b if is_unreserved_or_sub_delim(b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The inside of `[...]`: an IPv6 address or `IPvFuture` (RFC 3986 §3.2.2).
+fn valid_ip_literal(lit: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = lit {
+        let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+            return false;
+        };
+        let (ver, tail) = (&rest[..dot], &rest[dot + 1..]);
+        return !ver.is_empty()
+            && ver.iter().all(u8::is_ascii_hexdigit)
+            && !tail.is_empty()
+            && tail
+                .iter()
+                .all(|&b| b == b':' || is_unreserved_or_sub_delim(b));
+    }
+    std::str::from_utf8(lit).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
 /// Comma-separated tokens of a header value, trimmed.
 fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// What the framing and connection fields of a request head say, gathered field by field.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Scan {
     /// A `Transfer-Encoding` field is present.
     te: bool,
@@ -212,12 +410,39 @@ struct Scan {
     expect_continue: bool,
     /// `TE: trailers`.
     te_trailers: bool,
+    /// `Host` fields seen.
+    hosts: u32,
+    /// Every `Host` value seen is valid.
+    host_ok: bool,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Scan {
+            te: false,
+            te_tokens: 0,
+            te_first_chunked: false,
+            cl: false,
+            len: None,
+            cl_bad: false,
+            close: false,
+            keep: false,
+            expect_seen: false,
+            expect_continue: false,
+            te_trailers: false,
+            hosts: 0,
+            host_ok: true,
+        }
+    }
 }
 
 impl Scan {
     /// Notes one header field.
     fn field(&mut self, name: &HeaderName, value: &[u8]) {
-        if *name == header::TRANSFER_ENCODING {
+        if *name == header::HOST {
+            self.hosts += 1;
+            self.host_ok &= valid_host(value);
+        } else if *name == header::TRANSFER_ENCODING {
             self.te = true;
             for t in tokens(value) {
                 if self.te_tokens == 0 {
@@ -248,6 +473,17 @@ impl Scan {
             }
         } else if *name == header::TE {
             self.te_trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        }
+    }
+
+    /// The `Host` rules of RFC 9112 §3.2: exactly one in HTTP/1.1 (at most one in HTTP/1.0),
+    /// with a valid value. Two hosts would let routing and a backend pick different ones.
+    fn host(&self, version: Version) -> Result<(), HeadError> {
+        match self.hosts {
+            0 if version == Version::HTTP_11 => Err(HeadError::Bad("missing_host")),
+            0 | 1 if self.host_ok => Ok(()),
+            0 | 1 => Err(HeadError::Bad("bad_host")),
+            _ => Err(HeadError::Bad("duplicate_host")),
         }
     }
 
@@ -363,17 +599,10 @@ impl Decoder {
                 }
                 Decoder::Chunked(state) => match *state {
                     ChunkState::Size => {
-                        let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
-                            if buf.len() > MAX_CHUNK_LINE {
-                                return Err("chunk_line_too_long");
-                            }
+                        let Some((used, size)) = chunk_line(buf)? else {
                             return Ok(Decoded::NeedMore);
                         };
-                        if eol > MAX_CHUNK_LINE {
-                            return Err("chunk_line_too_long");
-                        }
-                        let size = chunk_size(&buf[..eol])?;
-                        buf.advance(eol + 1);
+                        buf.advance(used);
                         *state = if size == 0 {
                             ChunkState::Trailers
                         } else {
@@ -394,10 +623,10 @@ impl Decoder {
                         return Ok(Decoded::Data(buf.split_to(n).freeze()));
                     }
                     ChunkState::DataEnd => {
+                        // Exactly CRLF (RFC 9112 §7.1): a bare LF is read differently by
+                        // different parsers, which is how bodies are smuggled.
                         if buf.starts_with(b"\r\n") {
                             buf.advance(2);
-                        } else if buf.starts_with(b"\n") {
-                            buf.advance(1);
                         } else if buf.is_empty() || buf[..] == b"\r"[..] {
                             return Ok(Decoded::NeedMore);
                         } else {
@@ -428,30 +657,104 @@ impl Decoder {
     }
 }
 
-/// The hex size of a chunk-size line (`1a;ext=val\r`); extensions are ignored.
-fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let digits_end = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    let (digits, rest) = line.split_at(digits_end);
-    if digits.is_empty() || digits.len() > 15 {
+/// Parses the chunk-size line at the start of `buf` (RFC 9112 §7.1), for request and
+/// response bodies alike: `Ok(Some((bytes used, size)))`, `Ok(None)` while incomplete.
+///
+/// The grammar is applied strictly, since proxies that disagree on where a chunk ends can be
+/// made to see different requests: the line ends in CRLF (no bare LF or CR), the size is
+/// hex digits only, whitespace is allowed only around the `;` and `=` of an extension, and
+/// every extension has a name (`token`) and, after `=`, a token or a quoted string.
+/// Extensions are then ignored. Lines longer than [`MAX_CHUNK_LINE`] are refused.
+pub fn chunk_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+    let Some(eol) = window.iter().position(|&b| b == b'\n') else {
+        // A CR must be the line's end: one followed by anything else is refused now rather
+        // than when the line bound is reached.
+        if window
+            .iter()
+            .position(|&b| b == b'\r')
+            .is_some_and(|i| i + 1 < window.len())
+        {
+            return Err("bad_chunk_line");
+        }
+        if buf.len() > MAX_CHUNK_LINE {
+            return Err("chunk_line_too_long");
+        }
+        return Ok(None);
+    };
+    let Some(line) = window[..eol].strip_suffix(b"\r") else {
+        return Err("bad_chunk_line");
+    };
+    if line.len() > MAX_CHUNK_LINE {
+        return Err("chunk_line_too_long");
+    }
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
         return Err("bad_chunk_size");
     }
-    let rest = rest.trim_ascii_start();
-    if !(rest.is_empty() || rest.starts_with(b";")) {
+    let size = line[..digits].iter().try_fold(0u64, |n, &b| {
+        let d = (b as char).to_digit(16)?;
+        n.checked_mul(16)?.checked_add(u64::from(d))
+    });
+    let Some(size) = size else {
         return Err("bad_chunk_size");
+    };
+    chunk_extensions(&line[digits..])?;
+    Ok(Some((eol + 1, size)))
+}
+
+/// Checks `*( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )`.
+fn chunk_extensions(mut rest: &[u8]) -> Result<(), &'static str> {
+    const BAD: &str = "bad_chunk_extension";
+    fn ows(s: &[u8]) -> &[u8] {
+        let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+        &s[n..]
     }
-    if rest.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
-        return Err("bad_chunk_extension");
+    fn token(s: &[u8]) -> Option<&[u8]> {
+        let n = s.iter().take_while(|&&b| is_tchar(b)).count();
+        (n > 0).then(|| &s[n..])
     }
-    let mut n = 0u64;
-    for &b in digits {
-        let d = (b as char).to_digit(16).ok_or("bad_chunk_size")?;
-        n = n * 16 + u64::from(d);
+    while !rest.is_empty() {
+        rest = ows(rest);
+        // Whitespace that does not lead to an extension (after the size or at the end).
+        let Some(after) = rest.strip_prefix(b";") else {
+            return Err(BAD);
+        };
+        rest = token(ows(after)).ok_or(BAD)?;
+        let eq = ows(rest);
+        if let Some(val) = eq.strip_prefix(b"=") {
+            let val = ows(val);
+            rest = match val.first() {
+                Some(b'"') => quoted_string(val).ok_or(BAD)?,
+                _ => token(val).ok_or(BAD)?,
+            };
+        }
     }
-    Ok(n)
+    Ok(())
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Skips a `quoted-string` (RFC 9110 §5.6.4) at the start of `s`; the rest after it.
+fn quoted_string(s: &[u8]) -> Option<&[u8]> {
+    let mut i = 1;
+    loop {
+        match *s.get(i)? {
+            b'"' => return Some(&s[i + 1..]),
+            b'\\' => {
+                let b = *s.get(i + 1)?;
+                if !(b == b'\t' || b == b' ' || b.is_ascii_graphic() || b >= 0x80) {
+                    return None;
+                }
+                i += 2;
+            }
+            b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff => i += 1,
+            _ => return None,
+        }
+    }
 }
 
 /// Length of the trailer section including its terminating empty line, once complete.
@@ -677,24 +980,26 @@ mod tests {
     #[test]
     fn keep_alive_rules() {
         let h = |s: &str| parse(s).expect("ok").expect("complete").keep_alive;
-        assert!(!h("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!h("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
         assert!(!h("GET / HTTP/1.0\r\n\r\n"));
         assert!(h("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
-        assert!(h("GET / HTTP/1.1\r\nConnection: foo, keep-alive\r\n\r\n"));
+        assert!(h(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: foo, keep-alive\r\n\r\n"
+        ));
     }
 
     #[test]
     fn refuses_ambiguous_framing() {
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GARBAGE \x01\x02 NONSENSE\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
         ] {
             assert!(
                 matches!(parse(bad), Err(HeadError::Bad(_))),
@@ -702,7 +1007,7 @@ mod tests {
                 parse(bad)
             );
         }
-        let h = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+        let h = parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n")
             .expect("ok")
             .expect("complete");
         assert_eq!(h.framing, Framing::Length(3));
@@ -748,9 +1053,162 @@ mod tests {
 
     #[test]
     fn chunked_errors() {
-        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"ffffffffffffffffff\r\n"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"3\r\nabcX\r\n",
+            b"ffffffffffffffffff\r\n",
+            // Bare LF or CR in the size line, or after the data.
+            b"3\nabc\r\n0\r\n\r\n",
+            b"3\rabc\r\n0\r\n\r\n",
+            b"3\r\nabc\n0\r\n\r\n",
+            b"3;a=b\nabc\r\n0\r\n\r\n",
+            // Whitespace without an extension, an extension without a name or value.
+            b"3 \r\nabc\r\n0\r\n\r\n",
+            b"3\t\r\nabc\r\n0\r\n\r\n",
+            b"3;\r\nabc\r\n0\r\n\r\n",
+            b"3;=x\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\r\nabc\r\n0\r\n\r\n",
+            b"3;a \r\nabc\r\n0\r\n\r\n",
+            b"3;a=\"x\r\nabc\r\n0\r\n\r\n",
+            b"3;a b\r\nabc\r\n0\r\n\r\n",
+            b"0x3\r\nabc\r\n0\r\n\r\n",
+            b"+3\r\nabc\r\n0\r\n\r\n",
+            b"\r\n",
+        ] {
             let mut dec = Decoder::new(Framing::Chunked);
-            assert!(decode_all(&mut dec, bad).is_err(), "{bad:?}");
+            assert!(
+                decode_all(&mut dec, bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_lines_in_the_grammar() {
+        for (line, size) in [
+            (&b"0\r\n"[..], 0),
+            (b"00000000000000000000a\r\n", 10),
+            (b"1F\r\n", 31),
+            (b"3;a\r\n", 3),
+            (b"3 ; a = b ;c\r\n", 3),
+            (b"3;a=\"q \\\" ;\"\r\n", 3),
+        ] {
+            assert_eq!(
+                chunk_line(line),
+                Ok(Some((line.len(), size))),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(chunk_line(b"3;a"), Ok(None));
+        assert_eq!(chunk_line(b"3\r"), Ok(None));
+        assert_eq!(chunk_line(b"3\rx"), Err("bad_chunk_line"));
+        let long = vec![b'1'; MAX_CHUNK_LINE + 3];
+        assert_eq!(chunk_line(&long), Err("chunk_line_too_long"));
+    }
+
+    #[test]
+    fn host_rules() {
+        let reason = |s: &str| parse(s).err().map(HeadError::reason);
+        for ok in [
+            "GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: 192.0.2.1:80\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [v1.x:y]\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a%2Db.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(reason(ok), None, "{ok:?}");
+        }
+        for (bad, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "missing_host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                "duplicate_host",
+            ),
+            (
+                "GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+                "duplicate_host",
+            ),
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: a/p\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: a:x\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: ::1]\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n", "bad_host"),
+            ("GET / HTTP/1.1\r\nHost: :80\r\n\r\n", "bad_host"),
+        ] {
+            assert_eq!(reason(bad), Some(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn target_forms() {
+        let reason = |s: &str| parse(s).err().map(HeadError::reason);
+        // Absolute-form: its authority replaces Host, and is inserted for HTTP/1.0.
+        let h = parse("GET http://b.example:81/p?q HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.headers.get_all(header::HOST).iter().count(), 1);
+        assert_eq!(h.headers[header::HOST], "b.example:81");
+        assert_eq!(h.uri.path(), "/p");
+        let h = parse("GET https://b.example/ HTTP/1.0\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.headers[header::HOST], "b.example");
+        for ok in [
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+        ] {
+            assert_eq!(reason(ok), None, "{ok:?}");
+        }
+        for bad in [
+            "GET http://u:p@b.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n",
+            "GET ftp://b.example/ HTTP/1.1\r\nHost: b\r\n\r\n",
+            "GET b.example:80 HTTP/1.1\r\nHost: b\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: b\r\n\r\n",
+            "CONNECT / HTTP/1.1\r\nHost: b\r\n\r\n",
+            "CONNECT b.example HTTP/1.1\r\nHost: b\r\n\r\n",
+            "CONNECT http://b.example/ HTTP/1.1\r\nHost: b\r\n\r\n",
+        ] {
+            assert_eq!(reason(bad), Some("bad_target"), "{bad:?}");
+        }
+        let raw = b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let mut b = BytesMut::from(&raw[..]);
+        assert_eq!(
+            parse_head(&mut b, 65536).err(),
+            Some(HeadError::Bad("bad_uri"))
+        );
+        // A CONNECT connection is never reused (what follows its head is not a request).
+        let h = parse("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 5\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn higher_minor_versions_are_http11() {
+        for v in ["1.2", "1.9"] {
+            let mut b =
+                BytesMut::from(format!("\r\nGET / HTTP/{v}\r\nHost: a\r\n\r\nnext").as_bytes());
+            let h = parse_head(&mut b, 65536).expect("ok").expect("complete");
+            assert_eq!(h.version, Version::HTTP_11);
+            assert!(h.keep_alive);
+            assert_eq!(&b[..], b"next");
+        }
+        // Incomplete: wait for the line; then HTTP/1.x with x ≥ 10, 2.0, junk → 400.
+        assert!(parse("GET / HTTP/1.2").expect("ok").is_none());
+        for bad in ["1.10", "2.0", "1.x", "1.2 "] {
+            let s = format!("GET / HTTP/{bad}\r\nHost: a\r\n\r\n");
+            assert!(matches!(parse(&s), Err(HeadError::Bad(_))), "{s:?}");
         }
     }
 

@@ -401,7 +401,9 @@ async fn exchange(
     } else {
         CloseReason::Client
     };
-    let unread = if state.get() == BodyState::Done {
+    // Bytes after a CONNECT head are no request and were never read (the codec refuses to
+    // reuse the connection): like an unread body they must not turn the close into a reset.
+    let unread = if state.get() == BodyState::Done && method != Method::CONNECT {
         Next::Close(closing)
     } else {
         Next::Linger(closing)
@@ -764,6 +766,9 @@ impl Shared {
 
     fn fail(&self, e: H1BodyError) {
         let mut s = self.lock();
+        // A frame not yet taken is dropped: nothing more of a body known to be malformed goes
+        // upstream (when the error came with the head, the upstream gets nothing at all).
+        s.frame = None;
         s.error = Some(e);
         if let Some(w) = s.body_waker.take() {
             w.wake();

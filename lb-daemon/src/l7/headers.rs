@@ -18,7 +18,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
+/// End-to-end fields the proxy itself relies on, which `Connection` cannot make hop-by-hop:
+/// `Connection: Host` would otherwise send the backend a request without the host it was
+/// routed by, and `Content-Length` is the message's framing.
+const NEVER_NAMED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names (except
+/// those in [`NEVER_NAMED`]).
 ///
 /// `Upgrade` is removed too: lbd does not tunnel protocol upgrades yet, and forwarding the
 /// header without the upgrade machinery would hand the backend a request it cannot honour.
@@ -32,13 +38,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         return;
     }
+    // Before the fields `Connection` names are removed: a sender of TE must name it there
+    // (RFC 9110 §10.1.4), and `TE: trailers` still goes on.
+    let keep_te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Names listed in Connection are only known at run time; collect them before removing.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(s) = value.to_str() else { continue };
         for token in s.split(',') {
             let token = token.trim();
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                && !NEVER_NAMED.contains(&name)
+            {
                 named.push(name);
             }
         }
@@ -46,10 +60,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    let keep_te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -264,6 +274,25 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn connection_cannot_drop_host_or_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, content-length, TE, x-hop"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::HOST], "a.example");
+        assert_eq!(h[header::CONTENT_LENGTH], "3");
+        assert_eq!(h[header::TE], "trailers");
+        assert!(h.get("x-hop").is_none());
+        assert_eq!(h.len(), 3);
     }
 
     #[test]
