@@ -55,8 +55,13 @@ pub fn http(reason: Reason, close: bool, log: Option<Box<RequestLog>>) -> Respon
 /// A trailers-only gRPC answer for `reason`.
 pub fn grpc_status(reason: Reason, mut log: Option<Box<RequestLog>>) -> Response<ResponseBody> {
     let code = reason.grpc_code();
-    let message = match log.as_ref().map(|l| &*l.cluster) {
-        Some(c) if c != "-" => format!("lbd: {} (cluster {c})", reason.message()),
+    // Say what was tried, so a caller can tell one refused endpoint from a dead cluster.
+    let message = match log.as_ref().map(|l| (&*l.cluster, l.attempts)) {
+        Some((c, 0)) if c != "-" => format!("lbd: {} (cluster {c})", reason.message()),
+        Some((c, 1)) if c != "-" => format!("lbd: {} (cluster {c}, 1 attempt)", reason.message()),
+        Some((c, n)) if c != "-" => {
+            format!("lbd: {} (cluster {c}, {n} attempts)", reason.message())
+        }
         _ => format!("lbd: {}", reason.message()),
     };
     if let Some(l) = log.as_mut() {

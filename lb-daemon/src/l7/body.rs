@@ -83,6 +83,9 @@ pub struct Replay {
     done: bool,
     /// The attempt allowed to read from the client.
     current: usize,
+    /// The client body's declared length, so that every attempt frames it the same way
+    /// (an HTTP/1.1 upstream gets Content-Length, not chunked).
+    exact: Option<u64>,
 }
 
 impl Replay {
@@ -94,7 +97,9 @@ impl Replay {
         seen: Arc<AtomicU64>,
         keep: usize,
     ) -> Arc<Mutex<Self>> {
+        let exact = inner.size_hint().exact();
         Arc::new(Mutex::new(Replay {
+            exact,
             inner,
             limit,
             seen,
@@ -226,9 +231,13 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            // The client's stream may know it has ended before it is polled again (an HTTP/2
+            // DATA frame with END_STREAM): saying so lets the upstream request end with its
+            // last data instead of waiting for one more poll that may never come once the
+            // answer is complete.
             RequestBody::Replayable { shared, pos, .. } => shared
                 .lock()
-                .map(|s| s.done && *pos >= s.chunks.len())
+                .map(|s| *pos >= s.chunks.len() && (s.done || s.inner.is_end_stream()))
                 .unwrap_or(true),
             RequestBody::Stream { inner, .. } => inner.is_end_stream(),
         }
@@ -237,7 +246,11 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Replayable { .. } => SizeHint::default(),
+            RequestBody::Replayable { shared, pos, .. } => shared
+                .lock()
+                .ok()
+                .and_then(|s| s.exact.filter(|_| *pos == 0))
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             RequestBody::Stream { inner, .. } => inner.size_hint(),
         }
     }

@@ -68,28 +68,34 @@ impl Call<'_> {
         log: &mut RequestLog,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let cluster = self.cluster;
-        // Only a request without a body can be re-sent: a streamed body is consumed by the
-        // first attempt. Connect failures send nothing, so such a retry is safe for any
-        // method. gRPC calls retried on status keep a bounded copy of their body.
+        // When a failed attempt may be repeated elsewhere:
+        // - nothing reached a backend (connect failed, the stream was refused or left out by
+        //   a GOAWAY): always, whatever the method or body (gRPC clients retry these
+        //   transparently too), as long as the body can still be sent whole;
+        // - the connection broke after the request went out, before any answer: only for
+        //   idempotent methods (RFC 9110 §9.2.2; nginx `proxy_next_upstream error`);
+        // - a gRPC answer whose status is in `retry.grpc_status`.
+        // A body is kept for another attempt up to REPLAY_BYTES when a retry after sending
+        // is possible; otherwise only until its first byte is read.
         let grpc_retry = log.grpc && !cluster.config.retry.grpc_status.is_empty();
-        let retryable = body.is_end_stream() || grpc_retry;
-        let max_attempts = if retryable {
-            (cluster.config.retry.attempts as usize + 1).min(MAX_ATTEMPTS)
-        } else {
-            1
-        };
+        let idempotent = head.method.is_idempotent();
+        let max_attempts = (cluster.config.retry.attempts as usize + 1).min(MAX_ATTEMPTS);
         let limit = self.body_limit;
-        let (mut body, replay) = if grpc_retry {
-            let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
-            let keep = grpc::RETRY_BUFFER_BYTES;
-            (None, Some(Replay::new(body, limit, seen, keep)))
-        } else if body.is_end_stream() {
+        let (mut body, replay) = if body.is_end_stream() {
             // Nothing to stream or count (most requests): no shared counter to allocate.
             (Some(RequestBody::Empty), None)
-        } else {
+        } else if max_attempts == 1 {
             let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
             let inner = body;
             (Some(RequestBody::Stream { inner, limit, seen }), None)
+        } else {
+            let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
+            let keep = if grpc_retry || idempotent {
+                grpc::RETRY_BUFFER_BYTES
+            } else {
+                0
+            };
+            (None, Some(Replay::new(body, limit, seen, keep)))
         };
         let mut held = None;
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
@@ -136,7 +142,8 @@ impl Call<'_> {
                 .await
             {
                 Ok(Ok(resp)) => {
-                    if attempt + 1 < max_attempts
+                    if grpc_retry
+                        && attempt + 1 < max_attempts
                         && replay.as_ref().is_some_and(Replay::can_replay)
                         && let Some(code) =
                             grpc::retry_status(resp.headers(), &cluster.config.retry.grpc_status)
@@ -177,10 +184,14 @@ impl Call<'_> {
                                 close: true,
                             });
                         }
-                        UpstreamError::Connect | UpstreamError::Reset => {
+                        UpstreamError::Connect => {
                             cluster.passive_failure(idx);
                             last_error = Some(kind);
-                            if kind == UpstreamError::Reset {
+                        }
+                        UpstreamError::Reset => {
+                            cluster.passive_failure(idx);
+                            last_error = Some(kind);
+                            if !idempotent {
                                 break;
                             }
                         }

@@ -57,6 +57,12 @@ impl UpstreamError {
                 if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
                     return UpstreamError::Connect;
                 }
+                // A stream the peer's GOAWAY left out (above its last-stream-id, or opened
+                // after it) was not processed either (RFC 9113 §6.8): h2 hands exactly those
+                // streams the remote GOAWAY as their error.
+                if h2.is_go_away() && h2.is_remote() {
+                    return UpstreamError::Connect;
+                }
                 // Reset by us, not by the peer nor for a protocol error: the request body
                 // failed, i.e. the client's side.
                 if h2.is_reset() && !h2.is_remote() && !h2.is_library() {
