@@ -62,9 +62,11 @@ async fn resetter() -> (SocketAddr, Arc<AtomicU64>) {
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                // Linger 0: close sends RST instead of FIN. (Deprecated because a non-zero
-                // linger blocks the thread on drop; zero never waits.)
-                #[allow(deprecated)]
+                // Linger 0: close sends RST instead of FIN.
+                #[allow(
+                    deprecated,
+                    reason = "deprecated because a non-zero linger blocks on drop; zero never waits"
+                )]
                 let _ = s.set_linger(Some(std::time::Duration::ZERO));
                 drop(s);
             });
