@@ -12,5 +12,6 @@ pub mod log;
 pub mod proxy;
 pub mod reaper;
 pub mod router;
+pub mod sendbudget;
 pub mod server;
 pub mod upstream;

@@ -24,6 +24,7 @@ use super::downstream::DownstreamBody;
 use super::h1server;
 use super::headers::Scheme;
 use super::proxy::{self, ConnInfo};
+use super::sendbudget::{self, Budgeted, ConnBudget};
 use crate::config::model::{Limits, ListenerProtocol};
 use crate::supervisor::runtime::Runtime;
 use crate::telemetry::metrics as m;
@@ -40,6 +41,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(1024)
 }
+
+/// Concurrent streams a downstream HTTP/2 client may open on one connection.
+const MAX_STREAMS: u32 = 128;
 
 /// Counts open downstream connections so shutdown can wait for them to finish.
 #[derive(Debug, Default)]
@@ -229,7 +233,11 @@ async fn serve_h2(
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
+        // What each stream may hold is multiplied by this, so it stays at nginx's default
+        // (HAProxy allows 100): a client gets more streams by opening more connections, each
+        // of which counts against `max_connections`.
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(sendbudget::STREAM_AHEAD);
     let activity = Arc::new(AtomicU64::new(now_ms()));
     let io = TokioIo::new(Rewind {
         preface,
@@ -239,10 +247,15 @@ async fn serve_h2(
         },
     });
     let state = Arc::clone(&ctx.state);
+    let budget = Arc::new(ConnBudget::default());
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = state.load_full();
         let req = req.map(DownstreamBody::from);
-        async move { Ok::<_, Infallible>(proxy::handle(rt, info, req).await) }
+        let budget = Arc::clone(&budget);
+        async move {
+            let resp = proxy::handle(rt, info, req).await;
+            Ok::<_, Infallible>(resp.map(|b| Budgeted::new(b, &budget)))
+        }
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
