@@ -1,6 +1,5 @@
 //! Downstream listeners: accept, apply connection limits, serve HTTP/1.1 and HTTP/2 with hyper,
 //! close idle keep-alive connections, and drain gracefully on shutdown.
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -252,9 +251,14 @@ async fn serve_h2(
         let rt = state.load_full();
         let req = req.map(DownstreamBody::from);
         let budget = Arc::clone(&budget);
+        let malformed = has_padded_value(req.headers());
         async move {
+            if malformed {
+                // hyper resets the stream with the reason of an h2 error from the service.
+                return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
+            }
             let resp = proxy::handle(rt, info, req).await;
-            Ok::<_, Infallible>(resp.map(|b| Budgeted::new(b, &budget)))
+            Ok(resp.map(|b| Budgeted::new(b, &budget)))
         }
     });
     let conn = builder.serve_connection(io, svc);
@@ -288,6 +292,16 @@ async fn serve_h2(
         reason = CloseReason::Error;
     }
     reason
+}
+
+/// A field value starting or ending with whitespace makes an HTTP/2 request malformed (RFC 9113
+/// §8.2.1): it gets a stream error, and is never forwarded, since an HTTP/1.1 hop would
+/// strip the whitespace that the next HTTP/2 hop keeps. h2 checks the other value rules.
+fn has_padded_value(headers: &http::HeaderMap) -> bool {
+    headers.values().any(|v| {
+        let b = v.as_bytes();
+        matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+    })
 }
 
 fn now_ms() -> u64 {
