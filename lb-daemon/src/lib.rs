@@ -11,6 +11,7 @@ pub mod config;
 pub mod health;
 pub mod l4;
 pub mod l7;
+pub mod memory;
 pub mod sdnotify;
 pub mod supervisor;
 pub mod telemetry;

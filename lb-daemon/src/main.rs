@@ -111,7 +111,11 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(lbd::supervisor::run(path, model)) {
+    let serve = async {
+        lbd::memory::spawn_trimmer();
+        lbd::supervisor::run(path, model).await
+    };
+    match runtime.block_on(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "lbd cannot start");

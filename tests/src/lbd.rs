@@ -144,6 +144,17 @@ impl Lbd {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
+    /// A `kB` field of the process's `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...).
+    pub fn status_kib(&self, key: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{}/status", self.pid()))
+    }
+
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
     pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.pid()).expect("pid");

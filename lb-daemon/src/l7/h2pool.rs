@@ -40,6 +40,18 @@ const UNANNOUNCED: usize = usize::MAX;
 /// runs out when the peer announces no limit (it is then taken as unlimited) or is very slow.
 const SETTINGS_WAIT: Duration = Duration::from_millis(50);
 
+/// Receive window of each upstream stream: what lbd holds of a response its client does not
+/// read (downstream backpressure stops lbd reading the stream, see `sendbudget`, and the peer
+/// stops at this window). Times the streams of a downstream connection, it bounds what one
+/// client can make lbd hold: 16 MiB at 128 streams (hyper's default of 2 MiB made it 256 MiB).
+/// One stream still moves 128 KiB per round trip (over 1 GiB/s at 100 µs); smaller windows
+/// made downloads from backends that leave Nagle on crawl.
+const STREAM_WINDOW: u32 = 128 * 1024;
+/// Receive window of each upstream connection. Data of streams nobody reads keeps its share of
+/// it, so it is as large as the windows of many such streams together, lest a few stalled
+/// clients stall every stream sharing the connection; memory is bounded per stream anyway.
+const CONN_WINDOW: u32 = 32 * 1024 * 1024;
+
 /// PING interval on upstream connections with open streams.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed.
@@ -332,6 +344,8 @@ impl H2Pool {
             builder
                 .timer(TokioTimer::new())
                 .initial_max_send_streams(UNANNOUNCED)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONN_WINDOW)
                 // A peer that stops answering while calls are open (hung process, dropped
                 // route) is found by PING and its connection closed, failing those calls,
                 // instead of leaving them hanging for their whole deadline.

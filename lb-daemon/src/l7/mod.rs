@@ -19,5 +19,6 @@ pub mod reaper;
 pub mod reason;
 pub mod router;
 pub mod runtime;
+pub mod sendbudget;
 pub mod server;
 pub mod upstream;

@@ -1,6 +1,5 @@
 //! Downstream listeners: accept, apply connection limits, serve HTTP/1.1 and HTTP/2 with hyper,
 //! close idle keep-alive connections, and drain gracefully on shutdown.
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -25,6 +24,7 @@ use super::downstream::DownstreamBody;
 use super::h1server;
 use super::proxy;
 use super::runtime::Runtime;
+use super::sendbudget::{self, Budgeted, ConnBudget};
 use crate::config::model::{Limits, ListenerProtocol};
 use crate::telemetry::metrics as m;
 
@@ -40,6 +40,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(1024)
 }
+
+/// Concurrent streams a downstream HTTP/2 client may open on one connection.
+const MAX_STREAMS: u32 = 128;
 
 /// Counts open downstream connections so shutdown can wait for them to finish.
 #[derive(Debug, Default)]
@@ -229,7 +232,11 @@ async fn serve_h2(
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
+        // What each stream may hold is multiplied by this, so it stays at nginx's default
+        // (HAProxy allows 100): a client gets more streams by opening more connections, each
+        // of which counts against `max_connections`.
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(sendbudget::STREAM_AHEAD);
     let activity = Arc::new(AtomicU64::new(now_ms()));
     let io = TokioIo::new(Rewind {
         preface,
@@ -239,10 +246,20 @@ async fn serve_h2(
         },
     });
     let state = Arc::clone(&ctx.state);
+    let budget = Arc::new(ConnBudget::default());
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = state.load_full();
         let req = req.map(DownstreamBody::from);
-        async move { Ok::<_, Infallible>(proxy::handle(rt, info, req).await) }
+        let budget = Arc::clone(&budget);
+        let malformed = has_padded_value(req.headers());
+        async move {
+            if malformed {
+                // hyper resets the stream with the reason of an h2 error from the service.
+                return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
+            }
+            let resp = proxy::handle(rt, info, req).await;
+            Ok(resp.map(|b| Budgeted::new(b, &budget)))
+        }
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
@@ -275,6 +292,16 @@ async fn serve_h2(
         reason = CloseReason::Error;
     }
     reason
+}
+
+/// A field value starting or ending with whitespace makes an HTTP/2 request malformed (RFC 9113
+/// §8.2.1): it gets a stream error, and is never forwarded, since an HTTP/1.1 hop would
+/// strip the whitespace that the next HTTP/2 hop keeps. h2 checks the other value rules.
+fn has_padded_value(headers: &http::HeaderMap) -> bool {
+    headers.values().any(|v| {
+        let b = v.as_bytes();
+        matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+    })
 }
 
 fn now_ms() -> u64 {
