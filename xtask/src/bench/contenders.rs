@@ -61,6 +61,8 @@ pub struct Shape {
     pub downstream_h2: bool,
     /// Upstream speaks HTTP/2 (gRPC).
     pub upstream_h2: bool,
+    /// Three header edits on the route (see [`Contender::edits_headers`]).
+    pub header_filters: bool,
 }
 
 /// A started contender process.
@@ -71,6 +73,13 @@ pub struct Running {
 }
 
 impl Contender {
+    /// Whether the bench configures this contender for the header-filter scenario: the same
+    /// three edits (request `X-Env: prod` set, `X-Client: <client ip>` added, response
+    /// `X-Served-By` set) with each proxy's own directives.
+    pub fn edits_headers(self) -> bool {
+        matches!(self, Contender::Lbd | Contender::Nginx | Contender::Haproxy)
+    }
+
     /// Name used in reports and on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -281,6 +290,17 @@ fn lbd_config(s: &Shape) -> String {
         // error mapping) is what a user would configure there, as nginx gets `grpc_pass`.
         if s.upstream_h2 { "grpc" } else { "http1" },
     );
+    if s.header_filters {
+        // Inserted into the route (before the cluster table).
+        c = c.replace(
+            "path_prefix = \"/\"\n",
+            "path_prefix = \"/\"\n\
+             [[routes.filters]]\n\
+             request_headers = { set = [{ name = \"x-env\", value = \"prod\" }], add = [{ name = \"x-client\", value = \"${client_ip}\" }] }\n\
+             [[routes.filters]]\n\
+             response_headers = { set = [{ name = \"x-served-by\", value = \"lbd\" }] }\n",
+        );
+    }
     for b in &s.backends {
         let _ = write!(c, "\n[[clusters.endpoints]]\naddress = \"{b}\"\n");
     }
@@ -294,11 +314,17 @@ fn nginx_config(s: &Shape, dir: &Path) -> String {
         .map(|b| format!("        server {b};\n"))
         .collect();
     let listen_flags = if s.downstream_h2 { " http2" } else { "" };
-    let location = if s.upstream_h2 {
+    let mut location = if s.upstream_h2 {
         "grpc_pass grpc://bench;".to_owned()
     } else {
         "proxy_pass http://bench;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_max_temp_file_size 0;".to_owned()
     };
+    if s.header_filters {
+        // lbd passes the client's Host on; nginx does so only when told.
+        location.push_str(
+            "\n            proxy_set_header Host $host;\n            proxy_set_header X-Env prod;\n            proxy_set_header X-Client $remote_addr;\n            add_header X-Served-By lbd;",
+        );
+    }
     format!(
         "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 8192; }}\n\
@@ -322,11 +348,16 @@ fn haproxy_config(s: &Shape) -> String {
         .enumerate()
         .map(|(i, b)| format!("    server s{i} {b}{proto}\n"))
         .collect();
+    let edits = if s.header_filters {
+        "    http-request set-header X-Env prod\n    http-request add-header X-Client %[src]\n    http-response set-header X-Served-By lbd\n"
+    } else {
+        ""
+    };
     format!(
         "global\n    nbthread 1\n    maxconn 8192\n\n\
          defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    http-reuse always\n\n\
          frontend bench\n    bind 127.0.0.1:{port}{fproto}\n    default_backend bench\n\n\
-         backend bench\n    balance roundrobin\n{servers}",
+         backend bench\n    balance roundrobin\n{edits}{servers}",
         port = s.port,
         fproto = if s.downstream_h2 { " proto h2" } else { "" },
     )

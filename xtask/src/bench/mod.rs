@@ -64,6 +64,9 @@ struct Scenario {
     upstream_h2: bool,
     /// Response body size served by the backends.
     body_bytes: usize,
+    /// The route carries three header edits (set and add on the request, set on the
+    /// response); only contenders configured to do the same take part.
+    header_filters: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -73,6 +76,7 @@ fn scenarios() -> Vec<Scenario> {
         downstream_h2,
         upstream_h2,
         body_bytes,
+        header_filters: false,
     };
     vec![
         s(
@@ -127,6 +131,19 @@ fn scenarios() -> Vec<Scenario> {
             false,
             1 << 20,
         ),
+        Scenario {
+            header_filters: true,
+            ..s(
+                "http1-keepalive-3-header-filters",
+                Generator::Wrk {
+                    conns: 64,
+                    close: false,
+                },
+                false,
+                false,
+                64,
+            )
+        },
     ]
 }
 
@@ -311,9 +328,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             backends: backends.addrs.clone(),
             downstream_h2: sc.downstream_h2,
             upstream_h2: sc.upstream_h2,
+            header_filters: sc.header_filters,
         };
         for rep in 0..repeat {
             for &c in &present {
+                if sc.header_filters && !c.edits_headers() {
+                    continue;
+                }
                 match measure(c, &sc, &shape, duration, attempts, &scratch, &bins) {
                     Ok(s) => {
                         log_sample(rep, repeat, c.name(), &s);
@@ -337,6 +358,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             backends: backends.addrs.clone(),
             downstream_h2: false,
             upstream_h2: false,
+            header_filters: false,
         };
         for rep in 0..repeat {
             for &c in present.iter().filter(|c| **c != Contender::Direct) {
