@@ -504,6 +504,27 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "routes[0].filters[0].direct_response.body_file",
         "cannot read /nonexistent/lbd-maint.html",
     ),
+    (
+        "rate_limit bad rate",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"100 per second\" }] }\n",
+        5,
+        "routes[0].filters[0].rate_limit.limits[0].rate",
+        "write N/period",
+    ),
+    (
+        "rate_limit unknown key",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { key = \"cookie:x\", limits = [{ rate = \"1/s\" }] }\n",
+        5,
+        "routes[0].filters[0].rate_limit.key",
+        "expected \"client_ip\"",
+    ),
+    (
+        "rate_limit no limits",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [] }\n",
+        5,
+        "routes[0].filters[0].rate_limit.limits",
+        "give 1 to 4 limits",
+    ),
 ];
 
 #[test]

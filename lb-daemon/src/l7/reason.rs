@@ -42,6 +42,8 @@ pub enum Reason {
     DownstreamClosed,
     /// The client's address is not allowed on this route (`access` filter).
     AccessDenied,
+    /// The client is over a `rate_limit`.
+    RateLimited,
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -62,6 +64,7 @@ impl Reason {
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
             Reason::AccessDenied => StatusCode::FORBIDDEN,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -80,9 +83,10 @@ impl Reason {
             | Reason::UpstreamReset
             | Reason::ListenerRemoved => Code::Unavailable,
             Reason::UpstreamTimeout | Reason::DeadlineExceeded => Code::DeadlineExceeded,
-            Reason::BodyTooLarge | Reason::UriTooLong | Reason::HeaderTooLarge => {
-                Code::ResourceExhausted
-            }
+            Reason::BodyTooLarge
+            | Reason::UriTooLong
+            | Reason::HeaderTooLarge
+            | Reason::RateLimited => Code::ResourceExhausted,
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
             Reason::AccessDenied => Code::PermissionDenied,
@@ -107,6 +111,7 @@ impl Reason {
             Reason::ConnectUnsupported => "connect_unsupported",
             Reason::DownstreamClosed => "downstream_closed",
             Reason::AccessDenied => "access_denied",
+            Reason::RateLimited => "rate_limited",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -129,6 +134,7 @@ impl Reason {
             Reason::ConnectUnsupported => "CONNECT is not supported",
             Reason::DownstreamClosed => "client closed the connection",
             Reason::AccessDenied => "access denied",
+            Reason::RateLimited => "rate limit exceeded",
             Reason::Malformed(_) => "malformed request",
         }
     }
@@ -171,6 +177,7 @@ mod tests {
             Reason::ConnectUnsupported,
             Reason::DownstreamClosed,
             Reason::AccessDenied,
+            Reason::RateLimited,
             Reason::Malformed("bad_framing"),
         ];
         for r in all {

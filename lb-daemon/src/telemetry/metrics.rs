@@ -42,6 +42,10 @@ pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
 pub const CONFIG_INFO: &str = "lbd_config_info";
 
+/// Key tables of a `rate_limit` filter cleared because every key in a shard was still
+/// limited when a new one came (a flood of distinct keys).
+pub const RATE_LIMIT_EVICTIONS: &str = "lbd_rate_limit_evictions_total";
+
 /// Latency buckets, seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -102,6 +106,10 @@ fn describe() {
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
+    describe_counter!(
+        RATE_LIMIT_EVICTIONS,
+        "Rate-limit key shards cleared to stay within max_keys."
+    );
 }
 
 /// `2xx`-style class of a status code, a bounded label value.

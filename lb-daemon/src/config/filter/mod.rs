@@ -5,6 +5,7 @@ pub mod access;
 pub mod direct_response;
 pub mod headers;
 pub mod path_rewrite;
+pub mod rate_limit;
 pub mod redirect;
 pub mod request_id;
 pub mod template;
@@ -26,6 +27,7 @@ pub struct RawFilter {
     pub redirect: Option<S<redirect::Raw>>,
     pub direct_response: Option<S<direct_response::Raw>>,
     pub access: Option<S<access::Raw>>,
+    pub rate_limit: Option<S<rate_limit::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -45,6 +47,8 @@ pub enum FilterSpec {
     DirectResponse(direct_response::Spec),
     /// Allow/deny by client address.
     Access(access::Spec),
+    /// Local rate limits.
+    RateLimit(rate_limit::Spec),
 }
 
 impl FilterSpec {
@@ -58,6 +62,7 @@ impl FilterSpec {
             FilterSpec::Redirect(_) => "redirect",
             FilterSpec::DirectResponse(_) => "direct_response",
             FilterSpec::Access(_) => "access",
+            FilterSpec::RateLimit(_) => "rate_limit",
         }
     }
 }
@@ -134,6 +139,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("redirect", r.redirect.is_some()),
         ("direct_response", r.direct_response.is_some()),
         ("access", r.access.is_some()),
+        ("rate_limit", r.rate_limit.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -141,7 +147,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access"
+             path_rewrite, redirect, direct_response, access, rate_limit"
                 .to_owned()
         } else {
             format!(
@@ -176,6 +182,9 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     }
     if let Some(x) = &r.access {
         return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
+    }
+    if let Some(x) = &r.rate_limit {
+        return rate_limit::check(c, x, &format!("{key}.rate_limit")).map(FilterSpec::RateLimit);
     }
     None
 }
