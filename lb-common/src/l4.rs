@@ -17,7 +17,7 @@
 //! | `VIP_STATS` | per-CPU array, [`MAX_VIPS`] | [`VipMeta::vip_id`] → [`Counters`] |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`] |
 //! | `ENCAP` | array, 1 | 0 → [`EncapConfig`] (outer source addresses for `ipip`) |
-//! | `IFACES` | hash, [`MAX_IFACES`] | ifindex (`u32`) → [`IfaceInfo`] (interfaces the program is attached to) |
+//! | `IFACES` | array, 1 | 0 → [`Ifaces`] (the interfaces the program is attached to, and their MACs) |
 //!
 //! Ring updates never expose a half-written ring: each VIP owns two rings (`2 * vip_id` and
 //! `2 * vip_id + 1`). The daemon rewrites the ring that is *not* named by [`VipMeta::ring`],
@@ -43,8 +43,8 @@ pub const MAX_RINGS: u32 = 2 * MAX_VIPS;
 /// Largest backend id + 1 (size of `BACKENDS`); ids are shared by all VIPs.
 pub const MAX_BACKENDS: u32 = 4096;
 
-/// Largest number of interfaces one XDP program is attached to (size of `IFACES`).
-pub const MAX_IFACES: u32 = 64;
+/// Largest number of interfaces one XDP program is attached to (slots of [`Ifaces`]).
+pub const MAX_IFACES: u32 = 16;
 
 /// Default size of the LRU flow table.
 pub const MAX_FLOWS: u32 = 65_536;
@@ -257,17 +257,34 @@ pub struct EncapConfig {
     pub _pad: [u8; 2],
 }
 
-/// Value of `IFACES` (key: the interface's ifindex): what the program must know about an
-/// interface it runs on.
+/// One slot of [`Ifaces`]: an interface the program runs on.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IfaceInfo {
+    /// The interface's ifindex (`xdp_md.ingress_ifindex`); 0, which no interface has, marks a
+    /// free slot.
+    pub ifindex: u32,
     /// The interface's own MAC. Only frames sent to it are forwarded (a bridged or promiscuous
     /// port also sees broadcasts, multicasts and other stations' frames), so it is also the
     /// source MAC of every frame the program sends out of this interface.
     pub mac: [u8; 6],
     /// Explicit padding, always 0.
     pub _pad: [u8; 2],
+}
+
+/// Value of `IFACES[0]`: the interfaces the program runs on, searched in order by ifindex.
+///
+/// One array element rather than a hash keyed by ifindex: an array lookup costs the verifier's
+/// inlined pointer arithmetic, a hash lookup a hash of the key (`bench-xdp` on a busy 2-vCPU
+/// machine: +6 ns per forwarded packet with this, +50 ns with a hash), and an LB has few
+/// interfaces. The daemon rewrites the whole value; an
+/// update is not atomic for readers, but it only changes the slot of an interface being
+/// attached, detached or given a new MAC, whose frames are in transition anyway.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ifaces {
+    /// Used slots first is not required: free slots (`ifindex` 0) may be anywhere.
+    pub slots: [IfaceInfo; MAX_IFACES as usize],
 }
 
 #[inline(always)]
@@ -357,7 +374,7 @@ pub enum Reason {
     DropEncapFailed = 15,
     /// `XDP_PASS`: a VIP packet in a frame not addressed to the receiving interface's MAC
     /// (broadcast, multicast, another station's unicast on a bridged or promiscuous port), or
-    /// arriving on an interface without an `IFACES` entry.
+    /// arriving on an interface missing from `IFACES`.
     PassNotOurMac = 16,
     /// `XDP_PASS`: a length field claims more bytes than the packet has: IPv4 total length or
     /// IPv6 payload length beyond the frame (or an IPv4 total length below 20), TCP data offset
@@ -499,7 +516,8 @@ const _: () = {
     assert!(size_of::<FlowValue>() == 16 && align_of::<FlowValue>() == 8);
     assert!(size_of::<Counters>() == 16 && align_of::<Counters>() == 8);
     assert!(size_of::<EncapConfig>() == 24 && align_of::<EncapConfig>() == 1);
-    assert!(size_of::<IfaceInfo>() == 8 && align_of::<IfaceInfo>() == 1);
+    assert!(size_of::<IfaceInfo>() == 12 && align_of::<IfaceInfo>() == 4);
+    assert!(size_of::<Ifaces>() == 12 * MAX_IFACES as usize);
     assert!(Reason::ALL.len() == REASON_COUNT as usize);
     assert!(MAX_RINGS as u64 * RING_SIZE as u64 <= u32::MAX as u64);
 };
@@ -520,6 +538,7 @@ mod pod {
         unsafe impl aya::Pod for Counters {}
         unsafe impl aya::Pod for EncapConfig {}
         unsafe impl aya::Pod for IfaceInfo {}
+        unsafe impl aya::Pod for Ifaces {}
     }
 }
 

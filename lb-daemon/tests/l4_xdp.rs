@@ -7,7 +7,7 @@
 
 use lb_common::l4::{
     BACKEND_F_ACTIVE, BackendInfo, ENCAP_TTL, EncapConfig, FAMILY_V4, FAMILY_V6, FlowKey,
-    MAX_BACKENDS, Mode, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE, Reason,
+    MAX_BACKENDS, MAX_IFACES, Mode, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE, Reason,
     VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta, encap_flow_label, encap_src_v4, encap_src_v6,
     flow_hash, ring_index, v4_addr,
 };
@@ -1141,6 +1141,40 @@ fn frames_not_sent_to_the_interface_mac_are_passed_in_both_modes() {
             None,
         );
     }
+    // Other interfaces' MACs do not count, and ours is found in the table's last slot.
+    for i in 0..MAX_IFACES - 1 {
+        let other = NetDev {
+            ifindex: 100 + i,
+            mac: LB_MAC,
+        };
+        bare.set_interface(other).expect("room for more interfaces");
+    }
+    for (vip, frame, _) in m.frames(1003, LB_MAC) {
+        let name = format!("{vip}, only other interfaces have our MAC");
+        check(
+            &mut bare,
+            &name,
+            &frame,
+            XDP_PASS,
+            Reason::PassNotOurMac,
+            None,
+        );
+    }
+    set_mac(&mut bare, LB_MAC);
+    for (vip, frame, out) in m.frames(1004, LB_MAC) {
+        let name = format!("{vip}, interface in the last slot");
+        check(&mut bare, &name, &frame, XDP_TX, tx_reason(vip), Some(&out));
+    }
+    // Setting a known interface again reuses its slot; a new one finds the table full.
+    set_mac(&mut bare, LB_MAC);
+    let one_more = NetDev {
+        ifindex: 99,
+        mac: LB_MAC,
+    };
+    assert!(
+        bare.set_interface(one_more).is_err(),
+        "more than {MAX_IFACES} interfaces"
+    );
 }
 
 /// `frame` with its IPv4 header (at 14) claiming `tot` bytes; the checksum is recomputed, so

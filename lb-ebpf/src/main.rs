@@ -36,7 +36,7 @@ use aya_ebpf::{
 };
 use lb_common::l4::{
     encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr, BackendInfo,
-    Counters, EncapConfig, FlowKey, FlowValue, IfaceInfo, Mode, Reason, VipKey, VipMeta,
+    Counters, EncapConfig, FlowKey, FlowValue, Ifaces, Mode, Reason, VipKey, VipMeta,
     BACKEND_F_ACTIVE, ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_IFACES,
     MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE,
 };
@@ -74,9 +74,9 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 #[map(name = "ENCAP")]
 static ENCAP: Array<EncapConfig> = Array::with_max_entries(1, 0);
 
-/// Interfaces the program is attached to, by ifindex: their own MACs.
+/// The interfaces the program is attached to and their own MACs (one entry).
 #[map(name = "IFACES")]
-static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
+static IFACES: Array<Ifaces> = Array::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -286,15 +286,22 @@ fn is_ipv6_ext(next: u8) -> bool {
 }
 
 /// Whether the frame was sent to the MAC of the interface it arrived on (`IFACES`); an
-/// interface without an entry forwards nothing.
+/// interface missing there forwards nothing.
 #[inline(always)]
 fn to_our_mac(ctx: &XdpContext) -> bool {
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: the daemon replaces whole values; we only compare the MAC.
-    match unsafe { IFACES.get(&ifindex) } {
-        Some(i) => read::<[u8; 6]>(ctx, 0) == Some(i.mac),
-        None => false,
+    let (Some(ifaces), Some(dst)) = (IFACES.get(0), read::<[u8; 6]>(ctx, 0)) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < MAX_IFACES as usize {
+        let s = &ifaces.slots[i];
+        if s.ifindex == ifindex {
+            return s.mac == dst;
+        }
+        i += 1;
     }
+    false
 }
 
 #[inline(always)]

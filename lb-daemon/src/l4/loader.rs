@@ -17,8 +17,9 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
-    BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, IfaceInfo, MAX_BACKENDS, MAX_VIPS, Mode,
-    REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, IfaceInfo, Ifaces, MAX_BACKENDS,
+    MAX_IFACES, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey,
+    VipMeta,
 };
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
@@ -162,6 +163,8 @@ pub struct L4Program {
     applied: Desired,
     /// Interfaces the program is attached to, with the ifindex and MAC written to `IFACES`.
     links: StdHashMap<String, (XdpLinkId, NetDev)>,
+    /// What `IFACES[0]` holds.
+    ifaces: Ifaces,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -190,6 +193,7 @@ impl L4Program {
             active: StdHashMap::new(),
             applied: Desired::default(),
             links: StdHashMap::new(),
+            ifaces: Ifaces::default(),
         };
         me.xdp()?.load()?;
         Ok(me)
@@ -267,22 +271,43 @@ impl L4Program {
     /// this itself; tests call it for the device `BPF_PROG_TEST_RUN` runs on
     /// ([`super::test_run::TEST_RUN_IFINDEX`]).
     pub fn set_interface(&mut self, dev: NetDev) -> Result<(), L4Error> {
-        let mut m: HashMap<&mut MapData, u32, IfaceInfo> =
-            HashMap::try_from(self.map("IFACES")?).map_err(map_err("IFACES"))?;
-        let info = IfaceInfo {
+        let mut t = self.ifaces;
+        let slots = &mut t.slots;
+        let i = slots
+            .iter()
+            .position(|s| s.ifindex == dev.ifindex)
+            .or_else(|| slots.iter().position(|s| s.ifindex == 0))
+            .ok_or(L4Error::OutOfRange {
+                what: "attached interface count",
+                value: MAX_IFACES + 1,
+                limit: MAX_IFACES + 1,
+            })?;
+        slots[i] = IfaceInfo {
+            ifindex: dev.ifindex,
             mac: dev.mac,
             _pad: [0; 2],
         };
-        m.insert(dev.ifindex, info, 0).map_err(map_err("IFACES"))
+        self.write_ifaces(t)
     }
 
     fn remove_interface(&mut self, ifindex: u32) -> Result<(), L4Error> {
-        let mut m: HashMap<&mut MapData, u32, IfaceInfo> =
-            HashMap::try_from(self.map("IFACES")?).map_err(map_err("IFACES"))?;
-        match m.remove(&ifindex) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err("IFACES")(e)),
+        let mut t = self.ifaces;
+        for s in t.slots.iter_mut().filter(|s| s.ifindex == ifindex) {
+            *s = IfaceInfo::default();
         }
+        self.write_ifaces(t)
+    }
+
+    /// Writes the whole table; see `Ifaces` for why a non-atomic update is harmless.
+    fn write_ifaces(&mut self, t: Ifaces) -> Result<(), L4Error> {
+        if t == self.ifaces {
+            return Ok(());
+        }
+        let mut m: Array<&mut MapData, Ifaces> =
+            Array::try_from(self.map("IFACES")?).map_err(map_err("IFACES"))?;
+        m.set(0, t, 0).map_err(map_err("IFACES"))?;
+        self.ifaces = t;
+        Ok(())
     }
 
     /// Re-reads the MAC of every attached interface and updates `IFACES` where it changed
