@@ -272,8 +272,9 @@ fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
     };
 
     let server = echo_server(&ns.name("b"), DATAGRAMS);
-    let client = client(&ns.name("c"), DATAGRAMS);
-    let echoed = client.join().expect("client thread");
+    let echoed = client(&ns.name("c"), DATAGRAMS)
+        .join()
+        .expect("client thread");
     let served = server.join().expect("server thread");
 
     let reasons = lb.reasons().expect("reasons");
@@ -296,6 +297,34 @@ fn dsr_l2_forwards_through_a_real_veth_and_the_backend_answers_directly() {
         reasons[Reason::PassNotIp as usize] >= 1,
         "the client's ARP for the LB went to the LB's kernel"
     );
+
+    // A frame to a MAC the bridge has not learnt is flooded to every port, vL included: XDP
+    // must leave it to the LB's kernel (which drops it as another host's), not forward it.
+    ip(&[
+        "-n",
+        &ns.name("c"),
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "vC",
+        "nud",
+        "permanent",
+    ])
+    .expect("static neighbour with another station's MAC");
+    let server = echo_server(&ns.name("b"), 1);
+    let echoed = client(&ns.name("c"), 1).join().expect("client thread");
+    let after = lb.reasons().expect("reasons");
+    assert_eq!(echoed, 0, "a frame not sent to the LB was forwarded");
+    assert_eq!(server.join().expect("server thread"), 0);
+    assert_eq!(after[Reason::TxDsrL2 as usize], tx);
+    assert!(
+        after[Reason::PassNotOurMac as usize] >= 1,
+        "counted as pass_not_our_mac: {after:?}"
+    );
+
     drop(lb);
     drop(ns);
 }
@@ -453,6 +482,54 @@ cluster = "echo"
     let echoed = client(&ns.name("c"), 3).join().expect("client");
     assert_eq!(server.join().expect("server"), 3);
     assert_eq!(echoed, 3, "attached to vL again by the reload");
+
+    // vL gets a new MAC (and the client learns it): the service's refresh tells the program,
+    // which forwards frames to the new MAC only. The kernel flushes vL's neighbours on the
+    // change; the backend's entry comes back as lbd's health checks would bring it back.
+    let backend_mac = mac_of(&ns.name("b"), "vB")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    ip(&[
+        "-n",
+        &l,
+        "link",
+        "set",
+        "vL",
+        "address",
+        "02:00:00:00:aa:01",
+    ])
+    .expect("new MAC");
+    ip(&[
+        "-n",
+        &l,
+        "neigh",
+        "replace",
+        "198.18.0.3",
+        "lladdr",
+        &backend_mac,
+        "dev",
+        "vL",
+    ])
+    .expect("the backend's neighbour entry");
+    ip(&[
+        "-n",
+        &ns.name("c"),
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        "02:00:00:00:aa:01",
+        "dev",
+        "vC",
+    ])
+    .expect("client learns the new MAC");
+    thread::sleep(Duration::from_millis(500));
+    let server = echo_server(&ns.name("b"), 3);
+    let echoed = client(&ns.name("c"), 3).join().expect("client");
+    assert_eq!(server.join().expect("server"), 3);
+    assert_eq!(echoed, 3, "served at vL's new MAC");
 
     let _ = ctl_tx.send(None);
     let problems = lb.join().expect("lb thread");

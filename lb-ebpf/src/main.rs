@@ -1,7 +1,8 @@
 //! lbd's XDP program: L4 load balancing with direct server return.
 //!
-//! Per packet: parse Ethernet (at most one VLAN tag), IPv4 or IPv6, and the TCP/UDP ports;
-//! look the destination up in `VIPS`; find the flow in the LRU `FLOWS` table or, for a new flow,
+//! Per packet: parse Ethernet (at most one VLAN tag), IPv4 or IPv6, and the TCP/UDP ports,
+//! checking every length field against the bytes present; look the destination up in `VIPS`;
+//! check that the frame was sent to the receiving interface's own MAC (`IFACES`); find the flow in the LRU `FLOWS` table or, for a new flow,
 //! hash it into the VIP's Maglev ring in `RINGS`; then forward to the chosen backend (`dsr-l2`:
 //! rewrite the MACs; `ipip`: prepend an outer IP header; both `XDP_TX`). Every packet is counted under exactly one
 //! [`Reason`] in `REASONS`. All layouts, limits and the hash come from `lb_common::l4`.
@@ -13,7 +14,11 @@
 //! Policy for what we do not parse: anything that is not a complete, option-free IPv4 or
 //! extension-free IPv6 TCP/UDP packet is `XDP_PASS`ed to the kernel and counted. The kernel
 //! stack validates and reassembles far better than we could here, and passing is never worse
-//! than not running XDP at all; the counters make such traffic visible. In particular IPv4
+//! than not running XDP at all; the counters make such traffic visible. So is a packet whose
+//! IP or TCP/UDP length fields claim more bytes than it has: `ipip` copies the inner length
+//! into the outer header, which must not lie, and the kernel drops such packets anyway.
+//! Checksums are not verified (Katran does not either): the backend's kernel verifies the
+//! inner ones, and a corrupted outer frame fails the NIC's CRC. In particular IPv4
 //! fragments are passed (non-first fragments carry no ports, so we could not pick the same
 //! backend as for the first one), and so are IPv4 packets with options (rare, and mostly
 //! router alert / timestamps that the kernel handles).
@@ -31,9 +36,9 @@ use aya_ebpf::{
 };
 use lb_common::l4::{
     encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr, BackendInfo,
-    Counters, EncapConfig, FlowKey, FlowValue, Mode, Reason, VipKey, VipMeta, BACKEND_F_ACTIVE,
-    ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS, PROTO_TCP,
-    PROTO_UDP, REASON_COUNT, RING_SIZE,
+    Counters, EncapConfig, FlowKey, FlowValue, Ifaces, Mode, Reason, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_IFACES,
+    MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE,
 };
 use pkt::{ptr_at, read};
 
@@ -69,10 +74,16 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 #[map(name = "ENCAP")]
 static ENCAP: Array<EncapConfig> = Array::with_max_entries(1, 0);
 
+/// The interfaces the program is attached to and their own MACs (one entry).
+#[map(name = "IFACES")]
+static IFACES: Array<Ifaces> = Array::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -108,9 +119,9 @@ fn add(map: &PerCpuArray<Counters>, idx: u32, bytes: u64) {
 }
 
 /// Parses up to the ports and builds the flow key and the offset of the IP header, or says
-/// why the packet is not ours.
+/// why the packet is not ours. `len` is the frame's length.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
+fn parse(ctx: &XdpContext, len: usize) -> Result<(FlowKey, usize), Reason> {
     let mut ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(Reason::PassTruncatedL3)?);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -120,7 +131,7 @@ fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
             return Err(Reason::PassVlanStacked);
         }
     }
-    let (src, dst, proto, family, l4) = match ethertype {
+    let (src, dst, proto, family, l4, ip_end) = match ethertype {
         ETH_P_IP => {
             let hdr = read::<[u8; IPV4_HLEN]>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
             if hdr[0] >> 4 != 4 || hdr[0] & 0x0f < 5 {
@@ -133,35 +144,74 @@ fn parse(ctx: &XdpContext) -> Result<(FlowKey, usize), Reason> {
             if (hdr[6] & 0x3f) != 0 || hdr[7] != 0 {
                 return Err(Reason::PassFragment);
             }
+            let tot = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+            if tot < IPV4_HLEN {
+                return Err(Reason::PassBadLength);
+            }
             let s = v4_addr([hdr[12], hdr[13], hdr[14], hdr[15]]);
             let d = v4_addr([hdr[16], hdr[17], hdr[18], hdr[19]]);
-            (s, d, hdr[9], FAMILY_V4, l3 + IPV4_HLEN)
+            (s, d, hdr[9], FAMILY_V4, l3 + IPV4_HLEN, l3 + tot)
         }
         ETH_P_IPV6 => {
-            let vtc = read::<u8>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
-            let next = read::<u8>(ctx, l3 + 6).ok_or(Reason::PassTruncatedL3)?;
+            let h = read::<[u8; 8]>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
             let s = read::<[u8; 16]>(ctx, l3 + 8).ok_or(Reason::PassTruncatedL3)?;
             let d = read::<[u8; 16]>(ctx, l3 + 24).ok_or(Reason::PassTruncatedL3)?;
-            if vtc >> 4 != 6 {
+            let next = h[6];
+            if h[0] >> 4 != 6 {
                 return Err(Reason::PassBadIpHeader);
             }
             if next != PROTO_TCP && next != PROTO_UDP && is_ipv6_ext(next) {
                 return Err(Reason::PassIpv6ExtHeader);
             }
-            (s, d, next, FAMILY_V6, l3 + IPV6_HLEN)
+            let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+            (s, d, next, FAMILY_V6, l3 + IPV6_HLEN, l3 + IPV6_HLEN + plen)
         }
         _ => return Err(Reason::PassNotIp),
     };
+    // `ip_end` is where the IP header says the packet ends. Fewer bytes claimed than present is
+    // normal (Ethernet pads short frames to 60 bytes); more is a lie that `ipip` would copy
+    // into the outer header. Checked after the headers were read, so that a frame cut inside
+    // them keeps its `pass_truncated_*` reason.
     if (family == FAMILY_V4 && proto == IPPROTO_ICMP)
         || (family == FAMILY_V6 && proto == IPPROTO_ICMPV6)
     {
-        return icmp_error(ctx, family, dst, l4).map(|k| (k, l3));
+        let key = icmp_error(ctx, family, dst, l4)?;
+        if ip_end > len {
+            return Err(Reason::PassBadLength);
+        }
+        return Ok((key, l3));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
     }
     // Source and destination port are the first 4 bytes of both TCP and UDP headers.
     let ports = read::<[u16; 2]>(ctx, l4).ok_or(Reason::PassTruncatedL4)?;
+    if ip_end > len {
+        return Err(Reason::PassBadLength);
+    }
+    // Never negative: an IPv4 total length is ≥ 20 (checked above), an IPv6 one ≥ 40.
+    let l4_len = ip_end - l4;
+    if proto == PROTO_TCP {
+        if l4_len < TCP_HLEN {
+            return Err(Reason::PassBadLength);
+        }
+        let off = read::<u8>(ctx, l4 + 12).ok_or(Reason::PassTruncatedL4)?;
+        let doff = (off >> 4) as usize * 4;
+        if doff < TCP_HLEN || doff > l4_len {
+            return Err(Reason::PassBadLength);
+        }
+    } else {
+        // A UDP length below the IP payload leaves a surplus area, which the kernel accepts
+        // (and UDP options, RFC 9868, use): only a length beyond it is a lie.
+        if l4_len < UDP_HLEN {
+            return Err(Reason::PassBadLength);
+        }
+        let ul = read::<[u8; 2]>(ctx, l4 + 4).ok_or(Reason::PassTruncatedL4)?;
+        let ulen = u16::from_be_bytes(ul) as usize;
+        if ulen < UDP_HLEN || ulen > l4_len {
+            return Err(Reason::PassBadLength);
+        }
+    }
     let key = FlowKey {
         src,
         dst,
@@ -235,9 +285,29 @@ fn is_ipv6_ext(next: u8) -> bool {
     )
 }
 
+/// Whether the frame was sent to the MAC of the interface it arrived on (`IFACES`); an
+/// interface missing there forwards nothing.
+#[inline(always)]
+fn to_our_mac(ctx: &XdpContext) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let (Some(ifaces), Some(dst)) = (IFACES.get(0), read::<[u8; 6]>(ctx, 0)) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < MAX_IFACES as usize {
+        let s = &ifaces.slots[i];
+        if s.ifindex == ifindex {
+            return s.mac == dst;
+        }
+        i += 1;
+    }
+    false
+}
+
 #[inline(always)]
 fn process(ctx: &XdpContext) -> (u32, Reason) {
-    let (key, l3) = match parse(ctx) {
+    let len = ctx.data_end() - ctx.data();
+    let (key, l3) = match parse(ctx, len) {
         Ok(k) => k,
         Err(r) => return (xdp_action::XDP_PASS, r),
     };
@@ -246,7 +316,11 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
         Some(m) => *m,
         None => return (xdp_action::XDP_PASS, Reason::PassNotVip),
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    // Checked only for VIP packets: everything else is passed anyway, and keeps its reason.
+    if !to_our_mac(ctx) {
+        return (xdp_action::XDP_PASS, Reason::PassNotOurMac);
+    }
+    let bytes = len as u64;
     add(&VIP_STATS, meta.vip_id, bytes);
 
     let (id, backend) = match pick(&key, &meta) {
@@ -301,8 +375,9 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
     Ok((id, b))
 }
 
-/// `dsr-l2`: destination MAC ← backend's, source MAC ← the MAC the frame was sent to (the
-/// receiving interface's own, since XDP_TX leaves through it), IP untouched.
+/// `dsr-l2`: destination MAC ← backend's, source MAC ← the MAC the frame was sent to, which
+/// `to_our_mac` proved is the receiving interface's own (XDP_TX leaves through it), IP
+/// untouched.
 #[inline(always)]
 fn dsr_l2(ctx: &XdpContext, b: &BackendInfo) -> Result<Reason, Reason> {
     let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Reason::PassTruncatedL3)?;
@@ -327,8 +402,9 @@ fn dsr_l2(ctx: &XdpContext, b: &BackendInfo) -> Result<Reason, Reason> {
 fn ipip(ctx: &XdpContext, key: &FlowKey, l3: usize, b: &BackendInfo) -> Result<Reason, Reason> {
     let cfg = *ENCAP.get(0).ok_or(Reason::DropEncapFailed)?;
     let hash = flow_hash(key);
-    // What the outer header copies from the inner one: length and traffic class (RFC 6040
-    // "normal mode" copies ECN, and DSCP is kept for QoS on the way to the backend).
+    // What the outer header copies from the inner one: length (`parse` checked it against the
+    // bytes present) and traffic class (RFC 6040 "normal mode" copies ECN, and DSCP is kept for
+    // QoS on the way to the backend).
     let (inner_len, tclass, inner_proto) = if key.family == FAMILY_V4 {
         let h = read::<[u8; 4]>(ctx, l3).ok_or(Reason::DropEncapFailed)?;
         (u16::from_be_bytes([h[2], h[3]]) as u32, h[1], IPPROTO_IPIP)
@@ -404,7 +480,8 @@ fn ipip(ctx: &XdpContext, key: &FlowKey, l3: usize, b: &BackendInfo) -> Result<R
 
 /// Makes room for an `outer`-byte header after the L2 header: grows the frame at the front,
 /// moves the L2 header (up to `MAX_L2_LEN` bytes) to the new front, sets the MACs (destination
-/// the next hop, source the MAC the frame was sent to) and the ethertype before the new header.
+/// the next hop, source the MAC the frame was sent to, i.e. our interface's: `to_our_mac`) and
+/// the ethertype before the new header.
 #[inline(always)]
 fn grow(
     ctx: &XdpContext,

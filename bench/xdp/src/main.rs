@@ -26,10 +26,10 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use lb_common::l4::EncapConfig;
-use lb_tests::frames::{tcp4, udp6};
+use lb_tests::frames::{LB_MAC, tcp4, udp6};
 use lbd::l4::plan::{Availability, PlanState, plan};
-use lbd::l4::test_run::run_xdp_repeat;
-use lbd::l4::{L4Program, LoadOptions};
+use lbd::l4::test_run::{TEST_RUN_IFINDEX, run_xdp_repeat};
+use lbd::l4::{L4Program, LoadOptions, NetDev};
 use serde::Serialize;
 
 const XDP_PASS: u32 = 2;
@@ -173,17 +173,20 @@ fn setup() -> Result<std::result::Result<L4Program, String>> {
         }
         Err(e) => bail!("loading the XDP program: {e}"),
     };
-    let mac = |ip: std::net::IpAddr, _| {
-        let last = match ip {
-            std::net::IpAddr::V4(a) => a.octets()[3],
-            std::net::IpAddr::V6(a) => a.octets()[15],
-        };
-        Some([0x02, 0xbe, 0, 0, 0, last])
-    };
+    // Every backend has the LB's own MAC (hairpin): a forwarded frame leaves addressed to its
+    // backend, and the repeat method's next run sees that frame, which must still be addressed
+    // to us to be a hit. The rewrite costs the same whatever the bytes.
+    let mac = |_: std::net::IpAddr, _| Some(LB_MAC);
     let mut st = PlanState::new(LoadOptions::default().max_vips);
     let d = plan(&model, &|_, _| Availability::Up, &mac, &mut st);
     ensure!(d.problems.is_empty(), "plan problems: {:?}", d.problems);
     p.apply(&d).context("apply")?;
+    // What `attach` does for a real interface: frames are sent to this MAC.
+    p.set_interface(NetDev {
+        ifindex: TEST_RUN_IFINDEX,
+        mac: LB_MAC,
+    })
+    .context("set interface MAC")?;
     // What lbd would pick as the outer source; fixed, like lbd's (no hash bits).
     p.set_encap(EncapConfig {
         src4: Ipv4Addr::new(172, 16, 0, 1).octets(),

@@ -17,12 +17,14 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
-    BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, MAX_BACKENDS, MAX_VIPS, Mode,
-    REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, IfaceInfo, Ifaces, MAX_BACKENDS,
+    MAX_IFACES, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey,
+    VipMeta,
 };
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
 use super::PROGRAM;
+use super::netdev::{self, NetDev};
 use super::plan::Desired;
 
 /// Minimum time between two ring switches of one VIP: a program run that saw the previous
@@ -53,6 +55,14 @@ pub enum L4Error {
     /// The program is missing from the object.
     #[error("the object has no program {PROGRAM}")]
     NoProgram,
+    /// An interface to attach to does not exist or is not Ethernet.
+    #[error("interface {name}: {source}")]
+    Interface {
+        /// The interface name.
+        name: String,
+        /// What went wrong.
+        source: io::Error,
+    },
     /// The Maglev ring could not be built.
     #[error("maglev ring: {0}")]
     Maglev(#[from] MaglevError),
@@ -151,8 +161,10 @@ pub struct L4Program {
     active: StdHashMap<u32, (u32, Instant)>,
     /// What [`L4Program::apply`] last wrote, to write only differences next time.
     applied: Desired,
-    /// Interfaces the program is attached to.
-    links: StdHashMap<String, XdpLinkId>,
+    /// Interfaces the program is attached to, with the ifindex and MAC written to `IFACES`.
+    links: StdHashMap<String, (XdpLinkId, NetDev)>,
+    /// What `IFACES[0]` holds.
+    ifaces: Ifaces,
 }
 
 impl std::fmt::Debug for L4Program {
@@ -181,6 +193,7 @@ impl L4Program {
             active: StdHashMap::new(),
             applied: Desired::default(),
             links: StdHashMap::new(),
+            ifaces: Ifaces::default(),
         };
         me.xdp()?.load()?;
         Ok(me)
@@ -205,34 +218,125 @@ impl L4Program {
     /// on veth, driver-mode `XDP_TX` only delivers when the peer runs an XDP program too; use
     /// [`L4Program::attach_mode`] with [`XdpMode::Skb`] there.
     pub fn attach(&mut self, interface: &str) -> Result<(), L4Error> {
-        if self.links.contains_key(interface) {
-            return Ok(());
-        }
-        let xdp = self.xdp()?;
-        let link = match xdp.attach(interface, XdpMode::Driver) {
-            Ok(l) => l,
-            Err(_) => xdp.attach(interface, XdpMode::Skb)?,
-        };
-        self.links.insert(interface.to_owned(), link);
-        Ok(())
+        self.attach_with(interface, None)
     }
 
     /// Attaches to `interface` in the given mode; a no-op if already attached.
     pub fn attach_mode(&mut self, interface: &str, mode: XdpMode) -> Result<(), L4Error> {
+        self.attach_with(interface, Some(mode))
+    }
+
+    /// The interface's MAC goes into `IFACES` before the program runs there, so that its
+    /// first frames are already recognised as ours.
+    fn attach_with(&mut self, interface: &str, mode: Option<XdpMode>) -> Result<(), L4Error> {
         if self.links.contains_key(interface) {
             return Ok(());
         }
-        let link = self.xdp()?.attach(interface, mode)?;
-        self.links.insert(interface.to_owned(), link);
-        Ok(())
+        let dev = netdev::lookup(interface).map_err(|source| L4Error::Interface {
+            name: interface.to_owned(),
+            source,
+        })?;
+        self.set_interface(dev)?;
+        let xdp = self.xdp()?;
+        let link = match mode {
+            Some(m) => xdp.attach(interface, m),
+            None => xdp
+                .attach(interface, XdpMode::Driver)
+                .or_else(|_| xdp.attach(interface, XdpMode::Skb)),
+        };
+        match link {
+            Ok(l) => {
+                self.links.insert(interface.to_owned(), (l, dev));
+                Ok(())
+            }
+            Err(e) => {
+                // Best effort: the entry alone changes nothing where the program does not run.
+                let _ = self.remove_interface(dev.ifindex);
+                Err(e.into())
+            }
+        }
     }
 
     /// Detaches from `interface`, if attached.
     pub fn detach(&mut self, interface: &str) -> Result<(), L4Error> {
-        if let Some(link) = self.links.remove(interface) {
+        if let Some((link, dev)) = self.links.remove(interface) {
             self.xdp()?.detach(link)?;
+            self.remove_interface(dev.ifindex)?;
         }
         Ok(())
+    }
+
+    /// Tells the program the MAC of interface `dev.ifindex`: frames arriving there are
+    /// forwarded only if sent to it, and leave with it as source. [`L4Program::attach`] does
+    /// this itself; tests call it for the device `BPF_PROG_TEST_RUN` runs on
+    /// ([`super::test_run::TEST_RUN_IFINDEX`]).
+    pub fn set_interface(&mut self, dev: NetDev) -> Result<(), L4Error> {
+        let mut t = self.ifaces;
+        let slots = &mut t.slots;
+        let i = slots
+            .iter()
+            .position(|s| s.ifindex == dev.ifindex)
+            .or_else(|| slots.iter().position(|s| s.ifindex == 0))
+            .ok_or(L4Error::OutOfRange {
+                what: "attached interface count",
+                value: MAX_IFACES + 1,
+                limit: MAX_IFACES + 1,
+            })?;
+        slots[i] = IfaceInfo {
+            ifindex: dev.ifindex,
+            mac: dev.mac,
+            _pad: [0; 2],
+        };
+        self.write_ifaces(t)
+    }
+
+    fn remove_interface(&mut self, ifindex: u32) -> Result<(), L4Error> {
+        let mut t = self.ifaces;
+        for s in t.slots.iter_mut().filter(|s| s.ifindex == ifindex) {
+            *s = IfaceInfo::default();
+        }
+        self.write_ifaces(t)
+    }
+
+    /// Writes the whole table; see `Ifaces` for why a non-atomic update is harmless.
+    fn write_ifaces(&mut self, t: Ifaces) -> Result<(), L4Error> {
+        if t == self.ifaces {
+            return Ok(());
+        }
+        let mut m: Array<&mut MapData, Ifaces> =
+            Array::try_from(self.map("IFACES")?).map_err(map_err("IFACES"))?;
+        m.set(0, t, 0).map_err(map_err("IFACES"))?;
+        self.ifaces = t;
+        Ok(())
+    }
+
+    /// Re-reads the MAC of every attached interface and updates `IFACES` where it changed
+    /// (`ip link set … address`, a bond taking its new first slave's); returns what failed.
+    pub fn refresh_interfaces(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let attached: Vec<(String, NetDev)> = self
+            .links
+            .iter()
+            .map(|(name, (_, dev))| (name.clone(), *dev))
+            .collect();
+        for (name, old) in attached {
+            match netdev::lookup(&name) {
+                // A new ifindex is a new device: our link went with the old one.
+                Ok(dev) if dev.ifindex == old.ifindex && dev.mac != old.mac => {
+                    match self.set_interface(dev) {
+                        Ok(()) => {
+                            if let Some(l) = self.links.get_mut(&name) {
+                                l.1 = dev;
+                            }
+                        }
+                        Err(e) => problems.push(format!("interface {name}: {e}")),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("interface {name}: {e}")),
+            }
+        }
+        problems
     }
 
     /// Interfaces the program is attached to.

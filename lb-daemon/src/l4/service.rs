@@ -4,8 +4,8 @@
 //! The supervisor starts one [`L4Service`] when the config has VIPs and hands it every new
 //! (model, health) on reload; health changes are picked up by themselves. Maps are re-planned on
 //! every health change, on reload, and every `refresh` (so next-hop MACs that appear in the
-//! neighbour table later, e.g. after the first health check reached a backend, are picked up).
-//! Per-CPU counters are exported as Prometheus metrics at the same times.
+//! neighbour table later, e.g. after the first health check reached a backend, are picked up,
+//! and so is a new MAC of an interface we are attached to). Per-CPU counters are exported as Prometheus metrics at the same times.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -276,11 +276,13 @@ fn refresh(
             .map_or(Availability::Down, |h| plan::availability(h, now))
     };
     let mac = |ip: IpAddr, mode: Mode| next_hop_mac(ip, mode, &neigh, &routes);
-    let d = plan::plan(&inputs.model, &health, &mac, state);
+    let mut d = plan::plan(&inputs.model, &health, &mac, state);
     if let Some(cfg) = encap_config(&inputs.model) {
         prog.set_encap(cfg)?;
     }
     prog.apply(&d)?;
+    // An interface's MAC can change while we run; frames to the new one must be forwarded.
+    d.problems.extend(prog.refresh_interfaces());
     Ok(d)
 }
 

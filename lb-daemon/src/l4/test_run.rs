@@ -35,6 +35,11 @@ struct BpfAttrTest {
     _pad: u32,
 }
 
+/// The `ingress_ifindex` the program sees under `BPF_PROG_TEST_RUN` without a context: the
+/// kernel runs it as if received on the loopback device, which is ifindex 1 in every network
+/// namespace. Tests give this ifindex a MAC with `L4Program::set_interface`.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
 /// What one run returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {
