@@ -42,6 +42,8 @@ pub enum Reason {
     DownstreamClosed,
     /// The client's address is not allowed on this route (`access` filter).
     AccessDenied,
+    /// A CORS preflight asked for something the route's `cors` filter does not allow.
+    CorsDenied(CorsDenial),
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -61,7 +63,7 @@ impl Reason {
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
-            Reason::AccessDenied => StatusCode::FORBIDDEN,
+            Reason::AccessDenied | Reason::CorsDenied(_) => StatusCode::FORBIDDEN,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -85,7 +87,7 @@ impl Reason {
             }
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
-            Reason::AccessDenied => Code::PermissionDenied,
+            Reason::AccessDenied | Reason::CorsDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -107,6 +109,9 @@ impl Reason {
             Reason::ConnectUnsupported => "connect_unsupported",
             Reason::DownstreamClosed => "downstream_closed",
             Reason::AccessDenied => "access_denied",
+            Reason::CorsDenied(CorsDenial::Origin) => "cors_origin_denied",
+            Reason::CorsDenied(CorsDenial::Method) => "cors_method_denied",
+            Reason::CorsDenied(CorsDenial::Headers) => "cors_headers_denied",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -129,9 +134,25 @@ impl Reason {
             Reason::ConnectUnsupported => "CONNECT is not supported",
             Reason::DownstreamClosed => "client closed the connection",
             Reason::AccessDenied => "access denied",
+            Reason::CorsDenied(CorsDenial::Origin) => "CORS preflight refused: origin not allowed",
+            Reason::CorsDenied(CorsDenial::Method) => "CORS preflight refused: method not allowed",
+            Reason::CorsDenied(CorsDenial::Headers) => {
+                "CORS preflight refused: a requested header is not allowed"
+            }
             Reason::Malformed(_) => "malformed request",
         }
     }
+}
+
+/// What a refused CORS preflight asked for that its route does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorsDenial {
+    /// The `Origin`.
+    Origin,
+    /// The `Access-Control-Request-Method`.
+    Method,
+    /// A name in `Access-Control-Request-Headers`.
+    Headers,
 }
 
 impl From<HeadError> for Reason {
@@ -171,6 +192,9 @@ mod tests {
             Reason::ConnectUnsupported,
             Reason::DownstreamClosed,
             Reason::AccessDenied,
+            Reason::CorsDenied(CorsDenial::Origin),
+            Reason::CorsDenied(CorsDenial::Method),
+            Reason::CorsDenied(CorsDenial::Headers),
             Reason::Malformed("bad_framing"),
         ];
         for r in all {

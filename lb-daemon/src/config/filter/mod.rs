@@ -2,6 +2,7 @@
 //! exactly one key naming the filter. Each filter's schema (raw shape, checks, validated
 //! spec) is one file here; `l7/filter/<name>.rs` builds the running filter from its spec.
 pub mod access;
+pub mod cors;
 pub mod direct_response;
 pub mod headers;
 pub mod path_rewrite;
@@ -26,6 +27,7 @@ pub struct RawFilter {
     pub redirect: Option<S<redirect::Raw>>,
     pub direct_response: Option<S<direct_response::Raw>>,
     pub access: Option<S<access::Raw>>,
+    pub cors: Option<S<cors::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -45,6 +47,8 @@ pub enum FilterSpec {
     DirectResponse(direct_response::Spec),
     /// Allow/deny by client address.
     Access(access::Spec),
+    /// Answer CORS preflights and mark cross-origin responses.
+    Cors(cors::Spec),
 }
 
 impl FilterSpec {
@@ -58,6 +62,7 @@ impl FilterSpec {
             FilterSpec::Redirect(_) => "redirect",
             FilterSpec::DirectResponse(_) => "direct_response",
             FilterSpec::Access(_) => "access",
+            FilterSpec::Cors(_) => "cors",
         }
     }
 }
@@ -134,6 +139,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("redirect", r.redirect.is_some()),
         ("direct_response", r.direct_response.is_some()),
         ("access", r.access.is_some()),
+        ("cors", r.cors.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -141,7 +147,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access"
+             path_rewrite, redirect, direct_response, access, cors"
                 .to_owned()
         } else {
             format!(
@@ -176,6 +182,9 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     }
     if let Some(x) = &r.access {
         return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
+    }
+    if let Some(x) = &r.cors {
+        return cors::check(c, x, &format!("{key}.cors")).map(FilterSpec::Cors);
     }
     None
 }

@@ -26,6 +26,7 @@
 //! `FilterSpec` variant; `l7/filter/<name>.rs` + a [`Filter`] variant and its arms here; its
 //! keys in `configs/lb.toml`; an e2e test when it touches the wire.
 pub mod access;
+pub mod cors;
 pub mod headers;
 pub mod redirect;
 pub mod request_id;
@@ -61,6 +62,8 @@ pub struct Notes {
     pub request_id: Option<HeaderValue>,
     /// The request's host without port, as routed (kept for response templates).
     pub host: Option<Bytes>,
+    /// The request's origin decision (`cors` filter).
+    pub cors: cors::Note,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -96,6 +99,8 @@ pub enum Filter {
     DirectResponse(redirect::Direct),
     /// `access`.
     Access(access::Access),
+    /// `cors`.
+    Cors(cors::Cors),
 }
 
 impl Filter {
@@ -109,6 +114,7 @@ impl Filter {
             FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
+            FilterSpec::Cors(s) => Filter::Cors(cors::Cors::new(s)),
         }
     }
 
@@ -132,6 +138,7 @@ impl Filter {
             Filter::Redirect(r) => Flow::Answer(r.answer(ex)),
             Filter::DirectResponse(d) => Flow::Answer(d.answer()),
             Filter::Access(a) => a.request(ex),
+            Filter::Cors(c) => c.request(ex),
         }
     }
 
@@ -140,6 +147,7 @@ impl Filter {
         match self {
             Filter::ResponseHeaders(h) => h.apply_response(head, rx),
             Filter::RequestId(r) => r.response(head, rx),
+            Filter::Cors(c) => c.response(head, rx),
             Filter::RequestHeaders(_)
             | Filter::PathRewrite(_)
             | Filter::Redirect(_)
