@@ -504,7 +504,10 @@ fetch("http://localhost:{port}/api/data", {{ method: "PUT", headers: {{ "X-Custo
     let denied = format!("http://localhost:{}/page", site.addr.port());
     let bad_dom = tokio::task::block_in_place(|| dump_dom(&browser, &denied));
     let out = result(&bad_dom);
-    println!("allowed origin: {}\ndisallowed origin: {out}", result(&ok_dom));
+    println!(
+        "allowed origin: {}\ndisallowed origin: {out}",
+        result(&ok_dom)
+    );
     assert!(
         out.starts_with("ERR TypeError"),
         "fetch from a disallowed origin must fail: {out:?}\n{bad_dom}"
