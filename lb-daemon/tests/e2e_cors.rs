@@ -132,7 +132,9 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>, page: Arc<String
     let _ = s.shutdown().await;
 }
 
-fn config(listen: SocketAddr, upstream: SocketAddr, page_origin: &str) -> String {
+/// `page_origins` are added to the `api` route's allowed origins.
+fn config(listen: SocketAddr, upstream: SocketAddr, page_origins: &[String]) -> String {
+    let page_origins: String = page_origins.iter().map(|o| format!(", \"{o}\"")).collect();
     format!(
         r#"
 [[listeners]]
@@ -145,7 +147,7 @@ cluster = "up"
 [routes.match]
 path_prefix = "/api"
 [[routes.filters]]
-cors = {{ allow_origins = ["https://app.example.com", "https://*.example.net", "{page_origin}"], allow_methods = ["GET", "POST", "PUT"], allow_headers = ["x-custom", "content-type"], expose_headers = ["x-total"], allow_credentials = true, max_age = "10m" }}
+cors = {{ allow_origins = ["https://app.example.com", "https://*.example.net"{page_origins}], allow_methods = ["GET", "POST", "PUT"], allow_headers = ["x-custom", "content-type"], expose_headers = ["x-total"], allow_credentials = true, max_age = "10m" }}
 
 [[routes]]
 name = "public"
@@ -214,7 +216,7 @@ fn preflight<'a>(
 async fn preflights_and_forwarded_requests_follow_the_fetch_standard() {
     let up = Site::start(String::new()).await;
     let listen = free_addr();
-    let _lbd = Lbd::start(bin(), &config(listen, up.addr, "http://127.0.0.1:1"));
+    let _lbd = Lbd::start(bin(), &config(listen, up.addr, &[]));
     let c = H1::new();
     let app = "https://app.example.com";
 
@@ -480,10 +482,14 @@ fetch("http://localhost:{port}/api/data", {{ method: "PUT", headers: {{ "X-Custo
         port = listen.port()
     );
     let site = Site::start(page).await;
-    // The page is served from http://127.0.0.1:PORT (allowed) and http://localhost:PORT (the
-    // same server, another origin, not allowed); the API is lbd on http://localhost:LBD.
-    let allowed = format!("http://127.0.0.1:{}", site.addr.port());
-    let _lbd = Lbd::start(bin(), &config(listen, site.addr, &allowed));
+    // One server, three origins: http://127.0.0.1:PORT (allowed exactly),
+    // http://app.localhost:PORT (allowed by the *.localhost pattern) and
+    // http://localhost:PORT (the pattern's suffix itself: not allowed). The API is lbd on
+    // http://localhost:LBD, another origin for all three.
+    let port = site.addr.port();
+    let allowed = format!("http://127.0.0.1:{port}");
+    let origins = [allowed.clone(), format!("http://*.localhost:{port}")];
+    let _lbd = Lbd::start(bin(), &config(listen, site.addr, &origins));
 
     let ok_dom = tokio::task::block_in_place(|| dump_dom(&browser, &format!("{allowed}/page")));
     assert_eq!(
@@ -501,12 +507,22 @@ fetch("http://localhost:{port}/api/data", {{ method: "PUT", headers: {{ "X-Custo
         "the preflight was answered by lbd: {seen:?}"
     );
 
+    let sub_dom = tokio::task::block_in_place(|| {
+        dump_dom(&browser, &format!("http://app.localhost:{port}/page"))
+    });
+    assert_eq!(
+        result(&sub_dom),
+        "OK 200 api-ok PUT total=42",
+        "fetch from an origin allowed by the *.localhost pattern:\n{sub_dom}"
+    );
+
     let denied = format!("http://localhost:{}/page", site.addr.port());
     let bad_dom = tokio::task::block_in_place(|| dump_dom(&browser, &denied));
     let out = result(&bad_dom);
     println!(
-        "allowed origin: {}\ndisallowed origin: {out}",
-        result(&ok_dom)
+        "allowed origin: {}\npattern origin: {}\ndisallowed origin: {out}",
+        result(&ok_dom),
+        result(&sub_dom)
     );
     assert!(
         out.starts_with("ERR TypeError"),
@@ -515,7 +531,7 @@ fetch("http://localhost:{port}/api/data", {{ method: "PUT", headers: {{ "X-Custo
     let puts = site.seen().iter().filter(|l| *l == "PUT /api/data").count();
     assert_eq!(
         puts,
-        1,
+        2,
         "the refused preflight stopped the PUT: {:?}",
         site.seen()
     );
