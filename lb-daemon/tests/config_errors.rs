@@ -525,6 +525,62 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "routes[0].filters[0].rate_limit.limits",
         "give 1 to 4 limits",
     ),
+    (
+        "cors wildcard origin with credentials",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\n[routes.filters.cors]\nallow_origins = [\"https://a.example\",\n  \"*\"]\nallow_credentials = true\n",
+        7,
+        "routes[0].filters[0].cors.allow_origins[1]",
+        "cannot be used with allow_credentials = true",
+    ),
+    (
+        "cors bad header name",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"https://a.example\"], allow_headers = [\"x bad\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_headers[0]",
+        "invalid header name",
+    ),
+    (
+        "cors bad method token",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"https://a.example\"], allow_methods = [\"GE T\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_methods[0]",
+        "invalid method token",
+    ),
+    (
+        "cors lower-case method",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"https://a.example\"], allow_methods = [\"put\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_methods[0]",
+        "write \"PUT\"",
+    ),
+    (
+        "cors origin with a path",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"https://a.example/app\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_origins[0]",
+        "an origin has no path",
+    ),
+    (
+        "cors wildcard inside a host",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"https://a.*.example\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_origins[0]",
+        "allowed alone or as the first label",
+    ),
+    (
+        "cors without origins",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_methods = [\"GET\"] }\n",
+        5,
+        "routes[0].filters[0].cors.allow_origins",
+        "list at least one origin",
+    ),
+    (
+        "cors max_age over a day",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\ncors = { allow_origins = [\"*\"], max_age = \"48h\" }\n",
+        5,
+        "routes[0].filters[0].cors.max_age",
+        "at most 24h",
+    ),
 ];
 
 #[test]

@@ -44,6 +44,8 @@ pub enum Reason {
     AccessDenied,
     /// The client is over a `rate_limit`.
     RateLimited,
+    /// A CORS preflight asked for something the route's `cors` filter does not allow.
+    CorsDenied(CorsDenial),
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -63,8 +65,8 @@ impl Reason {
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
-            Reason::AccessDenied => StatusCode::FORBIDDEN,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::AccessDenied | Reason::CorsDenied(_) => StatusCode::FORBIDDEN,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -89,7 +91,7 @@ impl Reason {
             | Reason::RateLimited => Code::ResourceExhausted,
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
-            Reason::AccessDenied => Code::PermissionDenied,
+            Reason::AccessDenied | Reason::CorsDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -112,6 +114,9 @@ impl Reason {
             Reason::DownstreamClosed => "downstream_closed",
             Reason::AccessDenied => "access_denied",
             Reason::RateLimited => "rate_limited",
+            Reason::CorsDenied(CorsDenial::Origin) => "cors_origin_denied",
+            Reason::CorsDenied(CorsDenial::Method) => "cors_method_denied",
+            Reason::CorsDenied(CorsDenial::Headers) => "cors_headers_denied",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -135,9 +140,25 @@ impl Reason {
             Reason::DownstreamClosed => "client closed the connection",
             Reason::AccessDenied => "access denied",
             Reason::RateLimited => "rate limit exceeded",
+            Reason::CorsDenied(CorsDenial::Origin) => "CORS preflight refused: origin not allowed",
+            Reason::CorsDenied(CorsDenial::Method) => "CORS preflight refused: method not allowed",
+            Reason::CorsDenied(CorsDenial::Headers) => {
+                "CORS preflight refused: a requested header is not allowed"
+            }
             Reason::Malformed(_) => "malformed request",
         }
     }
+}
+
+/// What a refused CORS preflight asked for that its route does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorsDenial {
+    /// The `Origin`.
+    Origin,
+    /// The `Access-Control-Request-Method`.
+    Method,
+    /// A name in `Access-Control-Request-Headers`.
+    Headers,
 }
 
 impl From<HeadError> for Reason {
@@ -178,6 +199,9 @@ mod tests {
             Reason::DownstreamClosed,
             Reason::AccessDenied,
             Reason::RateLimited,
+            Reason::CorsDenied(CorsDenial::Origin),
+            Reason::CorsDenied(CorsDenial::Method),
+            Reason::CorsDenied(CorsDenial::Headers),
             Reason::Malformed("bad_framing"),
         ];
         for r in all {

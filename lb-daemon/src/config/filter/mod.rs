@@ -2,6 +2,7 @@
 //! exactly one key naming the filter. Each filter's schema (raw shape, checks, validated
 //! spec) is one file here; `l7/filter/<name>.rs` builds the running filter from its spec.
 pub mod access;
+pub mod cors;
 pub mod direct_response;
 pub mod headers;
 pub mod path_rewrite;
@@ -28,6 +29,7 @@ pub struct RawFilter {
     pub direct_response: Option<S<direct_response::Raw>>,
     pub access: Option<S<access::Raw>>,
     pub rate_limit: Option<S<rate_limit::Raw>>,
+    pub cors: Option<S<cors::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -49,6 +51,8 @@ pub enum FilterSpec {
     Access(access::Spec),
     /// Local rate limits.
     RateLimit(rate_limit::Spec),
+    /// Answer CORS preflights and mark cross-origin responses.
+    Cors(cors::Spec),
 }
 
 impl FilterSpec {
@@ -63,6 +67,7 @@ impl FilterSpec {
             FilterSpec::DirectResponse(_) => "direct_response",
             FilterSpec::Access(_) => "access",
             FilterSpec::RateLimit(_) => "rate_limit",
+            FilterSpec::Cors(_) => "cors",
         }
     }
 }
@@ -140,6 +145,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("direct_response", r.direct_response.is_some()),
         ("access", r.access.is_some()),
         ("rate_limit", r.rate_limit.is_some()),
+        ("cors", r.cors.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -147,7 +153,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access, rate_limit"
+             path_rewrite, redirect, direct_response, access, rate_limit, cors"
                 .to_owned()
         } else {
             format!(
@@ -185,6 +191,9 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     }
     if let Some(x) = &r.rate_limit {
         return rate_limit::check(c, x, &format!("{key}.rate_limit")).map(FilterSpec::RateLimit);
+    }
+    if let Some(x) = &r.cors {
+        return cors::check(c, x, &format!("{key}.cors")).map(FilterSpec::Cors);
     }
     None
 }

@@ -26,6 +26,7 @@
 //! `FilterSpec` variant; `l7/filter/<name>.rs` + a [`Filter`] variant and its arms here; its
 //! keys in `configs/lb.toml`; an e2e test when it touches the wire.
 pub mod access;
+pub mod cors;
 pub mod headers;
 pub mod rate_limit;
 pub mod redirect;
@@ -64,6 +65,8 @@ pub struct Notes {
     pub host: Option<Bytes>,
     /// The `rate_limit` decision, for its response headers.
     pub rate_limit: Option<rate_limit::RateState>,
+    /// The request's origin decision (`cors` filter).
+    pub cors: cors::Note,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -101,6 +104,8 @@ pub enum Filter {
     Access(access::Access),
     /// `rate_limit`.
     RateLimit(rate_limit::RateLimit),
+    /// `cors`.
+    Cors(cors::Cors),
 }
 
 impl Filter {
@@ -115,6 +120,7 @@ impl Filter {
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
             FilterSpec::RateLimit(s) => Filter::RateLimit(rate_limit::RateLimit::new(s)),
+            FilterSpec::Cors(s) => Filter::Cors(cors::Cors::new(s)),
         }
     }
 
@@ -139,6 +145,7 @@ impl Filter {
             Filter::DirectResponse(d) => Flow::Answer(d.answer()),
             Filter::Access(a) => a.request(ex),
             Filter::RateLimit(r) => r.request(ex),
+            Filter::Cors(c) => c.request(ex),
         }
     }
 
@@ -148,6 +155,7 @@ impl Filter {
             Filter::ResponseHeaders(h) => h.apply_response(head, rx),
             Filter::RequestId(r) => r.response(head, rx),
             Filter::RateLimit(r) => r.response(head, rx),
+            Filter::Cors(c) => c.response(head, rx),
             Filter::RequestHeaders(_)
             | Filter::PathRewrite(_)
             | Filter::Redirect(_)
