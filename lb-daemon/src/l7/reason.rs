@@ -42,6 +42,10 @@ pub enum Reason {
     DownstreamClosed,
     /// The client's address is not allowed on this route (`access` filter).
     AccessDenied,
+    /// No credentials, or credentials that do not verify (`jwt`, `api_key` filters).
+    Unauthorized,
+    /// Verified credentials that do not allow this request (claims, scopes).
+    Forbidden,
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -61,7 +65,8 @@ impl Reason {
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
-            Reason::AccessDenied => StatusCode::FORBIDDEN,
+            Reason::AccessDenied | Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::Unauthorized => StatusCode::UNAUTHORIZED,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -85,7 +90,8 @@ impl Reason {
             }
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
-            Reason::AccessDenied => Code::PermissionDenied,
+            Reason::AccessDenied | Reason::Forbidden => Code::PermissionDenied,
+            Reason::Unauthorized => Code::Unauthenticated,
         }
     }
 
@@ -107,6 +113,8 @@ impl Reason {
             Reason::ConnectUnsupported => "connect_unsupported",
             Reason::DownstreamClosed => "downstream_closed",
             Reason::AccessDenied => "access_denied",
+            Reason::Unauthorized => "unauthorized",
+            Reason::Forbidden => "forbidden",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -129,6 +137,8 @@ impl Reason {
             Reason::ConnectUnsupported => "CONNECT is not supported",
             Reason::DownstreamClosed => "client closed the connection",
             Reason::AccessDenied => "access denied",
+            Reason::Unauthorized => "missing or invalid credentials",
+            Reason::Forbidden => "the credentials do not allow this request",
             Reason::Malformed(_) => "malformed request",
         }
     }
@@ -171,6 +181,8 @@ mod tests {
             Reason::ConnectUnsupported,
             Reason::DownstreamClosed,
             Reason::AccessDenied,
+            Reason::Unauthorized,
+            Reason::Forbidden,
             Reason::Malformed("bad_framing"),
         ];
         for r in all {
@@ -188,5 +200,7 @@ mod tests {
         assert_eq!(Reason::UriTooLong.grpc_code(), Code::ResourceExhausted);
         assert_eq!(Reason::ConnectUnsupported.grpc_code(), Code::Unimplemented);
         assert_eq!(Reason::Malformed("bad_uri").as_str(), "bad_uri");
+        assert_eq!(Reason::Unauthorized.grpc_code() as u8, 16);
+        assert_eq!(Reason::Forbidden.grpc_code() as u8, 7);
     }
 }

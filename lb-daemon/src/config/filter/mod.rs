@@ -2,8 +2,10 @@
 //! exactly one key naming the filter. Each filter's schema (raw shape, checks, validated
 //! spec) is one file here; `l7/filter/<name>.rs` builds the running filter from its spec.
 pub mod access;
+pub mod api_key;
 pub mod direct_response;
 pub mod headers;
+pub mod jwt;
 pub mod path_rewrite;
 pub mod redirect;
 pub mod request_id;
@@ -26,6 +28,8 @@ pub struct RawFilter {
     pub redirect: Option<S<redirect::Raw>>,
     pub direct_response: Option<S<direct_response::Raw>>,
     pub access: Option<S<access::Raw>>,
+    pub jwt: Option<S<jwt::Raw>>,
+    pub api_key: Option<S<api_key::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -45,6 +49,10 @@ pub enum FilterSpec {
     DirectResponse(direct_response::Spec),
     /// Allow/deny by client address.
     Access(access::Spec),
+    /// Verify a JSON Web Token.
+    Jwt(jwt::Spec),
+    /// Admit known API keys.
+    ApiKey(api_key::Spec),
 }
 
 impl FilterSpec {
@@ -58,6 +66,8 @@ impl FilterSpec {
             FilterSpec::Redirect(_) => "redirect",
             FilterSpec::DirectResponse(_) => "direct_response",
             FilterSpec::Access(_) => "access",
+            FilterSpec::Jwt(_) => "jwt",
+            FilterSpec::ApiKey(_) => "api_key",
         }
     }
 }
@@ -134,6 +144,8 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("redirect", r.redirect.is_some()),
         ("direct_response", r.direct_response.is_some()),
         ("access", r.access.is_some()),
+        ("jwt", r.jwt.is_some()),
+        ("api_key", r.api_key.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -141,7 +153,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access"
+             path_rewrite, redirect, direct_response, access, jwt, api_key"
                 .to_owned()
         } else {
             format!(
@@ -176,6 +188,12 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     }
     if let Some(x) = &r.access {
         return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
+    }
+    if let Some(x) = &r.jwt {
+        return jwt::check(c, x, &format!("{key}.jwt"), dir).map(FilterSpec::Jwt);
+    }
+    if let Some(x) = &r.api_key {
+        return api_key::check(c, x, &format!("{key}.api_key")).map(FilterSpec::ApiKey);
     }
     None
 }

@@ -26,7 +26,10 @@
 //! `FilterSpec` variant; `l7/filter/<name>.rs` + a [`Filter`] variant and its arms here; its
 //! keys in `configs/lb.toml`; an e2e test when it touches the wire.
 pub mod access;
+pub mod api_key;
 pub mod headers;
+pub mod jwks;
+pub mod jwt;
 pub mod redirect;
 pub mod request_id;
 pub mod rewrite;
@@ -52,6 +55,9 @@ pub enum Flow {
     Answer(Response<Bytes>),
     /// Answer with lbd's answer for this reason.
     Refuse(Reason),
+    /// Answer with lbd's answer for this reason, with this `WWW-Authenticate` challenge
+    /// (RFC 9110 §11.6.1; the `jwt` filter's 401 and 403).
+    Challenge(Reason, HeaderValue),
 }
 
 /// Values a request phase leaves for response phases and the log.
@@ -61,6 +67,11 @@ pub struct Notes {
     pub request_id: Option<HeaderValue>,
     /// The request's host without port, as routed (kept for response templates).
     pub host: Option<Bytes>,
+    /// Who the credentials name (`jwt`'s consumer claim, `api_key`'s consumer), for later
+    /// filters (a limiter keyed by consumer) and the log.
+    pub consumer: Option<Arc<str>>,
+    /// A verified token's claims (`jwt`).
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -96,6 +107,10 @@ pub enum Filter {
     DirectResponse(redirect::Direct),
     /// `access`.
     Access(access::Access),
+    /// `jwt`.
+    Jwt(jwt::Jwt),
+    /// `api_key`.
+    ApiKey(api_key::ApiKey),
 }
 
 impl Filter {
@@ -109,11 +124,13 @@ impl Filter {
             FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
+            FilterSpec::Jwt(s) => Filter::Jwt(jwt::Jwt::new(s)),
+            FilterSpec::ApiKey(s) => Filter::ApiKey(api_key::ApiKey::new(s)),
         }
     }
 
-    /// The request phase. Async because policies to come wait on the network (key sets,
-    /// shared limits); today's filters answer at once.
+    /// The request phase. Async because some policies wait on the network (`jwt` refetching
+    /// a key set for an unknown `kid`, shared limits); most answer at once.
     async fn request(&self, ex: &mut Exchange<'_>) -> Flow {
         match self {
             Filter::RequestHeaders(h) => {
@@ -132,6 +149,8 @@ impl Filter {
             Filter::Redirect(r) => Flow::Answer(r.answer(ex)),
             Filter::DirectResponse(d) => Flow::Answer(d.answer()),
             Filter::Access(a) => a.request(ex),
+            Filter::Jwt(j) => j.request(ex).await,
+            Filter::ApiKey(k) => k.request(ex),
         }
     }
 
@@ -144,7 +163,9 @@ impl Filter {
             | Filter::PathRewrite(_)
             | Filter::Redirect(_)
             | Filter::DirectResponse(_)
-            | Filter::Access(_) => {}
+            | Filter::Access(_)
+            | Filter::Jwt(_)
+            | Filter::ApiKey(_) => {}
         }
     }
 }
