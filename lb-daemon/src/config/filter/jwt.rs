@@ -191,7 +191,11 @@ fn read_file(c: &mut Checker<'_>, v: &S<String>, key: &str, dir: &Path) -> Optio
     match read {
         Ok(b) => Some(b),
         Err(e) => {
-            c.err(v.span(), key, format!("cannot read {}: {e}", path.display()));
+            c.err(
+                v.span(),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
             None
         }
     }
@@ -244,7 +248,11 @@ fn check_provider(
             ok = false;
         }
         Some(list) if list.get_ref().is_empty() => {
-            c.err(list.span(), &format!("{key}.algorithms"), "must not be empty");
+            c.err(
+                list.span(),
+                &format!("{key}.algorithms"),
+                "must not be empty",
+            );
             ok = false;
         }
         Some(list) => {
@@ -283,7 +291,11 @@ fn check_provider(
                     set: Arc::new(set),
                 }),
                 Err(e) => {
-                    c.err(f.span(), &k, format!("{}: {e}", dir.join(f.get_ref()).display()));
+                    c.err(
+                        f.span(),
+                        &k,
+                        format!("{}: {e}", dir.join(f.get_ref()).display()),
+                    );
                     return None;
                 }
             }
@@ -308,7 +320,10 @@ fn check_provider(
                     c.err(
                         u.span(),
                         &k,
-                        format!("invalid URL {:?}: expected http://host:port/path", u.get_ref()),
+                        format!(
+                            "invalid URL {:?}: expected http://host:port/path",
+                            u.get_ref()
+                        ),
                     );
                     return None;
                 }
@@ -428,7 +443,11 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
             }
         }
         Some(list) => {
-            c.err(list.span(), &format!("{key}.providers"), "must not be empty");
+            c.err(
+                list.span(),
+                &format!("{key}.providers"),
+                "must not be empty",
+            );
             return None;
         }
         None => {
@@ -466,7 +485,10 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
     let realm = match &r.realm {
         Some(v) => {
             let s = v.get_ref();
-            if s.is_empty() || s.bytes().any(|b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b)) {
+            if s.is_empty()
+                || s.bytes()
+                    .any(|b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
+            {
                 c.err(
                     v.span(),
                     &format!("{key}.realm"),

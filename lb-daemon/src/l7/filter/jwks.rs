@@ -125,7 +125,11 @@ fn parse_key(v: &serde_json::Value) -> Result<Option<Key>, String> {
             if p.curve != EllipticCurve::Ed25519 {
                 return Err(format!("curve {:?} is not supported (Ed25519)", p.curve));
             }
-            (AlgorithmFamily::Ed, Some(EllipticCurve::Ed25519), Algorithm::EdDSA)
+            (
+                AlgorithmFamily::Ed,
+                Some(EllipticCurve::Ed25519),
+                Algorithm::EdDSA,
+            )
         }
         _ => {
             return Err("unsupported key type".into());

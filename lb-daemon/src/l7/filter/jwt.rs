@@ -174,9 +174,7 @@ impl Jwt {
             consumer_claim: spec.consumer_claim.clone(),
             max_token_bytes: spec.max_token_bytes,
             missing: challenge(format!("Bearer realm=\"{realm}\"")),
-            invalid: challenge(format!(
-                "Bearer realm=\"{realm}\", error=\"invalid_token\""
-            )),
+            invalid: challenge(format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")),
             insufficient: challenge(insufficient),
             tasks,
         }
@@ -267,7 +265,8 @@ impl Jwt {
             Ok(c) => c,
             Err(why) => return Outcome::Invalid(why),
         };
-        if !self.claims.iter().all(|r| claim_matches(&claims, r)) || !has_scopes(&claims, &self.scopes)
+        if !self.claims.iter().all(|r| claim_matches(&claims, r))
+            || !has_scopes(&claims, &self.scopes)
         {
             return Outcome::Insufficient;
         }
@@ -282,14 +281,18 @@ impl Jwt {
         else {
             return Err("not three dot-separated parts");
         };
-        let head_json = URL_SAFE_NO_PAD.decode(h64).map_err(|_| "header not base64url")?;
+        let head_json = URL_SAFE_NO_PAD
+            .decode(h64)
+            .map_err(|_| "header not base64url")?;
         let header: JoseHeader =
             serde_json::from_slice(&head_json).map_err(|_| "header not a JOSE header")?;
         if header.crit.is_some() || header.b64.is_some() {
             return Err("crit/b64 header: JWS extensions are not understood");
         }
         let alg: Algorithm = header.alg.parse().map_err(|_| "alg not accepted")?;
-        let body = URL_SAFE_NO_PAD.decode(p64).map_err(|_| "payload not base64url")?;
+        let body = URL_SAFE_NO_PAD
+            .decode(p64)
+            .map_err(|_| "payload not base64url")?;
         let claims: Claims =
             serde_json::from_slice(&body).map_err(|_| "payload not a JSON object")?;
         let iss = claims.get("iss").and_then(Value::as_str).ok_or("no iss")?;
@@ -398,7 +401,10 @@ fn try_keys(
 }
 
 fn sig_ok(sig: &str, message: &[u8], key: &DecodingKey, alg: Algorithm) -> bool {
-    matches!(jsonwebtoken::crypto::verify(sig, message, key, alg), Ok(true))
+    matches!(
+        jsonwebtoken::crypto::verify(sig, message, key, alg),
+        Ok(true)
+    )
 }
 
 fn value_matches(v: &Value, want: &str) -> bool {
@@ -472,10 +478,22 @@ mod tests {
     #[test]
     fn scopes_from_scope_or_scp() {
         let req = vec!["a".to_owned(), "b".to_owned()];
-        assert!(has_scopes(&claims(serde_json::json!({"scope": "b x a"})), &req));
-        assert!(has_scopes(&claims(serde_json::json!({"scp": ["a", "b"]})), &req));
-        assert!(!has_scopes(&claims(serde_json::json!({"scope": "a"})), &req));
-        assert!(!has_scopes(&claims(serde_json::json!({"scope": "ab"})), &req));
+        assert!(has_scopes(
+            &claims(serde_json::json!({"scope": "b x a"})),
+            &req
+        ));
+        assert!(has_scopes(
+            &claims(serde_json::json!({"scp": ["a", "b"]})),
+            &req
+        ));
+        assert!(!has_scopes(
+            &claims(serde_json::json!({"scope": "a"})),
+            &req
+        ));
+        assert!(!has_scopes(
+            &claims(serde_json::json!({"scope": "ab"})),
+            &req
+        ));
         assert!(has_scopes(&claims(serde_json::json!({})), &[]));
     }
 
