@@ -107,8 +107,8 @@ pub enum Filter {
     DirectResponse(redirect::Direct),
     /// `access`.
     Access(access::Access),
-    /// `jwt`.
-    Jwt(jwt::Jwt),
+    /// `jwt` (boxed: its key sets and challenges make it the largest filter by far).
+    Jwt(Box<jwt::Jwt>),
     /// `api_key`.
     ApiKey(api_key::ApiKey),
 }
@@ -124,7 +124,7 @@ impl Filter {
             FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
-            FilterSpec::Jwt(s) => Filter::Jwt(jwt::Jwt::new(s)),
+            FilterSpec::Jwt(s) => Filter::Jwt(Box::new(jwt::Jwt::new(s))),
             FilterSpec::ApiKey(s) => Filter::ApiKey(api_key::ApiKey::new(s)),
         }
     }
