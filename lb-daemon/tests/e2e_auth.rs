@@ -638,6 +638,11 @@ impl JwksServer {
                         let mut resp = Response::new(Full::new(Bytes::from(text)));
                         *resp.status_mut() = http::StatusCode::from_u16(s.load(Ordering::SeqCst))
                             .unwrap_or(http::StatusCode::OK);
+                        // No pooled connection outlives the server when the test stops it.
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
                         async move { Ok::<_, Infallible>(resp) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -779,6 +784,7 @@ address = "{}"
         start.elapsed() < Duration::from_secs(3),
         "refetch bounded by fetch_timeout"
     );
+    assert_eq!(jwks_srv.hits(), 5, "nothing answered the refetch");
     assert_eq!(
         bearer(&c, listen, "/", &t2).await.status,
         200,
