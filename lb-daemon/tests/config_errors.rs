@@ -581,7 +581,108 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "routes[0].filters[0].cors.max_age",
         "at most 24h",
     ),
+    (
+        "jwt algorithm none",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"none\"], jwks_url = \"http://127.0.0.1:1/k\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0].algorithms[0]",
+        "never accepted",
+    ),
+    (
+        "jwt without an algorithm allow-list",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", jwks_url = \"http://127.0.0.1:1/k\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0]",
+        "explicit allow-list",
+    ),
+    (
+        "jwt https key-set URL",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"https://id.example/k\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0].jwks_url",
+        "TLS client",
+    ),
+    (
+        "jwt HS256 without a secret",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"HS256\"] }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0]",
+        "need secret_file",
+    ),
+    (
+        "jwt key set file missing",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"RS256\"], jwks_file = \"/nonexistent/lbd-jwks.json\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0].jwks_file",
+        "cannot read /nonexistent/lbd-jwks.json",
+    ),
+    (
+        "api_key hash not hex",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\napi_key = { keys = [{ consumer = \"a\", sha256 = \"abc\" }] }\n",
+        5,
+        "routes[0].filters[0].api_key.keys[0].sha256",
+        "64 hex digits",
+    ),
 ];
+
+#[test]
+fn jwks_file_with_a_broken_key_names_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("lbd-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let cases = [
+        (
+            "off-curve.json",
+            format!(
+                r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"bad","x":"{}","y":"{}"}}]}}"#,
+                b64(&[1; 32]),
+                b64(&[1; 32])
+            ),
+            "keys[0] (kid \"bad\"): invalid key: not a point on the curve",
+        ),
+        (
+            "short-rsa.json",
+            format!(
+                r#"{{"keys":[{{"kty":"RSA","kid":"small","n":"{}","e":"AQAB"}}]}}"#,
+                b64(&[0xff; 64])
+            ),
+            "keys[0] (kid \"small\"): RSA modulus of 512 bits",
+        ),
+        (
+            "bad-base64.json",
+            r#"{"keys":[{"kty":"RSA","n":"!!!","e":"AQAB"}]}"#.to_owned(),
+            "keys[0]: invalid RSA modulus",
+        ),
+        (
+            "secret.json",
+            r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.to_owned(),
+            "use secret_file",
+        ),
+        ("not-json.json", "{ keys: ".to_owned(), "not JSON"),
+    ];
+    for (name, text, want) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        let config = format!(
+            "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = {{ providers = [{{ name = \"a\", issuer = \"i\", algorithms = [\"RS256\", \"ES256\"], jwks_file = \"{}\" }}] }}\n{OK_TAIL}",
+            path.display()
+        );
+        let errs = errors(&config);
+        assert_eq!(errs.len(), 1, "{name}: {errs:#?}");
+        let e = errs[0].to_string();
+        let at = format!(
+            "t.toml:5:{}: routes[0].filters[0].jwt.providers[0].jwks_file: {}: ",
+            errs[0].column,
+            path.display()
+        );
+        assert!(e.starts_with(&at), "{name}: {e}");
+        assert!(e.contains(want), "{name}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 #[test]
 fn each_broken_config_reports_line_key_and_message() {

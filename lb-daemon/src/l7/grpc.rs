@@ -33,6 +33,8 @@ pub enum Code {
     Internal = 13,
     /// No endpoint could take the call, or the connection to it failed: safe to retry.
     Unavailable = 14,
+    /// The call carries no valid credentials.
+    Unauthenticated = 16,
 }
 
 /// Whether the request is a gRPC call: `content-type: application/grpc` or `application/grpc+…`

@@ -89,6 +89,8 @@ pub struct RequestLog {
     pub grpc_status: Option<u8>,
     /// The request's id (`request_id` filter).
     pub request_id: Option<http::HeaderValue>,
+    /// Who the request's credentials name (`jwt`, `api_key` filters).
+    pub consumer: Option<Arc<str>>,
     /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
     pub grpc: bool,
 }
@@ -137,6 +139,7 @@ impl RequestLog {
             grpc_status = self.grpc_status,
             error = self.error.map(super::reason::Reason::as_str),
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            consumer = self.consumer.as_deref(),
         );
     }
 }

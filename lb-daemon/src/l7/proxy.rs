@@ -115,6 +115,12 @@ pub async fn handle(
             Some(Flow::Refuse(reason)) => {
                 return after.response(fail(log, Failure { reason, close }));
             }
+            Some(Flow::Challenge(reason, challenge)) => {
+                let mut resp = fail(log, Failure { reason, close });
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge);
+                return after.response(resp);
+            }
             Some(Flow::Next) => {}
         }
     }
@@ -215,6 +221,7 @@ fn begin_log(
         stream_slot: None,
         grpc_status: None,
         request_id: None,
+        consumer: None,
     })
 }
 

@@ -46,6 +46,10 @@ pub enum Reason {
     RateLimited,
     /// A CORS preflight asked for something the route's `cors` filter does not allow.
     CorsDenied(CorsDenial),
+    /// No credentials, or credentials that do not verify (`jwt`, `api_key` filters).
+    Unauthorized,
+    /// Verified credentials that do not allow this request (claims, scopes).
+    Forbidden,
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
 }
@@ -66,7 +70,10 @@ impl Reason {
             Reason::ClientBody | Reason::Malformed(_) => StatusCode::BAD_REQUEST,
             Reason::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Reason::AccessDenied | Reason::CorsDenied(_) => StatusCode::FORBIDDEN,
+            Reason::AccessDenied | Reason::CorsDenied(_) | Reason::Forbidden => {
+                StatusCode::FORBIDDEN
+            }
+            Reason::Unauthorized => StatusCode::UNAUTHORIZED,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -91,7 +98,10 @@ impl Reason {
             | Reason::RateLimited => Code::ResourceExhausted,
             Reason::ClientBody | Reason::DownstreamClosed => Code::Cancelled,
             Reason::Malformed(_) => Code::Internal,
-            Reason::AccessDenied | Reason::CorsDenied(_) => Code::PermissionDenied,
+            Reason::AccessDenied | Reason::CorsDenied(_) | Reason::Forbidden => {
+                Code::PermissionDenied
+            }
+            Reason::Unauthorized => Code::Unauthenticated,
         }
     }
 
@@ -117,6 +127,8 @@ impl Reason {
             Reason::CorsDenied(CorsDenial::Origin) => "cors_origin_denied",
             Reason::CorsDenied(CorsDenial::Method) => "cors_method_denied",
             Reason::CorsDenied(CorsDenial::Headers) => "cors_headers_denied",
+            Reason::Unauthorized => "unauthorized",
+            Reason::Forbidden => "forbidden",
             Reason::Malformed(detail) => detail,
         }
     }
@@ -145,6 +157,8 @@ impl Reason {
             Reason::CorsDenied(CorsDenial::Headers) => {
                 "CORS preflight refused: a requested header is not allowed"
             }
+            Reason::Unauthorized => "missing or invalid credentials",
+            Reason::Forbidden => "the credentials do not allow this request",
             Reason::Malformed(_) => "malformed request",
         }
     }
@@ -202,6 +216,8 @@ mod tests {
             Reason::CorsDenied(CorsDenial::Origin),
             Reason::CorsDenied(CorsDenial::Method),
             Reason::CorsDenied(CorsDenial::Headers),
+            Reason::Unauthorized,
+            Reason::Forbidden,
             Reason::Malformed("bad_framing"),
         ];
         for r in all {
@@ -219,5 +235,7 @@ mod tests {
         assert_eq!(Reason::UriTooLong.grpc_code(), Code::ResourceExhausted);
         assert_eq!(Reason::ConnectUnsupported.grpc_code(), Code::Unimplemented);
         assert_eq!(Reason::Malformed("bad_uri").as_str(), "bad_uri");
+        assert_eq!(Reason::Unauthorized.grpc_code() as u8, 16);
+        assert_eq!(Reason::Forbidden.grpc_code() as u8, 7);
     }
 }

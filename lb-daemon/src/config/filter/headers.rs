@@ -36,7 +36,7 @@ impl Spec {
 }
 
 /// Fields lbd owns on every hop: editing them would break message framing or routing.
-const MANAGED: [&str; 6] = [
+pub(crate) const MANAGED: [&str; 6] = [
     "connection",
     "content-length",
     "transfer-encoding",

@@ -2,9 +2,11 @@
 //! exactly one key naming the filter. Each filter's schema (raw shape, checks, validated
 //! spec) is one file here; `l7/filter/<name>.rs` builds the running filter from its spec.
 pub mod access;
+pub mod api_key;
 pub mod cors;
 pub mod direct_response;
 pub mod headers;
+pub mod jwt;
 pub mod path_rewrite;
 pub mod rate_limit;
 pub mod redirect;
@@ -30,6 +32,8 @@ pub struct RawFilter {
     pub access: Option<S<access::Raw>>,
     pub rate_limit: Option<S<rate_limit::Raw>>,
     pub cors: Option<S<cors::Raw>>,
+    pub jwt: Option<S<jwt::Raw>>,
+    pub api_key: Option<S<api_key::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -53,6 +57,10 @@ pub enum FilterSpec {
     RateLimit(rate_limit::Spec),
     /// Answer CORS preflights and mark cross-origin responses.
     Cors(cors::Spec),
+    /// Verify a JSON Web Token.
+    Jwt(jwt::Spec),
+    /// Admit known API keys.
+    ApiKey(api_key::Spec),
 }
 
 impl FilterSpec {
@@ -68,6 +76,8 @@ impl FilterSpec {
             FilterSpec::Access(_) => "access",
             FilterSpec::RateLimit(_) => "rate_limit",
             FilterSpec::Cors(_) => "cors",
+            FilterSpec::Jwt(_) => "jwt",
+            FilterSpec::ApiKey(_) => "api_key",
         }
     }
 }
@@ -146,6 +156,8 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("access", r.access.is_some()),
         ("rate_limit", r.rate_limit.is_some()),
         ("cors", r.cors.is_some()),
+        ("jwt", r.jwt.is_some()),
+        ("api_key", r.api_key.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -153,7 +165,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access, rate_limit, cors"
+             path_rewrite, redirect, direct_response, access, rate_limit, cors, jwt, api_key"
                 .to_owned()
         } else {
             format!(
@@ -194,6 +206,12 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     }
     if let Some(x) = &r.cors {
         return cors::check(c, x, &format!("{key}.cors")).map(FilterSpec::Cors);
+    }
+    if let Some(x) = &r.jwt {
+        return jwt::check(c, x, &format!("{key}.jwt"), dir).map(FilterSpec::Jwt);
+    }
+    if let Some(x) = &r.api_key {
+        return api_key::check(c, x, &format!("{key}.api_key")).map(FilterSpec::ApiKey);
     }
     None
 }

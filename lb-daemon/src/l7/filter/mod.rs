@@ -26,8 +26,11 @@
 //! `FilterSpec` variant; `l7/filter/<name>.rs` + a [`Filter`] variant and its arms here; its
 //! keys in `configs/lb.toml`; an e2e test when it touches the wire.
 pub mod access;
+pub mod api_key;
 pub mod cors;
 pub mod headers;
+pub mod jwks;
+pub mod jwt;
 pub mod rate_limit;
 pub mod redirect;
 pub mod request_id;
@@ -54,6 +57,9 @@ pub enum Flow {
     Answer(Response<Bytes>),
     /// Answer with lbd's answer for this reason.
     Refuse(Reason),
+    /// Answer with lbd's answer for this reason, with this `WWW-Authenticate` challenge
+    /// (RFC 9110 §11.6.1; the `jwt` filter's 401 and 403).
+    Challenge(Reason, HeaderValue),
 }
 
 /// Values a request phase leaves for response phases and the log.
@@ -67,6 +73,11 @@ pub struct Notes {
     pub rate_limit: Option<rate_limit::RateState>,
     /// The request's origin decision (`cors` filter).
     pub cors: cors::Note,
+    /// Who the credentials name (`jwt`'s consumer claim, `api_key`'s consumer), for later
+    /// filters (a limiter keyed by consumer) and the log.
+    pub consumer: Option<Arc<str>>,
+    /// A verified token's claims (`jwt`).
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -106,6 +117,10 @@ pub enum Filter {
     RateLimit(rate_limit::RateLimit),
     /// `cors`.
     Cors(cors::Cors),
+    /// `jwt` (boxed: its key sets and challenges make it the largest filter by far).
+    Jwt(Box<jwt::Jwt>),
+    /// `api_key`.
+    ApiKey(api_key::ApiKey),
 }
 
 impl Filter {
@@ -121,11 +136,13 @@ impl Filter {
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
             FilterSpec::RateLimit(s) => Filter::RateLimit(rate_limit::RateLimit::new(s)),
             FilterSpec::Cors(s) => Filter::Cors(cors::Cors::new(s)),
+            FilterSpec::Jwt(s) => Filter::Jwt(Box::new(jwt::Jwt::new(s))),
+            FilterSpec::ApiKey(s) => Filter::ApiKey(api_key::ApiKey::new(s)),
         }
     }
 
-    /// The request phase. Async because policies to come wait on the network (key sets,
-    /// shared limits); today's filters answer at once.
+    /// The request phase. Async because some policies wait on the network (`jwt` refetching
+    /// a key set for an unknown `kid`, shared limits); most answer at once.
     async fn request(&self, ex: &mut Exchange<'_>) -> Flow {
         match self {
             Filter::RequestHeaders(h) => {
@@ -146,6 +163,8 @@ impl Filter {
             Filter::Access(a) => a.request(ex),
             Filter::RateLimit(r) => r.request(ex),
             Filter::Cors(c) => c.request(ex),
+            Filter::Jwt(j) => j.request(ex).await,
+            Filter::ApiKey(k) => k.request(ex),
         }
     }
 
@@ -160,7 +179,9 @@ impl Filter {
             | Filter::PathRewrite(_)
             | Filter::Redirect(_)
             | Filter::DirectResponse(_)
-            | Filter::Access(_) => {}
+            | Filter::Access(_)
+            | Filter::Jwt(_)
+            | Filter::ApiKey(_) => {}
         }
     }
 }
