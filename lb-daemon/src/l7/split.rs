@@ -1,17 +1,23 @@
 //! A route's weighted split across clusters (canary releases), and what keeps one client on
 //! one side: a cookie lbd sets, or a hash of a request header or of the client address.
 //!
-//! Sides are consecutive ranges of `0..total` weight; a draw (random, or a key's hash scaled
-//! to the total) falls into one. Weight-0 sides have empty ranges and are never drawn, so a
+//! Sides are consecutive ranges of `0..total` weight; a draw (a key's hash scaled to the total,
+//! or for requests without a key the next point of a golden-ratio Weyl sequence) falls into
+//! one. The Weyl sequence is evenly spread at every length, so 90/10 is 90/10 within a few
+//! requests over any stretch of traffic rather than only on average, as random draws would be. Weight-0 sides have empty ranges and are never drawn, so a
 //! canary is stopped by setting its weight to 0, which also releases clients stuck to it.
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderMap, HeaderValue};
 use lb_common::hash::hash64;
 
 use super::sticky::{parse_token, token};
-use crate::balance::{Rng, cookie};
+use crate::balance::cookie;
 use crate::config::model::{Model, Split, SplitSticky};
+
+/// 2^64 / φ, odd: the step of the Weyl sequence.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One side: a cluster and its range of the total weight.
 #[derive(Debug)]
@@ -36,7 +42,8 @@ pub struct SplitRuntime {
     cookie: Box<[u8]>,
     /// Per route, so one client's hash does not land it on the canary of every route at once.
     key_seed: u64,
-    rng: Rng,
+    /// Position in the Weyl sequence (one relaxed `fetch_add` per draw).
+    weyl: AtomicU64,
 }
 
 /// The side chosen for one request.
@@ -108,26 +115,26 @@ impl SplitRuntime {
             sticky: split.sticky.clone(),
             cookie: name.into_bytes().into(),
             key_seed: hash64(route.as_bytes(), 0),
-            rng: Rng::new(None),
+            weyl: AtomicU64::new(rand::random()),
         })
     }
 
     /// Chooses the side for one request. Does not allocate.
     pub fn pick(&self, headers: &HeaderMap, client: IpAddr) -> Pick<'_> {
         match &self.sticky {
-            SplitSticky::None => self.at(self.random(), false),
+            SplitSticky::None => self.at(self.draw(), false),
             SplitSticky::Cookie => {
                 let kept = cookie(headers, &self.cookie)
                     .and_then(parse_token)
                     .and_then(|t| self.sides.iter().position(|s| s.token == t && s.weight > 0));
                 match kept {
                     Some(side) => self.pick_side(side, false),
-                    None => self.at(self.random(), true),
+                    None => self.at(self.draw(), true),
                 }
             }
             SplitSticky::Header(name) => match headers.get(name).map(HeaderValue::as_bytes) {
                 Some(v) if !v.is_empty() => self.at(self.scale(hash64(v, self.key_seed)), false),
-                _ => self.at(self.random(), false),
+                _ => self.at(self.draw(), false),
             },
             SplitSticky::ClientIp => {
                 let h = match client {
@@ -142,8 +149,9 @@ impl SplitRuntime {
         }
     }
 
-    fn random(&self) -> u64 {
-        self.rng.below(self.total)
+    /// The next unkeyed draw in `0..total`.
+    fn draw(&self) -> u64 {
+        self.scale(self.weyl.fetch_add(GOLDEN, Ordering::Relaxed))
     }
 
     /// A hash scaled into `0..total` (multiply-high: no modulo bias worth speaking of).
@@ -164,5 +172,78 @@ impl SplitRuntime {
             cluster: s.cluster,
             set_cookie: if tell { s.set_cookie.as_ref() } else { None },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::SplitSide;
+
+    fn split(weights: &[u32], sticky: SplitSticky) -> SplitRuntime {
+        let split = Split {
+            sides: weights
+                .iter()
+                .enumerate()
+                .map(|(cluster, &weight)| SplitSide { cluster, weight })
+                .collect(),
+            sticky,
+        };
+        let model = crate::config::parse(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
+             [[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("model");
+        SplitRuntime::new("r", &split, &model).expect("split")
+    }
+
+    #[test]
+    fn unkeyed_draws_follow_the_weights_closely_at_every_length() {
+        let s = split(&[90, 10], SplitSticky::None);
+        let h = HeaderMap::new();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let mut n = [0u32; 2];
+        for i in 1..=10_000u32 {
+            n[s.pick(&h, ip).side] += 1;
+            if i % 100 == 0 {
+                // Within 3 requests of the exact share after any 100.
+                assert!(n[1].abs_diff(i / 10) <= 3, "{i}: {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_weight_sides_are_never_drawn() {
+        let s = split(&[0, 5, 0], SplitSticky::ClientIp);
+        let h = HeaderMap::new();
+        for i in 0..1000u32 {
+            assert_eq!(s.pick(&h, IpAddr::from(i.to_be_bytes())).side, 1);
+        }
+    }
+
+    #[test]
+    fn cookie_keeps_its_side_and_only_a_new_client_is_told() {
+        let s = split(&[50, 50], SplitSticky::Cookie);
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let first = s.pick(&HeaderMap::new(), ip);
+        let set = first.set_cookie.expect("told").to_str().expect("ascii");
+        assert!(set.starts_with("lbd_split_r="), "{set}");
+        assert!(set.ends_with("; Path=/; HttpOnly; SameSite=Lax"), "{set}");
+        let pair = set.split(';').next().expect("pair");
+        let mut h = HeaderMap::new();
+        h.insert(http::header::COOKIE, HeaderValue::from_str(pair).expect("value"));
+        for _ in 0..100 {
+            let p = s.pick(&h, ip);
+            assert_eq!(p.side, first.side);
+            assert!(p.set_cookie.is_none());
+        }
+        h.insert(http::header::COOKIE, HeaderValue::from_static("lbd_split_r=zz"));
+        assert!(s.pick(&h, ip).set_cookie.is_some());
+    }
+
+    #[test]
+    fn cookie_names_are_tokens() {
+        assert_eq!(cookie_name("api v2/x"), "lbd_split_api_v2_x");
     }
 }
