@@ -178,7 +178,13 @@ async fn sticky_split_keeps_one_client_on_one_side() {
     );
     let side = first.backend().to_owned();
     for i in 0..200 {
-        let r = get(&c, listen, "/cookie/x", &[("cookie", &format!("a=1; {value}"))]).await;
+        let r = get(
+            &c,
+            listen,
+            "/cookie/x",
+            &[("cookie", &format!("a=1; {value}"))],
+        )
+        .await;
         assert_eq!(r.backend(), side, "request {i} with {value}");
         assert!(set_cookie(&r).is_none(), "{r:?}");
     }
@@ -193,12 +199,21 @@ async fn sticky_split_keeps_one_client_on_one_side() {
     }
     assert_eq!(sides.len(), 2, "{sides:?}");
     // A value lbd did not make is ignored: drawn anew, and told.
-    let r = get(&c, listen, "/cookie", &[("cookie", "lbd_split_by-cookie=v2")]).await;
+    let r = get(
+        &c,
+        listen,
+        "/cookie",
+        &[("cookie", "lbd_split_by-cookie=v2")],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert!(set_cookie(&r).is_some(), "{r:?}");
     // HTTP/2 clients are told too.
     let h2 = H2::connect(listen).await.expect("h2");
-    let r = h2.get(&listen.to_string(), "/cookie").await.expect("h2 get");
+    let r = h2
+        .get(&listen.to_string(), "/cookie")
+        .await
+        .expect("h2 get");
     assert_eq!(r.status, 200);
     assert!(
         set_cookie(&r).is_some_and(|s| s.starts_with("lbd_split_by-cookie=")),
@@ -243,13 +258,7 @@ async fn sticky_split_keeps_one_client_on_one_side() {
 }
 
 /// The backends that answer `n` requests to `path` from user `user`.
-async fn backends_for(
-    c: &H1,
-    listen: SocketAddr,
-    path: &str,
-    user: &str,
-    n: usize,
-) -> Vec<String> {
+async fn backends_for(c: &H1, listen: SocketAddr, path: &str, user: &str, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let r = get(c, listen, path, &[("x-user", user)]).await;
@@ -262,7 +271,10 @@ async fn backends_for(
 fn sticky_config(listen: SocketAddr, admin: SocketAddr, eps: &[&Backend]) -> String {
     let mut endpoints = String::new();
     for b in eps {
-        endpoints.push_str(&format!("[[clusters.endpoints]]\naddress = \"{}\"\n", b.addr));
+        endpoints.push_str(&format!(
+            "[[clusters.endpoints]]\naddress = \"{}\"\n",
+            b.addr
+        ));
     }
     format!(
         r#"
@@ -338,7 +350,12 @@ async fn sticky_sessions_hold_until_the_endpoint_goes() {
     // A garbage value is ignored: normal balancing (round robin reaches every endpoint), and
     // each answer sets the real cookie of whoever answered.
     let mut reached = std::collections::HashSet::new();
-    for garbage in ["srv=garbage", "srv=", "srv=0123456789abcdef", "srv=ZZZZZZZZZZZZZZZZ"] {
+    for garbage in [
+        "srv=garbage",
+        "srv=",
+        "srv=0123456789abcdef",
+        "srv=ZZZZZZZZZZZZZZZZ",
+    ] {
         for _ in 0..3 {
             let r = get(&c, listen, "/", &[("cookie", garbage)]).await;
             assert_eq!(r.status, 200, "{r:?}");

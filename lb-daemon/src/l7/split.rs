@@ -232,13 +232,19 @@ mod tests {
         assert!(set.ends_with("; Path=/; HttpOnly; SameSite=Lax"), "{set}");
         let pair = set.split(';').next().expect("pair");
         let mut h = HeaderMap::new();
-        h.insert(http::header::COOKIE, HeaderValue::from_str(pair).expect("value"));
+        h.insert(
+            http::header::COOKIE,
+            HeaderValue::from_str(pair).expect("value"),
+        );
         for _ in 0..100 {
             let p = s.pick(&h, ip);
             assert_eq!(p.side, first.side);
             assert!(p.set_cookie.is_none());
         }
-        h.insert(http::header::COOKIE, HeaderValue::from_static("lbd_split_r=zz"));
+        h.insert(
+            http::header::COOKIE,
+            HeaderValue::from_static("lbd_split_r=zz"),
+        );
         assert!(s.pick(&h, ip).set_cookie.is_some());
     }
 
