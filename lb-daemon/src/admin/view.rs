@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use crate::config::model::{
     ForwardMode, GRPC_STATUS_NAMES, HashKey, HealthCheckKind, HostMatch, L4Protocol,
-    ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, UpstreamProtocol,
+    ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, SplitSticky,
+    UpstreamProtocol,
 };
 use crate::health::ClusterHealth;
 
@@ -225,6 +226,18 @@ pub fn effective_config(model: &Model) -> Value {
             "listeners": r.listeners.iter().filter_map(|i| model.listeners.get(*i).map(|l| l.name.clone())).collect::<Vec<_>>(),
             "priority": r.priority,
             "cluster": cluster_name(r.cluster),
+            "split": r.split.as_ref().map(|s| json!({
+                "sides": s.sides.iter().map(|side| json!({
+                    "cluster": cluster_name(side.cluster),
+                    "weight": side.weight,
+                })).collect::<Vec<_>>(),
+                "sticky": match &s.sticky {
+                    SplitSticky::None => None,
+                    SplitSticky::Cookie => Some("cookie".to_owned()),
+                    SplitSticky::ClientIp => Some("client_ip".to_owned()),
+                    SplitSticky::Header(h) => Some(format!("header:{h}")),
+                },
+            })),
             "timeout_ms": r.timeout.map(ms),
             "match": {
                 "hosts": r.matcher.hosts.iter().map(|h| match h {
@@ -280,6 +293,12 @@ pub fn effective_config(model: &Model) -> Value {
                     .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
                     .collect::<Vec<_>>(),
             },
+            "sticky": c.sticky.as_ref().map(|s| json!({
+                "cookie": s.name,
+                "max_age_ms": s.max_age.map(ms),
+                "http_only": s.http_only,
+                "secure": s.secure,
+            })),
         })).collect::<Vec<_>>(),
         "l4": { "vips": model.vips.iter().map(|v| json!({
             "name": v.name,

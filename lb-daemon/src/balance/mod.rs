@@ -26,7 +26,7 @@ use lb_common::hash::fmix64;
 use crate::config::model::{Cluster, Policy};
 use crate::health::ClusterHealth;
 
-pub use hash::HashPicker;
+pub use hash::{HashPicker, cookie};
 pub use least_request::LeastRequest;
 pub use random::WeightedRandom;
 pub use round_robin::RoundRobin;
@@ -463,6 +463,7 @@ pub(crate) mod testutil {
                 attempts: 1,
                 ..Retry::default()
             },
+            sticky: None,
         }
     }
 }

@@ -133,14 +133,47 @@ pub struct Route {
     pub priority: i32,
     /// Every present condition must hold.
     pub matcher: RouteMatch,
-    /// Target cluster index.
+    /// Target cluster index; for a split route, its first side's cluster.
     pub cluster: usize,
+    /// Weighted split across clusters (`split = [...]`), instead of the one `cluster`.
+    pub split: Option<Split>,
     /// Path rewriting applied before forwarding.
     pub rewrite: Option<PathRewrite>,
     /// Route-level request timeout overriding the listener's.
     pub timeout: Option<Duration>,
     /// `[[routes.filters]]`, in config order.
     pub filters: Vec<super::filter::FilterSpec>,
+}
+
+/// A route's weighted split of its requests across clusters (canary releases).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// The sides in config order; at least one has a weight above 0.
+    pub sides: Vec<SplitSide>,
+    /// How a client keeps its side.
+    pub sticky: SplitSticky,
+}
+
+/// One side of a [`Split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitSide {
+    /// Cluster index.
+    pub cluster: usize,
+    /// Share of the requests relative to the other sides, 0..=10000.
+    pub weight: u32,
+}
+
+/// `split_sticky`: what keeps one client on one side of a split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitSticky {
+    /// Nothing: every request is drawn by weight.
+    None,
+    /// lbd sets a cookie naming the side drawn for the client's first request.
+    Cookie,
+    /// A hash of this request header's value picks the side (drawn by weight when absent).
+    Header(http::HeaderName),
+    /// A hash of the client address picks the side.
+    ClientIp,
 }
 
 /// Conditions a request must meet; absent fields match anything.
@@ -271,6 +304,22 @@ pub struct Cluster {
     pub pool: PoolLimits,
     /// Retry policy for failed attempts.
     pub retry: Retry,
+    /// Cookie-based sticky sessions to endpoints (`[clusters.sticky]`).
+    pub sticky: Option<StickyCookie>,
+}
+
+/// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later
+/// requests carrying it go back to that endpoint while it is available.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    /// Cookie name.
+    pub name: String,
+    /// `Max-Age` of the cookie; a session cookie when `None`.
+    pub max_age: Option<Duration>,
+    /// `HttpOnly` attribute.
+    pub http_only: bool,
+    /// `Secure` attribute.
+    pub secure: bool,
 }
 
 /// One backend address.

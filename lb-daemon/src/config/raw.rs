@@ -84,7 +84,9 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: S<String>,
-    pub cluster: S<String>,
+    pub cluster: Option<S<String>>,
+    pub split: Option<S<Vec<S<RawSplitSide>>>>,
+    pub split_sticky: Option<S<String>>,
     pub listeners: Option<S<Vec<S<String>>>>,
     pub priority: Option<S<i64>>,
     pub timeout: Option<S<String>>,
@@ -92,6 +94,14 @@ pub struct RawRoute {
     pub matcher: Option<S<RawMatch>>,
     pub rewrite: Option<S<RawRewrite>>,
     pub filters: Option<Vec<S<super::filter::RawFilter>>>,
+}
+
+/// `{ cluster = "...", weight = N }` in `split`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplitSide {
+    pub cluster: S<String>,
+    pub weight: S<i64>,
 }
 
 /// `[routes.match]`.
@@ -140,6 +150,17 @@ pub struct RawCluster {
     pub timeouts: Option<S<RawTimeouts>>,
     pub pool: Option<S<RawPool>>,
     pub retry: Option<S<RawRetry>>,
+    pub sticky: Option<S<RawSticky>>,
+}
+
+/// `[clusters.sticky]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub cookie: Option<S<String>>,
+    pub max_age: Option<S<String>>,
+    pub http_only: Option<S<bool>>,
+    pub secure: Option<S<bool>>,
 }
 
 /// `[[clusters.endpoints]]`.

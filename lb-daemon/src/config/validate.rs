@@ -396,6 +396,7 @@ impl Checker<'_> {
                 ),
                 grpc_status,
             };
+            let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -406,6 +407,7 @@ impl Checker<'_> {
                 timeouts,
                 pool,
                 retry,
+                sticky,
             });
         }
         out
@@ -525,6 +527,26 @@ impl Checker<'_> {
                     Policy::RoundRobin
                 }
             }
+        }
+    }
+
+    fn sticky(&mut self, st: &RawSticky, cluster: &str) -> StickyCookie {
+        let k = |f: &str| format!("{cluster}.sticky.{f}");
+        let name = match &st.cookie {
+            Some(c) => {
+                self.cookie_name(c, &k("cookie"));
+                c.get_ref().clone()
+            }
+            None => "lbd_srv".to_owned(),
+        };
+        StickyCookie {
+            name,
+            max_age: st
+                .max_age
+                .as_ref()
+                .map(|m| self.positive_duration(Some(m), &k("max_age"), Duration::from_secs(3600))),
+            http_only: st.http_only.as_ref().is_none_or(|b| *b.get_ref()),
+            secure: st.secure.as_ref().is_some_and(|b| *b.get_ref()),
         }
     }
 
@@ -727,23 +749,12 @@ impl Checker<'_> {
         let mut names = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, r) in raw {
+            let span = r.span();
             let r = r.get_ref();
             let key = format!("routes[{i}]");
             self.name(&r.name, &format!("{key}.name"));
             self.unique(&mut names, &r.name, &format!("{key}.name"), "route");
-            let cluster = match refs.clusters.get(r.cluster.get_ref()) {
-                Some(c) => c,
-                None => {
-                    if refs.clusters_complete {
-                        self.err(
-                            r.cluster.span(),
-                            &format!("{key}.cluster"),
-                            format!("unknown cluster {:?}", r.cluster.get_ref()),
-                        );
-                    }
-                    0
-                }
-            };
+            let (cluster, split) = self.route_target(r, span, refs, &key);
             let mut listeners = Vec::new();
             if let Some(ls) = &r.listeners {
                 if ls.get_ref().is_empty() {
@@ -797,6 +808,7 @@ impl Checker<'_> {
                 priority,
                 matcher,
                 cluster,
+                split,
                 rewrite,
                 timeout,
                 filters,
@@ -805,6 +817,122 @@ impl Checker<'_> {
         // Stable: equal priorities keep the order they were declared in.
         out.sort_by_key(|r| std::cmp::Reverse(r.priority));
         out
+    }
+
+    /// `cluster`, or `split` with its `split_sticky`: the route's cluster index (a split's
+    /// first side) and the split.
+    fn route_target(
+        &mut self,
+        r: &RawRoute,
+        span: Range<usize>,
+        refs: &Refs<'_>,
+        key: &str,
+    ) -> (usize, Option<Split>) {
+        let resolve =
+            |this: &mut Self, name: &S<String>, k: &str| match refs.clusters.get(name.get_ref()) {
+                Some(c) => Some(c),
+                None => {
+                    if refs.clusters_complete {
+                        this.err(
+                            name.span(),
+                            k,
+                            format!("unknown cluster {:?}", name.get_ref()),
+                        );
+                    }
+                    None
+                }
+            };
+        let sticky_key = format!("{key}.split_sticky");
+        let Some(split) = &r.split else {
+            if let Some(s) = &r.split_sticky {
+                self.err(s.span(), &sticky_key, "only used with `split`");
+            }
+            return match &r.cluster {
+                Some(c) => (
+                    resolve(self, c, &format!("{key}.cluster")).unwrap_or(0),
+                    None,
+                ),
+                None => {
+                    self.err(
+                        span,
+                        &format!("{key}.cluster"),
+                        "missing: set `cluster`, or `split` to divide the route's requests \
+                         between clusters",
+                    );
+                    (0, None)
+                }
+            };
+        };
+        let split_key = format!("{key}.split");
+        if r.cluster.is_some() {
+            self.err(
+                split.span(),
+                &split_key,
+                "`cluster` and `split` exclude each other: name the clusters in `split` only",
+            );
+        }
+        if split.get_ref().is_empty() {
+            self.err(split.span(), &split_key, "empty: name at least one cluster");
+        }
+        let mut sides: Vec<SplitSide> = Vec::with_capacity(split.get_ref().len());
+        for (j, side) in split.get_ref().iter().enumerate() {
+            let side = side.get_ref();
+            let k = format!("{split_key}[{j}]");
+            let weight = self.u32(Some(&side.weight), &format!("{k}.weight"), 1, 0, 10_000);
+            let Some(cluster) = resolve(self, &side.cluster, &format!("{k}.cluster")) else {
+                continue;
+            };
+            if sides.iter().any(|s| s.cluster == cluster) {
+                self.err(
+                    side.cluster.span(),
+                    &format!("{k}.cluster"),
+                    format!(
+                        "cluster {:?} is already a side of this split",
+                        side.cluster.get_ref()
+                    ),
+                );
+                continue;
+            }
+            sides.push(SplitSide { cluster, weight });
+        }
+        let all_zero = split
+            .get_ref()
+            .iter()
+            .all(|s| *s.get_ref().weight.get_ref() == 0);
+        if !split.get_ref().is_empty() && all_zero {
+            self.err(
+                split.span(),
+                &split_key,
+                "every weight is 0: at least one side must take traffic",
+            );
+        }
+        let sticky = match &r.split_sticky {
+            None => SplitSticky::None,
+            Some(s) => match s.get_ref().as_str() {
+                "cookie" => SplitSticky::Cookie,
+                "client_ip" => SplitSticky::ClientIp,
+                v => match v.strip_prefix("header:") {
+                    Some(name) => {
+                        let name = Spanned::new(s.span(), name.to_owned());
+                        self.header_name(&name, &sticky_key)
+                            .map_or(SplitSticky::None, SplitSticky::Header)
+                    }
+                    None => {
+                        self.err(
+                            s.span(),
+                            &sticky_key,
+                            format!(
+                                "unknown value {v:?}; expected \"cookie\", \"client_ip\" or \
+                                 \"header:<name>\""
+                            ),
+                        );
+                        SplitSticky::None
+                    }
+                },
+            },
+        };
+        let cluster = sides.first().map_or(0, |s| s.cluster);
+        (cluster, Some(Split { sides, sticky }))
     }
 
     fn matcher(&mut self, m: &RawMatch, route: &str) -> RouteMatch {

@@ -505,6 +505,7 @@ mod tests {
                 attempts: 0,
                 ..Retry::default()
             },
+            sticky: None,
         }
     }
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::sticky::StickyRuntime;
 use super::upstream::Upstream;
 use crate::balance::{Balancer, PickContext};
 use crate::config::model::Cluster;
@@ -22,6 +23,8 @@ pub struct ClusterRuntime {
     pub balancer: Arc<Balancer>,
     /// Upstream connection pools.
     pub upstream: Upstream,
+    /// Sticky-session cookie, when `[clusters.sticky]` is set.
+    pub sticky: Option<StickyRuntime>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Publishes `lbd_endpoint_available`; stopped as soon as a reload replaces the cluster,
     /// since the replacement publishes the same series (see [`ClusterRuntime::retire`]).
@@ -81,6 +84,10 @@ impl ClusterRuntime {
             health,
             balancer,
             upstream: Upstream::new(cluster),
+            sticky: cluster
+                .sticky
+                .as_ref()
+                .map(|s| StickyRuntime::new(cluster, s)),
             tasks,
             availability_metrics,
             _checker: checker,
@@ -126,6 +133,21 @@ impl ClusterRuntime {
                 },
             }
         }
+    }
+
+    /// Endpoint `idx` for this request, if it may take it: available (healthy, not drained,
+    /// not ejected), not in `tried`, and under `pool.max_connections` as in
+    /// [`ClusterRuntime::pick_within_limit`]. For sticky sessions.
+    pub fn take(&self, idx: usize, tried: &[usize]) -> Option<InFlightGuard> {
+        let ep = self.health.endpoints.get(idx)?;
+        if tried.contains(&idx) || !ep.is_available(Instant::now()) {
+            return None;
+        }
+        let max = self.config.pool.max_connections as u64;
+        if max == 0 || self.upstream.version() != http::Version::HTTP_11 {
+            return Some(ep.start_request());
+        }
+        ep.try_start_request(max)
     }
 
     /// Counts a failed attempt against endpoint `idx` (passive health, nginx `max_fails`).

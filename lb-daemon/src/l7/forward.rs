@@ -101,17 +101,29 @@ impl Call<'_> {
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last_error = None;
         let mut at_limit = false;
+        // The endpoint the client's sticky cookie names; it is asked for first, and an answer
+        // from any other endpoint (re)sets the cookie.
+        let wanted = cluster.sticky.as_ref().map(|s| s.wanted(&head.headers));
         for attempt in 0..max_attempts {
-            let ctx = PickContext {
-                client_ip: self.conn.client.ip(),
-                headers: &head.headers,
+            let kept = match wanted {
+                Some(Some(i)) if attempt == 0 => cluster.take(i, &[]).map(|g| (i, g)),
+                _ => None,
             };
-            let (idx, guard) = match cluster.pick_within_limit(&ctx, &tried[..attempt]) {
-                Picked::Endpoint(i, guard) => (i, guard),
-                Picked::None => break,
-                Picked::AllAtLimit => {
-                    at_limit = true;
-                    break;
+            let (idx, guard) = match kept {
+                Some(picked) => picked,
+                None => {
+                    let ctx = PickContext {
+                        client_ip: self.conn.client.ip(),
+                        headers: &head.headers,
+                    };
+                    match cluster.pick_within_limit(&ctx, &tried[..attempt]) {
+                        Picked::Endpoint(i, guard) => (i, guard),
+                        Picked::None => break,
+                        Picked::AllAtLimit => {
+                            at_limit = true;
+                            break;
+                        }
+                    }
                 }
             };
             tried[attempt] = idx;
@@ -157,6 +169,14 @@ impl Call<'_> {
                     }
                     log.upstream = Some(sent.elapsed());
                     log.in_flight = Some(guard);
+                    let mut resp = resp;
+                    if let (Some(wanted), Some(sticky)) = (wanted, &cluster.sticky)
+                        && wanted != Some(idx)
+                        && let Some(v) = sticky.set_cookie(idx)
+                    {
+                        resp.headers_mut()
+                            .append(http::header::SET_COOKIE, v.clone());
+                    }
                     return Ok(resp);
                 }
                 Ok(Err((kind, err))) => {

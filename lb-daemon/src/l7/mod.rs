@@ -21,4 +21,6 @@ pub mod router;
 pub mod runtime;
 pub mod sendbudget;
 pub mod server;
+pub mod split;
+pub mod sticky;
 pub mod upstream;

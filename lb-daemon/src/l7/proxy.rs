@@ -55,10 +55,19 @@ pub async fn handle(
     };
     let route = &rt.model.routes[route_idx];
     let route_rt = &rt.routes[route_idx];
-    let cluster = &rt.clusters[route.cluster];
+    // A split route draws its cluster here, before filters see the request; a plain route
+    // has its one cluster and its one set of metrics.
+    let (cluster_idx, side, split_cookie) = match &route_rt.split {
+        None => (route.cluster, 0, None),
+        Some(split) => {
+            let p = split.pick(&parts.headers, conn.client.ip());
+            (p.cluster, p.side, p.set_cookie)
+        }
+    };
+    let cluster = &rt.clusters[cluster_idx];
     log.route = Arc::clone(&route_rt.name);
     log.cluster = Arc::clone(&cluster.name);
-    log.metrics = Arc::clone(&listener.route_metrics[route_idx]);
+    log.metrics = Arc::clone(&listener.route_metrics[route_idx][side]);
 
     let deadline = route
         .timeout
@@ -140,7 +149,10 @@ pub async fn handle(
         body_limit: listener.limits.max_body_bytes,
     };
     let resp = match call.send(&mut head, body, &mut log).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if let Some(v) = split_cookie {
+                resp.headers_mut().append(header::SET_COOKIE, v.clone());
+            }
             let resp = respond(resp, log);
             match grpc_deadline {
                 Some(c) => grpc::bound_response(resp, c),

@@ -323,6 +323,7 @@ mod tests {
             priority: 0,
             matcher,
             cluster: 0,
+            split: None,
             rewrite: None,
             timeout: None,
             filters: Vec::new(),
@@ -360,6 +361,7 @@ mod tests {
                     attempts: 0,
                     ..Retry::default()
                 },
+                sticky: None,
             }],
             vips: Vec::new(),
         }

@@ -12,6 +12,7 @@ use super::cluster::ClusterRuntime;
 use super::filter::Chain;
 use super::log::RouteMetrics;
 use super::router::Router;
+use super::split::SplitRuntime;
 use crate::config::model::{Limits, ListenerProtocol, Model};
 use crate::health::ClusterHealth;
 use crate::telemetry::metrics as m;
@@ -38,6 +39,8 @@ pub struct RouteRuntime {
     pub name: Arc<str>,
     /// The route's filters.
     pub chain: Chain,
+    /// The route's weighted split across clusters, if it has one.
+    pub split: Option<SplitRuntime>,
 }
 
 /// Per-listener routing and limits.
@@ -55,8 +58,9 @@ pub struct ListenerRuntime {
     pub protocol: ListenerProtocol,
     /// Write access-log lines.
     pub access_log: bool,
-    /// Metric handles per route index (same order as `model.routes`).
-    pub route_metrics: Vec<Arc<RouteMetrics>>,
+    /// Metric handles per route index (same order as `model.routes`), then per cluster the
+    /// route sends to: one for a plain route, one per side (in split order) for a split one.
+    pub route_metrics: Vec<Box<[Arc<RouteMetrics>]>>,
     /// Metric handles for requests that matched no route.
     pub unrouted_metrics: Arc<RouteMetrics>,
 }
@@ -111,6 +115,10 @@ impl Runtime {
                 RouteRuntime {
                     name: Arc::from(r.name.as_str()),
                     chain: Chain::build(&r.filters, prev),
+                    split: r
+                        .split
+                        .as_ref()
+                        .and_then(|s| SplitRuntime::new(&r.name, s, &model)),
                 }
             })
             .collect();
@@ -129,8 +137,14 @@ impl Runtime {
                     .routes
                     .iter()
                     .map(|r| {
-                        let cluster = &model.clusters[r.cluster].name;
-                        Arc::new(RouteMetrics::new(&l.name, &r.name, cluster))
+                        let metrics = |c: usize| {
+                            let cluster = model.clusters.get(c).map_or("-", |c| c.name.as_str());
+                            Arc::new(RouteMetrics::new(&l.name, &r.name, cluster))
+                        };
+                        match &r.split {
+                            Some(s) => s.sides.iter().map(|side| metrics(side.cluster)).collect(),
+                            None => Box::from([metrics(r.cluster)]),
+                        }
                     })
                     .collect(),
                 unrouted_metrics: Arc::new(RouteMetrics::new(&l.name, "-", "-")),
