@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::cluster::ClusterRuntime;
-use super::filter::Chain;
+use super::filter::{Chain, Deps};
 use super::log::RouteMetrics;
 use super::router::Router;
 use crate::config::model::{Limits, ListenerProtocol, Model};
@@ -108,10 +108,13 @@ impl Runtime {
                 let prev = previous
                     .and_then(|p| p.routes.iter().find(|pr| *pr.name == *r.name))
                     .map(|pr| &pr.chain);
-                RouteRuntime {
-                    name: Arc::from(r.name.as_str()),
-                    chain: Chain::build(&r.filters, prev),
-                }
+                let name: Arc<str> = Arc::from(r.name.as_str());
+                let deps = Deps {
+                    clusters: &clusters,
+                    route: &name,
+                };
+                let chain = Chain::build(&r.filters, prev, &deps);
+                RouteRuntime { name, chain }
             })
             .collect();
         let listeners = model

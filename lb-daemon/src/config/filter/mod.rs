@@ -4,6 +4,7 @@
 pub mod access;
 pub mod direct_response;
 pub mod headers;
+pub mod mirror;
 pub mod path_rewrite;
 pub mod redirect;
 pub mod request_id;
@@ -26,6 +27,7 @@ pub struct RawFilter {
     pub redirect: Option<S<redirect::Raw>>,
     pub direct_response: Option<S<direct_response::Raw>>,
     pub access: Option<S<access::Raw>>,
+    pub mirror: Option<S<mirror::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -45,6 +47,8 @@ pub enum FilterSpec {
     DirectResponse(direct_response::Spec),
     /// Allow/deny by client address.
     Access(access::Spec),
+    /// Copy requests to a shadow cluster.
+    Mirror(mirror::Spec),
 }
 
 impl FilterSpec {
@@ -58,6 +62,7 @@ impl FilterSpec {
             FilterSpec::Redirect(_) => "redirect",
             FilterSpec::DirectResponse(_) => "direct_response",
             FilterSpec::Access(_) => "access",
+            FilterSpec::Mirror(_) => "mirror",
         }
     }
 }
@@ -91,18 +96,40 @@ impl Pattern {
     }
 }
 
-/// Checks a route's filter list. `route_key` is `routes[i]`; `dir` is the config's folder.
+/// What a route's filters may refer to outside the route.
+pub(crate) struct Refs<'a> {
+    /// The config's folder (relative file paths).
+    pub dir: &'a Path,
+    /// Resolves a cluster name to its index; `Err(())` when the name is unknown but some
+    /// cluster could not be read (then it may be that one, and the error is reported there).
+    pub cluster: &'a dyn Fn(&str) -> Result<Option<usize>, ()>,
+}
+
+/// Checks a route's filter list. `route_key` is `routes[i]`.
 pub(crate) fn check_all(
     c: &mut Checker<'_>,
     raw: &[S<RawFilter>],
     route_key: &str,
     matcher: &RouteMatch,
-    dir: &Path,
+    refs: &Refs<'_>,
 ) -> Vec<FilterSpec> {
     let mut out = Vec::with_capacity(raw.len());
+    let mut mirror_at = None;
     for (i, f) in raw.iter().enumerate() {
         let key = format!("{route_key}.filters[{i}]");
-        if let Some(spec) = check_one(c, f, &key, dir) {
+        if let Some(spec) = check_one(c, f, &key, refs) {
+            if matches!(spec, FilterSpec::Mirror(_)) {
+                // One shadow per request: the request phase hands one copy to the core.
+                if let Some(first) = mirror_at {
+                    c.err(
+                        f.span(),
+                        &key,
+                        format!("one mirror per route ({route_key}.filters[{first}] is one)"),
+                    );
+                    continue;
+                }
+                mirror_at = Some(i);
+            }
             if uses_captures(&spec) && !matches!(matcher.path, Some(PathMatch::Regex(_))) {
                 c.err(
                     f.span(),
@@ -124,7 +151,12 @@ fn uses_captures(spec: &FilterSpec) -> bool {
     }
 }
 
-fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Option<FilterSpec> {
+fn check_one(
+    c: &mut Checker<'_>,
+    f: &S<RawFilter>,
+    key: &str,
+    refs: &Refs<'_>,
+) -> Option<FilterSpec> {
     let r = f.get_ref();
     let set: Vec<&str> = [
         ("request_headers", r.request_headers.is_some()),
@@ -134,6 +166,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("redirect", r.redirect.is_some()),
         ("direct_response", r.direct_response.is_some()),
         ("access", r.access.is_some()),
+        ("mirror", r.mirror.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -141,7 +174,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access"
+             path_rewrite, redirect, direct_response, access, mirror"
                 .to_owned()
         } else {
             format!(
@@ -171,11 +204,14 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         return redirect::check(c, x, &format!("{key}.redirect")).map(FilterSpec::Redirect);
     }
     if let Some(x) = &r.direct_response {
-        return direct_response::check(c, x, &format!("{key}.direct_response"), dir)
+        return direct_response::check(c, x, &format!("{key}.direct_response"), refs.dir)
             .map(FilterSpec::DirectResponse);
     }
     if let Some(x) = &r.access {
         return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
+    }
+    if let Some(x) = &r.mirror {
+        return mirror::check(c, x, &format!("{key}.mirror"), refs.cluster).map(FilterSpec::Mirror);
     }
     None
 }

@@ -27,6 +27,7 @@
 //! keys in `configs/lb.toml`; an e2e test when it touches the wire.
 pub mod access;
 pub mod headers;
+pub mod mirror;
 pub mod redirect;
 pub mod request_id;
 pub mod rewrite;
@@ -37,6 +38,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Response};
 
+use super::cluster::ClusterRuntime;
 use super::conn::ConnInfo;
 use super::log::RequestLog;
 use super::reason::Reason;
@@ -61,6 +63,8 @@ pub struct Notes {
     pub request_id: Option<HeaderValue>,
     /// The request's host without port, as routed (kept for response templates).
     pub host: Option<Bytes>,
+    /// A mirror to start once the upstream head is final (`mirror` filter).
+    pub mirror: Option<Box<mirror::Ticket>>,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -96,11 +100,22 @@ pub enum Filter {
     DirectResponse(redirect::Direct),
     /// `access`.
     Access(access::Access),
+    /// `mirror`.
+    Mirror(mirror::Mirror),
+}
+
+/// What filters are built with besides their spec: the generation's running parts they may
+/// call at request time.
+pub struct Deps<'a> {
+    /// The generation's clusters, in model order (clusters are built before routes).
+    pub clusters: &'a [Arc<ClusterRuntime>],
+    /// The route's name.
+    pub route: &'a Arc<str>,
 }
 
 impl Filter {
     /// Builds the running filter for `spec`.
-    pub fn build(spec: &FilterSpec) -> Filter {
+    pub fn build(spec: &FilterSpec, deps: &Deps<'_>) -> Filter {
         match spec {
             FilterSpec::RequestHeaders(s) => Filter::RequestHeaders(headers::HeaderEdits::new(s)),
             FilterSpec::ResponseHeaders(s) => Filter::ResponseHeaders(headers::HeaderEdits::new(s)),
@@ -109,6 +124,21 @@ impl Filter {
             FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
+            FilterSpec::Mirror(s) => match deps.clusters.get(s.cluster) {
+                Some(c) => Filter::Mirror(mirror::Mirror::new(s, Arc::clone(c), deps.route)),
+                // A validated model names only clusters it has; should one be missing
+                // anyway, the route goes on without its shadow rather than failing.
+                None => Filter::RequestHeaders(headers::HeaderEdits::default()),
+            },
+        }
+    }
+
+    /// Whether a filter of the last generation can serve this one (its spec being equal):
+    /// not when a part it calls was rebuilt.
+    fn still_current(&self, spec: &FilterSpec, deps: &Deps<'_>) -> bool {
+        match (self, spec) {
+            (Filter::Mirror(m), FilterSpec::Mirror(s)) => m.sends_to(deps.clusters.get(s.cluster)),
+            _ => true,
         }
     }
 
@@ -132,6 +162,10 @@ impl Filter {
             Filter::Redirect(r) => Flow::Answer(r.answer(ex)),
             Filter::DirectResponse(d) => Flow::Answer(d.answer()),
             Filter::Access(a) => a.request(ex),
+            Filter::Mirror(m) => {
+                m.request(ex);
+                Flow::Next
+            }
         }
     }
 
@@ -144,7 +178,8 @@ impl Filter {
             | Filter::PathRewrite(_)
             | Filter::Redirect(_)
             | Filter::DirectResponse(_)
-            | Filter::Access(_) => {}
+            | Filter::Access(_)
+            | Filter::Mirror(_) => {}
         }
     }
 }
@@ -171,16 +206,16 @@ pub struct Chain {
 impl Chain {
     /// Builds the chain for `specs`, reusing filters of `previous` (the route's chain in the
     /// last generation) whose spec is unchanged.
-    pub fn build(specs: &[FilterSpec], previous: Option<&Chain>) -> Chain {
+    pub fn build(specs: &[FilterSpec], previous: Option<&Chain>, deps: &Deps<'_>) -> Chain {
         let filters = specs
             .iter()
             .enumerate()
             .map(|(i, spec)| {
                 let reused = previous
                     .and_then(|p| p.filters.get(i))
-                    .filter(|(s, _)| s == spec)
+                    .filter(|(s, f)| s == spec && f.still_current(spec, deps))
                     .map(|(_, f)| Arc::clone(f));
-                let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec)));
+                let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec, deps)));
                 (spec.clone(), f)
             })
             .collect();
