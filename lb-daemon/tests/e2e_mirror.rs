@@ -523,7 +523,7 @@ async fn shadow_answers_are_compared_exactly() {
             ("twin", twin.addr),
         ],
     );
-    let _lbd = Lbd::start(bin(), &cfg);
+    let lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
     const N: u32 = 100;
     for n in 0..N {
@@ -548,4 +548,18 @@ async fn shadow_answers_are_compared_exactly() {
     assert_eq!(got("status_mismatch"), status);
     assert_eq!(got("body_mismatch"), body);
     assert_eq!(got("shadow_error"), 0.0);
+    // Mismatches are logged, at most one line a second: 17 within well under a second give
+    // one or two lines, not 17.
+    let logs = lbd.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("mirror answer differs"))
+        .collect();
+    eprintln!("{}", lines.join("\n"));
+    assert!(!lines.is_empty() && lines.len() < 17, "{lines:?}");
+    assert!(
+        lines[0].contains("route=\"cmp\"") || lines[0].contains("route=cmp"),
+        "{}",
+        lines[0]
+    );
 }
