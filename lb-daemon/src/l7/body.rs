@@ -275,8 +275,9 @@ pub struct ResponseBody {
 #[derive(Debug)]
 enum Kind {
     Upstream(UpstreamBody),
-    /// An upstream body whose digest someone waits for (a mirror comparing answers).
-    Tapped(UpstreamBody, Box<DigestTap>),
+    /// An upstream body whose digest someone waits for (a mirror comparing answers); boxed
+    /// whole so that the common variants stay as small as they were.
+    Tapped(Box<(UpstreamBody, DigestTap)>),
     Full(Option<Bytes>),
 }
 
@@ -369,9 +370,9 @@ impl ResponseBody {
         limit: u64,
         tx: tokio::sync::oneshot::Sender<Digest>,
     ) -> Self {
-        let mut tap = Box::new(DigestTap::new(status, limit, tx));
+        let mut tap = DigestTap::new(status, limit, tx);
         self.kind = match std::mem::replace(&mut self.kind, Kind::Full(None)) {
-            Kind::Upstream(b) if !b.is_end_stream() => Kind::Tapped(b, tap),
+            Kind::Upstream(b) if !b.is_end_stream() => Kind::Tapped(Box::new((b, tap))),
             other => {
                 if let Kind::Full(Some(b)) = &other {
                     tap.data(b);
@@ -454,7 +455,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some((sleep, trailers)) = &mut this.deadline
-            && matches!(this.kind, Kind::Upstream(_) | Kind::Tapped(..))
+            && matches!(this.kind, Kind::Upstream(_) | Kind::Tapped(_))
             && sleep.as_mut().poll(cx).is_ready()
         {
             // Dropping the upstream body resets its stream (RST_STREAM CANCEL).
@@ -469,7 +470,8 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
-            Kind::Tapped(inner, tap) => {
+            Kind::Tapped(t) => {
+                let (inner, tap) = &mut **t;
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(f))) => {
@@ -522,7 +524,8 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Upstream(inner) | Kind::Tapped(inner, _) => inner.is_end_stream(),
+            Kind::Upstream(inner) => inner.is_end_stream(),
+            Kind::Tapped(t) => t.0.is_end_stream(),
         }
     }
 
@@ -530,7 +533,8 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(inner) | Kind::Tapped(inner, _) => inner.size_hint(),
+            Kind::Upstream(inner) => inner.size_hint(),
+            Kind::Tapped(t) => t.0.size_hint(),
         }
     }
 }

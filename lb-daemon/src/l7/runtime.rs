@@ -161,3 +161,53 @@ impl Runtime {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(shadow_timeout: &str) -> Arc<Model> {
+        let text = format!(
+            r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+[[routes]]
+name = "r"
+cluster = "web"
+[[routes.filters]]
+mirror = {{ cluster = "shadow" }}
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+[[clusters]]
+name = "shadow"
+[clusters.timeouts]
+response = "{shadow_timeout}"
+[[clusters.endpoints]]
+address = "127.0.0.1:2"
+"#
+        );
+        Arc::new(crate::config::parse(&text, std::path::Path::new("t.toml")).expect("model"))
+    }
+
+    /// A mirror keeps its state over a reload that leaves it and its shadow cluster alone,
+    /// and follows the shadow cluster when a reload rebuilds it.
+    #[tokio::test]
+    async fn a_mirror_follows_its_shadow_cluster_over_reloads() {
+        let first = Runtime::build(model("5s"), None);
+        let same = Runtime::build(model("5s"), Some(&first));
+        let mirror = |rt: &Runtime| Arc::clone(rt.routes[0].chain.get(0).expect("mirror"));
+        assert!(Arc::ptr_eq(&mirror(&first), &mirror(&same)));
+        let changed = Runtime::build(model("7s"), Some(&same));
+        assert!(!Arc::ptr_eq(&mirror(&same), &mirror(&changed)));
+        match &*mirror(&changed) {
+            super::super::filter::Filter::Mirror(m) => {
+                assert!(m.sends_to(changed.clusters.get(1)));
+                assert!(!m.sends_to(same.clusters.get(1)));
+            }
+            other => panic!("not a mirror: {other:?}"),
+        }
+    }
+}
