@@ -316,26 +316,39 @@ async fn a_slow_or_dead_shadow_neither_delays_nor_changes_the_primary() {
     for p in ["/plain/w", "/slow/w", "/dead/w"] {
         assert_eq!(get(&c, listen, p).await.status, 200);
     }
+    // Latency on a shared 2-core machine is noisy: up to three rounds, the first that keeps
+    // within the bound passes. A mirror the primary waited for fails all three (p99 ≥ 1 s).
     const N: usize = 500;
-    let mut times: [Vec<Duration>; 3] = Default::default();
-    for i in 0..N {
-        for (j, route) in ["plain", "slow", "dead"].iter().enumerate() {
-            let t = Instant::now();
-            let r = get(&c, listen, &format!("/{route}/{i}")).await;
-            times[j].push(t.elapsed());
-            assert_eq!(r.status, 200, "{route} {i}: {}", r.text());
-            assert_eq!(r.text(), "web", "{route} {i}");
-            assert_eq!(r.backend(), "web");
+    let mut rounds = Vec::new();
+    let mut sent = 1; // the warm-up
+    for round in 0..3 {
+        let mut times: [Vec<Duration>; 3] = Default::default();
+        for i in 0..N {
+            for (j, route) in ["plain", "slow", "dead"].iter().enumerate() {
+                let t = Instant::now();
+                let r = get(&c, listen, &format!("/{route}/{round}-{i}")).await;
+                times[j].push(t.elapsed());
+                assert_eq!(r.status, 200, "{route} {i}: {}", r.text());
+                assert_eq!(r.text(), "web", "{route} {i}");
+                assert_eq!(r.backend(), "web");
+            }
         }
+        sent += N;
+        let [plain, slow, dead] = times.map(p99);
+        eprintln!("round {round}: p99 plain {plain:?}, slow shadow {slow:?}, dead shadow {dead:?}");
+        let bound = plain.mul_f64(1.10) + Duration::from_millis(2);
+        rounds.push((plain, slow, dead));
+        if slow <= bound && dead <= bound {
+            break;
+        }
+        assert!(
+            round < 2,
+            "p99 over the bound (plain × 1.1 + 2 ms) in every round (plain, slow, dead): {rounds:?}"
+        );
     }
-    let [plain, slow, dead] = times.map(p99);
-    eprintln!("p99 plain {plain:?}, slow shadow {slow:?}, dead shadow {dead:?}");
-    let bound = plain.mul_f64(1.10) + Duration::from_millis(2);
-    assert!(slow <= bound, "slow shadow: p99 {slow:?} > {bound:?}");
-    assert!(dead <= bound, "dead shadow: p99 {dead:?} > {bound:?}");
 
     // The sleepy shadow got every request (+ the warm-up), each marked.
-    assert_eq!(sleepy.wait_for("/slow/", N + 1).await, N + 1);
+    assert_eq!(sleepy.wait_for("/slow/", sent).await, sent);
     let s = sleepy.seen();
     assert!(
         s.iter()
@@ -351,12 +364,12 @@ async fn a_slow_or_dead_shadow_neither_delays_nor_changes_the_primary() {
             e,
             "lbd_mirror_requests_total",
             &[("route", "dead"), ("result", "failed")],
-        ) >= (N + 1) as f64
+        ) >= sent as f64
             && counter(
                 e,
                 "lbd_mirror_requests_total",
                 &[("route", "slow"), ("result", "answered")],
-            ) >= (N + 1) as f64
+            ) >= sent as f64
     })
     .await;
     assert_eq!(
@@ -365,7 +378,7 @@ async fn a_slow_or_dead_shadow_neither_delays_nor_changes_the_primary() {
             "lbd_mirror_requests_total",
             &[("route", "dead"), ("result", "failed")]
         ),
-        (N + 1) as f64
+        sent as f64
     );
     assert_eq!(
         counter(
@@ -373,7 +386,7 @@ async fn a_slow_or_dead_shadow_neither_delays_nor_changes_the_primary() {
             "lbd_mirror_requests_total",
             &[("route", "slow"), ("result", "answered")]
         ),
-        (N + 1) as f64
+        sent as f64
     );
     assert_eq!(e.sum("lbd_mirror_skipped_total", &[("route", "slow")]), 0.0);
 
