@@ -714,6 +714,34 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "routes[0].filters[0].api_key.keys[0].sha256",
         "64 hex digits",
     ),
+    (
+        "mirror to an unknown cluster",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nmirror = { cluster = \"nope\" }\n",
+        5,
+        "routes[0].filters[0].mirror.cluster",
+        "unknown cluster \"nope\"",
+    ),
+    (
+        "mirror percent out of range",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nmirror = { cluster = \"tail\", percent = 150.0 }\n",
+        5,
+        "routes[0].filters[0].mirror.percent",
+        "must be between 0 and 100",
+    ),
+    (
+        "mirror max_in_flight zero",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nmirror = { cluster = \"tail\", max_in_flight = 0 }\n",
+        5,
+        "routes[0].filters[0].mirror.max_in_flight",
+        "must be between 1 and 1000000",
+    ),
+    (
+        "two mirrors on one route",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nmirror = { cluster = \"tail\" }\n[[routes.filters]]\nmirror = { cluster = \"tail\", percent = 5 }\n",
+        6,
+        "routes[0].filters[1]",
+        "one mirror per route",
+    ),
 ];
 
 #[test]

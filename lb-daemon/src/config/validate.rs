@@ -795,12 +795,21 @@ impl Checker<'_> {
                 .rewrite
                 .as_ref()
                 .and_then(|rw| self.rewrite(rw, &matcher, &key));
+            let cluster_of = |name: &str| match refs.clusters.get(name) {
+                Some(i) => Ok(Some(i)),
+                None if refs.clusters_complete => Ok(None),
+                None => Err(()),
+            };
+            let filter_refs = super::filter::Refs {
+                dir,
+                cluster: &cluster_of,
+            };
             let filters = super::filter::check_all(
                 self,
                 r.filters.as_deref().unwrap_or_default(),
                 &key,
                 &matcher,
-                dir,
+                &filter_refs,
             );
             out.push(Route {
                 name: r.name.get_ref().clone(),

@@ -56,6 +56,8 @@ pub enum RequestBody {
     },
     /// No body (also what a retry sends, since retries only happen for empty bodies).
     Empty,
+    /// A body lbd holds whole (a mirrored request's copy); `None` once sent.
+    Full(Option<Bytes>),
     /// One attempt's view of a client body kept for retries (gRPC retries): what earlier
     /// attempts already read is replayed from memory, the rest is read from the client.
     Replayable {
@@ -137,7 +139,7 @@ impl RequestBody {
     /// The client body's byte counter and limit (`None` without a client body).
     pub fn limit_probe(&self) -> Option<(Arc<AtomicU64>, u64)> {
         match self {
-            RequestBody::Empty => None,
+            RequestBody::Empty | RequestBody::Full(_) => None,
             RequestBody::Stream { seen, limit, .. } => Some((Arc::clone(seen), *limit)),
             RequestBody::Replayable { shared, .. } => {
                 shared.lock().ok().map(|s| (Arc::clone(&s.seen), s.limit))
@@ -156,6 +158,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Replayable {
                 shared,
                 attempt,
@@ -231,6 +234,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Full(b) => b.is_none(),
             // The client's stream may know it has ended before it is polled again (an HTTP/2
             // DATA frame with END_STREAM): saying so lets the upstream request end with its
             // last data instead of waiting for one more poll that may never come once the
@@ -246,6 +250,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Replayable { shared, pos, .. } => shared
                 .lock()
                 .ok()
@@ -270,7 +275,81 @@ pub struct ResponseBody {
 #[derive(Debug)]
 enum Kind {
     Upstream(UpstreamBody),
+    /// An upstream body whose digest someone waits for (a mirror comparing answers); boxed
+    /// whole so that the common variants stay as small as they were.
+    Tapped(Box<(UpstreamBody, DigestTap)>),
     Full(Option<Bytes>),
+}
+
+/// A response's status and, when its body ended within the bound, a hash of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    /// Status code.
+    pub status: u16,
+    /// Hash of the whole body (`None`: longer than the bound, or not hashed).
+    pub hash: Option<u64>,
+}
+
+/// Hashes a body as it streams past, without holding it, and hands the [`Digest`] over
+/// when the body ends. Dropped before the end (client gone, upstream broke): nothing is sent.
+#[derive(Debug)]
+pub struct DigestTap {
+    status: u16,
+    hasher: Option<BodyHasher>,
+    seen: u64,
+    limit: u64,
+    tx: Option<tokio::sync::oneshot::Sender<Digest>>,
+}
+
+/// The body hash both sides of a comparison use: fast, not cryptographic, the same for any
+/// split of the body into chunks, fixed for the life of the process.
+#[derive(Debug, Default)]
+pub struct BodyHasher(std::hash::DefaultHasher);
+
+impl BodyHasher {
+    /// Feeds the next chunk.
+    pub fn update(&mut self, bytes: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, bytes);
+    }
+
+    /// The hash of everything fed.
+    pub fn finish(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
+impl DigestTap {
+    /// A tap for a response with `status` whose body is hashed up to `limit` bytes.
+    pub fn new(status: u16, limit: u64, tx: tokio::sync::oneshot::Sender<Digest>) -> Self {
+        DigestTap {
+            status,
+            hasher: Some(BodyHasher::default()),
+            seen: 0,
+            limit,
+            tx: Some(tx),
+        }
+    }
+
+    fn data(&mut self, d: &[u8]) {
+        self.seen += d.len() as u64;
+        if self.seen > self.limit {
+            // Too long to compare by hash: the status is all there is, and it is known now.
+            self.hasher = None;
+            self.send();
+        } else if let Some(h) = &mut self.hasher {
+            h.update(d);
+        }
+    }
+
+    fn send(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let hash = self.hasher.as_ref().map(BodyHasher::finish);
+            let _ = tx.send(Digest {
+                status: self.status,
+                hash,
+            });
+        }
+    }
 }
 
 impl ResponseBody {
@@ -281,6 +360,28 @@ impl ResponseBody {
             deadline: None,
             log: Some(log),
         }
+    }
+
+    /// Hands this body's digest to `tap` as it streams (a body that is not an upstream's
+    /// keeps its status only: lbd's own answers are sent at once).
+    pub fn tapped(
+        mut self,
+        status: u16,
+        limit: u64,
+        tx: tokio::sync::oneshot::Sender<Digest>,
+    ) -> Self {
+        let mut tap = DigestTap::new(status, limit, tx);
+        self.kind = match std::mem::replace(&mut self.kind, Kind::Full(None)) {
+            Kind::Upstream(b) if !b.is_end_stream() => Kind::Tapped(Box::new((b, tap))),
+            other => {
+                if let Kind::Full(Some(b)) = &other {
+                    tap.data(b);
+                }
+                tap.send();
+                other
+            }
+        };
+        self
     }
 
     /// A complete body generated by lbd.
@@ -354,7 +455,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some((sleep, trailers)) = &mut this.deadline
-            && matches!(this.kind, Kind::Upstream(_))
+            && matches!(this.kind, Kind::Upstream(_) | Kind::Tapped(_))
             && sleep.as_mut().poll(cx).is_ready()
         {
             // Dropping the upstream body resets its stream (RST_STREAM CANCEL).
@@ -369,6 +470,24 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Tapped(t) => {
+                let (inner, tap) = &mut **t;
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let Some(d) = f.data_ref() {
+                            tap.data(d);
+                        }
+                        // hyper may not poll again once the body says it has ended.
+                        if inner.is_end_stream() {
+                            tap.send();
+                        }
+                    }
+                    Poll::Ready(None) => tap.send(),
+                    _ => {}
+                }
+                polled
+            }
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -406,6 +525,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(inner) => inner.is_end_stream(),
+            Kind::Tapped(t) => t.0.is_end_stream(),
         }
     }
 
@@ -414,6 +534,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(inner) => inner.size_hint(),
+            Kind::Tapped(t) => t.0.size_hint(),
         }
     }
 }

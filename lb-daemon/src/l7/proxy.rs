@@ -138,6 +138,12 @@ pub async fn handle(
     if let Some(call) = &grpc_deadline {
         call.propagate(&mut head.headers);
     }
+    // A mirror starts now that the head is final; it may tee the body, and waits for the
+    // primary's digest when it compares.
+    let (body, digest) = match notes.mirror.take() {
+        Some(ticket) => ticket.start(&head, &path, conn.client.ip(), body),
+        None => (body, None),
+    };
 
     // Forward.
     let call = Call {
@@ -153,13 +159,22 @@ pub async fn handle(
             if let Some(v) = split_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, v.clone());
             }
-            let resp = respond(resp, log);
+            let mut resp = respond(resp, log);
+            if let Some((tx, limit)) = digest {
+                resp = tap(resp, tx, limit);
+            }
             match grpc_deadline {
                 Some(c) => grpc::bound_response(resp, c),
                 None => resp,
             }
         }
-        Err(f) => fail(log, f),
+        Err(f) => {
+            let resp = fail(log, f);
+            match digest {
+                Some((tx, limit)) => tap(resp, tx, limit),
+                None => resp,
+            }
+        }
     };
     if ran == 0 {
         return resp;
@@ -304,6 +319,16 @@ fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<R
         log.grpc_status = grpc::status_of(&parts.headers);
     }
     Response::from_parts(parts, ResponseBody::upstream(body, log))
+}
+
+/// Hands the response's digest to a mirror comparing answers, as its body streams.
+fn tap(
+    resp: Response<ResponseBody>,
+    tx: tokio::sync::oneshot::Sender<super::body::Digest>,
+    limit: u64,
+) -> Response<ResponseBody> {
+    let status = resp.status().as_u16();
+    resp.map(|b| b.tapped(status, limit, tx))
 }
 
 fn fail(log: Box<RequestLog>, f: Failure) -> Response<ResponseBody> {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::cluster::ClusterRuntime;
-use super::filter::Chain;
+use super::filter::{Chain, Deps};
 use super::log::RouteMetrics;
 use super::router::Router;
 use super::split::SplitRuntime;
@@ -112,9 +112,15 @@ impl Runtime {
                 let prev = previous
                     .and_then(|p| p.routes.iter().find(|pr| *pr.name == *r.name))
                     .map(|pr| &pr.chain);
+                let name: Arc<str> = Arc::from(r.name.as_str());
+                let deps = Deps {
+                    clusters: &clusters,
+                    route: &name,
+                };
+                let chain = Chain::build(&r.filters, prev, &deps);
                 RouteRuntime {
-                    name: Arc::from(r.name.as_str()),
-                    chain: Chain::build(&r.filters, prev),
+                    name,
+                    chain,
                     split: r
                         .split
                         .as_ref()
@@ -170,5 +176,55 @@ impl Runtime {
             .iter()
             .map(|c| Arc::clone(&c.health))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(shadow_timeout: &str) -> Arc<Model> {
+        let text = format!(
+            r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+[[routes]]
+name = "r"
+cluster = "web"
+[[routes.filters]]
+mirror = {{ cluster = "shadow" }}
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+[[clusters]]
+name = "shadow"
+[clusters.timeouts]
+response = "{shadow_timeout}"
+[[clusters.endpoints]]
+address = "127.0.0.1:2"
+"#
+        );
+        Arc::new(crate::config::parse(&text, std::path::Path::new("t.toml")).expect("model"))
+    }
+
+    /// A mirror keeps its state over a reload that leaves it and its shadow cluster alone,
+    /// and follows the shadow cluster when a reload rebuilds it.
+    #[tokio::test]
+    async fn a_mirror_follows_its_shadow_cluster_over_reloads() {
+        let first = Runtime::build(model("5s"), None);
+        let same = Runtime::build(model("5s"), Some(&first));
+        let mirror = |rt: &Runtime| Arc::clone(rt.routes[0].chain.get(0).expect("mirror"));
+        assert!(Arc::ptr_eq(&mirror(&first), &mirror(&same)));
+        let changed = Runtime::build(model("7s"), Some(&same));
+        assert!(!Arc::ptr_eq(&mirror(&same), &mirror(&changed)));
+        match &*mirror(&changed) {
+            super::super::filter::Filter::Mirror(m) => {
+                assert!(m.sends_to(changed.clusters.get(1)));
+                assert!(!m.sends_to(same.clusters.get(1)));
+            }
+            other => panic!("not a mirror: {other:?}"),
+        }
     }
 }

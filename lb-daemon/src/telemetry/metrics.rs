@@ -37,6 +37,14 @@ pub const HEALTH_TRANSITIONS: &str = "lbd_endpoint_health_transitions_total";
 pub const GRPC_REQUESTS: &str = "lbd_grpc_requests_total";
 /// gRPC call duration, head received to response end (`route`, `service`, `method`).
 pub const GRPC_DURATION: &str = "lbd_grpc_request_duration_seconds";
+/// Requests sent to a mirror's shadow cluster (`route`, `cluster`).
+pub const MIRROR_SENT: &str = "lbd_mirror_requests_total";
+/// Requests picked for mirroring but not mirrored (`route`, `reason`: `body_too_large`,
+/// `body_incomplete`, `in_flight_limit`).
+pub const MIRROR_SKIPPED: &str = "lbd_mirror_skipped_total";
+/// Shadow answers compared with the primary's (`route`, `result`: `match`,
+/// `status_mismatch`, `body_mismatch`, `shadow_error`).
+pub const MIRROR_COMPARED: &str = "lbd_mirror_compared_total";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -103,6 +111,15 @@ fn describe() {
         GRPC_DURATION,
         Unit::Seconds,
         "gRPC call duration, by route, service and method."
+    );
+    describe_counter!(MIRROR_SENT, "Requests sent to a shadow cluster.");
+    describe_counter!(
+        MIRROR_SKIPPED,
+        "Requests picked for mirroring but not mirrored, by reason."
+    );
+    describe_counter!(
+        MIRROR_COMPARED,
+        "Shadow answers compared with the primary's, by result."
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");

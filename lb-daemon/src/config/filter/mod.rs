@@ -7,6 +7,7 @@ pub mod cors;
 pub mod direct_response;
 pub mod headers;
 pub mod jwt;
+pub mod mirror;
 pub mod path_rewrite;
 pub mod rate_limit;
 pub mod redirect;
@@ -34,6 +35,7 @@ pub struct RawFilter {
     pub cors: Option<S<cors::Raw>>,
     pub jwt: Option<S<jwt::Raw>>,
     pub api_key: Option<S<api_key::Raw>>,
+    pub mirror: Option<S<mirror::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -61,6 +63,8 @@ pub enum FilterSpec {
     Jwt(jwt::Spec),
     /// Admit known API keys.
     ApiKey(api_key::Spec),
+    /// Copy requests to a shadow cluster.
+    Mirror(mirror::Spec),
 }
 
 impl FilterSpec {
@@ -78,6 +82,7 @@ impl FilterSpec {
             FilterSpec::Cors(_) => "cors",
             FilterSpec::Jwt(_) => "jwt",
             FilterSpec::ApiKey(_) => "api_key",
+            FilterSpec::Mirror(_) => "mirror",
         }
     }
 }
@@ -111,18 +116,40 @@ impl Pattern {
     }
 }
 
-/// Checks a route's filter list. `route_key` is `routes[i]`; `dir` is the config's folder.
+/// What a route's filters may refer to outside the route.
+pub(crate) struct Refs<'a> {
+    /// The config's folder (relative file paths).
+    pub dir: &'a Path,
+    /// Resolves a cluster name to its index; `Err(())` when the name is unknown but some
+    /// cluster could not be read (then it may be that one, and the error is reported there).
+    pub cluster: &'a dyn Fn(&str) -> Result<Option<usize>, ()>,
+}
+
+/// Checks a route's filter list. `route_key` is `routes[i]`.
 pub(crate) fn check_all(
     c: &mut Checker<'_>,
     raw: &[S<RawFilter>],
     route_key: &str,
     matcher: &RouteMatch,
-    dir: &Path,
+    refs: &Refs<'_>,
 ) -> Vec<FilterSpec> {
     let mut out = Vec::with_capacity(raw.len());
+    let mut mirror_at = None;
     for (i, f) in raw.iter().enumerate() {
         let key = format!("{route_key}.filters[{i}]");
-        if let Some(spec) = check_one(c, f, &key, dir) {
+        if let Some(spec) = check_one(c, f, &key, refs) {
+            if matches!(spec, FilterSpec::Mirror(_)) {
+                // One shadow per request: the request phase hands one copy to the core.
+                if let Some(first) = mirror_at {
+                    c.err(
+                        f.span(),
+                        &key,
+                        format!("one mirror per route ({route_key}.filters[{first}] is one)"),
+                    );
+                    continue;
+                }
+                mirror_at = Some(i);
+            }
             if uses_captures(&spec) && !matches!(matcher.path, Some(PathMatch::Regex(_))) {
                 c.err(
                     f.span(),
@@ -144,7 +171,12 @@ fn uses_captures(spec: &FilterSpec) -> bool {
     }
 }
 
-fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Option<FilterSpec> {
+fn check_one(
+    c: &mut Checker<'_>,
+    f: &S<RawFilter>,
+    key: &str,
+    refs: &Refs<'_>,
+) -> Option<FilterSpec> {
     let r = f.get_ref();
     let set: Vec<&str> = [
         ("request_headers", r.request_headers.is_some()),
@@ -158,6 +190,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         ("cors", r.cors.is_some()),
         ("jwt", r.jwt.is_some()),
         ("api_key", r.api_key.is_some()),
+        ("mirror", r.mirror.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -165,7 +198,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access, rate_limit, cors, jwt, api_key"
+             path_rewrite, redirect, direct_response, access, rate_limit, cors, jwt, api_key, mirror"
                 .to_owned()
         } else {
             format!(
@@ -195,7 +228,7 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         return redirect::check(c, x, &format!("{key}.redirect")).map(FilterSpec::Redirect);
     }
     if let Some(x) = &r.direct_response {
-        return direct_response::check(c, x, &format!("{key}.direct_response"), dir)
+        return direct_response::check(c, x, &format!("{key}.direct_response"), refs.dir)
             .map(FilterSpec::DirectResponse);
     }
     if let Some(x) = &r.access {
@@ -208,10 +241,13 @@ fn check_one(c: &mut Checker<'_>, f: &S<RawFilter>, key: &str, dir: &Path) -> Op
         return cors::check(c, x, &format!("{key}.cors")).map(FilterSpec::Cors);
     }
     if let Some(x) = &r.jwt {
-        return jwt::check(c, x, &format!("{key}.jwt"), dir).map(FilterSpec::Jwt);
+        return jwt::check(c, x, &format!("{key}.jwt"), refs.dir).map(FilterSpec::Jwt);
     }
     if let Some(x) = &r.api_key {
         return api_key::check(c, x, &format!("{key}.api_key")).map(FilterSpec::ApiKey);
+    }
+    if let Some(x) = &r.mirror {
+        return mirror::check(c, x, &format!("{key}.mirror"), refs.cluster).map(FilterSpec::Mirror);
     }
     None
 }

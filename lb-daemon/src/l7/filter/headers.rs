@@ -14,8 +14,8 @@ enum Value {
     Template(Template),
 }
 
-/// Header edits, applied remove → set → add.
-#[derive(Debug)]
+/// Header edits, applied remove → set → add (the default edits nothing).
+#[derive(Debug, Default)]
 pub struct HeaderEdits {
     add: Vec<(HeaderName, Value)>,
     set: Vec<(HeaderName, Value)>,

@@ -31,6 +31,7 @@ pub mod cors;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
+pub mod mirror;
 pub mod rate_limit;
 pub mod redirect;
 pub mod request_id;
@@ -42,6 +43,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Response};
 
+use super::cluster::ClusterRuntime;
 use super::conn::ConnInfo;
 use super::log::RequestLog;
 use super::reason::Reason;
@@ -78,6 +80,8 @@ pub struct Notes {
     pub consumer: Option<Arc<str>>,
     /// A verified token's claims (`jwt`).
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// A mirror to start once the upstream head is final (`mirror` filter).
+    pub mirror: Option<Box<mirror::Ticket>>,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -121,11 +125,22 @@ pub enum Filter {
     Jwt(Box<jwt::Jwt>),
     /// `api_key`.
     ApiKey(api_key::ApiKey),
+    /// `mirror`.
+    Mirror(mirror::Mirror),
+}
+
+/// What filters are built with besides their spec: the generation's running parts they may
+/// call at request time.
+pub struct Deps<'a> {
+    /// The generation's clusters, in model order (clusters are built before routes).
+    pub clusters: &'a [Arc<ClusterRuntime>],
+    /// The route's name.
+    pub route: &'a Arc<str>,
 }
 
 impl Filter {
     /// Builds the running filter for `spec`.
-    pub fn build(spec: &FilterSpec) -> Filter {
+    pub fn build(spec: &FilterSpec, deps: &Deps<'_>) -> Filter {
         match spec {
             FilterSpec::RequestHeaders(s) => Filter::RequestHeaders(headers::HeaderEdits::new(s)),
             FilterSpec::ResponseHeaders(s) => Filter::ResponseHeaders(headers::HeaderEdits::new(s)),
@@ -138,6 +153,21 @@ impl Filter {
             FilterSpec::Cors(s) => Filter::Cors(cors::Cors::new(s)),
             FilterSpec::Jwt(s) => Filter::Jwt(Box::new(jwt::Jwt::new(s))),
             FilterSpec::ApiKey(s) => Filter::ApiKey(api_key::ApiKey::new(s)),
+            FilterSpec::Mirror(s) => match deps.clusters.get(s.cluster) {
+                Some(c) => Filter::Mirror(mirror::Mirror::new(s, Arc::clone(c), deps.route)),
+                // A validated model names only clusters it has; should one be missing
+                // anyway, the route goes on without its shadow rather than failing.
+                None => Filter::RequestHeaders(headers::HeaderEdits::default()),
+            },
+        }
+    }
+
+    /// Whether a filter of the last generation can serve this one (its spec being equal):
+    /// not when a part it calls was rebuilt.
+    fn still_current(&self, spec: &FilterSpec, deps: &Deps<'_>) -> bool {
+        match (self, spec) {
+            (Filter::Mirror(m), FilterSpec::Mirror(s)) => m.sends_to(deps.clusters.get(s.cluster)),
+            _ => true,
         }
     }
 
@@ -165,6 +195,10 @@ impl Filter {
             Filter::Cors(c) => c.request(ex),
             Filter::Jwt(j) => j.request(ex).await,
             Filter::ApiKey(k) => k.request(ex),
+            Filter::Mirror(m) => {
+                m.request(ex);
+                Flow::Next
+            }
         }
     }
 
@@ -182,6 +216,7 @@ impl Filter {
             | Filter::Access(_)
             | Filter::Jwt(_)
             | Filter::ApiKey(_) => {}
+            Filter::Mirror(_) => {}
         }
     }
 }
@@ -208,16 +243,16 @@ pub struct Chain {
 impl Chain {
     /// Builds the chain for `specs`, reusing filters of `previous` (the route's chain in the
     /// last generation) whose spec is unchanged.
-    pub fn build(specs: &[FilterSpec], previous: Option<&Chain>) -> Chain {
+    pub fn build(specs: &[FilterSpec], previous: Option<&Chain>, deps: &Deps<'_>) -> Chain {
         let filters = specs
             .iter()
             .enumerate()
             .map(|(i, spec)| {
                 let reused = previous
                     .and_then(|p| p.filters.get(i))
-                    .filter(|(s, _)| s == spec)
+                    .filter(|(s, f)| s == spec && f.still_current(spec, deps))
                     .map(|(_, f)| Arc::clone(f));
-                let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec)));
+                let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec, deps)));
                 (spec.clone(), f)
             })
             .collect();
