@@ -12,6 +12,7 @@ use super::cluster::ClusterRuntime;
 use super::filter::Chain;
 use super::log::RouteMetrics;
 use super::router::Router;
+use super::tls::TlsListener;
 use crate::config::model::{Limits, ListenerProtocol, Model};
 use crate::health::ClusterHealth;
 use crate::telemetry::metrics as m;
@@ -53,6 +54,8 @@ pub struct ListenerRuntime {
     pub limits: Limits,
     /// Downstream protocol.
     pub protocol: ListenerProtocol,
+    /// TLS termination (this generation's certificates); cleartext when `None`.
+    pub tls: Option<Arc<TlsListener>>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`).
@@ -77,7 +80,25 @@ fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
     }
 }
 
+/// Expiry warnings are logged at each load, so an operator sees them at every reload.
+fn tls_listener(name: &str, tls: &crate::config::tls::Tls) -> Arc<TlsListener> {
+    for w in crate::config::tls::warnings(tls, name) {
+        tracing::warn!(listener = %name, "{w}");
+    }
+    super::tls::set_expiry_gauges(name, tls);
+    Arc::new(TlsListener::build(name, tls))
+}
+
 impl Runtime {
+    /// Refreshes the certificate expiry gauges (called before `/metrics` is rendered).
+    pub fn refresh_tls_gauges(&self) {
+        for l in &self.model.listeners {
+            if let Some(t) = &l.tls {
+                super::tls::set_expiry_gauges(&l.name, t);
+            }
+        }
+    }
+
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
     pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
@@ -124,6 +145,7 @@ impl Runtime {
                 router: Router::new(&model, i),
                 limits: l.limits.clone(),
                 protocol: l.protocol,
+                tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes

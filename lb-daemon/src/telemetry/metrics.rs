@@ -37,6 +37,15 @@ pub const HEALTH_TRANSITIONS: &str = "lbd_endpoint_health_transitions_total";
 pub const GRPC_REQUESTS: &str = "lbd_grpc_requests_total";
 /// gRPC call duration, head received to response end (`route`, `service`, `method`).
 pub const GRPC_DURATION: &str = "lbd_grpc_request_duration_seconds";
+/// Completed downstream TLS handshakes (`listener`, `version`: `1.2`/`1.3`, `alpn`: `h2`,
+/// `http/1.1` or `none`).
+pub const TLS_HANDSHAKES: &str = "lbd_tls_handshakes_total";
+/// Failed downstream TLS handshakes (`listener`, `reason`: `timeout`, `closed`, `not_tls`,
+/// `unknown_name`, `incompatible`, `alert`, `other`).
+pub const TLS_HANDSHAKE_FAILURES: &str = "lbd_tls_handshake_failures_total";
+/// Seconds until a served certificate expires (`listener`, `certificate`: its file), as of
+/// the last reload or `/metrics` scrape.
+pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -99,6 +108,19 @@ fn describe() {
         GRPC_DURATION,
         Unit::Seconds,
         "gRPC call duration, by route, service and method."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "Downstream TLS handshakes completed, by version and ALPN protocol."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Downstream TLS handshakes failed, by reason."
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "Seconds until each served certificate expires."
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
