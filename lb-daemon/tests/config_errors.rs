@@ -1008,6 +1008,7 @@ fn tls_pairs_are_checked_when_the_config_is_loaded() {
         cn: "leaf".into(),
         serial: 7,
         expired: false,
+        key_pem: None,
     };
     let good = pki.leaf("good", &opts(&["a.test", "*.w.test"]));
     let other = pki.leaf("other", &opts(&["b.test"]));

@@ -56,6 +56,9 @@ pub struct LeafOpts {
     pub serial: u64,
     /// Make it already expired (valid 2000–2001).
     pub expired: bool,
+    /// The leaf's private key as PKCS#8 PEM (e.g. an RSA key from `openssl genpkey`, which
+    /// ring cannot generate); a new ECDSA P-256 key when `None`.
+    pub key_pem: Option<String>,
 }
 
 impl Pki {
@@ -80,7 +83,10 @@ impl Pki {
 
     /// A leaf signed by the CA, written as `<file>.crt` / `<file>.key`.
     pub fn leaf(&self, file: &str, opts: &LeafOpts) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
+        let key = match &opts.key_pem {
+            Some(pem) => KeyPair::from_pem(pem).expect("leaf key PEM"),
+            None => KeyPair::generate().expect("leaf key"),
+        };
         let mut params = CertificateParams::new(opts.names.clone()).expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, &opts.cn);
         params.serial_number = Some(SerialNumber::from(opts.serial));
