@@ -24,12 +24,12 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   bpfel-unknown-none, so the XDP crate builds without rust-src (see docs/ebpf-toolchain.md).
 # - llvm-22-dev: bpf-linker links against the same LLVM major as that rustc.
 # - iproute2/ethtool/iputils-ping: network-namespace tests.
-# - openssl: makes throwaway RSA/EC/Ed25519 keys in lb-daemon/tests/e2e_auth.rs (no key is
-#   committed).
+# - curl, openssl: real TLS clients in lb-daemon/tests/e2e_tls.rs; openssl also makes the
+#   throwaway RSA/EC/Ed25519 keys of lb-daemon/tests/e2e_auth.rs (no key is committed).
 # - chromium: renders the admin status page headless in lb-daemon/tests/e2e_status_page.rs
 #   (tests only; lbd does not need it at run time).
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
-      iproute2 ethtool iputils-ping curl ca-certificates openssl pkg-config chromium)
+      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)

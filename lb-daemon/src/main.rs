@@ -129,6 +129,13 @@ fn run(path: &Path) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(m) => {
+            for l in &m.listeners {
+                if let Some(t) = &l.tls {
+                    for w in config::tls::warnings(t, &l.name) {
+                        eprintln!("{}: warning: {w}", path.display());
+                    }
+                }
+            }
             let endpoints: usize = m.clusters.iter().map(|c| c.endpoints.len()).sum();
             println!(
                 "{}: ok ({} listeners, {} routes, {} clusters, {} endpoints, {} vips)",

@@ -742,6 +742,20 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "routes[0].filters[1]",
         "one mirror per route",
     ),
+    (
+        "unreadable certificate file",
+        "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\n[listeners.tls]\n[[listeners.tls.certificates]]\ncert = \"/nonexistent/lbd.crt\"\nkey = \"/nonexistent/lbd.key\"\n",
+        6,
+        "listeners[0].tls.certificates[0].cert",
+        "cannot read /nonexistent/lbd.crt",
+    ),
+    (
+        "TLS listener without certificates",
+        "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\n[listeners.tls]\nmin_version = \"1.3\"\n",
+        4,
+        "listeners[0].tls.certificates",
+        "needs at least one",
+    ),
 ];
 
 #[test]
@@ -1269,4 +1283,142 @@ kind = "grpc"
             service: String::new()
         })
     );
+}
+
+/// A listener with one certificate pair, for the file-based TLS checks below.
+fn tls_config(cert: &Path, key: &Path, extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\n[listeners.tls]\n[[listeners.tls.certificates]]\ncert = {}\nkey = {}\n{extra}{OK_TAIL}",
+        lb_tests::certs::toml_path(cert),
+        lb_tests::certs::toml_path(key),
+    )
+}
+
+/// Certificate files are read and checked when the config is loaded: each broken pair is
+/// one error on its line, naming the file and what is wrong with it.
+#[test]
+fn tls_pairs_are_checked_when_the_config_is_loaded() {
+    use lb_tests::certs::{LeafOpts, Pki};
+    let pki = Pki::new("test CA");
+    let opts = |names: &[&str]| LeafOpts {
+        names: names.iter().map(|n| n.to_string()).collect(),
+        cn: "leaf".into(),
+        serial: 7,
+        expired: false,
+        key_pem: None,
+    };
+    let good = pki.leaf("good", &opts(&["a.test", "*.w.test"]));
+    let other = pki.leaf("other", &opts(&["b.test"]));
+    let expired = pki.leaf(
+        "expired",
+        &LeafOpts {
+            expired: true,
+            ..opts(&["a.test"])
+        },
+    );
+    let empty = pki.write("empty.crt", b"# no PEM here\n");
+    let reversed = pki.write(
+        "reversed.crt",
+        format!("{}{}", pki.ca_pem, good.cert_pem).as_bytes(),
+    );
+
+    let cases: Vec<(&str, String, usize, &str, String)> = vec![
+        (
+            "key of another certificate",
+            tls_config(&good.cert, &other.key, ""),
+            7,
+            "listeners[0].tls.certificates[0].key",
+            format!("does not match the certificate in {}", good.cert.display()),
+        ),
+        (
+            "no certificate in the file",
+            tls_config(&empty, &good.key, ""),
+            6,
+            "listeners[0].tls.certificates[0].cert",
+            format!("no CERTIFICATE in {}", empty.display()),
+        ),
+        (
+            "expired certificate",
+            tls_config(&expired.cert, &expired.key, ""),
+            6,
+            "listeners[0].tls.certificates[0].cert",
+            "expired at".to_string(),
+        ),
+        (
+            "chain out of order",
+            tls_config(&reversed, &good.key, ""),
+            6,
+            "listeners[0].tls.certificates[0].cert",
+            "chain out of order".to_string(),
+        ),
+        (
+            "a name the certificate does not cover",
+            tls_config(&good.cert, &good.key, "names = [\"x.y.w.test\"]\n"),
+            8,
+            "listeners[0].tls.certificates[0].names[0]",
+            "is not valid for \"x.y.w.test\"".to_string(),
+        ),
+        (
+            "unknown ALPN protocol",
+            tls_config(&good.cert, &good.key, "").replace(
+                "[listeners.tls]\n[[listeners.tls.certificates]]",
+                "[listeners.tls]\nalpn = [\"h3\"]\n[[listeners.tls.certificates]]",
+            ),
+            5,
+            "listeners[0].tls.alpn[0]",
+            "unknown protocol \"h3\"".to_string(),
+        ),
+        (
+            "TLS 1.1 as the minimum",
+            tls_config(&good.cert, &good.key, "").replace(
+                "[listeners.tls]\n[[listeners.tls.certificates]]",
+                "[listeners.tls]\nmin_version = \"1.1\"\n[[listeners.tls.certificates]]",
+            ),
+            5,
+            "listeners[0].tls.min_version",
+            "expected one of \"1.2\", \"1.3\"".to_string(),
+        ),
+        (
+            "h2c on a TLS listener",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nprotocol = \"h2c\"\n[listeners.tls]",
+            ),
+            4,
+            "listeners[0].protocol",
+            "chosen by ALPN".to_string(),
+        ),
+        (
+            "a key file without a key",
+            tls_config(&good.cert, &good.cert, ""),
+            7,
+            "listeners[0].tls.certificates[0].key",
+            "no private key in".to_string(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, line, key, msg) in &cases {
+        let errs = errors(text);
+        let ok = errs.len() == 1
+            && errs[0].line == *line
+            && errs[0].key == *key
+            && errs[0].message.contains(msg.as_str());
+        if !ok {
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            failures.push(format!(
+                "{what}: want {line}: {key}: ..{msg}..\n  got:\n    {}",
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // A good pair: names come from the certificate, the key is usable.
+    let model = parse(&tls_config(&good.cert, &good.key, ""), Path::new("t.toml"))
+        .expect("valid TLS config");
+    let tls = model.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.certificates[0].names, ["a.test", "*.w.test"]);
+    assert_eq!(tls.certificates[0].serial, "07");
+    assert_eq!(tls.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    assert!(tls.certificates[0].expires_in() > 0);
 }

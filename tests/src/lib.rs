@@ -3,6 +3,7 @@
 //! Scenario tests live next to the binary they drive (`lb-daemon/tests/`), because only there
 //! does Cargo hand them the path of the freshly built `lbd`; they use this crate for the parts.
 pub mod backend;
+pub mod certs;
 pub mod client;
 pub mod frames;
 pub mod lbd;

@@ -41,7 +41,10 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<B
             Some(h) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                &h.render(),
+                &{
+                    ctx.control.refresh_metrics();
+                    h.render()
+                },
             ),
             None => json(StatusCode::NOT_FOUND, &err_body("metrics are disabled")),
         },

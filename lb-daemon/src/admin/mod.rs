@@ -37,6 +37,8 @@ pub trait Control: Send + Sync + 'static {
     fn reload(&self) -> Pin<Box<dyn Future<Output = ReloadReport> + Send + '_>>;
     /// The effective config as JSON.
     fn effective_config(&self) -> serde_json::Value;
+    /// Brings time-dependent gauges (certificate expiry) up to date before `/metrics` renders.
+    fn refresh_metrics(&self) {}
 }
 
 /// Why an admin action was refused.

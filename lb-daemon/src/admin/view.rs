@@ -220,6 +220,27 @@ pub fn effective_config(model: &Model) -> Value {
                 "idle_timeout_ms": ms(l.limits.idle_timeout),
                 "header_read_timeout_ms": ms(l.limits.header_read_timeout),
             },
+            "tls": l.tls.as_ref().map(|t| json!({
+                "alpn": t.alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
+                "min_version": match t.min_version {
+                    crate::config::tls::MinVersion::Tls12 => "1.2",
+                    crate::config::tls::MinVersion::Tls13 => "1.3",
+                },
+                "handshake_timeout_ms": ms(t.handshake_timeout),
+                "unknown_name": match t.unknown_name {
+                    crate::config::tls::UnknownName::Default => "default",
+                    crate::config::tls::UnknownName::Refuse => "refuse",
+                },
+                "certificates": t.certificates.iter().enumerate().map(|(i, c)| json!({
+                    "cert": c.cert_path.display().to_string(),
+                    "key": c.key_path.display().to_string(),
+                    "names": c.names,
+                    "serial": c.serial,
+                    "not_after": c.not_after,
+                    "expires_in_seconds": c.expires_in(),
+                    "default": i == t.default,
+                })).collect::<Vec<_>>(),
+            })),
         })).collect::<Vec<_>>(),
         "routes": model.routes.iter().map(|r| json!({
             "name": r.name,

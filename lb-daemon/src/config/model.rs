@@ -89,6 +89,8 @@ pub struct Listener {
     pub protocol: ListenerProtocol,
     /// Request/connection limits.
     pub limits: Limits,
+    /// TLS termination; cleartext when `None`.
+    pub tls: Option<super::tls::Tls>,
 }
 
 /// Per-listener limits; every field has a safe default.

@@ -65,6 +65,7 @@ pub struct RawListener {
     pub bind: S<String>,
     pub protocol: Option<S<String>>,
     pub limits: Option<S<RawLimits>>,
+    pub tls: Option<S<super::tls::Raw>>,
 }
 
 /// `[listeners.limits]`.

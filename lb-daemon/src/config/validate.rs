@@ -26,7 +26,8 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
     let mut v = Checker { d };
     let mut global = v.global(raw.global.as_ref());
     global.admin = raw.admin.as_ref().map(|a| v.admin(a));
-    let listeners = v.listeners(&raw.listeners);
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let listeners = v.listeners(&raw.listeners, dir);
     if let (Some(admin), Some(raw_admin)) = (&global.admin, &raw.admin)
         && admin.bind.port() != 0
         && let Some(l) = listeners.iter().position(|l| l.bind == admin.bind)
@@ -59,7 +60,6 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
         clusters: &cluster_names,
         clusters_complete: !raw.clusters_incomplete,
     };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let routes = v.routes(&raw.routes, &refs, dir);
     let vips = v.vips(&raw.vips, &refs, &clusters);
 
@@ -213,7 +213,7 @@ impl Checker<'_> {
         }
     }
 
-    fn listeners(&mut self, raw: &[(usize, S<RawListener>)]) -> Vec<Listener> {
+    fn listeners(&mut self, raw: &[(usize, S<RawListener>)], dir: &Path) -> Vec<Listener> {
         let mut names = HashMap::new();
         let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
@@ -245,11 +245,23 @@ impl Checker<'_> {
                 ],
             );
             let limits = self.limits(l.limits.as_ref().map(|x| x.get_ref()), &key);
+            let tls = l.tls.as_ref().and_then(|t| {
+                if let (ListenerProtocol::H2c, Some(p)) = (protocol, &l.protocol) {
+                    self.err(
+                        p.span(),
+                        &format!("{key}.protocol"),
+                        "h2c is cleartext HTTP/2; on a TLS listener HTTP/2 is chosen by ALPN \
+                         (listeners.tls.alpn)",
+                    );
+                }
+                super::tls::check(self, t, &format!("{key}.tls"), dir)
+            });
             out.push(Listener {
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,
                 limits,
+                tls,
             });
         }
         out

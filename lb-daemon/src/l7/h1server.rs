@@ -24,9 +24,7 @@ use futures_util::FutureExt as _;
 use http::{Method, Request, Response, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -35,6 +33,7 @@ use super::body::ResponseBody;
 use super::conn::ConnInfo;
 use super::downstream::DownstreamBody;
 use super::h1parse::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
+use super::io::{ReadReady, Transport};
 use super::proxy;
 use super::reason::Reason;
 use super::runtime::Runtime;
@@ -58,11 +57,11 @@ const DISCARD_TIME: Duration = Duration::from_secs(2);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How a connection served by [`serve`] ended.
-pub(super) enum End {
+pub(super) enum End<S> {
     /// Closed, for this reason.
     Closed(CloseReason),
     /// The client spoke HTTP/2 with prior knowledge: serve it with these bytes replayed first.
-    H2(TcpStream, Bytes),
+    H2(S, Bytes),
 }
 
 /// What a connection needs besides its socket.
@@ -83,7 +82,7 @@ pub(super) struct ConnCtx<'a> {
 ///
 /// This future lives as long as the connection, so only the idle wait is inline; each request
 /// (head, exchange, error answers) runs in a boxed future that exists while it does.
-pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
+pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
     let mut rbuf = BytesMut::new();
     let mut first = true;
     loop {
@@ -137,8 +136,8 @@ pub(super) async fn serve(mut stream: TcpStream, mut cx: ConnCtx<'_>) -> End {
 /// Waits until `stream` is readable, `wait` passes (idle timeout) or the listener drains.
 /// A hand-written poll keeps this (the state of every idle connection) small: the socket's
 /// own readiness slot instead of a `readable()` future, one timer, one drain watch.
-async fn wait_readable(
-    stream: &TcpStream,
+async fn wait_readable<S: Transport>(
+    stream: &S,
     wait: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), CloseReason> {
@@ -160,8 +159,8 @@ async fn wait_readable(
 }
 
 /// Reads one request head (header timeout from its first byte) and serves the exchange.
-async fn request(
-    stream: &mut TcpStream,
+async fn request<S: Transport>(
+    stream: &mut S,
     rbuf: &mut BytesMut,
     cx: &mut ConnCtx<'_>,
     first: bool,
@@ -259,7 +258,7 @@ enum Next {
 }
 
 /// Closes the write side and reads (and drops) what the client still sends, briefly.
-async fn linger(stream: &mut TcpStream) {
+async fn linger<S: Transport>(stream: &mut S) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -276,8 +275,8 @@ async fn linger(stream: &mut TcpStream) {
 }
 
 /// One request/response exchange.
-async fn exchange(
-    stream: &mut TcpStream,
+async fn exchange<S: Transport>(
+    stream: &mut S,
     rbuf: &mut BytesMut,
     head: Head,
     cx: &mut ConnCtx<'_>,
@@ -332,7 +331,7 @@ async fn exchange(
             r = &mut respond => break r,
             polled = first_poll(shared.as_deref()), if continue_pending => {
                 continue_pending = false;
-                if polled && wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                if polled && write_continue(&mut wr).await.is_err() {
                     return Next::Close(CloseReason::Error);
                 }
                 if !polled {
@@ -347,11 +346,7 @@ async fn exchange(
             // The upstream asked for the body, but its answer's head came in the same turn
             // (an echo answers at once): the client still waits for 100 Continue before it
             // sends the body the answer is made of.
-            if wr
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-            {
+            if write_continue(&mut wr).await.is_err() {
                 return Next::Close(CloseReason::Error);
             }
         } else {
@@ -462,8 +457,8 @@ async fn first_poll(shared: Option<&Shared>) -> bool {
 
 /// The connection's read side during an exchange: feeds the request body to [`H1Body`], then
 /// watches for the client closing. Resolves only when the client went away (EOF or error).
-async fn read_side(
-    rd: &mut ReadHalf<'_>,
+async fn read_side<R: AsyncRead + ReadReady + Unpin>(
+    rd: &mut R,
     rbuf: &mut BytesMut,
     shared: Option<&Shared>,
     mut dec: Decoder,
@@ -516,7 +511,7 @@ async fn read_side(
             return std::future::pending().await;
         }
         // The socket's own readiness slot (no waiter node to link and unlink per request).
-        if poll_fn(|c| rd.as_ref().poll_read_ready(c)).await.is_err() {
+        if poll_fn(|c| rd.poll_read_ready(c)).await.is_err() {
             return;
         }
         if rbuf.capacity() == rbuf.len() {
@@ -575,6 +570,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     if framing == ResponseFraming::None {
         drop(body);
         wr.write_all(&out).await?;
+        wr.flush().await?;
         return Ok(keep_alive);
     }
     let mut left = match framing {
@@ -584,8 +580,15 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     let mut trailers = None;
     // Whether any byte of the response went out (until then another answer can replace it).
     let mut wrote = false;
+    // Written but maybe still in the TLS session's buffer (a no-op for TCP): flushed before
+    // waiting for the body, so a streamed response never stalls in lbd.
+    let mut unflushed = false;
     loop {
         let frame = if out.is_empty() {
+            if unflushed {
+                wr.flush().await?;
+                unflushed = false;
+            }
             body.frame().await
         } else {
             match body.frame().now_or_never() {
@@ -593,6 +596,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
                 None => {
                     // Nothing more right now: send what is gathered, then wait.
                     wr.write_all(&out).await?;
+                    wr.flush().await?;
                     wrote = true;
                     out.clear();
                     continue;
@@ -641,6 +645,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
             // out in one writev.
             write_both(wr, &out, &data).await?;
             wrote = true;
+            unflushed = true;
             out.clear();
         }
         if framing == ResponseFraming::Chunked {
@@ -649,6 +654,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         if out.len() >= WRITE_AT {
             wr.write_all(&out).await?;
             wrote = true;
+            unflushed = true;
             out.clear();
         }
         if !keep_alive && left == 0 {
@@ -678,7 +684,14 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     if !out.is_empty() {
         wr.write_all(&out).await?;
     }
+    wr.flush().await?;
     Ok(keep_alive)
+}
+
+/// `100 Continue`, flushed (the client waits for it).
+async fn write_continue<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W) -> io::Result<()> {
+    wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+    wr.flush().await
 }
 
 /// Writes `a` then `b` with as few (vectored) writes as the socket allows.

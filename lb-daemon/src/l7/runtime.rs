@@ -13,6 +13,7 @@ use super::filter::{Chain, Deps};
 use super::log::RouteMetrics;
 use super::router::Router;
 use super::split::SplitRuntime;
+use super::tls::TlsListener;
 use crate::config::model::{Limits, ListenerProtocol, Model};
 use crate::health::ClusterHealth;
 use crate::telemetry::metrics as m;
@@ -56,6 +57,8 @@ pub struct ListenerRuntime {
     pub limits: Limits,
     /// Downstream protocol.
     pub protocol: ListenerProtocol,
+    /// TLS termination (this generation's certificates); cleartext when `None`.
+    pub tls: Option<Arc<TlsListener>>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -81,7 +84,25 @@ fn zero_removed_endpoints(previous: &Runtime, model: &Model) {
     }
 }
 
+/// Expiry warnings are logged at each load, so an operator sees them at every reload.
+fn tls_listener(name: &str, tls: &crate::config::tls::Tls) -> Arc<TlsListener> {
+    for w in crate::config::tls::warnings(tls, name) {
+        tracing::warn!(listener = %name, "{w}");
+    }
+    super::tls::set_expiry_gauges(name, tls);
+    Arc::new(TlsListener::build(name, tls))
+}
+
 impl Runtime {
+    /// Refreshes the certificate expiry gauges (called before `/metrics` is rendered).
+    pub fn refresh_tls_gauges(&self) {
+        for l in &self.model.listeners {
+            if let Some(t) = &l.tls {
+                super::tls::set_expiry_gauges(&l.name, t);
+            }
+        }
+    }
+
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
     pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
@@ -138,6 +159,7 @@ impl Runtime {
                 router: Router::new(&model, i),
                 limits: l.limits.clone(),
                 protocol: l.protocol,
+                tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes

@@ -1,5 +1,6 @@
-//! Downstream listeners: accept, apply connection limits, serve HTTP/1.1 and HTTP/2 with hyper,
-//! close idle keep-alive connections, and drain gracefully on shutdown.
+//! Downstream listeners: accept, apply connection limits, terminate TLS, serve HTTP/1.1 (lbd's
+//! codec) and HTTP/2 (hyper), close idle keep-alive connections, and drain gracefully on
+//! shutdown.
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,9 +23,11 @@ use tokio::sync::{Notify, Semaphore, watch};
 use super::conn::{ConnInfo, Scheme};
 use super::downstream::DownstreamBody;
 use super::h1server;
+use super::io::TlsIo;
 use super::proxy;
 use super::runtime::Runtime;
 use super::sendbudget::{self, Budgeted, ConnBudget};
+use super::tls::{Negotiated, TlsListener};
 use crate::config::model::{Limits, ListenerProtocol};
 use crate::telemetry::metrics as m;
 
@@ -175,10 +178,10 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
     cm.accepted.increment(1);
     cm.active.increment(1.0);
 
-    let (limits, protocol) = {
+    let (limits, protocol, tls) = {
         let rt = ctx.state.load();
         match rt.listener(ctx.bind) {
-            Some(l) => (l.limits.clone(), l.protocol),
+            Some(l) => (l.limits.clone(), l.protocol, l.tls.clone()),
             None => {
                 cm.active.decrement(1.0);
                 return;
@@ -191,12 +194,20 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
         scheme: Scheme::Http,
     };
     // HTTP/1.x is served by lbd's own codec; HTTP/2 by hyper (boxed: its connection state is
-    // large and must not size the future of every idle HTTP/1.1 connection).
-    let reason = match protocol {
-        ListenerProtocol::H2c => {
+    // large and must not size the future of every idle HTTP/1.1 connection). A TLS session is
+    // boxed for the same reason, and is only ever built on a TLS listener.
+    let reason = match (tls, protocol) {
+        (Some(tls), _) => {
+            let info = ConnInfo {
+                scheme: Scheme::Https,
+                ..info
+            };
+            Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx)).await
+        }
+        (None, ListenerProtocol::H2c) => {
             Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx)).await
         }
-        ListenerProtocol::Http => {
+        (None, ListenerProtocol::Http) => {
             let h1 = h1server::ConnCtx {
                 info,
                 limits: &limits,
@@ -219,10 +230,45 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
     cm.closed[reason as usize].increment(1);
 }
 
+/// Completes the TLS handshake, then serves the protocol ALPN chose.
+async fn serve_tls(
+    stream: TcpStream,
+    tls: Arc<TlsListener>,
+    info: ConnInfo,
+    limits: &Limits,
+    ctx: &mut ListenerCtx,
+) -> CloseReason {
+    let (session, negotiated) = match tls.accept(stream).await {
+        Ok(s) => s,
+        Err(failure) => {
+            tracing::debug!(listener = %ctx.name, client = %info.client, ?failure, "TLS handshake failed");
+            return CloseReason::Error;
+        }
+    };
+    if negotiated == Negotiated::H2 {
+        return serve_h2(session, Bytes::new(), info, limits, ctx).await;
+    }
+    let h1 = h1server::ConnCtx {
+        info,
+        limits,
+        state: &ctx.state,
+        shutdown: &mut ctx.shutdown,
+        // HTTP/2 over TLS is negotiated by ALPN (RFC 9113 §3.2); a client that sent no ALPN
+        // may still open with the preface if the listener offers h2.
+        sniff_h2: negotiated == Negotiated::None && tls.h2_offered,
+    };
+    match h1server::serve(TlsIo::new(session), h1).await {
+        h1server::End::Closed(reason) => reason,
+        h1server::End::H2(io, preface) => {
+            serve_h2(io.into_inner(), preface, info, limits, ctx).await
+        }
+    }
+}
+
 /// Serves an HTTP/2 (prior knowledge) connection with hyper; `preface` holds bytes already
 /// read from the socket, replayed first.
-async fn serve_h2(
-    stream: TcpStream,
+async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     preface: Bytes,
     info: ConnInfo,
     limits: &Limits,
@@ -311,18 +357,18 @@ fn now_ms() -> u64 {
 }
 
 /// Records the time of the last byte read or written, for the idle timeout.
-struct ActivityIo {
-    inner: TcpStream,
+struct ActivityIo<S> {
+    inner: S,
     last: Arc<AtomicU64>,
 }
 
-impl ActivityIo {
+impl<S> ActivityIo<S> {
     fn touch(&self) {
         self.last.store(now_ms(), Ordering::Relaxed);
     }
 }
 
-impl AsyncRead for ActivityIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -338,7 +384,7 @@ impl AsyncRead for ActivityIo {
     }
 }
 
-impl AsyncWrite for ActivityIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -383,12 +429,12 @@ impl AsyncWrite for ActivityIo {
 }
 
 /// Replays bytes read while sniffing the protocol before reading from the socket again.
-struct Rewind {
+struct Rewind<S> {
     preface: Bytes,
-    inner: ActivityIo,
+    inner: ActivityIo<S>,
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -405,7 +451,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

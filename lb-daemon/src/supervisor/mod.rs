@@ -354,6 +354,10 @@ impl Control for Supervisor {
     fn effective_config(&self) -> serde_json::Value {
         admin::view::effective_config(&self.runtime().model)
     }
+
+    fn refresh_metrics(&self) {
+        self.runtime().refresh_tls_gauges();
+    }
 }
 
 /// `lbd run`: serves `model` until SIGTERM/SIGINT, reloading on SIGHUP.

@@ -45,6 +45,15 @@ pub const MIRROR_SKIPPED: &str = "lbd_mirror_skipped_total";
 /// Shadow answers compared with the primary's (`route`, `result`: `match`,
 /// `status_mismatch`, `body_mismatch`, `shadow_error`).
 pub const MIRROR_COMPARED: &str = "lbd_mirror_compared_total";
+/// Completed downstream TLS handshakes (`listener`, `version`: `1.2`/`1.3`, `alpn`: `h2`,
+/// `http/1.1` or `none`).
+pub const TLS_HANDSHAKES: &str = "lbd_tls_handshakes_total";
+/// Failed downstream TLS handshakes (`listener`, `reason`: `timeout`, `closed`, `not_tls`,
+/// `unknown_name`, `incompatible`, `alert`, `other`).
+pub const TLS_HANDSHAKE_FAILURES: &str = "lbd_tls_handshake_failures_total";
+/// Seconds until a served certificate expires (`listener`, `certificate`: its file), as of
+/// the last reload or `/metrics` scrape.
+pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -120,6 +129,19 @@ fn describe() {
     describe_counter!(
         MIRROR_COMPARED,
         "Shadow answers compared with the primary's, by result."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "Downstream TLS handshakes completed, by version and ALPN protocol."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Downstream TLS handshakes failed, by reason."
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "Seconds until each served certificate expires."
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");

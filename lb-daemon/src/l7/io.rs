@@ -1,0 +1,194 @@
+//! What the downstream codecs run over: a cleartext `TcpStream` or a TLS session on one.
+//!
+//! The HTTP/1.1 codec is generic over [`Transport`], so the cleartext path is the same code it
+//! was before TLS (tokio's borrowed halves, the socket's own readiness), and the TLS path is a
+//! second monomorphic copy rather than a branch or a box on every read.
+use std::io;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio_rustls::server::TlsStream;
+
+/// A downstream connection the HTTP/1.1 codec can serve.
+pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The read side while an exchange also writes.
+    type Read<'a>: AsyncRead + ReadReady + Unpin + Send
+    where
+        Self: 'a;
+    /// The write side while an exchange also reads.
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+
+    /// Ready when a read would not wait (data, end of stream or an error).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Borrowed halves, polled by one task at a time.
+    fn split(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+/// Readiness of a read half, without reading.
+pub(super) trait ReadReady {
+    /// See [`Transport::poll_read_ready`].
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Transport for TcpStream {
+    type Read<'a> = ReadHalf<'a>;
+    type Write<'a> = WriteHalf<'a>;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        TcpStream::split(self)
+    }
+}
+
+impl ReadReady for ReadHalf<'_> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+/// A server-side TLS session. The session is behind a mutex only so that the codec's read
+/// and write halves (polled by the same task, never at once) can both reach it without an
+/// allocation per exchange; whole-stream I/O goes through `get_mut` and takes no lock.
+pub(super) struct TlsIo(Mutex<TlsStream<TcpStream>>);
+
+impl TlsIo {
+    /// Wraps an accepted session.
+    pub(super) fn new(s: TlsStream<TcpStream>) -> Self {
+        TlsIo(Mutex::new(s))
+    }
+
+    /// The session, for a hand-over to the HTTP/2 server.
+    pub(super) fn into_inner(self) -> TlsStream<TcpStream> {
+        self.0.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn inner(&mut self) -> Pin<&mut TlsStream<TcpStream>> {
+        Pin::new(self.0.get_mut().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+fn lock(m: &Mutex<TlsStream<TcpStream>>) -> MutexGuard<'_, TlsStream<TcpStream>> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Plaintext already decrypted (or a close_notify) is readable even when the socket is not:
+/// rustls reports that as not wanting to read more.
+fn tls_read_ready(s: &TlsStream<TcpStream>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let (tcp, session) = s.get_ref();
+    if !session.wants_read() {
+        return Poll::Ready(Ok(()));
+    }
+    tcp.poll_read_ready(cx)
+}
+
+impl Transport for TlsIo {
+    type Read<'a> = TlsHalf<'a>;
+    type Write<'a> = TlsHalf<'a>;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tls_read_ready(&lock(&self.0), cx)
+    }
+
+    fn split(&mut self) -> (TlsHalf<'_>, TlsHalf<'_>) {
+        (TlsHalf(&self.0), TlsHalf(&self.0))
+    }
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().inner().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().inner().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().inner().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().inner().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().inner().poll_shutdown(cx)
+    }
+}
+
+/// One side of a split [`TlsIo`].
+pub(super) struct TlsHalf<'a>(&'a Mutex<TlsStream<TcpStream>>);
+
+impl ReadReady for TlsHalf<'_> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tls_read_ready(&lock(self.0), cx)
+    }
+}
+
+impl AsyncRead for TlsHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(self.0)).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(self.0)).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(self.0)).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(self.0)).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(self.0)).poll_shutdown(cx)
+    }
+}

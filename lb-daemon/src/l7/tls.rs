@@ -1,0 +1,291 @@
+//! Downstream TLS termination with rustls: the server config built from a listener's
+//! validated `[listeners.tls]` (certificate chosen by SNI, ALPN, versions), the handshake with
+//! its timeout, and the handshake metrics.
+//!
+//! A listener's [`TlsListener`] is part of its `ListenerRuntime`, so a reload that changes a
+//! certificate file gives new handshakes the new certificate while established sessions keep
+//! theirs.
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::tls::{MinVersion, Tls, UnknownName, name_index};
+use crate::telemetry::metrics as m;
+
+/// Picks the certificate for a ClientHello's SNI: exact name, then `*.` + the name without its
+/// first label, then the default (unless unknown names are refused).
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn new(tls: &Tls) -> Self {
+        let (exact, wildcard) = name_index(tls);
+        let key = |i: usize| Arc::clone(&tls.certificates[i].key);
+        SniResolver {
+            exact: exact.into_iter().map(|(n, i)| (n, key(i))).collect(),
+            wildcard: wildcard.into_iter().map(|(n, i)| (n, key(i))).collect(),
+            default: match tls.unknown_name {
+                UnknownName::Default => tls
+                    .certificates
+                    .get(tls.default)
+                    .map(|c| Arc::clone(&c.key)),
+                UnknownName::Refuse => None,
+            },
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+        if let Some(k) = self.exact.get(name) {
+            return Some(k);
+        }
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls hands over SNI already lowercased (DnsName is normalised).
+        hello
+            .server_name()
+            .and_then(|n| self.lookup(n))
+            .or(self.default.as_ref())
+            .cloned()
+    }
+}
+
+/// Why a handshake failed (the `reason` label of `lbd_tls_handshake_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// Not completed within `handshake_timeout`.
+    Timeout = 0,
+    /// The client closed (or reset) the connection mid-handshake.
+    Closed = 1,
+    /// What the client sent was not TLS, or was malformed.
+    NotTls = 2,
+    /// No certificate for the client's server name (`unknown_name = "refuse"`).
+    UnknownName = 3,
+    /// No common version, cipher suite, group or ALPN protocol.
+    Incompatible = 4,
+    /// The client aborted with an alert (for instance, it did not trust the certificate).
+    Alert = 5,
+    /// Anything else.
+    Other = 6,
+}
+
+const FAILURES: [&str; 7] = [
+    "timeout",
+    "closed",
+    "not_tls",
+    "unknown_name",
+    "incompatible",
+    "alert",
+    "other",
+];
+
+impl Failure {
+    fn of(e: &io::Error) -> Failure {
+        if let Some(te) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return match te {
+                rustls::Error::InvalidMessage(_)
+                | rustls::Error::InappropriateMessage { .. }
+                | rustls::Error::InappropriateHandshakeMessage { .. }
+                | rustls::Error::PeerMisbehaved(_) => Failure::NotTls,
+                rustls::Error::PeerIncompatible(_) => Failure::Incompatible,
+                rustls::Error::NoApplicationProtocol => Failure::Incompatible,
+                rustls::Error::AlertReceived(_) => Failure::Alert,
+                rustls::Error::General(s) if s.contains("no server certificate") => {
+                    Failure::UnknownName
+                }
+                _ => Failure::Other,
+            };
+        }
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Failure::Closed,
+            io::ErrorKind::InvalidData => Failure::NotTls,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// Negotiated versions and ALPN results, as label values.
+const VERSIONS: [&str; 2] = ["1.2", "1.3"];
+const ALPNS: [&str; 3] = ["h2", "http/1.1", "none"];
+
+/// A TLS listener's handshake metric handles, registered when its runtime is built.
+#[derive(Debug)]
+struct TlsMetrics {
+    handshakes: [[metrics::Counter; 3]; 2],
+    failures: [metrics::Counter; 7],
+}
+
+impl TlsMetrics {
+    fn new(listener: &str) -> Self {
+        TlsMetrics {
+            handshakes: VERSIONS.map(|v| {
+                ALPNS.map(|a| {
+                    metrics::counter!(m::TLS_HANDSHAKES,
+                        "listener" => listener.to_owned(), "version" => v, "alpn" => a)
+                })
+            }),
+            failures: FAILURES.map(|r| {
+                metrics::counter!(m::TLS_HANDSHAKE_FAILURES,
+                    "listener" => listener.to_owned(), "reason" => r)
+            }),
+        }
+    }
+}
+
+/// What a TLS listener needs at accept time.
+#[derive(Debug)]
+pub struct TlsListener {
+    /// `None` when rustls refused the config: the listener then serves nothing, never
+    /// cleartext.
+    config: Option<Arc<ServerConfig>>,
+    /// How long a client may take to complete the handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// Whether a client that negotiated no ALPN may still open with the HTTP/2 preface.
+    pub h2_offered: bool,
+    metrics: TlsMetrics,
+}
+
+/// The application protocol a handshake settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Negotiated {
+    /// ALPN `h2`.
+    H2,
+    /// ALPN `http/1.1`.
+    Http11,
+    /// No ALPN: HTTP/1.1 (or an HTTP/2 preface, if `h2` is offered).
+    None,
+}
+
+impl TlsListener {
+    /// Builds the rustls server config for listener `name`'s validated `tls`.
+    pub fn build(name: &str, tls: &Tls) -> Self {
+        let config = match Self::server_config(tls) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e, "TLS configuration refused by rustls");
+                None
+            }
+        };
+        TlsListener {
+            config,
+            handshake_timeout: tls.handshake_timeout,
+            h2_offered: tls.alpn.iter().any(|p| p == b"h2"),
+            metrics: TlsMetrics::new(name),
+        }
+    }
+
+    fn server_config(tls: &Tls) -> Result<ServerConfig, rustls::Error> {
+        // ring, set explicitly: with two providers compiled in (or none selected) rustls's
+        // process default panics at first use; ring builds with only a C compiler, where
+        // aws-lc-rs also needs cmake (see the workspace Cargo.toml).
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+            MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            MinVersion::Tls13 => &[&rustls::version::TLS13],
+        };
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SniResolver::new(tls)));
+        config.alpn_protocols = tls.alpn.clone();
+        Ok(config)
+    }
+
+    /// Runs the server handshake within the handshake timeout; failures are counted (and
+    /// logged at debug: a client's bad handshake is not lbd's error).
+    pub(super) async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(TlsStream<TcpStream>, Negotiated), Failure> {
+        let Some(config) = &self.config else {
+            self.metrics.failures[Failure::Other as usize].increment(1);
+            return Err(Failure::Other);
+        };
+        let acceptor = TlsAcceptor::from(Arc::clone(config));
+        let result = tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream))
+            .await
+            .map_err(|_| Failure::Timeout)
+            .and_then(|r| r.map_err(|e| Failure::of(&e)));
+        let tls = match result {
+            Ok(t) => t,
+            Err(f) => {
+                self.metrics.failures[f as usize].increment(1);
+                return Err(f);
+            }
+        };
+        let session = tls.get_ref().1;
+        let negotiated = match session.alpn_protocol() {
+            Some(b"h2") => Negotiated::H2,
+            Some(_) => Negotiated::Http11,
+            None => Negotiated::None,
+        };
+        let v = usize::from(session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3));
+        let a = match negotiated {
+            Negotiated::H2 => 0,
+            Negotiated::Http11 => 1,
+            Negotiated::None => 2,
+        };
+        self.metrics.handshakes[v][a].increment(1);
+        Ok((tls, negotiated))
+    }
+}
+
+/// Sets `lbd_tls_certificate_expiry_seconds` for every certificate of `tls`.
+pub fn set_expiry_gauges(listener: &str, tls: &Tls) {
+    for c in &tls.certificates {
+        metrics::gauge!(m::TLS_CERT_EXPIRY,
+            "listener" => listener.to_owned(), "certificate" => c.cert_path.display().to_string())
+        .set(c.expires_in() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<CertifiedKey> {
+        let kp = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .expect("params")
+            .self_signed(&kp)
+            .expect("cert");
+        let der = rustls_pki_types::PrivateKeyDer::Pkcs8(kp.serialize_der().into());
+        let provider = rustls::crypto::ring::default_provider();
+        Arc::new(
+            CertifiedKey::from_der(vec![cert.der().clone()], der, &provider).expect("certified"),
+        )
+    }
+
+    #[test]
+    fn sni_prefers_exact_then_one_label_wildcard() {
+        let (a, b) = (key(), key());
+        let r = SniResolver {
+            exact: HashMap::from([("api.example.com".to_string(), Arc::clone(&a))]),
+            wildcard: HashMap::from([("example.com".to_string(), Arc::clone(&b))]),
+            default: None,
+        };
+        assert!(Arc::ptr_eq(r.lookup("api.example.com").expect("exact"), &a));
+        assert!(Arc::ptr_eq(r.lookup("www.example.com").expect("wild"), &b));
+        assert!(r.lookup("a.b.example.com").is_none());
+        assert!(r.lookup("example.com").is_none());
+        assert!(r.lookup("com").is_none());
+    }
+}
