@@ -9,12 +9,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use lb_common::l4::{Mode, PROTO_TCP, PROTO_UDP};
-use lb_tests::frames::{cat, eth, ipv4, tcp, udp};
+use lb_tests::frames::{LB_MAC, cat, eth, ipv4, tcp, udp};
 use lbd::config::model::L4Protocol;
 use lbd::l4::explain::{Query, explain};
 use lbd::l4::plan::{Availability, PlanState, plan};
-use lbd::l4::test_run::run_xdp;
-use lbd::l4::{L4Program, LoadOptions};
+use lbd::l4::test_run::{TEST_RUN_IFINDEX, run_xdp};
+use lbd::l4::{L4Program, LoadOptions, NetDev};
 
 /// New flows per protocol and phase (each explain builds a 65,537-slot ring).
 const FLOWS: u32 = 600;
@@ -98,6 +98,13 @@ fn explain_names_the_backend_the_kernel_picks() {
         }
         Err(e) => panic!("loading the XDP program: {e}"),
     };
+    // The program forwards only frames addressed to the interface they arrive on; test runs
+    // arrive on TEST_RUN_IFINDEX, and the fixture frames are sent to LB_MAC.
+    p.set_interface(NetDev {
+        ifindex: TEST_RUN_IFINDEX,
+        mac: LB_MAC,
+    })
+    .expect("set interface MAC");
     let web: SocketAddr = "192.0.2.10:80".parse().expect("addr");
     let dns: SocketAddr = "192.0.2.10:53".parse().expect("addr");
     let client = |i: u32| -> SocketAddr {
