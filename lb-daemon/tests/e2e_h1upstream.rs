@@ -680,3 +680,161 @@ async fn lenient_chunk_lines_from_a_backend_are_a_bad_gateway() {
     // Every malformed answer cost its connection (none went back to the pool).
     assert_eq!(raw.accepted(), BAD_CHUNKED.len() + 2);
 }
+
+/// Reads one response head and a `content-length` body off `s`.
+async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .expect("length");
+    while buf.len() < end + len {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head, buf[end..end + len].to_vec())
+}
+
+/// An upstream response head reaches the client with its hop-by-hop fields (those `Connection`
+/// names included) left out and everything else in order, whether it is copied as received
+/// (no response filters) or goes through a header map (a route with a response filter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_head_reaches_the_client_without_hop_by_hop_fields() {
+    let raw = Raw::start(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while read_request(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                      Connection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+                      X-Secret: 1\r\nSet-Cookie: a=1\r\nProxy-Authenticate: Basic\r\n\
+                      Trailer: x-t\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n\
+                      X-Keep:   spaced value  \r\nSet-Cookie: b=2\r\nTE: trailers\r\n\
+                      Content-Length: 2\r\n\r\nok",
+                )
+                .await;
+        }
+    })
+    .await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = format!(
+        r#"
+[global]
+drain_timeout = "1s"
+
+[admin]
+bind = "{admin}"
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "filtered"
+cluster = "raw"
+[routes.match]
+path_prefix = "/filtered"
+[[routes.filters]]
+response_headers = {{ set = [{{ name = "x-served-by", value = "lbd" }}] }}
+
+[[routes]]
+name = "plain"
+cluster = "raw"
+
+[[clusters]]
+name = "raw"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        raw.addr
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    for path in ["/plain", "/filtered", "/plain"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(body, b"ok", "{path}");
+        let lines: Vec<&str> = head.lines().collect();
+        assert_eq!(lines[0], "HTTP/1.1 200 OK", "{path}");
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "proxy-authenticate",
+            "proxy-connection",
+            "trailer",
+            "upgrade",
+        ] {
+            assert!(
+                !lines
+                    .iter()
+                    .any(|l| l.to_ascii_lowercase().starts_with(&format!("{gone}:"))),
+                "{path}: {gone} forwarded:\n{head}"
+            );
+        }
+        let kept: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| !l.starts_with("date: ") && !l.starts_with("x-served-by: "))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        if path == "/plain" {
+            // Copied as received: the backend's order (names in lower case).
+            assert_eq!(
+                kept,
+                [
+                    "content-type: text/plain",
+                    "set-cookie: a=1",
+                    "x-keep: spaced value",
+                    "set-cookie: b=2",
+                    "te: trailers",
+                    "content-length: 2",
+                ],
+                "{head}"
+            );
+        }
+        let mut sorted = kept.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            [
+                "content-length: 2",
+                "content-type: text/plain",
+                "set-cookie: a=1",
+                "set-cookie: b=2",
+                "te: trailers",
+                "x-keep: spaced value",
+            ],
+            "{path}:\n{head}"
+        );
+        assert!(head.contains("\r\ndate: "), "{path}:\n{head}");
+        assert_eq!(
+            head.contains("\r\nx-served-by: lbd\r\n"),
+            path == "/filtered",
+            "{head}"
+        );
+    }
+    // Both answers came over one kept-alive upstream connection.
+    assert_eq!(raw.accepted(), 1);
+}

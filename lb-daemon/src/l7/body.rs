@@ -411,6 +411,16 @@ impl ResponseBody {
         self
     }
 
+    /// The header fields of an HTTP/1.1 upstream's response not yet in its header map
+    /// (written to the client as they are), once.
+    pub fn take_fields(&mut self) -> Option<super::h1parse::RawFields> {
+        match &mut self.kind {
+            Kind::Upstream(b) => b.take_fields(),
+            Kind::Tapped(t) => t.0.take_fields(),
+            Kind::Full(_) => None,
+        }
+    }
+
     /// The request's log record, while the body still holds it.
     pub fn log(&self) -> Option<&RequestLog> {
         self.log.as_deref()

@@ -55,6 +55,8 @@ pub struct Call<'a> {
     pub grpc_deadline: Option<&'a grpc::CallDeadline>,
     /// `max_body_bytes` of the listener; 0 = unlimited.
     pub body_limit: u64,
+    /// The forwarding headers, when they are not in the head yet.
+    pub forwarding: Option<super::headers::Forwarding>,
 }
 
 impl Call<'_> {
@@ -150,10 +152,14 @@ impl Call<'_> {
             let last = attempt + 1 == max_attempts;
             let sent = Instant::now();
             let budget = self.grpc_deadline.map_or(self.deadline, |c| c.remaining());
-            match tokio::time::timeout(budget, cluster.upstream.send(idx, head, req_body, last))
+            match tokio::time::timeout(budget, cluster.upstream.send(idx, head, self.forwarding.as_ref(), req_body, last))
                 .await
             {
-                Ok(Ok(resp)) => {
+                Ok(Ok(mut resp)) => {
+                    if grpc_retry {
+                        // An HTTP/1.1 answer's fields are bytes until something reads them.
+                        super::upstream::full_headers(&mut resp);
+                    }
                     if grpc_retry
                         && attempt + 1 < max_attempts
                         && replay.as_ref().is_some_and(Replay::can_replay)
@@ -169,7 +175,6 @@ impl Call<'_> {
                     }
                     log.upstream = Some(sent.elapsed());
                     log.in_flight = Some(guard);
-                    let mut resp = resp;
                     if let (Some(wanted), Some(sticky)) = (wanted, &cluster.sticky)
                         && wanted != Some(idx)
                         && let Some(v) = sticky.set_cookie(idx)

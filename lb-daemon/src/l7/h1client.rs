@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -24,7 +24,8 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
 // Chunk-size lines (and trailer sections) are bounded as for request bodies.
-use super::h1parse::{MAX_CHUNK_LINE, chunk_line};
+use super::h1parse::{MAX_CHUNK_LINE, RawFields, chunk_line};
+use super::headers::Forwarding;
 /// Largest read of a response body. Each read is one downstream write, so this sets the
 /// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
 /// about two of each), and, with the frame still being written to a slow client, what one
@@ -102,7 +103,10 @@ enum Framing {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct Head {
+    /// Status and version; the header map stays empty (the fields are in `raw`).
     parts: http::response::Parts,
+    /// The header fields as received, less the hop-by-hop ones.
+    raw: RawFields,
     framing: Framing,
     keep_alive: bool,
     /// The rest of the request body, when the answer came before it was all sent (boxed:
@@ -112,14 +116,16 @@ pub struct Head {
 
 /// Sends the request (`parts` as prepared by the proxy, `body`) on `conn` and reads the
 /// response head. On success the caller turns the head into a response with [`Head::into_response`].
+/// `fwd`: the forwarding headers, when they are not in `parts` already.
 pub async fn send(
     conn: &mut H1Conn,
     parts: &http::request::Parts,
+    fwd: Option<&Forwarding>,
     body: RequestBody,
 ) -> Result<Head, SendFailure> {
     conn.received = false;
     let head_req = parts.method == Method::HEAD;
-    match exchange(conn, parts, body, head_req).await {
+    match exchange(conn, parts, fwd, body, head_req).await {
         Ok(h) => Ok(h),
         Err(error) => Err(SendFailure {
             error,
@@ -131,6 +137,7 @@ pub async fn send(
 async fn exchange(
     conn: &mut H1Conn,
     parts: &http::request::Parts,
+    fwd: Option<&Forwarding>,
     body: RequestBody,
     head_req: bool,
 ) -> Result<Head, H1Error> {
@@ -146,6 +153,7 @@ async fn exchange(
         pq,
         authority,
         &parts.headers,
+        fwd,
         framing,
     );
     if framing == ReqFraming::None {
@@ -404,13 +412,15 @@ fn request_framing(method: &Method, body: &RequestBody) -> ReqFraming {
 /// Writes the request head into `buf` (cleared first): the headers as given, except the
 /// framing ones, which follow from `framing`, and exactly one `Host` (RFC 9112 §3.2): the
 /// first given, else `authority` (the endpoint's address, as nginx's default `$proxy_host`),
-/// which covers HTTP/1.0 clients that sent none.
+/// which covers HTTP/1.0 clients that sent none. With `fwd`, the forwarding headers are
+/// written from it, in place of the request's own.
 fn write_head(
     buf: &mut Vec<u8>,
     method: &Method,
     pq: &str,
     authority: Option<&str>,
     headers: &HeaderMap,
+    fwd: Option<&Forwarding>,
     framing: ReqFraming,
 ) {
     buf.clear();
@@ -419,8 +429,13 @@ fn write_head(
     buf.extend_from_slice(pq.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host = false;
+    let mut forwarded = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if fwd.is_some() && Forwarding::replaces(name) {
+            forwarded = true;
             continue;
         }
         if name == header::HOST {
@@ -433,6 +448,9 @@ fn write_head(
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
         buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(f) = fwd {
+        f.write(buf, headers, forwarded);
     }
     if !host && let Some(a) = authority {
         buf.extend_from_slice(b"host: ");
@@ -521,36 +539,60 @@ fn parse_head(
         }
         let status = StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("status code"))?;
         let raw = rbuf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
         let mut close = false;
         let mut keep_alive = false;
+        // Hop-by-hop fields (RFC 9110 §7.6.1) are left out here, as the fields are read,
+        // instead of being removed from a map later; those `Connection` names are known only
+        // at its end, and need a second pass when there are any.
+        let mut connection_names = false;
+        let mut te_trailers = false;
+        let mut kept = Vec::with_capacity(spans.len());
         for &[ns, ne, vs, ve] in spans.iter() {
-            let name = HeaderName::from_bytes(&raw[ns..ne])
-                .map_err(|_| H1Error::Invalid("header name"))?;
-            let value_bytes = &raw[vs..ve];
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(value_bytes)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::Invalid("conflicting content-length"));
-                }
-                length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
-                transfer_encoding = true;
-                // Chunked must be the final coding (RFC 9112 §6.3 item 4).
-                chunked = last_token(value_bytes).eq_ignore_ascii_case(b"chunked");
-            } else if name == header::CONNECTION {
-                for token in value_bytes.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                }
+            let (name, value_bytes) = (&raw[ns..ne], &raw[vs..ve]);
+            // httparse checked the bytes of both (token characters; no control characters
+            // in values), as `HeaderName` and `HeaderValue` would.
+            if name.is_empty() {
+                return Err(H1Error::Invalid("header name"));
             }
-            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
-                .map_err(|_| H1Error::Invalid("header value"))?;
-            headers.append(name, value);
+            match hop_field(name) {
+                Hop::No => {}
+                Hop::ContentLength => {
+                    let n = parse_length(value_bytes)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(H1Error::Invalid("conflicting content-length"));
+                    }
+                    length = Some(n);
+                }
+                Hop::TransferEncoding => {
+                    transfer_encoding = true;
+                    // Chunked must be the final coding (RFC 9112 §6.3 item 4).
+                    chunked = last_token(value_bytes).eq_ignore_ascii_case(b"chunked");
+                    continue;
+                }
+                Hop::Connection => {
+                    for token in value_bytes.split(|&b| b == b',') {
+                        let token = token.trim_ascii();
+                        let c = token.eq_ignore_ascii_case(b"close");
+                        let k = token.eq_ignore_ascii_case(b"keep-alive");
+                        close |= c;
+                        keep_alive |= k;
+                        connection_names |= !c && !k && !token.is_empty();
+                    }
+                    continue;
+                }
+                // `TE: trailers` goes on (gRPC needs it end to end), once.
+                Hop::Te if !te_trailers && value_bytes.eq_ignore_ascii_case(b"trailers") => {
+                    te_trailers = true;
+                }
+                Hop::Te | Hop::Other => continue,
+            }
+            kept.push([ns as u32, ne as u32, vs as u32, ve as u32]);
+        }
+        if connection_names {
+            kept.retain(|&[ns, ne, _, _]| !named_by_connection(&raw, spans, &raw[ns as usize..ne as usize]));
         }
         let framing =
             if head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -579,15 +621,66 @@ fn parse_head(
         } else {
             http::Version::HTTP_11
         };
-        *resp.headers_mut() = headers;
         let (parts, ()) = resp.into_parts();
         return Ok(Some(Head {
             parts,
+            raw: RawFields::new(raw, kept),
             framing,
             keep_alive,
             upload: None,
         }));
     }
+}
+
+/// Which hop-by-hop (or framing) field a name is, compared without regard to case.
+enum Hop {
+    /// An end-to-end field.
+    No,
+    /// `Content-Length`: end to end, but it frames the body.
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Te,
+    /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`,
+    /// `Trailer`, `Upgrade` (lbd does not tunnel upgrades).
+    Other,
+}
+
+fn hop_field(name: &[u8]) -> Hop {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    // The length first: most names are ruled out without comparing a byte.
+    match name.len() {
+        2 if is(b"te") => Hop::Te,
+        7 if is(b"trailer") || is(b"upgrade") => Hop::Other,
+        10 if is(b"connection") => Hop::Connection,
+        10 if is(b"keep-alive") => Hop::Other,
+        14 if is(b"content-length") => Hop::ContentLength,
+        16 if is(b"proxy-connection") => Hop::Other,
+        17 if is(b"transfer-encoding") => Hop::TransferEncoding,
+        18 if is(b"proxy-authenticate") => Hop::Other,
+        19 if is(b"proxy-authorization") => Hop::Other,
+        _ => Hop::No,
+    }
+}
+
+/// Whether a `Connection` field of the head (`raw` at `spans`) names `name` as hop-by-hop.
+/// `Host` and `Content-Length` cannot be made hop-by-hop this way, and `TE: trailers` stays.
+fn named_by_connection(raw: &[u8], spans: &[[usize; 4]], name: &[u8]) -> bool {
+    if name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"host")
+        || name.eq_ignore_ascii_case(b"te")
+    {
+        return false;
+    }
+    spans.iter().any(|&[ns, ne, vs, ve]| {
+        let value = &raw[vs..ve];
+        raw[ns..ne].eq_ignore_ascii_case(b"connection")
+            // A value that is not visible ASCII names nothing (as `HeaderValue::to_str`).
+            && value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+            && value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    })
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, H1Error> {
@@ -644,6 +737,7 @@ impl Head {
         let mut body = H1Body {
             conn: Some(conn),
             pool: Arc::clone(pool),
+            raw: Some(self.raw),
             state,
             keep_alive: self.keep_alive,
             ready: None,
@@ -683,6 +777,9 @@ pub struct H1Body {
     /// Until the body ends: then returned to the pool, or dropped.
     conn: Option<H1Conn>,
     pool: Arc<H1Pool>,
+    /// The response's header fields, until the response head is written or a header map is
+    /// made of them ([`H1Body::take_fields`]).
+    raw: Option<RawFields>,
     state: State,
     keep_alive: bool,
     /// Data already taken out of the buffer (the whole body, when it came with the head).
@@ -701,6 +798,11 @@ enum Step {
 }
 
 impl H1Body {
+    /// The response's header fields (hop-by-hop ones left out), once.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.raw.take()
+    }
+
     /// If the whole body is already buffered, takes it out and releases the connection.
     fn prefetch(&mut self) {
         match self.step(true) {
@@ -902,6 +1004,7 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     fn head(raw: &[u8], head_req: bool) -> Result<Option<Head>, H1Error> {
         let mut buf = BytesMut::from(raw);
@@ -923,6 +1026,7 @@ mod tests {
             "/p?q=1",
             Some("10.0.0.1:80"),
             &headers,
+            None,
             ReqFraming::Length(12345),
         );
         assert_eq!(
@@ -935,6 +1039,7 @@ mod tests {
             "/",
             None,
             &HeaderMap::new(),
+            None,
             ReqFraming::Chunked,
         );
         assert_eq!(
@@ -948,6 +1053,7 @@ mod tests {
             "/",
             Some("10.0.0.1:80"),
             &HeaderMap::new(),
+            None,
             ReqFraming::None,
         );
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
@@ -974,7 +1080,8 @@ mod tests {
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);
         assert_eq!(&buf[..], b"hi");
-        assert_eq!(h.parts.headers["content-length"], "2");
+        let fields: Vec<_> = h.raw.iter().collect();
+        assert_eq!(fields, [(&b"Content-Length"[..], &b"2"[..])]);
     }
 
     #[test]

@@ -788,6 +788,60 @@ fn parse_trailers(section: &[u8]) -> Result<HeaderMap, &'static str> {
     }
 }
 
+/// Header fields kept as the bytes they arrived in (an upstream's response head), hop-by-hop
+/// fields already left out: written to the client as they are, and turned into a `HeaderMap`
+/// only where something needs one (filters, an HTTP/2 client, gRPC). Building a map for every
+/// response and encoding it again cost more than the rest of the response path.
+#[derive(Debug, Default)]
+pub struct RawFields {
+    /// The head as received.
+    bytes: Bytes,
+    /// Name and value ranges in `bytes` of the fields kept, in order.
+    spans: Vec<[u32; 4]>,
+}
+
+impl RawFields {
+    /// Fields of `bytes` at `spans` (name start, name end, value start, value end), which
+    /// the caller has checked are valid field names and values.
+    pub fn new(bytes: Bytes, spans: Vec<[u32; 4]>) -> Self {
+        RawFields { bytes, spans }
+    }
+
+    /// Names (as received, any case) and values, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.iter().map(|&[ns, ne, vs, ve]| {
+            (
+                &self.bytes[ns as usize..ne as usize],
+                &self.bytes[vs as usize..ve as usize],
+            )
+        })
+    }
+
+    /// A map of these fields followed by those of `extra` (values share the head's bytes).
+    pub fn into_header_map(self, extra: HeaderMap) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len() + extra.len());
+        for &[ns, ne, vs, ve] in &self.spans {
+            let name = HeaderName::from_bytes(&self.bytes[ns as usize..ne as usize]);
+            let value =
+                HeaderValue::from_maybe_shared(self.bytes.slice(vs as usize..ve as usize));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+        // Appended, not `extend`ed: that would replace the fields of the same name.
+        let mut last = None;
+        for (name, value) in extra {
+            if let Some(n) = name {
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                map.append(n.clone(), value);
+            }
+        }
+        map
+    }
+}
+
 /// How the response body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
@@ -804,9 +858,15 @@ pub enum ResponseFraming {
 /// Writes the status line and header fields of a response into `out`, adding `Date`,
 /// `Connection` and the framing header; returns how the body must be written.
 /// `exact_len` is the body's exact size when known up front.
+/// `raw`: fields copied as they came from an upstream (written first), `headers` the rest.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of answer; a struct would only rename the arguments"
+)]
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
+    raw: Option<&RawFields>,
     headers: &HeaderMap,
     req_method: &Method,
     req_version: Version,
@@ -817,9 +877,18 @@ pub fn encode_response_head(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| parse_decimal(v.as_bytes()));
+    // The first Content-Length field decides, as `HeaderMap::get` would pick it.
+    let raw_length = raw.and_then(|r| {
+        r.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
+    });
+    let declared = match raw_length {
+        Some((_, v)) => parse_decimal(v),
+        None if headers.is_empty() => None,
+        None => headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| parse_decimal(v.as_bytes())),
+    };
     let framing = if no_body {
         ResponseFraming::None
     } else if let Some(n) = declared.or(exact_len) {
@@ -843,12 +912,28 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
     // Noted while writing the fields: a lookup afterwards hashes the name again.
     let mut has_date = false;
+    if let Some(raw) = raw {
+        // Hop-by-hop fields were left out when the head was read.
+        for (name, value) in raw.iter() {
+            has_date |= name.eq_ignore_ascii_case(b"date");
+            if declared.is_none() && name.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+            let at = out.len();
+            out.extend_from_slice(name);
+            // Lower case, as a `HeaderMap` would have written it.
+            out[at..].make_ascii_lowercase();
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     for (name, value) in headers {
         has_date |= name == header::DATE;
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
             continue;
         }
-        if name == header::CONTENT_LENGTH && declared.is_none() {
+        if name == header::CONTENT_LENGTH && (declared.is_none() || raw_length.is_some()) {
             // An unparsable length is not passed on; the body's framing decides.
             continue;
         }
@@ -1231,6 +1316,7 @@ mod tests {
         let f = encode_response_head(
             &mut out,
             StatusCode::OK,
+            None,
             &h,
             &Method::GET,
             Version::HTTP_11,
@@ -1247,6 +1333,7 @@ mod tests {
         let f = encode_response_head(
             &mut out,
             StatusCode::OK,
+            None,
             &HeaderMap::new(),
             &Method::GET,
             Version::HTTP_10,

@@ -549,6 +549,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     mut keep_alive: bool,
 ) -> Result<bool, WriteFail> {
     let (parts, mut body) = resp.into_parts();
+    let raw = body.take_fields();
     if parts.headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
@@ -560,13 +561,14 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
     let framing = h1parse::encode_response_head(
         &mut out,
         parts.status,
+        raw.as_ref(),
         &parts.headers,
         method,
         version,
         body.size_hint().exact(),
         &mut keep_alive,
     );
-    drop(parts);
+    drop((parts, raw));
     if framing == ResponseFraming::None {
         drop(body);
         wr.write_all(&out).await?;

@@ -125,6 +125,120 @@ pub fn add_forwarding(
     append_list(headers, header::VIA, HeaderValue::from_static(via));
 }
 
+/// The forwarding headers of one request, kept out of its header map for an HTTP/1.1
+/// upstream: that codec writes them straight into the request head it sends
+/// ([`Forwarding::write`]), which costs a fraction of four map insertions. The fields come out
+/// as [`add_forwarding`] would have made them.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding {
+    /// The client's address.
+    pub client: IpAddr,
+    /// How the client connected.
+    pub scheme: Scheme,
+    /// The downstream protocol version (for `Via`).
+    pub version: http::Version,
+}
+
+impl Forwarding {
+    /// Adds the fields to `headers` (for an upstream that sends a header map).
+    pub fn apply(self, headers: &mut HeaderMap) {
+        add_forwarding(headers, self.client, self.scheme, self.version);
+    }
+
+    /// Whether the request's own field `name` is replaced by what [`Forwarding::write`]
+    /// writes (the codec leaves those out and says it met one).
+    pub fn replaces(name: &HeaderName) -> bool {
+        name == header::VIA
+            || name == header::FORWARDED
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+    }
+
+    /// Writes the fields (`name: value\r\n` each) given the request's `headers`; `present`:
+    /// the request had at least one of them (else they are written without a lookup).
+    pub fn write(self, buf: &mut Vec<u8>, headers: &HeaderMap, present: bool) {
+        let via: &[u8] = match self.version {
+            http::Version::HTTP_10 => b"1.0 lbd",
+            http::Version::HTTP_2 => b"2 lbd",
+            http::Version::HTTP_3 => b"3 lbd",
+            _ => b"1.1 lbd",
+        };
+        let scheme = self.scheme.as_str().as_bytes();
+        buf.extend_from_slice(b"x-forwarded-for: ");
+        if present {
+            // The first earlier value only, as `add_forwarding` keeps it.
+            if let Some(prev) = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+                && !prev.trim().is_empty()
+            {
+                buf.extend_from_slice(prev.as_bytes());
+                buf.extend_from_slice(b", ");
+            }
+        }
+        push_ip(buf, self.client);
+        buf.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        buf.extend_from_slice(scheme);
+        buf.extend_from_slice(b"\r\nforwarded: ");
+        if present {
+            push_list(buf, headers, &header::FORWARDED);
+        }
+        buf.extend_from_slice(b"for=");
+        // RFC 7239: IPv6 addresses are quoted and bracketed.
+        if self.client.is_ipv6() {
+            buf.extend_from_slice(b"\"[");
+            push_ip(buf, self.client);
+            buf.extend_from_slice(b"]\"");
+        } else {
+            push_ip(buf, self.client);
+        }
+        buf.extend_from_slice(b";proto=");
+        buf.extend_from_slice(scheme);
+        buf.extend_from_slice(b"\r\nvia: ");
+        if present {
+            push_list(buf, headers, &header::VIA);
+        }
+        buf.extend_from_slice(via);
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The earlier values of list header `name` folded into one, followed by ", " (nothing when
+/// there are none), as [`append_list`] joins them.
+fn push_list(buf: &mut Vec<u8>, headers: &HeaderMap, name: &HeaderName) {
+    let at = buf.len();
+    for v in headers.get_all(name) {
+        if let Ok(s) = v.to_str() {
+            if buf.len() > at {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(s.as_bytes());
+        }
+    }
+    if buf.len() > at {
+        buf.extend_from_slice(b", ");
+    }
+}
+
+/// Appends the address as text (IPv4 without the formatting machinery).
+fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
+    let IpAddr::V4(v4) = ip else {
+        use std::io::Write as _;
+        let _ = write!(buf, "{ip}");
+        return;
+    };
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf.push(b'.');
+        }
+        if octet >= 100 {
+            buf.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            buf.push(b'0' + octet / 10 % 10);
+        }
+        buf.push(b'0' + octet % 10);
+    }
+}
+
 /// The header values that depend only on the client: its address (`X-Forwarded-For`) and
 /// its `Forwarded` element.
 #[derive(Clone)]
@@ -301,6 +415,62 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none());
+    }
+
+    /// What the HTTP/1.1 codec writes equals what `add_forwarding` puts in a map.
+    #[test]
+    fn written_forwarding_matches_the_map() {
+        let cases: [&[(&str, &str)]; 5] = [
+            &[],
+            &[("x-forwarded-for", "203.0.113.7"), ("via", "1.1 edge")],
+            &[
+                ("x-forwarded-for", " "),
+                ("x-forwarded-proto", "https"),
+                ("forwarded", "for=1.2.3.4"),
+                ("forwarded", "for=5.6.7.8"),
+            ],
+            &[("x-forwarded-for", "a"), ("x-forwarded-for", "b"), ("via", "")],
+            &[("via", "1.0 a"), ("via", "1.1 b"), ("x-other", "1")],
+        ];
+        for fields in cases {
+            for (ip, scheme, version) in [
+                ("192.0.2.10", Scheme::Http, http::Version::HTTP_11),
+                ("2001:db8::1", Scheme::Https, http::Version::HTTP_2),
+                ("10.0.0.1", Scheme::Http, http::Version::HTTP_10),
+            ] {
+                let mut h = HeaderMap::new();
+                for (n, v) in fields {
+                    h.append(
+                        HeaderName::from_static(n),
+                        HeaderValue::from_static(v),
+                    );
+                }
+                let f = Forwarding {
+                    client: ip.parse().expect("ip"),
+                    scheme,
+                    version,
+                };
+                let mut written = Vec::new();
+                let present = h.keys().any(Forwarding::replaces);
+                f.write(&mut written, &h, present);
+                let mut expected = h.clone();
+                f.apply(&mut expected);
+                let mut want = Vec::new();
+                for name in [X_FORWARDED_FOR, X_FORWARDED_PROTO, header::FORWARDED, header::VIA] {
+                    for v in expected.get_all(&name) {
+                        want.extend_from_slice(name.as_str().as_bytes());
+                        want.extend_from_slice(b": ");
+                        want.extend_from_slice(v.as_bytes());
+                        want.extend_from_slice(b"\r\n");
+                    }
+                }
+                assert_eq!(
+                    String::from_utf8_lossy(&written),
+                    String::from_utf8_lossy(&want),
+                    "{fields:?} {ip}"
+                );
+            }
+        }
     }
 
     #[test]

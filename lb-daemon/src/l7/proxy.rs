@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, header};
+use http::{HeaderValue, Method, Request, Response, Version, header};
 use hyper::body::Body as _;
 
 use super::answer;
@@ -18,12 +18,13 @@ use super::filter::vars::request_host;
 use super::filter::{Chain, Exchange, Flow, Notes, ResponseView};
 use super::forward::{Call, Failure};
 use super::grpc;
-use super::headers;
+use super::headers::{self, Forwarding};
 use super::log::RequestLog;
 use super::reason::Reason;
 use super::router;
 use super::runtime::{ListenerRuntime, Runtime};
-use super::upstream::UpstreamBody;
+use super::upstream::{self, UpstreamBody};
+use crate::config::model::{HashKey, Policy};
 
 /// Handles one request against the runtime snapshot `rt`.
 pub async fn handle(
@@ -134,7 +135,23 @@ pub async fn handle(
         }
     }
     let path = head.uri.clone();
-    prepare_head(&mut head, &conn);
+    prepare_head(&mut head);
+    let fwd = Forwarding {
+        client: conn.client.ip(),
+        scheme: conn.scheme,
+        version: head.version,
+    };
+    // An HTTP/1.1 upstream writes the forwarding headers itself; the map gets them only when
+    // something reads it: an HTTP/2 upstream, a mirror, a balancer hashing one of them.
+    let forwarding = if cluster.upstream.version() == Version::HTTP_11
+        && notes.mirror.is_none()
+        && !hashes_forwarding(&cluster.config.policy)
+    {
+        Some(fwd)
+    } else {
+        fwd.apply(&mut head.headers);
+        None
+    };
     if let Some(call) = &grpc_deadline {
         call.propagate(&mut head.headers);
     }
@@ -153,11 +170,22 @@ pub async fn handle(
         deadline,
         grpc_deadline: grpc_deadline.as_ref(),
         body_limit: listener.limits.max_body_bytes,
+        forwarding,
     };
     let resp = match call.send(&mut head, body, &mut log).await {
         Ok(mut resp) => {
             if let Some(v) = split_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, v.clone());
+            }
+            // An HTTP/1.1 upstream's header fields stay bytes, copied to the client with the
+            // hop-by-hop ones left out, unless something here reads them: response filters,
+            // gRPC, a mirror comparing answers, or an HTTP/2 client (hyper's server).
+            let copied = ran == 0
+                && !log.grpc
+                && digest.is_none()
+                && matches!(log.version, Version::HTTP_10 | Version::HTTP_11);
+            if !copied {
+                upstream::full_headers(&mut resp);
             }
             let mut resp = respond(resp, log);
             if let Some((tx, limit)) = digest {
@@ -286,7 +314,8 @@ fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
 }
 
 /// Turns the downstream head into the upstream head (minus URI and version, set per attempt).
-fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
+/// The forwarding headers are added apart (see [`Forwarding`]).
+fn prepare_head(head: &mut http::request::Parts) {
     // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
     // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
     // The authority first: an HTTP/1.1 request in origin form has none, and then the header
@@ -298,13 +327,16 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
         head.headers.insert(header::HOST, v);
     }
     headers::strip_hop_by_hop(&mut head.headers);
-    headers::add_forwarding(
-        &mut head.headers,
-        conn.client.ip(),
-        conn.scheme,
-        head.version,
-    );
     // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
+}
+
+/// Whether the balancer keys on a field the forwarding headers set (it must see them).
+fn hashes_forwarding(policy: &Policy) -> bool {
+    let name = match policy {
+        Policy::HeaderHash(name) | Policy::Maglev(HashKey::Header(name)) => name,
+        _ => return false,
+    };
+    Forwarding::replaces(name)
 }
 
 fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {

@@ -18,6 +18,8 @@ use hyper::body::Incoming;
 
 use super::body::{BodyError, RequestBody};
 use super::h1client::{self, H1Body, H1Error};
+use super::h1parse::RawFields;
+use super::headers::Forwarding;
 use super::h1pool::{H1Pool, H1PoolConfig};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use crate::config::model::{Cluster, UpstreamProtocol};
@@ -195,16 +197,20 @@ impl Upstream {
     /// `head` is the request head (its URI already absolute for the endpoint). `last`: no
     /// other attempt follows, so the head may be consumed (its headers are taken, not copied,
     /// for HTTP/2); otherwise it is left intact.
+    ///
+    /// `fwd`: the forwarding headers, when they are not in `head` yet (an HTTP/1.1 upstream
+    /// writes them straight into its request head).
     pub async fn send(
         &self,
         endpoint: usize,
         head: &mut http::request::Parts,
+        fwd: Option<&Forwarding>,
         body: RequestBody,
         last: bool,
     ) -> Result<http::Response<UpstreamBody>, (UpstreamError, UpstreamFailure)> {
         match &self.pool {
             Pool::Http1(pool) => self
-                .send_h1(pool, endpoint, head, body)
+                .send_h1(pool, endpoint, head, fwd, body)
                 .await
                 .map(|r| r.map(UpstreamBody::H1)),
             Pool::Http2(pool) => {
@@ -217,6 +223,9 @@ impl Upstream {
                 } else {
                     head.headers.clone()
                 };
+                if let Some(f) = fwd {
+                    f.apply(req.headers_mut());
+                }
                 let body = req.body().limit_probe();
                 // Boxed: the HTTP/2 future is ~2.8 KiB, and unboxed it would size (and make
                 // every move of) the future of every HTTP/1.1 request too.
@@ -240,6 +249,7 @@ impl Upstream {
         pool: &Arc<H1Pool>,
         endpoint: usize,
         parts: &http::request::Parts,
+        fwd: Option<&Forwarding>,
         body: RequestBody,
     ) -> Result<http::Response<H1Body>, (UpstreamError, UpstreamFailure)> {
         // Sent again only if that cannot do harm twice: no body to replay, and an idempotent
@@ -261,7 +271,7 @@ impl Upstream {
                     .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
             };
             let attempt_body = body.take().unwrap_or(RequestBody::Empty);
-            match h1client::send(&mut conn, parts, attempt_body).await {
+            match h1client::send(&mut conn, parts, fwd, attempt_body).await {
                 Ok(head) => return Ok(head.into_response(conn, pool)),
                 // The peer closed the idle connection as the request went out (the keep-alive
                 // race): the request goes out once more on a new connection, if it can be
@@ -303,6 +313,26 @@ pub enum UpstreamBody {
     H1(H1Body),
     /// An HTTP/2 stream.
     H2(Incoming),
+}
+
+impl UpstreamBody {
+    /// The header fields an HTTP/1.1 upstream's response holds as bytes until they are
+    /// written to the client (see [`RawFields`]), once.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        match self {
+            UpstreamBody::H1(b) => b.take_fields(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+/// Moves the header fields a response still holds as bytes into its header map (after those
+/// already there), for code that reads or edits them.
+pub fn full_headers(resp: &mut http::Response<UpstreamBody>) {
+    if let Some(raw) = resp.body_mut().take_fields() {
+        let extra = std::mem::take(resp.headers_mut());
+        *resp.headers_mut() = raw.into_header_map(extra);
+    }
 }
 
 impl Body for UpstreamBody {

@@ -321,7 +321,7 @@ async fn call(
     } else {
         RequestBody::Full(Some(body))
     };
-    let resp = match cluster.upstream.send(idx, head, body, true).await {
+    let resp = match cluster.upstream.send(idx, head, None, body, true).await {
         Ok(r) => r,
         Err((kind, err)) => {
             if kind == UpstreamError::Connect {

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Instructions (and heap allocations) per proxied HTTP/1.1 keep-alive request, counted by
+# callgrind: a figure that does not move with the machine's load, unlike requests/s.
+#
+# lbd (release build, which carries line tables: `debug = 1` in the workspace profile) runs
+# under `valgrind --tool=callgrind` with one runtime worker and the `http1-keepalive` bench
+# config (one listener, one route, round robin over three bench-backend ports, access log
+# off). One keep-alive client (`h2load --h1 -c 1`) sends exactly N small GETs, then lbd is
+# stopped. This is done for N1 and N2 requests; startup, the first connections and shutdown
+# cost the same in both runs, so
+#
+#     instructions per request = (total(N2) - total(N1)) / (N2 - N1)
+#
+# and likewise for calls of malloc/realloc/free (counted from callgrind's call records).
+#
+# Usage: bench/callgrind.sh [--no-build] [--keep]
+#   N1, N2          request counts (default 2000 and 12000)
+#   CARGO_TARGET_DIR where the release binaries are (default: target/)
+#   LBD, BACKEND    the binaries to run instead (e.g. a copy of an earlier build, to compare)
+#   RUN_DIR         where the callgrind files go (default: <target>/callgrind)
+#   --no-build      use the binaries already built
+#   --keep          keep the callgrind output files (default: kept anyway under the run dir)
+# Output: the figures on stdout; the run dir `<target>/callgrind/` holds the callgrind files
+# (`callgrind_annotate --inclusive=yes <target>/callgrind/callgrind.N2.out` shows where the
+# instructions go) and the top of that annotation in `annotate.txt`.
+set -euo pipefail
+
+N1=${N1:-2000}
+N2=${N2:-12000}
+build=1
+for a in "$@"; do
+    case "$a" in
+        --no-build) build=0 ;;
+        --keep) ;;
+        *) echo "unknown argument: $a" >&2; exit 2 ;;
+    esac
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+lbd=${LBD:-$target/release/lbd}
+backend=${BACKEND:-$target/release/bench-backend}
+run=${RUN_DIR:-$target/callgrind}
+mkdir -p "$run"
+
+for tool in valgrind h2load callgrind_annotate; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "SKIP: $tool not installed (scripts/setup.sh --bench installs h2load; apt-get install valgrind)" >&2
+        exit 0
+    fi
+done
+
+if [ "$build" = 1 ]; then
+    (cd "$root" && cargo build --release -p lb-daemon -p lb-bench-backend)
+fi
+
+# A free loopback port (bound and released by the kernel's choice).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 1 600); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "port $1 not accepting" >&2
+    return 1
+}
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+b1=$(free_port); b2=$(free_port); b3=$(free_port); lp=$(free_port)
+"$backend" --listen "127.0.0.1:$b1" --listen "127.0.0.1:$b2" --listen "127.0.0.1:$b3" \
+    --body-bytes 64 2>"$run/backend.log" &
+pids+=($!)
+wait_port "$b1"
+
+cat >"$run/lb.toml" <<EOF
+[global]
+access_log = false
+log_level = "warn"
+
+[[listeners]]
+name = "bench"
+bind = "127.0.0.1:$lp"
+protocol = "http"
+
+[[routes]]
+name = "all"
+cluster = "bench"
+[routes.match]
+path_prefix = "/"
+
+[[clusters]]
+name = "bench"
+policy = "round_robin"
+protocol = "http1"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$b1"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$b2"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$b3"
+EOF
+"$lbd" check --config "$run/lb.toml" >/dev/null
+
+# Sums the `calls=` records of calls to the named functions in a callgrind file (names are
+# compressed: `cfn=(7) malloc` the first time, `cfn=(7)` after).
+calls_of() {
+    awk -v want="$2" '
+        BEGIN { n = split(want, w, ","); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
+        /^c?fn=\(/ {
+            match($0, /\([0-9]+\)/); id = substr($0, RSTART, RLENGTH)
+            rest = substr($0, RSTART + RLENGTH + 1)
+            if (rest != "") name[id] = rest
+            if ($0 ~ /^cfn=/) cur = (id in name && name[id] in wanted) ? 1 : 0
+            next
+        }
+        /^calls=/ { if (cur) { split(substr($0, 7), c, " "); total += c[1] }; cur = 0; next }
+        END { print total + 0 }
+    ' "$1"
+}
+
+measure() {
+    local n=$1 out=$run/callgrind.$1.out
+    rm -f "$out"
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$lbd" run --config "$run/lb.toml" 2>"$run/lbd.$n.log" &
+    local vg=$!
+    pids+=("$vg")
+    wait_port "$lp"
+    h2load --h1 -c 1 -m 1 -n "$n" "http://127.0.0.1:$lp/" >"$run/h2load.$n.txt"
+    if ! grep -q "status codes: $n 2xx" "$run/h2load.$n.txt"; then
+        echo "h2load did not get $n 2xx answers:" >&2
+        cat "$run/h2load.$n.txt" >&2
+        exit 1
+    fi
+    kill -TERM "$vg"
+    wait "$vg" || true
+    local total
+    total=$(awk '/^(summary|totals):/ { print $2; exit }' "$out")
+    echo "$total $(calls_of "$out" malloc,realloc,calloc) $(calls_of "$out" free)" >"$run/result.$n"
+}
+
+measure "$N1"
+measure "$N2"
+read -r t1 m1 f1 <"$run/result.$N1"
+read -r t2 m2 f2 <"$run/result.$N2"
+d=$((N2 - N1))
+echo "requests: $N1 -> $N2"
+echo "instructions: $t1 -> $t2"
+awk -v a="$t1" -v b="$t2" -v d="$d" 'BEGIN { printf "instructions per request: %.0f\n", (b - a) / d }'
+awk -v a="$m1" -v b="$m2" -v d="$d" 'BEGIN { printf "allocations per request: %.2f\n", (b - a) / d }'
+awk -v a="$f1" -v b="$f2" -v d="$d" 'BEGIN { printf "frees per request: %.2f\n", (b - a) / d }'
+callgrind_annotate --inclusive=yes "$run/callgrind.$N2.out" 2>/dev/null | head -80 >"$run/annotate.txt" || true
+echo "profile of the $N2-request run: $run/callgrind.$N2.out (top: $run/annotate.txt)"
