@@ -87,8 +87,8 @@ pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> E
     let mut first = true;
     loop {
         if rbuf.is_empty() {
-            // Idle: no buffer at all until the client sends something.
-            rbuf = BytesMut::new();
+            // Idle: no buffer at all until the client sends something (an empty buffer was
+            // released at the end of the previous request).
             let wait = if first {
                 cx.limits.header_read_timeout.min(cx.limits.idle_timeout)
             } else {
@@ -101,7 +101,8 @@ pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> E
                 Err(CloseReason::Idle) if first => return End::Closed(CloseReason::Error),
                 Err(reason) => return End::Closed(reason),
             }
-            rbuf.reserve(HEAD_BUF);
+            // Allocated at its size (growing an empty buffer goes the long way round).
+            rbuf = BytesMut::with_capacity(HEAD_BUF);
             // A polled read (not `try_read`): a short read clears the socket's readiness, so
             // the next wait for input does not start with a read that finds nothing.
             match stream.read_buf(&mut rbuf).now_or_never() {
