@@ -152,7 +152,8 @@ impl Call<'_> {
             let last = attempt + 1 == max_attempts;
             let sent = Instant::now();
             let budget = self.grpc_deadline.map_or(self.deadline, |c| c.remaining());
-            match tokio::time::timeout(budget, cluster.upstream.send(idx, head, self.forwarding.as_ref(), req_body, last))
+            let fw = self.forwarding.as_ref();
+            match tokio::time::timeout(budget, cluster.upstream.send(idx, head, fw, req_body, last))
                 .await
             {
                 Ok(Ok(mut resp)) => {

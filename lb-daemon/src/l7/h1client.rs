@@ -592,7 +592,9 @@ fn parse_head(
             kept.push([ns as u32, ne as u32, vs as u32, ve as u32]);
         }
         if connection_names {
-            kept.retain(|&[ns, ne, _, _]| !named_by_connection(&raw, spans, &raw[ns as usize..ne as usize]));
+            kept.retain(|&[ns, ne, _, _]| {
+                !named_by_connection(&raw, spans, &raw[ns as usize..ne as usize])
+            });
         }
         let framing =
             if head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -1082,6 +1084,36 @@ mod tests {
         assert_eq!(&buf[..], b"hi");
         let fields: Vec<_> = h.raw.iter().collect();
         assert_eq!(fields, [(&b"Content-Length"[..], &b"2"[..])]);
+    }
+
+    #[test]
+    fn kept_fields_are_written_in_lower_case_without_hop_by_hop_ones() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Type: a\r\nConnection: X-Hop\r\nX-Sp:   v  \r\n\
+              X-E:\r\nX-Hop: 1\r\nx-l: z\nTE: trailers\r\nTE: gzip\r\nContent-Length: 5\r\n\
+              Date: d\r\n\r\n",
+            false,
+        )
+        .expect("ok")
+        .expect("complete");
+        let mut out = Vec::new();
+        assert!(h.raw.write(&mut out, true));
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "content-type: a\r\nx-sp: v\r\nx-e: \r\nx-l: z\r\nte: trailers\r\n\
+             content-length: 5\r\ndate: d\r\n"
+        );
+        let mut out = Vec::new();
+        h.raw.write(&mut out, false);
+        assert!(
+            !String::from_utf8(out)
+                .expect("utf8")
+                .contains("content-length")
+        );
+        let map = h.raw.into_header_map(HeaderMap::new());
+        assert_eq!(map.len(), 7);
+        assert_eq!(map["x-sp"], "v");
+        assert!(map.get("x-hop").is_none());
     }
 
     #[test]

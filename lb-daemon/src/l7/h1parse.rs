@@ -847,13 +847,39 @@ impl RawFields {
         })
     }
 
+    /// Appends the fields as `name: value\r\n` lines, names in lower case as a `HeaderMap`
+    /// would write them (a field that arrived in that shape is copied in one piece), leaving
+    /// out `Content-Length` unless `length`; returns whether a `Date` field was among them.
+    pub fn write(&self, out: &mut Vec<u8>, length: bool) -> bool {
+        let raw = &self.bytes[..];
+        let mut date = false;
+        for &[ns, ne, vs, ve] in &self.spans {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            let name = &raw[ns..ne];
+            date |= name.eq_ignore_ascii_case(b"date");
+            if !length && name.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+            let at = out.len();
+            if vs == ne + 2 && &raw[ne..vs] == b": " && raw.get(ve..ve + 2) == Some(&b"\r\n"[..]) {
+                out.extend_from_slice(&raw[ns..ve + 2]);
+            } else {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&raw[vs..ve]);
+                out.extend_from_slice(b"\r\n");
+            }
+            out[at..at + name.len()].make_ascii_lowercase();
+        }
+        date
+    }
+
     /// A map of these fields followed by those of `extra` (values share the head's bytes).
     pub fn into_header_map(self, extra: HeaderMap) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.spans.len() + extra.len());
         for &[ns, ne, vs, ve] in &self.spans {
             let name = HeaderName::from_bytes(&self.bytes[ns as usize..ne as usize]);
-            let value =
-                HeaderValue::from_maybe_shared(self.bytes.slice(vs as usize..ve as usize));
+            let value = HeaderValue::from_maybe_shared(self.bytes.slice(vs as usize..ve as usize));
             if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
             }
@@ -944,19 +970,7 @@ pub fn encode_response_head(
     let mut has_date = false;
     if let Some(raw) = raw {
         // Hop-by-hop fields were left out when the head was read.
-        for (name, value) in raw.iter() {
-            has_date |= name.eq_ignore_ascii_case(b"date");
-            if declared.is_none() && name.eq_ignore_ascii_case(b"content-length") {
-                continue;
-            }
-            let at = out.len();
-            out.extend_from_slice(name);
-            // Lower case, as a `HeaderMap` would have written it.
-            out[at..].make_ascii_lowercase();
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
+        has_date = raw.write(out, declared.is_some());
     }
     for (name, value) in headers {
         has_date |= name == header::DATE;

@@ -164,6 +164,8 @@ impl Forwarding {
             _ => b"1.1 lbd",
         };
         let scheme = self.scheme.as_str().as_bytes();
+        let ip = IpText::new(self.client);
+        let ip = ip.as_bytes();
         buf.extend_from_slice(b"x-forwarded-for: ");
         if present {
             // The first earlier value only, as `add_forwarding` keeps it.
@@ -174,7 +176,7 @@ impl Forwarding {
                 buf.extend_from_slice(b", ");
             }
         }
-        push_ip(buf, self.client);
+        buf.extend_from_slice(ip);
         buf.extend_from_slice(b"\r\nx-forwarded-proto: ");
         buf.extend_from_slice(scheme);
         buf.extend_from_slice(b"\r\nforwarded: ");
@@ -185,10 +187,10 @@ impl Forwarding {
         // RFC 7239: IPv6 addresses are quoted and bracketed.
         if self.client.is_ipv6() {
             buf.extend_from_slice(b"\"[");
-            push_ip(buf, self.client);
+            buf.extend_from_slice(ip);
             buf.extend_from_slice(b"]\"");
         } else {
-            push_ip(buf, self.client);
+            buf.extend_from_slice(ip);
         }
         buf.extend_from_slice(b";proto=");
         buf.extend_from_slice(scheme);
@@ -218,24 +220,48 @@ fn push_list(buf: &mut Vec<u8>, headers: &HeaderMap, name: &HeaderName) {
     }
 }
 
-/// Appends the address as text (IPv4 without the formatting machinery).
-fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
-    let IpAddr::V4(v4) = ip else {
-        use std::io::Write as _;
-        let _ = write!(buf, "{ip}");
-        return;
-    };
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            buf.push(b'.');
+/// The address as text in a stack buffer (IPv4 without the formatting machinery).
+struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut t = IpText {
+            buf: [0; 45],
+            len: 0,
+        };
+        let IpAddr::V4(v4) = ip else {
+            use std::io::Write as _;
+            let mut rest = &mut t.buf[..];
+            // 45 bytes hold the longest IPv6 text (with an embedded IPv4 address).
+            let _ = write!(rest, "{ip}");
+            t.len = 45 - rest.len();
+            return t;
+        };
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                t.push(b'.');
+            }
+            if octet >= 100 {
+                t.push(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                t.push(b'0' + octet / 10 % 10);
+            }
+            t.push(b'0' + octet % 10);
         }
-        if octet >= 100 {
-            buf.push(b'0' + octet / 100);
-        }
-        if octet >= 10 {
-            buf.push(b'0' + octet / 10 % 10);
-        }
-        buf.push(b'0' + octet % 10);
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -353,6 +379,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stack_ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.100.9",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            "::ffff:192.168.100.200",
+            "2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
     fn ip_text_matches_display() {
         for ip in [
             "0.0.0.0",
@@ -429,7 +471,11 @@ mod tests {
                 ("forwarded", "for=1.2.3.4"),
                 ("forwarded", "for=5.6.7.8"),
             ],
-            &[("x-forwarded-for", "a"), ("x-forwarded-for", "b"), ("via", "")],
+            &[
+                ("x-forwarded-for", "a"),
+                ("x-forwarded-for", "b"),
+                ("via", ""),
+            ],
             &[("via", "1.0 a"), ("via", "1.1 b"), ("x-other", "1")],
         ];
         for fields in cases {
@@ -440,10 +486,7 @@ mod tests {
             ] {
                 let mut h = HeaderMap::new();
                 for (n, v) in fields {
-                    h.append(
-                        HeaderName::from_static(n),
-                        HeaderValue::from_static(v),
-                    );
+                    h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
                 }
                 let f = Forwarding {
                     client: ip.parse().expect("ip"),
@@ -456,7 +499,12 @@ mod tests {
                 let mut expected = h.clone();
                 f.apply(&mut expected);
                 let mut want = Vec::new();
-                for name in [X_FORWARDED_FOR, X_FORWARDED_PROTO, header::FORWARDED, header::VIA] {
+                for name in [
+                    X_FORWARDED_FOR,
+                    X_FORWARDED_PROTO,
+                    header::FORWARDED,
+                    header::VIA,
+                ] {
                     for v in expected.get_all(&name) {
                         want.extend_from_slice(name.as_str().as_bytes());
                         want.extend_from_slice(b": ");

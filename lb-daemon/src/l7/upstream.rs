@@ -19,9 +19,9 @@ use hyper::body::Incoming;
 use super::body::{BodyError, RequestBody};
 use super::h1client::{self, H1Body, H1Error};
 use super::h1parse::RawFields;
-use super::headers::Forwarding;
 use super::h1pool::{H1Pool, H1PoolConfig};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
+use super::headers::Forwarding;
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::telemetry::metrics as m;
 
