@@ -273,6 +273,11 @@ pub struct ResponseBody {
 }
 
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "an upstream body is the common variant; boxing it would cost an allocation \
+              per request"
+)]
 enum Kind {
     Upstream(UpstreamBody),
     /// An upstream body whose digest someone waits for (a mirror comparing answers); boxed

@@ -308,6 +308,11 @@ fn authority(addr: SocketAddr) -> Authority {
 
 /// A response body from either kind of upstream connection.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the HTTP/1.1 body (with its response's header fields) is the common variant; \
+              boxing it would cost an allocation per request"
+)]
 pub enum UpstreamBody {
     /// Read from a pooled HTTP/1.1 connection by the task polling it.
     H1(H1Body),
