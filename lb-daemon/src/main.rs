@@ -54,6 +54,13 @@ enum Cmd {
         #[arg(long)]
         generic: bool,
     },
+    /// Try lbd with nothing else running: start small demo backends on 127.0.0.1 (the
+    /// endpoints of configs/demo.toml) inside lbd, then run the demo config like `run`.
+    Demo {
+        /// Path to the demo configuration (its endpoints must be the demo backends).
+        #[arg(short, long, default_value = "configs/demo.toml")]
+        config: PathBuf,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -65,7 +72,8 @@ fn main() -> ExitCode {
             println!("lbd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Cmd::Run { config } => run(&config),
+        Cmd::Run { config } => run(&config, false),
+        Cmd::Demo { config } => run(&config, true),
         Cmd::Check { config } => check(&config),
         Cmd::Explain {
             config,
@@ -86,7 +94,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+/// `lbd run`, or with `demo` the demo backends started first (`lbd demo`).
+fn run(path: &Path, demo: bool) -> ExitCode {
     let model = match config::load(path) {
         Ok(m) => m,
         Err(errors) => {
@@ -111,6 +120,21 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if demo {
+        if let Err(e) = runtime.block_on(lbd::demo::start()) {
+            eprintln!("lbd demo: {e}");
+            return ExitCode::FAILURE;
+        }
+        let listen = model.listeners.first().map(|l| l.bind.to_string());
+        let admin = model.global.admin.as_ref().map(|a| a.bind.to_string());
+        eprintln!(
+            "{}",
+            lbd::demo::banner(
+                listen.as_deref().unwrap_or("127.0.0.1:8080"),
+                admin.as_deref()
+            )
+        );
+    }
     let serve = async {
         lbd::memory::spawn_trimmer();
         lbd::supervisor::run(path, model).await
