@@ -3,11 +3,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use lbd::config;
 
 #[derive(Parser)]
-#[command(name = "lbd", about = "L4/L7 load balancer and API gateway", version)]
+#[command(
+    name = "lbd",
+    about = "L4/L7 load balancer and API gateway",
+    long_about = "lbd is one daemon with two data paths that follow one view of backend health: \
+an L7 reverse proxy for HTTP/1.1, HTTP/2 and gRPC (routing, balancing, health checks, \
+per-route filters, TLS) and an L4 XDP program balancing TCP/UDP virtual IPs with Maglev and \
+direct server return. Its configuration is one TOML file (default /etc/lbd/lb.toml); \
+SIGHUP reloads it, keeping the running config when the new one is invalid, and SIGTERM \
+drains. The admin address serves a status page, a JSON API and Prometheus metrics.",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -61,6 +71,18 @@ enum Cmd {
         #[arg(short, long, default_value = "configs/demo.toml")]
         config: PathBuf,
     },
+    /// Print a shell completion script for lbd (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print lbd's man page (roff) to stdout, or with --out-dir write lbd.1 and one page per
+    /// subcommand (lbd-run.1, …) there.
+    Man {
+        /// Folder for the pages (created if missing).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -72,6 +94,12 @@ fn main() -> ExitCode {
             println!("lbd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lbd", &mut script);
+            print_bytes(&script)
+        }
+        Cmd::Man { out_dir } => man(out_dir.as_deref()),
         Cmd::Run { config } => run(&config, false),
         Cmd::Demo { config } => run(&config, true),
         Cmd::Check { config } => check(&config),
@@ -90,6 +118,40 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("lbd: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// `lbd man`: the page on stdout, or every page into `out_dir`.
+fn man(out_dir: Option<&Path>) -> ExitCode {
+    let result = match out_dir {
+        None => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => return print_bytes(&page),
+                Err(e) => Err(e),
+            }
+        }
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd man: {e}");
+            ExitCode::FAILURE
         }
     }
 }
