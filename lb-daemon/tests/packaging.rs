@@ -275,7 +275,7 @@ fn install_and_purge(deb: &Path) {
         println!("SKIP: dpkg -i not tried (runs in CI, or set LBD_TEST_INSTALL_DEB=1)");
         return;
     }
-    let root_user = run(&mut Command::new("id").arg("-u")).trim() == "0";
+    let root_user = run(Command::new("id").arg("-u")).trim() == "0";
     let installed = have("dpkg", "--version")
         && Command::new("dpkg")
             .args(["-s", "lbd"])
