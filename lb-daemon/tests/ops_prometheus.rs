@@ -368,10 +368,12 @@ address = "{web}"
 address = "{dead}"
 [clusters.passive]
 max_fails = 0
+# The refusing endpoint fails its first check at once; the live one would need a 900 ms
+# stall to fail one, so a loaded machine does not take it out.
 [clusters.health_check]
 kind = "tcp"
-interval = "200ms"
-timeout = "100ms"
+interval = "1s"
+timeout = "900ms"
 healthy_threshold = 1
 unhealthy_threshold = 1
 
