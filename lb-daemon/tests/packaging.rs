@@ -340,6 +340,22 @@ fn install_and_purge(deb: &Path) {
             "active",
             "postinst started the service"
         );
+        // The packaged config's admin address answers.
+        let status = run(Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--retry",
+            "5",
+            "--retry-connrefused",
+            "http://127.0.0.1:9901/status",
+        ]));
+        assert_eq!(
+            status, "200",
+            "the installed service answers on its admin address"
+        );
     } else {
         println!("SKIP: systemd is not running here; the service start was not checked");
     }
