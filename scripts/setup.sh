@@ -28,11 +28,15 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   throwaway RSA/EC/Ed25519 keys of lb-daemon/tests/e2e_auth.rs (no key is committed).
 # - chromium: renders the admin status page headless in lb-daemon/tests/e2e_status_page.rs
 #   (tests only; lbd does not need it at run time).
+# - nginx-light, haproxy: lb-daemon/tests/import.rs runs them with the originals of the
+#   configs `lbd import` translates, and compares their routing with lbd's (also bench
+#   contenders).
 # - prometheus: promtool checks and unit-tests configs/prometheus/lbd-rules.yml, and the server
 #   scrapes a real lbd in lb-daemon/tests/ops_prometheus.rs (tests start their own; the
 #   package's service is disabled below).
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
-      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium prometheus)
+      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
+      nginx-light haproxy prometheus)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod import;
 pub mod l4;
 pub mod l7;
 pub mod memory;

@@ -83,6 +83,19 @@ enum Cmd {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Translate an nginx or HAProxy configuration into an lb.toml (printed, or written to
+    /// --output); every directive that was not carried over is listed on stderr with its
+    /// file:line and at the end of the output.
+    Import {
+        /// The nginx.conf or haproxy.cfg to translate.
+        source: PathBuf,
+        /// "nginx" or "haproxy" (default: guessed from the file name and contents).
+        #[arg(long)]
+        from: Option<String>,
+        /// Write the lb.toml here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -103,6 +116,11 @@ fn main() -> ExitCode {
         Cmd::Run { config } => run(&config, false),
         Cmd::Demo { config } => run(&config, true),
         Cmd::Check { config } => check(&config),
+        Cmd::Import {
+            source,
+            from,
+            output,
+        } => import(&source, from.as_deref(), output.as_deref()),
         Cmd::Explain {
             config,
             protocol,
@@ -212,6 +230,45 @@ fn run(path: &Path, demo: bool) -> ExitCode {
 }
 
 /// `lbd check`: every problem on its own line on stderr, or a one-line summary on stdout.
+fn import(source: &Path, from: Option<&str>, output: Option<&Path>) -> ExitCode {
+    use lbd::import::{Format, import_file};
+    let format = match from {
+        None => None,
+        Some("nginx") => Some(Format::Nginx),
+        Some("haproxy") => Some(Format::Haproxy),
+        Some(other) => {
+            eprintln!("--from {other:?}: expected \"nginx\" or \"haproxy\"");
+            return ExitCode::from(2);
+        }
+    };
+    let imported = match import_file(source, format) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for s in &imported.skipped {
+        eprintln!("{}: not translated: {} ({})", s.origin, s.directive, s.why);
+    }
+    eprintln!(
+        "{}: {} directive{} not translated",
+        source.display(),
+        imported.skipped.len(),
+        if imported.skipped.len() == 1 { "" } else { "s" }
+    );
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &imported.toml) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        None => print!("{}", imported.toml),
+    }
+    ExitCode::SUCCESS
+}
+
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(m) => {
