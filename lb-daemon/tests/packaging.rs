@@ -55,6 +55,7 @@ fn completions_and_man_pages_come_from_the_clap_definitions() {
         "demo",
         "completions",
         "man",
+        "import",
     ];
     let bash = run(Command::new(lbd()).args(["completions", "bash"]));
     assert!(bash.contains("complete -F _lbd"), "{bash}");
