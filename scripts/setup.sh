@@ -28,8 +28,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   throwaway RSA/EC/Ed25519 keys of lb-daemon/tests/e2e_auth.rs (no key is committed).
 # - chromium: renders the admin status page headless in lb-daemon/tests/e2e_status_page.rs
 #   (tests only; lbd does not need it at run time).
+# - redis-server: lb-daemon/tests/e2e_redis_limit.rs starts its own instance on a free loopback
+#   port (no persistence) and stops it by PID; the system service is never used.
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
-      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium)
+      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
+      redis-server)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)
