@@ -48,7 +48,10 @@ impl Redis {
         let r = Redis { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
         while r.command("PING").as_deref() != Some("+PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not answer PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(r)
@@ -132,10 +135,7 @@ async fn until_status(c: &H1, addr: SocketAddr, path: &str, status: u16) {
         if get(c, addr, path).await.status == status {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{path} never answered {status}"
-        );
+        assert!(Instant::now() < deadline, "{path} never answered {status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -325,9 +325,16 @@ rate_limit = {{ key = "route", limits = [{{ rate = "5/h" }}], redis = {closed} }
         }
         v
     };
-    assert_eq!(tight, [200, 200, 200, 200, 200, 429, 429, 429], "5/h after recovery");
+    assert_eq!(
+        tight,
+        [200, 200, 200, 200, 200, 429, 429, 429],
+        "5/h after recovery"
+    );
     let keys = redis.command("DBSIZE").unwrap_or_default();
-    assert!(keys.starts_with(':') && keys != ":0", "state is in Redis: {keys}");
+    assert!(
+        keys.starts_with(':') && keys != ":0",
+        "state is in Redis: {keys}"
+    );
     let logs = lbd.logs();
     let lines = logs.matches("Redis did not decide").count();
     eprintln!("{lines} log line(s) for {errors} fallbacks");
@@ -372,10 +379,16 @@ fn resp_command_len(b: &[u8]) -> Option<usize> {
         Some((&b[at..end], end + 2))
     }
     let (head, mut at) = line(b, 0)?;
-    let n: usize = std::str::from_utf8(head.strip_prefix(b"*")?).ok()?.parse().ok()?;
+    let n: usize = std::str::from_utf8(head.strip_prefix(b"*")?)
+        .ok()?
+        .parse()
+        .ok()?;
     for _ in 0..n {
         let (len, next) = line(b, at)?;
-        let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?).ok()?.parse().ok()?;
+        let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
         at = next + len + 2;
         if at > b.len() {
             return None;

@@ -105,7 +105,10 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
         c.err(
             r.url.span(),
             &format!("{key}.url"),
-            format!("invalid Redis URL: {}", e.detail().unwrap_or("cannot parse it")),
+            format!(
+                "invalid Redis URL: {}",
+                e.detail().unwrap_or("cannot parse it")
+            ),
         );
         ok = false;
     }
@@ -141,7 +144,7 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
             let k = format!("{key}.ca_file");
             if !tls {
                 c.err(f.span(), &k, "ca_file needs a rediss:// URL");
-                ok = false;
+                return None;
             }
             match read(c, f, &k, dir) {
                 Some(b) => {

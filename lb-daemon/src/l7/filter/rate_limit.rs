@@ -251,11 +251,14 @@ mod tests {
             key: Key::Route,
             limits: limits
                 .iter()
-                .map(|&(count, secs, burst)| Limit {
-                    count,
-                    period: Duration::from_secs(secs),
-                    burst,
-                }, "r")
+                .map(
+                    |&(count, secs, burst)| Limit {
+                        count,
+                        period: Duration::from_secs(secs),
+                        burst,
+                    },
+                    "r",
+                )
                 .collect(),
             max_keys,
             trusted_hops: 0,

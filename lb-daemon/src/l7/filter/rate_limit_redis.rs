@@ -370,7 +370,11 @@ impl Shared {
                 return self.fail();
             }
             Err(_) => {
-                conn.failed("timeout", &"no answer within rate_limit.redis.timeout", true);
+                conn.failed(
+                    "timeout",
+                    &"no answer within rate_limit.redis.timeout",
+                    true,
+                );
                 return self.fail();
             }
         };
