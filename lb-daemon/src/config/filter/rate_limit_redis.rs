@@ -169,15 +169,17 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
         &format!("{key}.timeout"),
         Duration::from_millis(5),
     );
-    if timeout > Duration::from_secs(1) {
-        if let Some(v) = &r.timeout {
-            c.err(
-                v.span(),
-                &format!("{key}.timeout"),
-                "at most 1s: requests wait this long for Redis",
-            );
-            ok = false;
-        }
+    if let Some(v) = r
+        .timeout
+        .as_ref()
+        .filter(|_| timeout > Duration::from_secs(1))
+    {
+        c.err(
+            v.span(),
+            &format!("{key}.timeout"),
+            "at most 1s: requests wait this long for Redis",
+        );
+        ok = false;
     }
     let connect_timeout = c.positive_duration(
         r.connect_timeout.as_ref(),

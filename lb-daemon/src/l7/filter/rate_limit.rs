@@ -10,7 +10,7 @@
 //! With a `redis` table the state lives in Redis instead, shared by every lbd instance
 //! (`rate_limit_redis.rs`); this file then only derives the key.
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 use http::{HeaderValue, header};
@@ -119,11 +119,7 @@ impl RateLimit {
 
     /// Admits or refuses the request (429 `rate_limited`, gRPC RESOURCE_EXHAUSTED).
     pub async fn request(&self, ex: &mut Exchange<'_>) -> Flow {
-        let hash = self.with_key(ex, |k| {
-            let mut h = self.seed.build_hasher();
-            k.hash(&mut h);
-            h.finish()
-        });
+        let hash = self.with_key(ex, |k| self.seed.hash_one(k));
         let state = match &self.shared {
             None => self.decide(hash, self.now()),
             Some(shared) => match shared.local(hash) {
@@ -247,22 +243,23 @@ mod tests {
     use std::time::Duration;
 
     fn limiter(limits: &[(u64, u64, u64)], max_keys: usize) -> RateLimit {
-        RateLimit::new(&Spec {
-            key: Key::Route,
-            limits: limits
-                .iter()
-                .map(
-                    |&(count, secs, burst)| Limit {
+        RateLimit::new(
+            &Spec {
+                key: Key::Route,
+                limits: limits
+                    .iter()
+                    .map(|&(count, secs, burst)| Limit {
                         count,
                         period: Duration::from_secs(secs),
                         burst,
-                    },
-                    "r",
-                )
-                .collect(),
-            max_keys,
-            trusted_hops: 0,
-        })
+                    })
+                    .collect(),
+                max_keys,
+                trusted_hops: 0,
+                redis: None,
+            },
+            "r",
+        )
     }
 
     const S: u64 = 1_000_000_000;
