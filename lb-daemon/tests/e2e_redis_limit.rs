@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use lb_tests::certs::{LeafOpts, Pki, toml_path};
 use lb_tests::client::{H1, Reply};
 use lb_tests::{Backend, Lbd, free_addr, prom};
 
@@ -28,6 +29,11 @@ struct Redis {
 impl Redis {
     /// Starts redis-server on `addr`; `None` when the program is missing.
     fn start(addr: SocketAddr) -> Option<Redis> {
+        Self::start_with(addr, &[])
+    }
+
+    /// Like [`Redis::start`] with more arguments (TLS, a password).
+    fn start_with(addr: SocketAddr, extra: &[&str]) -> Option<Redis> {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -41,13 +47,18 @@ impl Redis {
                 "--protected-mode",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
         let r = Redis { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while r.command("PING").as_deref() != Some("+PONG") {
+        // With a password, PING answers NOAUTH: still up.
+        while !r
+            .command("PING")
+            .is_some_and(|l| l == "+PONG" || l.starts_with("-NOAUTH"))
+        {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer PING"
@@ -435,4 +446,89 @@ rate_limit = {{ key = "route", limits = [{{ rate = "10/s" }}], redis = {{ url = 
     let errors = m.sum("lbd_rate_limit_redis_errors_total", &[]);
     eprintln!("erring Redis: {errors} fallbacks counted");
     assert!(errors >= 60.0, "{errors}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_password() {
+    if !have_redis() {
+        return;
+    }
+    let pki = Pki::new("redis test CA");
+    let leaf = pki.leaf(
+        "redis",
+        &LeafOpts {
+            names: vec!["127.0.0.1".into()],
+            cn: "redis".into(),
+            serial: 2,
+            ..LeafOpts::default()
+        },
+    );
+    let pass = pki.write("redis.pass", b"s3cret-for-tests\n");
+    let wrong = pki.write("wrong.pass", b"not-it\n");
+    let (plain, tls) = (free_addr(), free_addr());
+    let tls_port = tls.port().to_string();
+    let (cert, key, ca) = (
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string(),
+        pki.ca_file.display().to_string(),
+    );
+    let _redis = Redis::start_with(
+        plain,
+        &[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret-for-tests",
+        ],
+    )
+    .expect("redis-server");
+    let backend = Backend::start("b1").await;
+    let table = |pass: &Path| {
+        format!(
+            r#"{{ url = "rediss://{tls}", password_file = {}, ca_file = {}, timeout = "500ms", failure_mode = "fail_closed", batch = 1 }}"#,
+            toml_path(pass),
+            toml_path(&pki.ca_file)
+        )
+    };
+    let routes = format!(
+        r#"
+[[routes]]
+name = "tls"
+cluster = "web"
+match.path_prefix = "/tls"
+[[routes.filters]]
+rate_limit = {{ key = "route", limits = [{{ rate = "3/h" }}], redis = {good} }}
+
+[[routes]]
+name = "wrong"
+cluster = "web"
+match.path_prefix = "/wrong"
+[[routes.filters]]
+rate_limit = {{ key = "route", limits = [{{ rate = "3/h" }}], redis = {bad} }}
+"#,
+        good = table(&pass),
+        bad = table(&wrong),
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let _lbd = Lbd::start(bin(), &config(listen, admin, backend.addr, &routes));
+    let c = H1::new();
+    until_status(&c, listen, "/tls", 200).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(get(&c, listen, "/tls").await.status.as_u16());
+    }
+    // The probe above took the first of the 3.
+    assert_eq!(got, [200, 200, 429], "3/h over TLS with a password");
+    for _ in 0..3 {
+        let r = get(&c, listen, "/wrong").await;
+        assert_eq!(r.status, 429, "a wrong password fails closed: {r:?}");
+    }
 }
