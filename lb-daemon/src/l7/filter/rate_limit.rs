@@ -133,7 +133,8 @@ impl RateLimit {
                             material.extend_from_slice(k);
                         }
                     });
-                    match shared.remote(hash, &material).await {
+                    // Boxed: only requests that ask Redis carry its future.
+                    match Box::pin(shared.remote(hash, &material)).await {
                         Decision::Limit(s) => s,
                         Decision::FailedOpen => return Flow::Next,
                     }

@@ -350,11 +350,8 @@ impl Shared {
             inv.arg(*t).arg(*tau);
         }
         metrics::counter!(RATE_LIMIT_REDIS_CALLS).increment(1);
-        // Boxed: the Redis call's future is large and most requests never build it.
-        let call = Box::pin(tokio::time::timeout(
-            self.timeout,
-            inv.invoke_async::<(u64, u64, u64)>(&mut mgr),
-        ));
+        let call =
+            tokio::time::timeout(self.timeout, inv.invoke_async::<(u64, u64, u64)>(&mut mgr));
         let (granted, a, reset_us) = match call.await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
