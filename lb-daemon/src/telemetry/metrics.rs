@@ -62,6 +62,11 @@ pub const CONFIG_INFO: &str = "lbd_config_info";
 /// Key tables of a `rate_limit` filter cleared because every key in a shard was still
 /// limited when a new one came (a flood of distinct keys).
 pub const RATE_LIMIT_EVICTIONS: &str = "lbd_rate_limit_evictions_total";
+/// Shared `rate_limit` decisions Redis did not make (labels `redis`, `kind`: `connection`,
+/// `timeout`, `error`, `backoff`); each one got the filter's failure mode.
+pub const RATE_LIMIT_REDIS_ERRORS: &str = "lbd_rate_limit_redis_errors_total";
+/// Round trips to Redis for shared `rate_limit` decisions (token batches asked for).
+pub const RATE_LIMIT_REDIS_CALLS: &str = "lbd_rate_limit_redis_calls_total";
 
 /// Latency buckets, seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -148,6 +153,14 @@ fn describe() {
     describe_counter!(
         RATE_LIMIT_EVICTIONS,
         "Rate-limit key shards cleared to stay within max_keys."
+    );
+    describe_counter!(
+        RATE_LIMIT_REDIS_ERRORS,
+        "Shared rate-limit decisions Redis did not make in time (the failure mode applied)."
+    );
+    describe_counter!(
+        RATE_LIMIT_REDIS_CALLS,
+        "Round trips to Redis for shared rate-limit token batches."
     );
 }
 
