@@ -1,0 +1,132 @@
+//! A cluster's retry budget (linkerd's and Envoy's idea): retries may add at most `ratio` of
+//! the requests seen over a sliding window, plus `min_per_second` for each second of it, so
+//! that a failing backend never sees a retry storm on top of its load.
+//!
+//! A ring of per-second buckets of atomic counters; a request costs one clock read and one
+//! `fetch_add`. A bucket is reset by whoever first touches it in a new second; a count racing
+//! with that reset may be lost, which only makes the budget a hair more or less generous.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::config::model;
+
+/// Retries allowed relative to recent requests.
+#[derive(Debug)]
+pub struct RetryBudget {
+    start: Instant,
+    ratio: f64,
+    min_per_second: u64,
+    buckets: Box<[Bucket]>,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    /// The second (since `start`) the counts are for.
+    second: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl RetryBudget {
+    /// A budget with the config's ratio, floor and window.
+    pub fn new(cfg: &model::RetryBudget) -> Self {
+        let n = cfg.window.as_secs().max(1) as usize;
+        RetryBudget {
+            start: Instant::now(),
+            ratio: cfg.ratio,
+            min_per_second: cfg.min_per_second.into(),
+            buckets: (0..n).map(|_| Bucket::default()).collect(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// The bucket for `second`, reset if it still holds an older second.
+    fn bucket(&self, second: u64) -> &Bucket {
+        let b = &self.buckets[(second % self.buckets.len() as u64) as usize];
+        let seen = b.second.load(Ordering::Acquire);
+        if seen != second
+            && b.second
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            b.requests.store(0, Ordering::Relaxed);
+            b.retries.store(0, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// Counts a request that may be retried.
+    pub fn deposit(&self) {
+        self.bucket(self.now())
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one retry from the budget; `false` when it is spent.
+    pub fn withdraw(&self) -> bool {
+        let now = self.now();
+        let n = self.buckets.len() as u64;
+        let current = self.bucket(now);
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for b in self.buckets.iter() {
+            let s = b.second.load(Ordering::Acquire);
+            if s <= now && now - s < n {
+                requests += b.requests.load(Ordering::Relaxed);
+                retries += b.retries.load(Ordering::Relaxed);
+            }
+        }
+        // The floor is per second of the window already lived, so a young budget is not
+        // a window's worth of free retries at once.
+        let seconds = (now + 1).min(n);
+        let allowed = (requests as f64 * self.ratio) as u64 + self.min_per_second * seconds;
+        if retries >= allowed {
+            return false;
+        }
+        current.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn budget(ratio: f64, min_per_second: u32) -> RetryBudget {
+        RetryBudget::new(&model::RetryBudget {
+            ratio,
+            min_per_second,
+            window: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn retries_are_bounded_by_ratio_plus_floor() {
+        let b = budget(0.2, 10);
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        let granted = (0..1000).filter(|_| b.withdraw()).count();
+        // 20% of 1000 plus one second of floor.
+        assert_eq!(granted, 210);
+    }
+
+    #[test]
+    fn a_zero_budget_grants_nothing() {
+        let b = budget(0.0, 0);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        assert!(!b.withdraw());
+    }
+
+    #[test]
+    fn the_floor_alone_serves_a_quiet_cluster() {
+        let b = budget(0.2, 3);
+        let granted = (0..10).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 3);
+    }
+}
