@@ -69,23 +69,26 @@ impl RetryBudget {
     pub fn withdraw(&self) -> bool {
         let now = self.now();
         let n = self.buckets.len() as u64;
+        // Taken first and given back if over: racing retries can then only be refused
+        // too often, never granted beyond the budget.
         let current = self.bucket(now);
+        current.retries.fetch_add(1, Ordering::AcqRel);
         let (mut requests, mut retries) = (0u64, 0u64);
         for b in self.buckets.iter() {
             let s = b.second.load(Ordering::Acquire);
             if s <= now && now - s < n {
                 requests += b.requests.load(Ordering::Relaxed);
-                retries += b.retries.load(Ordering::Relaxed);
+                retries += b.retries.load(Ordering::Acquire);
             }
         }
         // The floor is per second of the window already lived, so a young budget is not
         // a window's worth of free retries at once.
         let seconds = (now + 1).min(n);
         let allowed = (requests as f64 * self.ratio) as u64 + self.min_per_second * seconds;
-        if retries >= allowed {
+        if retries > allowed {
+            current.retries.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        current.retries.fetch_add(1, Ordering::Relaxed);
         true
     }
 }

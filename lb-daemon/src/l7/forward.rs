@@ -234,7 +234,7 @@ impl Call<'_> {
                         {
                             // Nothing sent downstream yet: try again, but keep this answer
                             // for the client in case no attempt does better.
-                            tracing::info!(cluster = %cluster.name, endpoint = log.endpoint.map(tracing::field::display),
+                            tracing::debug!(cluster = %cluster.name, endpoint = log.endpoint.map(tracing::field::display),
                                 status, grpc_status = grpc::status_of(resp.headers()), attempt = attempt + 1,
                                 "retrying after a retriable answer");
                             held = Some((resp, idx));
