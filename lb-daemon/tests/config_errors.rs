@@ -148,6 +148,13 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "unknown field",
     ),
     (
+        "zero hedge_delay",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nhedge_delay = \"0ms\"\n",
+        5,
+        "routes[0].retry.hedge_delay",
+        "greater than 0",
+    ),
+    (
         "retry budget on a route",
         "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nratio = 0.5\n",
         5,

@@ -184,7 +184,7 @@ async fn a_backend_failing_every_request_sees_no_more_than_the_retry_budget() {
     let (listen, admin) = (free_addr(), free_addr());
     // Defaults: ratio 0.2, min_per_second 10, window 10s.
     let cluster = "[clusters.retry]\nattempts = 3\nretry_on = [\"5xx\"]\nbackoff_base = \"1ms\"\n";
-    // From before lbd starts: the budget's floor counts the seconds since then.
+    // From before lbd starts, so that the run's seconds cover the budget's.
     let started = Instant::now();
     let _lbd = Lbd::start(bin(), &config(listen, admin, &[a, b], "", cluster));
 
@@ -203,9 +203,8 @@ async fn a_backend_failing_every_request_sees_no_more_than_the_retry_budget() {
         "lbd_retries_denied_total",
         &[("cluster", "web"), ("reason", "budget")],
     );
-    // The floor is granted per second lived in the window (at most 10 s of it), counting
-    // the second under way.
-    let floor = 10.0 * (secs.ceil() + 1.0);
+    // The floor: min_per_second × the 10 s window (× the seconds lived, for a longer run).
+    let floor = 10.0 * 10f64.max(secs.ceil() + 1.0);
     let bound = 1.2 * total as f64 + floor;
     println!(
         "100% failing backend: {total} client requests in {secs:.2}s; backends saw {seen} \
@@ -390,5 +389,48 @@ async fn a_body_beyond_max_replay_bytes_is_not_retried() {
             &[("cluster", "web"), ("reason", "body_too_large")]
         ),
         1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hedge_answers_from_another_endpoint_while_the_first_is_slow() {
+    let (slow, slow_hits) = backend(|_| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        reply(200, "slow")
+    })
+    .await;
+    let (fast, fast_hits) = backend(|_| async { reply(200, "fast") }).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let route = "[routes.retry]\nattempts = 1\nhedge_delay = \"100ms\"\n";
+    let _lbd = Lbd::start(bin(), &config(listen, admin, &[slow, fast], route, ""));
+    let c = H1::new();
+    for i in 0..4 {
+        let t = Instant::now();
+        let r = c.get(listen, "/", Some("a")).await.expect("answer");
+        let took = t.elapsed();
+        println!("hedged request {i}: {:?} in {took:?}", r.text());
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.text(), "fast");
+        // The hedge leaves after 100 ms; the slow endpoint would take 2 s.
+        assert!(took < Duration::from_millis(1000), "{took:?}");
+    }
+    // Half of the first tries went to the slow endpoint and were hedged, not retried after it.
+    let slow_tries = slow_hits.load(Ordering::Relaxed);
+    assert!(slow_tries >= 2, "{slow_tries}");
+    assert_eq!(fast_hits.load(Ordering::Relaxed), 4);
+    let m = scrape(admin);
+    assert_eq!(
+        m.sum("lbd_hedges_total", &[("cluster", "web")]),
+        slow_tries as f64
+    );
+    // A POST is never hedged: it waits for the slow endpoint or goes to the fast one.
+    let post = Request::post("/")
+        .header("host", "a")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let _ = c.send(listen, post).await.expect("answer");
+    assert_eq!(
+        scrape(admin).sum("lbd_hedges_total", &[("cluster", "web")]),
+        slow_tries as f64
     );
 }

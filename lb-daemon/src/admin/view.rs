@@ -214,6 +214,7 @@ fn retry(r: &crate::config::model::Retry) -> Value {
         "max_replay_bytes": r.max_replay_bytes,
         "backoff_base_ms": ms(r.backoff_base),
         "backoff_max_ms": ms(r.backoff_max),
+        "hedge_delay_ms": r.hedge_delay.map(ms),
     })
 }
 

@@ -461,6 +461,9 @@ pub struct Retry {
     pub backoff_base: Duration,
     /// Upper bound of one backoff wait.
     pub backoff_max: Duration,
+    /// Hedging: when the first try of an idempotent, body-less request has not answered
+    /// after this long, a second try goes to another endpoint and the first answer wins.
+    pub hedge_delay: Option<Duration>,
 }
 
 /// Conditions of a failed attempt that allow a retry.
@@ -512,6 +515,7 @@ impl Default for Retry {
             max_replay_bytes: 64 << 10,
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
+            hedge_delay: None,
         }
     }
 }

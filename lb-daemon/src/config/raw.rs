@@ -260,6 +260,7 @@ pub struct RawRetry {
     pub max_replay_bytes: Option<S<i64>>,
     pub backoff_base: Option<S<String>>,
     pub backoff_max: Option<S<String>>,
+    pub hedge_delay: Option<S<String>>,
 }
 
 /// `[clusters.retry_budget]`.

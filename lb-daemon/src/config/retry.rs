@@ -87,6 +87,9 @@ impl Checker<'_> {
             }
             None => backoff_base.saturating_mul(10),
         };
+        let hedge_delay = r.hedge_delay.as_ref().map(|t| {
+            self.positive_duration(Some(t), &k("hedge_delay"), Duration::from_millis(100))
+        });
         Retry {
             attempts,
             on,
@@ -96,6 +99,7 @@ impl Checker<'_> {
             max_replay_bytes,
             backoff_base,
             backoff_max,
+            hedge_delay,
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{Response, Uri};
 use hyper::body::Body as _;
+use tokio::time::error::Elapsed;
 
 use super::body::{Replay, RequestBody};
 use super::breaker::Slot;
@@ -20,9 +21,10 @@ use super::grpc;
 use super::log::RequestLog;
 use super::reason::Reason;
 use super::retry::{self, Outcome};
-use super::upstream::{UpstreamBody, UpstreamError};
+use super::upstream::{UpstreamBody, UpstreamError, UpstreamFailure};
 use crate::balance::PickContext;
 use crate::config::model::Retry;
+use crate::health::InFlightGuard;
 use crate::telemetry::metrics as m;
 
 /// Upper bound on attempts per request, whatever the config says: a request must not walk a
@@ -116,6 +118,7 @@ impl Call<'_> {
         // says otherwise; gRPC answers with one of `grpc_status`. A body is kept for another
         // attempt up to `max_replay_bytes` when a retry after sending is possible; otherwise
         // only until its first byte is read.
+        let empty_body = body.is_end_stream();
         let grpc_statuses: &[u8] = if log.grpc { &policy.grpc_status } else { &[] };
         let idempotent = head.method.is_idempotent();
         let max_attempts = (policy.attempts as usize + 1).min(MAX_ATTEMPTS);
@@ -207,12 +210,20 @@ impl Call<'_> {
             let sent = Instant::now();
             let remaining = clock.remaining();
             let per_try = policy.per_try_timeout.filter(|t| *t < remaining);
-            let outcome = match tokio::time::timeout(
-                per_try.unwrap_or(remaining),
-                cluster.upstream.send(idx, head, req_body, last),
-            )
-            .await
-            {
+            let time = per_try.unwrap_or(remaining);
+            let hedge = policy
+                .hedge_delay
+                .filter(|d| attempt == 0 && empty_body && idempotent && !last && *d < time);
+            let (idx, guard, result) = match hedge {
+                None => {
+                    let sending = cluster.upstream.send(idx, head, req_body, last);
+                    (idx, guard, tokio::time::timeout(time, sending).await)
+                }
+                Some(delay) => self.hedged(head, idx, guard, time, delay).await,
+            };
+            tried[attempt] = idx;
+            log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
+            let outcome = match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
                     let failed = if policy.on.any_status() && policy.on.status(status) {
@@ -294,16 +305,17 @@ impl Call<'_> {
                 }
                 Err(_elapsed) => {
                     log.upstream = Some(sent.elapsed());
-                    cluster.passive_failure(idx);
                     if per_try.is_none() {
                         // The request's own deadline: no time for another attempt.
                         if self.grpc_deadline.is_some_and(|c| c.client_set) {
-                            // The client's deadline, not a slow endpoint. Dropping the send
-                            // future resets the upstream stream.
+                            // The client's deadline, not a slow endpoint: no passive-health
+                            // strike. Dropping the send future resets the upstream stream.
                             return Err(Reason::DeadlineExceeded.into());
                         }
+                        cluster.passive_failure(idx);
                         return Err(Reason::UpstreamTimeout.into());
                     }
+                    cluster.passive_failure(idx);
                     tracing::warn!(cluster = %cluster.name, endpoint = log.endpoint.map(tracing::field::display),
                         attempt = attempt + 1, per_try_timeout = ?per_try, "upstream attempt timed out");
                     last_error = Some(Reason::UpstreamTimeout);
@@ -351,12 +363,7 @@ impl Call<'_> {
             return None;
         }
         let cluster = self.cluster;
-        let deny = |reason: &'static str| {
-            metrics::counter!(m::RETRIES_DENIED,
-                "cluster" => cluster.name.to_string(), "reason" => reason)
-            .increment(1);
-            tracing::debug!(cluster = %cluster.name, reason, "retry not made");
-        };
+        let deny = |reason| deny(cluster, reason);
         if replay.as_ref().is_some_and(|r| !Replay::can_replay(r)) {
             deny("body_too_large");
             return None;
@@ -382,6 +389,105 @@ impl Call<'_> {
         }
         Some(Granted { wait, slot })
     }
+}
+
+/// What one attempt (or a hedged pair) came to: the endpoint whose result it is, its
+/// in-flight guard, and the result (an answer, a failure, or no answer in time).
+type Tried = (usize, InFlightGuard, Attempted);
+type Attempted = Result<Result<Response<UpstreamBody>, (UpstreamError, UpstreamFailure)>, Elapsed>;
+
+impl Call<'_> {
+    /// The first attempt of a hedged request (`hedge_delay`; idempotent, body-less): when
+    /// endpoint `idx` has not answered after `delay`, a second try goes to another endpoint,
+    /// within the budget and `max_retries`; the first answer wins and dropping the other
+    /// cancels it (its HTTP/2 stream is reset, its HTTP/1.1 connection closed).
+    async fn hedged(
+        &self,
+        head: &mut http::request::Parts,
+        idx: usize,
+        guard: InFlightGuard,
+        time: Duration,
+        delay: Duration,
+    ) -> Tried {
+        let cluster = self.cluster;
+        let (mut copy, ()) = http::Request::new(()).into_parts();
+        copy.method = head.method.clone();
+        copy.version = head.version;
+        copy.headers = head.headers.clone();
+        let started = Instant::now();
+        let first = tokio::time::timeout(
+            time,
+            cluster.upstream.send(idx, head, RequestBody::Empty, false),
+        );
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return (idx, guard, r),
+            () = tokio::time::sleep(delay) => {}
+        }
+        let ctx = PickContext {
+            client_ip: self.conn.client.ip(),
+            headers: &copy.headers,
+        };
+        let Picked::Endpoint(other, other_guard) = cluster.pick_within_limit(&ctx, &[idx]) else {
+            return (idx, guard, first.await);
+        };
+        let Some(uri) = cluster.upstream.uri(other, self.path.path_and_query()) else {
+            return (idx, guard, first.await);
+        };
+        let Ok(_slot) = cluster.breakers.retries.enter() else {
+            deny(cluster, "circuit_open");
+            return (idx, guard, first.await);
+        };
+        if !cluster.budget.withdraw() {
+            deny(cluster, "budget");
+            return (idx, guard, first.await);
+        }
+        metrics::counter!(m::HEDGES, "cluster" => cluster.name.to_string()).increment(1);
+        tracing::debug!(cluster = %cluster.name, first = idx, hedge = other, "hedging");
+        copy.uri = uri;
+        let second = tokio::time::timeout(
+            time.saturating_sub(started.elapsed()),
+            cluster
+                .upstream
+                .send(other, &mut copy, RequestBody::Empty, true),
+        );
+        tokio::pin!(second);
+        // The first answer wins; a failure waits for the other try.
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(Ok(_)) => (idx, guard, r),
+                _ => {
+                    self.strike(idx, &r);
+                    (other, other_guard, second.await)
+                }
+            },
+            r = &mut second => match r {
+                Ok(Ok(_)) => (other, other_guard, r),
+                _ => {
+                    self.strike(other, &r);
+                    (idx, guard, first.await)
+                }
+            },
+        }
+    }
+
+    /// Passive health for the losing half of a hedge that failed.
+    fn strike(&self, idx: usize, r: &Attempted) {
+        if matches!(
+            r,
+            Err(_) | Ok(Err((UpstreamError::Connect | UpstreamError::Reset, _)))
+        ) {
+            self.cluster.passive_failure(idx);
+        }
+    }
+}
+
+/// Counts a retry (or hedge) the policy allowed but that was not made.
+fn deny(cluster: &ClusterRuntime, reason: &'static str) {
+    metrics::counter!(m::RETRIES_DENIED,
+        "cluster" => cluster.name.to_string(), "reason" => reason)
+    .increment(1);
+    tracing::debug!(cluster = %cluster.name, reason, "retry not made");
 }
 
 async fn wait(d: Duration) {

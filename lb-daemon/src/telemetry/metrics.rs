@@ -32,6 +32,8 @@ pub const RETRIES: &str = "lbd_retries_total";
 /// spent), `body_too_large` (beyond `max_replay_bytes`), `circuit_open` (`max_retries`),
 /// `retry_after` (the backend's Retry-After is past the request's deadline)).
 pub const RETRIES_DENIED: &str = "lbd_retries_denied_total";
+/// Hedged tries sent while the first try was still running (`cluster`).
+pub const HEDGES: &str = "lbd_hedges_total";
 /// Requests answered 503 `circuit_open` (`cluster`, `threshold`: `max_requests`,
 /// `max_pending_requests`, `max_retries`; the last counts retries not made).
 pub const CIRCUIT_OPEN: &str = "lbd_circuit_open_total";
@@ -118,6 +120,7 @@ fn describe() {
         RETRIES_DENIED,
         "Retries a policy allowed but that were not made (budget, body, breaker, Retry-After)."
     );
+    describe_counter!(HEDGES, "Hedged second tries sent (hedge_delay).");
     describe_counter!(
         CIRCUIT_OPEN,
         "Requests or retries refused by a cluster circuit breaker threshold."
