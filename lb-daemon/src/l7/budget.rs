@@ -4,12 +4,14 @@
 //! of its load, while a quiet cluster still gets its few retries.
 //!
 //! A ring of per-second buckets of atomic counters; a request costs one clock read and one
-//! `fetch_add`. A bucket is reset by whoever first touches it in a new second; a count racing
-//! with that reset may be lost, which only makes the budget a hair more or less generous.
+//! `fetch_add`. A bucket is reset by whoever first touches it in a new second.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::model;
+
+/// `Bucket::second` while one caller resets the bucket (never a real second).
+const RESETTING: u64 = u64::MAX;
 
 /// Retries allowed relative to recent requests.
 #[derive(Debug)]
@@ -44,19 +46,30 @@ impl RetryBudget {
         self.start.elapsed().as_secs()
     }
 
-    /// The bucket for `second`, reset if it still holds an older second.
+    /// The bucket for `second`, reset if it still holds an older second. The reset is
+    /// claimed by marking the bucket, so no count made in the new second is wiped out.
     fn bucket(&self, second: u64) -> &Bucket {
         let b = &self.buckets[(second % self.buckets.len() as u64) as usize];
-        let seen = b.second.load(Ordering::Acquire);
-        if seen != second
-            && b.second
-                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
+        loop {
+            let seen = b.second.load(Ordering::Acquire);
+            if seen == RESETTING {
+                std::hint::spin_loop();
+                continue;
+            }
+            // A newer second already (this caller's clock read is stale): count there.
+            if seen >= second {
+                return b;
+            }
+            if b.second
+                .compare_exchange(seen, RESETTING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            b.requests.store(0, Ordering::Relaxed);
-            b.retries.store(0, Ordering::Relaxed);
+            {
+                b.requests.store(0, Ordering::Relaxed);
+                b.retries.store(0, Ordering::Relaxed);
+                b.second.store(second, Ordering::Release);
+                return b;
+            }
         }
-        b
     }
 
     /// Counts a request that may be retried.
