@@ -64,6 +64,104 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "unknown value \"busy\"",
     ),
     (
+        "retry attempts over the cap",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nattempts = 8\n",
+        6,
+        "clusters[0].retry.attempts",
+        "between 0 and 7",
+    ),
+    (
+        "unknown retry_on word",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nretry_on = [\"reset\", \"5xxx\"]\n",
+        6,
+        "clusters[0].retry.retry_on[1]",
+        "unknown value \"5xxx\"",
+    ),
+    (
+        "retry_on status out of range",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nretry_on = [503, 200]\n",
+        5,
+        "routes[0].retry.retry_on[1]",
+        "between 400 and 599",
+    ),
+    (
+        "zero per_try_timeout",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nper_try_timeout = \"0s\"\n",
+        5,
+        "routes[0].retry.per_try_timeout",
+        "greater than 0",
+    ),
+    (
+        "max_replay_bytes over 16 MiB",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nmax_replay_bytes = 100000000\n",
+        6,
+        "clusters[0].retry.max_replay_bytes",
+        "at most 16777216",
+    ),
+    (
+        "backoff_max below backoff_base",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nbackoff_base = \"100ms\"\nbackoff_max = \"10ms\"\n",
+        7,
+        "clusters[0].retry.backoff_max",
+        "at least backoff_base",
+    ),
+    (
+        "negative replay bound",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nmax_replay_bytes = -1\n",
+        5,
+        "routes[0].retry.max_replay_bytes",
+        "at least 0",
+    ),
+    (
+        "budget ratio above 1",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nratio = 1.5\n",
+        6,
+        "clusters[0].retry_budget.ratio",
+        "between 0.0 and 1.0",
+    ),
+    (
+        "budget window not whole seconds",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nwindow = \"1500ms\"\n",
+        6,
+        "clusters[0].retry_budget.window",
+        "whole seconds",
+    ),
+    (
+        "negative budget floor",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nmin_per_second = -1\n",
+        6,
+        "clusters[0].retry_budget.min_per_second",
+        "between 0 and",
+    ),
+    (
+        "negative circuit breaker",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_requests = -5\n",
+        6,
+        "clusters[0].circuit_breakers.max_requests",
+        "at least 0",
+    ),
+    (
+        "unknown circuit breaker",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = 5\n",
+        6,
+        "clusters[0].circuit_breakers.max_connections",
+        "unknown field",
+    ),
+    (
+        "zero hedge_delay",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nhedge_delay = \"0ms\"\n",
+        5,
+        "routes[0].retry.hedge_delay",
+        "greater than 0",
+    ),
+    (
+        "retry budget on a route",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nratio = 0.5\n",
+        5,
+        "routes[0].retry.ratio",
+        "unknown field",
+    ),
+    (
         "unknown cluster protocol",
         "[[clusters]]\nname = \"c\"\nprotocol = \"grpc-web\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n",
         3,
@@ -1491,4 +1589,78 @@ fn tls_pairs_are_checked_when_the_config_is_loaded() {
     assert_eq!(tls.certificates[0].serial, "07");
     assert_eq!(tls.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
     assert!(tls.certificates[0].expires_in() > 0);
+}
+
+#[test]
+fn retry_policies_budgets_and_breakers_build_the_expected_model() {
+    let text = r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "plain"
+cluster = "c"
+match = { path_prefix = "/plain" }
+
+[[routes]]
+name = "own"
+cluster = "c"
+[routes.retry]
+attempts = 3
+retry_on = ["gateway_error", 429, "409"]
+per_try_timeout = "250ms"
+retry_non_idempotent = true
+max_replay_bytes = 0
+backoff_base = "10ms"
+
+[[clusters]]
+name = "c"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+[clusters.retry_budget]
+ratio = 0.5
+min_per_second = 0
+window = "30s"
+[clusters.circuit_breakers]
+max_requests = 100
+max_pending_requests = 20
+max_retries = 3
+"#;
+    let m = parse(text, Path::new("r.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let c = &m.clusters[0];
+    // Today's behaviour without a [clusters.retry]: one retry on connect failure or reset.
+    assert_eq!(c.retry, Retry::default());
+    assert_eq!(c.retry.attempts, 1);
+    assert!(c.retry.on.connect_failure && c.retry.on.reset && !c.retry.on.any_status());
+    assert_eq!(c.retry.max_replay_bytes, 65536);
+    assert_eq!(
+        c.retry_budget,
+        RetryBudget {
+            ratio: 0.5,
+            min_per_second: 0,
+            window: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        c.circuit_breakers,
+        CircuitBreakers {
+            max_requests: 100,
+            max_pending_requests: 20,
+            max_retries: 3
+        }
+    );
+    let plain = m.routes.iter().find(|r| r.name == "plain").expect("plain");
+    assert!(plain.retry.is_none());
+    let own = m.routes.iter().find(|r| r.name == "own").expect("own");
+    let r = own.retry.as_ref().expect("route policy");
+    assert_eq!(r.attempts, 3);
+    // A route's table replaces the cluster's: what it leaves out takes lbd's defaults.
+    assert!(r.on.gateway_error && !r.on.connect_failure && !r.on.reset);
+    assert_eq!(r.on.statuses, vec![429, 409]);
+    assert_eq!(r.per_try_timeout, Some(Duration::from_millis(250)));
+    assert!(r.non_idempotent);
+    assert_eq!(r.max_replay_bytes, 0);
+    assert_eq!(r.backoff_base, Duration::from_millis(10));
+    assert_eq!(r.backoff_max, Duration::from_millis(100));
 }

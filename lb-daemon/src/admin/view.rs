@@ -189,6 +189,35 @@ fn policy(p: &Policy) -> String {
     }
 }
 
+/// A retry policy as written in the config (`retry_on` words, then statuses).
+fn retry(r: &crate::config::model::Retry) -> Value {
+    let on = &r.on;
+    let mut retry_on: Vec<Value> = [
+        (on.connect_failure, "connect_failure"),
+        (on.reset, "reset"),
+        (on.server_error, "5xx"),
+        (on.gateway_error, "gateway_error"),
+    ]
+    .into_iter()
+    .filter(|(set, _)| *set)
+    .map(|(_, w)| json!(w))
+    .collect();
+    retry_on.extend(on.statuses.iter().map(|s| json!(s)));
+    json!({
+        "attempts": r.attempts,
+        "retry_on": retry_on,
+        "grpc_status": r.grpc_status.iter()
+            .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
+            .collect::<Vec<_>>(),
+        "per_try_timeout_ms": r.per_try_timeout.map(ms),
+        "retry_non_idempotent": r.non_idempotent,
+        "max_replay_bytes": r.max_replay_bytes,
+        "backoff_base_ms": ms(r.backoff_base),
+        "backoff_max_ms": ms(r.backoff_max),
+        "hedge_delay_ms": r.hedge_delay.map(ms),
+    })
+}
+
 fn ms(d: std::time::Duration) -> u128 {
     d.as_millis()
 }
@@ -274,6 +303,7 @@ pub fn effective_config(model: &Model) -> Value {
                 "headers": r.matcher.headers.iter().map(|h| json!({ "name": h.name.as_str(), "value": h.value })).collect::<Vec<_>>(),
                 "query": r.matcher.query.iter().map(|q| json!({ "name": q.name, "value": q.value })).collect::<Vec<_>>(),
             },
+            "retry": r.retry.as_ref().map(retry),
             "rewrite": r.rewrite.as_ref().map(|w| match w {
                 PathRewrite::StripPrefix => json!({ "strip_prefix": true }),
                 PathRewrite::ReplacePrefix(s) => json!({ "replace_prefix": s }),
@@ -308,11 +338,16 @@ pub fn effective_config(model: &Model) -> Value {
                 "idle_ms": ms(c.timeouts.idle),
             },
             "pool": { "max_connections": c.pool.max_connections, "max_idle": c.pool.max_idle },
-            "retry": {
-                "attempts": c.retry.attempts,
-                "grpc_status": c.retry.grpc_status.iter()
-                    .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
-                    .collect::<Vec<_>>(),
+            "retry": retry(&c.retry),
+            "retry_budget": {
+                "ratio": c.retry_budget.ratio,
+                "min_per_second": c.retry_budget.min_per_second,
+                "window_ms": ms(c.retry_budget.window),
+            },
+            "circuit_breakers": {
+                "max_requests": c.circuit_breakers.max_requests,
+                "max_pending_requests": c.circuit_breakers.max_pending_requests,
+                "max_retries": c.circuit_breakers.max_retries,
             },
             "sticky": c.sticky.as_ref().map(|s| json!({
                 "cookie": s.name,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod filter;
 pub mod model;
 mod raw;
+pub mod retry;
 pub mod tls;
 mod validate;
 

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::breaker::Breakers;
+use super::budget::RetryBudget;
 use super::sticky::StickyRuntime;
 use super::upstream::Upstream;
 use crate::balance::{Balancer, PickContext};
@@ -25,6 +27,10 @@ pub struct ClusterRuntime {
     pub upstream: Upstream,
     /// Sticky-session cookie, when `[clusters.sticky]` is set.
     pub sticky: Option<StickyRuntime>,
+    /// How many retries the cluster may take on top of its requests.
+    pub budget: RetryBudget,
+    /// `[clusters.circuit_breakers]` counters.
+    pub breakers: Breakers,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Publishes `lbd_endpoint_available`; stopped as soon as a reload replaces the cluster,
     /// since the replacement publishes the same series (see [`ClusterRuntime::retire`]).
@@ -88,6 +94,8 @@ impl ClusterRuntime {
                 .sticky
                 .as_ref()
                 .map(|s| StickyRuntime::new(cluster, s)),
+            budget: RetryBudget::new(&cluster.retry_budget),
+            breakers: Breakers::new(&cluster.name, &cluster.circuit_breakers),
             tasks,
             availability_metrics,
             _checker: checker,

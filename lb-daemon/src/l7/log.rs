@@ -83,6 +83,8 @@ pub struct RequestLog {
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
+    /// Keeps the request's place under the cluster's `max_requests` until the response ends.
+    pub breaker: Option<super::breaker::Slot>,
     /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
     pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
     /// gRPC status of the call (response headers, trailers, or lbd's own answer).
@@ -99,6 +101,7 @@ impl RequestLog {
     /// Records metrics and writes the access-log line.
     pub fn finish(&mut self) {
         self.in_flight = None;
+        self.breaker = None;
         self.stream_slot = None;
         let total = self.start.elapsed();
         let bytes_in = self

@@ -1,6 +1,8 @@
 //! L7 data path: HTTP/1.1 and HTTP/2 listeners, routing, proxying.
 pub mod answer;
 pub mod body;
+pub mod breaker;
+pub mod budget;
 pub mod cluster;
 pub mod conn;
 pub mod downstream;
@@ -18,6 +20,7 @@ pub mod log;
 pub mod proxy;
 pub mod reaper;
 pub mod reason;
+pub mod retry;
 pub mod router;
 pub mod runtime;
 pub mod sendbudget;

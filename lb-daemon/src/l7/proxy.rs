@@ -153,6 +153,7 @@ pub async fn handle(
         deadline,
         grpc_deadline: grpc_deadline.as_ref(),
         body_limit: listener.limits.max_body_bytes,
+        retry: route.retry.as_ref().unwrap_or(&cluster.config.retry),
     };
     let resp = match call.send(&mut head, body, &mut log).await {
         Ok(mut resp) => {
@@ -244,6 +245,7 @@ fn begin_log(
         error: None,
         metrics: Arc::clone(&listener.unrouted_metrics),
         in_flight: None,
+        breaker: None,
         grpc: grpc::is_grpc(&parts.headers),
         stream_slot: None,
         grpc_status: None,

@@ -28,6 +28,15 @@ pub const UPSTREAM_CONNECTS: &str = "lbd_upstream_connections_opened_total";
 pub const UPSTREAM_REUSED: &str = "lbd_upstream_requests_reused_total";
 /// Retries of a request on another endpoint (`cluster`).
 pub const RETRIES: &str = "lbd_retries_total";
+/// Retries a policy allowed but lbd did not make (`cluster`, `reason`: `budget` (retry budget
+/// spent), `body_too_large` (beyond `max_replay_bytes`), `circuit_open` (`max_retries`),
+/// `retry_after` (the backend's Retry-After is past the request's deadline)).
+pub const RETRIES_DENIED: &str = "lbd_retries_denied_total";
+/// Hedged tries sent while the first try was still running (`cluster`).
+pub const HEDGES: &str = "lbd_hedges_total";
+/// Requests answered 503 `circuit_open` (`cluster`, `threshold`: `max_requests`,
+/// `max_pending_requests`, `max_retries`; the last counts retries not made).
+pub const CIRCUIT_OPEN: &str = "lbd_circuit_open_total";
 /// 1 when the endpoint may receive traffic, else 0 (`cluster`, `endpoint`).
 pub const ENDPOINT_AVAILABLE: &str = "lbd_endpoint_available";
 /// Changes of an endpoint's availability (`cluster`, `endpoint`, `to`: `up`/`down`).
@@ -112,6 +121,15 @@ fn describe() {
         "Upstream requests sent on a reused connection."
     );
     describe_counter!(RETRIES, "Requests retried on another endpoint.");
+    describe_counter!(
+        RETRIES_DENIED,
+        "Retries a policy allowed but that were not made (budget, body, breaker, Retry-After)."
+    );
+    describe_counter!(HEDGES, "Hedged second tries sent (hedge_delay).");
+    describe_counter!(
+        CIRCUIT_OPEN,
+        "Requests or retries refused by a cluster circuit breaker threshold."
+    );
     describe_gauge!(
         ENDPOINT_AVAILABLE,
         "1 when the endpoint may receive traffic."
