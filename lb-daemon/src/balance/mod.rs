@@ -464,6 +464,7 @@ pub(crate) mod testutil {
                 ..Retry::default()
             },
             sticky: None,
+            outlier: None,
         }
     }
 }

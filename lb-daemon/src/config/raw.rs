@@ -152,6 +152,7 @@ pub struct RawCluster {
     pub pool: Option<S<RawPool>>,
     pub retry: Option<S<RawRetry>>,
     pub sticky: Option<S<RawSticky>>,
+    pub outlier: Option<S<super::outlier::RawOutlier>>,
 }
 
 /// `[clusters.sticky]`.

@@ -409,6 +409,10 @@ impl Checker<'_> {
                 grpc_status,
             };
             let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
+            let outlier = c
+                .outlier
+                .as_ref()
+                .map(|o| super::outlier::check(self, o, &key));
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -420,6 +424,7 @@ impl Checker<'_> {
                 pool,
                 retry,
                 sticky,
+                outlier,
             });
         }
         out

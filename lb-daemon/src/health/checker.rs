@@ -506,6 +506,7 @@ mod tests {
                 ..Retry::default()
             },
             sticky: None,
+            outlier: None,
         }
     }
 

@@ -154,6 +154,7 @@ impl Call<'_> {
                 .await
             {
                 Ok(Ok(resp)) => {
+                    cluster.observe_response(idx, &resp);
                     if grpc_retry
                         && attempt + 1 < max_attempts
                         && replay.as_ref().is_some_and(Replay::can_replay)

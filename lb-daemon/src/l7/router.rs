@@ -362,6 +362,7 @@ mod tests {
                     ..Retry::default()
                 },
                 sticky: None,
+                outlier: None,
             }],
             vips: Vec::new(),
         }
