@@ -212,7 +212,9 @@ async fn five_500s_in_a_row_eject_the_endpoint_until_its_ejection_time_ends() {
     assert_eq!(e["health"], "ejected", "{e}");
     assert_eq!(e["available"], false, "{e}");
     assert_eq!(e["ejection"]["reason"], "consecutive_5xx", "{e}");
-    let left = e["ejection"]["remaining_ms"].as_u64().expect("remaining_ms");
+    let left = e["ejection"]["remaining_ms"]
+        .as_u64()
+        .expect("remaining_ms");
     assert!(left > 0 && left <= 2000, "{e}");
     assert!(e["ejection"]["until_unix_ms"].as_u64().is_some(), "{e}");
     assert_eq!(e["outlier_ejections"], 1, "{e}");
@@ -252,7 +254,10 @@ async fn five_500s_in_a_row_eject_the_endpoint_until_its_ejection_time_ends() {
     for _ in 0..10 {
         assert_eq!(get(&client, listen).await, 200);
     }
-    assert!(bad.hits() >= before + 4, "a returned endpoint takes traffic");
+    assert!(
+        bad.hits() >= before + 4,
+        "a returned endpoint takes traffic"
+    );
     let m = metrics(&client, admin).await;
     assert_eq!(
         m.value("lbd_outlier_ejected_endpoints", &[("cluster", "web")]),
@@ -394,7 +399,10 @@ async fn connect_failures_count_as_gateway_failures() {
     }
     let e = endpoint(&client, admin, dead).await;
     assert_eq!(e["health"], "ejected", "{e}");
-    assert_eq!(e["ejection"]["reason"], "consecutive_gateway_failure", "{e}");
+    assert_eq!(
+        e["ejection"]["reason"], "consecutive_gateway_failure",
+        "{e}"
+    );
     lbd.terminate(Duration::from_secs(5));
 }
 

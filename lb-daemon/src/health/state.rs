@@ -251,10 +251,8 @@ impl EndpointHealth {
         self.set_outlier_ejections(old.outlier_ejections());
         let now = Instant::now();
         if let Some(until) = old.ejected_until().filter(|u| *u > now) {
-            self.eject_reason.store(
-                old.eject_reason.load(Ordering::Acquire),
-                Ordering::Release,
-            );
+            self.eject_reason
+                .store(old.eject_reason.load(Ordering::Acquire), Ordering::Release);
             self.ejected_until
                 .store(self.nanos(until), Ordering::Release);
             self.bump();

@@ -106,7 +106,12 @@ impl Detector {
         };
         // Answers from requests that were in flight when the endpoint was ejected say nothing
         // new; counting them would cut the next round short.
-        if self.health.endpoints.get(idx).is_none_or(|e| e.is_ejected(now)) {
+        if self
+            .health
+            .endpoints
+            .get(idx)
+            .is_none_or(|e| e.is_ejected(now))
+        {
             return;
         }
         if outcome == Outcome::GatewayError {
@@ -207,7 +212,11 @@ impl Detector {
             for (i, c) in self.counters.iter().enumerate() {
                 let total = c.total.swap(0, Ordering::Relaxed);
                 let failed = c.failed.swap(0, Ordering::Relaxed).min(total);
-                let out = self.health.endpoints.get(i).is_none_or(|e| e.is_ejected(now));
+                let out = self
+                    .health
+                    .endpoints
+                    .get(i)
+                    .is_none_or(|e| e.is_ejected(now));
                 if !out && total >= u64::from(sr.request_volume) {
                     judged.push((i, (total - failed) as f64 * 100.0 / total as f64));
                 }
@@ -276,7 +285,11 @@ impl OutlierRuntime {
                 .map(|e| e.address.to_string())
                 .collect(),
             grpc: cluster.protocol == UpstreamProtocol::Grpc,
-            counters: health.endpoints.iter().map(|_| Counters::default()).collect(),
+            counters: health
+                .endpoints
+                .iter()
+                .map(|_| Counters::default())
+                .collect(),
             health,
             deciding: AtomicBool::new(false),
         });
@@ -370,7 +383,11 @@ mod tests {
             ("4", Outcome::GatewayError),
         ] {
             h.insert("grpc-status", HeaderValue::from_static(code));
-            assert_eq!(Outcome::of_response(StatusCode::OK, &h, true), want, "{code}");
+            assert_eq!(
+                Outcome::of_response(StatusCode::OK, &h, true),
+                want,
+                "{code}"
+            );
         }
         // Not a gRPC cluster: the header means nothing.
         assert_eq!(
