@@ -421,3 +421,85 @@ async fn a_cluster_without_the_table_never_ejects_on_5xx() {
     assert_eq!(m.sum("lbd_outlier_ejections_total", &[]), 0.0);
     lbd.terminate(Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_far_below_the_cluster_ejects() {
+    let mut backends = Vec::new();
+    for (name, status) in [("a", 200), ("b", 200), ("c", 200), ("d", 200), ("bad", 500)] {
+        backends.push(Switch::start(name, status).await);
+    }
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let bad = addrs[4];
+    let (listen, admin) = (free_addr(), free_addr());
+    // The consecutive detectors are off: only the success-rate sweep can eject.
+    let mut lbd = Lbd::start(
+        bin(),
+        &config(
+            listen,
+            admin,
+            &addrs,
+            "consecutive_5xx = 0\ninterval = \"1s\"\nbase_ejection_time = \"60s\"\n\
+             success_rate_minimum_hosts = 5\nsuccess_rate_request_volume = 20",
+        ),
+    );
+    let client = H1::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut e = Value::Null;
+    for i in 0..3000 {
+        get(&client, listen).await;
+        if i % 25 == 0 {
+            e = endpoint(&client, admin, bad).await;
+            if e["health"] == "ejected" || Instant::now() > deadline {
+                break;
+            }
+        }
+    }
+    assert_eq!(e["health"], "ejected", "{e}");
+    assert_eq!(e["ejection"]["reason"], "success_rate", "{e}");
+    for a in &addrs[..4] {
+        let g = endpoint(&client, admin, *a).await;
+        assert_eq!(g["health"], "healthy", "{g}");
+    }
+    assert!(lbd.logs().contains("success_rate="), "{}", lbd.logs());
+    lbd.terminate(Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejection_and_its_multiplier_survive_a_reload() {
+    let good = Switch::start("good", 200).await;
+    let bad = Switch::start("bad", 500).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let outlier = "consecutive_5xx = 5\nbase_ejection_time = \"60s\"\nmax_ejection_percent = 50\n\
+                   success_rate = false";
+    let mut lbd = Lbd::start(
+        bin(),
+        &config(listen, admin, &[good.addr, bad.addr], outlier),
+    );
+    let client = H1::new();
+    until_hits(&client, listen, &bad, 5).await;
+    let before = endpoint(&client, admin, bad.addr).await;
+    assert_eq!(before["health"], "ejected", "{before}");
+
+    // A changed cluster is rebuilt on reload; the ejection carries over.
+    let changed = outlier.replace("max_ejection_percent = 50", "max_ejection_percent = 60");
+    lbd.reload(&config(listen, admin, &[good.addr, bad.addr], &changed));
+    let after = endpoint(&client, admin, bad.addr).await;
+    assert_eq!(after["health"], "ejected", "{after}");
+    assert_eq!(after["ejection"]["reason"], "consecutive_5xx", "{after}");
+    assert_eq!(after["outlier_ejections"], 1, "{after}");
+    let hits = bad.hits();
+    for _ in 0..10 {
+        assert_eq!(get(&client, listen).await, 200);
+    }
+    assert_eq!(
+        bad.hits(),
+        hits,
+        "ejected endpoint got traffic after the reload"
+    );
+    let m = metrics(&client, admin).await;
+    assert_eq!(
+        m.value("lbd_outlier_ejected_endpoints", &[("cluster", "web")]),
+        Some(1.0)
+    );
+    lbd.terminate(Duration::from_secs(5));
+}
