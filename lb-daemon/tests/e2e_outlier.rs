@@ -506,3 +506,94 @@ async fn an_ejection_and_its_multiplier_survive_a_reload() {
     );
     lbd.terminate(Duration::from_secs(5));
 }
+
+/// An h2c gRPC backend answering every call trailers-only with `grpc-status: code`.
+async fn grpc_backend(code: u8) -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    let task = tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            let c = Arc::clone(&c);
+            let svc = hyper::service::service_fn(move |_req| {
+                c.fetch_add(1, Ordering::Relaxed);
+                let resp = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", code.to_string())
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response");
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc),
+            );
+        }
+    });
+    (addr, calls, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_counts_as_a_gateway_failure_unimplemented_does_not() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (ok, _, t1) = grpc_backend(0).await;
+    let (unavailable, _, t2) = grpc_backend(14).await;
+    let (unimplemented, unimpl_calls, t3) = grpc_backend(12).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = config(
+        listen,
+        admin,
+        &[ok, unavailable, unimplemented],
+        "consecutive_5xx = 3\nconsecutive_gateway_failure = 3\nbase_ejection_time = \"60s\"\n\
+         max_ejection_percent = 100\nsuccess_rate = false",
+    )
+    .replace(
+        "policy = \"round_robin\"",
+        "policy = \"round_robin\"\nprotocol = \"grpc\"",
+    );
+    // Both runs at 3: UNAVAILABLE trips the gateway run first; UNIMPLEMENTED would trip the
+    // 5xx run if it counted as Envoy's 501.
+    let mut lbd = Lbd::start(bin(), &cfg);
+    let stream = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        let req = http::Request::post(format!("http://{listen}/test.Echo/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ])))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("call");
+        let status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        statuses.push(status);
+    }
+    let client = H1::new();
+    let e = endpoint(&client, admin, unavailable).await;
+    assert_eq!(e["health"], "ejected", "{e} after {statuses:?}");
+    assert_eq!(
+        e["ejection"]["reason"], "consecutive_gateway_failure",
+        "{e}"
+    );
+    let u = endpoint(&client, admin, unimplemented).await;
+    assert!(unimpl_calls.load(Ordering::Relaxed) >= 3, "{statuses:?}");
+    assert_eq!(u["health"], "healthy", "UNIMPLEMENTED is an answer: {u}");
+    lbd.terminate(Duration::from_secs(5));
+    for t in [t1, t2, t3] {
+        t.abort();
+    }
+}
