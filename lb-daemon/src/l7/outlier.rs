@@ -86,6 +86,9 @@ pub struct Detector {
     /// Held while an ejection is decided, so concurrent ejections cannot both pass
     /// `max_ejection_percent`.
     deciding: AtomicBool,
+    /// `lbd_outlier_ejections_overflow_total` per outlier reason, registered once: a cluster
+    /// at its limit meets this on every failure.
+    overflow: [metrics::Counter; 3],
 }
 
 impl Detector {
@@ -115,7 +118,10 @@ impl Detector {
             return;
         }
         if outcome == Outcome::GatewayError {
-            let n = c.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = c
+                .consecutive_gateway
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
             let t = self.config.consecutive_gateway_failure;
             if t != 0 && n >= t && self.try_eject(idx, EjectReason::ConsecutiveGatewayFailure, now)
             {
@@ -124,7 +130,10 @@ impl Detector {
         } else if c.consecutive_gateway.load(Ordering::Relaxed) != 0 {
             c.consecutive_gateway.store(0, Ordering::Relaxed);
         }
-        let n = c.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = c
+            .consecutive_5xx
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         let t = self.config.consecutive_5xx;
         if t != 0 && n >= t {
             self.try_eject(idx, EjectReason::Consecutive5xx, now);
@@ -168,9 +177,12 @@ impl Detector {
             .any(|(i, e)| i != idx && e.is_available(now));
         let address = self.addresses.get(idx).map_or("-", String::as_str);
         if !within || !others {
-            metrics::counter!(m::OUTLIER_OVERFLOW,
-                "cluster" => self.cluster.to_string(), "reason" => reason.as_str())
-            .increment(1);
+            let slot = match reason {
+                EjectReason::SuccessRate => 2,
+                EjectReason::ConsecutiveGatewayFailure => 1,
+                _ => 0,
+            };
+            self.overflow[slot].increment(1);
             tracing::debug!(cluster = %self.cluster, endpoint = address, reason = reason.as_str(),
                 ejected, max_ejection_percent = pct, "outlier ejection not made: limit reached");
             return false;
@@ -292,6 +304,15 @@ impl OutlierRuntime {
                 .collect(),
             health,
             deciding: AtomicBool::new(false),
+            overflow: [
+                EjectReason::Consecutive5xx,
+                EjectReason::ConsecutiveGatewayFailure,
+                EjectReason::SuccessRate,
+            ]
+            .map(|r| {
+                metrics::counter!(m::OUTLIER_OVERFLOW,
+                    "cluster" => cluster.name.clone(), "reason" => r.as_str())
+            }),
         });
         let task = tokio::spawn(run(Arc::clone(&detector)));
         OutlierRuntime { detector, task }
