@@ -50,6 +50,90 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "invalid gRPC service name",
     ),
     (
+        "outlier negative consecutive_5xx",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_5xx = -1\n",
+        6,
+        "clusters[0].outlier.consecutive_5xx",
+        "got -1",
+    ),
+    (
+        "outlier max_ejection_percent 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nmax_ejection_percent = 0\n",
+        6,
+        "clusters[0].outlier.max_ejection_percent",
+        "must be between 1 and 100, got 0",
+    ),
+    (
+        "outlier max_ejection_percent over 100",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nmax_ejection_percent = 101\n",
+        6,
+        "clusters[0].outlier.max_ejection_percent",
+        "must be between 1 and 100, got 101",
+    ),
+    (
+        "outlier zero base_ejection_time",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nbase_ejection_time = \"0s\"\n",
+        6,
+        "clusters[0].outlier.base_ejection_time",
+        "must be greater than 0",
+    ),
+    (
+        "outlier zero interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\ninterval = \"0s\"\n",
+        6,
+        "clusters[0].outlier.interval",
+        "must be greater than 0",
+    ),
+    (
+        "outlier unparsable interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\ninterval = \"soon\"\n",
+        6,
+        "clusters[0].outlier.interval",
+        "invalid duration \"soon\"",
+    ),
+    (
+        "outlier max below base",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nbase_ejection_time = \"30s\"\nmax_ejection_time = \"10s\"\n",
+        7,
+        "clusters[0].outlier.max_ejection_time",
+        "must not be less than base_ejection_time",
+    ),
+    (
+        "outlier negative stdev factor",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate_stdev_factor = -1.5\n",
+        6,
+        "clusters[0].outlier.success_rate_stdev_factor",
+        "must be a number greater than 0",
+    ),
+    (
+        "outlier zero success-rate hosts",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate_minimum_hosts = 0\n",
+        6,
+        "clusters[0].outlier.success_rate_minimum_hosts",
+        "got 0",
+    ),
+    (
+        "outlier success-rate key with success rate off",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate = false\nsuccess_rate_request_volume = 10\n",
+        7,
+        "clusters[0].outlier.success_rate_request_volume",
+        "only used with success_rate = true",
+    ),
+    (
+        "outlier unknown key",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_errors = 5\n",
+        6,
+        "clusters[0].outlier.consecutive_errors",
+        "unknown field `consecutive_errors`",
+    ),
+    (
+        "outlier with every detector off",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_5xx = 0\nsuccess_rate = false\n",
+        5,
+        "clusters[0].outlier",
+        "every detector is off",
+    ),
+    (
         "grpc retry status on an http1 cluster",
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\"]\n",
         6,
@@ -271,7 +355,7 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nmax_body_bytes = -1\n",
         5,
         "listeners[0].limits.max_body_bytes",
-        "must be at least 0, got -1",
+        "got -1",
     ),
     (
         "route to unknown cluster",
@@ -1400,6 +1484,12 @@ fn example_config_parses() {
     );
     assert_eq!(m.clusters.len(), 2);
     assert!(m.clusters.iter().all(|c| c.health_check.is_some()));
+    // The [clusters.outlier] example writes out every default.
+    assert!(
+        m.clusters
+            .iter()
+            .any(|c| c.outlier == Some(Outlier::default()))
+    );
     assert!(m.global.admin.is_some());
     assert!(m.routes.len() >= 2);
     assert!(m.vips.is_empty());
@@ -1663,4 +1753,41 @@ max_retries = 3
     assert_eq!(r.max_replay_bytes, 0);
     assert_eq!(r.backoff_base, Duration::from_millis(10));
     assert_eq!(r.backoff_max, Duration::from_millis(100));
+fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
+    let base = "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
+                [[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n";
+    let m = parse(base, Path::new("t.toml")).expect("valid");
+    assert_eq!(m.clusters[0].outlier, None);
+
+    let m = parse(&format!("{base}[clusters.outlier]\n"), Path::new("t.toml")).expect("valid");
+    assert_eq!(
+        m.clusters[0].outlier,
+        Some(Outlier {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            success_rate: Some(SuccessRate {
+                minimum_hosts: 5,
+                request_volume: 100,
+                stdev_factor_milli: 1900,
+            }),
+        })
+    );
+
+    // A base above the default cap raises the cap (Envoy); stdev factor in thousandths.
+    let m = parse(
+        &format!(
+            "{base}[clusters.outlier]\nbase_ejection_time = \"10m\"\nsuccess_rate_stdev_factor = 2\n\
+             consecutive_gateway_failure = 3\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let o = m.clusters[0].outlier.clone().expect("outlier");
+    assert_eq!(o.max_ejection_time, Duration::from_secs(600));
+    assert_eq!(o.consecutive_gateway_failure, 3);
+    assert_eq!(o.success_rate.map(|s| s.stdev_factor_milli), Some(2000));
 }

@@ -1,6 +1,6 @@
 //! JSON views of the running state served by the admin API and the status page.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -10,7 +10,7 @@ use crate::config::model::{
     ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, SplitSticky,
     UpstreamProtocol,
 };
-use crate::health::ClusterHealth;
+use crate::health::{ClusterHealth, EndpointHealth};
 
 /// `GET /status`.
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +74,36 @@ pub struct EndpointView {
     pub requests_total: u64,
     /// Latest active check, if checks are configured and one has run.
     pub last_check: Option<CheckView>,
+    /// The passive or outlier ejection in force, if any.
+    pub ejection: Option<EjectionView>,
+    /// Outlier ejection multiplier: the next outlier ejection lasts this + 1 times
+    /// `base_ejection_time` (it decays while the endpoint stays in service).
+    pub outlier_ejections: u32,
+}
+
+/// An ejection in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct EjectionView {
+    /// `passive`, `consecutive_5xx`, `consecutive_gateway_failure` or `success_rate`.
+    pub reason: &'static str,
+    /// When it ends, milliseconds since the Unix epoch.
+    pub until_unix_ms: u128,
+    /// Milliseconds left.
+    pub remaining_ms: u128,
+}
+
+fn ejection(eh: &EndpointHealth, now: Instant) -> Option<EjectionView> {
+    let until = eh.ejected_until().filter(|u| *u > now)?;
+    let left = until - now;
+    let wall = SystemTime::now()
+        .checked_add(left)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or(Duration::ZERO);
+    Some(EjectionView {
+        reason: eh.ejection_reason().map_or("passive", |r| r.as_str()),
+        until_unix_ms: wall.as_millis(),
+        remaining_ms: left.as_millis(),
+    })
 }
 
 /// Latest active check result.
@@ -143,6 +173,8 @@ pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView
                             ok: c.ok,
                             detail: c.detail,
                         }),
+                        ejection: ejection(eh, now),
+                        outlier_ejections: eh.outlier_ejections(),
                     }
                 })
                 .collect(),
@@ -332,6 +364,19 @@ pub fn effective_config(model: &Model) -> Value {
                 "jitter_ms": ms(h.jitter),
             })),
             "passive": { "max_fails": c.passive.max_fails, "fail_timeout_ms": ms(c.passive.fail_timeout) },
+            "outlier": c.outlier.as_ref().map(|o| json!({
+                "consecutive_5xx": o.consecutive_5xx,
+                "consecutive_gateway_failure": o.consecutive_gateway_failure,
+                "interval_ms": ms(o.interval),
+                "base_ejection_time_ms": ms(o.base_ejection_time),
+                "max_ejection_time_ms": ms(o.max_ejection_time),
+                "max_ejection_percent": o.max_ejection_percent,
+                "success_rate": o.success_rate.as_ref().map(|s| json!({
+                    "minimum_hosts": s.minimum_hosts,
+                    "request_volume": s.request_volume,
+                    "stdev_factor": f64::from(s.stdev_factor_milli) / 1000.0,
+                })),
+            })),
             "timeouts": {
                 "connect_ms": ms(c.timeouts.connect),
                 "response_ms": ms(c.timeouts.response),

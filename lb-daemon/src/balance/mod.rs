@@ -466,6 +466,7 @@ pub(crate) mod testutil {
             retry_budget: Default::default(),
             circuit_breakers: Default::default(),
             sticky: None,
+            outlier: None,
         }
     }
 }

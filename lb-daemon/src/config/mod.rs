@@ -7,6 +7,7 @@ pub mod duration;
 pub mod error;
 pub mod filter;
 pub mod model;
+pub mod outlier;
 mod raw;
 pub mod retry;
 pub mod tls;

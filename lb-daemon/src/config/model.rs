@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use super::outlier::{Outlier, SuccessRate};
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -314,6 +316,8 @@ pub struct Cluster {
     pub circuit_breakers: CircuitBreakers,
     /// Cookie-based sticky sessions to endpoints (`[clusters.sticky]`).
     pub sticky: Option<StickyCookie>,
+    /// Outlier detection (`[clusters.outlier]`); off when `None`.
+    pub outlier: Option<Outlier>,
 }
 
 /// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later

@@ -155,6 +155,7 @@ pub struct RawCluster {
     pub retry_budget: Option<S<RawRetryBudget>>,
     pub circuit_breakers: Option<S<RawCircuitBreakers>>,
     pub sticky: Option<S<RawSticky>>,
+    pub outlier: Option<S<super::outlier::RawOutlier>>,
 }
 
 /// `[clusters.sticky]`.

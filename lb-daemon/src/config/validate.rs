@@ -389,6 +389,10 @@ impl Checker<'_> {
             let circuit_breakers =
                 self.circuit_breakers(c.circuit_breakers.as_ref().map(|b| b.get_ref()), &key);
             let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
+            let outlier = c
+                .outlier
+                .as_ref()
+                .map(|o| super::outlier::check(self, o, &key));
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -402,6 +406,7 @@ impl Checker<'_> {
                 retry_budget,
                 circuit_breakers,
                 sticky,
+                outlier,
             });
         }
         out

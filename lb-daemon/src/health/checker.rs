@@ -508,6 +508,7 @@ mod tests {
             retry_budget: Default::default(),
             circuit_breakers: Default::default(),
             sticky: None,
+            outlier: None,
         }
     }
 

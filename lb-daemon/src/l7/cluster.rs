@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::breaker::Breakers;
 use super::budget::RetryBudget;
+use super::outlier::{Outcome, OutlierRuntime};
 use super::sticky::StickyRuntime;
 use super::upstream::Upstream;
 use crate::balance::{Balancer, PickContext};
@@ -31,6 +32,8 @@ pub struct ClusterRuntime {
     pub budget: RetryBudget,
     /// `[clusters.circuit_breakers]` counters.
     pub breakers: Breakers,
+    /// Outlier detection, when `[clusters.outlier]` is set.
+    pub outlier: Option<OutlierRuntime>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Publishes `lbd_endpoint_available`; stopped as soon as a reload replaces the cluster,
     /// since the replacement publishes the same series (see [`ClusterRuntime::retire`]).
@@ -84,6 +87,10 @@ impl ClusterRuntime {
         let tasks = vec![balancer.spawn_watcher()];
         let availability_metrics = spawn_availability_metrics(cluster, Arc::clone(&health));
         let checker = ClusterChecker::spawn(cluster, Arc::clone(&health));
+        let outlier = cluster
+            .outlier
+            .as_ref()
+            .map(|o| OutlierRuntime::start(cluster, o, Arc::clone(&health)));
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
             config: cluster.clone(),
@@ -96,6 +103,7 @@ impl ClusterRuntime {
                 .map(|s| StickyRuntime::new(cluster, s)),
             budget: RetryBudget::new(&cluster.retry_budget),
             breakers: Breakers::new(&cluster.name, &cluster.circuit_breakers),
+            outlier,
             tasks,
             availability_metrics,
             _checker: checker,
@@ -107,6 +115,9 @@ impl ClusterRuntime {
     /// checker) and must no longer reach the gauges its successor (or the removal) has set.
     pub(crate) fn retire(&self) {
         self.availability_metrics.abort();
+        if let Some(o) = &self.outlier {
+            o.retire();
+        }
     }
 
     /// Picks an endpoint, passing over those at `pool.max_connections` (nginx `max_conns`: a
@@ -160,6 +171,10 @@ impl ClusterRuntime {
 
     /// Counts a failed attempt against endpoint `idx` (passive health, nginx `max_fails`).
     pub fn passive_failure(&self, idx: usize) {
+        // Connect failures, resets and timeouts are gateway failures to outlier detection.
+        if let Some(o) = &self.outlier {
+            o.detector.observe(idx, Outcome::GatewayError);
+        }
         let p = &self.config.passive;
         let Some(ep) = self.health.endpoints.get(idx) else {
             return;
@@ -181,6 +196,13 @@ impl ClusterRuntime {
             tracing::warn!(cluster = %self.name, endpoint = %self.config.endpoints[idx].address,
                 max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
             crate::health::schedule_expiry(Arc::clone(ep), until);
+        }
+    }
+
+    /// Reports an answer head from endpoint `idx` to outlier detection, if configured.
+    pub fn observe_response<B>(&self, idx: usize, resp: &http::Response<B>) {
+        if let Some(o) = &self.outlier {
+            o.observe_response(idx, resp.status(), resp.headers());
         }
     }
 

@@ -225,6 +225,7 @@ impl Call<'_> {
             log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
             let outcome = match result {
                 Ok(Ok(resp)) => {
+                    cluster.observe_response(idx, &resp);
                     let status = resp.status().as_u16();
                     let failed = if policy.on.any_status() && policy.on.status(status) {
                         Some(Outcome::Status(status))

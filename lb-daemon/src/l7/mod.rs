@@ -17,6 +17,7 @@ pub mod h2pool;
 pub mod headers;
 pub mod io;
 pub mod log;
+pub mod outlier;
 pub mod proxy;
 pub mod reaper;
 pub mod reason;

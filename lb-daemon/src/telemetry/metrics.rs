@@ -77,6 +77,14 @@ pub const RATE_LIMIT_REDIS_ERRORS: &str = "lbd_rate_limit_redis_errors_total";
 /// Round trips to Redis for shared `rate_limit` decisions (token batches asked for).
 pub const RATE_LIMIT_REDIS_CALLS: &str = "lbd_rate_limit_redis_calls_total";
 
+/// Endpoints ejected by outlier detection, by cluster, endpoint and reason.
+pub const OUTLIER_EJECTIONS: &str = "lbd_outlier_ejections_total";
+/// Ejections outlier detection wanted but `max_ejection_percent` (or the last available
+/// endpoint) forbade, by cluster and reason (Envoy's `ejections_overflow`).
+pub const OUTLIER_OVERFLOW: &str = "lbd_outlier_ejections_overflow_total";
+/// Endpoints held out by outlier detection now, by cluster.
+pub const OUTLIER_EJECTED: &str = "lbd_outlier_ejected_endpoints";
+
 /// Latency buckets, seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -135,6 +143,18 @@ fn describe() {
         "1 when the endpoint may receive traffic."
     );
     describe_counter!(HEALTH_TRANSITIONS, "Endpoint availability changes.");
+    describe_counter!(
+        OUTLIER_EJECTIONS,
+        "Endpoints ejected by outlier detection, by reason."
+    );
+    describe_counter!(
+        OUTLIER_OVERFLOW,
+        "Outlier ejections not made because max_ejection_percent or the last available endpoint forbade them."
+    );
+    describe_gauge!(
+        OUTLIER_EJECTED,
+        "Endpoints held out by outlier detection now."
+    );
     describe_counter!(
         GRPC_REQUESTS,
         "gRPC calls answered, by route, service, method and gRPC status."
