@@ -1753,6 +1753,9 @@ max_retries = 3
     assert_eq!(r.max_replay_bytes, 0);
     assert_eq!(r.backoff_base, Duration::from_millis(10));
     assert_eq!(r.backoff_max, Duration::from_millis(100));
+}
+
+#[test]
 fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
     let base = "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
                 [[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n";
