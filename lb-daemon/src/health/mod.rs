@@ -3,4 +3,4 @@ pub mod checker;
 pub mod state;
 
 pub use checker::{ClusterChecker, schedule_expiry};
-pub use state::{CheckOutcome, ClusterHealth, EndpointHealth, InFlightGuard};
+pub use state::{CheckOutcome, ClusterHealth, EndpointHealth, HealthEvent, InFlightGuard};

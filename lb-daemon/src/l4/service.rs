@@ -65,6 +65,7 @@ impl Default for ServiceOptions {
 pub struct L4Service {
     inputs: watch::Sender<Inputs>,
     problems: Arc<Mutex<Vec<String>>>,
+    readings: Arc<Mutex<super::stats::Readings>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -108,11 +109,20 @@ impl L4Service {
             tracing::warn!(problem = %p, "l4");
         }
         let problems = Arc::new(Mutex::new(desired.problems));
+        let readings = Arc::new(Mutex::new(super::stats::Readings::default()));
         let (tx, rx) = watch::channel(inputs);
-        let task = tokio::spawn(run(prog, state, rx, Arc::clone(&problems), opts));
+        let task = tokio::spawn(run(
+            prog,
+            state,
+            rx,
+            Arc::clone(&problems),
+            Arc::clone(&readings),
+            opts,
+        ));
         Ok(Some(L4Service {
             inputs: tx,
             problems,
+            readings,
             task,
         }))
     }
@@ -127,6 +137,14 @@ impl L4Service {
     pub fn problems(&self) -> Vec<String> {
         self.problems.lock().map(|p| p.clone()).unwrap_or_default()
     }
+
+    /// Packet totals and rates of `model`'s VIPs (for the status page).
+    pub fn stats(&self, model: &Model) -> super::L4Stats {
+        match self.readings.lock() {
+            Ok(r) => r.view(model),
+            Err(_) => super::stats::Readings::default().view(model),
+        }
+    }
 }
 
 async fn run(
@@ -134,6 +152,7 @@ async fn run(
     mut state: PlanState,
     mut inputs: watch::Receiver<Inputs>,
     problems: Arc<Mutex<Vec<String>>>,
+    readings: Arc<Mutex<super::stats::Readings>>,
     opts: ServiceOptions,
 ) {
     loop {
@@ -171,6 +190,7 @@ async fn run(
             // Map writes are syscalls (a first ring fill is 65,537 of them) and next-hop lookup
             // runs `ip`: keep both off the async workers.
             let xdp_mode = opts.xdp_mode;
+            let readings = Arc::clone(&readings);
             let job = tokio::task::spawn_blocking(move || {
                 let attach_problems = sync_interfaces(&mut prog, &now.model, xdp_mode);
                 let r = refresh(&mut prog, &mut state, &now).map(|mut d| {
@@ -178,7 +198,10 @@ async fn run(
                     d
                 });
                 if let Ok(d) = &r {
-                    export(&mut prog, &now.model, d);
+                    let reading = export(&mut prog, &now.model, d);
+                    if let Ok(mut g) = readings.lock() {
+                        g.push(reading);
+                    }
                 }
                 (prog, state, r)
             });
@@ -432,30 +455,39 @@ pub fn route_gateway(routes: &[Route4], to: Ipv4Addr) -> Option<Ipv4Addr> {
         .filter(|g| !g.is_unspecified())
 }
 
-/// Publishes the per-CPU counters (summed) as Prometheus counters.
-fn export(prog: &mut L4Program, model: &Model, d: &Desired) {
+/// Publishes the per-CPU counters (summed) as Prometheus counters, and returns them for the
+/// status page.
+fn export(prog: &mut L4Program, model: &Model, d: &Desired) -> super::stats::Reading {
+    let mut reasons = Vec::new();
     if let Ok(r) = prog.reasons() {
         for reason in Reason::ALL {
             metrics::counter!(L4_PACKETS, "reason" => reason.name()).absolute(r[reason as usize]);
         }
+        reasons = r.to_vec();
     }
+    let mut vips = HashMap::new();
     for (v, cfg) in d.vips.iter().zip(model.vips.iter()) {
         if let Ok(c) = prog.vip_counters(v.spec.vip_id) {
             metrics::counter!(L4_VIP_PACKETS, "vip" => cfg.name.clone()).absolute(c.packets);
             metrics::counter!(L4_VIP_BYTES, "vip" => cfg.name.clone()).absolute(c.bytes);
+            vips.insert(cfg.name.clone(), c.packets);
         }
     }
+    let mut backends = HashMap::new();
     for (&id, b) in &d.backends {
-        let addr = if b.family == lb_common::l4::FAMILY_V6 {
-            IpAddr::from(b.addr).to_string()
+        let ip = if b.family == lb_common::l4::FAMILY_V6 {
+            IpAddr::from(b.addr)
         } else {
-            IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]).to_string()
+            IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
         };
+        let addr = ip.to_string();
         if let Ok(c) = prog.backend_counters(id) {
             metrics::counter!(L4_BACKEND_PACKETS, "backend" => addr.clone()).absolute(c.packets);
             metrics::counter!(L4_BACKEND_BYTES, "backend" => addr).absolute(c.bytes);
+            backends.insert(ip, c.packets);
         }
     }
+    super::stats::Reading::new(reasons, vips, backends)
 }
 
 #[cfg(test)]
