@@ -130,7 +130,10 @@ impl Browser {
             "Target.attachToTarget",
             json!({ "targetId": target, "flatten": true }),
         );
-        b.session = attached["sessionId"].as_str().expect("sessionId").to_owned();
+        b.session = attached["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_owned();
         b.call(
             "Emulation.setDeviceMetricsOverride",
             json!({ "width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": false }),
@@ -184,7 +187,10 @@ impl Browser {
     fn wait(&mut self, expr: &str, secs: u64, what: &str, show: &str) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            if self.eval(&format!("(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()")) == json!(true) {
+            if self.eval(&format!(
+                "(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()"
+            )) == json!(true)
+            {
                 return;
             }
             if Instant::now() >= deadline {
@@ -224,8 +230,8 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         self.session.clear();
-        let mut bytes = serde_json::to_vec(&json!({ "id": 0, "method": "Browser.close" }))
-            .unwrap_or_default();
+        let mut bytes =
+            serde_json::to_vec(&json!({ "id": 0, "method": "Browser.close" })).unwrap_or_default();
         bytes.push(0);
         let _ = self.to.write_all(&bytes);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -299,7 +305,12 @@ unhealthy_threshold = 1
     )
 }
 
-async fn post(client: &H1, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+async fn post(
+    client: &H1,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut b = Request::post(path);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -358,18 +369,30 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     // The closed endpoint must be down (and in its history) before the page is drawn.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = client.get(admin, "/clusters", None).await.expect("clusters");
+        let r = client
+            .get(admin, "/clusters", None)
+            .await
+            .expect("clusters");
         if r.text().contains("health check failed") {
             break;
         }
-        assert!(Instant::now() < deadline, "{down} never went down: {}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "{down} never went down: {}",
+            r.text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A rejected reload: the page must show its error while the old config keeps running.
     lbd.reload(&good.replace("policy = \"least_request\"", "policy = \"fastest\""));
-    let status: Value =
-        serde_json::from_str(&client.get(admin, "/status", None).await.expect("status").text())
-            .expect("status JSON");
+    let status: Value = serde_json::from_str(
+        &client
+            .get(admin, "/status", None)
+            .await
+            .expect("status")
+            .text(),
+    )
+    .expect("status JSON");
     assert_eq!(status["reloads_failed"], json!(1), "{status}");
     let hash = status["config_hash"].as_str().expect("hash").to_owned();
 
@@ -399,7 +422,10 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
         "days",
         "health check failed",
     ] {
-        assert!(page.contains(needle), "{needle:?} missing from the page:\n{page}");
+        assert!(
+            page.contains(needle),
+            "{needle:?} missing from the page:\n{page}"
+        );
     }
     assert!(
         !page.contains("cannot reach the admin API"),
@@ -421,9 +447,7 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     sync(|| {
         for key in keys {
             b.wait(
-                &format!(
-                    "document.querySelectorAll('canvas[data-series=\"{key}\"]').length === 3"
-                ),
+                &format!("document.querySelectorAll('canvas[data-series=\"{key}\"]').length === 3"),
                 15,
                 &format!("three charts for {key}"),
                 "Object.keys(window.lbdCharts)",
@@ -500,7 +524,10 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     sync(|| {
         b.eval(&format!("document.querySelector('{sel}').click()"));
         b.wait(
-            &format!("document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'drained'", w2.addr),
+            &format!(
+                "document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'drained'",
+                w2.addr
+            ),
             10,
             "drained after the button",
             "document.getElementById('clusters').innerText",
@@ -512,11 +539,18 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
             "document.getElementById('clusters').innerText",
         );
     });
-    let clusters = client.get(admin, "/clusters", None).await.expect("clusters").text();
+    let clusters = client
+        .get(admin, "/clusters", None)
+        .await
+        .expect("clusters")
+        .text();
     let v: Value = serde_json::from_str(&clusters).expect("clusters JSON");
     let w2_view = v[0]["endpoints"]
         .as_array()
-        .and_then(|e| e.iter().find(|e| e["address"] == json!(w2.addr.to_string())))
+        .and_then(|e| {
+            e.iter()
+                .find(|e| e["address"] == json!(w2.addr.to_string()))
+        })
         .cloned()
         .expect("w2 in /clusters");
     assert_eq!(w2_view["health"], json!("drained"), "{w2_view}");
@@ -528,7 +562,10 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     sync(|| {
         b.eval(&format!("document.querySelector('{sel}').click()"));
         b.wait(
-            &format!("document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'healthy'", w2.addr),
+            &format!(
+                "document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'healthy'",
+                w2.addr
+            ),
             10,
             "healthy after enable",
             "document.getElementById('clusters').innerText",
@@ -549,7 +586,13 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
     let (listen, admin) = (free_addr(), free_addr());
     let lbd = Lbd::start(
         bin(),
-        &config(&format!("{admin};{TOKEN}"), listen, "", &[w1.addr, w2.addr], &[w1.addr]),
+        &config(
+            &format!("{admin};{TOKEN}"),
+            listen,
+            "",
+            &[w1.addr, w2.addr],
+            &[w1.addr],
+        ),
     );
     let client = H1::new();
     let bearer = format!("Bearer {TOKEN}");
@@ -558,9 +601,15 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
     let r = client.get(admin, "/status", None).await.expect("status");
     assert_eq!(r.status, 401);
     let page = client.get(admin, "/", None).await.expect("page");
-    assert_eq!(page.status, 200, "the page (no data in it) loads to show its login form");
+    assert_eq!(
+        page.status, 200,
+        "the page (no data in it) loads to show its login form"
+    );
     let csp = page.headers.get("content-security-policy").expect("CSP");
-    assert!(csp.to_str().unwrap_or("").contains("default-src 'none'"), "{csp:?}");
+    assert!(
+        csp.to_str().unwrap_or("").contains("default-src 'none'"),
+        "{csp:?}"
+    );
     let form = |t: &str| {
         Request::post("/login")
             .header("content-type", "application/x-www-form-urlencoded")
@@ -576,8 +625,14 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(attr), "{attr} missing: {cookie}");
     }
-    assert!(!cookie.contains("Secure"), "plain HTTP: no Secure: {cookie}");
-    assert!(!cookie.contains(TOKEN), "the cookie is not the token: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP: no Secure: {cookie}"
+    );
+    assert!(
+        !cookie.contains(TOKEN),
+        "the cookie is not the token: {cookie}"
+    );
     let pair = cookie.split(';').next().expect("cookie pair").to_owned();
     let csrf = serde_json::from_str::<Value>(&r.text()).expect("login JSON")["csrf"]
         .as_str()
@@ -598,9 +653,21 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
     let enable = format!("/clusters/web/endpoints/{}/enable", w2.addr);
     let (s, body) = post(&client, admin, &drain, &[("cookie", &pair)]).await;
     assert_eq!(s, 403, "cookie without CSRF header must not drain: {body}");
-    let (s, body) = post(&client, admin, &drain, &[("cookie", &pair), ("x-lbd-csrf", "nope")]).await;
+    let (s, body) = post(
+        &client,
+        admin,
+        &drain,
+        &[("cookie", &pair), ("x-lbd-csrf", "nope")],
+    )
+    .await;
     assert_eq!(s, 403, "{body}");
-    let (s, body) = post(&client, admin, &drain, &[("cookie", &pair), ("x-lbd-csrf", &csrf)]).await;
+    let (s, body) = post(
+        &client,
+        admin,
+        &drain,
+        &[("cookie", &pair), ("x-lbd-csrf", &csrf)],
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     let (s, body) = post(&client, admin, &enable, &[("authorization", &bearer)]).await;
     assert_eq!(s, 200, "the bearer token still works: {body}");
@@ -616,7 +683,13 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
         .expect("login");
     let secure = r.headers["set-cookie"].to_str().expect("cookie");
     assert!(secure.contains("; Secure"), "behind TLS: Secure: {secure}");
-    let (s, _) = post(&client, admin, "/logout", &[("cookie", &pair), ("x-lbd-csrf", &csrf)]).await;
+    let (s, _) = post(
+        &client,
+        admin,
+        "/logout",
+        &[("cookie", &pair), ("x-lbd-csrf", &csrf)],
+    )
+    .await;
     assert_eq!(s, 200);
     let r = client
         .send(
@@ -668,14 +741,20 @@ async fn status_page_logs_in_with_a_session_cookie_and_drains_with_it() {
     assert_ne!(c["value"], json!(TOKEN), "{c}");
     let (js_cookies, href) = sync(|| (b.eval("document.cookie"), b.eval("location.href")));
     assert_eq!(js_cookies, json!(""), "HttpOnly: the script cannot read it");
-    assert!(!href.as_str().unwrap_or("").contains(TOKEN), "token in URL: {href}");
+    assert!(
+        !href.as_str().unwrap_or("").contains(TOKEN),
+        "token in URL: {href}"
+    );
     sync(|| {
         b.eval(&format!(
             "document.querySelector('button[data-endpoint=\"{}\"]').click()",
             w2.addr
         ));
         b.wait(
-            &format!("document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'drained'", w2.addr),
+            &format!(
+                "document.querySelector('tr[data-endpoint=\"{}\"]').dataset.health === 'drained'",
+                w2.addr
+            ),
             10,
             "drained with the session",
             "document.body.innerText",

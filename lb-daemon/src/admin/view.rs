@@ -80,6 +80,8 @@ pub struct ListenerView {
     pub bind: String,
     /// `http` or `h2c`.
     pub protocol: &'static str,
+    /// Whether it serves TLS.
+    pub tls: bool,
 }
 
 /// One cluster in `GET /clusters`.
@@ -141,6 +143,7 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
                 protocol: listener_protocol(l.protocol),
+                tls: l.tls.is_some(),
             })
             .collect(),
         l4_problems: Vec::new(),

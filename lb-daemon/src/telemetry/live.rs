@@ -230,16 +230,14 @@ impl Live {
             .map(|(i, s)| ((s.kind, s.name.clone()), i))
             .collect();
         for ((kind, name), d) in agg {
-            let i = *index
-                .entry((kind, name.to_string()))
-                .or_insert_with(|| {
-                    series.push(Series {
-                        kind,
-                        name: name.to_string(),
-                        ..Series::default()
-                    });
-                    series.len() - 1
+            let i = *index.entry((kind, name.to_string())).or_insert_with(|| {
+                series.push(Series {
+                    kind,
+                    name: name.to_string(),
+                    ..Series::default()
                 });
+                series.len() - 1
+            });
             let s = &mut series[i];
             if s.t.len() >= WINDOW {
                 s.t.pop_front();
