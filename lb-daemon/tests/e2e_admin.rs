@@ -567,7 +567,10 @@ async fn token_guards_every_admin_endpoint() {
     for bad in [None, Some("wrong")] {
         let r = admin(&client, admin_addr, Method::GET, "/", bad).await;
         assert_eq!(r.status, 200, "GET / with {bad:?}");
-        assert!(!r.text().contains(&listen.to_string()), "the page carries no state");
+        assert!(
+            !r.text().contains(&listen.to_string()),
+            "the page carries no state"
+        );
     }
     let calls = [
         (Method::GET, "/status", 200),
