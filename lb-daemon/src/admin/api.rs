@@ -93,7 +93,19 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<B
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["status"]) => json(StatusCode::OK, &ctx.control.status()),
         (&Method::GET, ["clusters"]) => json(StatusCode::OK, &ctx.control.clusters()),
-        (&Method::GET, ["stats"]) => json(StatusCode::OK, &ctx.control.stats()),
+        (&Method::GET, ["stats"]) => {
+            let since = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == "since")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+            });
+            // Compact: the page polls this every second.
+            match serde_json::to_vec(&ctx.control.stats(since)) {
+                Ok(body) => respond(StatusCode::OK, "application/json", Bytes::from(body)),
+                Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, &err_body(&e.to_string())),
+            }
+        }
         (&Method::GET, ["config"]) => json(StatusCode::OK, &ctx.control.effective_config()),
         (&Method::GET, ["session"]) => json(
             StatusCode::OK,

@@ -355,8 +355,8 @@ impl Control for Supervisor {
         view
     }
 
-    fn stats(&self) -> crate::telemetry::live::StatsView {
-        crate::telemetry::live::global().view()
+    fn stats(&self, since: Option<u64>) -> crate::telemetry::live::StatsView {
+        crate::telemetry::live::global().view(since)
     }
 
     fn clusters(&self) -> Vec<ClusterView> {

@@ -255,12 +255,31 @@ impl Live {
         }
     }
 
-    /// The rings as they are now.
-    pub fn view(&self) -> StatsView {
+    /// The rings as they are now; with `since` (Unix ms), only the points after it, so a page
+    /// polling every second fetches one point per series rather than the whole window.
+    pub fn view(&self, since: Option<u64>) -> StatsView {
+        let series = match self.series.lock() {
+            Ok(all) => all
+                .iter()
+                .map(|s| {
+                    let skip = since.map_or(0, |t0| s.t.iter().take_while(|t| **t <= t0).count());
+                    Series {
+                        kind: s.kind,
+                        name: s.name.clone(),
+                        t: s.t.iter().skip(skip).copied().collect(),
+                        rps: s.rps.iter().skip(skip).copied().collect(),
+                        error_ratio: s.error_ratio.iter().skip(skip).copied().collect(),
+                        p50_ms: s.p50_ms.iter().skip(skip).copied().collect(),
+                        p99_ms: s.p99_ms.iter().skip(skip).copied().collect(),
+                    }
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         StatsView {
             interval_seconds: INTERVAL.as_secs(),
             window_points: WINDOW,
-            series: self.series.lock().map(|s| s.clone()).unwrap_or_default(),
+            series,
         }
     }
 }
@@ -309,7 +328,7 @@ mod tests {
             c.record(status, Duration::from_micros(took));
         }
         live.sample(Duration::from_secs(2));
-        let v = live.view();
+        let v = live.view(None);
         let route = v
             .series
             .iter()
@@ -325,5 +344,13 @@ mod tests {
         assert_eq!(route.p50_ms[0], None);
         assert!(v.series.iter().any(|s| s.kind == "listener"));
         assert!(v.series.iter().any(|s| s.kind == "cluster"));
+        let newer = live.view(Some(route.t[0]));
+        let r = newer
+            .series
+            .iter()
+            .find(|s| s.kind == "route")
+            .expect("route series");
+        assert_eq!(r.t.len(), 1, "only the point after `since`");
+        assert_eq!(r.rps[0], 50.0);
     }
 }
