@@ -437,7 +437,7 @@ fn packet_socket(dev: &str) -> std::io::Result<Fd> {
 }
 
 /// GETs lbd's `/metrics` in namespace `ns` until `done` holds for the page (≤ 15 s: lbd
-/// exports the XDP counters every 5 s).
+/// reads the XDP counters every second).
 fn scrape_until(
     ns: &str,
     done: impl Fn(&lb_tests::prom::Exposition) -> bool + Send + 'static,
@@ -776,7 +776,7 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         "VIP → client traffic must not cross the LB: {from_vip_at_lb:?}"
     );
 
-    // lbd's own XDP counters (exported every 5 s): every VIP packet that reached vL was
+    // lbd's own XDP counters (read every second): every VIP packet that reached vL was
     // forwarded to a backend; the backends' replies never came by, or they would count as
     // `pass_not_vip`.
     let page = scrape_until(&ns.name("l"), |m| {

@@ -32,6 +32,9 @@ pub const L4_BACKEND_PACKETS: &str = "lbd_l4_backend_packets_total";
 /// Bytes forwarded to a backend (`backend`).
 pub const L4_BACKEND_BYTES: &str = "lbd_l4_backend_bytes_total";
 
+/// How often the per-CPU counters are read between refreshes.
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the service follows: the config and the health of its clusters (same order).
 #[derive(Debug, Clone)]
 pub struct Inputs {
@@ -155,6 +158,10 @@ async fn run(
     readings: Arc<Mutex<super::stats::Readings>>,
     opts: ServiceOptions,
 ) {
+    let mut counters_tick = tokio::time::interval(COUNTERS_INTERVAL);
+    counters_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The latest plan applied, for reading its VIPs' and backends' counters.
+    let mut last: Option<(Arc<Model>, Desired)> = None;
     loop {
         // Any cluster's health generation changing wakes us; the forwarders die with the
         // inputs they were made for.
@@ -174,7 +181,9 @@ async fn run(
             })
             .collect();
         let mut reload = false;
+        let mut next_refresh = tokio::time::Instant::now() + opts.refresh;
         loop {
+            let mut counters_only = false;
             tokio::select! {
                 r = inputs.changed() => {
                     if r.is_err() {
@@ -184,9 +193,36 @@ async fn run(
                     reload = true;
                 }
                 () = changed.notified() => {}
-                () = tokio::time::sleep(opts.refresh) => {}
+                () = tokio::time::sleep_until(next_refresh) => {}
+                _ = counters_tick.tick() => counters_only = true,
             }
+            if counters_only {
+                // Between refreshes, only read the counters (a few map lookups), so the status
+                // page's packet rates and the Prometheus counters move every second.
+                let Some((model, d)) = last.clone() else {
+                    continue;
+                };
+                let readings = Arc::clone(&readings);
+                let job = tokio::task::spawn_blocking(move || {
+                    let reading = export(&mut prog, &model, &d);
+                    if let Ok(mut g) = readings.lock() {
+                        g.push(reading);
+                    }
+                    prog
+                });
+                prog = match job.await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "l4: counter read task failed; L4 maps frozen");
+                        watchers.iter().for_each(|w| w.abort());
+                        return;
+                    }
+                };
+                continue;
+            }
+            next_refresh = tokio::time::Instant::now() + opts.refresh;
             let now = inputs.borrow_and_update().clone();
+            let model = Arc::clone(&now.model);
             // Map writes are syscalls (a first ring fill is 65,537 of them) and next-hop lookup
             // runs `ip`: keep both off the async workers.
             let xdp_mode = opts.xdp_mode;
@@ -216,6 +252,7 @@ async fn run(
             };
             match r {
                 Ok(d) => {
+                    last = Some((model, d.clone()));
                     if let Ok(mut g) = problems.lock()
                         && *g != d.problems
                     {
