@@ -322,6 +322,8 @@ mod tests {
         let live = Live::default();
         let c = live.counters("l", "r", "c");
         live.sample(INTERVAL);
+        // Points are stamped in milliseconds; keep the two apart for `since` below.
+        std::thread::sleep(Duration::from_millis(5));
         for i in 0..100 {
             let status = if i < 10 { 503 } else { 200 };
             let took = if i == 99 { 50_000 } else { 1_000 };
