@@ -31,6 +31,44 @@ pub struct StatusView {
     pub listeners: Vec<ListenerView>,
     /// L4 VIPs that cannot be fully served now (e.g. a backend's next-hop MAC is unknown).
     pub l4_problems: Vec<String>,
+    /// The last reloads (and the start), oldest first.
+    pub reload_history: Vec<ReloadEvent>,
+    /// The latest rejected reload, even when it has left `reload_history`.
+    pub last_reload_error: Option<ReloadEvent>,
+    /// Certificates served by TLS listeners.
+    pub certificates: Vec<CertificateView>,
+    /// L4 VIPs with packet rates; `None` when the config has no VIPs.
+    pub l4: Option<crate::l4::L4Stats>,
+}
+
+/// One config load: the start or a reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadEvent {
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// `start` or `reload`.
+    pub kind: &'static str,
+    /// Whether the config was applied.
+    pub ok: bool,
+    /// Hash of the config active afterwards.
+    pub config_hash: String,
+    /// Why it was rejected.
+    pub errors: Vec<String>,
+}
+
+/// One certificate of a TLS listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateView {
+    /// Listener name.
+    pub listener: String,
+    /// The chain's file.
+    pub file: String,
+    /// Host names it serves.
+    pub names: Vec<String>,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+    /// Seconds until it expires (negative once expired).
+    pub expires_in_seconds: i64,
 }
 
 /// One listener in [`StatusView`].
@@ -42,6 +80,8 @@ pub struct ListenerView {
     pub bind: String,
     /// `http` or `h2c`.
     pub protocol: &'static str,
+    /// Whether it serves TLS.
+    pub tls: bool,
 }
 
 /// One cluster in `GET /clusters`.
@@ -74,6 +114,8 @@ pub struct EndpointView {
     pub requests_total: u64,
     /// Latest active check, if checks are configured and one has run.
     pub last_check: Option<CheckView>,
+    /// Availability changes, oldest first (bounded).
+    pub history: Vec<crate::health::HealthEvent>,
     /// The passive or outlier ejection in force, if any.
     pub ejection: Option<EjectionView>,
     /// Outlier ejection multiplier: the next outlier ejection lasts this + 1 times
@@ -131,9 +173,27 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
                 protocol: listener_protocol(l.protocol),
+                tls: l.tls.is_some(),
             })
             .collect(),
         l4_problems: Vec::new(),
+        reload_history: Vec::new(),
+        last_reload_error: None,
+        l4: None,
+        certificates: model
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref().map(|t| (l, t)))
+            .flat_map(|(l, t)| {
+                t.certificates.iter().map(|c| CertificateView {
+                    listener: l.name.clone(),
+                    file: c.cert_path.display().to_string(),
+                    names: c.names.clone(),
+                    not_after: c.not_after,
+                    expires_in_seconds: c.expires_in(),
+                })
+            })
+            .collect(),
     }
 }
 
@@ -175,6 +235,7 @@ pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView
                         }),
                         ejection: ejection(eh, now),
                         outlier_ejections: eh.outlier_ejections(),
+                        history: eh.history(),
                     }
                 })
                 .collect(),

@@ -6,9 +6,10 @@
 //! pickers off the request path when it sees a new generation (and later, the L4 map writer
 //! rebuilds rings the same way).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -62,6 +63,20 @@ impl EjectReason {
     }
 }
 
+/// Availability changes kept per endpoint for the status page.
+pub const HISTORY: usize = 32;
+
+/// One availability change of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HealthEvent {
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// Whether the endpoint became available.
+    pub up: bool,
+    /// Why, e.g. `health check: status 503`, `drained by operator`.
+    pub reason: String,
+}
+
 /// Health of one endpoint. Cheap to read from the request path (atomics only).
 #[derive(Debug)]
 pub struct EndpointHealth {
@@ -85,6 +100,8 @@ pub struct EndpointHealth {
     requests_total: AtomicU64,
     /// Latest active check outcome.
     last_check: Mutex<Option<CheckOutcome>>,
+    /// The last [`HISTORY`] availability changes, oldest first.
+    history: Mutex<VecDeque<HealthEvent>>,
     epoch: Instant,
     notify: Arc<watch::Sender<u64>>,
 }
@@ -103,6 +120,7 @@ impl EndpointHealth {
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            history: Mutex::new(VecDeque::new()),
             epoch: Instant::now(),
             notify,
         }
@@ -196,6 +214,31 @@ impl EndpointHealth {
         self.last_check.lock().ok().and_then(|g| g.clone())
     }
 
+    /// Appends an availability change to the bounded history.
+    pub fn record_transition(&self, up: bool, reason: String) {
+        let at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() >= HISTORY {
+                h.pop_front();
+            }
+            h.push_back(HealthEvent {
+                at_unix_ms,
+                up,
+                reason,
+            });
+        }
+    }
+
+    /// Availability changes, oldest first.
+    pub fn history(&self) -> Vec<HealthEvent> {
+        self.history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Drains (true) or re-enables (false) the endpoint.
     pub fn set_drained(&self, drained: bool) {
         if self.drained.swap(drained, Ordering::AcqRel) != drained {
@@ -249,6 +292,9 @@ impl EndpointHealth {
             self.record_check(c);
         }
         self.set_outlier_ejections(old.outlier_ejections());
+        if let Ok(mut h) = self.history.lock() {
+            *h = old.history().into();
+        }
         let now = Instant::now();
         if let Some(until) = old.ejected_until().filter(|u| *u > now) {
             self.eject_reason
@@ -427,6 +473,20 @@ mod tests {
         drop(g1);
         assert!(h.try_start_request(2).is_some());
         assert_eq!(h.requests_total(), 3);
+    }
+
+    #[test]
+    fn history_is_bounded_and_inherited() {
+        let (old, _rx) = ep();
+        for i in 0..HISTORY + 5 {
+            old.record_transition(i % 2 == 0, format!("r{i}"));
+        }
+        let h = old.history();
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[HISTORY - 1].reason, format!("r{}", HISTORY + 4));
+        let (new, _rx) = ep();
+        new.inherit(&old);
+        assert_eq!(new.history(), h);
     }
 
     #[test]

@@ -236,6 +236,7 @@ fn spawn_availability_metrics(
             })
             .collect();
         let mut last: Vec<Option<bool>> = vec![None; endpoints.len()];
+        let mut causes = vec![Cause::default(); endpoints.len()];
         loop {
             // Seen before reading, so a change racing with this pass triggers another pass.
             changes.borrow_and_update();
@@ -246,6 +247,9 @@ fn spawn_availability_metrics(
                 if let Some(until) = ep.ejected_until().filter(|u| *u > now) {
                     next_expiry = Some(next_expiry.map_or(until, |n| n.min(until)));
                 }
+                let cause = Cause::of(ep, now);
+                let before = causes[i];
+                causes[i] = cause;
                 if last[i] == Some(up) {
                     continue;
                 }
@@ -257,6 +261,7 @@ fn spawn_availability_metrics(
                             "cluster" => name.clone(), "endpoint" => addr.clone(),
                             "to" => if up { "up" } else { "down" })
                         .increment(1);
+                        ep.record_transition(up, cause.reason(before, ep));
                     }
                 }
                 last[i] = Some(up);
@@ -278,4 +283,45 @@ fn spawn_availability_metrics(
             }
         }
     })
+}
+
+/// Which of the three causes hold an endpoint out, to say why its availability changed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cause {
+    drained: bool,
+    ejected: bool,
+    check_failed: bool,
+}
+
+impl Cause {
+    fn of(ep: &crate::health::EndpointHealth, now: Instant) -> Self {
+        Cause {
+            drained: ep.drained(),
+            ejected: ep.is_ejected(now),
+            check_failed: !ep.active_healthy(),
+        }
+    }
+
+    /// Why the endpoint went to its current state, having been held by `before`.
+    fn reason(self, before: Cause, ep: &crate::health::EndpointHealth) -> String {
+        let check = || {
+            ep.last_check()
+                .map_or_else(|| "no result".to_owned(), |c| c.detail)
+        };
+        if self.drained && !before.drained {
+            "drained by operator".to_owned()
+        } else if self.ejected && !before.ejected {
+            "ejected by passive checks (max_fails reached)".to_owned()
+        } else if self.check_failed && !before.check_failed {
+            format!("health check failed: {}", check())
+        } else if before.drained && !self.drained {
+            "enabled by operator".to_owned()
+        } else if before.ejected && !self.ejected {
+            "passive ejection ended".to_owned()
+        } else if before.check_failed && !self.check_failed {
+            format!("health check passed: {}", check())
+        } else {
+            "state changed".to_owned()
+        }
+    }
 }

@@ -22,6 +22,8 @@ pub struct RouteMetrics {
     bytes_out: Counter,
     /// Per gRPC method and status.
     pub grpc: crate::l7::grpc::GrpcMetrics,
+    /// The status page's live counters (shared across reloads).
+    live: Arc<crate::telemetry::live::Counters>,
 }
 
 impl RouteMetrics {
@@ -40,6 +42,7 @@ impl RouteMetrics {
             bytes_in: metrics::counter!(m::BYTES_IN, "listener" => listener.to_owned()),
             bytes_out: metrics::counter!(m::BYTES_OUT, "listener" => listener.to_owned()),
             grpc: crate::l7::grpc::GrpcMetrics::new(listener, route),
+            live: crate::telemetry::live::global().counters(listener, route, cluster),
         }
     }
 }
@@ -112,6 +115,7 @@ impl RequestLog {
         let mt = &self.metrics;
         mt.requests[class].increment(1);
         mt.duration.record(total.as_secs_f64());
+        mt.live.record(self.status, total);
         if let Some(u) = self.upstream {
             mt.upstream_duration.record(u.as_secs_f64());
         }
