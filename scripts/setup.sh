@@ -28,8 +28,17 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   throwaway RSA/EC/Ed25519 keys of lb-daemon/tests/e2e_auth.rs (no key is committed).
 # - chromium: renders the admin status page headless in lb-daemon/tests/e2e_status_page.rs
 #   (tests only; lbd does not need it at run time).
+# - nginx-light, haproxy: lb-daemon/tests/import.rs runs them with the originals of the
+#   configs `lbd import` translates, and compares their routing with lbd's (also bench
+#   contenders).
+# - prometheus: promtool checks and unit-tests configs/prometheus/lbd-rules.yml, and the server
+#   scrapes a real lbd in lb-daemon/tests/ops_prometheus.rs (tests start their own; the
+#   package's service is disabled below).
+# - redis-server: lb-daemon/tests/e2e_redis_limit.rs starts its own instance on a free loopback
+#   port (no persistence) and stops it by PID; the system service is never used.
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
-      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium)
+      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
+      nginx-light haproxy prometheus redis-server)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)
@@ -54,6 +63,12 @@ mapfile -t missing < <(not_installed "${pkgs[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt_install "${missing[@]}"
+fi
+
+# Debian's prometheus package enables (and, under systemd, starts) a server on :9090 that
+# scrapes localhost; lbd only needs its binaries, so the service is stopped and disabled.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 # A contender that cannot be installed must not stop the others (the bench reports it as

@@ -8,7 +8,9 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod demo;
 pub mod health;
+pub mod import;
 pub mod l4;
 pub mod l7;
 pub mod memory;

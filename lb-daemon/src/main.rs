@@ -3,11 +3,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use lbd::config;
 
 #[derive(Parser)]
-#[command(name = "lbd", about = "L4/L7 load balancer and API gateway", version)]
+#[command(
+    name = "lbd",
+    about = "L4/L7 load balancer and API gateway",
+    long_about = "lbd is one daemon with two data paths that follow one view of backend health: \
+an L7 reverse proxy for HTTP/1.1, HTTP/2 and gRPC (routing, balancing, health checks, \
+per-route filters, TLS) and an L4 XDP program balancing TCP/UDP virtual IPs with Maglev and \
+direct server return. Its configuration is one TOML file (default /etc/lbd/lb.toml); \
+SIGHUP reloads it, keeping the running config when the new one is invalid, and SIGTERM \
+drains. The admin address serves a status page, a JSON API and Prometheus metrics.",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -54,6 +64,38 @@ enum Cmd {
         #[arg(long)]
         generic: bool,
     },
+    /// Try lbd with nothing else running: start small demo backends on 127.0.0.1 (the
+    /// endpoints of configs/demo.toml) inside lbd, then run the demo config like `run`.
+    Demo {
+        /// Path to the demo configuration (its endpoints must be the demo backends).
+        #[arg(short, long, default_value = "configs/demo.toml")]
+        config: PathBuf,
+    },
+    /// Print a shell completion script for lbd (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print lbd's man page (roff) to stdout, or with --out-dir write lbd.1 and one page per
+    /// subcommand (lbd-run.1, …) there.
+    Man {
+        /// Folder for the pages (created if missing).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Translate an nginx or HAProxy configuration into an lb.toml (printed, or written to
+    /// --output); every directive that was not carried over is listed on stderr with its
+    /// file:line and at the end of the output.
+    Import {
+        /// The nginx.conf or haproxy.cfg to translate.
+        source: PathBuf,
+        /// "nginx" or "haproxy" (default: guessed from the file name and contents).
+        #[arg(long)]
+        from: Option<String>,
+        /// Write the lb.toml here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Print the version and build details.
     Version,
 }
@@ -65,8 +107,20 @@ fn main() -> ExitCode {
             println!("lbd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Cmd::Run { config } => run(&config),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lbd", &mut script);
+            print_bytes(&script)
+        }
+        Cmd::Man { out_dir } => man(out_dir.as_deref()),
+        Cmd::Run { config } => run(&config, false),
+        Cmd::Demo { config } => run(&config, true),
         Cmd::Check { config } => check(&config),
+        Cmd::Import {
+            source,
+            from,
+            output,
+        } => import(&source, from.as_deref(), output.as_deref()),
         Cmd::Explain {
             config,
             protocol,
@@ -86,7 +140,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("lbd: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// `lbd man`: the page on stdout, or every page into `out_dir`.
+fn man(out_dir: Option<&Path>) -> ExitCode {
+    let result = match out_dir {
+        None => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => return print_bytes(&page),
+                Err(e) => Err(e),
+            }
+        }
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd man: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lbd run`, or with `demo` the demo backends started first (`lbd demo`).
+fn run(path: &Path, demo: bool) -> ExitCode {
     let model = match config::load(path) {
         Ok(m) => m,
         Err(errors) => {
@@ -111,6 +200,21 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if demo {
+        if let Err(e) = runtime.block_on(lbd::demo::start()) {
+            eprintln!("lbd demo: {e}");
+            return ExitCode::FAILURE;
+        }
+        let listen = model.listeners.first().map(|l| l.bind.to_string());
+        let admin = model.global.admin.as_ref().map(|a| a.bind.to_string());
+        eprintln!(
+            "{}",
+            lbd::demo::banner(
+                listen.as_deref().unwrap_or("127.0.0.1:8080"),
+                admin.as_deref()
+            )
+        );
+    }
     let serve = async {
         lbd::memory::spawn_trimmer();
         lbd::supervisor::run(path, model).await
@@ -126,6 +230,45 @@ fn run(path: &Path) -> ExitCode {
 }
 
 /// `lbd check`: every problem on its own line on stderr, or a one-line summary on stdout.
+fn import(source: &Path, from: Option<&str>, output: Option<&Path>) -> ExitCode {
+    use lbd::import::{Format, import_file};
+    let format = match from {
+        None => None,
+        Some("nginx") => Some(Format::Nginx),
+        Some("haproxy") => Some(Format::Haproxy),
+        Some(other) => {
+            eprintln!("--from {other:?}: expected \"nginx\" or \"haproxy\"");
+            return ExitCode::from(2);
+        }
+    };
+    let imported = match import_file(source, format) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for s in &imported.skipped {
+        eprintln!("{}: not translated: {} ({})", s.origin, s.directive, s.why);
+    }
+    eprintln!(
+        "{}: {} directive{} not translated",
+        source.display(),
+        imported.skipped.len(),
+        if imported.skipped.len() == 1 { "" } else { "s" }
+    );
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &imported.toml) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        None => print!("{}", imported.toml),
+    }
+    ExitCode::SUCCESS
+}
+
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(m) => {

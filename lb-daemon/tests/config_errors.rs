@@ -50,6 +50,90 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "invalid gRPC service name",
     ),
     (
+        "outlier negative consecutive_5xx",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_5xx = -1\n",
+        6,
+        "clusters[0].outlier.consecutive_5xx",
+        "got -1",
+    ),
+    (
+        "outlier max_ejection_percent 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nmax_ejection_percent = 0\n",
+        6,
+        "clusters[0].outlier.max_ejection_percent",
+        "must be between 1 and 100, got 0",
+    ),
+    (
+        "outlier max_ejection_percent over 100",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nmax_ejection_percent = 101\n",
+        6,
+        "clusters[0].outlier.max_ejection_percent",
+        "must be between 1 and 100, got 101",
+    ),
+    (
+        "outlier zero base_ejection_time",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nbase_ejection_time = \"0s\"\n",
+        6,
+        "clusters[0].outlier.base_ejection_time",
+        "must be greater than 0",
+    ),
+    (
+        "outlier zero interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\ninterval = \"0s\"\n",
+        6,
+        "clusters[0].outlier.interval",
+        "must be greater than 0",
+    ),
+    (
+        "outlier unparsable interval",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\ninterval = \"soon\"\n",
+        6,
+        "clusters[0].outlier.interval",
+        "invalid duration \"soon\"",
+    ),
+    (
+        "outlier max below base",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nbase_ejection_time = \"30s\"\nmax_ejection_time = \"10s\"\n",
+        7,
+        "clusters[0].outlier.max_ejection_time",
+        "must not be less than base_ejection_time",
+    ),
+    (
+        "outlier negative stdev factor",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate_stdev_factor = -1.5\n",
+        6,
+        "clusters[0].outlier.success_rate_stdev_factor",
+        "must be a number greater than 0",
+    ),
+    (
+        "outlier zero success-rate hosts",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate_minimum_hosts = 0\n",
+        6,
+        "clusters[0].outlier.success_rate_minimum_hosts",
+        "got 0",
+    ),
+    (
+        "outlier success-rate key with success rate off",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nsuccess_rate = false\nsuccess_rate_request_volume = 10\n",
+        7,
+        "clusters[0].outlier.success_rate_request_volume",
+        "only used with success_rate = true",
+    ),
+    (
+        "outlier unknown key",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_errors = 5\n",
+        6,
+        "clusters[0].outlier.consecutive_errors",
+        "unknown field `consecutive_errors`",
+    ),
+    (
+        "outlier with every detector off",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.outlier]\nconsecutive_5xx = 0\nsuccess_rate = false\n",
+        5,
+        "clusters[0].outlier",
+        "every detector is off",
+    ),
+    (
         "grpc retry status on an http1 cluster",
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\ngrpc_status = [\"unavailable\"]\n",
         6,
@@ -62,6 +146,104 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         7,
         "clusters[0].retry.grpc_status[1]",
         "unknown value \"busy\"",
+    ),
+    (
+        "retry attempts over the cap",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nattempts = 8\n",
+        6,
+        "clusters[0].retry.attempts",
+        "between 0 and 7",
+    ),
+    (
+        "unknown retry_on word",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nretry_on = [\"reset\", \"5xxx\"]\n",
+        6,
+        "clusters[0].retry.retry_on[1]",
+        "unknown value \"5xxx\"",
+    ),
+    (
+        "retry_on status out of range",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nretry_on = [503, 200]\n",
+        5,
+        "routes[0].retry.retry_on[1]",
+        "between 400 and 599",
+    ),
+    (
+        "zero per_try_timeout",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nper_try_timeout = \"0s\"\n",
+        5,
+        "routes[0].retry.per_try_timeout",
+        "greater than 0",
+    ),
+    (
+        "max_replay_bytes over 16 MiB",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nmax_replay_bytes = 100000000\n",
+        6,
+        "clusters[0].retry.max_replay_bytes",
+        "at most 16777216",
+    ),
+    (
+        "backoff_max below backoff_base",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry]\nbackoff_base = \"100ms\"\nbackoff_max = \"10ms\"\n",
+        7,
+        "clusters[0].retry.backoff_max",
+        "at least backoff_base",
+    ),
+    (
+        "negative replay bound",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nmax_replay_bytes = -1\n",
+        5,
+        "routes[0].retry.max_replay_bytes",
+        "at least 0",
+    ),
+    (
+        "budget ratio above 1",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nratio = 1.5\n",
+        6,
+        "clusters[0].retry_budget.ratio",
+        "between 0.0 and 1.0",
+    ),
+    (
+        "budget window not whole seconds",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nwindow = \"1500ms\"\n",
+        6,
+        "clusters[0].retry_budget.window",
+        "whole seconds",
+    ),
+    (
+        "negative budget floor",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.retry_budget]\nmin_per_second = -1\n",
+        6,
+        "clusters[0].retry_budget.min_per_second",
+        "between 0 and",
+    ),
+    (
+        "negative circuit breaker",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_requests = -5\n",
+        6,
+        "clusters[0].circuit_breakers.max_requests",
+        "at least 0",
+    ),
+    (
+        "unknown circuit breaker",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = 5\n",
+        6,
+        "clusters[0].circuit_breakers.max_connections",
+        "unknown field",
+    ),
+    (
+        "zero hedge_delay",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nhedge_delay = \"0ms\"\n",
+        5,
+        "routes[0].retry.hedge_delay",
+        "greater than 0",
+    ),
+    (
+        "retry budget on a route",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[routes.retry]\nratio = 0.5\n",
+        5,
+        "routes[0].retry.ratio",
+        "unknown field",
     ),
     (
         "unknown cluster protocol",
@@ -173,7 +355,7 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[listeners.limits]\nmax_body_bytes = -1\n",
         5,
         "listeners[0].limits.max_body_bytes",
-        "must be at least 0, got -1",
+        "got -1",
     ),
     (
         "route to unknown cluster",
@@ -615,6 +797,76 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         5,
         "routes[0].filters[0].rate_limit.limits",
         "give 1 to 4 limits",
+    ),
+    (
+        "rate_limit redis bad scheme",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"http://127.0.0.1:6379\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.url",
+        "expected a redis:// or rediss:// URL",
+    ),
+    (
+        "rate_limit redis bad url",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:notaport\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.url",
+        "invalid Redis URL",
+    ),
+    (
+        "rate_limit redis zero timeout",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", timeout = \"0s\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.timeout",
+        "must be greater than 0",
+    ),
+    (
+        "rate_limit redis long timeout",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", timeout = \"2s\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.timeout",
+        "at most 1s",
+    ),
+    (
+        "rate_limit redis bad failure mode",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", failure_mode = \"open\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.failure_mode",
+        "expected one of",
+    ),
+    (
+        "rate_limit redis bad batch",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", batch = -1 } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.batch",
+        "must be between 0 and 10000",
+    ),
+    (
+        "rate_limit redis missing password file",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", password_file = \"/nonexistent/redis-pass\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.password_file",
+        "cannot read /nonexistent/redis-pass",
+    ),
+    (
+        "rate_limit redis ca_file without tls",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", ca_file = \"/nonexistent/ca.pem\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.ca_file",
+        "ca_file needs a rediss:// URL",
+    ),
+    (
+        "rate_limit redis bad prefix",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { limits = [{ rate = \"1/s\" }], redis = { url = \"redis://127.0.0.1:6379\", prefix = \"a b\" } }\n",
+        5,
+        "routes[0].filters[0].rate_limit.redis.prefix",
+        "no spaces",
+    ),
+    (
+        "rate_limit empty claim key",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\nrate_limit = { key = \"claim:\", limits = [{ rate = \"1/s\" }] }\n",
+        5,
+        "routes[0].filters[0].rate_limit.key",
+        "claim:<name> needs a claim name",
     ),
     (
         "cors wildcard origin with credentials",
@@ -1232,6 +1484,12 @@ fn example_config_parses() {
     );
     assert_eq!(m.clusters.len(), 2);
     assert!(m.clusters.iter().all(|c| c.health_check.is_some()));
+    // The [clusters.outlier] example writes out every default.
+    assert!(
+        m.clusters
+            .iter()
+            .any(|c| c.outlier == Some(Outlier::default()))
+    );
     assert!(m.global.admin.is_some());
     assert!(m.routes.len() >= 2);
     assert!(m.vips.is_empty());
@@ -1421,4 +1679,118 @@ fn tls_pairs_are_checked_when_the_config_is_loaded() {
     assert_eq!(tls.certificates[0].serial, "07");
     assert_eq!(tls.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
     assert!(tls.certificates[0].expires_in() > 0);
+}
+
+#[test]
+fn retry_policies_budgets_and_breakers_build_the_expected_model() {
+    let text = r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "plain"
+cluster = "c"
+match = { path_prefix = "/plain" }
+
+[[routes]]
+name = "own"
+cluster = "c"
+[routes.retry]
+attempts = 3
+retry_on = ["gateway_error", 429, "409"]
+per_try_timeout = "250ms"
+retry_non_idempotent = true
+max_replay_bytes = 0
+backoff_base = "10ms"
+
+[[clusters]]
+name = "c"
+[[clusters.endpoints]]
+address = "127.0.0.1:1"
+[clusters.retry_budget]
+ratio = 0.5
+min_per_second = 0
+window = "30s"
+[clusters.circuit_breakers]
+max_requests = 100
+max_pending_requests = 20
+max_retries = 3
+"#;
+    let m = parse(text, Path::new("r.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let c = &m.clusters[0];
+    // Today's behaviour without a [clusters.retry]: one retry on connect failure or reset.
+    assert_eq!(c.retry, Retry::default());
+    assert_eq!(c.retry.attempts, 1);
+    assert!(c.retry.on.connect_failure && c.retry.on.reset && !c.retry.on.any_status());
+    assert_eq!(c.retry.max_replay_bytes, 65536);
+    assert_eq!(
+        c.retry_budget,
+        RetryBudget {
+            ratio: 0.5,
+            min_per_second: 0,
+            window: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        c.circuit_breakers,
+        CircuitBreakers {
+            max_requests: 100,
+            max_pending_requests: 20,
+            max_retries: 3
+        }
+    );
+    let plain = m.routes.iter().find(|r| r.name == "plain").expect("plain");
+    assert!(plain.retry.is_none());
+    let own = m.routes.iter().find(|r| r.name == "own").expect("own");
+    let r = own.retry.as_ref().expect("route policy");
+    assert_eq!(r.attempts, 3);
+    // A route's table replaces the cluster's: what it leaves out takes lbd's defaults.
+    assert!(r.on.gateway_error && !r.on.connect_failure && !r.on.reset);
+    assert_eq!(r.on.statuses, vec![429, 409]);
+    assert_eq!(r.per_try_timeout, Some(Duration::from_millis(250)));
+    assert!(r.non_idempotent);
+    assert_eq!(r.max_replay_bytes, 0);
+    assert_eq!(r.backoff_base, Duration::from_millis(10));
+    assert_eq!(r.backoff_max, Duration::from_millis(100));
+}
+
+#[test]
+fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
+    let base = "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
+                [[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n";
+    let m = parse(base, Path::new("t.toml")).expect("valid");
+    assert_eq!(m.clusters[0].outlier, None);
+
+    let m = parse(&format!("{base}[clusters.outlier]\n"), Path::new("t.toml")).expect("valid");
+    assert_eq!(
+        m.clusters[0].outlier,
+        Some(Outlier {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            success_rate: Some(SuccessRate {
+                minimum_hosts: 5,
+                request_volume: 100,
+                stdev_factor_milli: 1900,
+            }),
+        })
+    );
+
+    // A base above the default cap raises the cap (Envoy); stdev factor in thousandths.
+    let m = parse(
+        &format!(
+            "{base}[clusters.outlier]\nbase_ejection_time = \"10m\"\nsuccess_rate_stdev_factor = 2\n\
+             consecutive_gateway_failure = 3\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let o = m.clusters[0].outlier.clone().expect("outlier");
+    assert_eq!(o.max_ejection_time, Duration::from_secs(600));
+    assert_eq!(o.consecutive_gateway_failure, 3);
+    assert_eq!(o.success_rate.map(|s| s.stdev_factor_milli), Some(2000));
 }

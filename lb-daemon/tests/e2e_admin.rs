@@ -563,9 +563,20 @@ async fn token_guards_every_admin_endpoint() {
     let cfg = two_endpoint_config(listen, admin_addr, &a, &b, "token = \"s3cret\"", "");
     let _lbd = Lbd::start(bin(), &cfg);
     let client = H1::new();
+    // The status page itself holds no data and must load to show its login form.
+    for bad in [None, Some("wrong")] {
+        let r = admin(&client, admin_addr, Method::GET, "/", bad).await;
+        assert_eq!(r.status, 200, "GET / with {bad:?}");
+        assert!(
+            !r.text().contains(&listen.to_string()),
+            "the page carries no state"
+        );
+    }
     let calls = [
-        (Method::GET, "/", 200),
         (Method::GET, "/status", 200),
+        (Method::GET, "/stats", 200),
+        (Method::GET, "/session", 200),
+        (Method::POST, "/logout", 200),
         (Method::GET, "/clusters", 200),
         (Method::GET, "/config", 200),
         (Method::GET, "/metrics", 200),

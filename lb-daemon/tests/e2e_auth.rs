@@ -792,3 +792,82 @@ address = "{}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `rate_limit` keyed by what an earlier filter learned: the API key's consumer, a verified
+/// token's claim. Each consumer / claim value has its own bucket.
+#[tokio::test]
+async fn limits_keyed_by_consumer_and_by_claim() {
+    let dir = temp_dir();
+    let k = local_keys(&dir);
+    let backend = Backend::start("b1").await;
+    let listen = free_addr();
+    let d = dir.display();
+    let config = format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "by-consumer"
+cluster = "web"
+[routes.match]
+path_prefix = "/keyed"
+[[routes.filters]]
+api_key = {{ header = "x-api-key", keys = [{{ consumer = "team-a", sha256 = "{ka}" }}, {{ consumer = "team-b", sha256 = "{kb}" }}] }}
+[[routes.filters]]
+rate_limit = {{ key = "consumer", limits = [{{ rate = "2/h" }}] }}
+
+[[routes]]
+name = "by-claim"
+cluster = "web"
+[routes.match]
+path_prefix = "/tenant"
+[[routes.filters]]
+jwt = {{ providers = [{{ name = "h", issuer = "https://h.example", algorithms = ["HS256"], secret_file = "{d}/h.secret" }}] }}
+[[routes.filters]]
+rate_limit = {{ key = "claim:tenant", limits = [{{ rate = "3/h" }}] }}
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{backend}"
+"#,
+        backend = backend.addr,
+        ka = sha256_hex("key-a-123"),
+        kb = sha256_hex("key-b-456"),
+    );
+    let _lbd = Lbd::start(bin(), &config);
+    let c = H1::new();
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.push(
+            get(&c, listen, "/keyed", &[("x-api-key", "key-a-123")])
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert_eq!(a, [200, 200, 429], "team-a: 2 per hour");
+    let b = get(&c, listen, "/keyed", &[("x-api-key", "key-b-456")]).await;
+    assert_eq!(b.status, 200, "team-b has its own bucket");
+
+    let token = |sub: &str, tenant: &str| {
+        let claims =
+            json!({ "iss": "https://h.example", "sub": sub, "tenant": tenant, "exp": now() + 60 });
+        sign(Algorithm::HS256, None, &claims, &k.hs)
+    };
+    // Two users of tenant "x" share its bucket; tenant "y" is apart.
+    let mut x = Vec::new();
+    for sub in ["u1", "u2", "u1", "u2"] {
+        x.push(
+            bearer(&c, listen, "/tenant", &token(sub, "x"))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert_eq!(x, [200, 200, 200, 429], "tenant x: 3 per hour");
+    let y = bearer(&c, listen, "/tenant", &token("u1", "y")).await;
+    assert_eq!(y.status, 200, "tenant y has its own bucket");
+}

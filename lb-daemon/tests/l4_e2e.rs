@@ -437,7 +437,7 @@ fn packet_socket(dev: &str) -> std::io::Result<Fd> {
 }
 
 /// GETs lbd's `/metrics` in namespace `ns` until `done` holds for the page (≤ 15 s: lbd
-/// exports the XDP counters every 5 s).
+/// reads the XDP counters every second).
 fn scrape_until(
     ns: &str,
     done: impl Fn(&lb_tests::prom::Exposition) -> bool + Send + 'static,
@@ -467,6 +467,65 @@ fn scrape() -> lb_tests::prom::Exposition {
     s.read_to_string(&mut text).expect("response");
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     lb_tests::prom::parse(body).unwrap_or_else(|e| panic!("metrics page: {e}\n{body}"))
+}
+
+/// The status page's DOM as headless Chromium renders it in namespace `ns`; `None` without
+/// Chromium.
+fn status_page_dom(ns: &str) -> Option<String> {
+    let exe = ["chromium", "chromium-browser"].into_iter().find(|n| {
+        std::process::Command::new(n)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })?;
+    let profile = std::env::temp_dir().join(format!("lbd-l4-chromium-{}", std::process::id()));
+    let out = profile.with_extension("dom");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, exe])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("http://127.0.0.1:9901/")
+        .stdout(std::fs::File::create(&out).expect("dom file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn chromium");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while child.try_wait().expect("wait chromium").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 90 s");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let dom = std::fs::read_to_string(&out).expect("read dom");
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_dir_all(&profile);
+    Some(dom)
+}
+
+/// The body of `GET path` on lbd's admin API (run inside the LB namespace).
+fn admin_get(path: &str) -> String {
+    use std::io::Read as _;
+    let mut s = TcpStream::connect("127.0.0.1:9901").expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: lbd\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    text.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned())
 }
 
 fn mac_text(m: &[u8; 6]) -> String {
@@ -717,7 +776,7 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         "VIP → client traffic must not cross the LB: {from_vip_at_lb:?}"
     );
 
-    // lbd's own XDP counters (exported every 5 s): every VIP packet that reached vL was
+    // lbd's own XDP counters (read every second): every VIP packet that reached vL was
     // forwarded to a backend; the backends' replies never came by, or they would count as
     // `pass_not_vip`.
     let page = scrape_until(&ns.name("l"), |m| {
@@ -747,6 +806,50 @@ fn lbd_balances_tcp_and_udp_over_three_dsr_backends_and_fails_over() {
         not_vip < replies / 10.0,
         "replies do not cross the LB: pass_not_vip {not_vip}, reply frames {replies}"
     );
+    // The status page's view of the same counters (`GET /status`, `l4`).
+    let status = in_netns(&ns.name("l"), || admin_get("/status"))
+        .join()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let l4 = &status["l4"];
+    let vip = l4["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "svc-tcp"))
+        .unwrap_or_else(|| panic!("svc-tcp in /status l4: {l4}"));
+    let vip_packets = vip["packets_total"].as_f64().unwrap_or(0.0);
+    assert!(vip_packets >= to_vip, "{vip}");
+    let vip_backends = vip["backends"].as_array().expect("backends");
+    assert_eq!(vip_backends.len(), BACKENDS.len(), "{vip}");
+    assert!(
+        vip_backends
+            .iter()
+            .all(|b| b["packets_total"].as_u64().unwrap_or(0) > 0),
+        "every backend got packets: {vip}"
+    );
+    let tx_reason = l4["reasons"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["reason"] == "tx_dsr_l2"))
+        .unwrap_or_else(|| panic!("tx_dsr_l2 in {l4}"));
+    assert!(
+        tx_reason["packets_total"].as_f64().unwrap_or(0.0) >= tx,
+        "{tx_reason}"
+    );
+    // And the status page draws them (headless Chromium inside the LB namespace).
+    match status_page_dom(&ns.name("l")) {
+        None => println!("status page not checked: chromium not installed"),
+        Some(dom) => {
+            for needle in ["svc-tcp", "tx_dsr_l2", "packets/s"]
+                .into_iter()
+                .map(String::from)
+                .chain((0..BACKENDS.len()).map(|i| format!(">{}<", backend_addr(i))))
+            {
+                assert!(
+                    dom.contains(&needle),
+                    "{needle} not on the status page:\n{dom}"
+                );
+            }
+        }
+    }
 
     // 2. UDP: 900 flows, one fresh source port each.
     const FLOWS: usize = 900;

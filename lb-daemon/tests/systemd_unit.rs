@@ -33,7 +33,14 @@ fn unit_matches_the_daemon() {
         ["notify"],
         "lbd reports readiness by sd_notify"
     );
-    assert_eq!(get(&s, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    // Reload = check the file (a bad one fails `systemctl reload`), then SIGHUP.
+    assert_eq!(
+        get(&s, "ExecReload"),
+        [
+            "/usr/local/bin/lbd check --config /etc/lbd/lb.toml",
+            "/bin/kill -HUP $MAINPID"
+        ]
+    );
     assert_eq!(get(&s, "NoNewPrivileges"), ["yes"]);
     assert_eq!(get(&s, "ProtectSystem"), ["strict"]);
     assert_eq!(get(&s, "ProtectHome"), ["yes"]);

@@ -3,6 +3,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deb;
 
 #[derive(Parser)]
 #[command(about = "lbd project automation")]
@@ -17,13 +18,71 @@ enum Cmd {
     BuildEbpf,
     /// Benchmark lbd side by side with nginx, HAProxy and Envoy (see bench/README.md).
     Bench(bench::BenchArgs),
+    /// Build a Debian package (dpkg-deb): binary, systemd unit, /etc/lbd/lb.toml, man pages,
+    /// completions, maintainer scripts that create the lbd user.
+    Deb {
+        /// Package this lbd binary instead of building `--release` first.
+        #[arg(long)]
+        lbd: Option<std::path::PathBuf>,
+        /// Where the .deb goes.
+        #[arg(long, default_value = "target/debian")]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Deb { lbd, out_dir } => build_deb(lbd, out_dir),
     }
+}
+
+/// `cargo xtask deb`: builds lbd in release mode unless given a binary, then the package.
+fn build_deb(lbd: Option<std::path::PathBuf>, out_dir: std::path::PathBuf) -> Result<()> {
+    use anyhow::Context as _;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?
+        .to_path_buf();
+    let lbd = match lbd {
+        Some(p) => p,
+        None => {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "lb-daemon",
+                    "--bin",
+                    "lbd",
+                ])
+                .status()
+                .context("running cargo build")?;
+            anyhow::ensure!(status.success(), "cargo build --release failed: {status}");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+            target.join("release/lbd")
+        }
+    };
+    let out_dir = if out_dir.is_absolute() {
+        out_dir
+    } else {
+        root.join(out_dir)
+    };
+    std::fs::create_dir_all(&out_dir)?;
+    let deb = deb::build(&deb::DebOptions {
+        root,
+        lbd,
+        out_dir,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        fast: false,
+    })?;
+    println!("{}", deb.display());
+    Ok(())
 }
 
 /// Builds `lb-ebpf` exactly as `lb-daemon/build.rs` does and prints the objects' paths.

@@ -3,10 +3,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::session::{self, CSRF_HEADER, Sessions, clear_cookie, set_cookie};
 use super::{Control, ControlError};
 
 /// Shared by every admin connection.
@@ -14,15 +15,54 @@ pub(super) struct Ctx {
     pub token: Option<String>,
     pub control: Arc<dyn Control>,
     pub metrics: Option<PrometheusHandle>,
+    pub sessions: Sessions,
 }
 
 const STATUS_PAGE: &str = include_str!("status.html");
+/// Largest `POST /login` body read.
+const LOGIN_BODY_LIMIT: usize = 4096;
+
+/// How a request proved it may use the API.
+enum Auth {
+    /// No token is configured.
+    Open,
+    /// `Authorization: Bearer` with the token.
+    Bearer,
+    /// The session cookie, with that session's CSRF token.
+    Session { id: String, csrf: String },
+    /// Nothing valid.
+    None,
+}
 
 pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(ctx, &req) {
+    let auth = authenticate(ctx, &req);
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // The page itself holds no data (it fetches the API), and it must load to show the login
+    // form; logging in is how a browser gets authorized.
+    match (req.method(), segs.as_slice()) {
+        (&Method::GET, []) => {
+            let mut r = text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
+            // Nothing from elsewhere: inline script and style only, no framing.
+            r.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                ),
+            );
+            r.headers_mut().insert(
+                header::X_FRAME_OPTIONS,
+                header::HeaderValue::from_static("DENY"),
+            );
+            return r;
+        }
+        (&Method::POST, ["login"]) => return login(ctx, req).await,
+        _ => {}
+    }
+    if matches!(auth, Auth::None) {
         let mut r = json(
             StatusCode::UNAUTHORIZED,
-            &err_body("missing or wrong bearer token"),
+            &err_body("missing or wrong bearer token or session"),
         );
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -30,13 +70,64 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<B
         );
         return r;
     }
-    let path = req.uri().path().trim_end_matches('/').to_owned();
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // A cookie rides along on any request the browser makes to this origin; a POST must also
+    // show the session's CSRF token, which only the page (same origin) can read.
+    if req.method() != Method::GET
+        && req.method() != Method::HEAD
+        && let Auth::Session { csrf, .. } = &auth
+    {
+        let given = req
+            .headers()
+            .get(CSRF_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !constant_time_eq(given, csrf.as_bytes()) {
+            return json(
+                StatusCode::FORBIDDEN,
+                &err_body(&format!(
+                    "a request authorized by the session cookie needs the {CSRF_HEADER} header"
+                )),
+            );
+        }
+    }
     match (req.method(), segs.as_slice()) {
-        (&Method::GET, []) => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         (&Method::GET, ["status"]) => json(StatusCode::OK, &ctx.control.status()),
         (&Method::GET, ["clusters"]) => json(StatusCode::OK, &ctx.control.clusters()),
+        (&Method::GET, ["stats"]) => {
+            let since = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == "since")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+            });
+            // Compact: the page polls this every second.
+            match serde_json::to_vec(&ctx.control.stats(since)) {
+                Ok(body) => respond(StatusCode::OK, "application/json", Bytes::from(body)),
+                Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, &err_body(&e.to_string())),
+            }
+        }
         (&Method::GET, ["config"]) => json(StatusCode::OK, &ctx.control.effective_config()),
+        (&Method::GET, ["session"]) => json(
+            StatusCode::OK,
+            &match &auth {
+                Auth::Open => serde_json::json!({ "auth": "none" }),
+                Auth::Bearer => serde_json::json!({ "auth": "bearer" }),
+                Auth::Session { csrf, .. } => {
+                    serde_json::json!({ "auth": "session", "csrf": csrf })
+                }
+                Auth::None => serde_json::json!({}),
+            },
+        ),
+        (&Method::POST, ["logout"]) => {
+            if let Auth::Session { id, .. } = &auth {
+                ctx.sessions.remove(id);
+            }
+            let mut r = json(StatusCode::OK, &serde_json::json!({ "ok": true }));
+            if let Ok(v) = header::HeaderValue::from_str(&clear_cookie(https(&req))) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
         (&Method::GET, ["metrics"]) => match &ctx.metrics {
             Some(h) => text(
                 StatusCode::OK,
@@ -66,13 +157,14 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<B
                 }
             }
         }
-        (_, ["status" | "clusters" | "config" | "metrics"]) | (_, []) => {
+        (_, ["status" | "clusters" | "stats" | "config" | "metrics" | "session"]) | (_, []) => {
             let mut r = json(StatusCode::METHOD_NOT_ALLOWED, &err_body("use GET"));
             r.headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
             r
         }
-        (_, ["reload"]) | (_, ["clusters", _, "endpoints", _, "drain" | "enable"]) => {
+        (_, ["reload" | "login" | "logout"])
+        | (_, ["clusters", _, "endpoints", _, "drain" | "enable"]) => {
             let mut r = json(StatusCode::METHOD_NOT_ALLOWED, &err_body("use POST"));
             r.headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
@@ -82,19 +174,83 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
-fn authorized(ctx: &Ctx, req: &Request<Incoming>) -> bool {
+fn authenticate(ctx: &Ctx, req: &Request<Incoming>) -> Auth {
     let Some(token) = &ctx.token else {
-        return true;
+        return Auth::Open;
     };
-    let Some(given) = req
+    if let Some(given) = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
+    {
+        return if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+            Auth::Bearer
+        } else {
+            Auth::None
+        };
+    }
+    for v in req.headers().get_all(header::COOKIE) {
+        if let Some(id) = v.to_str().ok().and_then(session::from_cookie_header)
+            && let Some(csrf) = ctx.sessions.csrf(id)
+        {
+            return Auth::Session {
+                id: id.to_owned(),
+                csrf,
+            };
+        }
+    }
+    Auth::None
+}
+
+/// Whether the browser reached the page over HTTPS (a TLS-terminating proxy in front of the
+/// admin listener says so); the cookie is then `Secure`.
+fn https(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// `POST /login` with `token=...` (form-encoded): a session cookie and its CSRF token.
+async fn login(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(token) = &ctx.token else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &err_body("admin.token is not set; no login needed"),
+        );
     };
-    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+    let secure = https(&req);
+    let body = match Limited::new(req.into_body(), LOGIN_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &err_body("login body too large or unreadable"),
+            );
+        }
+    };
+    let given = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|b| {
+            b.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "token")
+        })
+        .map(|(_, v)| percent_decode(&v.replace('+', " ")))
+        .unwrap_or_default();
+    if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        return json(StatusCode::UNAUTHORIZED, &err_body("wrong token"));
+    }
+    let (id, csrf) = ctx.sessions.create();
+    let mut r = json(StatusCode::OK, &serde_json::json!({ "csrf": csrf }));
+    if let Ok(v) = header::HeaderValue::from_str(&set_cookie(&id, secure)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
 /// Compares without an early exit, so response timing does not reveal a token prefix.

@@ -5,6 +5,7 @@
 pub mod view;
 
 mod api;
+mod session;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ pub trait Control: Send + Sync + 'static {
     fn status(&self) -> StatusView;
     /// Clusters with per-endpoint health and load.
     fn clusters(&self) -> Vec<ClusterView>;
+    /// Live request rates, error ratios and latencies per listener, route and cluster; only
+    /// points after `since` (Unix ms) when given.
+    fn stats(&self, since: Option<u64>) -> crate::telemetry::live::StatsView;
     /// Drains (`true`) or re-enables (`false`) an endpoint given by address or index.
     fn set_drained(
         &self,
@@ -111,6 +115,7 @@ pub async fn serve(
         token,
         control,
         metrics,
+        sessions: session::Sessions::default(),
     });
     loop {
         let accepted = tokio::select! {

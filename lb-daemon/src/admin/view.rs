@@ -1,6 +1,6 @@
 //! JSON views of the running state served by the admin API and the status page.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -10,7 +10,7 @@ use crate::config::model::{
     ListenerProtocol, LogFormat, Model, PathMatch, PathRewrite, Policy, SplitSticky,
     UpstreamProtocol,
 };
-use crate::health::ClusterHealth;
+use crate::health::{ClusterHealth, EndpointHealth};
 
 /// `GET /status`.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +31,44 @@ pub struct StatusView {
     pub listeners: Vec<ListenerView>,
     /// L4 VIPs that cannot be fully served now (e.g. a backend's next-hop MAC is unknown).
     pub l4_problems: Vec<String>,
+    /// The last reloads (and the start), oldest first.
+    pub reload_history: Vec<ReloadEvent>,
+    /// The latest rejected reload, even when it has left `reload_history`.
+    pub last_reload_error: Option<ReloadEvent>,
+    /// Certificates served by TLS listeners.
+    pub certificates: Vec<CertificateView>,
+    /// L4 VIPs with packet rates; `None` when the config has no VIPs.
+    pub l4: Option<crate::l4::L4Stats>,
+}
+
+/// One config load: the start or a reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadEvent {
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// `start` or `reload`.
+    pub kind: &'static str,
+    /// Whether the config was applied.
+    pub ok: bool,
+    /// Hash of the config active afterwards.
+    pub config_hash: String,
+    /// Why it was rejected.
+    pub errors: Vec<String>,
+}
+
+/// One certificate of a TLS listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateView {
+    /// Listener name.
+    pub listener: String,
+    /// The chain's file.
+    pub file: String,
+    /// Host names it serves.
+    pub names: Vec<String>,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+    /// Seconds until it expires (negative once expired).
+    pub expires_in_seconds: i64,
 }
 
 /// One listener in [`StatusView`].
@@ -42,6 +80,8 @@ pub struct ListenerView {
     pub bind: String,
     /// `http` or `h2c`.
     pub protocol: &'static str,
+    /// Whether it serves TLS.
+    pub tls: bool,
 }
 
 /// One cluster in `GET /clusters`.
@@ -74,6 +114,38 @@ pub struct EndpointView {
     pub requests_total: u64,
     /// Latest active check, if checks are configured and one has run.
     pub last_check: Option<CheckView>,
+    /// Availability changes, oldest first (bounded).
+    pub history: Vec<crate::health::HealthEvent>,
+    /// The passive or outlier ejection in force, if any.
+    pub ejection: Option<EjectionView>,
+    /// Outlier ejection multiplier: the next outlier ejection lasts this + 1 times
+    /// `base_ejection_time` (it decays while the endpoint stays in service).
+    pub outlier_ejections: u32,
+}
+
+/// An ejection in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct EjectionView {
+    /// `passive`, `consecutive_5xx`, `consecutive_gateway_failure` or `success_rate`.
+    pub reason: &'static str,
+    /// When it ends, milliseconds since the Unix epoch.
+    pub until_unix_ms: u128,
+    /// Milliseconds left.
+    pub remaining_ms: u128,
+}
+
+fn ejection(eh: &EndpointHealth, now: Instant) -> Option<EjectionView> {
+    let until = eh.ejected_until().filter(|u| *u > now)?;
+    let left = until - now;
+    let wall = SystemTime::now()
+        .checked_add(left)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or(Duration::ZERO);
+    Some(EjectionView {
+        reason: eh.ejection_reason().map_or("passive", |r| r.as_str()),
+        until_unix_ms: wall.as_millis(),
+        remaining_ms: left.as_millis(),
+    })
 }
 
 /// Latest active check result.
@@ -101,9 +173,27 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
                 protocol: listener_protocol(l.protocol),
+                tls: l.tls.is_some(),
             })
             .collect(),
         l4_problems: Vec::new(),
+        reload_history: Vec::new(),
+        last_reload_error: None,
+        l4: None,
+        certificates: model
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref().map(|t| (l, t)))
+            .flat_map(|(l, t)| {
+                t.certificates.iter().map(|c| CertificateView {
+                    listener: l.name.clone(),
+                    file: c.cert_path.display().to_string(),
+                    names: c.names.clone(),
+                    not_after: c.not_after,
+                    expires_in_seconds: c.expires_in(),
+                })
+            })
+            .collect(),
     }
 }
 
@@ -143,6 +233,9 @@ pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView
                             ok: c.ok,
                             detail: c.detail,
                         }),
+                        ejection: ejection(eh, now),
+                        outlier_ejections: eh.outlier_ejections(),
+                        history: eh.history(),
                     }
                 })
                 .collect(),
@@ -187,6 +280,35 @@ fn policy(p: &Policy) -> String {
         Policy::CookieHash(c) => format!("cookie_hash({c})"),
         Policy::Maglev(k) => format!("maglev({})", hash_key(k)),
     }
+}
+
+/// A retry policy as written in the config (`retry_on` words, then statuses).
+fn retry(r: &crate::config::model::Retry) -> Value {
+    let on = &r.on;
+    let mut retry_on: Vec<Value> = [
+        (on.connect_failure, "connect_failure"),
+        (on.reset, "reset"),
+        (on.server_error, "5xx"),
+        (on.gateway_error, "gateway_error"),
+    ]
+    .into_iter()
+    .filter(|(set, _)| *set)
+    .map(|(_, w)| json!(w))
+    .collect();
+    retry_on.extend(on.statuses.iter().map(|s| json!(s)));
+    json!({
+        "attempts": r.attempts,
+        "retry_on": retry_on,
+        "grpc_status": r.grpc_status.iter()
+            .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
+            .collect::<Vec<_>>(),
+        "per_try_timeout_ms": r.per_try_timeout.map(ms),
+        "retry_non_idempotent": r.non_idempotent,
+        "max_replay_bytes": r.max_replay_bytes,
+        "backoff_base_ms": ms(r.backoff_base),
+        "backoff_max_ms": ms(r.backoff_max),
+        "hedge_delay_ms": r.hedge_delay.map(ms),
+    })
 }
 
 fn ms(d: std::time::Duration) -> u128 {
@@ -274,6 +396,7 @@ pub fn effective_config(model: &Model) -> Value {
                 "headers": r.matcher.headers.iter().map(|h| json!({ "name": h.name.as_str(), "value": h.value })).collect::<Vec<_>>(),
                 "query": r.matcher.query.iter().map(|q| json!({ "name": q.name, "value": q.value })).collect::<Vec<_>>(),
             },
+            "retry": r.retry.as_ref().map(retry),
             "rewrite": r.rewrite.as_ref().map(|w| match w {
                 PathRewrite::StripPrefix => json!({ "strip_prefix": true }),
                 PathRewrite::ReplacePrefix(s) => json!({ "replace_prefix": s }),
@@ -302,17 +425,35 @@ pub fn effective_config(model: &Model) -> Value {
                 "jitter_ms": ms(h.jitter),
             })),
             "passive": { "max_fails": c.passive.max_fails, "fail_timeout_ms": ms(c.passive.fail_timeout) },
+            "outlier": c.outlier.as_ref().map(|o| json!({
+                "consecutive_5xx": o.consecutive_5xx,
+                "consecutive_gateway_failure": o.consecutive_gateway_failure,
+                "interval_ms": ms(o.interval),
+                "base_ejection_time_ms": ms(o.base_ejection_time),
+                "max_ejection_time_ms": ms(o.max_ejection_time),
+                "max_ejection_percent": o.max_ejection_percent,
+                "success_rate": o.success_rate.as_ref().map(|s| json!({
+                    "minimum_hosts": s.minimum_hosts,
+                    "request_volume": s.request_volume,
+                    "stdev_factor": f64::from(s.stdev_factor_milli) / 1000.0,
+                })),
+            })),
             "timeouts": {
                 "connect_ms": ms(c.timeouts.connect),
                 "response_ms": ms(c.timeouts.response),
                 "idle_ms": ms(c.timeouts.idle),
             },
             "pool": { "max_connections": c.pool.max_connections, "max_idle": c.pool.max_idle },
-            "retry": {
-                "attempts": c.retry.attempts,
-                "grpc_status": c.retry.grpc_status.iter()
-                    .filter_map(|code| GRPC_STATUS_NAMES.iter().find(|(_, c)| c == code).map(|(n, _)| *n))
-                    .collect::<Vec<_>>(),
+            "retry": retry(&c.retry),
+            "retry_budget": {
+                "ratio": c.retry_budget.ratio,
+                "min_per_second": c.retry_budget.min_per_second,
+                "window_ms": ms(c.retry_budget.window),
+            },
+            "circuit_breakers": {
+                "max_requests": c.circuit_breakers.max_requests,
+                "max_pending_requests": c.circuit_breakers.max_pending_requests,
+                "max_retries": c.circuit_breakers.max_retries,
             },
             "sticky": c.sticky.as_ref().map(|s| json!({
                 "cookie": s.name,

@@ -463,7 +463,10 @@ pub(crate) mod testutil {
                 attempts: 1,
                 ..Retry::default()
             },
+            retry_budget: Default::default(),
+            circuit_breakers: Default::default(),
             sticky: None,
+            outlier: None,
         }
     }
 }

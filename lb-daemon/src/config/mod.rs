@@ -7,7 +7,9 @@ pub mod duration;
 pub mod error;
 pub mod filter;
 pub mod model;
+pub mod outlier;
 mod raw;
+pub mod retry;
 pub mod tls;
 mod validate;
 

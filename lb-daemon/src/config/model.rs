@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use super::outlier::{Outlier, SuccessRate};
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -143,6 +145,8 @@ pub struct Route {
     pub rewrite: Option<PathRewrite>,
     /// Route-level request timeout overriding the listener's.
     pub timeout: Option<Duration>,
+    /// `[routes.retry]`: replaces the cluster's retry policy for this route.
+    pub retry: Option<Retry>,
     /// `[[routes.filters]]`, in config order.
     pub filters: Vec<super::filter::FilterSpec>,
 }
@@ -304,10 +308,16 @@ pub struct Cluster {
     pub timeouts: UpstreamTimeouts,
     /// Connection pool limits per endpoint.
     pub pool: PoolLimits,
-    /// Retry policy for failed attempts.
+    /// Retry policy for failed attempts (a route's own policy replaces it).
     pub retry: Retry,
+    /// How many retries the cluster may take on top of its requests.
+    pub retry_budget: RetryBudget,
+    /// Concurrency limits answered with 503 `circuit_open`.
+    pub circuit_breakers: CircuitBreakers,
     /// Cookie-based sticky sessions to endpoints (`[clusters.sticky]`).
     pub sticky: Option<StickyCookie>,
+    /// Outlier detection (`[clusters.outlier]`); off when `None`.
+    pub outlier: Option<Outlier>,
 }
 
 /// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later
@@ -434,23 +444,127 @@ impl Default for PoolLimits {
     }
 }
 
-/// Retry policy.
+/// Retry policy: a cluster's default, or a route's (which replaces the cluster's whole, as
+/// Envoy's route `retry_policy` replaces the virtual host's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
-    /// Extra attempts on another endpoint after a connect failure of an idempotent request.
+    /// Extra attempts after the first (0 = none).
     pub attempts: u32,
+    /// Which failed attempts are repeated.
+    pub on: RetryOn,
     /// gRPC status codes (numeric) that make lbd retry a gRPC call on another endpoint when
     /// the upstream answered trailers-only with one of them (nothing sent downstream yet).
     pub grpc_status: Vec<u8>,
+    /// Deadline of one attempt's answer head; the request's deadline bounds them all.
+    pub per_try_timeout: Option<Duration>,
+    /// Repeat requests with a non-idempotent method after they reached a backend.
+    pub non_idempotent: bool,
+    /// Request body bytes kept for a retry; a longer body is not retried.
+    pub max_replay_bytes: usize,
+    /// First backoff step; the wait before retry n is random in `0..=min(max, base × 2^(n-1))`.
+    pub backoff_base: Duration,
+    /// Upper bound of one backoff wait.
+    pub backoff_max: Duration,
+    /// Hedging: when the first try of an idempotent, body-less request has not answered
+    /// after this long, a second try goes to another endpoint and the first answer wins.
+    pub hedge_delay: Option<Duration>,
 }
 
+/// Conditions of a failed attempt that allow a retry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetryOn {
+    /// No connection could be made, or the stream was refused before processing.
+    pub connect_failure: bool,
+    /// The connection broke after the request went out, before an answer head.
+    pub reset: bool,
+    /// Any 5xx answer (and a per-try timeout).
+    pub server_error: bool,
+    /// 502, 503, 504 (and a per-try timeout).
+    pub gateway_error: bool,
+    /// These answer statuses.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Whether an answer with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || self.statuses.contains(&status)
+    }
+
+    /// Whether some answer status is retried (the answer must then be looked at).
+    pub fn any_status(&self) -> bool {
+        self.server_error || self.gateway_error || !self.statuses.is_empty()
+    }
+}
+
+/// Maximum of `max_replay_bytes` (lbd holds this much per retried request in memory).
+pub const MAX_REPLAY_BYTES: usize = 16 << 20;
+
 impl Default for Retry {
-    /// One retry on another endpoint after a connect failure; no gRPC status retries.
+    /// One retry after a connect failure (any request) or a reset (idempotent requests);
+    /// Envoy's backoff (25 ms base, 250 ms cap); bodies up to 64 KiB replayed.
     fn default() -> Self {
         Retry {
             attempts: 1,
+            on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                ..RetryOn::default()
+            },
             grpc_status: Vec::new(),
+            per_try_timeout: None,
+            non_idempotent: false,
+            max_replay_bytes: 64 << 10,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            hedge_delay: None,
         }
+    }
+}
+
+/// `[clusters.retry_budget]`: retries may add at most `ratio` of the requests of the last
+/// `window`, plus `min_per_second` for each second of it (linkerd's and Envoy's budgets).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryBudget {
+    /// Share of the window's requests that may be retried, 0..=1 (0 with a 0 floor: none).
+    pub ratio: f64,
+    /// Retries allowed per second whatever the request rate (low-traffic clusters).
+    pub min_per_second: u32,
+    /// Length of the sliding window, whole seconds (1..=60).
+    pub window: Duration,
+}
+
+impl Eq for RetryBudget {}
+
+impl Default for RetryBudget {
+    /// linkerd's defaults: 20% of requests, 10 retries per second, over 10 s.
+    fn default() -> Self {
+        RetryBudget {
+            ratio: 0.2,
+            min_per_second: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[clusters.circuit_breakers]`: per-cluster limits whose overflow lbd answers at once with
+/// 503 `circuit_open` (Envoy's thresholds). 0 = no limit (the default for each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CircuitBreakers {
+    /// Concurrent requests to the cluster, from admission to the end of the response body.
+    pub max_requests: usize,
+    /// Concurrent requests waiting for an answer head (connecting, or sent and unanswered).
+    pub max_pending_requests: usize,
+    /// Concurrent retry attempts.
+    pub max_retries: usize,
+}
+
+impl CircuitBreakers {
+    /// Whether any threshold is set.
+    pub fn any(&self) -> bool {
+        self.max_requests > 0 || self.max_pending_requests > 0 || self.max_retries > 0
     }
 }
 

@@ -94,6 +94,7 @@ pub struct RawRoute {
     #[serde(rename = "match")]
     pub matcher: Option<S<RawMatch>>,
     pub rewrite: Option<S<RawRewrite>>,
+    pub retry: Option<S<RawRetry>>,
     pub filters: Option<Vec<S<super::filter::RawFilter>>>,
 }
 
@@ -151,7 +152,10 @@ pub struct RawCluster {
     pub timeouts: Option<S<RawTimeouts>>,
     pub pool: Option<S<RawPool>>,
     pub retry: Option<S<RawRetry>>,
+    pub retry_budget: Option<S<RawRetryBudget>>,
+    pub circuit_breakers: Option<S<RawCircuitBreakers>>,
     pub sticky: Option<S<RawSticky>>,
+    pub outlier: Option<S<super::outlier::RawOutlier>>,
 }
 
 /// `[clusters.sticky]`.
@@ -245,12 +249,37 @@ pub struct RawPool {
     pub max_idle: Option<S<i64>>,
 }
 
-/// `[clusters.retry]`.
+/// `[clusters.retry]` and `[routes.retry]`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<S<i64>>,
+    pub retry_on: Option<S<Vec<S<RawStatus>>>>,
     pub grpc_status: Option<Vec<S<String>>>,
+    pub per_try_timeout: Option<S<String>>,
+    pub retry_non_idempotent: Option<S<bool>>,
+    pub max_replay_bytes: Option<S<i64>>,
+    pub backoff_base: Option<S<String>>,
+    pub backoff_max: Option<S<String>>,
+    pub hedge_delay: Option<S<String>>,
+}
+
+/// `[clusters.retry_budget]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    pub ratio: Option<S<f64>>,
+    pub min_per_second: Option<S<i64>>,
+    pub window: Option<S<String>>,
+}
+
+/// `[clusters.circuit_breakers]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreakers {
+    pub max_requests: Option<S<i64>>,
+    pub max_pending_requests: Option<S<i64>>,
+    pub max_retries: Option<S<i64>>,
 }
 
 /// `[[l4.vips]]`.

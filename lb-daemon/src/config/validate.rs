@@ -379,36 +379,20 @@ impl Checker<'_> {
                     0,
                 ),
             };
-            let mut grpc_status = Vec::new();
-            for (j, name) in c
-                .retry
-                .as_ref()
-                .and_then(|r| r.get_ref().grpc_status.as_ref())
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                let k = format!("{key}.retry.grpc_status[{j}]");
-                if protocol != UpstreamProtocol::Grpc {
-                    self.err(name.span(), &k, "only used with protocol = \"grpc\"");
-                    break;
-                }
-                let code = self.choice(Some(name), &k, 0, GRPC_STATUS_NAMES);
-                if code != 0 && !grpc_status.contains(&code) {
-                    grpc_status.push(code);
-                }
-            }
-            let retry = Retry {
-                attempts: self.u32(
-                    c.retry.as_ref().and_then(|r| r.get_ref().attempts.as_ref()),
-                    &format!("{key}.retry.attempts"),
-                    Retry::default().attempts,
-                    0,
-                    u32::MAX,
-                ),
-                grpc_status,
-            };
+            let retry = self.retry(
+                c.retry.as_ref().map(|r| r.get_ref()),
+                &format!("{key}.retry"),
+                Some(protocol == UpstreamProtocol::Grpc),
+            );
+            let retry_budget =
+                self.retry_budget(c.retry_budget.as_ref().map(|b| b.get_ref()), &key);
+            let circuit_breakers =
+                self.circuit_breakers(c.circuit_breakers.as_ref().map(|b| b.get_ref()), &key);
             let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
+            let outlier = c
+                .outlier
+                .as_ref()
+                .map(|o| super::outlier::check(self, o, &key));
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -419,7 +403,10 @@ impl Checker<'_> {
                 timeouts,
                 pool,
                 retry,
+                retry_budget,
+                circuit_breakers,
                 sticky,
+                outlier,
             });
         }
         out
@@ -799,6 +786,10 @@ impl Checker<'_> {
             let timeout = r.timeout.as_ref().map(|t| {
                 self.positive_duration(Some(t), &format!("{key}.timeout"), Duration::from_secs(60))
             });
+            let retry = r
+                .retry
+                .as_ref()
+                .map(|rt| self.retry(Some(rt.get_ref()), &format!("{key}.retry"), None));
             let matcher = match &r.matcher {
                 Some(m) => self.matcher(m.get_ref(), &key),
                 None => RouteMatch::default(),
@@ -832,6 +823,7 @@ impl Checker<'_> {
                 split,
                 rewrite,
                 timeout,
+                retry,
                 filters,
             });
         }

@@ -505,7 +505,10 @@ mod tests {
                 attempts: 0,
                 ..Retry::default()
             },
+            retry_budget: Default::default(),
+            circuit_breakers: Default::default(),
             sticky: None,
+            outlier: None,
         }
     }
 

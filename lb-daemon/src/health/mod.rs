@@ -3,4 +3,6 @@ pub mod checker;
 pub mod state;
 
 pub use checker::{ClusterChecker, schedule_expiry};
-pub use state::{CheckOutcome, ClusterHealth, EndpointHealth, InFlightGuard};
+pub use state::{
+    CheckOutcome, ClusterHealth, EjectReason, EndpointHealth, HealthEvent, InFlightGuard,
+};

@@ -6,9 +6,10 @@
 //! pickers off the request path when it sees a new generation (and later, the L4 map writer
 //! rebuilds rings the same way).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -21,6 +22,61 @@ pub struct CheckOutcome {
     pub detail: String,
 }
 
+/// Why an endpoint is ejected: nginx-style passive health or one of the outlier detectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EjectReason {
+    /// `[clusters.passive]`: `max_fails` failed attempts within `fail_timeout`.
+    Passive = 1,
+    /// `[clusters.outlier] consecutive_5xx`.
+    Consecutive5xx = 2,
+    /// `[clusters.outlier] consecutive_gateway_failure`.
+    ConsecutiveGatewayFailure = 3,
+    /// `[clusters.outlier]` success-rate sweep.
+    SuccessRate = 4,
+}
+
+impl EjectReason {
+    /// Name used in metrics labels, logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EjectReason::Passive => "passive",
+            EjectReason::Consecutive5xx => "consecutive_5xx",
+            EjectReason::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            EjectReason::SuccessRate => "success_rate",
+        }
+    }
+
+    /// Whether outlier detection (not nginx-style passive health) decided it.
+    pub fn is_outlier(self) -> bool {
+        self != EjectReason::Passive
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => EjectReason::Passive,
+            2 => EjectReason::Consecutive5xx,
+            3 => EjectReason::ConsecutiveGatewayFailure,
+            4 => EjectReason::SuccessRate,
+            _ => return None,
+        })
+    }
+}
+
+/// Availability changes kept per endpoint for the status page.
+pub const HISTORY: usize = 32;
+
+/// One availability change of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HealthEvent {
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// Whether the endpoint became available.
+    pub up: bool,
+    /// Why, e.g. `health check: status 503`, `drained by operator`.
+    pub reason: String,
+}
+
 /// Health of one endpoint. Cheap to read from the request path (atomics only).
 #[derive(Debug)]
 pub struct EndpointHealth {
@@ -30,6 +86,10 @@ pub struct EndpointHealth {
     drained: AtomicBool,
     /// Passive ejection deadline, as nanoseconds after `epoch`; 0 = not ejected.
     ejected_until: AtomicU64,
+    /// [`EjectReason`] of the ejection in `ejected_until` (0 before any).
+    eject_reason: AtomicU8,
+    /// Outlier ejection multiplier: the next ejection lasts this + 1 times the base.
+    outlier_ejections: AtomicU32,
     /// Passive failures counted in the current window.
     window_fails: AtomicU32,
     /// Start of the current passive window, nanoseconds after `epoch`.
@@ -40,6 +100,8 @@ pub struct EndpointHealth {
     requests_total: AtomicU64,
     /// Latest active check outcome.
     last_check: Mutex<Option<CheckOutcome>>,
+    /// The last [`HISTORY`] availability changes, oldest first.
+    history: Mutex<VecDeque<HealthEvent>>,
     epoch: Instant,
     notify: Arc<watch::Sender<u64>>,
 }
@@ -51,11 +113,14 @@ impl EndpointHealth {
             active_healthy: AtomicBool::new(true),
             drained: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
+            eject_reason: AtomicU8::new(0),
+            outlier_ejections: AtomicU32::new(0),
             window_fails: AtomicU32::new(0),
             window_start: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            history: Mutex::new(VecDeque::new()),
             epoch: Instant::now(),
             notify,
         }
@@ -93,6 +158,38 @@ impl EndpointHealth {
         }
     }
 
+    /// Why the endpoint is ejected, while an ejection is recorded (its deadline may have
+    /// passed a moment ago; [`EndpointHealth::is_ejected`] says whether it is in force).
+    pub fn ejection_reason(&self) -> Option<EjectReason> {
+        if self.ejected_until.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        EjectReason::from_u8(self.eject_reason.load(Ordering::Acquire))
+    }
+
+    /// Ejects the endpoint from `now` for `duration` (outlier detection; the caller checked
+    /// it is not ejected already). Returns the deadline, for [`super::schedule_expiry`].
+    pub fn eject(&self, now: Instant, duration: Duration, reason: EjectReason) -> Instant {
+        let until = self
+            .nanos(now)
+            .saturating_add(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
+        // The reason first: a reader that sees the deadline sees its reason.
+        self.eject_reason.store(reason as u8, Ordering::Release);
+        self.ejected_until.store(until, Ordering::Release);
+        self.bump();
+        self.epoch + Duration::from_nanos(until)
+    }
+
+    /// Outlier ejections counted toward the next ejection's length.
+    pub fn outlier_ejections(&self) -> u32 {
+        self.outlier_ejections.load(Ordering::Acquire)
+    }
+
+    /// Sets the outlier ejection multiplier (outlier detection only).
+    pub fn set_outlier_ejections(&self, n: u32) {
+        self.outlier_ejections.store(n, Ordering::Release);
+    }
+
     /// Active-check verdict.
     pub fn active_healthy(&self) -> bool {
         self.active_healthy.load(Ordering::Acquire)
@@ -115,6 +212,31 @@ impl EndpointHealth {
     /// Latest check outcome, if any check ran.
     pub fn last_check(&self) -> Option<CheckOutcome> {
         self.last_check.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Appends an availability change to the bounded history.
+    pub fn record_transition(&self, up: bool, reason: String) {
+        let at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() >= HISTORY {
+                h.pop_front();
+            }
+            h.push_back(HealthEvent {
+                at_unix_ms,
+                up,
+                reason,
+            });
+        }
+    }
+
+    /// Availability changes, oldest first.
+    pub fn history(&self) -> Vec<HealthEvent> {
+        self.history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Drains (true) or re-enables (false) the endpoint.
@@ -150,6 +272,8 @@ impl EndpointHealth {
         let fails = self.window_fails.fetch_add(1, Ordering::AcqRel) + 1;
         if fails >= max_fails && !self.is_ejected(now) {
             let until = n.saturating_add(window);
+            self.eject_reason
+                .store(EjectReason::Passive as u8, Ordering::Release);
             self.ejected_until.store(until, Ordering::Release);
             self.window_fails.store(0, Ordering::Release);
             self.window_start.store(0, Ordering::Release);
@@ -167,8 +291,14 @@ impl EndpointHealth {
         if let Some(c) = old.last_check() {
             self.record_check(c);
         }
+        self.set_outlier_ejections(old.outlier_ejections());
+        if let Ok(mut h) = self.history.lock() {
+            *h = old.history().into();
+        }
         let now = Instant::now();
         if let Some(until) = old.ejected_until().filter(|u| *u > now) {
+            self.eject_reason
+                .store(old.eject_reason.load(Ordering::Acquire), Ordering::Release);
             self.ejected_until
                 .store(self.nanos(until), Ordering::Release);
             self.bump();
@@ -343,6 +473,20 @@ mod tests {
         drop(g1);
         assert!(h.try_start_request(2).is_some());
         assert_eq!(h.requests_total(), 3);
+    }
+
+    #[test]
+    fn history_is_bounded_and_inherited() {
+        let (old, _rx) = ep();
+        for i in 0..HISTORY + 5 {
+            old.record_transition(i % 2 == 0, format!("r{i}"));
+        }
+        let h = old.history();
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[HISTORY - 1].reason, format!("r{}", HISTORY + 4));
+        let (new, _rx) = ep();
+        new.inherit(&old);
+        assert_eq!(new.history(), h);
     }
 
     #[test]

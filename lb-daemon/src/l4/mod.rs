@@ -42,6 +42,7 @@ pub mod loader;
 pub mod netdev;
 pub mod plan;
 pub mod service;
+pub mod stats;
 pub mod test_run;
 
 pub use aya::programs::XdpMode;
@@ -49,3 +50,4 @@ pub use decap::Decap;
 pub use loader::{L4Error, L4Program, LoadOptions, RingMember, VipSpec};
 pub use netdev::NetDev;
 pub use service::{Inputs, L4Service, ServiceOptions};
+pub use stats::L4Stats;

@@ -32,6 +32,9 @@ pub const L4_BACKEND_PACKETS: &str = "lbd_l4_backend_packets_total";
 /// Bytes forwarded to a backend (`backend`).
 pub const L4_BACKEND_BYTES: &str = "lbd_l4_backend_bytes_total";
 
+/// How often the per-CPU counters are read between refreshes.
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the service follows: the config and the health of its clusters (same order).
 #[derive(Debug, Clone)]
 pub struct Inputs {
@@ -65,6 +68,7 @@ impl Default for ServiceOptions {
 pub struct L4Service {
     inputs: watch::Sender<Inputs>,
     problems: Arc<Mutex<Vec<String>>>,
+    readings: Arc<Mutex<super::stats::Readings>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -108,11 +112,20 @@ impl L4Service {
             tracing::warn!(problem = %p, "l4");
         }
         let problems = Arc::new(Mutex::new(desired.problems));
+        let readings = Arc::new(Mutex::new(super::stats::Readings::default()));
         let (tx, rx) = watch::channel(inputs);
-        let task = tokio::spawn(run(prog, state, rx, Arc::clone(&problems), opts));
+        let task = tokio::spawn(run(
+            prog,
+            state,
+            rx,
+            Arc::clone(&problems),
+            Arc::clone(&readings),
+            opts,
+        ));
         Ok(Some(L4Service {
             inputs: tx,
             problems,
+            readings,
             task,
         }))
     }
@@ -127,6 +140,14 @@ impl L4Service {
     pub fn problems(&self) -> Vec<String> {
         self.problems.lock().map(|p| p.clone()).unwrap_or_default()
     }
+
+    /// Packet totals and rates of `model`'s VIPs (for the status page).
+    pub fn stats(&self, model: &Model) -> super::L4Stats {
+        match self.readings.lock() {
+            Ok(r) => r.view(model),
+            Err(_) => super::stats::Readings::default().view(model),
+        }
+    }
 }
 
 async fn run(
@@ -134,8 +155,13 @@ async fn run(
     mut state: PlanState,
     mut inputs: watch::Receiver<Inputs>,
     problems: Arc<Mutex<Vec<String>>>,
+    readings: Arc<Mutex<super::stats::Readings>>,
     opts: ServiceOptions,
 ) {
+    let mut counters_tick = tokio::time::interval(COUNTERS_INTERVAL);
+    counters_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The latest plan applied, for reading its VIPs' and backends' counters.
+    let mut last: Option<(Arc<Model>, Desired)> = None;
     loop {
         // Any cluster's health generation changing wakes us; the forwarders die with the
         // inputs they were made for.
@@ -155,7 +181,9 @@ async fn run(
             })
             .collect();
         let mut reload = false;
+        let mut next_refresh = tokio::time::Instant::now() + opts.refresh;
         loop {
+            let mut counters_only = false;
             tokio::select! {
                 r = inputs.changed() => {
                     if r.is_err() {
@@ -165,12 +193,40 @@ async fn run(
                     reload = true;
                 }
                 () = changed.notified() => {}
-                () = tokio::time::sleep(opts.refresh) => {}
+                () = tokio::time::sleep_until(next_refresh) => {}
+                _ = counters_tick.tick() => counters_only = true,
             }
+            if counters_only {
+                // Between refreshes, only read the counters (a few map lookups), so the status
+                // page's packet rates and the Prometheus counters move every second.
+                let Some((model, d)) = last.clone() else {
+                    continue;
+                };
+                let readings = Arc::clone(&readings);
+                let job = tokio::task::spawn_blocking(move || {
+                    let reading = export(&mut prog, &model, &d);
+                    if let Ok(mut g) = readings.lock() {
+                        g.push(reading);
+                    }
+                    prog
+                });
+                prog = match job.await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "l4: counter read task failed; L4 maps frozen");
+                        watchers.iter().for_each(|w| w.abort());
+                        return;
+                    }
+                };
+                continue;
+            }
+            next_refresh = tokio::time::Instant::now() + opts.refresh;
             let now = inputs.borrow_and_update().clone();
+            let model = Arc::clone(&now.model);
             // Map writes are syscalls (a first ring fill is 65,537 of them) and next-hop lookup
             // runs `ip`: keep both off the async workers.
             let xdp_mode = opts.xdp_mode;
+            let readings = Arc::clone(&readings);
             let job = tokio::task::spawn_blocking(move || {
                 let attach_problems = sync_interfaces(&mut prog, &now.model, xdp_mode);
                 let r = refresh(&mut prog, &mut state, &now).map(|mut d| {
@@ -178,7 +234,10 @@ async fn run(
                     d
                 });
                 if let Ok(d) = &r {
-                    export(&mut prog, &now.model, d);
+                    let reading = export(&mut prog, &now.model, d);
+                    if let Ok(mut g) = readings.lock() {
+                        g.push(reading);
+                    }
                 }
                 (prog, state, r)
             });
@@ -193,6 +252,7 @@ async fn run(
             };
             match r {
                 Ok(d) => {
+                    last = Some((model, d.clone()));
                     if let Ok(mut g) = problems.lock()
                         && *g != d.problems
                     {
@@ -432,30 +492,39 @@ pub fn route_gateway(routes: &[Route4], to: Ipv4Addr) -> Option<Ipv4Addr> {
         .filter(|g| !g.is_unspecified())
 }
 
-/// Publishes the per-CPU counters (summed) as Prometheus counters.
-fn export(prog: &mut L4Program, model: &Model, d: &Desired) {
+/// Publishes the per-CPU counters (summed) as Prometheus counters, and returns them for the
+/// status page.
+fn export(prog: &mut L4Program, model: &Model, d: &Desired) -> super::stats::Reading {
+    let mut reasons = Vec::new();
     if let Ok(r) = prog.reasons() {
         for reason in Reason::ALL {
             metrics::counter!(L4_PACKETS, "reason" => reason.name()).absolute(r[reason as usize]);
         }
+        reasons = r.to_vec();
     }
+    let mut vips = HashMap::new();
     for (v, cfg) in d.vips.iter().zip(model.vips.iter()) {
         if let Ok(c) = prog.vip_counters(v.spec.vip_id) {
             metrics::counter!(L4_VIP_PACKETS, "vip" => cfg.name.clone()).absolute(c.packets);
             metrics::counter!(L4_VIP_BYTES, "vip" => cfg.name.clone()).absolute(c.bytes);
+            vips.insert(cfg.name.clone(), c.packets);
         }
     }
+    let mut backends = HashMap::new();
     for (&id, b) in &d.backends {
-        let addr = if b.family == lb_common::l4::FAMILY_V6 {
-            IpAddr::from(b.addr).to_string()
+        let ip = if b.family == lb_common::l4::FAMILY_V6 {
+            IpAddr::from(b.addr)
         } else {
-            IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]).to_string()
+            IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
         };
+        let addr = ip.to_string();
         if let Ok(c) = prog.backend_counters(id) {
             metrics::counter!(L4_BACKEND_PACKETS, "backend" => addr.clone()).absolute(c.packets);
             metrics::counter!(L4_BACKEND_BYTES, "backend" => addr).absolute(c.bytes);
+            backends.insert(ip, c.packets);
         }
     }
+    super::stats::Reading::new(reasons, vips, backends)
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::breaker::Breakers;
+use super::budget::RetryBudget;
+use super::outlier::{Outcome, OutlierRuntime};
 use super::sticky::StickyRuntime;
 use super::upstream::Upstream;
 use crate::balance::{Balancer, PickContext};
@@ -25,6 +28,12 @@ pub struct ClusterRuntime {
     pub upstream: Upstream,
     /// Sticky-session cookie, when `[clusters.sticky]` is set.
     pub sticky: Option<StickyRuntime>,
+    /// How many retries the cluster may take on top of its requests.
+    pub budget: RetryBudget,
+    /// `[clusters.circuit_breakers]` counters.
+    pub breakers: Breakers,
+    /// Outlier detection, when `[clusters.outlier]` is set.
+    pub outlier: Option<OutlierRuntime>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Publishes `lbd_endpoint_available`; stopped as soon as a reload replaces the cluster,
     /// since the replacement publishes the same series (see [`ClusterRuntime::retire`]).
@@ -78,6 +87,10 @@ impl ClusterRuntime {
         let tasks = vec![balancer.spawn_watcher()];
         let availability_metrics = spawn_availability_metrics(cluster, Arc::clone(&health));
         let checker = ClusterChecker::spawn(cluster, Arc::clone(&health));
+        let outlier = cluster
+            .outlier
+            .as_ref()
+            .map(|o| OutlierRuntime::start(cluster, o, Arc::clone(&health)));
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
             config: cluster.clone(),
@@ -88,6 +101,9 @@ impl ClusterRuntime {
                 .sticky
                 .as_ref()
                 .map(|s| StickyRuntime::new(cluster, s)),
+            budget: RetryBudget::new(&cluster.retry_budget),
+            breakers: Breakers::new(&cluster.name, &cluster.circuit_breakers),
+            outlier,
             tasks,
             availability_metrics,
             _checker: checker,
@@ -99,6 +115,9 @@ impl ClusterRuntime {
     /// checker) and must no longer reach the gauges its successor (or the removal) has set.
     pub(crate) fn retire(&self) {
         self.availability_metrics.abort();
+        if let Some(o) = &self.outlier {
+            o.retire();
+        }
     }
 
     /// Picks an endpoint, passing over those at `pool.max_connections` (nginx `max_conns`: a
@@ -152,6 +171,10 @@ impl ClusterRuntime {
 
     /// Counts a failed attempt against endpoint `idx` (passive health, nginx `max_fails`).
     pub fn passive_failure(&self, idx: usize) {
+        // Connect failures, resets and timeouts are gateway failures to outlier detection.
+        if let Some(o) = &self.outlier {
+            o.detector.observe(idx, Outcome::GatewayError);
+        }
         let p = &self.config.passive;
         let Some(ep) = self.health.endpoints.get(idx) else {
             return;
@@ -173,6 +196,13 @@ impl ClusterRuntime {
             tracing::warn!(cluster = %self.name, endpoint = %self.config.endpoints[idx].address,
                 max_fails = p.max_fails, fail_timeout = ?p.fail_timeout, "endpoint ejected by passive health");
             crate::health::schedule_expiry(Arc::clone(ep), until);
+        }
+    }
+
+    /// Reports an answer head from endpoint `idx` to outlier detection, if configured.
+    pub fn observe_response<B>(&self, idx: usize, resp: &http::Response<B>) {
+        if let Some(o) = &self.outlier {
+            o.observe_response(idx, resp.status(), resp.headers());
         }
     }
 
@@ -206,6 +236,7 @@ fn spawn_availability_metrics(
             })
             .collect();
         let mut last: Vec<Option<bool>> = vec![None; endpoints.len()];
+        let mut causes = vec![Cause::default(); endpoints.len()];
         loop {
             // Seen before reading, so a change racing with this pass triggers another pass.
             changes.borrow_and_update();
@@ -216,6 +247,9 @@ fn spawn_availability_metrics(
                 if let Some(until) = ep.ejected_until().filter(|u| *u > now) {
                     next_expiry = Some(next_expiry.map_or(until, |n| n.min(until)));
                 }
+                let cause = Cause::of(ep, now);
+                let before = causes[i];
+                causes[i] = cause;
                 if last[i] == Some(up) {
                     continue;
                 }
@@ -227,6 +261,7 @@ fn spawn_availability_metrics(
                             "cluster" => name.clone(), "endpoint" => addr.clone(),
                             "to" => if up { "up" } else { "down" })
                         .increment(1);
+                        ep.record_transition(up, cause.reason(before, ep));
                     }
                 }
                 last[i] = Some(up);
@@ -248,4 +283,45 @@ fn spawn_availability_metrics(
             }
         }
     })
+}
+
+/// Which of the three causes hold an endpoint out, to say why its availability changed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cause {
+    drained: bool,
+    ejected: bool,
+    check_failed: bool,
+}
+
+impl Cause {
+    fn of(ep: &crate::health::EndpointHealth, now: Instant) -> Self {
+        Cause {
+            drained: ep.drained(),
+            ejected: ep.is_ejected(now),
+            check_failed: !ep.active_healthy(),
+        }
+    }
+
+    /// Why the endpoint went to its current state, having been held by `before`.
+    fn reason(self, before: Cause, ep: &crate::health::EndpointHealth) -> String {
+        let check = || {
+            ep.last_check()
+                .map_or_else(|| "no result".to_owned(), |c| c.detail)
+        };
+        if self.drained && !before.drained {
+            "drained by operator".to_owned()
+        } else if self.ejected && !before.ejected {
+            "ejected by passive checks (max_fails reached)".to_owned()
+        } else if self.check_failed && !before.check_failed {
+            format!("health check failed: {}", check())
+        } else if before.drained && !self.drained {
+            "enabled by operator".to_owned()
+        } else if before.ejected && !self.ejected {
+            "passive ejection ended".to_owned()
+        } else if before.check_failed && !self.check_failed {
+            format!("health check passed: {}", check())
+        } else {
+            "state changed".to_owned()
+        }
+    }
 }

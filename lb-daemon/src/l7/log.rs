@@ -22,6 +22,8 @@ pub struct RouteMetrics {
     bytes_out: Counter,
     /// Per gRPC method and status.
     pub grpc: crate::l7::grpc::GrpcMetrics,
+    /// The status page's live counters (shared across reloads).
+    live: Arc<crate::telemetry::live::Counters>,
 }
 
 impl RouteMetrics {
@@ -40,6 +42,7 @@ impl RouteMetrics {
             bytes_in: metrics::counter!(m::BYTES_IN, "listener" => listener.to_owned()),
             bytes_out: metrics::counter!(m::BYTES_OUT, "listener" => listener.to_owned()),
             grpc: crate::l7::grpc::GrpcMetrics::new(listener, route),
+            live: crate::telemetry::live::global().counters(listener, route, cluster),
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct RequestLog {
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
+    /// Keeps the request's place under the cluster's `max_requests` until the response ends.
+    pub breaker: Option<super::breaker::Slot>,
     /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
     pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
     /// gRPC status of the call (response headers, trailers, or lbd's own answer).
@@ -99,6 +104,7 @@ impl RequestLog {
     /// Records metrics and writes the access-log line.
     pub fn finish(&mut self) {
         self.in_flight = None;
+        self.breaker = None;
         self.stream_slot = None;
         let total = self.start.elapsed();
         let bytes_in = self
@@ -109,6 +115,7 @@ impl RequestLog {
         let mt = &self.metrics;
         mt.requests[class].increment(1);
         mt.duration.record(total.as_secs_f64());
+        mt.live.record(self.status, total);
         if let Some(u) = self.upstream {
             mt.upstream_duration.record(u.as_secs_f64());
         }

@@ -1,6 +1,8 @@
 //! L7 data path: HTTP/1.1 and HTTP/2 listeners, routing, proxying.
 pub mod answer;
 pub mod body;
+pub mod breaker;
+pub mod budget;
 pub mod cluster;
 pub mod conn;
 pub mod downstream;
@@ -15,9 +17,11 @@ pub mod h2pool;
 pub mod headers;
 pub mod io;
 pub mod log;
+pub mod outlier;
 pub mod proxy;
 pub mod reaper;
 pub mod reason;
+pub mod retry;
 pub mod router;
 pub mod runtime;
 pub mod sendbudget;

@@ -170,6 +170,7 @@ pub async fn handle(
         deadline,
         grpc_deadline: grpc_deadline.as_ref(),
         body_limit: listener.limits.max_body_bytes,
+        retry: route.retry.as_ref().unwrap_or(&cluster.config.retry),
         forwarding,
     };
     let resp = match call.send(&mut head, body, &mut log).await {
@@ -272,6 +273,7 @@ fn begin_log(
         error: None,
         metrics: Arc::clone(&listener.unrouted_metrics),
         in_flight: None,
+        breaker: None,
         grpc: grpc::is_grpc(&parts.headers),
         stream_slot: None,
         grpc_status: None,

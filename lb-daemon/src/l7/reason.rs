@@ -18,6 +18,8 @@ pub enum Reason {
     NoHealthyEndpoint,
     /// Endpoints are available but every one is at its connection limit.
     EndpointLimit,
+    /// A circuit breaker of the cluster is at its threshold (`[clusters.circuit_breakers]`).
+    CircuitOpen,
     /// No attempt could connect to an endpoint.
     UpstreamConnect,
     /// The upstream connection or stream failed after the request went out.
@@ -59,9 +61,10 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Reason::NoRoute => StatusCode::NOT_FOUND,
-            Reason::NoHealthyEndpoint | Reason::EndpointLimit | Reason::ListenerRemoved => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Reason::NoHealthyEndpoint
+            | Reason::EndpointLimit
+            | Reason::CircuitOpen
+            | Reason::ListenerRemoved => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamConnect | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
             Reason::UpstreamTimeout | Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -88,6 +91,7 @@ impl Reason {
             Reason::NoRoute | Reason::ConnectUnsupported => Code::Unimplemented,
             Reason::NoHealthyEndpoint
             | Reason::EndpointLimit
+            | Reason::CircuitOpen
             | Reason::UpstreamConnect
             | Reason::UpstreamReset
             | Reason::ListenerRemoved => Code::Unavailable,
@@ -111,6 +115,7 @@ impl Reason {
             Reason::NoRoute => "no_route",
             Reason::NoHealthyEndpoint => "no_healthy_endpoint",
             Reason::EndpointLimit => "endpoint_limit",
+            Reason::CircuitOpen => "circuit_open",
             Reason::UpstreamConnect => "upstream_connect",
             Reason::UpstreamReset => "upstream_reset",
             Reason::UpstreamTimeout => "upstream_timeout",
@@ -139,6 +144,7 @@ impl Reason {
             Reason::NoRoute => "no route matches this request",
             Reason::NoHealthyEndpoint => "no healthy endpoint",
             Reason::EndpointLimit => "every endpoint is at its connection limit",
+            Reason::CircuitOpen => "the cluster's circuit breaker is open",
             Reason::UpstreamConnect => "could not connect to any endpoint",
             Reason::UpstreamReset => "upstream connection reset",
             Reason::UpstreamTimeout => "upstream did not answer in time",
@@ -200,6 +206,7 @@ mod tests {
             Reason::NoRoute,
             Reason::NoHealthyEndpoint,
             Reason::EndpointLimit,
+            Reason::CircuitOpen,
             Reason::UpstreamConnect,
             Reason::UpstreamReset,
             Reason::UpstreamTimeout,

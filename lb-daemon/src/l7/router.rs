@@ -326,6 +326,7 @@ mod tests {
             split: None,
             rewrite: None,
             timeout: None,
+            retry: None,
             filters: Vec::new(),
         }
     }
@@ -361,7 +362,10 @@ mod tests {
                     attempts: 0,
                     ..Retry::default()
                 },
+                retry_budget: Default::default(),
+                circuit_breakers: Default::default(),
                 sticky: None,
+                outlier: None,
             }],
             vips: Vec::new(),
         }

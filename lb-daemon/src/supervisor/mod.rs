@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::admin::view::ReloadEvent;
 use crate::admin::{
     self, ClusterView, Control, ControlError, EndpointView, ReloadReport, StatusView,
 };
@@ -68,7 +69,14 @@ pub struct Supervisor {
     swap_lock: Mutex<()>,
     /// The XDP data path, when the config has VIPs; dropping it detaches the program.
     l4: Mutex<Option<crate::l4::L4Service>>,
+    /// The start and the last reloads, oldest first (bounded by [`RELOAD_HISTORY`]).
+    reload_history: Mutex<std::collections::VecDeque<ReloadEvent>>,
+    /// The latest rejected reload.
+    last_reload_error: Mutex<Option<ReloadEvent>>,
 }
+
+/// Reloads kept for the status page.
+const RELOAD_HISTORY: usize = 20;
 
 impl std::fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,7 +104,10 @@ impl Supervisor {
             reload_lock: tokio::sync::Mutex::new(()),
             swap_lock: Mutex::new(()),
             l4: Mutex::new(None),
+            reload_history: Mutex::new(std::collections::VecDeque::new()),
+            last_reload_error: Mutex::new(None),
         });
+        sup.record_load("start", true, &model.source.hash, Vec::new());
         let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
         // L4 before the listeners serve: a VIP that cannot be attached fails the start, while
         // the operator is watching, instead of leaving a half-working daemon.
@@ -168,6 +179,27 @@ impl Supervisor {
             .ok()
             .and_then(|s| s.as_ref().map(|s| s.problems()))
             .unwrap_or_default()
+    }
+
+    fn record_load(&self, kind: &'static str, ok: bool, hash: &str, errors: Vec<String>) {
+        let event = ReloadEvent {
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            kind,
+            ok,
+            config_hash: hash.to_owned(),
+            errors,
+        };
+        if !ok && let Ok(mut last) = self.last_reload_error.lock() {
+            *last = Some(event.clone());
+        }
+        if let Ok(mut h) = self.reload_history.lock() {
+            if h.len() >= RELOAD_HISTORY {
+                h.pop_front();
+            }
+            h.push_back(event);
+        }
     }
 
     /// The active runtime.
@@ -243,6 +275,7 @@ impl Supervisor {
         metrics::gauge!(m::CONFIG_INFO, "hash" => old.model.source.hash.clone()).set(0.0);
         set_config_info(&model);
         tracing::info!(hash = %model.source.hash, "config reloaded");
+        self.record_load("reload", true, &model.source.hash, Vec::new());
         let report = ReloadReport {
             ok: true,
             config_hash: model.source.hash.clone(),
@@ -254,6 +287,7 @@ impl Supervisor {
     fn reload_failed(&self, old: &Runtime, errors: Vec<String>) -> ReloadReport {
         self.reloads_failed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::RELOADS, "result" => "failure").increment(1);
+        self.record_load("reload", false, &old.model.source.hash, errors.clone());
         ReloadReport {
             ok: false,
             config_hash: old.model.source.hash.clone(),
@@ -308,7 +342,21 @@ impl Control for Supervisor {
             self.reloads_failed.load(Ordering::Relaxed),
         );
         view.l4_problems = self.l4_problems();
+        if let Ok(h) = self.reload_history.lock() {
+            view.reload_history = h.iter().cloned().collect();
+        }
+        view.last_reload_error = self.last_reload_error.lock().ok().and_then(|e| e.clone());
+        let model = Arc::clone(&self.runtime().model);
+        view.l4 = self
+            .l4
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.stats(&model)));
         view
+    }
+
+    fn stats(&self, since: Option<u64>) -> crate::telemetry::live::StatsView {
+        crate::telemetry::live::global().view(since)
     }
 
     fn clusters(&self) -> Vec<ClusterView> {
@@ -369,6 +417,7 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
             None
         }
     };
+    crate::telemetry::live::spawn_sampler();
     if let Some(h) = prometheus.clone() {
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(5));

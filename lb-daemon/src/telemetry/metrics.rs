@@ -28,6 +28,15 @@ pub const UPSTREAM_CONNECTS: &str = "lbd_upstream_connections_opened_total";
 pub const UPSTREAM_REUSED: &str = "lbd_upstream_requests_reused_total";
 /// Retries of a request on another endpoint (`cluster`).
 pub const RETRIES: &str = "lbd_retries_total";
+/// Retries a policy allowed but lbd did not make (`cluster`, `reason`: `budget` (retry budget
+/// spent), `body_too_large` (beyond `max_replay_bytes`), `circuit_open` (`max_retries`),
+/// `retry_after` (the backend's Retry-After is past the request's deadline)).
+pub const RETRIES_DENIED: &str = "lbd_retries_denied_total";
+/// Hedged tries sent while the first try was still running (`cluster`).
+pub const HEDGES: &str = "lbd_hedges_total";
+/// Requests answered 503 `circuit_open` (`cluster`, `threshold`: `max_requests`,
+/// `max_pending_requests`, `max_retries`; the last counts retries not made).
+pub const CIRCUIT_OPEN: &str = "lbd_circuit_open_total";
 /// 1 when the endpoint may receive traffic, else 0 (`cluster`, `endpoint`).
 pub const ENDPOINT_AVAILABLE: &str = "lbd_endpoint_available";
 /// Changes of an endpoint's availability (`cluster`, `endpoint`, `to`: `up`/`down`).
@@ -62,6 +71,19 @@ pub const CONFIG_INFO: &str = "lbd_config_info";
 /// Key tables of a `rate_limit` filter cleared because every key in a shard was still
 /// limited when a new one came (a flood of distinct keys).
 pub const RATE_LIMIT_EVICTIONS: &str = "lbd_rate_limit_evictions_total";
+/// Shared `rate_limit` decisions Redis did not make (labels `redis`, `kind`: `connection`,
+/// `timeout`, `error`, `backoff`); each one got the filter's failure mode.
+pub const RATE_LIMIT_REDIS_ERRORS: &str = "lbd_rate_limit_redis_errors_total";
+/// Round trips to Redis for shared `rate_limit` decisions (token batches asked for).
+pub const RATE_LIMIT_REDIS_CALLS: &str = "lbd_rate_limit_redis_calls_total";
+
+/// Endpoints ejected by outlier detection, by cluster, endpoint and reason.
+pub const OUTLIER_EJECTIONS: &str = "lbd_outlier_ejections_total";
+/// Ejections outlier detection wanted but `max_ejection_percent` (or the last available
+/// endpoint) forbade, by cluster and reason (Envoy's `ejections_overflow`).
+pub const OUTLIER_OVERFLOW: &str = "lbd_outlier_ejections_overflow_total";
+/// Endpoints held out by outlier detection now, by cluster.
+pub const OUTLIER_EJECTED: &str = "lbd_outlier_ejected_endpoints";
 
 /// Latency buckets, seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -107,11 +129,32 @@ fn describe() {
         "Upstream requests sent on a reused connection."
     );
     describe_counter!(RETRIES, "Requests retried on another endpoint.");
+    describe_counter!(
+        RETRIES_DENIED,
+        "Retries a policy allowed but that were not made (budget, body, breaker, Retry-After)."
+    );
+    describe_counter!(HEDGES, "Hedged second tries sent (hedge_delay).");
+    describe_counter!(
+        CIRCUIT_OPEN,
+        "Requests or retries refused by a cluster circuit breaker threshold."
+    );
     describe_gauge!(
         ENDPOINT_AVAILABLE,
         "1 when the endpoint may receive traffic."
     );
     describe_counter!(HEALTH_TRANSITIONS, "Endpoint availability changes.");
+    describe_counter!(
+        OUTLIER_EJECTIONS,
+        "Endpoints ejected by outlier detection, by reason."
+    );
+    describe_counter!(
+        OUTLIER_OVERFLOW,
+        "Outlier ejections not made because max_ejection_percent or the last available endpoint forbade them."
+    );
+    describe_gauge!(
+        OUTLIER_EJECTED,
+        "Endpoints held out by outlier detection now."
+    );
     describe_counter!(
         GRPC_REQUESTS,
         "gRPC calls answered, by route, service, method and gRPC status."
@@ -148,6 +191,14 @@ fn describe() {
     describe_counter!(
         RATE_LIMIT_EVICTIONS,
         "Rate-limit key shards cleared to stay within max_keys."
+    );
+    describe_counter!(
+        RATE_LIMIT_REDIS_ERRORS,
+        "Shared rate-limit decisions Redis did not make in time (the failure mode applied)."
+    );
+    describe_counter!(
+        RATE_LIMIT_REDIS_CALLS,
+        "Round trips to Redis for shared rate-limit token batches."
     );
 }
 

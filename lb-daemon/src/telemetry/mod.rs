@@ -1,3 +1,4 @@
 //! Logging (tracing), access log, metrics registration.
+pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -10,6 +10,7 @@ pub mod jwt;
 pub mod mirror;
 pub mod path_rewrite;
 pub mod rate_limit;
+pub mod rate_limit_redis;
 pub mod redirect;
 pub mod request_id;
 pub mod template;
@@ -55,7 +56,7 @@ pub enum FilterSpec {
     DirectResponse(direct_response::Spec),
     /// Allow/deny by client address.
     Access(access::Spec),
-    /// Local rate limits.
+    /// Rate limits (local or shared through Redis).
     RateLimit(rate_limit::Spec),
     /// Answer CORS preflights and mark cross-origin responses.
     Cors(cors::Spec),
@@ -235,7 +236,8 @@ fn check_one(
         return access::check(c, x, &format!("{key}.access")).map(FilterSpec::Access);
     }
     if let Some(x) = &r.rate_limit {
-        return rate_limit::check(c, x, &format!("{key}.rate_limit")).map(FilterSpec::RateLimit);
+        return rate_limit::check(c, x, &format!("{key}.rate_limit"), refs.dir)
+            .map(FilterSpec::RateLimit);
     }
     if let Some(x) = &r.cors {
         return cors::check(c, x, &format!("{key}.cors")).map(FilterSpec::Cors);

@@ -1,4 +1,6 @@
-//! `rate_limit`: local limits per key (GCRA: a rate with a burst), several per route.
+//! `rate_limit`: limits per key (GCRA: a rate with a burst), several per filter, kept in
+//! this process or shared with other lbd instances through Redis.
+use std::path::Path;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -8,7 +10,7 @@ use super::super::duration::parse_duration;
 use super::super::raw::S;
 
 /// `{ key = "client_ip", limits = [{ rate = "100/s", burst = 20 }], max_keys = 1000000,
-/// trusted_hops = 0 }`.
+/// trusted_hops = 0, redis = { … } }`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Raw {
@@ -16,6 +18,7 @@ pub struct Raw {
     pub limits: S<Vec<S<RawLimit>>>,
     pub max_keys: Option<S<i64>>,
     pub trusted_hops: Option<S<i64>>,
+    pub redis: Option<S<super::rate_limit_redis::Raw>>,
 }
 
 /// One `{ rate = "N/period", burst = B }`.
@@ -35,6 +38,26 @@ pub enum Key {
     Header(HeaderName),
     /// The whole route: one bucket.
     Route,
+    /// The consumer named by an earlier `api_key` or `jwt` filter; requests without one
+    /// share one bucket.
+    Consumer,
+    /// A claim of the token verified by an earlier `jwt` filter (strings and numbers);
+    /// requests without it share one bucket.
+    Claim(String),
+}
+
+impl Key {
+    /// A short stable name (part of the Redis key, so that two filters keyed differently
+    /// never share state).
+    pub fn label(&self) -> String {
+        match self {
+            Key::ClientIp => "ip".to_owned(),
+            Key::Header(h) => format!("h:{h}"),
+            Key::Route => "route".to_owned(),
+            Key::Consumer => "consumer".to_owned(),
+            Key::Claim(c) => format!("claim:{c}"),
+        }
+    }
 }
 
 /// One limit: `count` requests per `period`, up to `burst` at once.
@@ -62,6 +85,8 @@ pub struct Spec {
     pub max_keys: usize,
     /// Trusted proxies in front of lbd for `client_ip` (as in `access`).
     pub trusted_hops: u32,
+    /// Shared state in Redis instead of this process.
+    pub redis: Option<super::rate_limit_redis::Spec>,
 }
 
 /// Parses `N/period`: `100/s`, `10/m`, `1000/h`, `50000/d`, `300/10s`.
@@ -92,7 +117,7 @@ fn rate(v: &str) -> Result<(u64, Duration), String> {
 }
 
 /// Checks one `rate_limit` table.
-pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str) -> Option<Spec> {
+pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) -> Option<Spec> {
     let r = raw.get_ref();
     let mut ok = true;
     let k = match &r.key {
@@ -100,6 +125,19 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str) -> Option<Spec
         Some(v) => match v.get_ref().as_str() {
             "client_ip" => Key::ClientIp,
             "route" => Key::Route,
+            "consumer" => Key::Consumer,
+            other if other.starts_with("claim:") => {
+                let name = &other["claim:".len()..];
+                if name.is_empty() || name.len() > 128 {
+                    c.err(
+                        v.span(),
+                        &format!("{key}.key"),
+                        "claim:<name> needs a claim name (1 to 128 bytes)",
+                    );
+                    ok = false;
+                }
+                Key::Claim(name.to_owned())
+            }
             other => match other.strip_prefix("header:") {
                 Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
                     Ok(n) => Key::Header(n),
@@ -118,8 +156,8 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str) -> Option<Spec
                         v.span(),
                         &format!("{key}.key"),
                         format!(
-                            "unknown key {other:?}; expected \"client_ip\", \"route\" or \
-                             \"header:<name>\""
+                            "unknown key {other:?}; expected \"client_ip\", \"route\", \
+                             \"consumer\", \"claim:<name>\" or \"header:<name>\""
                         ),
                     );
                     ok = false;
@@ -175,11 +213,20 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str) -> Option<Spec
         0,
         16,
     );
+    let redis = match &r.redis {
+        Some(x) => {
+            let s = super::rate_limit_redis::check(c, x, &format!("{key}.redis"), dir);
+            ok &= s.is_some();
+            s
+        }
+        None => None,
+    };
     ok.then_some(Spec {
         key: k,
         limits,
         max_keys,
         trusted_hops,
+        redis,
     })
 }
 

@@ -322,7 +322,12 @@ async fn call(
         RequestBody::Full(Some(body))
     };
     let resp = match cluster.upstream.send(idx, head, None, body, true).await {
-        Ok(r) => r,
+        Ok(r) => {
+            // The shadow cluster's endpoints are judged by their answers too (Envoy's shadow
+            // requests pass through the same outlier detector).
+            cluster.observe_response(idx, &r);
+            r
+        }
         Err((kind, err)) => {
             if kind == UpstreamError::Connect {
                 cluster.passive_failure(idx);

@@ -33,6 +33,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod mirror;
 pub mod rate_limit;
+pub mod rate_limit_redis;
 pub mod redirect;
 pub mod request_id;
 pub mod rewrite;
@@ -149,7 +150,9 @@ impl Filter {
             FilterSpec::Redirect(s) => Filter::Redirect(redirect::Redirect::new(s)),
             FilterSpec::DirectResponse(s) => Filter::DirectResponse(redirect::Direct::new(s)),
             FilterSpec::Access(s) => Filter::Access(access::Access::new(s)),
-            FilterSpec::RateLimit(s) => Filter::RateLimit(rate_limit::RateLimit::new(s)),
+            FilterSpec::RateLimit(s) => {
+                Filter::RateLimit(rate_limit::RateLimit::new(s, deps.route))
+            }
             FilterSpec::Cors(s) => Filter::Cors(cors::Cors::new(s)),
             FilterSpec::Jwt(s) => Filter::Jwt(Box::new(jwt::Jwt::new(s))),
             FilterSpec::ApiKey(s) => Filter::ApiKey(api_key::ApiKey::new(s)),
@@ -191,7 +194,7 @@ impl Filter {
             Filter::Redirect(r) => Flow::Answer(r.answer(ex)),
             Filter::DirectResponse(d) => Flow::Answer(d.answer()),
             Filter::Access(a) => a.request(ex),
-            Filter::RateLimit(r) => r.request(ex),
+            Filter::RateLimit(r) => r.request(ex).await,
             Filter::Cors(c) => c.request(ex),
             Filter::Jwt(j) => j.request(ex).await,
             Filter::ApiKey(k) => k.request(ex),

@@ -6,13 +6,17 @@
 //! interval on. A key whose every TAT has passed is indistinguishable from a new one, so it is
 //! forgotten when its shard is full: memory is bounded by `max_keys` whatever the number of
 //! distinct clients. Keys are 64-bit hashes (with a per-filter random seed), not the values.
+//!
+//! With a `redis` table the state lives in Redis instead, shared by every lbd instance
+//! (`rate_limit_redis.rs`); this file then only derives the key.
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 use http::{HeaderValue, header};
 
 use super::access::client_ip;
+use super::rate_limit_redis::{Decision, Shared};
 use super::{Exchange, Flow, ResponseView};
 use crate::config::filter::rate_limit::{Key, MAX_LIMITS, Spec};
 use crate::l7::reason::Reason;
@@ -56,11 +60,13 @@ pub struct RateLimit {
     per_shard: usize,
     base: tokio::time::Instant,
     seed: std::collections::hash_map::RandomState,
+    /// Shared state in Redis (then `shards` stays empty).
+    shared: Option<Box<Shared>>,
 }
 
 impl RateLimit {
-    /// Builds the filter for `spec`.
-    pub fn new(spec: &Spec) -> Self {
+    /// Builds the filter for `spec` on route `route`.
+    pub fn new(spec: &Spec, route: &str) -> Self {
         let limits = spec
             .limits
             .iter()
@@ -81,25 +87,60 @@ impl RateLimit {
             per_shard: (spec.max_keys / SHARDS).max(4),
             base: tokio::time::Instant::now(),
             seed: std::collections::hash_map::RandomState::new(),
+            shared: spec
+                .redis
+                .as_ref()
+                .map(|r| Box::new(Shared::new(spec, r, route))),
+        }
+    }
+
+    /// Hands the request's key bytes to `f` (`None`: the request has no value for the key,
+    /// and shares one bucket with every other such request).
+    fn with_key<R>(&self, ex: &Exchange<'_>, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        match &self.key {
+            Key::ClientIp => {
+                match client_ip(&ex.head.headers, ex.conn.client.ip(), self.trusted_hops) {
+                    std::net::IpAddr::V4(a) => f(Some(&a.octets())),
+                    std::net::IpAddr::V6(a) => f(Some(&a.octets())),
+                }
+            }
+            Key::Header(n) => f(ex.head.headers.get(n).map(HeaderValue::as_bytes)),
+            Key::Route => f(Some(b"")),
+            Key::Consumer => f(ex.notes.consumer.as_deref().map(str::as_bytes)),
+            Key::Claim(c) => match ex.notes.claims.as_ref().and_then(|m| m.get(c)) {
+                Some(serde_json::Value::String(s)) => f(Some(s.as_bytes())),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    f(Some(v.to_string().as_bytes()))
+                }
+                _ => f(None),
+            },
         }
     }
 
     /// Admits or refuses the request (429 `rate_limited`, gRPC RESOURCE_EXHAUSTED).
-    pub fn request(&self, ex: &mut Exchange<'_>) -> Flow {
-        let mut h = self.seed.build_hasher();
-        match &self.key {
-            Key::ClientIp => {
-                client_ip(&ex.head.headers, ex.conn.client.ip(), self.trusted_hops).hash(&mut h)
-            }
-            Key::Header(n) => ex
-                .head
-                .headers
-                .get(n)
-                .map(HeaderValue::as_bytes)
-                .hash(&mut h),
-            Key::Route => {}
-        }
-        let state = self.decide(h.finish(), self.now());
+    pub async fn request(&self, ex: &mut Exchange<'_>) -> Flow {
+        let hash = self.with_key(ex, |k| self.seed.hash_one(k));
+        let state = match &self.shared {
+            None => self.decide(hash, self.now()),
+            Some(shared) => match shared.local(hash) {
+                Some(s) => s,
+                None => {
+                    // The key's bytes are copied only when Redis must be asked.
+                    let mut material = Vec::new();
+                    self.with_key(ex, |k| {
+                        if let Some(k) = k {
+                            material.push(1);
+                            material.extend_from_slice(k);
+                        }
+                    });
+                    // Boxed: only requests that ask Redis carry its future.
+                    match Box::pin(shared.remote(hash, &material)).await {
+                        Decision::Limit(s) => s,
+                        Decision::FailedOpen => return Flow::Next,
+                    }
+                }
+            },
+        };
         ex.notes.rate_limit = Some(state);
         match state.retry_after {
             Some(_) => Flow::Refuse(Reason::RateLimited),
@@ -203,19 +244,23 @@ mod tests {
     use std::time::Duration;
 
     fn limiter(limits: &[(u64, u64, u64)], max_keys: usize) -> RateLimit {
-        RateLimit::new(&Spec {
-            key: Key::Route,
-            limits: limits
-                .iter()
-                .map(|&(count, secs, burst)| Limit {
-                    count,
-                    period: Duration::from_secs(secs),
-                    burst,
-                })
-                .collect(),
-            max_keys,
-            trusted_hops: 0,
-        })
+        RateLimit::new(
+            &Spec {
+                key: Key::Route,
+                limits: limits
+                    .iter()
+                    .map(|&(count, secs, burst)| Limit {
+                        count,
+                        period: Duration::from_secs(secs),
+                        burst,
+                    })
+                    .collect(),
+                max_keys,
+                trusted_hops: 0,
+                redis: None,
+            },
+            "r",
+        )
     }
 
     const S: u64 = 1_000_000_000;
