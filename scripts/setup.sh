@@ -28,8 +28,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   throwaway RSA/EC/Ed25519 keys of lb-daemon/tests/e2e_auth.rs (no key is committed).
 # - chromium: renders the admin status page headless in lb-daemon/tests/e2e_status_page.rs
 #   (tests only; lbd does not need it at run time).
+# - dnsmasq-base: the DNS server lb-daemon/tests/e2e_discovery.rs starts on loopback (the
+#   binary only: the `dnsmasq` package would also start a system service on port 53).
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
-      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium)
+      iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
+      dnsmasq-base)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)

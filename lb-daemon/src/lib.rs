@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod discovery;
 pub mod health;
 pub mod l4;
 pub mod l7;

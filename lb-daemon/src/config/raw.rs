@@ -152,6 +152,7 @@ pub struct RawCluster {
     pub pool: Option<S<RawPool>>,
     pub retry: Option<S<RawRetry>>,
     pub sticky: Option<S<RawSticky>>,
+    pub discovery: Option<S<super::discovery::RawDiscovery>>,
 }
 
 /// `[clusters.sticky]`.
@@ -168,7 +169,11 @@ pub struct RawSticky {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
-    pub address: S<String>,
+    /// Exactly one of `address`, `dns`, `srv`, `file` (checked in `discovery::entry`).
+    pub address: Option<S<String>>,
+    pub dns: Option<S<String>>,
+    pub srv: Option<S<String>>,
+    pub file: Option<S<String>>,
     pub weight: Option<S<i64>>,
     pub backup: Option<S<bool>>,
 }
