@@ -1539,7 +1539,11 @@ fn discovery_sources_and_settings() {
     );
     let m = parse(&text, Path::new("/etc/lbd/lb.toml")).expect("valid");
     let d = &m.clusters[0];
-    assert_eq!(d.endpoints.len(), 1, "only the static endpoint until resolution");
+    assert_eq!(
+        d.endpoints.len(),
+        1,
+        "only the static endpoint until resolution"
+    );
     assert_eq!(
         d.sources,
         [

@@ -85,7 +85,10 @@ async fn until_answered_by(c: &H1, lbd: SocketAddr, want: &[&str], limit: Durati
 }
 
 async fn clusters(c: &H1, admin: SocketAddr) -> Value {
-    let r = c.get(admin, "/clusters", None).await.expect("GET /clusters");
+    let r = c
+        .get(admin, "/clusters", None)
+        .await
+        .expect("GET /clusters");
     assert_eq!(r.status, 200, "{}", r.text());
     serde_json::from_slice(&r.body).expect("json")
 }
@@ -97,7 +100,12 @@ fn cluster<'a>(all: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Polls `/clusters` until `ok` holds for cluster `name` (≤ 10 s); returns it either way.
-async fn cluster_until(c: &H1, admin: SocketAddr, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+async fn cluster_until(
+    c: &H1,
+    admin: SocketAddr,
+    name: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all = clusters(c, admin).await;
@@ -164,7 +172,10 @@ async fn a_records_follow_the_dns_server_and_survive_its_loss() {
         listen,
         admin,
         &format!("[[clusters.endpoints]]\ndns = \"web.lbd.test:{port}\"\n"),
-        &format!("resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"500ms\"\n", dns.addr),
+        &format!(
+            "resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"500ms\"\n",
+            dns.addr
+        ),
     );
     let lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
@@ -172,8 +183,14 @@ async fn a_records_follow_the_dns_server_and_survive_its_loss() {
     let seen = spread(&c, listen, 10).await;
     assert_eq!(seen.get("b2"), Some(&10), "{seen:?}\n{}", lbd.logs());
     let web = cluster(&clusters(&c, admin).await, "web").clone();
-    assert_eq!(web["endpoints"][0]["source"], format!("dns:web.lbd.test:{port}"));
-    assert_eq!(web["sources"][0]["source"], format!("dns:web.lbd.test:{port}"));
+    assert_eq!(
+        web["endpoints"][0]["source"],
+        format!("dns:web.lbd.test:{port}")
+    );
+    assert_eq!(
+        web["sources"][0]["source"],
+        format!("dns:web.lbd.test:{port}")
+    );
     assert!(web["sources"][0]["last_success"].is_string(), "{web}");
     assert!(web["sources"][0]["last_error"].is_null(), "{web}");
 
@@ -190,24 +207,39 @@ async fn a_records_follow_the_dns_server_and_survive_its_loss() {
     println!("new A records took traffic after {took:?}");
     let b2_before = b[0].hits();
     let seen = spread(&c, listen, 40).await;
-    assert_eq!(seen.get("b2"), None, "removed endpoint got new requests: {seen:?}");
+    assert_eq!(
+        seen.get("b2"),
+        None,
+        "removed endpoint got new requests: {seen:?}"
+    );
     assert!(seen.get("b3").is_some_and(|n| *n >= 10), "{seen:?}");
     assert!(seen.get("b4").is_some_and(|n| *n >= 10), "{seen:?}");
     assert_eq!(b[0].hits(), b2_before, "b2 got a request after its removal");
     let r = slow.await.expect("slow request task");
-    assert_eq!((r.status.as_u16(), r.backend()), (200, "b2"), "in-flight request on the removed endpoint");
+    assert_eq!(
+        (r.status.as_u16(), r.backend()),
+        (200, "b2"),
+        "in-flight request on the removed endpoint"
+    );
 
     // Not a reload: the counters did not move.
     let m = metrics(&c, admin).await;
     assert_eq!(m.sum("lbd_config_reloads_total", &[]), 0.0);
-    let status: Value = serde_json::from_slice(&c.get(admin, "/status", None).await.expect("status").body)
-        .expect("json");
+    let status: Value =
+        serde_json::from_slice(&c.get(admin, "/status", None).await.expect("status").body)
+            .expect("json");
     assert_eq!(status["reloads_ok"], 0);
 
     // The DNS server goes away: the last set keeps serving.
     dns.stop();
-    let web = cluster_until(&c, admin, "web", |w| w["sources"][0]["last_error"].is_string()).await;
-    assert!(web["sources"][0]["last_error"].is_string(), "no error shown: {web}");
+    let web = cluster_until(&c, admin, "web", |w| {
+        w["sources"][0]["last_error"].is_string()
+    })
+    .await;
+    assert!(
+        web["sources"][0]["last_error"].is_string(),
+        "no error shown: {web}"
+    );
     assert_eq!(web["sources"][0]["endpoints"], 2, "{web}");
     let seen = spread(&c, listen, 20).await;
     assert_eq!(seen.values().sum::<usize>(), 20);
@@ -225,7 +257,10 @@ async fn a_records_follow_the_dns_server_and_survive_its_loss() {
     assert_eq!(m.value("lbd_discovery_endpoints", &labels), Some(2.0));
     let logged = lbd.logs().matches("keeping its last good set").count();
     assert!(failures >= 3.0, "failures {failures}");
-    assert!(logged >= 1 && (logged as f64) < failures, "logged {logged} times for {failures} failures");
+    assert!(
+        logged >= 1 && (logged as f64) < failures,
+        "logged {logged} times for {failures} failures"
+    );
     let seen = spread(&c, listen, 10).await;
     assert_eq!(seen.values().sum::<usize>(), 10);
 }
@@ -239,13 +274,21 @@ async fn srv_records_give_ports_weights_and_backups() {
     let zero = Backend::start("zero").await;
     let backup = Backend::start("backup").await;
     let srv = |b: &Backend, prio: u16, weight: u16| {
-        format!("_http._tcp.web.lbd.test,host.lbd.test,{},{prio},{weight}", b.addr.port())
+        format!(
+            "_http._tcp.web.lbd.test,host.lbd.test,{},{prio},{weight}",
+            b.addr.port()
+        )
     };
     let dir = temp_dir("srv");
     let mut dns = dns_or_skip!(
         &dir,
         &[("host.lbd.test", "127.0.0.1")],
-        &[srv(&heavy, 10, 60), srv(&light, 10, 20), srv(&zero, 10, 0), srv(&backup, 20, 5)]
+        &[
+            srv(&heavy, 10, 60),
+            srv(&light, 10, 20),
+            srv(&zero, 10, 0),
+            srv(&backup, 20, 5)
+        ]
     );
     let (listen, admin) = (free_addr(), free_addr());
     let cfg = config(
@@ -254,7 +297,10 @@ async fn srv_records_give_ports_weights_and_backups() {
         "[[clusters.endpoints]]\nsrv = \"_http._tcp.web.lbd.test\"\n",
         &format!("resolver = \"{}\"\nttl_min = \"1s\"\n", dns.addr),
     )
-    .replace("policy = \"round_robin\"", "policy = \"weighted_round_robin\"");
+    .replace(
+        "policy = \"round_robin\"",
+        "policy = \"weighted_round_robin\"",
+    );
     let lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
 
@@ -266,17 +312,41 @@ async fn srv_records_give_ports_weights_and_backups() {
             .cloned()
             .unwrap_or_else(|| panic!("no endpoint on port {p}: {web}\n{}", lbd.logs()))
     };
-    assert_eq!((by_port(heavy.addr.port())["weight"].as_u64(), by_port(heavy.addr.port())["backup"].as_bool()), (Some(1000), Some(false)));
+    assert_eq!(
+        (
+            by_port(heavy.addr.port())["weight"].as_u64(),
+            by_port(heavy.addr.port())["backup"].as_bool()
+        ),
+        (Some(1000), Some(false))
+    );
     assert_eq!(by_port(light.addr.port())["weight"], 333);
-    assert_eq!(by_port(zero.addr.port())["weight"], 1, "weight 0 → a very small share");
-    assert_eq!(by_port(backup.addr.port())["backup"], true, "a higher priority is a backup");
-    assert_eq!(by_port(heavy.addr.port())["source"], "srv:_http._tcp.web.lbd.test");
+    assert_eq!(
+        by_port(zero.addr.port())["weight"],
+        1,
+        "weight 0 → a very small share"
+    );
+    assert_eq!(
+        by_port(backup.addr.port())["backup"],
+        true,
+        "a higher priority is a backup"
+    );
+    assert_eq!(
+        by_port(heavy.addr.port())["source"],
+        "srv:_http._tcp.web.lbd.test"
+    );
 
     let seen = spread(&c, listen, 400).await;
-    let (h, l) = (seen.get("heavy").copied().unwrap_or(0), seen.get("light").copied().unwrap_or(0));
+    let (h, l) = (
+        seen.get("heavy").copied().unwrap_or(0),
+        seen.get("light").copied().unwrap_or(0),
+    );
     assert!(h > 2 * l && l > 50, "60:20 weights gave {seen:?}");
     assert!(seen.get("zero").copied().unwrap_or(0) <= 2, "{seen:?}");
-    assert_eq!(seen.get("backup"), None, "backup used while primaries are up: {seen:?}");
+    assert_eq!(
+        seen.get("backup"),
+        None,
+        "backup used while primaries are up: {seen:?}"
+    );
 
     // New SRV records (dnsmasq restarted on the same port): only `light` on priority 10.
     dns.set_srv(&[srv(&light, 10, 1), srv(&backup, 20, 1)]);
@@ -287,7 +357,10 @@ async fn srv_records_give_ports_weights_and_backups() {
         if seen.get("light") == Some(&20) {
             break;
         }
-        assert!(Instant::now() < deadline, "traffic still spread over {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "traffic still spread over {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -324,9 +397,16 @@ async fn endpoint_file_edits_apply_and_bad_ones_are_kept_out() {
     until_answered_by(&c, listen, &["two", "three"], Duration::from_secs(3)).await;
     let seen = spread(&c, listen, 20).await;
     assert_eq!(seen.get("one"), None, "{seen:?}");
-    assert_eq!((seen.get("two"), seen.get("three")), (Some(&10), Some(&10)), "{seen:?}");
+    assert_eq!(
+        (seen.get("two"), seen.get("three")),
+        (Some(&10), Some(&10)),
+        "{seen:?}"
+    );
     let web = cluster(&clusters(&c, admin).await, "web").clone();
-    assert_eq!(web["endpoints"][0]["source"], format!("file:{}", file.display()));
+    assert_eq!(
+        web["endpoints"][0]["source"],
+        format!("file:{}", file.display())
+    );
 
     // A trailing comma on line 3: rejected with its location, the old set stays.
     std::fs::write(
@@ -334,27 +414,60 @@ async fn endpoint_file_edits_apply_and_bad_ones_are_kept_out() {
         format!("[\n  {{ \"address\": \"{}\" }},\n]\n", b1.addr),
     )
     .expect("write");
-    let web = cluster_until(&c, admin, "web", |w| w["sources"][0]["last_error"].is_string()).await;
-    let err = web["sources"][0]["last_error"].as_str().unwrap_or_default().to_owned();
-    assert!(err.starts_with(&format!("{}:3:1:", file.display())), "error without its location: {err:?}");
-    assert!(lbd.logs().contains(&format!("{}:3:1:", file.display())), "{}", lbd.logs());
+    let web = cluster_until(&c, admin, "web", |w| {
+        w["sources"][0]["last_error"].is_string()
+    })
+    .await;
+    let err = web["sources"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        err.starts_with(&format!("{}:3:1:", file.display())),
+        "error without its location: {err:?}"
+    );
+    assert!(
+        lbd.logs().contains(&format!("{}:3:1:", file.display())),
+        "{}",
+        lbd.logs()
+    );
     let seen = spread(&c, listen, 20).await;
-    assert_eq!((seen.get("two"), seen.get("three")), (Some(&10), Some(&10)), "{seen:?}");
+    assert_eq!(
+        (seen.get("two"), seen.get("three")),
+        (Some(&10), Some(&10)),
+        "{seen:?}"
+    );
 
     // A bad address is reported at its line too.
     std::fs::write(&file, "[\n  { \"address\": \"web:80\" }\n]\n").expect("write");
     let web = cluster_until(&c, admin, "web", |w| {
-        w["sources"][0]["last_error"].as_str().is_some_and(|e| e.contains(":2:"))
+        w["sources"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(":2:"))
     })
     .await;
-    assert!(web["sources"][0]["last_error"].as_str().unwrap_or_default().contains("expected ip:port"), "{web}");
+    assert!(
+        web["sources"][0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expected ip:port"),
+        "{web}"
+    );
 
     // Fixed: applied, and the error is gone.
     std::fs::write(&file, list(&[&b1])).expect("write");
     until_answered_by(&c, listen, &["one"], Duration::from_secs(3)).await;
-    let web = cluster_until(&c, admin, "web", |w| w["sources"][0]["last_error"].is_null()).await;
+    let web = cluster_until(&c, admin, "web", |w| {
+        w["sources"][0]["last_error"].is_null()
+    })
+    .await;
     assert!(web["sources"][0]["last_error"].is_null(), "{web}");
-    assert_eq!(metrics(&c, admin).await.sum("lbd_config_reloads_total", &[]), 0.0);
+    assert_eq!(
+        metrics(&c, admin)
+            .await
+            .sum("lbd_config_reloads_total", &[]),
+        0.0
+    );
 }
 
 /// A name that does not resolve at startup: lbd starts with the cluster's other endpoints,
@@ -372,18 +485,35 @@ async fn unresolvable_name_at_startup_starts_with_the_others() {
             "[[clusters.endpoints]]\naddress = \"{}\"\n[[clusters.endpoints]]\ndns = \"late.lbd.test:{port}\"\n",
             b[0].addr
         ),
-        &format!("resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"300ms\"\n", dns.addr),
+        &format!(
+            "resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"300ms\"\n",
+            dns.addr
+        ),
     );
     let lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
-    assert_eq!(spread(&c, listen, 6).await.get("b2"), Some(&6), "{}", lbd.logs());
+    assert_eq!(
+        spread(&c, listen, 6).await.get("b2"),
+        Some(&6),
+        "{}",
+        lbd.logs()
+    );
     let web = cluster(&clusters(&c, admin).await, "web").clone();
-    assert!(web["sources"][0]["last_error"].as_str().is_some_and(|e| e.contains("late.lbd.test")), "{web}");
+    assert!(
+        web["sources"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("late.lbd.test")),
+        "{web}"
+    );
     assert!(web["sources"][0]["endpoints"].is_null(), "{web}");
     assert_eq!(web["endpoints"][0]["source"], "static");
 
     dns.set_hosts(&[("late.lbd.test", "127.0.0.3")]);
     until_answered_by(&c, listen, &["b3"], Duration::from_secs(3)).await;
     let seen = spread(&c, listen, 10).await;
-    assert_eq!((seen.get("b2"), seen.get("b3")), (Some(&5), Some(&5)), "{seen:?}");
+    assert_eq!(
+        (seen.get("b2"), seen.get("b3")),
+        (Some(&5), Some(&5)),
+        "{seen:?}"
+    );
 }

@@ -75,7 +75,10 @@ impl DnsServer {
             .arg("--local=/lbd.test/")
             .arg(format!("--addn-hosts={}", self.hosts_file().display()))
             .arg(format!("--conf-file={}", self.conf_file().display()))
-            .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.join("dnsmasq.pid").display()
+            ))
             .arg("--local-ttl=1")
             .arg("--auth-ttl=1")
             .arg("--user=root")

@@ -176,12 +176,18 @@ pub(crate) fn entry(
     let text = value.get_ref();
     if matches!(kind, "srv" | "file") {
         // SRV records and files carry their own weights and priorities.
-        for (field, set) in [("weight", e.weight.as_ref().map(|w| w.span())), ("backup", e.backup.as_ref().map(|b| b.span()))] {
+        for (field, set) in [
+            ("weight", e.weight.as_ref().map(|w| w.span())),
+            ("backup", e.backup.as_ref().map(|b| b.span())),
+        ] {
             if let Some(span) = set {
                 c.err(
                     span,
                     &format!("{key}.{field}"),
-                    format!("not used with `{kind}`: the {} sets it per endpoint", if kind == "srv" { "SRV record" } else { "file" }),
+                    format!(
+                        "not used with `{kind}`: the {} sets it per endpoint",
+                        if kind == "srv" { "SRV record" } else { "file" }
+                    ),
                 );
             }
         }
@@ -189,7 +195,11 @@ pub(crate) fn entry(
     match kind {
         "address" => match text.parse::<SocketAddr>() {
             Ok(a) if a.port() == 0 => {
-                c.err(value.span(), &k, format!("invalid address {text:?}: port 0"));
+                c.err(
+                    value.span(),
+                    &k,
+                    format!("invalid address {text:?}: port 0"),
+                );
                 Entry::Invalid
             }
             Ok(a) => Entry::Static(a),
@@ -321,7 +331,10 @@ pub(crate) fn settings(
         );
     }
     let r = raw.get_ref();
-    let resolver = r.resolver.as_ref().and_then(|v| c.addr(v, &k("resolver"), false));
+    let resolver = r
+        .resolver
+        .as_ref()
+        .and_then(|v| c.addr(v, &k("resolver"), false));
     let ttl_min = c.positive_duration(r.ttl_min.as_ref(), &k("ttl_min"), d.ttl_min);
     let ttl_max = c.positive_duration(r.ttl_max.as_ref(), &k("ttl_max"), d.ttl_max);
     if ttl_min > ttl_max {

@@ -330,12 +330,8 @@ impl Checker<'_> {
             );
             let (endpoints, sources) =
                 self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key, dir);
-            let discovery = super::discovery::settings(
-                self,
-                c.discovery.as_ref(),
-                &key,
-                !sources.is_empty(),
-            );
+            let discovery =
+                super::discovery::settings(self, c.discovery.as_ref(), &key, !sources.is_empty());
             // A cluster fed by DNS or a file may start with no endpoint at all (Envoy's
             // STRICT_DNS does too): its requests get 503 until a resolution succeeds.
             let all_read =

@@ -117,7 +117,10 @@ pub(super) fn parse(path: &Path, text: &str, origin: &Origin) -> Result<Vec<Endp
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |n| before.len() - n - 1)
+        + 1;
     (line, column)
 }
 
@@ -157,14 +160,26 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_column() {
-        let e = parse_as("e.json", "[\n  {\"address\": \"127.0.0.1:1\"},\n  {\"address\": 7\n]")
-            .expect_err("bad");
+        let e = parse_as(
+            "e.json",
+            "[\n  {\"address\": \"127.0.0.1:1\"},\n  {\"address\": 7\n]",
+        )
+        .expect_err("bad");
         assert!(e.starts_with("e.json:3:"), "{e}");
         let e = parse_as("e.json", "[\n {\"address\": \"web:80\"}\n]").expect_err("bad");
-        assert!(e.starts_with("e.json:2:") && e.contains("expected ip:port"), "{e}");
-        let e = parse_as("e.toml", "[[endpoints]]\naddress = \"127.0.0.1:1\"\nweight = 0\n")
-            .expect_err("bad");
-        assert!(e.starts_with("e.toml:3:") && e.contains("between 1 and 1000"), "{e}");
+        assert!(
+            e.starts_with("e.json:2:") && e.contains("expected ip:port"),
+            "{e}"
+        );
+        let e = parse_as(
+            "e.toml",
+            "[[endpoints]]\naddress = \"127.0.0.1:1\"\nweight = 0\n",
+        )
+        .expect_err("bad");
+        assert!(
+            e.starts_with("e.toml:3:") && e.contains("between 1 and 1000"),
+            "{e}"
+        );
         let e = parse_as(
             "e.json",
             "[{\"address\":\"127.0.0.1:1\"},\n{\"address\":\"127.0.0.1:1\"}]",

@@ -183,9 +183,7 @@ impl Discovery {
                         let st = w.and_then(|w| w.shared.state.lock().ok());
                         SourceView {
                             source: s.origin().to_string(),
-                            endpoints: st
-                                .as_ref()
-                                .and_then(|s| s.endpoints.as_ref().map(Vec::len)),
+                            endpoints: st.as_ref().and_then(|s| s.endpoints.as_ref().map(Vec::len)),
                             last_attempt: st.as_ref().and_then(|s| s.last_attempt.map(fmt_time)),
                             last_success: st.as_ref().and_then(|s| s.last_success.map(fmt_time)),
                             last_error: st.as_ref().and_then(|s| s.last_error.clone()),

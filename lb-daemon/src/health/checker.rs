@@ -490,6 +490,7 @@ mod tests {
                     address,
                     weight: 1,
                     backup: false,
+                    origin: Default::default(),
                 })
                 .collect(),
             policy: Policy::RoundRobin,
@@ -506,6 +507,8 @@ mod tests {
                 ..Retry::default()
             },
             sticky: None,
+            sources: Vec::new(),
+            discovery: Default::default(),
         }
     }
 

@@ -362,6 +362,8 @@ mod tests {
                     ..Retry::default()
                 },
                 sticky: None,
+                sources: Vec::new(),
+                discovery: Default::default(),
             }],
             vips: Vec::new(),
         }
