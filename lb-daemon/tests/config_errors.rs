@@ -456,6 +456,13 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "must be greater than 0",
     ),
     (
+        "discovery query_timeout that is no duration",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nquery_timeout = \"soon\"\n",
+        6,
+        "clusters[0].discovery.query_timeout",
+        "invalid duration \"soon\"",
+    ),
+    (
         "unknown discovery key",
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nrefresh = \"1s\"\n",
         6,
@@ -1578,6 +1585,7 @@ fn discovery_sources_and_settings() {
             ttl_min: Duration::from_secs(1),
             ttl_max: Duration::from_secs(30),
             retry: Duration::from_secs(2),
+            query_timeout: Duration::from_secs(2),
             file_interval: Duration::from_millis(500),
         }
     );

@@ -315,6 +315,7 @@ pub fn effective_config(model: &Model) -> Value {
                 "ttl_min_ms": ms(c.discovery.ttl_min),
                 "ttl_max_ms": ms(c.discovery.ttl_max),
                 "retry_ms": ms(c.discovery.retry),
+                "query_timeout_ms": ms(c.discovery.query_timeout),
                 "file_interval_ms": ms(c.discovery.file_interval),
             })),
             "health_check": c.health_check.as_ref().map(|h| json!({

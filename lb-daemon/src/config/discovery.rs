@@ -90,6 +90,8 @@ pub struct Settings {
     pub ttl_max: Duration,
     /// After a failed resolution (the last good set is kept), the next try comes this soon.
     pub retry: Duration,
+    /// How long one DNS query may take before it is sent again (twice at most).
+    pub query_timeout: Duration,
     /// How often endpoint files are checked for a change.
     pub file_interval: Duration,
 }
@@ -103,6 +105,7 @@ impl Default for Settings {
             ttl_min: Duration::from_secs(5),
             ttl_max: Duration::from_secs(300),
             retry: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(2),
             file_interval: Duration::from_secs(1),
         }
     }
@@ -116,6 +119,7 @@ pub struct RawDiscovery {
     pub ttl_min: Option<S<String>>,
     pub ttl_max: Option<S<String>>,
     pub retry: Option<S<String>>,
+    pub query_timeout: Option<S<String>>,
     pub file_interval: Option<S<String>>,
 }
 
@@ -354,6 +358,11 @@ pub(crate) fn settings(
         ttl_min,
         ttl_max: ttl_max.max(ttl_min),
         retry: c.positive_duration(r.retry.as_ref(), &k("retry"), d.retry),
+        query_timeout: c.positive_duration(
+            r.query_timeout.as_ref(),
+            &k("query_timeout"),
+            d.query_timeout,
+        ),
         file_interval: c.positive_duration(
             r.file_interval.as_ref(),
             &k("file_interval"),

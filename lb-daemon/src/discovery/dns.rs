@@ -38,7 +38,7 @@ pub(super) fn resolver(settings: &Settings) -> Result<TokioResolver, String> {
     let opts = builder.options_mut();
     // lbd re-resolves at the TTL itself; a cache would hand back the answer being refreshed.
     opts.cache_size = 0;
-    opts.timeout = Duration::from_secs(2);
+    opts.timeout = settings.query_timeout;
     opts.attempts = 2;
     opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     if settings.resolver.is_some() {
