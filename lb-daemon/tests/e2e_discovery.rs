@@ -393,7 +393,7 @@ async fn endpoint_file_edits_apply_and_bad_ones_are_kept_out() {
         &format!("[[clusters.endpoints]]\nfile = \"{}\"\n", file.display()),
         "file_interval = \"200ms\"\n",
     );
-    let lbd = Lbd::start(bin(), &cfg);
+    let mut lbd = Lbd::start(bin(), &cfg);
     let c = H1::new();
     assert_eq!(spread(&c, listen, 5).await.get("one"), Some(&5));
 
@@ -471,6 +471,19 @@ async fn endpoint_file_edits_apply_and_bad_ones_are_kept_out() {
             .await
             .sum("lbd_config_reloads_total", &[]),
         0.0
+    );
+
+    // A reload keeps the file's set: unchanged, and with changed discovery settings (a new
+    // watch that starts from the old one's set). No request may find the cluster empty.
+    lbd.reload(&cfg);
+    assert_eq!(spread(&c, listen, 10).await.get("one"), Some(&10));
+    lbd.reload(&cfg.replace("file_interval = \"200ms\"", "file_interval = \"300ms\""));
+    assert_eq!(spread(&c, listen, 10).await.get("one"), Some(&10));
+    assert_eq!(
+        metrics(&c, admin)
+            .await
+            .sum("lbd_config_reloads_total", &[("result", "success")]),
+        2.0
     );
 }
 
