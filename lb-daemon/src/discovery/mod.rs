@@ -312,8 +312,12 @@ impl Shared {
 async fn watch_dns(shared: Arc<Shared>) {
     let settings = shared.key.settings.clone();
     let origin = shared.key.source.origin();
-    let resolver = dns::resolver(&settings);
+    let mut resolver = dns::resolver(&settings);
     loop {
+        if resolver.is_err() {
+            // An unreadable /etc/resolv.conf may be fixed while lbd runs.
+            resolver = dns::resolver(&settings);
+        }
         let result = match &resolver {
             Err(e) => Err(e.clone()),
             Ok(r) => match &shared.key.source.kind {
@@ -401,6 +405,44 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VIP's cluster keeps only addresses of the VIP's family (XDP does not translate), the
+    /// static endpoint comes first and an address listed twice is kept once.
+    #[tokio::test]
+    async fn a_vip_cluster_takes_only_its_family() {
+        let dir = std::env::temp_dir().join(format!("lbd-compose-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("eps.json");
+        std::fs::write(
+            &file,
+            r#"[{"address": "10.0.0.1:80"}, {"address": "[fd00::1]:80"}, {"address": "10.0.0.2:80", "weight": 5}]"#,
+        )
+        .expect("write");
+        let text = format!(
+            "[[clusters]]\nname = \"svc\"\n[[clusters.endpoints]]\naddress = \"10.0.0.1:80\"\n\
+             [[clusters.endpoints]]\nfile = \"{}\"\n\
+             [[l4.vips]]\nname = \"v\"\ninterfaces = [\"lo\"]\naddress = \"10.9.9.9:80\"\ncluster = \"svc\"\n",
+            file.display()
+        );
+        let mut model = crate::config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
+        let (d, _changes) = Discovery::new();
+        d.prime(&model, Duration::from_secs(5)).await;
+        d.fill(&mut model);
+        let _ = std::fs::remove_dir_all(&dir);
+        let got: Vec<(String, u32, String)> = model.clusters[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.weight, e.origin.to_string()))
+            .collect();
+        let from_file = format!("file:{}", file.display());
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:80".to_string(), 1, "static".to_string()),
+                ("10.0.0.2:80".to_string(), 5, from_file),
+            ]
+        );
+    }
 
     #[test]
     fn times_are_rfc3339() {
