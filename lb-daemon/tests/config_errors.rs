@@ -544,7 +544,112 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"example.com:80\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:2\"\n",
         4,
         "clusters[0].endpoints[0].address",
-        "invalid address \"example.com:80\": expected ip:port",
+        "invalid address \"example.com:80\": expected ip:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"; to resolve a DNS name, write dns = \"example.com:80\"",
+    ),
+    (
+        "dns endpoint that is an IP",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"127.0.0.1:80\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "is an IP address, not a name; write address = \"127.0.0.1:80\"",
+    ),
+    (
+        "dns endpoint without port",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "expected name:port",
+    ),
+    (
+        "dns endpoint with a bad name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web..internal:80\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "invalid DNS endpoint",
+    ),
+    (
+        "address and dns in one endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\ndns = \"web.internal:80\"\n",
+        5,
+        "clusters[0].endpoints[0].dns",
+        "`address` and `dns` in one endpoint",
+    ),
+    (
+        "srv name with a port",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nsrv = \"_http._tcp.web:80\"\n",
+        4,
+        "clusters[0].endpoints[0].srv",
+        "invalid SRV name",
+    ),
+    (
+        "weight on an srv endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nsrv = \"_http._tcp.web\"\nweight = 5\n",
+        5,
+        "clusters[0].endpoints[0].weight",
+        "not used with `srv`: the SRV record sets it",
+    ),
+    (
+        "backup on a file endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nfile = \"eps.json\"\nbackup = true\n",
+        5,
+        "clusters[0].endpoints[0].backup",
+        "not used with `file`",
+    ),
+    (
+        "empty endpoints file name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nfile = \"\"\n",
+        4,
+        "clusters[0].endpoints[0].file",
+        "must not be empty",
+    ),
+    (
+        "same dns source twice",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n",
+        6,
+        "clusters[0].endpoints[1]",
+        "duplicate endpoint source dns:web.internal:80 in cluster (first on line 4)",
+    ),
+    (
+        "discovery without a dynamic source",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.discovery]\nttl_min = \"1s\"\n",
+        5,
+        "clusters[0].discovery",
+        "only used with `dns`, `srv` or `file` endpoints",
+    ),
+    (
+        "discovery ttl_min above ttl_max",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nttl_min = \"10s\"\nttl_max = \"5s\"\n",
+        7,
+        "clusters[0].discovery.ttl_max",
+        "ttl_min (10s) is above ttl_max (5s)",
+    ),
+    (
+        "discovery resolver that is a name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nresolver = \"ns1.internal:53\"\n",
+        6,
+        "clusters[0].discovery.resolver",
+        "invalid address \"ns1.internal:53\": expected ip:port",
+    ),
+    (
+        "discovery retry of 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nretry = \"0s\"\n",
+        6,
+        "clusters[0].discovery.retry",
+        "must be greater than 0",
+    ),
+    (
+        "discovery query_timeout that is no duration",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nquery_timeout = \"soon\"\n",
+        6,
+        "clusters[0].discovery.query_timeout",
+        "invalid duration \"soon\"",
+    ),
+    (
+        "unknown discovery key",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nrefresh = \"1s\"\n",
+        6,
+        "clusters[0].discovery.refresh",
+        "unknown field `refresh`",
     ),
     (
         "endpoint port 0",
@@ -1403,7 +1508,8 @@ fn full_config_builds_the_expected_model() {
         [Endpoint {
             address: "127.0.0.1:9001".parse().expect("addr"),
             weight: 1,
-            backup: false
+            backup: false,
+            origin: lbd::config::discovery::Origin::Static,
         }]
     );
 
@@ -1793,4 +1899,67 @@ fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
     assert_eq!(o.max_ejection_time, Duration::from_secs(600));
     assert_eq!(o.consecutive_gateway_failure, 3);
     assert_eq!(o.success_rate.map(|s| s.stdev_factor_milli), Some(2000));
+}
+
+#[test]
+fn discovery_sources_and_settings() {
+    use lbd::config::discovery::{EndpointSource, Settings, SourceKind};
+    let text = format!(
+        "[[clusters]]\nname = \"d\"\n\
+         [[clusters.endpoints]]\naddress = \"127.0.0.1:7\"\n\
+         [[clusters.endpoints]]\ndns = \"Web.Internal:8080\"\nweight = 3\nbackup = true\n\
+         [[clusters.endpoints]]\nsrv = \"_http._tcp.web.internal\"\n\
+         [[clusters.endpoints]]\nfile = \"eps.json\"\n\
+         [clusters.discovery]\nresolver = \"127.0.0.1:5353\"\nttl_min = \"1s\"\nttl_max = \"30s\"\n\
+         retry = \"2s\"\nfile_interval = \"500ms\"\n\
+         [[clusters]]\nname = \"only-dns\"\n[[clusters.endpoints]]\ndns = \"a.b:1\"\n{OK_TAIL}"
+    );
+    let m = parse(&text, Path::new("/etc/lbd/lb.toml")).expect("valid");
+    let d = &m.clusters[0];
+    assert_eq!(
+        d.endpoints.len(),
+        1,
+        "only the static endpoint until resolution"
+    );
+    assert_eq!(
+        d.sources,
+        [
+            EndpointSource {
+                kind: SourceKind::Dns {
+                    host: "web.internal".into(),
+                    port: 8080
+                },
+                weight: 3,
+                backup: true
+            },
+            EndpointSource {
+                kind: SourceKind::Srv {
+                    name: "_http._tcp.web.internal".into()
+                },
+                weight: 1,
+                backup: false
+            },
+            EndpointSource {
+                kind: SourceKind::File {
+                    path: "/etc/lbd/eps.json".into()
+                },
+                weight: 1,
+                backup: false
+            },
+        ]
+    );
+    assert_eq!(
+        d.discovery,
+        Settings {
+            resolver: Some("127.0.0.1:5353".parse().expect("addr")),
+            ttl_min: Duration::from_secs(1),
+            ttl_max: Duration::from_secs(30),
+            retry: Duration::from_secs(2),
+            query_timeout: Duration::from_secs(2),
+            file_interval: Duration::from_millis(500),
+        }
+    );
+    // A cluster with only a DNS name is valid with no endpoint at start (Envoy STRICT_DNS).
+    assert!(m.clusters[1].endpoints.is_empty());
+    assert_eq!(m.clusters[1].discovery, Settings::default());
 }

@@ -318,6 +318,11 @@ pub struct Cluster {
     pub sticky: Option<StickyCookie>,
     /// Outlier detection (`[clusters.outlier]`); off when `None`.
     pub outlier: Option<Outlier>,
+    /// Endpoints resolved or read at run time (`dns`, `srv`, `file`); their current addresses
+    /// are merged into `endpoints` by `crate::discovery`. Empty for a static cluster.
+    pub sources: Vec<super::discovery::EndpointSource>,
+    /// `[clusters.discovery]`.
+    pub discovery: super::discovery::Settings,
 }
 
 /// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later
@@ -343,6 +348,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Receives traffic only when no primary endpoint is healthy.
     pub backup: bool,
+    /// Where it came from: the config file, or a DNS name / endpoints file.
+    pub origin: super::discovery::Origin,
 }
 
 /// Active health check.

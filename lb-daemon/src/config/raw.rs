@@ -156,6 +156,7 @@ pub struct RawCluster {
     pub circuit_breakers: Option<S<RawCircuitBreakers>>,
     pub sticky: Option<S<RawSticky>>,
     pub outlier: Option<S<super::outlier::RawOutlier>>,
+    pub discovery: Option<S<super::discovery::RawDiscovery>>,
 }
 
 /// `[clusters.sticky]`.
@@ -172,7 +173,11 @@ pub struct RawSticky {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
-    pub address: S<String>,
+    /// Exactly one of `address`, `dns`, `srv`, `file` (checked in `discovery::entry`).
+    pub address: Option<S<String>>,
+    pub dns: Option<S<String>>,
+    pub srv: Option<S<String>>,
+    pub file: Option<S<String>>,
     pub weight: Option<S<i64>>,
     pub backup: Option<S<bool>>,
 }

@@ -46,7 +46,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
             ),
         );
     }
-    let clusters = v.clusters(&raw.clusters);
+    let clusters = v.clusters(&raw.clusters, dir);
 
     let listener_names = Names::new(
         raw.listeners
@@ -308,7 +308,7 @@ impl Checker<'_> {
         }
     }
 
-    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)]) -> Vec<Cluster> {
+    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)], dir: &Path) -> Vec<Cluster> {
         let mut names = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, c) in raw {
@@ -328,8 +328,15 @@ impl Checker<'_> {
                     ("grpc", UpstreamProtocol::Grpc),
                 ],
             );
-            let endpoints = self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key);
-            if !endpoints.iter().any(|e| !e.backup) {
+            let (endpoints, sources) =
+                self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key, dir);
+            let discovery =
+                super::discovery::settings(self, c.discovery.as_ref(), &key, !sources.is_empty());
+            // A cluster fed by DNS or a file may start with no endpoint at all (Envoy's
+            // STRICT_DNS does too): its requests get 503 until a resolution succeeds.
+            let all_read =
+                endpoints.len() + sources.len() == c.endpoints.as_ref().map_or(0, Vec::len);
+            if all_read && sources.is_empty() && !endpoints.iter().any(|e| !e.backup) {
                 let at = c
                     .endpoints
                     .as_ref()
@@ -407,6 +414,8 @@ impl Checker<'_> {
                 circuit_breakers,
                 sticky,
                 outlier,
+                sources,
+                discovery,
             });
         }
         out
@@ -564,34 +573,57 @@ impl Checker<'_> {
         }
     }
 
-    fn endpoints(&mut self, raw: &[S<RawEndpoint>], cluster: &str) -> Vec<Endpoint> {
+    /// Static endpoints, and the dynamic sources to resolve at run time.
+    fn endpoints(
+        &mut self,
+        raw: &[S<RawEndpoint>],
+        cluster: &str,
+        dir: &Path,
+    ) -> (Vec<Endpoint>, Vec<super::discovery::EndpointSource>) {
+        use super::discovery::{self as disc, Entry};
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut seen_sources = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
+        let mut sources = Vec::new();
         for (i, e) in raw.iter().enumerate() {
-            let e = e.get_ref();
             let key = format!("{cluster}.endpoints[{i}]");
-            let weight = self.u32(e.weight.as_ref(), &format!("{key}.weight"), 1, 1, 1000);
-            let backup = e.backup.as_ref().is_some_and(|b| *b.get_ref());
-            let Some(address) = self.addr(&e.address, &format!("{key}.address"), false) else {
-                continue;
+            let r = e.get_ref();
+            let weight = self.u32(r.weight.as_ref(), &format!("{key}.weight"), 1, 1, 1000);
+            let backup = r.backup.as_ref().is_some_and(|b| *b.get_ref());
+            let address = match disc::entry(self, e, &key, dir, weight, backup) {
+                Entry::Static(a) => a,
+                Entry::Source(s) => {
+                    let at = [&r.dns, &r.srv, &r.file]
+                        .into_iter()
+                        .flatten()
+                        .next()
+                        .map_or(e.span(), |v| v.span());
+                    if disc::unique(self, &mut seen_sources, &s, at, &key) {
+                        sources.push(s);
+                    }
+                    continue;
+                }
+                Entry::Invalid => continue,
             };
+            let span = r.address.as_ref().map_or(e.span(), |a| a.span());
             if let Some(first) = seen.get(&address) {
                 let (line, _) = self.d.line_col(*first);
                 self.err(
-                    e.address.span(),
+                    span,
                     &format!("{key}.address"),
                     format!("duplicate endpoint {address} in cluster (first on line {line})"),
                 );
                 continue;
             }
-            seen.insert(address, e.address.span().start);
+            seen.insert(address, span.start);
             out.push(Endpoint {
                 address,
                 weight,
                 backup,
+                origin: disc::Origin::Static,
             });
         }
-        out
+        (out, sources)
     }
 
     fn health_check(&mut self, h: &S<RawHealthCheck>, cluster: &str) -> HealthCheck {

@@ -490,6 +490,7 @@ mod tests {
                     address,
                     weight: 1,
                     backup: false,
+                    origin: Default::default(),
                 })
                 .collect(),
             policy: Policy::RoundRobin,
@@ -509,6 +510,8 @@ mod tests {
             circuit_breakers: Default::default(),
             sticky: None,
             outlier: None,
+            sources: Vec::new(),
+            discovery: Default::default(),
         }
     }
 

@@ -364,6 +364,7 @@ cluster = "t"
                         address: a.parse().expect("addr"),
                         weight,
                         backup,
+                        origin: Default::default(),
                     })
                     .collect(),
                 ..template.clone()

@@ -366,6 +366,8 @@ mod tests {
                 circuit_breakers: Default::default(),
                 sticky: None,
                 outlier: None,
+                sources: Vec::new(),
+                discovery: Default::default(),
             }],
             vips: Vec::new(),
         }

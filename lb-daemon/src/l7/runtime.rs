@@ -106,6 +106,16 @@ impl Runtime {
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
     pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
+        Self::build_with(model, previous, false)
+    }
+
+    /// [`Runtime::build`] for a model that differs from `previous`'s only in cluster endpoints
+    /// (a discovery update): listeners keep their TLS state instead of rebuilding it.
+    pub fn build_keeping_listeners(model: Arc<Model>, previous: &Runtime) -> Self {
+        Self::build_with(model, Some(previous), true)
+    }
+
+    fn build_with(model: Arc<Model>, previous: Option<&Runtime>, keep_tls: bool) -> Self {
         let clusters: Vec<Arc<ClusterRuntime>> = model
             .clusters
             .iter()
@@ -159,7 +169,10 @@ impl Runtime {
                 router: Router::new(&model, i),
                 limits: l.limits.clone(),
                 protocol: l.protocol,
-                tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                tls: match previous.and_then(|p| p.listener(l.bind)) {
+                    Some(p) if keep_tls => p.tls.clone(),
+                    _ => l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                },
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes
