@@ -448,6 +448,7 @@ pub(crate) mod testutil {
                     address: std::net::SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
                     weight,
                     backup,
+                    server_name: None,
                 })
                 .collect(),
             policy,
@@ -464,6 +465,7 @@ pub(crate) mod testutil {
                 ..Retry::default()
             },
             sticky: None,
+            tls: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod filter;
 pub mod model;
 mod raw;
 pub mod tls;
+pub mod upstream_tls;
 mod validate;
 
 use std::path::Path;

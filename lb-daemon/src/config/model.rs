@@ -308,6 +308,8 @@ pub struct Cluster {
     pub retry: Retry,
     /// Cookie-based sticky sessions to endpoints (`[clusters.sticky]`).
     pub sticky: Option<StickyCookie>,
+    /// TLS to the endpoints (`[clusters.tls]`); cleartext when `None`.
+    pub tls: Option<super::upstream_tls::UpstreamTls>,
 }
 
 /// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later
@@ -333,6 +335,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Receives traffic only when no primary endpoint is healthy.
     pub backup: bool,
+    /// SNI and verification name for this endpoint over TLS (overrides the cluster's).
+    pub server_name: Option<String>,
 }
 
 /// Active health check.

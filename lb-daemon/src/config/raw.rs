@@ -152,6 +152,7 @@ pub struct RawCluster {
     pub pool: Option<S<RawPool>>,
     pub retry: Option<S<RawRetry>>,
     pub sticky: Option<S<RawSticky>>,
+    pub tls: Option<S<super::upstream_tls::Raw>>,
 }
 
 /// `[clusters.sticky]`.
@@ -171,6 +172,7 @@ pub struct RawEndpoint {
     pub address: S<String>,
     pub weight: Option<S<i64>>,
     pub backup: Option<S<bool>>,
+    pub server_name: Option<S<String>>,
 }
 
 /// `expected_status`: `200` or `"200-399"`.

@@ -46,7 +46,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
             ),
         );
     }
-    let clusters = v.clusters(&raw.clusters);
+    let clusters = v.clusters(&raw.clusters, dir);
 
     let listener_names = Names::new(
         raw.listeners
@@ -308,7 +308,7 @@ impl Checker<'_> {
         }
     }
 
-    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)]) -> Vec<Cluster> {
+    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)], dir: &Path) -> Vec<Cluster> {
         let mut names = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, c) in raw {
@@ -409,6 +409,20 @@ impl Checker<'_> {
                 grpc_status,
             };
             let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
+            let tls = c.tls.as_ref().and_then(|t| {
+                super::upstream_tls::check(self, t, &format!("{key}.tls"), dir)
+            });
+            if c.tls.is_none() {
+                for (j, e) in c.endpoints.iter().flatten().enumerate() {
+                    if let Some(n) = &e.get_ref().server_name {
+                        self.err(
+                            n.span(),
+                            &format!("{key}.endpoints[{j}].server_name"),
+                            "only used with TLS to the cluster ([clusters.tls])",
+                        );
+                    }
+                }
+            }
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -420,6 +434,7 @@ impl Checker<'_> {
                 pool,
                 retry,
                 sticky,
+                tls,
             });
         }
         out
@@ -598,10 +613,14 @@ impl Checker<'_> {
                 continue;
             }
             seen.insert(address, e.address.span().start);
+            let server_name = e.server_name.as_ref().and_then(|n| {
+                super::upstream_tls::server_name(self, n, &format!("{key}.server_name"))
+            });
             out.push(Endpoint {
                 address,
                 weight,
                 backup,
+                server_name,
             });
         }
         out

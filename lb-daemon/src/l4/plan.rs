@@ -364,6 +364,7 @@ cluster = "t"
                         address: a.parse().expect("addr"),
                         weight,
                         backup,
+                        server_name: None,
                     })
                     .collect(),
                 ..template.clone()

@@ -204,7 +204,7 @@ impl Call<'_> {
                                 close: true,
                             });
                         }
-                        UpstreamError::Connect => {
+                        UpstreamError::Connect | UpstreamError::Tls => {
                             cluster.passive_failure(idx);
                             last_error = Some(kind);
                         }
@@ -236,6 +236,7 @@ impl Call<'_> {
             None if at_limit => Reason::EndpointLimit,
             None => Reason::NoHealthyEndpoint,
             Some(UpstreamError::Connect) => Reason::UpstreamConnect,
+            Some(UpstreamError::Tls) => Reason::UpstreamTls,
             Some(_) => Reason::UpstreamReset,
         }
         .into())

@@ -26,3 +26,4 @@ pub mod split;
 pub mod sticky;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;

@@ -362,6 +362,7 @@ mod tests {
                     ..Retry::default()
                 },
                 sticky: None,
+                tls: None,
             }],
             vips: Vec::new(),
         }
