@@ -1151,7 +1151,8 @@ fn full_config_builds_the_expected_model() {
         [Endpoint {
             address: "127.0.0.1:9001".parse().expect("addr"),
             weight: 1,
-            backup: false
+            backup: false,
+            server_name: None,
         }]
     );
 

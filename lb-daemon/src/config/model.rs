@@ -91,6 +91,9 @@ pub struct Listener {
     pub limits: Limits,
     /// TLS termination; cleartext when `None`.
     pub tls: Option<super::tls::Tls>,
+    /// Headers carrying the client certificate's identity upstream (always stripped from
+    /// the client's request).
+    pub cert_headers: Option<super::tls::CertHeaderNames>,
 }
 
 /// Per-listener limits; every field has a safe default.

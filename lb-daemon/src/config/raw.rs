@@ -66,6 +66,7 @@ pub struct RawListener {
     pub protocol: Option<S<String>>,
     pub limits: Option<S<RawLimits>>,
     pub tls: Option<S<super::tls::Raw>>,
+    pub client_cert_headers: Option<S<super::tls::RawCertHeaders>>,
 }
 
 /// `[listeners.limits]`.

@@ -256,7 +256,11 @@ impl Checker<'_> {
                 }
                 super::tls::check(self, t, &format!("{key}.tls"), dir)
             });
+            let cert_headers = l.client_cert_headers.as_ref().and_then(|h| {
+                super::tls::check_cert_headers(self, h, &format!("{key}.client_cert_headers"))
+            });
             out.push(Listener {
+                cert_headers,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,

@@ -27,3 +27,5 @@ pub mod sticky;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_tls;
+pub mod peer_cert;
+pub mod tickets;

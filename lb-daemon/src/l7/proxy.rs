@@ -298,6 +298,9 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
         head.headers.insert(header::HOST, v);
     }
     headers::strip_hop_by_hop(&mut head.headers);
+    if let Some(h) = &conn.cert_headers {
+        h.apply(&mut head.headers);
+    }
     headers::add_forwarding(
         &mut head.headers,
         conn.client.ip(),

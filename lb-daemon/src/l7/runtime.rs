@@ -59,6 +59,8 @@ pub struct ListenerRuntime {
     pub protocol: ListenerProtocol,
     /// TLS termination (this generation's certificates); cleartext when `None`.
     pub tls: Option<Arc<TlsListener>>,
+    /// Client-certificate headers to strip (and set from a verified certificate).
+    pub cert_headers: Option<Arc<super::conn::CertHeaders>>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -160,6 +162,12 @@ impl Runtime {
                 limits: l.limits.clone(),
                 protocol: l.protocol,
                 tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                cert_headers: l.cert_headers.as_ref().map(|n| {
+                    Arc::new(super::conn::CertHeaders {
+                        subject: n.subject.clone().map(|h| (h, None)),
+                        san: n.san.clone().map(|h| (h, None)),
+                    })
+                }),
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes

@@ -45,6 +45,7 @@ impl UpstreamError {
         match e {
             H1Error::Body(BodyError::TooLarge { .. }) => UpstreamError::BodyTooLarge,
             H1Error::Body(BodyError::Stream(_)) | H1Error::BodyLength => UpstreamError::ClientBody,
+            H1Error::Io(io) if is_tls_failure(io) => UpstreamError::Tls,
             _ => UpstreamError::Reset,
         }
     }
@@ -81,6 +82,9 @@ impl UpstreamError {
                 }
             }
             source = s.source();
+        }
+        if is_tls_failure(e) {
+            return UpstreamError::Tls;
         }
         Self::from_chain(e.source())
     }

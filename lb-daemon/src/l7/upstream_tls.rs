@@ -80,11 +80,19 @@ impl std::error::Error for TlsConnectError {
     }
 }
 
-/// Whether `e`'s cause chain holds a failed upstream TLS handshake.
+/// Whether `e`'s cause chain holds a failed upstream TLS handshake, or a TLS error raised
+/// by rustls on the connection (such as the peer's alert refusing lbd's client certificate,
+/// which TLS 1.3 delivers after the client considers the handshake done).
 pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(s) = cur {
-        if s.is::<TlsConnectError>() {
+        if s.is::<TlsConnectError>() || s.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps; look at that one too.
+        if let Some(io) = s.downcast_ref::<io::Error>()
+            && io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+        {
             return true;
         }
         cur = s.source();
