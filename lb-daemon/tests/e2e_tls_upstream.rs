@@ -247,7 +247,8 @@ server_name = "backend.test"
 [clusters.health_check]
 kind = "http"
 path = "/health"
-interval = "100ms"
+interval = "300ms"
+timeout = "250ms"
 unhealthy_threshold = 1
 [[clusters.endpoints]]
 address = "{o}"
@@ -270,7 +271,8 @@ ca = {ca}
 server_name = "backend.test"
 [clusters.health_check]
 kind = "grpc"
-interval = "100ms"
+interval = "300ms"
+timeout = "250ms"
 unhealthy_threshold = 1
 [[clusters.endpoints]]
 address = "{o}"
