@@ -65,12 +65,15 @@ pub(crate) fn check_cert_headers(
         .san
         .as_ref()
         .and_then(|v| c.header_name(v, &format!("{key}.san")));
-    if subject.is_none() && san.is_none() {
+    if r.subject.is_none() && r.san.is_none() {
         c.err(
             raw.span(),
             key,
             "name at least one header: subject = \"...\" or san = \"...\"",
         );
+        return None;
+    }
+    if r.subject.is_some() != subject.is_some() || r.san.is_some() != san.is_some() {
         return None;
     }
     Some(CertHeaderNames { subject, san })
