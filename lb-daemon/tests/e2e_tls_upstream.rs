@@ -634,3 +634,232 @@ address = "{b}"
         "other keys, full handshake: {foreign}"
     );
 }
+
+/// The serial (`serial=...`) of the certificate `addr` serves for `sni`.
+async fn served_serial(addr: SocketAddr, ca: &Path, sni: &str) -> String {
+    let (_, out) = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+            "-CAfile",
+            &ca.display().to_string(),
+        ],
+        b"",
+    )
+    .await;
+    let (Some(b), Some(e)) = (
+        out.find("-----BEGIN CERTIFICATE-----"),
+        out.find("-----END CERTIFICATE-----"),
+    ) else {
+        return format!("no certificate served: {out}");
+    };
+    let pem = &out[b..e + "-----END CERTIFICATE-----".len()];
+    run("openssl", &["x509", "-noout", "-serial"], pem.as_bytes())
+        .await
+        .1
+        .trim()
+        .to_string()
+}
+
+/// `redirect_https = true` answers a cleartext listener with 308s to HTTPS; a certificate
+/// replaced on disk is served without a reload signal; an OCSP response file is stapled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_redirect_file_watch_and_ocsp_stapling() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new("server CA");
+    let first = pki.leaf(
+        "first",
+        &LeafOpts {
+            names: vec!["lbd.test".into()],
+            cn: "first".into(),
+            serial: 0x11,
+            ..LeafOpts::default()
+        },
+    );
+    let second = pki.leaf(
+        "second",
+        &LeafOpts {
+            names: vec!["lbd.test".into()],
+            cn: "second".into(),
+            serial: 0x22,
+            ..LeafOpts::default()
+        },
+    );
+    // The files lbd serves from, replaced later.
+    let cert = pki.write("live.crt", first.cert_pem.as_bytes());
+    let key = pki.write(
+        "live.key",
+        &std::fs::read(&first.key).expect("read first key"),
+    );
+    // An OCSP response for `first`, signed by `first` itself (s_client prints a stapled
+    // response whether or not it verifies it).
+    let dir = pki.dir.display().to_string();
+    let (ca_s, first_crt, first_key) = (
+        pki.ca_file.display().to_string(),
+        first.cert.display().to_string(),
+        first.key.display().to_string(),
+    );
+    let req = format!("{dir}/ocsp.req");
+    let resp = format!("{dir}/ocsp.der");
+    let index = pki.write("index.txt", b"V\t991231235959Z\t\t11\tunknown\t/CN=first\n");
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "ocsp", "-issuer", &ca_s, "-cert", &first_crt, "-no_nonce", "-reqout", &req,
+        ],
+        b"",
+    )
+    .await;
+    assert!(ok, "openssl ocsp request: {out}");
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "ocsp",
+            "-index",
+            &index.display().to_string(),
+            "-CA",
+            &ca_s,
+            "-rsigner",
+            &first_crt,
+            "-rkey",
+            &first_key,
+            "-reqin",
+            &req,
+            "-respout",
+            &resp,
+            "-ndays",
+            "1",
+        ],
+        b"",
+    )
+    .await;
+    assert!(ok, "openssl ocsp response: {out}");
+
+    let backend = lb_tests::Backend::start("web").await;
+    let (https, stapled, http) = (free_addr(), free_addr(), free_addr());
+    let config = format!(
+        r#"
+[[listeners]]
+name = "https"
+bind = "{https}"
+[listeners.tls]
+[[listeners.tls.certificates]]
+cert = {cert}
+key = {key}
+
+[[listeners]]
+name = "stapled"
+bind = "{stapled}"
+[listeners.tls]
+[[listeners.tls.certificates]]
+cert = {first_cert}
+key = {first_key_t}
+ocsp = {resp_t}
+
+[[listeners]]
+name = "http"
+bind = "{http}"
+redirect_https = true
+
+[[routes]]
+name = "all"
+cluster = "web"
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{b}"
+"#,
+        cert = toml_path(&cert),
+        key = toml_path(&key),
+        first_cert = toml_path(&first.cert),
+        first_key_t = toml_path(&first.key),
+        resp_t = toml_path(Path::new(&resp)),
+        b = backend.addr,
+    );
+    let lbd = Lbd::start(bin(), &config);
+
+    // The redirect: host without its port, path and query kept, nothing forwarded.
+    let (_, out) = run(
+        "curl",
+        &[
+            "-s",
+            "-i",
+            "-H",
+            "host: example.com:8080",
+            &format!("http://{http}/a/b?c=d"),
+        ],
+        b"",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 308"), "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("location: https://example.com/a/b?c=d"),
+        "{out}"
+    );
+    assert_eq!(backend.hits(), 0, "a redirect is answered by lbd");
+
+    // Stapling: the response file is sent to clients that ask (-status).
+    let (_, out) = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &stapled.to_string(),
+            "-servername",
+            "lbd.test",
+            "-CAfile",
+            &ca_s,
+            "-status",
+        ],
+        b"",
+    )
+    .await;
+    assert!(
+        out.contains("OCSP Response Status: successful"),
+        "stapled response: {out}"
+    );
+    let (_, out) = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &https.to_string(),
+            "-servername",
+            "lbd.test",
+            "-CAfile",
+            &ca_s,
+            "-status",
+        ],
+        b"",
+    )
+    .await;
+    assert!(out.contains("OCSP response: no response sent"), "{out}");
+
+    // Replace the pair on disk (key first, then the certificate, as a renewal tool might):
+    // within a few polls new handshakes get the new certificate, with no signal sent.
+    assert_eq!(served_serial(https, &pki.ca_file, "lbd.test").await, "serial=11");
+    std::fs::write(&key, std::fs::read(&second.key).expect("read key")).expect("write key");
+    std::fs::write(&cert, second.cert_pem.as_bytes()).expect("write cert");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let serial = served_serial(https, &pki.ca_file, "lbd.test").await;
+        if serial == "serial=22" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up: {serial}\n{}",
+            lbd.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(lbd.logs().contains("TLS files changed on disk"), "{}", lbd.logs());
+}

@@ -94,6 +94,8 @@ pub struct Listener {
     /// Headers carrying the client certificate's identity upstream (always stripped from
     /// the client's request).
     pub cert_headers: Option<super::tls::CertHeaderNames>,
+    /// Answer every request with a 308 to the same URL over HTTPS (cleartext listeners).
+    pub redirect_https: bool,
 }
 
 /// Per-listener limits; every field has a safe default.

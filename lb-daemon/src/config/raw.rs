@@ -67,6 +67,7 @@ pub struct RawListener {
     pub limits: Option<S<RawLimits>>,
     pub tls: Option<S<super::tls::Raw>>,
     pub client_cert_headers: Option<S<super::tls::RawCertHeaders>>,
+    pub redirect_https: Option<S<bool>>,
 }
 
 /// `[listeners.limits]`.

@@ -179,6 +179,7 @@ pub struct RawCert {
     pub key: S<String>,
     pub names: Option<Vec<S<String>>>,
     pub default: Option<S<bool>>,
+    pub ocsp: Option<S<String>>,
 }
 
 /// Lowest TLS version a listener accepts.
@@ -235,6 +236,8 @@ pub struct Certificate {
     pub not_after: i64,
     /// The leaf's serial number, hex.
     pub serial: String,
+    /// The OCSP response file stapled to handshakes, if configured.
+    pub ocsp_path: Option<PathBuf>,
 }
 
 impl Certificate {
@@ -542,6 +545,30 @@ fn certificate(c: &mut Checker<'_>, r: &RawCert, key: &str, dir: &Path) -> Optio
     }
     drop(parsed);
     let provider = rustls::crypto::ring::default_provider();
+    let mut ocsp_path = None;
+    let ocsp = match &r.ocsp {
+        None => None,
+        Some(v) => {
+            let path = dir.join(v.get_ref());
+            let ok = format!("{key}.ocsp");
+            let der = read(c, v, &ok, &path)?;
+            // An OCSPResponse is a DER SEQUENCE; anything else (a PEM file, an empty file
+            // left by a failed fetch) would be stapled as garbage.
+            if der.first() != Some(&0x30) || tlv(&der).is_none() {
+                c.err(
+                    v.span(),
+                    &ok,
+                    format!(
+                        "{} is not a DER OCSP response (as `openssl ocsp -respout` writes)",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+            ocsp_path = Some(path);
+            Some(der)
+        }
+    };
     let certified = match CertifiedKey::from_der(chain, private, &provider) {
         Ok(k) => k,
         Err(rustls::Error::InconsistentKeys(_)) => {
@@ -614,9 +641,12 @@ fn certificate(c: &mut Checker<'_>, r: &RawCert, key: &str, dir: &Path) -> Optio
             names
         }
     };
+    let mut certified = certified;
+    certified.ocsp = ocsp;
     Some(Certificate {
         cert_path,
         key_path,
+        ocsp_path,
         names,
         key: Arc::new(certified),
         not_after,

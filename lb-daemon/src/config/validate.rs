@@ -259,8 +259,21 @@ impl Checker<'_> {
             let cert_headers = l.client_cert_headers.as_ref().and_then(|h| {
                 super::tls::check_cert_headers(self, h, &format!("{key}.client_cert_headers"))
             });
+            let redirect_https = match &l.redirect_https {
+                Some(b) if *b.get_ref() && l.tls.is_some() => {
+                    self.err(
+                        b.span(),
+                        &format!("{key}.redirect_https"),
+                        "a TLS listener is already HTTPS; redirect_https is for cleartext listeners",
+                    );
+                    false
+                }
+                Some(b) => *b.get_ref(),
+                None => false,
+            };
             out.push(Listener {
                 cert_headers,
+                redirect_https,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,

@@ -29,3 +29,4 @@ pub mod upstream;
 pub mod upstream_tls;
 pub mod peer_cert;
 pub mod tickets;
+pub mod https_redirect;

@@ -61,6 +61,8 @@ pub struct ListenerRuntime {
     pub tls: Option<Arc<TlsListener>>,
     /// Client-certificate headers to strip (and set from a verified certificate).
     pub cert_headers: Option<Arc<super::conn::CertHeaders>>,
+    /// Answer everything with a redirect to HTTPS (`redirect_https`).
+    pub redirect_https: bool,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -162,6 +164,7 @@ impl Runtime {
                 limits: l.limits.clone(),
                 protocol: l.protocol,
                 tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                redirect_https: l.redirect_https,
                 cert_headers: l.cert_headers.as_ref().map(|n| {
                     Arc::new(super::conn::CertHeaders {
                         subject: n.subject.clone().map(|h| (h, None)),
