@@ -1562,6 +1562,27 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
             "does not fit",
         ),
         (
+            "an OCSP file that is not DER",
+            tls_config(
+                &good.cert,
+                &good.key,
+                &format!("ocsp = {}\n", toml_path(&short)),
+            ),
+            8,
+            "listeners[0].tls.certificates[0].ocsp",
+            "not a DER OCSP response",
+        ),
+        (
+            "redirect_https on a TLS listener",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nredirect_https = true\n[listeners.tls]",
+            ),
+            4,
+            "listeners[0].redirect_https",
+            "cleartext",
+        ),
+        (
             "endpoint server_name without TLS",
             format!(
                 "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nserver_name = \"a.test\"\n{OK_TAIL}"
@@ -1607,9 +1628,15 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
     let l = &m.listeners[0];
     let tls = l.tls.as_ref().expect("tls");
     assert_eq!(tls.resumption.cache, 0);
-    assert_eq!(tls.resumption.ticket_keys.as_ref().map(|k| k.keys.len()), Some(1));
     assert_eq!(
-        l.cert_headers.as_ref().and_then(|h| h.san.as_ref()).map(|h| h.as_str()),
+        tls.resumption.ticket_keys.as_ref().map(|k| k.keys.len()),
+        Some(1)
+    );
+    assert_eq!(
+        l.cert_headers
+            .as_ref()
+            .and_then(|h| h.san.as_ref())
+            .map(|h| h.as_str()),
         Some("x-san")
     );
     let m = parse(

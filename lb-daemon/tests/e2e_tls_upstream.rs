@@ -154,9 +154,9 @@ async fn tls_backend(name: &'static str, leaf: &Leaf, client_ca: Option<&Path>) 
                     return;
                 };
                 let s = tls.get_ref().1;
-                let alpn = s
-                    .alpn_protocol()
-                    .map_or("none".to_owned(), |a| String::from_utf8_lossy(a).into_owned());
+                let alpn = s.alpn_protocol().map_or("none".to_owned(), |a| {
+                    String::from_utf8_lossy(a).into_owned()
+                });
                 let sni = s.server_name().unwrap_or("none").to_owned();
                 let certs = s.peer_certificates().map_or(0, <[_]>::len);
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -228,7 +228,13 @@ async fn upstream_tls_verifies_and_speaks_h1_h2_grpc() {
     };
     let mut config = format!("[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n");
     for r in [
-        "h1", "h2", "wrongname", "untrusted", "noverify", "mtls", "nocert",
+        "h1",
+        "h2",
+        "wrongname",
+        "untrusted",
+        "noverify",
+        "mtls",
+        "nocert",
     ] {
         config.push_str(&route(r));
     }
@@ -325,14 +331,22 @@ address = "{s}"
     let r = c.get(listen, "/h1/a", None).await.expect("h1");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
-        (header(&r, "x-alpn"), header(&r, "x-sni"), header(&r, "x-version")),
+        (
+            header(&r, "x-alpn"),
+            header(&r, "x-sni"),
+            header(&r, "x-version")
+        ),
         ("http/1.1", "backend.test", "HTTP/1.1")
     );
     let r = c.get(listen, "/h2/a", None).await.expect("h2");
     assert_eq!(r.status, 200, "{r:?}");
     // The endpoint's own server_name wins over the cluster's.
     assert_eq!(
-        (header(&r, "x-alpn"), header(&r, "x-sni"), header(&r, "x-version")),
+        (
+            header(&r, "x-alpn"),
+            header(&r, "x-sni"),
+            header(&r, "x-version")
+        ),
         ("h2", "backend.test", "HTTP/2.0")
     );
 
@@ -392,10 +406,18 @@ address = "{s}"
     assert_eq!(r.status, 200, "verify = false accepts any name: {r:?}");
     let r = c.get(listen, "/mtls/x", None).await.expect("mtls");
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(header(&r, "x-client-certs"), "1", "lbd presented its certificate");
+    assert_eq!(
+        header(&r, "x-client-certs"),
+        "1",
+        "lbd presented its certificate"
+    );
     let r = c.get(listen, "/nocert/x", None).await.expect("nocert");
     assert_eq!(r.status, 502, "{r:?}");
-    assert_eq!(r.lbd_error(), "upstream_tls", "the backend's refusal is a TLS failure");
+    assert_eq!(
+        r.lbd_error(),
+        "upstream_tls",
+        "the backend's refusal is a TLS failure"
+    );
 }
 
 /// Client certificates at lbd: `required` refuses a client without one and passes the
@@ -415,7 +437,7 @@ async fn client_certificates_required_optional_and_headers_never_spoofed() {
     let alice = leaf(&clients, "alice", "alice", &["alice.example"]);
     let mallory = leaf(&strangers, "mallory", "mallory", &["mallory.example"]);
     let backend = tls_backend("b", &backend_cert, None).await;
-    let (required, optional, plain) = (free_addr(), free_addr(), free_addr());
+    let (required, optional, plain, admin) = (free_addr(), free_addr(), free_addr(), free_addr());
     let tls = |mode: &str| {
         format!(
             "[listeners.tls]\nclient_auth = \"{mode}\"\nclient_ca = {}\n[[listeners.tls.certificates]]\ncert = {}\nkey = {}\n",
@@ -424,9 +446,13 @@ async fn client_certificates_required_optional_and_headers_never_spoofed() {
             toml_path(&server.key)
         )
     };
-    let headers = "client_cert_headers = { subject = \"x-client-subject\", san = \"x-client-san\" }";
+    let headers =
+        "client_cert_headers = { subject = \"x-client-subject\", san = \"x-client-san\" }";
     let config = format!(
         r#"
+[admin]
+bind = "{admin}"
+
 [[listeners]]
 name = "required"
 bind = "{required}"
@@ -530,10 +556,24 @@ address = "{b}"
         };
         let (_, out) = call(args).await;
         assert!(out.contains(" 200"), "{what}: {out}");
-        assert!(!out.contains("echo-"), "{what}: spoofed identity forwarded: {out}");
+        assert!(
+            !out.contains("echo-"),
+            "{what}: spoofed identity forwarded: {out}"
+        );
     }
     let (_, out) = call(curl(optional, Some(&alice))).await;
     assert!(out.contains("echo-x-client-subject: CN=alice"), "{out}");
+
+    let (_, text) = run("curl", &["-s", &format!("http://{admin}/metrics")], b"").await;
+    let m = lb_tests::prom::parse(&text).expect("metrics parse");
+    let refused = m.sum(
+        "lbd_tls_handshake_failures_total",
+        &[("listener", "required"), ("reason", "client_cert")],
+    );
+    assert!(
+        refused >= 2.0,
+        "missing and untrusted certificates counted: {refused}"
+    );
 }
 
 /// Two lbd processes with the same `ticket_key_file`: a TLS 1.3 session from one resumes on
@@ -711,7 +751,14 @@ async fn https_redirect_file_watch_and_ocsp_stapling() {
     let (ok, out) = run(
         "openssl",
         &[
-            "ocsp", "-issuer", &ca_s, "-cert", &first_crt, "-no_nonce", "-reqout", &req,
+            "ocsp",
+            "-issuer",
+            &ca_s,
+            "-cert",
+            &first_crt,
+            "-no_nonce",
+            "-reqout",
+            &req,
         ],
         b"",
     )
@@ -845,7 +892,10 @@ address = "{b}"
 
     // Replace the pair on disk (key first, then the certificate, as a renewal tool might):
     // within a few polls new handshakes get the new certificate, with no signal sent.
-    assert_eq!(served_serial(https, &pki.ca_file, "lbd.test").await, "serial=11");
+    assert_eq!(
+        served_serial(https, &pki.ca_file, "lbd.test").await,
+        "serial=11"
+    );
     std::fs::write(&key, std::fs::read(&second.key).expect("read key")).expect("write key");
     std::fs::write(&cert, second.cert_pem.as_bytes()).expect("write cert");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -861,5 +911,9 @@ address = "{b}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(lbd.logs().contains("TLS files changed on disk"), "{}", lbd.logs());
+    assert!(
+        lbd.logs().contains("TLS files changed on disk"),
+        "{}",
+        lbd.logs()
+    );
 }

@@ -105,8 +105,11 @@ pub struct TicketKeys {
     /// The file, for messages.
     pub path: PathBuf,
     /// `(name, key)` pairs; the first encrypts new tickets, every one decrypts.
-    pub keys: Vec<([u8; 16], [u8; 32])>,
+    pub keys: Vec<TicketKey>,
 }
+
+/// One ticket key: its 16-byte name (sent in each ticket) and its AES-256-GCM key.
+pub type TicketKey = ([u8; 16], [u8; 32]);
 
 impl std::fmt::Debug for TicketKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,7 +136,7 @@ pub struct Resumption {
 /// Parses a ticket key file: one key per line as 96 hex digits (16 bytes of key name, then
 /// 32 bytes of AES-256-GCM key, as `openssl rand -hex 48` prints), `#` comments and blank
 /// lines ignored. The first key encrypts new tickets; all decrypt.
-pub fn parse_ticket_keys(text: &str) -> Result<Vec<([u8; 16], [u8; 32])>, String> {
+pub fn parse_ticket_keys(text: &str) -> Result<Vec<TicketKey>, String> {
     let mut keys = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -162,7 +165,7 @@ pub fn parse_ticket_keys(text: &str) -> Result<Vec<([u8; 16], [u8; 32])>, String
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -171,7 +171,10 @@ pub(crate) fn server_name(c: &mut Checker<'_>, v: &S<String>, key: &str) -> Opti
         c.err(
             v.span(),
             key,
-            format!("invalid server name {:?}: expected a DNS name or an IP address", v.get_ref()),
+            format!(
+                "invalid server name {:?}: expected a DNS name or an IP address",
+                v.get_ref()
+            ),
         );
         return None;
     }
@@ -188,14 +191,22 @@ fn certs(
     let pem = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) => {
-            c.err(v.span(), key, format!("cannot read {}: {e}", path.display()));
+            c.err(
+                v.span(),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
             return None;
         }
     };
     match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
         Ok(list) if !list.is_empty() => Some(list),
         Ok(_) => {
-            c.err(v.span(), key, format!("no CERTIFICATE in {}", path.display()));
+            c.err(
+                v.span(),
+                key,
+                format!("no CERTIFICATE in {}", path.display()),
+            );
             None
         }
         Err(e) => {

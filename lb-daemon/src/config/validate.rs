@@ -426,9 +426,10 @@ impl Checker<'_> {
                 grpc_status,
             };
             let sticky = c.sticky.as_ref().map(|st| self.sticky(st.get_ref(), &key));
-            let tls = c.tls.as_ref().and_then(|t| {
-                super::upstream_tls::check(self, t, &format!("{key}.tls"), dir)
-            });
+            let tls = c
+                .tls
+                .as_ref()
+                .and_then(|t| super::upstream_tls::check(self, t, &format!("{key}.tls"), dir));
             if c.tls.is_none() {
                 for (j, e) in c.endpoints.iter().flatten().enumerate() {
                     if let Some(n) = &e.get_ref().server_name {

@@ -128,7 +128,11 @@ fn dotted(oid: &[u8]) -> String {
         v = (v << 7) | u64::from(b & 0x7f);
         if b & 0x80 == 0 {
             if parts.is_empty() {
-                let (a, rest) = if v < 80 { (v / 40, v % 40) } else { (2, v - 80) };
+                let (a, rest) = if v < 80 {
+                    (v / 40, v % 40)
+                } else {
+                    (2, v - 80)
+                };
                 parts.push(a.to_string());
                 parts.push(rest.to_string());
             } else {
@@ -186,7 +190,8 @@ mod tests {
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name
             .push(rcgen::DnType::OrganizationName, "Ex, Ample");
-        p.distinguished_name.push(rcgen::DnType::CommonName, "client");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "client");
         let cert = p.self_signed(&kp).expect("cert");
         assert_eq!(
             subject(cert.der()).as_deref(),
@@ -196,6 +201,9 @@ mod tests {
             sans(cert.der()).as_deref(),
             Some("DNS:a.example, URI:spiffe://example/web, IP:10.0.0.1")
         );
-        assert_eq!(dotted(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d]), "1.2.840.113549");
+        assert_eq!(
+            dotted(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d]),
+            "1.2.840.113549"
+        );
     }
 }

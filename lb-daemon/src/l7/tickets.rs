@@ -134,7 +134,8 @@ mod tests {
         let k1 = "01".repeat(48);
         let k2 = "02".repeat(48);
         let old = SharedTicketer::new(&keys(&k1)).expect("old");
-        let rotated = SharedTicketer::new(&keys(&format!("# new first\n{k2}\n\n{k1}\n"))).expect("new");
+        let rotated =
+            SharedTicketer::new(&keys(&format!("# new first\n{k2}\n\n{k1}\n"))).expect("new");
         let other = SharedTicketer::new(&keys(&"03".repeat(48))).expect("other");
         let t = old.encrypt(b"state").expect("seal");
         assert_eq!(t.len(), 5 + OVERHEAD);

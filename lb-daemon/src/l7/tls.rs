@@ -309,7 +309,8 @@ impl TlsListener {
             return Arc::clone(names);
         };
         let value = |s: Option<String>| s.and_then(|s| http::HeaderValue::from_str(&s).ok());
-        let fill = |slot: &Option<(http::HeaderName, Option<http::HeaderValue>)>, v: &dyn Fn() -> Option<String>| {
+        let fill = |slot: &Option<(http::HeaderName, Option<http::HeaderValue>)>,
+                    v: &dyn Fn() -> Option<String>| {
             slot.as_ref().map(|(n, _)| (n.clone(), value(v())))
         };
         Arc::new(CertHeaders {

@@ -169,10 +169,9 @@ fn client_config(tls: &UpstreamTls, alpn: Alpn) -> Result<ClientConfig, String> 
             }
             None => system_roots(),
         };
-        let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| e.to_string())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| e.to_string())?;
         builder.with_webpki_verifier(verifier)
     } else {
         builder

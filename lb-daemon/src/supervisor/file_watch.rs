@@ -66,7 +66,10 @@ pub async fn run(sup: Arc<Supervisor>) {
         tracing::info!(files = %changed.join(", "), "TLS files changed on disk; reloading");
         let r = sup.reload().await;
         if !r.ok {
-            tracing::warn!(errors = r.errors.len(), "reload after a TLS file change rejected; old config still active");
+            tracing::warn!(
+                errors = r.errors.len(),
+                "reload after a TLS file change rejected; old config still active"
+            );
         }
         // The new config may read other files: start from what it reads now.
         for p in files(&sup.runtime().model) {
