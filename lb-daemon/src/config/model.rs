@@ -96,6 +96,9 @@ pub struct Listener {
     pub cert_headers: Option<super::tls::CertHeaderNames>,
     /// Answer every request with a 308 to the same URL over HTTPS (cleartext listeners).
     pub redirect_https: bool,
+    /// `mode = "tcp"`: the cluster (by name) every connection's bytes are forwarded to;
+    /// `None` for HTTP listeners.
+    pub tcp_cluster: Option<String>,
 }
 
 /// Per-listener limits; every field has a safe default.

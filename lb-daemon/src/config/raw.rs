@@ -68,6 +68,8 @@ pub struct RawListener {
     pub tls: Option<S<super::tls::Raw>>,
     pub client_cert_headers: Option<S<super::tls::RawCertHeaders>>,
     pub redirect_https: Option<S<bool>>,
+    pub mode: Option<S<String>>,
+    pub cluster: Option<S<String>>,
 }
 
 /// `[listeners.limits]`.

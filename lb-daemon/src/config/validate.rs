@@ -60,6 +60,26 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
         clusters: &cluster_names,
         clusters_complete: !raw.clusters_incomplete,
     };
+    // A TCP listener's cluster must exist, and speak cleartext (bytes are relayed as they are).
+    for ((i, l), model) in raw.listeners.iter().zip(&listeners) {
+        let (Some(name), Some(at)) = (&model.tcp_cluster, &l.get_ref().cluster) else {
+            continue;
+        };
+        let key = format!("listeners[{i}].cluster");
+        match cluster_names.get(name) {
+            None if !raw.clusters_incomplete => {
+                v.err(at.span(), &key, format!("unknown cluster {name:?}"));
+            }
+            Some(c) if clusters.get(c).is_some_and(|c| c.tls.is_some()) => {
+                v.err(
+                    at.span(),
+                    &key,
+                    "a TCP listener relays bytes as they are; its cluster cannot have [clusters.tls]",
+                );
+            }
+            _ => {}
+        }
+    }
     let routes = v.routes(&raw.routes, &refs, dir);
     let vips = v.vips(&raw.vips, &refs, &clusters);
 
@@ -271,9 +291,11 @@ impl Checker<'_> {
                 Some(b) => *b.get_ref(),
                 None => false,
             };
+            let tcp_cluster = self.tcp_mode(l, &key);
             out.push(Listener {
                 cert_headers,
                 redirect_https,
+                tcp_cluster,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,
@@ -282,6 +304,64 @@ impl Checker<'_> {
             });
         }
         out
+    }
+
+    /// `mode = "tcp"` and its `cluster`; HTTP-only keys are errors on a TCP listener.
+    fn tcp_mode(&mut self, l: &RawListener, key: &str) -> Option<String> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mode {
+            Http,
+            Tcp,
+        }
+        let mode = self.choice(
+            l.mode.as_ref(),
+            &format!("{key}.mode"),
+            Mode::Http,
+            &[("http", Mode::Http), ("tcp", Mode::Tcp)],
+        );
+        if mode == Mode::Http {
+            if let Some(c) = &l.cluster {
+                self.err(
+                    c.span(),
+                    &format!("{key}.cluster"),
+                    "only used with mode = \"tcp\" (HTTP listeners reach clusters through routes)",
+                );
+            }
+            return None;
+        }
+        let only_http = [
+            ("tls", l.tls.as_ref().map(|t| t.span())),
+            ("protocol", l.protocol.as_ref().map(|t| t.span())),
+            (
+                "redirect_https",
+                l.redirect_https.as_ref().map(|t| t.span()),
+            ),
+            (
+                "client_cert_headers",
+                l.client_cert_headers.as_ref().map(|t| t.span()),
+            ),
+        ];
+        for (name, span) in only_http {
+            if let Some(s) = span {
+                self.err(
+                    s,
+                    &format!("{key}.{name}"),
+                    "not used by a TCP listener (mode = \"tcp\")",
+                );
+            }
+        }
+        match &l.cluster {
+            Some(c) => Some(c.get_ref().clone()),
+            None => {
+                let at = l.mode.as_ref().map_or(0..0, |m| m.span());
+                self.err(
+                    at,
+                    &format!("{key}.cluster"),
+                    "a TCP listener needs the cluster its connections go to",
+                );
+                None
+            }
+        }
     }
 
     fn limits(&mut self, l: Option<&RawLimits>, listener: &str) -> Limits {

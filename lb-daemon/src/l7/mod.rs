@@ -26,6 +26,7 @@ pub mod sendbudget;
 pub mod server;
 pub mod split;
 pub mod sticky;
+pub mod tcp_proxy;
 pub mod tickets;
 pub mod tls;
 pub mod upstream;

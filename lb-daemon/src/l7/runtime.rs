@@ -63,6 +63,8 @@ pub struct ListenerRuntime {
     pub cert_headers: Option<Arc<super::conn::CertHeaders>>,
     /// Answer everything with a redirect to HTTPS (`redirect_https`).
     pub redirect_https: bool,
+    /// `mode = "tcp"`: the cluster (index in `clusters`) connections are relayed to.
+    pub tcp_cluster: Option<usize>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -165,6 +167,10 @@ impl Runtime {
                 protocol: l.protocol,
                 tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
                 redirect_https: l.redirect_https,
+                tcp_cluster: l
+                    .tcp_cluster
+                    .as_ref()
+                    .and_then(|n| model.clusters.iter().position(|c| c.name == *n)),
                 cert_headers: l.cert_headers.as_ref().map(|n| {
                     Arc::new(super::conn::CertHeaders {
                         subject: n.subject.clone().map(|h| (h, None)),

@@ -106,7 +106,7 @@ pub struct ListenerCtx {
 
 /// Why a downstream connection ended (the `reason` label of `CONNECTIONS_CLOSED`).
 #[derive(Debug, Clone, Copy)]
-pub(super) enum CloseReason {
+pub(crate) enum CloseReason {
     Client = 0,
     Drain = 1,
     Idle = 2,
@@ -181,6 +181,28 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
     let (limits, protocol, tls, cert_headers) = {
         let rt = ctx.state.load();
         match rt.listener(ctx.bind) {
+            Some(l) if l.tcp_cluster.is_some() => {
+                let cluster = l
+                    .tcp_cluster
+                    .and_then(|c| rt.clusters.get(c))
+                    .map(Arc::clone);
+                drop(rt);
+                let reason = match cluster {
+                    Some(c) => {
+                        Box::pin(super::tcp_proxy::serve(
+                            stream,
+                            client,
+                            c,
+                            &mut ctx.shutdown,
+                        ))
+                        .await
+                    }
+                    None => CloseReason::Error,
+                };
+                cm.active.decrement(1.0);
+                cm.closed[reason as usize].increment(1);
+                return;
+            }
             Some(l) => (
                 l.limits.clone(),
                 l.protocol,
