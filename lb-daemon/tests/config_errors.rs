@@ -1583,6 +1583,43 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
             "cleartext",
         ),
         (
+            "tcp listener without a cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "needs the cluster",
+        ),
+        (
+            "tcp listener to an unknown cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"nope\"\n{OK_TAIL}"
+            ),
+            5,
+            "listeners[0].cluster",
+            "unknown cluster",
+        ),
+        (
+            "tcp listener with tls",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"tail\"\n[listeners.tls]",
+            ),
+            6,
+            "listeners[0].tls",
+            "not used by a TCP listener",
+        ),
+        (
+            "cluster on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ncluster = \"tail\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "mode = \"tcp\"",
+        ),
+        (
             "endpoint server_name without TLS",
             format!(
                 "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nserver_name = \"a.test\"\n{OK_TAIL}"
