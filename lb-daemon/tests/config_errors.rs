@@ -1620,6 +1620,15 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
             "mode = \"tcp\"",
         ),
         (
+            "proxy_protocol on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].proxy_protocol",
+            "only sent by TCP listeners",
+        ),
+        (
             "endpoint server_name without TLS",
             format!(
                 "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nserver_name = \"a.test\"\n{OK_TAIL}"

@@ -123,3 +123,87 @@ address = "{dead}"
         lbd.logs()
     );
 }
+
+/// `proxy_protocol = "v2"` / `"v1"`: the endpoint receives exactly the header for the
+/// client's address and lbd's listener, then the client's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_headers_reach_the_backend_byte_for_byte() {
+    // Records everything a connection sent (until "END\n"), and answers "ok".
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = l.local_addr().expect("addr");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let _task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 512];
+                while !got.ends_with(b"END\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"ok").await;
+                let _ = tx.send(got).await;
+            });
+        }
+    });
+    let (v2, v1) = (free_addr(), free_addr());
+    let config = format!(
+        r#"
+[[listeners]]
+name = "v2"
+bind = "{v2}"
+mode = "tcp"
+cluster = "raw"
+proxy_protocol = "v2"
+
+[[listeners]]
+name = "v1"
+bind = "{v1}"
+mode = "tcp"
+cluster = "raw"
+proxy_protocol = "v1"
+
+[[clusters]]
+name = "raw"
+[[clusters.endpoints]]
+address = "{backend}"
+"#
+    );
+    let _lbd = Lbd::start(bin(), &config);
+    for (listen, version) in [(v2, 2), (v1, 1)] {
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        let me = s.local_addr().expect("local");
+        s.write_all(b"hello END\n").await.expect("write");
+        let mut answer = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer))
+            .await
+            .expect("answer in time")
+            .expect("answer");
+        assert_eq!(&answer, b"ok");
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("backend saw the connection")
+            .expect("bytes");
+        let mut want = Vec::new();
+        if version == 2 {
+            want.extend_from_slice(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c");
+            want.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
+            want.extend_from_slice(&me.port().to_be_bytes());
+            want.extend_from_slice(&listen.port().to_be_bytes());
+        } else {
+            want.extend_from_slice(
+                format!(
+                    "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+                    me.port(),
+                    listen.port()
+                )
+                .as_bytes(),
+            );
+        }
+        want.extend_from_slice(b"hello END\n");
+        assert_eq!(got, want, "v{version}");
+    }
+}

@@ -99,6 +99,17 @@ pub struct Listener {
     /// `mode = "tcp"`: the cluster (by name) every connection's bytes are forwarded to;
     /// `None` for HTTP listeners.
     pub tcp_cluster: Option<String>,
+    /// TCP listeners: the PROXY protocol header sent to the endpoint before the client's bytes.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// PROXY protocol version (haproxy.org/download/2.9/doc/proxy-protocol.txt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// Per-listener limits; every field has a safe default.

@@ -70,6 +70,7 @@ pub struct RawListener {
     pub redirect_https: Option<S<bool>>,
     pub mode: Option<S<String>>,
     pub cluster: Option<S<String>>,
+    pub proxy_protocol: Option<S<String>>,
 }
 
 /// `[listeners.limits]`.

@@ -292,10 +292,30 @@ impl Checker<'_> {
                 None => false,
             };
             let tcp_cluster = self.tcp_mode(l, &key);
+            let proxy_protocol = l.proxy_protocol.as_ref().and_then(|p| {
+                let v = self.choice(
+                    Some(p),
+                    &format!("{key}.proxy_protocol"),
+                    None,
+                    &[
+                        ("v1", Some(super::model::ProxyProtocol::V1)),
+                        ("v2", Some(super::model::ProxyProtocol::V2)),
+                    ],
+                );
+                if l.mode.as_ref().is_none_or(|m| m.get_ref() != "tcp") {
+                    self.err(
+                        p.span(),
+                        &format!("{key}.proxy_protocol"),
+                        "only sent by TCP listeners (mode = \"tcp\")",
+                    );
+                }
+                v
+            });
             out.push(Listener {
                 cert_headers,
                 redirect_https,
                 tcp_cluster,
+                proxy_protocol,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,

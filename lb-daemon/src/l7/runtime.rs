@@ -65,6 +65,8 @@ pub struct ListenerRuntime {
     pub redirect_https: bool,
     /// `mode = "tcp"`: the cluster (index in `clusters`) connections are relayed to.
     pub tcp_cluster: Option<usize>,
+    /// PROXY protocol header sent before a TCP listener's bytes.
+    pub proxy_protocol: Option<crate::config::model::ProxyProtocol>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -167,6 +169,7 @@ impl Runtime {
                 protocol: l.protocol,
                 tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
                 redirect_https: l.redirect_https,
+                proxy_protocol: l.proxy_protocol,
                 tcp_cluster: l
                     .tcp_cluster
                     .as_ref()

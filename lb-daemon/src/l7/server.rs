@@ -186,6 +186,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
                     .tcp_cluster
                     .and_then(|c| rt.clusters.get(c))
                     .map(Arc::clone);
+                let proxy = l.proxy_protocol;
                 drop(rt);
                 let reason = match cluster {
                     Some(c) => {
@@ -193,6 +194,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
                             stream,
                             client,
                             c,
+                            proxy,
                             &mut ctx.shutdown,
                         ))
                         .await
