@@ -1510,6 +1510,7 @@ fn full_config_builds_the_expected_model() {
             weight: 1,
             backup: false,
             origin: lbd::config::discovery::Origin::Static,
+            server_name: None,
         }]
     );
 
@@ -1962,4 +1963,278 @@ fn discovery_sources_and_settings() {
     // A cluster with only a DNS name is valid with no endpoint at start (Envoy STRICT_DNS).
     assert!(m.clusters[1].endpoints.is_empty());
     assert_eq!(m.clusters[1].discovery, Settings::default());
+}
+
+#[test]
+fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
+    use lb_tests::certs::{LeafOpts, Pki, toml_path};
+    let pki = Pki::new("test CA");
+    let good = pki.leaf(
+        "good",
+        &LeafOpts {
+            names: vec!["a.test".into()],
+            cn: "leaf".into(),
+            serial: 7,
+            ..LeafOpts::default()
+        },
+    );
+    let other = pki.leaf(
+        "other",
+        &LeafOpts {
+            names: vec!["b.test".into()],
+            cn: "other".into(),
+            serial: 8,
+            ..LeafOpts::default()
+        },
+    );
+    let keys = pki.write("t.keys", format!("{}\n", "ab".repeat(48)).as_bytes());
+    let short = pki.write("short.keys", b"# a comment\nabcdef\n");
+    let ca = toml_path(&pki.ca_file);
+    // `extra` goes into [listeners.tls], before the certificates (line 5 on).
+    let listener = |extra: &str| {
+        tls_config(&good.cert, &good.key, "").replace(
+            "[listeners.tls]\n[[listeners.tls.certificates]]",
+            &format!("[listeners.tls]\n{extra}\n[[listeners.tls.certificates]]"),
+        )
+    };
+    // `tls` is the [clusters.tls] table body (line 7 on), `ep` extra endpoint keys (line 4).
+    let cluster = |tls: &str, ep: &str| {
+        format!(
+            "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n{ep}\n[clusters.tls]\n{tls}\n{OK_TAIL}"
+        )
+    };
+    let cases: Vec<(&str, String, usize, &str, &str)> = vec![
+        (
+            "unknown client_auth",
+            listener("client_auth = \"sometimes\""),
+            5,
+            "listeners[0].tls.client_auth",
+            "sometimes",
+        ),
+        (
+            "client_auth without a CA",
+            listener("client_auth = \"required\""),
+            5,
+            "listeners[0].tls.client_ca",
+            "client_ca",
+        ),
+        (
+            "client_ca with client_auth off",
+            listener(&format!("client_ca = {ca}")),
+            5,
+            "listeners[0].tls.client_ca",
+            "unused",
+        ),
+        (
+            "ticket key file with a short key",
+            listener(&format!("ticket_key_file = {}", toml_path(&short))),
+            5,
+            "listeners[0].tls.ticket_key_file",
+            "line 2: expected 96 hex digits",
+        ),
+        (
+            "ticket keys with tickets off",
+            listener(&format!(
+                "session_tickets = false\nticket_key_file = {}",
+                toml_path(&keys)
+            )),
+            6,
+            "listeners[0].tls.ticket_key_file",
+            "session_tickets = false",
+        ),
+        (
+            "negative session cache",
+            listener("session_cache = -1"),
+            5,
+            "listeners[0].tls.session_cache",
+            "",
+        ),
+        (
+            "identity header that is not a header name",
+            format!(
+                "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\nclient_cert_headers = {{ subject = \"bad header\" }}\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].client_cert_headers.subject",
+            "invalid header name",
+        ),
+        (
+            "upstream CA file missing",
+            cluster("ca = \"/nonexistent/ca.pem\"", ""),
+            7,
+            "clusters[0].tls.ca",
+            "cannot read",
+        ),
+        (
+            "upstream CA with verify = false",
+            cluster(&format!("verify = false\nca = {ca}"), ""),
+            8,
+            "clusters[0].tls.ca",
+            "unused",
+        ),
+        (
+            "bad server name",
+            cluster("server_name = \"a b\"", ""),
+            7,
+            "clusters[0].tls.server_name",
+            "invalid server name",
+        ),
+        (
+            "client certificate without key",
+            cluster(&format!("cert = {}", toml_path(&good.cert)), ""),
+            7,
+            "clusters[0].tls.cert",
+            "both `cert` and `key`",
+        ),
+        (
+            "client key of another certificate",
+            cluster(
+                &format!(
+                    "cert = {}\nkey = {}",
+                    toml_path(&good.cert),
+                    toml_path(&other.key)
+                ),
+                "",
+            ),
+            8,
+            "clusters[0].tls.key",
+            "does not fit",
+        ),
+        (
+            "an OCSP file that is not DER",
+            tls_config(
+                &good.cert,
+                &good.key,
+                &format!("ocsp = {}\n", toml_path(&short)),
+            ),
+            8,
+            "listeners[0].tls.certificates[0].ocsp",
+            "not a DER OCSP response",
+        ),
+        (
+            "redirect_https on a TLS listener",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nredirect_https = true\n[listeners.tls]",
+            ),
+            4,
+            "listeners[0].redirect_https",
+            "cleartext",
+        ),
+        (
+            "tcp listener without a cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "needs the cluster",
+        ),
+        (
+            "tcp listener to an unknown cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"nope\"\n{OK_TAIL}"
+            ),
+            5,
+            "listeners[0].cluster",
+            "unknown cluster",
+        ),
+        (
+            "tcp listener with tls",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"tail\"\n[listeners.tls]",
+            ),
+            6,
+            "listeners[0].tls",
+            "not used by a TCP listener",
+        ),
+        (
+            "cluster on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ncluster = \"tail\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "mode = \"tcp\"",
+        ),
+        (
+            "proxy_protocol on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].proxy_protocol",
+            "only sent by TCP listeners",
+        ),
+        (
+            "endpoint server_name without TLS",
+            format!(
+                "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nserver_name = \"a.test\"\n{OK_TAIL}"
+            ),
+            5,
+            "clusters[0].endpoints[0].server_name",
+            "[clusters.tls]",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, line, key, msg) in &cases {
+        let errs = match parse(text, Path::new("t.toml")) {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                continue;
+            }
+            Err(e) => e.0,
+        };
+        let ok = errs.len() == 1
+            && errs[0].line == *line
+            && errs[0].key == *key
+            && errs[0].message.contains(msg);
+        if !ok {
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            failures.push(format!(
+                "{what}: want {line}: {key}: ..{msg}..\n  got:\n    {}",
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Good values load: the model holds them.
+    let text = listener(&format!(
+        "client_auth = \"optional\"\nclient_ca = {ca}\nticket_key_file = {}\nsession_cache = 0",
+        toml_path(&keys)
+    ))
+    .replace(
+        "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+        "bind = \"127.0.0.1:0\"\nclient_cert_headers = { san = \"x-san\" }\n[listeners.tls]",
+    );
+    let m = parse(&text, Path::new("t.toml")).expect("valid");
+    let l = &m.listeners[0];
+    let tls = l.tls.as_ref().expect("tls");
+    assert_eq!(tls.resumption.cache, 0);
+    assert_eq!(
+        tls.resumption.ticket_keys.as_ref().map(|k| k.keys.len()),
+        Some(1)
+    );
+    assert_eq!(
+        l.cert_headers
+            .as_ref()
+            .and_then(|h| h.san.as_ref())
+            .map(|h| h.as_str()),
+        Some("x-san")
+    );
+    let m = parse(
+        &cluster(
+            &format!("ca = {ca}\nserver_name = \"A.Test\""),
+            "server_name = \"b.test\"",
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid upstream tls");
+    let c = &m.clusters[0];
+    let t = c.tls.as_ref().expect("tls");
+    assert!(t.verify);
+    assert_eq!(t.server_name.as_deref(), Some("a.test"));
+    assert_eq!(c.endpoints[0].server_name.as_deref(), Some("b.test"));
 }

@@ -449,6 +449,7 @@ pub(crate) mod testutil {
                     weight,
                     backup,
                     origin: Default::default(),
+                    server_name: None,
                 })
                 .collect(),
             policy,
@@ -470,6 +471,7 @@ pub(crate) mod testutil {
             outlier: None,
             sources: Vec::new(),
             discovery: Default::default(),
+            tls: None,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod outlier;
 mod raw;
 pub mod retry;
 pub mod tls;
+pub mod upstream_tls;
 mod validate;
 
 use std::path::Path;

@@ -66,6 +66,11 @@ pub struct RawListener {
     pub protocol: Option<S<String>>,
     pub limits: Option<S<RawLimits>>,
     pub tls: Option<S<super::tls::Raw>>,
+    pub client_cert_headers: Option<S<super::tls::RawCertHeaders>>,
+    pub redirect_https: Option<S<bool>>,
+    pub mode: Option<S<String>>,
+    pub cluster: Option<S<String>>,
+    pub proxy_protocol: Option<S<String>>,
 }
 
 /// `[listeners.limits]`.
@@ -157,6 +162,7 @@ pub struct RawCluster {
     pub sticky: Option<S<RawSticky>>,
     pub outlier: Option<S<super::outlier::RawOutlier>>,
     pub discovery: Option<S<super::discovery::RawDiscovery>>,
+    pub tls: Option<S<super::upstream_tls::Raw>>,
 }
 
 /// `[clusters.sticky]`.
@@ -180,6 +186,7 @@ pub struct RawEndpoint {
     pub file: Option<S<String>>,
     pub weight: Option<S<i64>>,
     pub backup: Option<S<bool>>,
+    pub server_name: Option<S<String>>,
 }
 
 /// `expected_status`: `200` or `"200-399"`.

@@ -69,6 +69,7 @@ pub(super) async fn lookup_host(
             weight,
             backup,
             origin: origin.clone(),
+            server_name: None,
         })
         .collect();
     endpoints.sort_by_key(|e| e.address);
@@ -133,6 +134,7 @@ pub(super) async fn lookup_srv(
                     weight,
                     backup: *priority != top,
                     origin: origin.clone(),
+                    server_name: None,
                 });
             }
         }

@@ -107,6 +107,7 @@ pub(super) fn parse(path: &Path, text: &str, origin: &Origin) -> Result<Vec<Endp
             weight: e.weight.0,
             backup: e.backup,
             origin: origin.clone(),
+            server_name: None,
         });
     }
     out.sort_by_key(|e| e.address);

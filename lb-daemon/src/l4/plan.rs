@@ -365,6 +365,7 @@ cluster = "t"
                         weight,
                         backup,
                         origin: Default::default(),
+                        server_name: None,
                     })
                     .collect(),
                 ..template.clone()

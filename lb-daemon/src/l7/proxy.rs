@@ -48,6 +48,17 @@ pub async fn handle(
     if let Err(f) = admit(&parts, &body, listener) {
         return fail(log, f);
     }
+    if listener.redirect_https {
+        let (mut head, bytes) = super::https_redirect::answer(&parts).into_parts();
+        head.version = log.version;
+        log.status = head.status.as_u16();
+        // The body is left unread: the connection cannot carry another request.
+        if !body.is_end_stream() {
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Response::from_parts(head, ResponseBody::full(bytes, Some(log)));
+    }
 
     // Route.
     let Some(route_idx) = listener.router.route(&rt.model, &parts) else {
@@ -300,6 +311,9 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
         head.headers.insert(header::HOST, v);
     }
     headers::strip_hop_by_hop(&mut head.headers);
+    if let Some(h) = &conn.cert_headers {
+        h.apply(&mut head.headers);
+    }
     headers::add_forwarding(
         &mut head.headers,
         conn.client.ip(),

@@ -368,6 +368,7 @@ mod tests {
                 outlier: None,
                 sources: Vec::new(),
                 discovery: Default::default(),
+                tls: None,
             }],
             vips: Vec::new(),
         }

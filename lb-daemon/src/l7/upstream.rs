@@ -20,6 +20,7 @@ use super::body::{BodyError, RequestBody};
 use super::h1client::{self, H1Body, H1Error};
 use super::h1pool::{H1Pool, H1PoolConfig};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
+use super::upstream_tls::{Alpn, Connector, is_tls_failure};
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::telemetry::metrics as m;
 
@@ -34,6 +35,9 @@ pub enum UpstreamError {
     ClientBody,
     /// The connection failed after the request was (partly) sent, or the answer was invalid.
     Reset,
+    /// The TLS handshake with the endpoint failed (its certificate did not verify, ...):
+    /// nothing was sent.
+    Tls,
 }
 
 impl UpstreamError {
@@ -41,6 +45,7 @@ impl UpstreamError {
         match e {
             H1Error::Body(BodyError::TooLarge { .. }) => UpstreamError::BodyTooLarge,
             H1Error::Body(BodyError::Stream(_)) | H1Error::BodyLength => UpstreamError::ClientBody,
+            H1Error::Io(io) if is_tls_failure(io) => UpstreamError::Tls,
             _ => UpstreamError::Reset,
         }
     }
@@ -77,6 +82,9 @@ impl UpstreamError {
                 }
             }
             source = s.source();
+        }
+        if is_tls_failure(e) {
+            return UpstreamError::Tls;
         }
         Self::from_chain(e.source())
     }
@@ -128,12 +136,23 @@ pub struct Upstream {
     version: http::Version,
     /// `ip:port` authority of each endpoint, built once so requests only clone it.
     authorities: Vec<Authority>,
+    /// `https` over TLS (HTTP/2's `:scheme`).
+    scheme: Scheme,
 }
 
 impl Upstream {
     /// Builds the client for `cluster` (no connection is opened until the first request).
     pub fn new(cluster: &Cluster) -> Self {
         let addresses: Vec<SocketAddr> = cluster.endpoints.iter().map(|e| e.address).collect();
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| Connector::new(cluster, t, Alpn::of(cluster.protocol)));
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let (pool, version) = match cluster.protocol {
             UpstreamProtocol::Http1 => {
                 let config = H1PoolConfig {
@@ -141,7 +160,7 @@ impl Upstream {
                     idle_timeout: cluster.timeouts.idle,
                     max_idle: cluster.pool.max_idle,
                 };
-                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config));
+                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config, tls));
                 H1Pool::spawn_reaper(&pool);
                 (Pool::Http1(pool), http::Version::HTTP_11)
             }
@@ -152,7 +171,7 @@ impl Upstream {
                     max_idle: cluster.pool.max_idle,
                     max_connections: cluster.pool.max_connections,
                 };
-                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config));
+                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config).with_tls(tls));
                 H2Pool::spawn_reaper(&pool);
                 (Pool::Http2(pool), http::Version::HTTP_2)
             }
@@ -167,6 +186,7 @@ impl Upstream {
             reused: metrics::counter!(m::UPSTREAM_REUSED, "cluster" => cluster.name.clone()),
             version,
             authorities,
+            scheme,
         }
     }
 
@@ -179,7 +199,7 @@ impl Upstream {
     pub fn uri(&self, endpoint: usize, pq: Option<&PathAndQuery>) -> Option<http::Uri> {
         let authority = self.authorities.get(endpoint)?.clone();
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(authority);
         parts.path_and_query = Some(
             pq.cloned()
@@ -224,7 +244,7 @@ impl Upstream {
                     .await
                     .map(|r| r.map(UpstreamBody::H2))
                     .map_err(|e| match e {
-                        SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
+                        SendError::Connect(e) => (connect_kind(&*e), UpstreamFailure(e)),
                         SendError::Request(e) => (
                             UpstreamError::classify_h2(&e, body),
                             UpstreamFailure(e.into()),
@@ -258,7 +278,7 @@ impl Upstream {
                 // whole request future (moved several times per request) much bigger.
                 None => Box::pin(pool.connect(endpoint))
                     .await
-                    .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
+                    .map_err(|e| (connect_kind(&*e), UpstreamFailure(e)))?,
             };
             let attempt_body = body.take().unwrap_or(RequestBody::Empty);
             match h1client::send(&mut conn, parts, attempt_body).await {
@@ -286,6 +306,15 @@ impl Upstream {
             Pool::Http1(_) => 0,
             Pool::Http2(p) => p.connections(endpoint),
         }
+    }
+}
+
+/// `Tls` for a failed handshake, else `Connect`.
+fn connect_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> UpstreamError {
+    if is_tls_failure(e) {
+        UpstreamError::Tls
+    } else {
+        UpstreamError::Connect
     }
 }
 

@@ -1,5 +1,7 @@
 //! Owns the running state built from a [`crate::config::Model`]: binds listeners, swaps in new
 //! runtimes on reload, serves the admin API, and drains on shutdown.
+mod file_watch;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -526,6 +528,7 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
             admin_rx,
         ));
     }
+    tokio::spawn(file_watch::run(Arc::clone(&sup)));
     match sdnotify::notify(sdnotify::State::Ready) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "sd_notify READY failed"),
