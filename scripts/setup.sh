@@ -34,11 +34,13 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # - prometheus: promtool checks and unit-tests configs/prometheus/lbd-rules.yml, and the server
 #   scrapes a real lbd in lb-daemon/tests/ops_prometheus.rs (tests start their own; the
 #   package's service is disabled below).
+# - dnsmasq-base: the DNS server lb-daemon/tests/e2e_discovery.rs starts on loopback (the
+#   binary only: the `dnsmasq` package would also start a system service on port 53).
 # - redis-server: lb-daemon/tests/e2e_redis_limit.rs starts its own instance on a free loopback
 #   port (no persistence) and stops it by PID; the system service is never used.
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
-      nginx-light haproxy prometheus redis-server)
+      nginx-light haproxy prometheus redis-server dnsmasq-base)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
 bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod import;
 pub mod l4;

@@ -544,7 +544,112 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"example.com:80\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:2\"\n",
         4,
         "clusters[0].endpoints[0].address",
-        "invalid address \"example.com:80\": expected ip:port",
+        "invalid address \"example.com:80\": expected ip:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"; to resolve a DNS name, write dns = \"example.com:80\"",
+    ),
+    (
+        "dns endpoint that is an IP",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"127.0.0.1:80\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "is an IP address, not a name; write address = \"127.0.0.1:80\"",
+    ),
+    (
+        "dns endpoint without port",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "expected name:port",
+    ),
+    (
+        "dns endpoint with a bad name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web..internal:80\"\n",
+        4,
+        "clusters[0].endpoints[0].dns",
+        "invalid DNS endpoint",
+    ),
+    (
+        "address and dns in one endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\ndns = \"web.internal:80\"\n",
+        5,
+        "clusters[0].endpoints[0].dns",
+        "`address` and `dns` in one endpoint",
+    ),
+    (
+        "srv name with a port",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nsrv = \"_http._tcp.web:80\"\n",
+        4,
+        "clusters[0].endpoints[0].srv",
+        "invalid SRV name",
+    ),
+    (
+        "weight on an srv endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nsrv = \"_http._tcp.web\"\nweight = 5\n",
+        5,
+        "clusters[0].endpoints[0].weight",
+        "not used with `srv`: the SRV record sets it",
+    ),
+    (
+        "backup on a file endpoint",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nfile = \"eps.json\"\nbackup = true\n",
+        5,
+        "clusters[0].endpoints[0].backup",
+        "not used with `file`",
+    ),
+    (
+        "empty endpoints file name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\nfile = \"\"\n",
+        4,
+        "clusters[0].endpoints[0].file",
+        "must not be empty",
+    ),
+    (
+        "same dns source twice",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n",
+        6,
+        "clusters[0].endpoints[1]",
+        "duplicate endpoint source dns:web.internal:80 in cluster (first on line 4)",
+    ),
+    (
+        "discovery without a dynamic source",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.discovery]\nttl_min = \"1s\"\n",
+        5,
+        "clusters[0].discovery",
+        "only used with `dns`, `srv` or `file` endpoints",
+    ),
+    (
+        "discovery ttl_min above ttl_max",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nttl_min = \"10s\"\nttl_max = \"5s\"\n",
+        7,
+        "clusters[0].discovery.ttl_max",
+        "ttl_min (10s) is above ttl_max (5s)",
+    ),
+    (
+        "discovery resolver that is a name",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nresolver = \"ns1.internal:53\"\n",
+        6,
+        "clusters[0].discovery.resolver",
+        "invalid address \"ns1.internal:53\": expected ip:port",
+    ),
+    (
+        "discovery retry of 0",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nretry = \"0s\"\n",
+        6,
+        "clusters[0].discovery.retry",
+        "must be greater than 0",
+    ),
+    (
+        "discovery query_timeout that is no duration",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nquery_timeout = \"soon\"\n",
+        6,
+        "clusters[0].discovery.query_timeout",
+        "invalid duration \"soon\"",
+    ),
+    (
+        "unknown discovery key",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.internal:80\"\n[clusters.discovery]\nrefresh = \"1s\"\n",
+        6,
+        "clusters[0].discovery.refresh",
+        "unknown field `refresh`",
     ),
     (
         "endpoint port 0",
@@ -1403,7 +1508,9 @@ fn full_config_builds_the_expected_model() {
         [Endpoint {
             address: "127.0.0.1:9001".parse().expect("addr"),
             weight: 1,
-            backup: false
+            backup: false,
+            origin: lbd::config::discovery::Origin::Static,
+            server_name: None,
         }]
     );
 
@@ -1793,4 +1900,341 @@ fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
     assert_eq!(o.max_ejection_time, Duration::from_secs(600));
     assert_eq!(o.consecutive_gateway_failure, 3);
     assert_eq!(o.success_rate.map(|s| s.stdev_factor_milli), Some(2000));
+}
+
+#[test]
+fn discovery_sources_and_settings() {
+    use lbd::config::discovery::{EndpointSource, Settings, SourceKind};
+    let text = format!(
+        "[[clusters]]\nname = \"d\"\n\
+         [[clusters.endpoints]]\naddress = \"127.0.0.1:7\"\n\
+         [[clusters.endpoints]]\ndns = \"Web.Internal:8080\"\nweight = 3\nbackup = true\n\
+         [[clusters.endpoints]]\nsrv = \"_http._tcp.web.internal\"\n\
+         [[clusters.endpoints]]\nfile = \"eps.json\"\n\
+         [clusters.discovery]\nresolver = \"127.0.0.1:5353\"\nttl_min = \"1s\"\nttl_max = \"30s\"\n\
+         retry = \"2s\"\nfile_interval = \"500ms\"\n\
+         [[clusters]]\nname = \"only-dns\"\n[[clusters.endpoints]]\ndns = \"a.b:1\"\n{OK_TAIL}"
+    );
+    let m = parse(&text, Path::new("/etc/lbd/lb.toml")).expect("valid");
+    let d = &m.clusters[0];
+    assert_eq!(
+        d.endpoints.len(),
+        1,
+        "only the static endpoint until resolution"
+    );
+    assert_eq!(
+        d.sources,
+        [
+            EndpointSource {
+                kind: SourceKind::Dns {
+                    host: "web.internal".into(),
+                    port: 8080
+                },
+                weight: 3,
+                backup: true
+            },
+            EndpointSource {
+                kind: SourceKind::Srv {
+                    name: "_http._tcp.web.internal".into()
+                },
+                weight: 1,
+                backup: false
+            },
+            EndpointSource {
+                kind: SourceKind::File {
+                    path: "/etc/lbd/eps.json".into()
+                },
+                weight: 1,
+                backup: false
+            },
+        ]
+    );
+    assert_eq!(
+        d.discovery,
+        Settings {
+            resolver: Some("127.0.0.1:5353".parse().expect("addr")),
+            ttl_min: Duration::from_secs(1),
+            ttl_max: Duration::from_secs(30),
+            retry: Duration::from_secs(2),
+            query_timeout: Duration::from_secs(2),
+            file_interval: Duration::from_millis(500),
+        }
+    );
+    // A cluster with only a DNS name is valid with no endpoint at start (Envoy STRICT_DNS).
+    assert!(m.clusters[1].endpoints.is_empty());
+    assert_eq!(m.clusters[1].discovery, Settings::default());
+}
+
+#[test]
+fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
+    use lb_tests::certs::{LeafOpts, Pki, toml_path};
+    let pki = Pki::new("test CA");
+    let good = pki.leaf(
+        "good",
+        &LeafOpts {
+            names: vec!["a.test".into()],
+            cn: "leaf".into(),
+            serial: 7,
+            ..LeafOpts::default()
+        },
+    );
+    let other = pki.leaf(
+        "other",
+        &LeafOpts {
+            names: vec!["b.test".into()],
+            cn: "other".into(),
+            serial: 8,
+            ..LeafOpts::default()
+        },
+    );
+    let keys = pki.write("t.keys", format!("{}\n", "ab".repeat(48)).as_bytes());
+    let short = pki.write("short.keys", b"# a comment\nabcdef\n");
+    let ca = toml_path(&pki.ca_file);
+    // `extra` goes into [listeners.tls], before the certificates (line 5 on).
+    let listener = |extra: &str| {
+        tls_config(&good.cert, &good.key, "").replace(
+            "[listeners.tls]\n[[listeners.tls.certificates]]",
+            &format!("[listeners.tls]\n{extra}\n[[listeners.tls.certificates]]"),
+        )
+    };
+    // `tls` is the [clusters.tls] table body (line 7 on), `ep` extra endpoint keys (line 4).
+    let cluster = |tls: &str, ep: &str| {
+        format!(
+            "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n{ep}\n[clusters.tls]\n{tls}\n{OK_TAIL}"
+        )
+    };
+    let cases: Vec<(&str, String, usize, &str, &str)> = vec![
+        (
+            "unknown client_auth",
+            listener("client_auth = \"sometimes\""),
+            5,
+            "listeners[0].tls.client_auth",
+            "sometimes",
+        ),
+        (
+            "client_auth without a CA",
+            listener("client_auth = \"required\""),
+            5,
+            "listeners[0].tls.client_ca",
+            "client_ca",
+        ),
+        (
+            "client_ca with client_auth off",
+            listener(&format!("client_ca = {ca}")),
+            5,
+            "listeners[0].tls.client_ca",
+            "unused",
+        ),
+        (
+            "ticket key file with a short key",
+            listener(&format!("ticket_key_file = {}", toml_path(&short))),
+            5,
+            "listeners[0].tls.ticket_key_file",
+            "line 2: expected 96 hex digits",
+        ),
+        (
+            "ticket keys with tickets off",
+            listener(&format!(
+                "session_tickets = false\nticket_key_file = {}",
+                toml_path(&keys)
+            )),
+            6,
+            "listeners[0].tls.ticket_key_file",
+            "session_tickets = false",
+        ),
+        (
+            "negative session cache",
+            listener("session_cache = -1"),
+            5,
+            "listeners[0].tls.session_cache",
+            "",
+        ),
+        (
+            "identity header that is not a header name",
+            format!(
+                "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\nclient_cert_headers = {{ subject = \"bad header\" }}\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].client_cert_headers.subject",
+            "invalid header name",
+        ),
+        (
+            "upstream CA file missing",
+            cluster("ca = \"/nonexistent/ca.pem\"", ""),
+            7,
+            "clusters[0].tls.ca",
+            "cannot read",
+        ),
+        (
+            "upstream CA with verify = false",
+            cluster(&format!("verify = false\nca = {ca}"), ""),
+            8,
+            "clusters[0].tls.ca",
+            "unused",
+        ),
+        (
+            "bad server name",
+            cluster("server_name = \"a b\"", ""),
+            7,
+            "clusters[0].tls.server_name",
+            "invalid server name",
+        ),
+        (
+            "client certificate without key",
+            cluster(&format!("cert = {}", toml_path(&good.cert)), ""),
+            7,
+            "clusters[0].tls.cert",
+            "both `cert` and `key`",
+        ),
+        (
+            "client key of another certificate",
+            cluster(
+                &format!(
+                    "cert = {}\nkey = {}",
+                    toml_path(&good.cert),
+                    toml_path(&other.key)
+                ),
+                "",
+            ),
+            8,
+            "clusters[0].tls.key",
+            "does not fit",
+        ),
+        (
+            "an OCSP file that is not DER",
+            tls_config(
+                &good.cert,
+                &good.key,
+                &format!("ocsp = {}\n", toml_path(&short)),
+            ),
+            8,
+            "listeners[0].tls.certificates[0].ocsp",
+            "not a DER OCSP response",
+        ),
+        (
+            "redirect_https on a TLS listener",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nredirect_https = true\n[listeners.tls]",
+            ),
+            4,
+            "listeners[0].redirect_https",
+            "cleartext",
+        ),
+        (
+            "tcp listener without a cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "needs the cluster",
+        ),
+        (
+            "tcp listener to an unknown cluster",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"nope\"\n{OK_TAIL}"
+            ),
+            5,
+            "listeners[0].cluster",
+            "unknown cluster",
+        ),
+        (
+            "tcp listener with tls",
+            tls_config(&good.cert, &good.key, "").replace(
+                "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+                "bind = \"127.0.0.1:0\"\nmode = \"tcp\"\ncluster = \"tail\"\n[listeners.tls]",
+            ),
+            6,
+            "listeners[0].tls",
+            "not used by a TCP listener",
+        ),
+        (
+            "cluster on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ncluster = \"tail\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].cluster",
+            "mode = \"tcp\"",
+        ),
+        (
+            "proxy_protocol on an http listener",
+            format!(
+                "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\n{OK_TAIL}"
+            ),
+            4,
+            "listeners[0].proxy_protocol",
+            "only sent by TCP listeners",
+        ),
+        (
+            "endpoint server_name without TLS",
+            format!(
+                "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\nserver_name = \"a.test\"\n{OK_TAIL}"
+            ),
+            5,
+            "clusters[0].endpoints[0].server_name",
+            "[clusters.tls]",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, line, key, msg) in &cases {
+        let errs = match parse(text, Path::new("t.toml")) {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                continue;
+            }
+            Err(e) => e.0,
+        };
+        let ok = errs.len() == 1
+            && errs[0].line == *line
+            && errs[0].key == *key
+            && errs[0].message.contains(msg);
+        if !ok {
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            failures.push(format!(
+                "{what}: want {line}: {key}: ..{msg}..\n  got:\n    {}",
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Good values load: the model holds them.
+    let text = listener(&format!(
+        "client_auth = \"optional\"\nclient_ca = {ca}\nticket_key_file = {}\nsession_cache = 0",
+        toml_path(&keys)
+    ))
+    .replace(
+        "bind = \"127.0.0.1:0\"\n[listeners.tls]",
+        "bind = \"127.0.0.1:0\"\nclient_cert_headers = { san = \"x-san\" }\n[listeners.tls]",
+    );
+    let m = parse(&text, Path::new("t.toml")).expect("valid");
+    let l = &m.listeners[0];
+    let tls = l.tls.as_ref().expect("tls");
+    assert_eq!(tls.resumption.cache, 0);
+    assert_eq!(
+        tls.resumption.ticket_keys.as_ref().map(|k| k.keys.len()),
+        Some(1)
+    );
+    assert_eq!(
+        l.cert_headers
+            .as_ref()
+            .and_then(|h| h.san.as_ref())
+            .map(|h| h.as_str()),
+        Some("x-san")
+    );
+    let m = parse(
+        &cluster(
+            &format!("ca = {ca}\nserver_name = \"A.Test\""),
+            "server_name = \"b.test\"",
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid upstream tls");
+    let c = &m.clusters[0];
+    let t = c.tls.as_ref().expect("tls");
+    assert!(t.verify);
+    assert_eq!(t.server_name.as_deref(), Some("a.test"));
+    assert_eq!(c.endpoints[0].server_name.as_deref(), Some("b.test"));
 }

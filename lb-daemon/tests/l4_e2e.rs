@@ -43,15 +43,23 @@ fn backend_addr(i: usize) -> Ipv4Addr {
 }
 
 fn config(mode: &str) -> String {
+    let endpoints: String = (0..BACKENDS.len())
+        .map(|i| {
+            format!(
+                "[[clusters.endpoints]]\naddress = \"{}:{PORT}\"\n",
+                backend_addr(i)
+            )
+        })
+        .collect();
+    config_with(mode, &endpoints)
+}
+
+/// [`config`] with the cluster's `[[clusters.endpoints]]` given.
+fn config_with(mode: &str, endpoints: &str) -> String {
     // Admin on ns l's loopback: the XDP counters as Prometheus metrics.
     let mut s = String::from("[admin]\nbind = \"127.0.0.1:9901\"\n\n");
     s.push_str("[[clusters]]\nname = \"svc\"\n");
-    for i in 0..BACKENDS.len() {
-        s.push_str(&format!(
-            "[[clusters.endpoints]]\naddress = \"{}:{PORT}\"\n",
-            backend_addr(i)
-        ));
-    }
+    s.push_str(endpoints);
     s.push_str(&format!(
         r#"[clusters.health_check]
 kind = "tcp"
@@ -563,6 +571,11 @@ struct Setup {
 /// serving both VIPs in `mode`, and a warm-up until every backend answers through the VIP.
 /// `None` after printing `SKIP: …` when this machine cannot run it.
 fn setup(tag: &str, mode: &str, before_lbd: impl FnOnce(&Netns) -> bool) -> Option<Setup> {
+    setup_config(tag, &config(mode), before_lbd)
+}
+
+/// [`setup`] with lbd running `config`.
+fn setup_config(tag: &str, config: &str, before_lbd: impl FnOnce(&Netns) -> bool) -> Option<Setup> {
     let pass_through = match lbd::l4::object() {
         Ok(o) => o,
         Err(r) => {
@@ -657,7 +670,7 @@ fn setup(tag: &str, mode: &str, before_lbd: impl FnOnce(&Netns) -> bool) -> Opti
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
             .expect("chmod wrapper");
     }
-    let lbd = Lbd::start(&wrapper, &config(mode));
+    let lbd = Lbd::start(&wrapper, config);
     let _ = std::fs::remove_file(&wrapper);
     let link = ip(&["-n", &ns.name("l"), "link", "show", "vL"]).expect("ip link");
     assert!(link.contains(" xdp"), "lbd attached XDP to vL: {link}");
@@ -1154,4 +1167,74 @@ fn lbd_decap_attaches_until_sigterm() {
     assert!(stdout.contains("lb_decap attached to e0"), "{stdout}");
     let link = ip(&["-n", &x, "link", "show", "e0"]).expect("ip link");
     assert!(!link.contains("xdp"), "detached on SIGTERM: {link}");
+}
+
+/// Service discovery reaches the XDP maps: the VIP's cluster takes its endpoints from a file,
+/// and rewriting the file without one backend moves new flows off it without a reload.
+#[test]
+fn xdp_follows_an_endpoints_file() {
+    let dir = std::env::temp_dir().join(format!("lbd-l4-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("svc.json");
+    let list = |n: usize| {
+        let items: Vec<String> = (0..n)
+            .map(|i| format!("{{\"address\": \"{}:{PORT}\"}}", backend_addr(i)))
+            .collect();
+        format!("[{}]", items.join(", "))
+    };
+    std::fs::write(&file, list(BACKENDS.len())).expect("write endpoints");
+    let cfg = config_with(
+        "dsr-l2",
+        &format!(
+            "[[clusters.endpoints]]\nfile = \"{}\"\n[clusters.discovery]\nfile_interval = \"200ms\"\n",
+            file.display()
+        ),
+    );
+    // setup() warms up until every backend, the file's three, has answered through the VIP.
+    // Bound by name, not `..`: the backends and the peer program must live to the end.
+    let Some(Setup {
+        lbd,
+        ns,
+        backends: _backends,
+        _peer,
+        ..
+    }) = setup_config("f", &cfg, |_| true)
+    else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    std::fs::write(&file, list(2)).expect("rewrite endpoints");
+    let gone = BACKENDS[2].to_string();
+    let counts = in_netns(&ns.name("c"), move || {
+        // Until a round of new connections no longer reaches b3 (bounded), then one more.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut seen = HashMap::<String, usize>::new();
+            for _ in 0..30 {
+                if let Ok(b) = one_tcp() {
+                    *seen.entry(b).or_default() += 1;
+                }
+            }
+            if !seen.contains_key(&gone) || Instant::now() > deadline {
+                let mut last = HashMap::<String, usize>::new();
+                for _ in 0..200 {
+                    if let Ok(b) = one_tcp() {
+                        *last.entry(b).or_default() += 1;
+                    }
+                }
+                return last;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .expect("client");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(counts.get(BACKENDS[2]), None, "{counts:?}\n{}", lbd.logs());
+    assert!(
+        counts.get(BACKENDS[0]).is_some_and(|n| *n > 20)
+            && counts.get(BACKENDS[1]).is_some_and(|n| *n > 20),
+        "{counts:?}"
+    );
+    assert!(!lbd.logs().contains("config reloaded"), "{}", lbd.logs());
 }

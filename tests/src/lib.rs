@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod certs;
 pub mod client;
+pub mod dns;
 pub mod frames;
 pub mod lbd;
 pub mod prom;

@@ -91,8 +91,25 @@ pub struct ClusterView {
     pub name: String,
     /// Balancing policy.
     pub policy: String,
-    /// Endpoints in declared order.
+    /// Endpoints in declared order, then those of the dynamic sources.
     pub endpoints: Vec<EndpointView>,
+    /// The cluster's `dns`, `srv` and `file` sources and their latest resolution.
+    pub sources: Vec<SourceView>,
+}
+
+/// One endpoint source of a cluster in [`ClusterView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceView {
+    /// `dns:name:port`, `srv:name` or `file:path`.
+    pub source: String,
+    /// Endpoints in its last good set; `None` before its first success.
+    pub endpoints: Option<usize>,
+    /// Latest resolution or read (RFC 3339, UTC), whatever its outcome.
+    pub last_attempt: Option<String>,
+    /// Latest successful one.
+    pub last_success: Option<String>,
+    /// Why the latest attempt failed; `None` once one succeeds again.
+    pub last_error: Option<String>,
 }
 
 /// One endpoint in [`ClusterView`].
@@ -100,6 +117,8 @@ pub struct ClusterView {
 pub struct EndpointView {
     /// `ip:port`, also the endpoint's id in admin URLs.
     pub address: String,
+    /// Where it came from: `static`, `dns:name:port`, `srv:name` or `file:path`.
+    pub source: String,
     /// Relative weight.
     pub weight: u32,
     /// Backup endpoint (used only when no primary is available).
@@ -223,6 +242,7 @@ pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView
                     };
                     EndpointView {
                         address: e.address.to_string(),
+                        source: e.origin.to_string(),
                         weight: e.weight,
                         backup: e.backup,
                         health,
@@ -239,6 +259,7 @@ pub fn clusters(model: &Model, health: &[Arc<ClusterHealth>]) -> Vec<ClusterView
                     }
                 })
                 .collect(),
+            sources: Vec::new(),
         })
         .collect()
 }
@@ -409,7 +430,17 @@ pub fn effective_config(model: &Model) -> Value {
             "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2", UpstreamProtocol::Grpc => "grpc" },
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.address.to_string(), "weight": e.weight, "backup": e.backup,
+                "source": e.origin.to_string(),
             })).collect::<Vec<_>>(),
+            "sources": c.sources.iter().map(|s| s.origin().to_string()).collect::<Vec<_>>(),
+            "discovery": (!c.sources.is_empty()).then(|| json!({
+                "resolver": c.discovery.resolver.map_or_else(|| "system".to_string(), |a| a.to_string()),
+                "ttl_min_ms": ms(c.discovery.ttl_min),
+                "ttl_max_ms": ms(c.discovery.ttl_max),
+                "retry_ms": ms(c.discovery.retry),
+                "query_timeout_ms": ms(c.discovery.query_timeout),
+                "file_interval_ms": ms(c.discovery.file_interval),
+            })),
             "health_check": c.health_check.as_ref().map(|h| json!({
                 "kind": match &h.kind {
                     HealthCheckKind::Tcp => json!("tcp"),

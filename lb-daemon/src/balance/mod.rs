@@ -448,6 +448,8 @@ pub(crate) mod testutil {
                     address: std::net::SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
                     weight,
                     backup,
+                    origin: Default::default(),
+                    server_name: None,
                 })
                 .collect(),
             policy,
@@ -467,6 +469,9 @@ pub(crate) mod testutil {
             circuit_breakers: Default::default(),
             sticky: None,
             outlier: None,
+            sources: Vec::new(),
+            discovery: Default::default(),
+            tls: None,
         }
     }
 }

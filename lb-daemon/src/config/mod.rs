@@ -3,6 +3,7 @@
 //! Every problem is reported with the file, line, column and dotted key path, all at once, so an
 //! operator fixes a config in one pass. Nothing downstream re-validates a [`Model`].
 mod check;
+pub mod discovery;
 pub mod duration;
 pub mod error;
 pub mod filter;
@@ -11,6 +12,7 @@ pub mod outlier;
 mod raw;
 pub mod retry;
 pub mod tls;
+pub mod upstream_tls;
 mod validate;
 
 use std::path::Path;

@@ -93,6 +93,25 @@ pub struct Listener {
     pub limits: Limits,
     /// TLS termination; cleartext when `None`.
     pub tls: Option<super::tls::Tls>,
+    /// Headers carrying the client certificate's identity upstream (always stripped from
+    /// the client's request).
+    pub cert_headers: Option<super::tls::CertHeaderNames>,
+    /// Answer every request with a 308 to the same URL over HTTPS (cleartext listeners).
+    pub redirect_https: bool,
+    /// `mode = "tcp"`: the cluster (by name) every connection's bytes are forwarded to;
+    /// `None` for HTTP listeners.
+    pub tcp_cluster: Option<String>,
+    /// TCP listeners: the PROXY protocol header sent to the endpoint before the client's bytes.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// PROXY protocol version (haproxy.org/download/2.9/doc/proxy-protocol.txt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// Per-listener limits; every field has a safe default.
@@ -318,6 +337,13 @@ pub struct Cluster {
     pub sticky: Option<StickyCookie>,
     /// Outlier detection (`[clusters.outlier]`); off when `None`.
     pub outlier: Option<Outlier>,
+    /// Endpoints resolved or read at run time (`dns`, `srv`, `file`); their current addresses
+    /// are merged into `endpoints` by `crate::discovery`. Empty for a static cluster.
+    pub sources: Vec<super::discovery::EndpointSource>,
+    /// `[clusters.discovery]`.
+    pub discovery: super::discovery::Settings,
+    /// TLS to the endpoints (`[clusters.tls]`); cleartext when `None`.
+    pub tls: Option<super::upstream_tls::UpstreamTls>,
 }
 
 /// `[clusters.sticky]`: lbd sets a cookie naming the endpoint that answered, and later
@@ -343,6 +369,10 @@ pub struct Endpoint {
     pub weight: u32,
     /// Receives traffic only when no primary endpoint is healthy.
     pub backup: bool,
+    /// Where it came from: the config file, or a DNS name / endpoints file.
+    pub origin: super::discovery::Origin,
+    /// SNI and verification name for this endpoint over TLS (overrides the cluster's).
+    pub server_name: Option<String>,
 }
 
 /// Active health check.

@@ -66,6 +66,11 @@ pub struct RawListener {
     pub protocol: Option<S<String>>,
     pub limits: Option<S<RawLimits>>,
     pub tls: Option<S<super::tls::Raw>>,
+    pub client_cert_headers: Option<S<super::tls::RawCertHeaders>>,
+    pub redirect_https: Option<S<bool>>,
+    pub mode: Option<S<String>>,
+    pub cluster: Option<S<String>>,
+    pub proxy_protocol: Option<S<String>>,
 }
 
 /// `[listeners.limits]`.
@@ -156,6 +161,8 @@ pub struct RawCluster {
     pub circuit_breakers: Option<S<RawCircuitBreakers>>,
     pub sticky: Option<S<RawSticky>>,
     pub outlier: Option<S<super::outlier::RawOutlier>>,
+    pub discovery: Option<S<super::discovery::RawDiscovery>>,
+    pub tls: Option<S<super::upstream_tls::Raw>>,
 }
 
 /// `[clusters.sticky]`.
@@ -172,9 +179,14 @@ pub struct RawSticky {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
-    pub address: S<String>,
+    /// Exactly one of `address`, `dns`, `srv`, `file` (checked in `discovery::entry`).
+    pub address: Option<S<String>>,
+    pub dns: Option<S<String>>,
+    pub srv: Option<S<String>>,
+    pub file: Option<S<String>>,
     pub weight: Option<S<i64>>,
     pub backup: Option<S<bool>>,
+    pub server_name: Option<S<String>>,
 }
 
 /// `expected_status`: `200` or `"200-399"`.

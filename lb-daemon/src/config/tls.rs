@@ -25,6 +25,153 @@ pub struct Raw {
     pub min_version: Option<S<String>>,
     pub handshake_timeout: Option<S<String>>,
     pub unknown_name: Option<S<String>>,
+    pub client_auth: Option<S<String>>,
+    pub client_ca: Option<S<String>>,
+    pub session_tickets: Option<S<bool>>,
+    pub ticket_key_file: Option<S<String>>,
+    pub session_cache: Option<S<i64>>,
+}
+
+/// `client_cert_headers = { subject = "...", san = "..." }` on a listener, as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertHeaders {
+    pub subject: Option<S<String>>,
+    pub san: Option<S<String>>,
+}
+
+/// Headers that carry a verified client certificate's identity upstream. They are removed
+/// from every request of the listener, so a client can never supply them itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertHeaderNames {
+    /// The subject, as an RFC 4514 string (`CN=client,O=Example`).
+    pub subject: Option<http::HeaderName>,
+    /// The subject alternative names (`DNS:a.example, URI:spiffe://x/y, IP:10.0.0.1`).
+    pub san: Option<http::HeaderName>,
+}
+
+/// Checks a listener's `client_cert_headers`.
+pub(crate) fn check_cert_headers(
+    c: &mut Checker<'_>,
+    raw: &S<RawCertHeaders>,
+    key: &str,
+) -> Option<CertHeaderNames> {
+    let r = raw.get_ref();
+    let subject = r
+        .subject
+        .as_ref()
+        .and_then(|v| c.header_name(v, &format!("{key}.subject")));
+    let san = r
+        .san
+        .as_ref()
+        .and_then(|v| c.header_name(v, &format!("{key}.san")));
+    if r.subject.is_none() && r.san.is_none() {
+        c.err(
+            raw.span(),
+            key,
+            "name at least one header: subject = \"...\" or san = \"...\"",
+        );
+        return None;
+    }
+    if r.subject.is_some() != subject.is_some() || r.san.is_some() != san.is_some() {
+        return None;
+    }
+    Some(CertHeaderNames { subject, san })
+}
+
+/// Whether clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// No certificate is asked for.
+    Off,
+    /// Asked for; a client without one is served, one with an invalid one refused.
+    Optional,
+    /// A verified certificate is needed to complete the handshake.
+    Required,
+}
+
+/// Client certificates: the mode and the CAs they must chain to.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// Off, optional or required.
+    pub mode: ClientAuthMode,
+    /// The trust anchors (`client_ca`); empty when off.
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+/// TLS 1.3 session-ticket keys shared by several lbd nodes (`ticket_key_file`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TicketKeys {
+    /// The file, for messages.
+    pub path: PathBuf,
+    /// `(name, key)` pairs; the first encrypts new tickets, every one decrypts.
+    pub keys: Vec<TicketKey>,
+}
+
+/// One ticket key: its 16-byte name (sent in each ticket) and its AES-256-GCM key.
+pub type TicketKey = ([u8; 16], [u8; 32]);
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key bytes.
+        f.debug_struct("TicketKeys")
+            .field("path", &self.path)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+/// Session resumption settings.
+#[derive(Debug, Clone)]
+pub struct Resumption {
+    /// Stateless TLS 1.3 tickets (`session_tickets`).
+    pub tickets: bool,
+    /// Shared ticket keys; the process's own rotating keys when `None`.
+    pub ticket_keys: Option<TicketKeys>,
+    /// Sessions kept in the server-side cache (TLS 1.2 session ids, and TLS 1.3 when
+    /// tickets are off); 0 = none.
+    pub cache: usize,
+}
+
+/// Parses a ticket key file: one key per line as 96 hex digits (16 bytes of key name, then
+/// 32 bytes of AES-256-GCM key, as `openssl rand -hex 48` prints), `#` comments and blank
+/// lines ignored. The first key encrypts new tickets; all decrypt.
+pub fn parse_ticket_keys(text: &str) -> Result<Vec<TicketKey>, String> {
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bytes = hex(line).filter(|b| b.len() == 48).ok_or_else(|| {
+            format!(
+                "line {}: expected 96 hex digits (16-byte key name + 32-byte key)",
+                n + 1
+            )
+        })?;
+        let mut name = [0u8; 16];
+        let mut key = [0u8; 32];
+        name.copy_from_slice(&bytes[..16]);
+        key.copy_from_slice(&bytes[16..]);
+        if keys.iter().any(|(k, _)| *k == name) {
+            return Err(format!("line {}: key name used twice", n + 1));
+        }
+        keys.push((name, key));
+    }
+    if keys.is_empty() {
+        return Err("no key in the file".into());
+    }
+    Ok(keys)
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// `[[listeners.tls.certificates]]` as written.
@@ -35,6 +182,7 @@ pub struct RawCert {
     pub key: S<String>,
     pub names: Option<Vec<S<String>>>,
     pub default: Option<S<bool>>,
+    pub ocsp: Option<S<String>>,
 }
 
 /// Lowest TLS version a listener accepts.
@@ -70,6 +218,10 @@ pub struct Tls {
     pub handshake_timeout: Duration,
     /// Clients naming an unknown host (or none).
     pub unknown_name: UnknownName,
+    /// Client certificates (mTLS).
+    pub client_auth: ClientAuth,
+    /// Session tickets and cache.
+    pub resumption: Resumption,
 }
 
 /// One loaded certificate chain and its key.
@@ -87,6 +239,8 @@ pub struct Certificate {
     pub not_after: i64,
     /// The leaf's serial number, hex.
     pub serial: String,
+    /// The OCSP response file stapled to handshakes, if configured.
+    pub ocsp_path: Option<PathBuf>,
 }
 
 impl Certificate {
@@ -154,6 +308,8 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
             ("refuse", UnknownName::Refuse),
         ],
     );
+    let client_auth = client_auth(c, r, key, dir);
+    let resumption = resumption(c, r, key, dir);
     let Some(raw_certs) = r.certificates.as_ref().filter(|v| !v.is_empty()) else {
         c.err(
             raw.span(),
@@ -194,6 +350,95 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
         min_version,
         handshake_timeout,
         unknown_name,
+        client_auth: client_auth?,
+        resumption: resumption?,
+    })
+}
+
+fn client_auth(c: &mut Checker<'_>, r: &Raw, key: &str, dir: &Path) -> Option<ClientAuth> {
+    let mode = c.choice(
+        r.client_auth.as_ref(),
+        &format!("{key}.client_auth"),
+        ClientAuthMode::Off,
+        &[
+            ("off", ClientAuthMode::Off),
+            ("optional", ClientAuthMode::Optional),
+            ("required", ClientAuthMode::Required),
+        ],
+    );
+    let ck = format!("{key}.client_ca");
+    let ca = match (&r.client_ca, mode) {
+        (None, ClientAuthMode::Off) => Vec::new(),
+        (None, _) => {
+            let at = r.client_auth.as_ref().map_or(0..0, |s| s.span());
+            c.err(
+                at,
+                &ck,
+                "client certificates need the CAs they must chain to (client_ca = \"file.pem\")",
+            );
+            return None;
+        }
+        (Some(v), ClientAuthMode::Off) => {
+            c.err(
+                v.span(),
+                &ck,
+                "unused with client_auth = \"off\" (set \"optional\" or \"required\")",
+            );
+            return None;
+        }
+        (Some(v), _) => {
+            let path = dir.join(v.get_ref());
+            let pem = read(c, v, &ck, &path)?;
+            let list: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .filter_map(Result::ok)
+                .collect();
+            let mut store = rustls::RootCertStore::empty();
+            let (_, bad) = store.add_parsable_certificates(list.iter().cloned());
+            if store.is_empty() || bad > 0 {
+                c.err(
+                    v.span(),
+                    &ck,
+                    format!("{} holds no usable CA certificate", path.display()),
+                );
+                return None;
+            }
+            list
+        }
+    };
+    Some(ClientAuth { mode, ca })
+}
+
+fn resumption(c: &mut Checker<'_>, r: &Raw, key: &str, dir: &Path) -> Option<Resumption> {
+    let tickets = r.session_tickets.as_ref().is_none_or(|b| *b.get_ref());
+    let cache = c.usize(
+        r.session_cache.as_ref(),
+        &format!("{key}.session_cache"),
+        10_000,
+        0,
+    );
+    let kk = format!("{key}.ticket_key_file");
+    let ticket_keys = match &r.ticket_key_file {
+        None => None,
+        Some(v) if !tickets => {
+            c.err(v.span(), &kk, "unused with session_tickets = false");
+            return None;
+        }
+        Some(v) => {
+            let path = dir.join(v.get_ref());
+            let bytes = read(c, v, &kk, &path)?;
+            match parse_ticket_keys(&String::from_utf8_lossy(&bytes)) {
+                Ok(keys) => Some(TicketKeys { path, keys }),
+                Err(e) => {
+                    c.err(v.span(), &kk, format!("{}: {e}", path.display()));
+                    return None;
+                }
+            }
+        }
+    };
+    Some(Resumption {
+        tickets,
+        ticket_keys,
+        cache,
     })
 }
 
@@ -303,6 +548,30 @@ fn certificate(c: &mut Checker<'_>, r: &RawCert, key: &str, dir: &Path) -> Optio
     }
     drop(parsed);
     let provider = rustls::crypto::ring::default_provider();
+    let mut ocsp_path = None;
+    let ocsp = match &r.ocsp {
+        None => None,
+        Some(v) => {
+            let path = dir.join(v.get_ref());
+            let ok = format!("{key}.ocsp");
+            let der = read(c, v, &ok, &path)?;
+            // An OCSPResponse is a DER SEQUENCE; anything else (a PEM file, an empty file
+            // left by a failed fetch) would be stapled as garbage.
+            if der.first() != Some(&0x30) || tlv(&der).is_none() {
+                c.err(
+                    v.span(),
+                    &ok,
+                    format!(
+                        "{} is not a DER OCSP response (as `openssl ocsp -respout` writes)",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+            ocsp_path = Some(path);
+            Some(der)
+        }
+    };
     let certified = match CertifiedKey::from_der(chain, private, &provider) {
         Ok(k) => k,
         Err(rustls::Error::InconsistentKeys(_)) => {
@@ -375,9 +644,12 @@ fn certificate(c: &mut Checker<'_>, r: &RawCert, key: &str, dir: &Path) -> Optio
             names
         }
     };
+    let mut certified = certified;
+    certified.ocsp = ocsp;
     Some(Certificate {
         cert_path,
         key_path,
+        ocsp_path,
         names,
         key: Arc::new(certified),
         not_after,
@@ -459,7 +731,7 @@ fn not_after(der: &[u8]) -> Option<i64> {
 }
 
 /// One DER tag-length-value: (tag, contents, what follows).
-fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let tag = *b.first()?;
     let first = *b.get(1)?;
     let (len, head) = if first < 0x80 {

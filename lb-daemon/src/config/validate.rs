@@ -46,7 +46,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
             ),
         );
     }
-    let clusters = v.clusters(&raw.clusters);
+    let clusters = v.clusters(&raw.clusters, dir);
 
     let listener_names = Names::new(
         raw.listeners
@@ -60,6 +60,26 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
         clusters: &cluster_names,
         clusters_complete: !raw.clusters_incomplete,
     };
+    // A TCP listener's cluster must exist, and speak cleartext (bytes are relayed as they are).
+    for ((i, l), model) in raw.listeners.iter().zip(&listeners) {
+        let (Some(name), Some(at)) = (&model.tcp_cluster, &l.get_ref().cluster) else {
+            continue;
+        };
+        let key = format!("listeners[{i}].cluster");
+        match cluster_names.get(name) {
+            None if !raw.clusters_incomplete => {
+                v.err(at.span(), &key, format!("unknown cluster {name:?}"));
+            }
+            Some(c) if clusters.get(c).is_some_and(|c| c.tls.is_some()) => {
+                v.err(
+                    at.span(),
+                    &key,
+                    "a TCP listener relays bytes as they are; its cluster cannot have [clusters.tls]",
+                );
+            }
+            _ => {}
+        }
+    }
     let routes = v.routes(&raw.routes, &refs, dir);
     let vips = v.vips(&raw.vips, &refs, &clusters);
 
@@ -256,7 +276,46 @@ impl Checker<'_> {
                 }
                 super::tls::check(self, t, &format!("{key}.tls"), dir)
             });
+            let cert_headers = l.client_cert_headers.as_ref().and_then(|h| {
+                super::tls::check_cert_headers(self, h, &format!("{key}.client_cert_headers"))
+            });
+            let redirect_https = match &l.redirect_https {
+                Some(b) if *b.get_ref() && l.tls.is_some() => {
+                    self.err(
+                        b.span(),
+                        &format!("{key}.redirect_https"),
+                        "a TLS listener is already HTTPS; redirect_https is for cleartext listeners",
+                    );
+                    false
+                }
+                Some(b) => *b.get_ref(),
+                None => false,
+            };
+            let tcp_cluster = self.tcp_mode(l, &key);
+            let proxy_protocol = l.proxy_protocol.as_ref().and_then(|p| {
+                let v = self.choice(
+                    Some(p),
+                    &format!("{key}.proxy_protocol"),
+                    None,
+                    &[
+                        ("v1", Some(super::model::ProxyProtocol::V1)),
+                        ("v2", Some(super::model::ProxyProtocol::V2)),
+                    ],
+                );
+                if l.mode.as_ref().is_none_or(|m| m.get_ref() != "tcp") {
+                    self.err(
+                        p.span(),
+                        &format!("{key}.proxy_protocol"),
+                        "only sent by TCP listeners (mode = \"tcp\")",
+                    );
+                }
+                v
+            });
             out.push(Listener {
+                cert_headers,
+                redirect_https,
+                tcp_cluster,
+                proxy_protocol,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,
@@ -265,6 +324,64 @@ impl Checker<'_> {
             });
         }
         out
+    }
+
+    /// `mode = "tcp"` and its `cluster`; HTTP-only keys are errors on a TCP listener.
+    fn tcp_mode(&mut self, l: &RawListener, key: &str) -> Option<String> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mode {
+            Http,
+            Tcp,
+        }
+        let mode = self.choice(
+            l.mode.as_ref(),
+            &format!("{key}.mode"),
+            Mode::Http,
+            &[("http", Mode::Http), ("tcp", Mode::Tcp)],
+        );
+        if mode == Mode::Http {
+            if let Some(c) = &l.cluster {
+                self.err(
+                    c.span(),
+                    &format!("{key}.cluster"),
+                    "only used with mode = \"tcp\" (HTTP listeners reach clusters through routes)",
+                );
+            }
+            return None;
+        }
+        let only_http = [
+            ("tls", l.tls.as_ref().map(|t| t.span())),
+            ("protocol", l.protocol.as_ref().map(|t| t.span())),
+            (
+                "redirect_https",
+                l.redirect_https.as_ref().map(|t| t.span()),
+            ),
+            (
+                "client_cert_headers",
+                l.client_cert_headers.as_ref().map(|t| t.span()),
+            ),
+        ];
+        for (name, span) in only_http {
+            if let Some(s) = span {
+                self.err(
+                    s,
+                    &format!("{key}.{name}"),
+                    "not used by a TCP listener (mode = \"tcp\")",
+                );
+            }
+        }
+        match &l.cluster {
+            Some(c) => Some(c.get_ref().clone()),
+            None => {
+                let at = l.mode.as_ref().map_or(0..0, |m| m.span());
+                self.err(
+                    at,
+                    &format!("{key}.cluster"),
+                    "a TCP listener needs the cluster its connections go to",
+                );
+                None
+            }
+        }
     }
 
     fn limits(&mut self, l: Option<&RawLimits>, listener: &str) -> Limits {
@@ -308,7 +425,7 @@ impl Checker<'_> {
         }
     }
 
-    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)]) -> Vec<Cluster> {
+    fn clusters(&mut self, raw: &[(usize, S<RawCluster>)], dir: &Path) -> Vec<Cluster> {
         let mut names = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, c) in raw {
@@ -328,8 +445,15 @@ impl Checker<'_> {
                     ("grpc", UpstreamProtocol::Grpc),
                 ],
             );
-            let endpoints = self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key);
-            if !endpoints.iter().any(|e| !e.backup) {
+            let (endpoints, sources) =
+                self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key, dir);
+            let discovery =
+                super::discovery::settings(self, c.discovery.as_ref(), &key, !sources.is_empty());
+            // A cluster fed by DNS or a file may start with no endpoint at all (Envoy's
+            // STRICT_DNS does too): its requests get 503 until a resolution succeeds.
+            let all_read =
+                endpoints.len() + sources.len() == c.endpoints.as_ref().map_or(0, Vec::len);
+            if all_read && sources.is_empty() && !endpoints.iter().any(|e| !e.backup) {
                 let at = c
                     .endpoints
                     .as_ref()
@@ -393,6 +517,21 @@ impl Checker<'_> {
                 .outlier
                 .as_ref()
                 .map(|o| super::outlier::check(self, o, &key));
+            let tls = c
+                .tls
+                .as_ref()
+                .and_then(|t| super::upstream_tls::check(self, t, &format!("{key}.tls"), dir));
+            if c.tls.is_none() {
+                for (j, e) in c.endpoints.iter().flatten().enumerate() {
+                    if let Some(n) = &e.get_ref().server_name {
+                        self.err(
+                            n.span(),
+                            &format!("{key}.endpoints[{j}].server_name"),
+                            "only used with TLS to the cluster ([clusters.tls])",
+                        );
+                    }
+                }
+            }
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
@@ -407,6 +546,9 @@ impl Checker<'_> {
                 circuit_breakers,
                 sticky,
                 outlier,
+                sources,
+                discovery,
+                tls,
             });
         }
         out
@@ -564,34 +706,61 @@ impl Checker<'_> {
         }
     }
 
-    fn endpoints(&mut self, raw: &[S<RawEndpoint>], cluster: &str) -> Vec<Endpoint> {
+    /// Static endpoints, and the dynamic sources to resolve at run time.
+    fn endpoints(
+        &mut self,
+        raw: &[S<RawEndpoint>],
+        cluster: &str,
+        dir: &Path,
+    ) -> (Vec<Endpoint>, Vec<super::discovery::EndpointSource>) {
+        use super::discovery::{self as disc, Entry};
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut seen_sources = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
+        let mut sources = Vec::new();
         for (i, e) in raw.iter().enumerate() {
-            let e = e.get_ref();
             let key = format!("{cluster}.endpoints[{i}]");
-            let weight = self.u32(e.weight.as_ref(), &format!("{key}.weight"), 1, 1, 1000);
-            let backup = e.backup.as_ref().is_some_and(|b| *b.get_ref());
-            let Some(address) = self.addr(&e.address, &format!("{key}.address"), false) else {
-                continue;
+            let r = e.get_ref();
+            let weight = self.u32(r.weight.as_ref(), &format!("{key}.weight"), 1, 1, 1000);
+            let backup = r.backup.as_ref().is_some_and(|b| *b.get_ref());
+            let address = match disc::entry(self, e, &key, dir, weight, backup) {
+                Entry::Static(a) => a,
+                Entry::Source(s) => {
+                    let at = [&r.dns, &r.srv, &r.file]
+                        .into_iter()
+                        .flatten()
+                        .next()
+                        .map_or(e.span(), |v| v.span());
+                    if disc::unique(self, &mut seen_sources, &s, at, &key) {
+                        sources.push(s);
+                    }
+                    continue;
+                }
+                Entry::Invalid => continue,
             };
+            let span = r.address.as_ref().map_or(e.span(), |a| a.span());
             if let Some(first) = seen.get(&address) {
                 let (line, _) = self.d.line_col(*first);
                 self.err(
-                    e.address.span(),
+                    span,
                     &format!("{key}.address"),
                     format!("duplicate endpoint {address} in cluster (first on line {line})"),
                 );
                 continue;
             }
-            seen.insert(address, e.address.span().start);
+            seen.insert(address, span.start);
+            let server_name = r.server_name.as_ref().and_then(|n| {
+                super::upstream_tls::server_name(self, n, &format!("{key}.server_name"))
+            });
             out.push(Endpoint {
                 address,
                 weight,
                 backup,
+                origin: disc::Origin::Static,
+                server_name,
             });
         }
-        out
+        (out, sources)
     }
 
     fn health_check(&mut self, h: &S<RawHealthCheck>, cluster: &str) -> HealthCheck {

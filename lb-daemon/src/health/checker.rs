@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::model::{Cluster, HealthCheck, HealthCheckKind};
 use crate::health::state::{CheckOutcome, ClusterHealth, EndpointHealth};
+use crate::l7::upstream_tls::{Alpn, Connector, UpstreamIo};
 
 /// `User-Agent` of HTTP checks, so backends can tell checks from traffic.
 const USER_AGENT: &str = concat!("lbd-health/", env!("CARGO_PKG_VERSION"));
@@ -53,10 +54,25 @@ impl ClusterChecker {
             );
         }
         let cluster_name: Arc<str> = Arc::from(cluster.name.as_str());
-        for (ep, state) in cluster.endpoints.iter().zip(&health.endpoints) {
+        // Checks speak TLS like the traffic does, with the ALPN of the check's own protocol.
+        let alpn = match check.kind {
+            HealthCheckKind::Tcp => Alpn::of(cluster.protocol),
+            HealthCheckKind::Http { .. } => Alpn::Http11,
+            HealthCheckKind::Grpc { .. } => Alpn::H2,
+        };
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(Connector::new(cluster, t, alpn)));
+        for (index, (ep, state)) in cluster.endpoints.iter().zip(&health.endpoints).enumerate() {
             let task = EndpointTask {
                 cluster: Arc::clone(&cluster_name),
                 address: ep.address,
+                dial: Dial {
+                    address: ep.address,
+                    index,
+                    tls: tls.clone(),
+                },
                 check: check.clone(),
                 state: Arc::clone(state),
             };
@@ -155,6 +171,7 @@ impl Hysteresis {
 struct EndpointTask {
     cluster: Arc<str>,
     address: SocketAddr,
+    dial: Dial,
     check: HealthCheck,
     state: Arc<EndpointHealth>,
 }
@@ -173,7 +190,7 @@ impl EndpointTask {
                 .interval
                 .saturating_add(jitter(self.check.jitter));
             tokio::time::sleep(pause).await;
-            let outcome = check_once(self.address, &self.check).await;
+            let outcome = check_once(&self.dial, &self.check).await;
             let changed = verdict.observe(
                 outcome.ok,
                 self.check.healthy_threshold,
@@ -209,27 +226,54 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_nanos(rand::random_range(0..=nanos))
 }
 
+/// How a check reaches its endpoint: TCP, then TLS if the cluster speaks it.
+struct Dial {
+    address: SocketAddr,
+    /// The endpoint's position in its cluster (names it to the TLS connector).
+    index: usize,
+    tls: Option<Arc<Connector>>,
+}
+
+impl Dial {
+    async fn open(&self) -> Result<UpstreamIo, String> {
+        let tcp = TcpStream::connect(self.address)
+            .await
+            .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+        match &self.tls {
+            None => Ok(UpstreamIo::Plain(tcp)),
+            Some(tls) => tls
+                .connect(self.index, tcp)
+                .await
+                .map_err(|e| format!("tls: {}", crate::telemetry::logging::chain(&e))),
+        }
+    }
+}
+
 /// Runs one check with the configured deadline.
-async fn check_once(address: SocketAddr, check: &HealthCheck) -> CheckOutcome {
+async fn check_once(dial: &Dial, check: &HealthCheck) -> CheckOutcome {
+    let address = dial.address;
     let result = tokio::time::timeout(check.timeout, async {
         match &check.kind {
-            HealthCheckKind::Tcp => TcpStream::connect(address)
-                .await
-                .map(|_| "connected".to_owned())
-                .map_err(|e| format!("connect: {}", io_reason(&e))),
+            HealthCheckKind::Tcp => dial.open().await.map(|io| {
+                if matches!(io, UpstreamIo::Tls(_)) {
+                    "handshake completed".to_owned()
+                } else {
+                    "connected".to_owned()
+                }
+            }),
             HealthCheckKind::Http {
                 path,
                 host,
                 expected,
             } => {
                 let host = host.clone().unwrap_or_else(|| address.to_string());
-                match http_status(address, path, &host).await {
+                match http_status(dial, path, &host).await {
                     Ok(s) if (expected.0..=expected.1).contains(&s) => Ok(format!("status {s}")),
                     Ok(s) => Err(format!("status {s}")),
                     Err(e) => Err(e),
                 }
             }
-            HealthCheckKind::Grpc { service } => grpc_health(address, service).await,
+            HealthCheckKind::Grpc { service } => grpc_health(dial, service).await,
         }
     })
     .await;
@@ -244,10 +288,8 @@ async fn check_once(address: SocketAddr, check: &HealthCheck) -> CheckOutcome {
 }
 
 /// `GET path` over a fresh HTTP/1.1 connection; returns the status, never reads the body.
-async fn http_status(address: SocketAddr, path: &str, host: &str) -> Result<u16, String> {
-    let stream = TcpStream::connect(address)
-        .await
-        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+async fn http_status(dial: &Dial, path: &str, host: &str) -> Result<u16, String> {
+    let stream = dial.open().await?;
     let req = Request::get(origin_form(path).as_ref())
         .header(header::HOST, host)
         .header(header::CONNECTION, "close")
@@ -280,11 +322,10 @@ const MAX_HEALTH_RESPONSE: usize = 4096;
 
 /// `grpc.health.v1.Health/Check` for `service` over a fresh h2c connection; healthy only when
 /// the answer is SERVING. Messages are encoded by hand: one string field out, one enum back.
-async fn grpc_health(address: SocketAddr, service: &str) -> Result<String, String> {
+async fn grpc_health(dial: &Dial, service: &str) -> Result<String, String> {
     use http_body_util::BodyExt as _;
-    let stream = TcpStream::connect(address)
-        .await
-        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+    let address = dial.address;
+    let stream = dial.open().await?;
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(stream),
@@ -490,6 +531,8 @@ mod tests {
                     address,
                     weight: 1,
                     backup: false,
+                    origin: Default::default(),
+                    server_name: None,
                 })
                 .collect(),
             policy: Policy::RoundRobin,
@@ -509,6 +552,9 @@ mod tests {
             circuit_breakers: Default::default(),
             sticky: None,
             outlier: None,
+            sources: Vec::new(),
+            discovery: Default::default(),
+            tls: None,
         }
     }
 

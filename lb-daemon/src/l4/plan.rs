@@ -364,6 +364,8 @@ cluster = "t"
                         address: a.parse().expect("addr"),
                         weight,
                         backup,
+                        origin: Default::default(),
+                        server_name: None,
                     })
                     .collect(),
                 ..template.clone()

@@ -301,9 +301,13 @@ impl Call<'_> {
                                 close: true,
                             });
                         }
-                        UpstreamError::Connect => {
+                        UpstreamError::Connect | UpstreamError::Tls => {
                             cluster.passive_failure(idx);
-                            last_error = Some(Reason::UpstreamConnect);
+                            last_error = Some(if matches!(kind, UpstreamError::Tls) {
+                                Reason::UpstreamTls
+                            } else {
+                                Reason::UpstreamConnect
+                            });
                             Outcome::Connect
                         }
                         UpstreamError::Reset => {

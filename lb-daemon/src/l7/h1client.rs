@@ -158,6 +158,8 @@ async fn exchange(
     );
     if framing == ReqFraming::None {
         conn.io.write_all(&conn.wbuf).await?;
+        // A TLS session may keep what the socket did not take; cleartext flushes at once.
+        conn.io.flush().await?;
         return read_head(conn, head_req).await;
     }
     let mut upload = Upload {
@@ -201,6 +203,7 @@ async fn exchange(
         }
     }
     conn.io.write_all(&conn.wbuf).await?;
+    conn.io.flush().await?;
     if upload.finished() {
         return read_head(conn, head_req).await;
     }
@@ -317,7 +320,7 @@ impl Upload {
     /// answered and closed, and that answer is still worth reading.
     fn poll(
         &mut self,
-        io: &mut tokio::net::TcpStream,
+        io: &mut super::upstream_tls::UpstreamIo,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), H1Error>> {
         use tokio::io::AsyncWrite as _;
@@ -352,9 +355,25 @@ impl Upload {
                 self.tail = &self.tail[n.min(self.tail.len())..];
             }
             if self.ended {
-                return Poll::Ready(Ok(()));
+                return match ready!(Pin::new(&mut *io).poll_flush(cx)) {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(e) => {
+                        self.broken = Some(e);
+                        Poll::Pending
+                    }
+                };
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    // What a TLS session still holds goes out while the client's body waits.
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                        self.broken = Some(e);
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     // Trailers are not forwarded over HTTP/1.1.
                     if let Ok(data) = frame.into_data()

@@ -16,6 +16,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::h2pool::BoxError;
+use super::upstream_tls::{Connector, UpstreamIo};
 
 /// Initial read buffer of a connection; it only grows for a response head that needs more.
 pub const READ_BUF: usize = 8 * 1024;
@@ -40,6 +41,8 @@ pub struct H1Pool {
     config: H1PoolConfig,
     cluster: Arc<str>,
     endpoints: Vec<Endpoint>,
+    /// TLS to the endpoints, when the cluster has `[clusters.tls]`.
+    tls: Option<Connector>,
 }
 
 #[derive(Debug)]
@@ -53,8 +56,8 @@ struct Endpoint {
 /// requests on it do not allocate them again.
 #[derive(Debug)]
 pub struct H1Conn {
-    /// The socket (`TCP_NODELAY` set).
-    pub(super) io: TcpStream,
+    /// The socket (`TCP_NODELAY` set), or a TLS session on it.
+    pub(super) io: UpstreamIo,
     /// Bytes read but not consumed yet. Empty whenever the connection is idle.
     pub(super) rbuf: BytesMut,
     /// The request head being written.
@@ -73,19 +76,25 @@ pub struct H1Conn {
 impl H1Conn {
     /// Whether the peer closed (or wrote to) this idle connection. Costs no system call unless
     /// the reactor has seen the socket become readable since the last read drained it.
-    fn peer_closed(&self) -> bool {
-        let mut probe = [0u8; 1];
+    fn peer_closed(&mut self) -> bool {
         // Readable with EOF (closed), with bytes (nothing may arrive on an idle connection),
         // or with an error: unusable either way.
-        !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.io.idle_unusable()
     }
 }
 
 impl H1Pool {
     /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
-    pub fn new(cluster: &str, addresses: &[SocketAddr], config: H1PoolConfig) -> Self {
+    /// `tls`: the handshake run on each new connection, if the cluster speaks TLS.
+    pub fn new(
+        cluster: &str,
+        addresses: &[SocketAddr],
+        config: H1PoolConfig,
+        tls: Option<Connector>,
+    ) -> Self {
         H1Pool {
             config,
+            tls,
             cluster: Arc::from(cluster),
             endpoints: addresses
                 .iter()
@@ -115,6 +124,7 @@ impl H1Pool {
                 }
                 conn
             };
+            let mut conn = conn;
             if !conn.peer_closed() {
                 return Some(conn);
             }
@@ -127,21 +137,25 @@ impl H1Pool {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err("no such endpoint".into());
         };
-        let io =
-            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(ep.address))
-                .await
-            {
-                Ok(Ok(io)) => io,
-                Ok(Err(e)) => return Err(Box::new(e)),
-                Err(_) => {
-                    return Err(format!(
-                        "connect to {} timed out after {:?}",
-                        ep.address, self.config.connect_timeout
-                    )
-                    .into());
-                }
-            };
-        io.set_nodelay(true)?;
+        let setup = async {
+            let tcp = TcpStream::connect(ep.address).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, BoxError>(match &self.tls {
+                None => UpstreamIo::Plain(tcp),
+                Some(tls) => tls.connect(idx, tcp).await?,
+            })
+        };
+        let io = match tokio::time::timeout(self.config.connect_timeout, setup).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(format!(
+                    "connect to {} timed out after {:?}",
+                    ep.address, self.config.connect_timeout
+                )
+                .into());
+            }
+        };
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => ep.address.to_string())
         .increment(1);
@@ -193,7 +207,7 @@ impl H1Pool {
                 let mut stale = Vec::new();
                 let mut i = 0;
                 while i < idle.len() {
-                    let c = &idle[i];
+                    let c = &mut idle[i];
                     if now.duration_since(c.idle_since) >= self.config.idle_timeout
                         || c.peer_closed()
                     {
@@ -237,7 +251,7 @@ mod tests {
             idle_timeout: Duration::from_millis(300),
             max_idle: 2,
         };
-        let pool = H1Pool::new("c", &[addr], config);
+        let pool = H1Pool::new("c", &[addr], config, None);
         let mut conns = Vec::new();
         let mut peers = Vec::new();
         for _ in 0..3 {
@@ -246,7 +260,7 @@ mod tests {
         }
         let ports: Vec<u16> = conns
             .iter()
-            .map(|c| c.io.local_addr().expect("addr").port())
+            .map(|c| c.io.tcp().local_addr().expect("addr").port())
             .collect();
         for c in conns {
             pool.checkin(c);
@@ -259,7 +273,7 @@ mod tests {
         let c = pool
             .checkout(0)
             .expect("the first connection is still open");
-        assert_eq!(c.io.local_addr().expect("addr").port(), ports[0]);
+        assert_eq!(c.io.tcp().local_addr().expect("addr").port(), ports[0]);
         assert_eq!(pool.idle(0), 0);
         // Back in the pool, then idle past the timeout: not handed out again.
         pool.checkin(c);

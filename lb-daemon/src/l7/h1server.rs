@@ -302,7 +302,7 @@ async fn exchange<S: Transport>(
 
     let (mut rd, mut wr) = stream.split();
     let rt = cx.state.load_full();
-    let mut respond = pin!(proxy::handle(rt, cx.info, req));
+    let mut respond = pin!(proxy::handle(rt, cx.info.clone(), req));
     let state = StateCell::new(if framing == Framing::Empty {
         BodyState::Done
     } else {

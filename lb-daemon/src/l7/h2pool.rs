@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::RequestBody;
+use super::upstream_tls::{Connector, UpstreamIo};
 
 /// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
 /// announce it (the setting is a u32), so seeing it means "not announced (yet)"; a peer that
@@ -93,11 +94,15 @@ pub struct H2Pool {
     config: PoolConfig,
     cluster: Arc<str>,
     endpoints: Vec<Endpoint>,
+    /// TLS to the endpoints (ALPN h2), when the cluster has `[clusters.tls]`.
+    tls: Option<Connector>,
 }
 
 #[derive(Debug)]
 struct Endpoint {
     address: SocketAddr,
+    /// Position in the cluster (names the endpoint to the TLS connector).
+    index: usize,
     conns: Mutex<Vec<Arc<Conn>>>,
     /// Serialises connection set-up, so a burst of calls waits for one new connection
     /// instead of opening one each.
@@ -189,11 +194,14 @@ impl H2Pool {
     pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
         H2Pool {
             config,
+            tls: None,
             cluster: Arc::from(cluster),
             endpoints: addresses
                 .iter()
-                .map(|&address| Endpoint {
+                .enumerate()
+                .map(|(index, &address)| Endpoint {
                     address,
+                    index,
                     conns: Mutex::new(Vec::new()),
                     connecting: tokio::sync::Mutex::new(()),
                     learned_max: Arc::new(AtomicUsize::new(0)),
@@ -201,6 +209,13 @@ impl H2Pool {
                 })
                 .collect(),
         }
+    }
+
+    /// Runs a TLS handshake on each new connection (the cluster's `[clusters.tls]`).
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<Connector>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sends `req` to endpoint `idx` on a connection with a free stream, opening one if needed.
@@ -340,6 +355,10 @@ impl H2Pool {
         let setup = async {
             let tcp = TcpStream::connect(ep.address).await?;
             tcp.set_nodelay(true)?;
+            let io = match &self.tls {
+                None => UpstreamIo::Plain(tcp),
+                Some(tls) => tls.connect(ep.index, tcp).await?,
+            };
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -351,7 +370,7 @@ impl H2Pool {
                 // instead of leaving them hanging for their whole deadline.
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-            let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
+            let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
             Ok::<_, BoxError>((sender, conn))
         };
         let (sender, conn) = match tokio::time::timeout(self.config.connect_timeout, setup).await {
@@ -442,7 +461,7 @@ fn host_as_authority(mut req: http::Request<RequestBody>) -> http::Request<Reque
 
 /// Drives one connection and publishes the peer's stream limit whenever it makes progress.
 struct Driver {
-    conn: http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
+    conn: http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
     peer_max: Arc<AtomicUsize>,
     learned: Arc<AtomicUsize>,
     /// Wakes calls waiting for the endpoint's limit.

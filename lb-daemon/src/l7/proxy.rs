@@ -49,6 +49,17 @@ pub async fn handle(
     if let Err(f) = admit(&parts, &body, listener) {
         return fail(log, f);
     }
+    if listener.redirect_https {
+        let (mut head, bytes) = super::https_redirect::answer(&parts).into_parts();
+        head.version = log.version;
+        log.status = head.status.as_u16();
+        // The body is left unread: the connection cannot carry another request.
+        if !body.is_end_stream() {
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Response::from_parts(head, ResponseBody::full(bytes, Some(log)));
+    }
 
     // Route.
     let Some(route_idx) = listener.router.route(&rt.model, &parts) else {
@@ -135,7 +146,7 @@ pub async fn handle(
         }
     }
     let path = head.uri.clone();
-    prepare_head(&mut head);
+    prepare_head(&mut head, &conn);
     let fwd = Forwarding {
         client: conn.client.ip(),
         scheme: conn.scheme,
@@ -317,7 +328,7 @@ fn max_uri_bytes(limits: &crate::config::model::Limits) -> usize {
 
 /// Turns the downstream head into the upstream head (minus URI and version, set per attempt).
 /// The forwarding headers are added apart (see [`Forwarding`]).
-fn prepare_head(head: &mut http::request::Parts) {
+fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host, and
     // the client's host is what the backend should see (nginx `proxy_set_header Host $host`).
     // The authority first: an HTTP/1.1 request in origin form has none, and then the header
@@ -329,6 +340,9 @@ fn prepare_head(head: &mut http::request::Parts) {
         head.headers.insert(header::HOST, v);
     }
     headers::strip_hop_by_hop(&mut head.headers);
+    if let Some(h) = &conn.cert_headers {
+        h.apply(&mut head.headers);
+    }
     // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
 }
 

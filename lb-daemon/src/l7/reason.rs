@@ -24,6 +24,8 @@ pub enum Reason {
     UpstreamConnect,
     /// The upstream connection or stream failed after the request went out.
     UpstreamReset,
+    /// The TLS handshake with every endpoint tried failed (certificate not verified, ...).
+    UpstreamTls,
     /// The upstream did not answer within the configured timeout.
     UpstreamTimeout,
     /// The gRPC client's own deadline passed.
@@ -65,7 +67,9 @@ impl Reason {
             | Reason::EndpointLimit
             | Reason::CircuitOpen
             | Reason::ListenerRemoved => StatusCode::SERVICE_UNAVAILABLE,
-            Reason::UpstreamConnect | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Reason::UpstreamConnect | Reason::UpstreamReset | Reason::UpstreamTls => {
+                StatusCode::BAD_GATEWAY
+            }
             Reason::UpstreamTimeout | Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::UriTooLong => StatusCode::URI_TOO_LONG,
@@ -94,6 +98,7 @@ impl Reason {
             | Reason::CircuitOpen
             | Reason::UpstreamConnect
             | Reason::UpstreamReset
+            | Reason::UpstreamTls
             | Reason::ListenerRemoved => Code::Unavailable,
             Reason::UpstreamTimeout | Reason::DeadlineExceeded => Code::DeadlineExceeded,
             Reason::BodyTooLarge
@@ -118,6 +123,7 @@ impl Reason {
             Reason::CircuitOpen => "circuit_open",
             Reason::UpstreamConnect => "upstream_connect",
             Reason::UpstreamReset => "upstream_reset",
+            Reason::UpstreamTls => "upstream_tls",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::DeadlineExceeded => "deadline_exceeded",
             Reason::BodyTooLarge => "body_too_large",
@@ -147,6 +153,7 @@ impl Reason {
             Reason::CircuitOpen => "the cluster's circuit breaker is open",
             Reason::UpstreamConnect => "could not connect to any endpoint",
             Reason::UpstreamReset => "upstream connection reset",
+            Reason::UpstreamTls => "TLS handshake with the upstream failed",
             Reason::UpstreamTimeout => "upstream did not answer in time",
             Reason::DeadlineExceeded => "deadline exceeded",
             Reason::BodyTooLarge => "request exceeds the listener's max_body_bytes",
@@ -209,6 +216,7 @@ mod tests {
             Reason::CircuitOpen,
             Reason::UpstreamConnect,
             Reason::UpstreamReset,
+            Reason::UpstreamTls,
             Reason::UpstreamTimeout,
             Reason::DeadlineExceeded,
             Reason::BodyTooLarge,

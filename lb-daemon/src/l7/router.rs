@@ -366,6 +366,9 @@ mod tests {
                 circuit_breakers: Default::default(),
                 sticky: None,
                 outlier: None,
+                sources: Vec::new(),
+                discovery: Default::default(),
+                tls: None,
             }],
             vips: Vec::new(),
         }

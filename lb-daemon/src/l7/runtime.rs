@@ -59,6 +59,14 @@ pub struct ListenerRuntime {
     pub protocol: ListenerProtocol,
     /// TLS termination (this generation's certificates); cleartext when `None`.
     pub tls: Option<Arc<TlsListener>>,
+    /// Client-certificate headers to strip (and set from a verified certificate).
+    pub cert_headers: Option<Arc<super::conn::CertHeaders>>,
+    /// Answer everything with a redirect to HTTPS (`redirect_https`).
+    pub redirect_https: bool,
+    /// `mode = "tcp"`: the cluster (index in `clusters`) connections are relayed to.
+    pub tcp_cluster: Option<usize>,
+    /// PROXY protocol header sent before a TCP listener's bytes.
+    pub proxy_protocol: Option<crate::config::model::ProxyProtocol>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -106,6 +114,16 @@ impl Runtime {
     /// Builds the runtime for `model`, reusing unchanged clusters of `previous` as they are
     /// (same pools, same health, same checkers) and carrying health over for changed ones.
     pub fn build(model: Arc<Model>, previous: Option<&Runtime>) -> Self {
+        Self::build_with(model, previous, false)
+    }
+
+    /// [`Runtime::build`] for a model that differs from `previous`'s only in cluster endpoints
+    /// (a discovery update): listeners keep their TLS state instead of rebuilding it.
+    pub fn build_keeping_listeners(model: Arc<Model>, previous: &Runtime) -> Self {
+        Self::build_with(model, Some(previous), true)
+    }
+
+    fn build_with(model: Arc<Model>, previous: Option<&Runtime>, keep_tls: bool) -> Self {
         let clusters: Vec<Arc<ClusterRuntime>> = model
             .clusters
             .iter()
@@ -159,7 +177,22 @@ impl Runtime {
                 router: Router::new(&model, i),
                 limits: l.limits.clone(),
                 protocol: l.protocol,
-                tls: l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                tls: match previous.and_then(|p| p.listener(l.bind)) {
+                    Some(p) if keep_tls => p.tls.clone(),
+                    _ => l.tls.as_ref().map(|t| tls_listener(&l.name, t)),
+                },
+                redirect_https: l.redirect_https,
+                proxy_protocol: l.proxy_protocol,
+                tcp_cluster: l
+                    .tcp_cluster
+                    .as_ref()
+                    .and_then(|n| model.clusters.iter().position(|c| c.name == *n)),
+                cert_headers: l.cert_headers.as_ref().map(|n| {
+                    Arc::new(super::conn::CertHeaders {
+                        subject: n.subject.clone().map(|h| (h, None)),
+                        san: n.san.clone().map(|h| (h, None)),
+                    })
+                }),
                 access_log: model.global.access_log,
                 route_metrics: model
                     .routes

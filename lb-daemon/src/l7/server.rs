@@ -106,7 +106,7 @@ pub struct ListenerCtx {
 
 /// Why a downstream connection ended (the `reason` label of `CONNECTIONS_CLOSED`).
 #[derive(Debug, Clone, Copy)]
-pub(super) enum CloseReason {
+pub(crate) enum CloseReason {
     Client = 0,
     Drain = 1,
     Idle = 2,
@@ -178,10 +178,39 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
     cm.accepted.increment(1);
     cm.active.increment(1.0);
 
-    let (limits, protocol, tls) = {
+    let (limits, protocol, tls, cert_headers) = {
         let rt = ctx.state.load();
         match rt.listener(ctx.bind) {
-            Some(l) => (l.limits.clone(), l.protocol, l.tls.clone()),
+            Some(l) if l.tcp_cluster.is_some() => {
+                let cluster = l
+                    .tcp_cluster
+                    .and_then(|c| rt.clusters.get(c))
+                    .map(Arc::clone);
+                let proxy = l.proxy_protocol;
+                drop(rt);
+                let reason = match cluster {
+                    Some(c) => {
+                        Box::pin(super::tcp_proxy::serve(
+                            stream,
+                            client,
+                            c,
+                            proxy,
+                            &mut ctx.shutdown,
+                        ))
+                        .await
+                    }
+                    None => CloseReason::Error,
+                };
+                cm.active.decrement(1.0);
+                cm.closed[reason as usize].increment(1);
+                return;
+            }
+            Some(l) => (
+                l.limits.clone(),
+                l.protocol,
+                l.tls.clone(),
+                l.cert_headers.clone(),
+            ),
             None => {
                 cm.active.decrement(1.0);
                 return;
@@ -192,6 +221,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
         client,
         listener: ctx.bind,
         scheme: Scheme::Http,
+        cert_headers,
     };
     // HTTP/1.x is served by lbd's own codec; HTTP/2 by hyper (boxed: its connection state is
     // large and must not size the future of every idle HTTP/1.1 connection). A TLS session is
@@ -209,7 +239,7 @@ async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: Listen
         }
         (None, ListenerProtocol::Http) => {
             let h1 = h1server::ConnCtx {
-                info,
+                info: info.clone(),
                 limits: &limits,
                 state: &ctx.state,
                 shutdown: &mut ctx.shutdown,
@@ -245,11 +275,19 @@ async fn serve_tls(
             return CloseReason::Error;
         }
     };
+    // The identity comes only from the verified certificate of this session.
+    let info = match &info.cert_headers {
+        Some(names) => ConnInfo {
+            cert_headers: Some(tls.identity_headers(names, &session)),
+            ..info
+        },
+        None => info,
+    };
     if negotiated == Negotiated::H2 {
         return serve_h2(session, Bytes::new(), info, limits, ctx).await;
     }
     let h1 = h1server::ConnCtx {
-        info,
+        info: info.clone(),
         limits,
         state: &ctx.state,
         shutdown: &mut ctx.shutdown,
@@ -293,7 +331,9 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     });
     let state = Arc::clone(&ctx.state);
     let budget = Arc::new(ConnBudget::default());
+    let svc_info = info.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
+        let info = svc_info.clone();
         let rt = state.load_full();
         let req = req.map(DownstreamBody::from);
         let budget = Arc::clone(&budget);

@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::tls::{MinVersion, Tls, UnknownName, name_index};
+use super::conn::CertHeaders;
+use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName, name_index};
 use crate::telemetry::metrics as m;
 
 /// Picks the certificate for a ClientHello's SNI: exact name, then `*.` + the name without its
@@ -82,9 +83,12 @@ pub(super) enum Failure {
     Alert = 5,
     /// Anything else.
     Other = 6,
+    /// The client presented no certificate where one is required, or one that does not
+    /// verify against `client_ca`.
+    ClientCert = 7,
 }
 
-const FAILURES: [&str; 7] = [
+const FAILURES: [&str; 8] = [
     "timeout",
     "closed",
     "not_tls",
@@ -92,6 +96,7 @@ const FAILURES: [&str; 7] = [
     "incompatible",
     "alert",
     "other",
+    "client_cert",
 ];
 
 impl Failure {
@@ -105,6 +110,9 @@ impl Failure {
                 rustls::Error::PeerIncompatible(_) => Failure::Incompatible,
                 rustls::Error::NoApplicationProtocol => Failure::Incompatible,
                 rustls::Error::AlertReceived(_) => Failure::Alert,
+                rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => {
+                    Failure::ClientCert
+                }
                 rustls::Error::General(s) if s.contains("no server certificate") => {
                     Failure::UnknownName
                 }
@@ -130,7 +138,7 @@ const ALPNS: [&str; 3] = ["h2", "http/1.1", "none"];
 #[derive(Debug)]
 struct TlsMetrics {
     handshakes: [[metrics::Counter; 3]; 2],
-    failures: [metrics::Counter; 7],
+    failures: [metrics::Counter; 8],
 }
 
 impl TlsMetrics {
@@ -201,11 +209,47 @@ impl TlsListener {
             MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             MinVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(SniResolver::new(tls)));
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(versions)?;
+        let builder = match tls.client_auth.mode {
+            ClientAuthMode::Off => builder.with_no_client_auth(),
+            mode => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(tls.client_auth.ca.iter().cloned());
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                );
+                let verifier = if mode == ClientAuthMode::Optional {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(
+                    verifier
+                        .build()
+                        .map_err(|e| rustls::Error::General(e.to_string()))?,
+                )
+            }
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
         config.alpn_protocols = tls.alpn.clone();
+        let r = &tls.resumption;
+        config.session_storage = if r.cache > 0 {
+            rustls::server::ServerSessionMemoryCache::new(r.cache)
+        } else {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        };
+        if r.tickets {
+            let ticketer = match &r.ticket_keys {
+                Some(keys) => super::tickets::SharedTicketer::new(keys)
+                    .map(|t| Arc::new(t) as Arc<dyn rustls::server::ProducesTickets>),
+                None => super::tickets::process_ticketer(),
+            };
+            if let Some(t) = ticketer {
+                config.ticketer = t;
+            }
+        }
         Ok(config)
     }
 
@@ -245,6 +289,34 @@ impl TlsListener {
         };
         self.metrics.handshakes[v][a].increment(1);
         Ok((tls, negotiated))
+    }
+}
+
+impl TlsListener {
+    /// The listener's client-certificate headers with the values of `session`'s verified
+    /// client certificate (names only, so they are still stripped, when there is none).
+    pub(super) fn identity_headers(
+        &self,
+        names: &Arc<CertHeaders>,
+        session: &TlsStream<TcpStream>,
+    ) -> Arc<CertHeaders> {
+        let Some(leaf) = session
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        else {
+            return Arc::clone(names);
+        };
+        let value = |s: Option<String>| s.and_then(|s| http::HeaderValue::from_str(&s).ok());
+        let fill = |slot: &Option<(http::HeaderName, Option<http::HeaderValue>)>,
+                    v: &dyn Fn() -> Option<String>| {
+            slot.as_ref().map(|(n, _)| (n.clone(), value(v())))
+        };
+        Arc::new(CertHeaders {
+            subject: fill(&names.subject, &|| super::peer_cert::subject(leaf)),
+            san: fill(&names.san, &|| super::peer_cert::sans(leaf)),
+        })
     }
 }
 

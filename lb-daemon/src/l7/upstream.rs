@@ -22,6 +22,7 @@ use super::h1parse::RawFields;
 use super::h1pool::{H1Pool, H1PoolConfig};
 use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
 use super::headers::Forwarding;
+use super::upstream_tls::{Alpn, Connector, is_tls_failure};
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::telemetry::metrics as m;
 
@@ -36,6 +37,9 @@ pub enum UpstreamError {
     ClientBody,
     /// The connection failed after the request was (partly) sent, or the answer was invalid.
     Reset,
+    /// The TLS handshake with the endpoint failed (its certificate did not verify, ...):
+    /// nothing was sent.
+    Tls,
 }
 
 impl UpstreamError {
@@ -43,6 +47,7 @@ impl UpstreamError {
         match e {
             H1Error::Body(BodyError::TooLarge { .. }) => UpstreamError::BodyTooLarge,
             H1Error::Body(BodyError::Stream(_)) | H1Error::BodyLength => UpstreamError::ClientBody,
+            H1Error::Io(io) if is_tls_failure(io) => UpstreamError::Tls,
             _ => UpstreamError::Reset,
         }
     }
@@ -79,6 +84,9 @@ impl UpstreamError {
                 }
             }
             source = s.source();
+        }
+        if is_tls_failure(e) {
+            return UpstreamError::Tls;
         }
         Self::from_chain(e.source())
     }
@@ -130,12 +138,23 @@ pub struct Upstream {
     version: http::Version,
     /// `ip:port` authority of each endpoint, built once so requests only clone it.
     authorities: Vec<Authority>,
+    /// `https` over TLS (HTTP/2's `:scheme`).
+    scheme: Scheme,
 }
 
 impl Upstream {
     /// Builds the client for `cluster` (no connection is opened until the first request).
     pub fn new(cluster: &Cluster) -> Self {
         let addresses: Vec<SocketAddr> = cluster.endpoints.iter().map(|e| e.address).collect();
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| Connector::new(cluster, t, Alpn::of(cluster.protocol)));
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let (pool, version) = match cluster.protocol {
             UpstreamProtocol::Http1 => {
                 let config = H1PoolConfig {
@@ -143,7 +162,7 @@ impl Upstream {
                     idle_timeout: cluster.timeouts.idle,
                     max_idle: cluster.pool.max_idle,
                 };
-                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config));
+                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config, tls));
                 H1Pool::spawn_reaper(&pool);
                 (Pool::Http1(pool), http::Version::HTTP_11)
             }
@@ -154,7 +173,7 @@ impl Upstream {
                     max_idle: cluster.pool.max_idle,
                     max_connections: cluster.pool.max_connections,
                 };
-                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config));
+                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config).with_tls(tls));
                 H2Pool::spawn_reaper(&pool);
                 (Pool::Http2(pool), http::Version::HTTP_2)
             }
@@ -169,6 +188,7 @@ impl Upstream {
             reused: metrics::counter!(m::UPSTREAM_REUSED, "cluster" => cluster.name.clone()),
             version,
             authorities,
+            scheme,
         }
     }
 
@@ -181,7 +201,7 @@ impl Upstream {
     pub fn uri(&self, endpoint: usize, pq: Option<&PathAndQuery>) -> Option<http::Uri> {
         let authority = self.authorities.get(endpoint)?.clone();
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(authority);
         parts.path_and_query = Some(
             pq.cloned()
@@ -233,7 +253,7 @@ impl Upstream {
                     .await
                     .map(|r| r.map(UpstreamBody::H2))
                     .map_err(|e| match e {
-                        SendError::Connect(e) => (UpstreamError::Connect, UpstreamFailure(e)),
+                        SendError::Connect(e) => (connect_kind(&*e), UpstreamFailure(e)),
                         SendError::Request(e) => (
                             UpstreamError::classify_h2(&e, body),
                             UpstreamFailure(e.into()),
@@ -268,7 +288,7 @@ impl Upstream {
                 // whole request future (moved several times per request) much bigger.
                 None => Box::pin(pool.connect(endpoint))
                     .await
-                    .map_err(|e| (UpstreamError::Connect, UpstreamFailure(e)))?,
+                    .map_err(|e| (connect_kind(&*e), UpstreamFailure(e)))?,
             };
             let attempt_body = body.take().unwrap_or(RequestBody::Empty);
             match h1client::send(&mut conn, parts, fwd, attempt_body).await {
@@ -296,6 +316,15 @@ impl Upstream {
             Pool::Http1(_) => 0,
             Pool::Http2(p) => p.connections(endpoint),
         }
+    }
+}
+
+/// `Tls` for a failed handshake, else `Connect`.
+fn connect_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> UpstreamError {
+    if is_tls_failure(e) {
+        UpstreamError::Tls
+    } else {
+        UpstreamError::Connect
     }
 }
 

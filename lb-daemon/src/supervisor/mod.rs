@@ -1,5 +1,7 @@
 //! Owns the running state built from a [`crate::config::Model`]: binds listeners, swaps in new
 //! runtimes on reload, serves the admin API, and drains on shutdown.
+mod file_watch;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use crate::admin::{
     self, ClusterView, Control, ControlError, EndpointView, ReloadReport, StatusView,
 };
 use crate::config::{self, Model};
+use crate::discovery::Discovery;
 pub use crate::l7::runtime::Runtime;
 use crate::l7::server::{self, ConnTracker, ListenerCtx};
 use crate::sdnotify;
@@ -73,6 +76,8 @@ pub struct Supervisor {
     reload_history: Mutex<std::collections::VecDeque<ReloadEvent>>,
     /// The latest rejected reload.
     last_reload_error: Mutex<Option<ReloadEvent>>,
+    /// DNS and file endpoint sources of the active config.
+    discovery: Arc<Discovery>,
 }
 
 /// Reloads kept for the status page.
@@ -88,7 +93,15 @@ impl std::fmt::Debug for Supervisor {
 
 impl Supervisor {
     /// Builds the runtime for `model` and binds its listeners (nothing is served yet).
-    pub fn start(path: &Path, model: Model) -> Result<Arc<Self>, StartError> {
+    /// `discovery` (already primed with `model`'s sources) fills in dynamic endpoints, and
+    /// `changes` names the clusters whose sources changed since.
+    pub fn start(
+        path: &Path,
+        mut model: Model,
+        discovery: Arc<Discovery>,
+        changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> Result<Arc<Self>, StartError> {
+        discovery.fill(&mut model);
         let model = Arc::new(model);
         let sup = Arc::new(Supervisor {
             path: path.to_path_buf(),
@@ -106,6 +119,7 @@ impl Supervisor {
             l4: Mutex::new(None),
             reload_history: Mutex::new(std::collections::VecDeque::new()),
             last_reload_error: Mutex::new(None),
+            discovery,
         });
         sup.record_load("start", true, &model.source.hash, Vec::new());
         let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
@@ -118,7 +132,44 @@ impl Supervisor {
         }
         sup.spawn_listeners(&model, bound);
         set_config_info(&model);
+        tokio::spawn(follow_discovery(Arc::downgrade(&sup), changes));
         Ok(sup)
+    }
+
+    /// Swaps in a runtime whose clusters in `names` have their sources' current endpoints.
+    /// Only those clusters are rebuilt (they inherit health, drains and ejections by address);
+    /// requests in flight keep the runtime they started with, so removed endpoints drain.
+    fn apply_discovery(&self, names: &std::collections::HashSet<String>) {
+        let changed = {
+            let _swap = self.swap_lock.lock();
+            let current = self.state.load_full();
+            let mut model = (*current.model).clone();
+            let mut changed = false;
+            for ci in 0..model.clusters.len() {
+                let c = &model.clusters[ci];
+                if c.sources.is_empty() || !names.contains(&c.name) {
+                    continue;
+                }
+                let endpoints = self.discovery.compose(&model, ci);
+                if endpoints == model.clusters[ci].endpoints {
+                    continue;
+                }
+                let (before, after) = (model.clusters[ci].endpoints.len(), endpoints.len());
+                tracing::info!(cluster = %model.clusters[ci].name, before, after, "cluster endpoints changed by discovery");
+                model.clusters[ci].endpoints = endpoints;
+                changed = true;
+            }
+            if changed {
+                self.state.store(Arc::new(Runtime::build_keeping_listeners(
+                    Arc::new(model),
+                    &current,
+                )));
+            }
+            changed
+        };
+        if changed {
+            self.update_l4();
+        }
     }
 
     fn spawn_listeners(&self, model: &Model, bound: Vec<(usize, tokio::net::TcpListener)>) {
@@ -224,7 +275,7 @@ impl Supervisor {
     /// Applies the file; returns the accept loops of removed listeners (told to stop).
     fn reload_locked(&self) -> (ReloadReport, Vec<tokio::task::JoinHandle<()>>) {
         let old = self.state.load_full();
-        let model = match config::load(&self.path) {
+        let mut model = match config::load(&self.path) {
             Ok(m) => m,
             Err(errors) => {
                 for e in &errors.0 {
@@ -245,14 +296,17 @@ impl Supervisor {
                 return (self.reload_failed(&old, vec![e.to_string()]), Vec::new());
             }
         };
-        let model = Arc::new(model);
-        {
-            // Drains carried over by Runtime::build must include one made a moment ago.
+        let model = {
+            // Drains carried over by Runtime::build must include one made a moment ago, and
+            // the dynamic endpoints must be those discovery applied last.
             let _swap = self.swap_lock.lock();
+            self.discovery.fill(&mut model);
+            let model = Arc::new(model);
             let current = self.state.load_full();
             self.state
                 .store(Arc::new(Runtime::build(Arc::clone(&model), Some(&current))));
-        }
+            model
+        };
         self.update_l4();
         self.spawn_listeners(&model, bound);
         let mut removed = Vec::new();
@@ -361,7 +415,11 @@ impl Control for Supervisor {
 
     fn clusters(&self) -> Vec<ClusterView> {
         let rt = self.runtime();
-        admin::view::clusters(&rt.model, &rt.health())
+        let mut views = admin::view::clusters(&rt.model, &rt.health());
+        for (view, sources) in views.iter_mut().zip(self.discovery.views(&rt.model)) {
+            view.sources = sources;
+        }
+        views
     }
 
     fn set_drained(
@@ -408,6 +466,24 @@ impl Control for Supervisor {
     }
 }
 
+/// How long `lbd run` waits for the first answer of every DNS / file source.
+const DISCOVERY_START_WAIT: Duration = Duration::from_secs(5);
+
+/// Applies discovery changes as they come, several at once when they arrive together.
+async fn follow_discovery(
+    sup: std::sync::Weak<Supervisor>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(first) = changes.recv().await {
+        let mut names = std::collections::HashSet::from([first]);
+        while let Ok(more) = changes.try_recv() {
+            names.insert(more);
+        }
+        let Some(sup) = sup.upgrade() else { return };
+        sup.apply_discovery(&names);
+    }
+}
+
 /// `lbd run`: serves `model` until SIGTERM/SIGINT, reloading on SIGHUP.
 pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
     let prometheus = match m::install() {
@@ -433,7 +509,12 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
 
     let admin_cfg = model.global.admin.clone();
     let drain_timeout = model.global.drain_timeout;
-    let sup = Supervisor::start(path, model)?;
+    let (discovery, changes) = Discovery::new();
+    // Envoy's STRICT_DNS waits for the first resolution before a cluster serves; lbd waits for
+    // every source's first attempt (bounded), then starts with what resolved and retries the
+    // rest in the background.
+    discovery.prime(&model, DISCOVERY_START_WAIT).await;
+    let sup = Supervisor::start(path, model, discovery, changes)?;
     let (admin_tx, admin_rx) = watch::channel(false);
     if let Some(a) = admin_cfg {
         let socket = admin::bind(&a).await?;
@@ -447,6 +528,7 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
             admin_rx,
         ));
     }
+    tokio::spawn(file_watch::run(Arc::clone(&sup)));
     match sdnotify::notify(sdnotify::State::Ready) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "sd_notify READY failed"),

@@ -67,6 +67,14 @@ pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
 pub const CONFIG_INFO: &str = "lbd_config_info";
+/// Resolutions / reads of an endpoint source (`cluster`, `source` like `dns:web:80`,
+/// `result`: `success`/`failure`).
+pub const DISCOVERY_RESOLUTIONS: &str = "lbd_discovery_resolutions_total";
+/// Endpoints in a source's last good set (`cluster`, `source`).
+pub const DISCOVERY_ENDPOINTS: &str = "lbd_discovery_endpoints";
+/// 1 while a source's latest attempt failed and its last good set is served (`cluster`,
+/// `source`).
+pub const DISCOVERY_FAILING: &str = "lbd_discovery_failing";
 
 /// Key tables of a `rate_limit` filter cleared because every key in a shard was still
 /// limited when a new one came (a flood of distinct keys).
@@ -188,6 +196,18 @@ fn describe() {
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");
+    describe_counter!(
+        DISCOVERY_RESOLUTIONS,
+        "DNS resolutions and endpoint-file reads, by cluster, source and result."
+    );
+    describe_gauge!(
+        DISCOVERY_ENDPOINTS,
+        "Endpoints in each source's last good set."
+    );
+    describe_gauge!(
+        DISCOVERY_FAILING,
+        "1 while a source's latest resolution failed and its last good set is kept."
+    );
     describe_counter!(
         RATE_LIMIT_EVICTIONS,
         "Rate-limit key shards cleared to stay within max_keys."

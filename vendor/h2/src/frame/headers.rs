@@ -270,6 +270,7 @@ impl Headers {
         &self.header_block.fields
     }
 
+    #[allow(dead_code)] // lbd patch: trailers now use into_parts
     pub fn into_fields(self) -> HeaderMap {
         self.header_block.fields
     }

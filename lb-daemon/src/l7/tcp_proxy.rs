@@ -1,0 +1,151 @@
+//! `mode = "tcp"` listeners: each connection's bytes are relayed to an endpoint of the
+//! listener's cluster, chosen by its balancer (health, drain, passive ejection and
+//! `max_connections` as for HTTP), with another endpoint tried when a connect fails.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::cluster::{ClusterRuntime, Picked};
+use super::server::CloseReason;
+use crate::balance::PickContext;
+use crate::config::model::ProxyProtocol;
+
+/// Relays `down` to an endpoint of `cluster` until either side closes (or the listener
+/// drains).
+pub(super) async fn serve(
+    mut down: TcpStream,
+    client: SocketAddr,
+    cluster: Arc<ClusterRuntime>,
+    proxy: Option<ProxyProtocol>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> CloseReason {
+    let headers = http::HeaderMap::new();
+    let ctx = PickContext {
+        client_ip: client.ip(),
+        headers: &headers,
+    };
+    let attempts = 1 + cluster.config.retry.attempts as usize;
+    let mut tried = Vec::with_capacity(attempts);
+    for _ in 0..attempts {
+        let (idx, _in_flight) = match cluster.pick_within_limit(&ctx, &tried) {
+            Picked::Endpoint(i, guard) => (i, guard),
+            Picked::None | Picked::AllAtLimit => break,
+        };
+        tried.push(idx);
+        let Some(ep) = cluster.config.endpoints.get(idx) else {
+            break;
+        };
+        let connect = tokio::time::timeout(
+            cluster.config.timeouts.connect,
+            TcpStream::connect(ep.address),
+        )
+        .await;
+        let mut up = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "tcp upstream connect failed");
+                cluster.passive_failure(idx);
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, "tcp upstream connect timed out");
+                cluster.passive_failure(idx);
+                continue;
+            }
+        };
+        let _ = up.set_nodelay(true);
+        if let Some(v) = proxy {
+            let dst = down.local_addr().unwrap_or(client);
+            let header = proxy_header(v, client, dst);
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up, &header).await {
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "PROXY header not sent");
+                return CloseReason::Error;
+            }
+        }
+        return tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
+                Ok(_) => CloseReason::Client,
+                Err(e) => {
+                    tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "tcp relay ended with an error");
+                    CloseReason::Error
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => CloseReason::Drain,
+        };
+    }
+    tracing::warn!(cluster = %cluster.name, client = %client, "no endpoint took the tcp connection");
+    CloseReason::Error
+}
+
+/// The PROXY protocol header for a TCP connection from `src` to `dst` (lbd's listener).
+/// Mixed families (an IPv4 client on an IPv6 socket) are sent as IPv6.
+pub fn proxy_header(v: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    use std::net::IpAddr;
+    let pair = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ok((s, d)),
+        (s, d) => Err((to_v6(s), to_v6(d))),
+    };
+    match v {
+        ProxyProtocol::V1 => {
+            let (fam, s, d) = match pair {
+                Ok((s, d)) => ("TCP4", s.to_string(), d.to_string()),
+                Err((s, d)) => ("TCP6", s.to_string(), d.to_string()),
+            };
+            format!("PROXY {fam} {s} {d} {} {}\r\n", src.port(), dst.port()).into_bytes()
+        }
+        ProxyProtocol::V2 => {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            // Version 2, command PROXY.
+            h.push(0x21);
+            match pair {
+                Ok((s, d)) => {
+                    h.push(0x11);
+                    h.extend_from_slice(&12u16.to_be_bytes());
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+                Err((s, d)) => {
+                    h.push(0x21);
+                    h.extend_from_slice(&36u16.to_be_bytes());
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+            }
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+            h
+        }
+    }
+}
+
+fn to_v6(ip: std::net::IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_match_the_spec_examples() {
+        let src: SocketAddr = "192.0.2.1:56324".parse().expect("src");
+        let dst: SocketAddr = "198.51.100.2:443".parse().expect("dst");
+        assert_eq!(
+            proxy_header(ProxyProtocol::V1, src, dst),
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n"
+        );
+        let v2 = proxy_header(ProxyProtocol::V2, src, dst);
+        assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(&v2[12..16], &[0x21, 0x11, 0, 12]);
+        assert_eq!(&v2[16..24], &[192, 0, 2, 1, 198, 51, 100, 2]);
+        assert_eq!(&v2[24..], &[0xdc, 0x04, 0x01, 0xbb]);
+        let v6 = proxy_header(ProxyProtocol::V2, "[::1]:1".parse().expect("a"), dst);
+        assert_eq!(v6.len(), 16 + 36);
+        assert_eq!(v6[13], 0x21);
+    }
+}
