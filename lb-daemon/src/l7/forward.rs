@@ -224,7 +224,10 @@ impl Call<'_> {
                             .send(idx, head, self.forwarding.as_ref(), req_body, last);
                     (idx, guard, tokio::time::timeout(time, sending).await)
                 }
-                Some(delay) => self.hedged(head, idx, guard, time, delay).await,
+                // Boxed: two sends in flight make the hedge's state large, and inline it would
+                // grow every request's future (copied whole when the connection task boxes it)
+                // for a path few routes take.
+                Some(delay) => Box::pin(self.hedged(head, idx, guard, time, delay)).await,
             };
             tried[attempt] = idx;
             log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
