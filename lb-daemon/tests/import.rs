@@ -39,6 +39,22 @@ fn import(file: &Path) -> Output {
         .expect("run lbd import")
 }
 
+/// A real lbd running the import of `src`, with its admin API on a free port.
+fn start_imported(src: &Path) -> Lbd {
+    let out = import(src);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = format!(
+        "{}\n[admin]\nbind = \"{}\"\n",
+        String::from_utf8_lossy(&out.stdout),
+        free_addr()
+    );
+    Lbd::start(bin(), &config)
+}
+
 /// The placeholders of a corpus file filled in.
 fn fill(template: &str, values: &[(&str, String)]) -> String {
     let mut s = template.to_string();
@@ -327,18 +343,7 @@ async fn nginx_and_lbd_with_the_imported_config_route_alike() {
     lbd_values.push(("PORT", format!("127.0.0.1:{}", lbd_addr.port())));
     let src = dir.join("for-lbd.conf");
     std::fs::write(&src, fill(&template, &lbd_values)).expect("write source");
-    let out = import(&src);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = format!(
-        "{}\n[admin]\nbind = \"{}\"\n",
-        String::from_utf8_lossy(&out.stdout),
-        free_addr()
-    );
-    let _lbd = Lbd::start(bin(), &config);
+    let _lbd = start_imported(&src);
 
     let cases: &[Case] = &[
         ("shop.example.com", "/api/orders", &[]),
@@ -398,20 +403,9 @@ async fn haproxy_and_lbd_with_the_imported_config_route_alike() {
     lbd_values.push(("PORT", lbd_addr.port().to_string()));
     let src = dir.join("for-lbd.cfg");
     std::fs::write(&src, fill(&template, &lbd_values)).expect("write source");
-    let out = import(&src);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // HAProxy binds `:port` (every address); lbd's import does the same, and the test talks to
     // loopback on both.
-    let config = format!(
-        "{}\n[admin]\nbind = \"{}\"\n",
-        String::from_utf8_lossy(&out.stdout),
-        free_addr()
-    );
-    let _lbd = Lbd::start(bin(), &config);
+    let _lbd = start_imported(&src);
     let orig = SocketAddr::from(([127, 0, 0, 1], orig.port()));
     let lbd_addr = SocketAddr::from(([127, 0, 0, 1], lbd_addr.port()));
 

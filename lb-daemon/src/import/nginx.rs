@@ -656,26 +656,7 @@ impl Translator {
     /// servers' exact names, then wildcard names, then each listener's default server.
     fn emit_routes(&mut self) {
         self.plan.routes.clear();
-        let mut out: Vec<Route> = Vec::new();
         let servers = std::mem::take(&mut self.servers);
-        let push = |plan: &Plan, out: &mut Vec<Route>, r: &Route, suffix: &str| {
-            let mut r = r.clone();
-            let base = format!("{}{suffix}", r.name);
-            let taken = |n: &str| {
-                out.iter().any(|o| o.name == n)
-                    || plan.listeners.iter().any(|l| l.name == n)
-                    || plan.clusters.iter().any(|c| c.name == n)
-            };
-            r.name = if taken(&base) {
-                (2..)
-                    .map(|i| format!("{base}-{i}"))
-                    .find(|n| !taken(n))
-                    .unwrap_or(base)
-            } else {
-                base
-            };
-            out.push(r);
-        };
         for pass in 0..2 {
             for s in &servers {
                 let names = if pass == 0 {
@@ -690,26 +671,32 @@ impl Translator {
                     let mut r = r.clone();
                     r.hosts = names.clone();
                     r.listeners = s.listeners.clone();
-                    push(&self.plan, &mut out, &r, "");
+                    self.push_route(r, "");
                 }
             }
         }
         // The server that answers requests whose Host names no server: the one marked
         // default_server on a listener, else the first server on it.
-        for l in &self.plan.listeners {
+        let listeners: Vec<String> = self.plan.listeners.iter().map(|l| l.name.clone()).collect();
+        for l in listeners {
             let chosen = servers
                 .iter()
-                .find(|s| s.default_for.contains(&l.name))
-                .or_else(|| servers.iter().find(|s| s.listeners.contains(&l.name)));
+                .find(|s| s.default_for.contains(&l))
+                .or_else(|| servers.iter().find(|s| s.listeners.contains(&l)));
             if let Some(s) = chosen {
                 for r in &s.routes {
                     let mut r = r.clone();
-                    r.listeners = vec![l.name.clone()];
-                    push(&self.plan, &mut out, &r, &format!("-{}-default", l.name));
+                    r.listeners = vec![l.clone()];
+                    self.push_route(r, &format!("-{l}-default"));
                 }
             }
         }
-        self.plan.routes = out;
+    }
+
+    /// Appends a final route under a name not yet taken (its own name plus `suffix`).
+    fn push_route(&mut self, mut r: Route, suffix: &str) {
+        r.name = self.plan.unique_name(&format!("{}{suffix}", r.name));
+        self.plan.routes.push(r);
     }
 }
 
