@@ -18,6 +18,9 @@ enum Cmd {
     BuildEbpf,
     /// Benchmark lbd side by side with nginx, HAProxy and Envoy (see bench/README.md).
     Bench(bench::BenchArgs),
+    /// The bench's TLS connection-per-request load generator (run by `bench`).
+    #[command(hide = true)]
+    BenchTlsClient(bench::tlsload::TlsClientArgs),
     /// Build a Debian package (dpkg-deb): binary, systemd unit, /etc/lbd/lb.toml, man pages,
     /// completions, maintainer scripts that create the lbd user.
     Deb {
@@ -34,6 +37,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchTlsClient(args) => bench::tlsload::run(args),
         Cmd::Deb { lbd, out_dir } => build_deb(lbd, out_dir),
     }
 }

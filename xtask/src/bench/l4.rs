@@ -173,7 +173,7 @@ impl Topology {
         t.plumb()?;
         for b in BACKENDS {
             let mut cmd = Place {
-                cpu: SERVER_CPU,
+                cpus: load::Cpus::one(SERVER_CPU),
                 netns: Some(&t.ns(b)),
             }
             .command(backend_bin);
@@ -396,7 +396,7 @@ fn start<'a>(c: L4Contender, t: &'a Topology, lbd: &Path, scratch: &Path) -> Res
             fs::write(&cfg, lbd_config())?;
             let log = fs::File::create(scratch.join("lbd-xdp.log"))?;
             let mut cmd = Place {
-                cpu: SERVER_CPU,
+                cpus: load::Cpus::one(SERVER_CPU),
                 netns: Some(&t.ns("r")),
             }
             .command(lbd);
@@ -407,7 +407,7 @@ fn start<'a>(c: L4Contender, t: &'a Topology, lbd: &Path, scratch: &Path) -> Res
             let peer = a.procs.last_mut().context("pushed")?;
             wait_xdp(&t.ns("r"), "pl", peer, "lbd decap on pl")?;
             let mut cmd = Place {
-                cpu: SERVER_CPU,
+                cpus: load::Cpus::one(SERVER_CPU),
                 netns: Some(&t.ns("l")),
             }
             .command(lbd);
@@ -481,7 +481,7 @@ fn measure_once(
     let url = format!("http://{target}:{PORT}/");
     let client = t.ns("c");
     let place = Place {
-        cpu: CLIENT_CPU,
+        cpus: load::Cpus::one(CLIENT_CPU),
         netns: Some(&client),
     };
     // Warm-up (also proves the path works before it is measured).
@@ -549,6 +549,7 @@ fn measure_once(
         peak_rss_kib: if c == L4Contender::LbdXdp { rss } else { None },
         errors: r.errors,
         foreign_cpu: foreign,
+        negotiated: None,
     };
     Ok(sample)
 }

@@ -18,6 +18,8 @@ pub struct LoadResult {
     pub ok: u64,
     /// Requests that failed (socket errors, non-2xx/3xx).
     pub errors: u64,
+    /// TLS version, cipher suite and key exchange group (`TlsConnect` only).
+    pub negotiated: Option<String>,
 }
 
 /// How to drive a scenario.
@@ -31,14 +33,64 @@ pub enum Generator {
         streams: u32,
         grpc: bool,
     },
+    /// `cargo xtask bench-tls-client`: a new TLS connection per request from `conns` slots,
+    /// resumed handshakes when `resume`, full ones otherwise.
+    TlsConnect { conns: u32, resume: bool },
+}
+
+/// Per-run additions to a generator's requests.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOpts {
+    /// One request header (`Name: value`) sent on every request.
+    pub header: Option<String>,
+    /// The certificate a TLS server must present (for `TlsConnect`).
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// A range of CPUs a process is pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpus {
+    /// First CPU.
+    pub first: u32,
+    /// Last CPU (inclusive).
+    pub last: u32,
+}
+
+impl Cpus {
+    /// One CPU.
+    pub const fn one(cpu: u32) -> Cpus {
+        Cpus {
+            first: cpu,
+            last: cpu,
+        }
+    }
+
+    /// CPUs in the range.
+    pub fn count(self) -> u32 {
+        self.last - self.first + 1
+    }
+
+    /// Each CPU in the range.
+    pub fn each(self) -> impl Iterator<Item = u32> {
+        self.first..=self.last
+    }
+
+    /// The `taskset -c` argument.
+    pub fn arg(self) -> String {
+        if self.first == self.last {
+            self.first.to_string()
+        } else {
+            format!("{}-{}", self.first, self.last)
+        }
+    }
 }
 
 /// Where and how a load generator runs: pinned to `cpu`, inside network namespace `netns`
 /// when given.
 #[derive(Debug, Clone, Copy)]
 pub struct Place<'a> {
-    /// CPU the generator is pinned to.
-    pub cpu: u32,
+    /// CPUs the generator is pinned to.
+    pub cpus: Cpus,
     /// Network namespace to run in (`ip netns exec`), or the caller's.
     pub netns: Option<&'a str>,
 }
@@ -55,7 +107,7 @@ impl Place<'_> {
             }
             None => Command::new("taskset"),
         };
-        cmd.args(["-c", &self.cpu.to_string()]).arg(program);
+        cmd.args(["-c", &self.cpus.arg()]).arg(program);
         cmd
     }
 }
@@ -68,23 +120,96 @@ pub fn run(
     place: Place<'_>,
     scratch: &Path,
 ) -> Result<LoadResult> {
+    run_with(generator, url, dur, place, scratch, &LoadOpts::default())
+}
+
+/// [`run`] with per-run additions.
+pub fn run_with(
+    generator: &Generator,
+    url: &str,
+    dur: Duration,
+    place: Place<'_>,
+    scratch: &Path,
+    opts: &LoadOpts,
+) -> Result<LoadResult> {
     match generator {
-        Generator::Wrk { conns, close } => wrk(url, *conns, *close, dur, place),
+        Generator::Wrk { conns, close } => wrk(url, *conns, *close, dur, place, opts),
         Generator::H2load {
             conns,
             streams,
             grpc,
         } => h2load(url, *conns, *streams, *grpc, dur, place, scratch),
+        Generator::TlsConnect { conns, resume } => tls_connect(url, *conns, *resume, dur, place, opts),
     }
 }
 
-fn wrk(url: &str, conns: u32, close: bool, dur: Duration, place: Place<'_>) -> Result<LoadResult> {
+/// Runs `cargo xtask bench-tls-client` (this very binary) at `place`.
+fn tls_connect(
+    url: &str,
+    conns: u32,
+    resume: bool,
+    dur: Duration,
+    place: Place<'_>,
+    opts: &LoadOpts,
+) -> Result<LoadResult> {
+    let addr = url
+        .strip_prefix("https://")
+        .and_then(|r| r.split('/').next())
+        .with_context(|| format!("not an https URL: {url}"))?;
+    let ca = opts.ca.as_ref().context("TLS load needs the bench certificate")?;
+    let mut cmd = place.command(std::env::current_exe()?);
+    cmd.args(["bench-tls-client", "--addr", addr, "--ca"])
+        .arg(ca)
+        .arg(format!("--conns={conns}"))
+        .arg(format!("--duration={}", dur.as_secs().max(1)));
+    if resume {
+        cmd.arg("--resume");
+    }
+    let out = cmd.output().context("running bench-tls-client")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "bench-tls-client failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (ok, errors, wall, p50_us, p99_us, negotiated, first_error) =
+        super::tlsload::parse_summary(&text)
+            .with_context(|| format!("could not parse bench-tls-client output:\n{text}"))?;
+    if ok == 0 {
+        bail!("no successful TLS request: {first_error}");
+    }
+    if errors > 0 {
+        eprintln!("bench:     {errors} TLS errors, first: {first_error}");
+    }
+    Ok(LoadResult {
+        rps: ok as f64 / wall.max(1e-9),
+        p50_us,
+        p99_us,
+        ok,
+        errors,
+        negotiated: Some(negotiated),
+    })
+}
+
+fn wrk(
+    url: &str,
+    conns: u32,
+    close: bool,
+    dur: Duration,
+    place: Place<'_>,
+    opts: &LoadOpts,
+) -> Result<LoadResult> {
     let mut cmd = place.command("wrk");
     cmd.args(["-t1", "--latency", "--timeout", "5s"])
         .arg(format!("-c{conns}"))
         .arg(format!("-d{}s", dur.as_secs().max(1)));
     if close {
         cmd.args(["-H", "Connection: close"]);
+    }
+    if let Some(h) = &opts.header {
+        cmd.args(["-H", h]);
     }
     cmd.arg(url);
     let out = cmd

@@ -13,8 +13,10 @@ mod contenders;
 mod idle;
 mod l4;
 mod load;
+mod material;
 mod procstat;
 mod report;
+pub mod tlsload;
 mod xdp;
 
 use std::net::SocketAddr;
@@ -25,8 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use contenders::{Bins, Contender, Shape};
-use load::Generator;
+use contenders::{Bins, Contender, Feature, Shape};
+use load::{Cpus, Generator, LoadOpts};
+use material::KeyKind;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -53,6 +56,16 @@ pub struct BenchArgs {
     /// Do not run scripts/setup.sh --bench first.
     #[arg(long)]
     no_setup: bool,
+    /// Also measure every L7 scenario with the proxy on this many cores (each contender with
+    /// as many workers) and report the scaling from one core; 1 = the one-core layout only.
+    /// The load generator and backends run on the CPUs left over, or share all CPUs with the
+    /// proxy (in both layouts) when none are left.
+    #[arg(long, default_value_t = 1)]
+    cores: u32,
+    /// Also count lbd's instructions and allocations per keep-alive request with
+    /// bench/callgrind.sh (valgrind; about 2 minutes).
+    #[arg(long)]
+    callgrind: bool,
 }
 
 /// One benchmark scenario.
@@ -64,9 +77,26 @@ struct Scenario {
     upstream_h2: bool,
     /// Response body size served by the backends.
     body_bytes: usize,
-    /// The route carries three header edits (set and add on the request, set on the
-    /// response); only contenders configured to do the same take part.
-    header_filters: bool,
+    /// What the route does besides proxying; only contenders configured to do the same
+    /// take part.
+    feature: FeatureKind,
+    /// Downstream TLS with a certificate of this kind.
+    tls: Option<KeyKind>,
+    /// A TCP (L4) proxy instead of an HTTP one.
+    tcp: bool,
+    /// The scenario this one adds work to: the report shows the CPU per request added over it.
+    base: Option<&'static str>,
+    /// Left out of `--quick` (with a printed line), to keep CI's run short.
+    full_only: bool,
+}
+
+/// [`Feature`] without its run-time key material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeatureKind {
+    Plain,
+    Headers,
+    Jwt,
+    RateLimit,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -76,8 +106,17 @@ fn scenarios() -> Vec<Scenario> {
         downstream_h2,
         upstream_h2,
         body_bytes,
-        header_filters: false,
+        feature: FeatureKind::Plain,
+        tls: None,
+        tcp: false,
+        base: None,
+        full_only: false,
     };
+    let keepalive = Generator::Wrk {
+        conns: 64,
+        close: false,
+    };
+    let handshake = |resume| Generator::TlsConnect { conns: 16, resume };
     vec![
         s(
             "http1-keepalive",
@@ -132,28 +171,107 @@ fn scenarios() -> Vec<Scenario> {
             1 << 20,
         ),
         Scenario {
-            header_filters: true,
+            feature: FeatureKind::Headers,
+            base: Some("http1-keepalive"),
             ..s(
                 "http1-keepalive-3-header-filters",
-                Generator::Wrk {
-                    conns: 64,
-                    close: false,
-                },
+                keepalive.clone(),
                 false,
                 false,
                 64,
             )
         },
+        Scenario {
+            feature: FeatureKind::Jwt,
+            base: Some("http1-keepalive"),
+            ..s("http1-jwt-es256", keepalive.clone(), false, false, 64)
+        },
+        Scenario {
+            feature: FeatureKind::RateLimit,
+            base: Some("http1-keepalive"),
+            ..s("http1-rate-limit", keepalive.clone(), false, false, 64)
+        },
+        Scenario {
+            tls: Some(KeyKind::EcdsaP256),
+            base: Some("http1-keepalive"),
+            ..s("https1-keepalive", keepalive.clone(), false, false, 64)
+        },
+        Scenario {
+            tls: Some(KeyKind::EcdsaP256),
+            base: Some("http1-new-conn"),
+            ..s("https-handshake-full", handshake(false), false, false, 64)
+        },
+        Scenario {
+            tls: Some(KeyKind::EcdsaP256),
+            base: Some("http1-new-conn"),
+            ..s("https-handshake-resumed", handshake(true), false, false, 64)
+        },
+        Scenario {
+            tls: Some(KeyKind::Rsa2048),
+            base: Some("http1-new-conn"),
+            full_only: true,
+            ..s("https-handshake-full-rsa2048", handshake(false), false, false, 64)
+        },
+        Scenario {
+            tcp: true,
+            ..s("tcp-proxy", keepalive, false, false, 64)
+        },
     ]
 }
 
-/// CPU the proxy under test runs on; everything else runs on the other one.
+/// CPU the proxy under test runs on (the first of them with `--cores`); everything else runs
+/// on the others.
 const PROXY_CPU: u32 = 0;
 const LOAD_CPU: u32 = 1;
-const LOAD_PLACE: load::Place<'static> = load::Place {
-    cpu: LOAD_CPU,
-    netns: None,
-};
+
+/// Where the proxy and the load run for one set of measurements.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// CPUs of the proxy; it runs one worker per CPU.
+    proxy: Cpus,
+    /// CPUs of the load generator and the backends.
+    load: Cpus,
+    /// The load shares the proxy's CPUs (too few CPUs to keep them apart), so the CPU used
+    /// by others on the proxy's CPUs cannot be told apart from the load's.
+    shared: bool,
+}
+
+impl Layout {
+    /// The proxy on `cores` CPUs from CPU 0; the load on the CPUs above `max_cores`, or on
+    /// every CPU when the machine has no more than `max_cores`.
+    fn new(cores: u32, max_cores: u32, cpus: u32) -> Layout {
+        let proxy = Cpus {
+            first: PROXY_CPU,
+            last: PROXY_CPU + cores - 1,
+        };
+        if cpus > max_cores {
+            Layout {
+                proxy,
+                load: Cpus {
+                    first: max_cores,
+                    last: cpus - 1,
+                },
+                shared: false,
+            }
+        } else {
+            Layout {
+                proxy,
+                load: Cpus {
+                    first: 0,
+                    last: cpus - 1,
+                },
+                shared: true,
+            }
+        }
+    }
+
+    fn place(&self) -> load::Place<'static> {
+        load::Place {
+            cpus: self.load,
+            netns: None,
+        }
+    }
+}
 const PROXY_PORT: u16 = 18080;
 const BACKEND_BASE_PORT: u16 = 19101;
 /// Name of the idle keep-alive memory scenario (for `--scenario`).
@@ -173,8 +291,12 @@ pub struct Sample {
     cpu_us_per_req: Option<f64>,
     peak_rss_kib: Option<u64>,
     errors: u64,
-    /// Share of a core used by unrelated processes during the run.
+    /// Share of a core used by unrelated processes during the run (NaN when it cannot be
+    /// told apart from the load's, see [`Layout::shared`]).
     foreign_cpu: f64,
+    /// TLS version / cipher suite / key exchange group, where the generator reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    negotiated: Option<String>,
 }
 
 /// Runs the benchmark.
@@ -191,15 +313,42 @@ pub fn run(args: BenchArgs) -> Result<()> {
             eprintln!("bench: scripts/setup.sh --bench failed; continuing with what is installed");
         }
     }
-    if std::thread::available_parallelism()
+    let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(1)
-        < 2
-    {
+        .unwrap_or(1) as u32;
+    if cpus < 2 {
         bail!("the bench pins the proxy and the load generator to different CPUs and needs 2");
     }
+    if args.cores == 0 || args.cores > cpus {
+        bail!("--cores must be between 1 and the {cpus} CPUs of this machine");
+    }
+    // With --cores N the proxy is measured on 1 and on N cores, the load placed alike in both.
+    let layouts: Vec<(u32, Layout)> = if args.cores == 1 {
+        vec![(1, Layout::new(1, 1, cpus))]
+    } else {
+        vec![
+            (1, Layout::new(1, args.cores, cpus)),
+            (args.cores, Layout::new(args.cores, args.cores, cpus)),
+        ]
+    };
+    if let Some((_, l)) = layouts.iter().find(|(_, l)| l.shared) {
+        eprintln!(
+            "bench: only {cpus} CPUs: the load generator and backends share CPUs {} with the proxy \
+             in both layouts; \"other CPU\" is not measured",
+            l.load.arg()
+        );
+    }
     let wants = |name: &str| args.scenario.as_deref().is_none_or(|f| name.contains(f));
-    let l7_scenarios: Vec<Scenario> = scenarios().into_iter().filter(|s| wants(s.name)).collect();
+    let l7_scenarios: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| wants(s.name))
+        .filter(|s| {
+            if args.quick && s.full_only {
+                eprintln!("bench: {} is left out of --quick (full runs only)", s.name);
+            }
+            !(args.quick && s.full_only)
+        })
+        .collect();
     let want_idle = wants(IDLE_SCENARIO);
     let want_l7 = !l7_scenarios.is_empty() || want_idle;
     let l4_scenarios: Vec<_> = l4::scenarios()
@@ -320,50 +469,124 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut results = report::Report::new(duration, repeat, missing);
-    for sc in l7_scenarios {
-        eprintln!("bench: scenario {}", sc.name);
-        let backends = Backends::start(&release.join("bench-backend"), sc.body_bytes)?;
-        let shape = Shape {
-            port: PROXY_PORT,
-            backends: backends.addrs.clone(),
-            downstream_h2: sc.downstream_h2,
-            upstream_h2: sc.upstream_h2,
-            header_filters: sc.header_filters,
+    results.set_layout(layouts.iter().map(|(n, l)| report::LayoutNote {
+        cores: *n,
+        proxy_cpus: l.proxy.arg(),
+        load_cpus: l.load.arg(),
+        shared: l.shared,
+    }));
+    // Key material is made once per run, only for the scenarios that need it.
+    let mut certs: Vec<(KeyKind, material::CertFiles)> = Vec::new();
+    let mut jwt: Option<material::JwtFiles> = None;
+    for sc in &l7_scenarios {
+        if let Some(kind) = sc.tls
+            && !certs.iter().any(|(k, _)| *k == kind)
+        {
+            certs.push((kind, material::certificate(&scratch, kind)?));
+        }
+        if sc.feature == FeatureKind::Jwt && jwt.is_none() {
+            jwt = Some(material::jwt(&scratch)?);
+        }
+    }
+    for sc in &l7_scenarios {
+        let backends = Backends::start(
+            &release.join("bench-backend"),
+            sc.body_bytes,
+            layouts[0].1.load,
+        )?;
+        let feature = match sc.feature {
+            FeatureKind::Plain => Feature::Plain,
+            FeatureKind::Headers => Feature::Headers,
+            FeatureKind::RateLimit => Feature::RateLimit,
+            FeatureKind::Jwt => Feature::Jwt(jwt.clone().context("JWT material")?),
         };
-        for rep in 0..repeat {
-            for &c in &present {
-                if sc.header_filters && !c.edits_headers() {
-                    continue;
-                }
-                match measure(c, &sc, &shape, duration, attempts, &scratch, &bins) {
-                    Ok(s) => {
-                        log_sample(rep, repeat, c.name(), &s);
-                        results.add(sc.name, c.name(), s);
+        let tls = sc
+            .tls
+            .and_then(|k| certs.iter().find(|(c, _)| *c == k).map(|(_, f)| f.clone()));
+        let opts = LoadOpts {
+            header: jwt
+                .as_ref()
+                .filter(|_| sc.feature == FeatureKind::Jwt)
+                .map(|j| format!("Authorization: Bearer {}", j.token)),
+            ca: tls.as_ref().map(|t| t.cert.clone()),
+        };
+        for &(cores, layout) in &layouts {
+            let name = report::scenario_name(sc.name, cores, layouts.len() > 1);
+            eprintln!("bench: scenario {name}");
+            let shape = Shape {
+                port: PROXY_PORT,
+                backends: backends.addrs.clone(),
+                downstream_h2: sc.downstream_h2,
+                upstream_h2: sc.upstream_h2,
+                feature: feature.clone(),
+                tls: tls.clone(),
+                tcp: sc.tcp,
+                workers: cores,
+            };
+            results.declare(
+                &name,
+                sc.base
+                    .map(|b| report::scenario_name(b, cores, layouts.len() > 1)),
+                cores,
+                sc.name,
+            );
+            for rep in 0..repeat {
+                for &c in &present {
+                    if !c.supports(&shape) {
+                        continue;
                     }
-                    Err(e) => {
-                        eprintln!("bench:   {} failed: {e:#}", c.name());
-                        results.fail(sc.name, c.name(), format!("{e:#}"));
+                    let run = Run {
+                        sc,
+                        shape: &shape,
+                        layout,
+                        opts: &opts,
+                        duration,
+                    };
+                    match measure(c, &run, attempts, &scratch, &bins) {
+                        Ok(s) => {
+                            log_sample(rep, repeat, c.name(), &s);
+                            results.add(&name, c.name(), s);
+                        }
+                        Err(e) => {
+                            eprintln!("bench:   {} failed: {e:#}", c.name());
+                            results.fail(&name, c.name(), format!("{e:#}"));
+                        }
                     }
                 }
             }
         }
         drop(backends);
     }
+    if args.callgrind {
+        eprintln!("bench: instructions per request (bench/callgrind.sh, http1-keepalive)");
+        let r = callgrind(&root, &target);
+        match &r {
+            Ok(c) => eprintln!(
+                "bench:   {:.0} instructions, {:.2} allocations per request",
+                c.instructions, c.allocations
+            ),
+            Err(e) => eprintln!("bench:   callgrind: {e:#}"),
+        }
+        results.set_callgrind(r.map_err(|e| format!("{e:#}")));
+    }
     if want_idle && !present.is_empty() {
         let conns = if args.quick { 500 } else { IDLE_CONNS };
         eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
-        let backends = Backends::start(&release.join("bench-backend"), 64)?;
+        let backends = Backends::start(&release.join("bench-backend"), 64, Cpus::one(LOAD_CPU))?;
         let shape = Shape {
             port: PROXY_PORT,
             backends: backends.addrs.clone(),
             downstream_h2: false,
             upstream_h2: false,
-            header_filters: false,
+            feature: Feature::Plain,
+            tls: None,
+            tcp: false,
+            workers: 1,
         };
         for rep in 0..repeat {
             for &c in present.iter().filter(|c| **c != Contender::Direct) {
                 let r = c
-                    .start(&shape, PROXY_CPU, &scratch, &bins)
+                    .start(&shape, Cpus::one(PROXY_CPU), &scratch, &bins)
                     .and_then(|running| running.context("proxy contender has a process"))
                     .and_then(|running| {
                         idle::measure(
@@ -527,77 +750,100 @@ fn run_l4(
 /// One progress line per measurement on stderr.
 fn log_sample(rep: usize, repeat: usize, name: &str, s: &Sample) {
     eprintln!(
-        "bench:   [{}/{repeat}] {:11} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req  other {:.0}%{}",
+        "bench:   [{}/{repeat}] {:11} {:>10.0} req/s  p99 {:>8.0} µs  cpu {} µs/req  other {}{}{}",
         rep + 1,
         name,
         s.rps,
         s.p99_us,
         s.cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}")),
-        s.foreign_cpu * 100.0,
+        if s.foreign_cpu.is_nan() {
+            "-".into()
+        } else {
+            format!("{:.0}%", s.foreign_cpu * 100.0)
+        },
         if s.errors > 0 {
             format!("  ERRORS {}", s.errors)
         } else {
             String::new()
         },
+        s.negotiated
+            .as_deref()
+            .map_or(String::new(), |n| format!("  {n}")),
     );
+}
+
+/// What one measurement runs: the scenario, the proxy's shape, where things run.
+struct Run<'a> {
+    sc: &'a Scenario,
+    shape: &'a Shape,
+    layout: Layout,
+    opts: &'a LoadOpts,
+    duration: Duration,
 }
 
 /// Starts the contender, loads it, measures, stops it; makes up to `attempts` measurements
 /// while the run was noisy and returns the last.
 fn measure(
     c: Contender,
-    sc: &Scenario,
-    shape: &Shape,
-    duration: Duration,
+    run: &Run<'_>,
     attempts: usize,
     scratch: &Path,
     bins: &Bins,
 ) -> Result<Sample> {
-    until_quiet(attempts, "a core", || {
-        measure_once(c, sc, shape, duration, scratch, bins)
-    })
+    until_quiet(attempts, "a core", || measure_once(c, run, scratch, bins))
 }
 
 /// One measurement: start, warm up, load, stop.
-fn measure_once(
-    c: Contender,
-    sc: &Scenario,
-    shape: &Shape,
-    duration: Duration,
-    scratch: &Path,
-    bins: &Bins,
-) -> Result<Sample> {
-    let running = c.start(shape, PROXY_CPU, scratch, bins)?;
+fn measure_once(c: Contender, run: &Run<'_>, scratch: &Path, bins: &Bins) -> Result<Sample> {
+    let (sc, shape, layout) = (run.sc, run.shape, run.layout);
+    let running = c.start(shape, layout.proxy, scratch, bins)?;
     let target_port = match c {
         Contender::Direct => shape.backends[0].port(),
         _ => PROXY_PORT,
     };
-    let url = format!("http://127.0.0.1:{target_port}/");
+    let scheme = if shape.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{target_port}/");
+    let place = layout.place();
     // Warm up connections and caches; not measured.
-    let _ = load::run(
+    let _ = load::run_with(
         &sc.generator,
         &url,
         Duration::from_secs(1),
-        LOAD_PLACE,
+        place,
         scratch,
+        run.opts,
     );
     let pid = running.as_ref().map(|r| r.pid());
     let cpu0 = pid.map(procstat::cpu_ns);
-    let busy0 = procstat::cpu_busy_ticks(PROXY_CPU);
+    let busy_of = || {
+        layout
+            .proxy
+            .each()
+            .map(procstat::cpu_busy_ticks)
+            .sum::<u64>()
+    };
+    let busy0 = busy_of();
     let t0 = Instant::now();
-    let r = load::run(&sc.generator, &url, duration, LOAD_PLACE, scratch)?;
+    let r = load::run_with(&sc.generator, &url, run.duration, place, scratch, run.opts)?;
     let wall = t0.elapsed();
-    let busy = procstat::cpu_busy_ticks(PROXY_CPU).saturating_sub(busy0);
+    let busy = busy_of().saturating_sub(busy0);
     let cpu = pid
         .zip(cpu0)
         .map(|(p, c0)| procstat::cpu_ns(p).saturating_sub(c0));
     let rss = pid.map(procstat::peak_rss_kib);
     drop(running);
-    // The proxy's CPU should be busy with the proxy only; whatever else ran there (other
-    // processes, or softirq work not charged to the proxy) is noise.
+    // The proxy's CPUs should be busy with the proxy only; whatever else ran there (other
+    // processes, or softirq work not charged to the proxy) is noise, unless the load shares
+    // them, which makes the two indistinguishable.
     let ours_ticks = cpu.unwrap_or(0) as f64 / 1e9 * procstat::TICKS_PER_SEC as f64;
-    let foreign = ((busy as f64 - ours_ticks).max(0.0))
-        / (wall.as_secs_f64() * procstat::TICKS_PER_SEC as f64);
+    let foreign = if layout.shared {
+        f64::NAN
+    } else {
+        ((busy as f64 - ours_ticks).max(0.0))
+            / (wall.as_secs_f64()
+                * procstat::TICKS_PER_SEC as f64
+                * f64::from(layout.proxy.count()))
+    };
     let sample = Sample {
         rps: r.rps,
         p50_us: r.p50_us,
@@ -608,8 +854,35 @@ fn measure_once(
         peak_rss_kib: rss,
         errors: r.errors,
         foreign_cpu: foreign,
+        negotiated: r.negotiated,
     };
     Ok(sample)
+}
+
+/// lbd's instructions and allocations per keep-alive request, from bench/callgrind.sh.
+fn callgrind(root: &Path, target: &Path) -> Result<report::Callgrind> {
+    let out = Command::new(root.join("bench/callgrind.sh"))
+        .arg("--no-build")
+        .env("CARGO_TARGET_DIR", target)
+        .output()
+        .context("running bench/callgrind.sh")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if let Some(skip) = err.lines().find(|l| l.starts_with("SKIP:")) {
+        bail!("{skip}");
+    }
+    if !out.status.success() {
+        bail!("bench/callgrind.sh failed: {text}{err}");
+    }
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {k:?} in bench/callgrind.sh's output:\n{text}"))
+    };
+    Ok(report::Callgrind {
+        instructions: field("instructions per request:")?,
+        allocations: field("allocations per request:")?,
+    })
 }
 
 /// Calls `once` until its measurement's noise (`foreign_cpu`, a share of `of_what`) is at most
@@ -622,7 +895,8 @@ fn until_quiet(
     let mut attempt = 1;
     loop {
         let s = once()?;
-        if s.foreign_cpu <= NOISE_LIMIT || attempt >= attempts {
+        // NaN (not measurable) counts as quiet.
+        if !(s.foreign_cpu > NOISE_LIMIT) || attempt >= attempts {
             return Ok(s);
         }
         eprintln!(
@@ -640,12 +914,12 @@ struct Backends {
 }
 
 impl Backends {
-    fn start(bin: &Path, body_bytes: usize) -> Result<Backends> {
+    fn start(bin: &Path, body_bytes: usize, cpus: Cpus) -> Result<Backends> {
         let addrs: Vec<SocketAddr> = (0..3)
             .map(|i| SocketAddr::from(([127, 0, 0, 1], BACKEND_BASE_PORT + i)))
             .collect();
         let mut cmd = Command::new("taskset");
-        cmd.args(["-c", &LOAD_CPU.to_string()]).arg(bin);
+        cmd.args(["-c", &cpus.arg()]).arg(bin);
         for a in &addrs {
             cmd.arg("--listen").arg(a.to_string());
         }

@@ -24,6 +24,41 @@ pub struct Report {
     l4: Vec<ScenarioResult>,
     /// The XDP program's ns per packet (BPF_PROG_TEST_RUN), or why it did not run.
     xdp: Option<Result<XdpResult, String>>,
+    /// Where the proxy and the load ran, per core count measured.
+    layouts: Vec<LayoutNote>,
+    /// lbd's instructions and allocations per request (callgrind), or why not.
+    callgrind: Option<Result<Callgrind, String>>,
+}
+
+/// One CPU layout of the L7 measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayoutNote {
+    /// Cores (and workers) of the proxy.
+    pub cores: u32,
+    /// The proxy's CPUs (`taskset -c` form).
+    pub proxy_cpus: String,
+    /// The load generator's and backends' CPUs.
+    pub load_cpus: String,
+    /// The load shares the proxy's CPUs.
+    pub shared: bool,
+}
+
+/// bench/callgrind.sh's figures for lbd on http1-keepalive.
+#[derive(Debug, Clone, Serialize)]
+pub struct Callgrind {
+    /// Instructions per proxied keep-alive request.
+    pub instructions: f64,
+    /// Heap allocations per request.
+    pub allocations: f64,
+}
+
+/// The report name of `scenario` measured with the proxy on `cores` cores.
+pub fn scenario_name(scenario: &str, cores: u32, several_layouts: bool) -> String {
+    match (several_layouts, cores) {
+        (false, _) => scenario.to_owned(),
+        (true, 1) => format!("{scenario} @1 core"),
+        (true, n) => format!("{scenario} @{n} cores"),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -31,6 +66,12 @@ struct ScenarioResult {
     name: String,
     contenders: BTreeMap<String, ContenderResult>,
     order: Vec<String>,
+    /// The scenario whose CPU per request this one's is compared with (same layout).
+    base: Option<String>,
+    /// Cores the proxy ran on.
+    cores: u32,
+    /// The scenario's name without the layout.
+    root: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -54,7 +95,32 @@ impl Report {
             idle: Vec::new(),
             l4: Vec::new(),
             xdp: None,
+            layouts: Vec::new(),
+            callgrind: None,
         }
+    }
+
+    /// Records the CPU layouts of the L7 measurements.
+    pub fn set_layout(&mut self, layouts: impl IntoIterator<Item = LayoutNote>) {
+        self.layouts = layouts.into_iter().collect();
+    }
+
+    /// Records the callgrind figures (or why there are none).
+    pub fn set_callgrind(&mut self, r: Result<Callgrind, String>) {
+        self.callgrind = Some(r);
+    }
+
+    /// Starts a scenario's section: the scenario it adds work to, its core count and its
+    /// name without the layout.
+    pub fn declare(&mut self, scenario: &str, base: Option<String>, cores: u32, root: &str) {
+        self.scenarios.push(ScenarioResult {
+            name: scenario.to_owned(),
+            contenders: BTreeMap::new(),
+            order: Vec::new(),
+            base,
+            cores,
+            root: root.to_owned(),
+        });
     }
 
     /// Records a measurement.
@@ -137,6 +203,29 @@ impl Report {
     /// The human-readable table.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
+        let layout: String = self
+            .layouts
+            .iter()
+            .map(|l| {
+                format!(
+                    " L7{}: proxy pinned to CPU {} with {} worker{}, load generator and backends to CPU {}{}.",
+                    if self.layouts.len() > 1 {
+                        format!(" @{} core{}", l.cores, if l.cores > 1 { "s" } else { "" })
+                    } else {
+                        String::new()
+                    },
+                    l.proxy_cpus,
+                    l.cores,
+                    if l.cores > 1 { "s" } else { "" },
+                    l.load_cpus,
+                    if l.shared {
+                        " (shared with the proxy: the machine has no CPU to spare)"
+                    } else {
+                        ""
+                    },
+                )
+            })
+            .collect();
         let _ = writeln!(
             md,
             "# lbd bench\n\nMachine: {}. {} s per measurement, median of {} interleaved runs.{}\n",
@@ -145,8 +234,10 @@ impl Report {
             self.repeat,
             if self.scenarios.is_empty() && self.idle.is_empty() {
                 ""
-            } else {
+            } else if layout.is_empty() {
                 " L7: proxy pinned to CPU 0, load generator and backends to CPU 1, one worker each."
+            } else {
+                &layout
             }
         );
         for (name, why) in &self.missing {
@@ -176,7 +267,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     md,
-                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {:.0}% | {} | {} |",
+                    "| {name} | {:.0} | ±{:.0}% | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
                     s.rps,
                     s.spread * 100.0,
                     s.p50,
@@ -185,12 +276,16 @@ impl Report {
                     s.rss_kib
                         .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
                     s.errors,
-                    s.foreign * 100.0,
+                    percent(s.foreign),
                     ratio(lbd.as_ref().map(|l| l.rps), Some(s.rps)),
                     ratio(lbd.as_ref().and_then(|l| l.cpu), s.cpu),
                 );
             }
+            self.negotiated_markdown(&mut md, sc);
+            self.added_markdown(&mut md, sc);
         }
+        self.scaling_markdown(&mut md);
+        self.callgrind_markdown(&mut md);
         if !self.idle.is_empty() {
             let per = |v: &[IdleSample]| {
                 median(&v.iter().map(IdleSample::kib_per_conn).collect::<Vec<_>>())
@@ -238,7 +333,137 @@ impl Report {
     }
 }
 
+/// A share as a percentage, or `-` when it was not measured (NaN).
+fn percent(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.0}%", v * 100.0)
+    }
+}
+
 impl Report {
+    /// What the TLS client negotiated with each contender (one line per distinct value).
+    fn negotiated_markdown(&self, md: &mut String, sc: &ScenarioResult) {
+        let seen: Vec<String> = sc
+            .order
+            .iter()
+            .filter_map(|name| {
+                let n = sc.contenders[name]
+                    .samples
+                    .iter()
+                    .find_map(|s| s.negotiated.clone())?;
+                Some(format!("{name} `{n}`"))
+            })
+            .collect();
+        if !seen.is_empty() {
+            let _ = writeln!(md, "\nNegotiated (version/suite/group): {}.", seen.join(", "));
+        }
+    }
+
+    /// The CPU per request a scenario adds over its base scenario, per contender.
+    fn added_markdown(&self, md: &mut String, sc: &ScenarioResult) {
+        let Some(base_name) = &sc.base else { return };
+        let Some(base) = self.scenarios.iter().find(|b| &b.name == base_name) else {
+            let _ = writeln!(
+                md,
+                "\n(CPU added over `{base_name}`: not measured in this run; select both scenarios.)"
+            );
+            return;
+        };
+        let added = |name: &str| {
+            let here = sc.contenders.get(name).map(Summary::of)?.cpu?;
+            let there = base.contenders.get(name).map(Summary::of)?.cpu?;
+            Some((here - there, there))
+        };
+        let lbd = added("lbd");
+        let _ = writeln!(
+            md,
+            "\nCPU per request added over `{base_name}` (same run, medians):\n\n             | contender | base CPU µs/req | added CPU µs/req | added % | lbd added ÷ contender added |\n             |---|---:|---:|---:|---:|"
+        );
+        for name in sc.order.iter().filter(|n| n.as_str() != "direct") {
+            let Some((add, there)) = added(name) else {
+                let _ = writeln!(md, "| {name} | - | - | - | |");
+                continue;
+            };
+            let ratio = match lbd {
+                Some((l, _)) if name != "lbd" && add > 0.0 => format!("{:.2}×", l / add),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "| {name} | {there:.1} | {add:.1} | {:.0}% | {ratio} |",
+                add / there * 100.0
+            );
+        }
+    }
+
+    /// Requests/s with the proxy on N cores ÷ on one core, per scenario and contender.
+    fn scaling_markdown(&self, md: &mut String) {
+        let pairs: Vec<(&ScenarioResult, &ScenarioResult)> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.cores > 1)
+            .filter_map(|many| {
+                let one = self
+                    .scenarios
+                    .iter()
+                    .find(|o| o.cores == 1 && o.root == many.root)?;
+                Some((one, many))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "\n## Scaling from one core\n\n             | scenario | contender | req/s @1 | req/s @N | N | scaling | CPU µs/req @1 | CPU µs/req @N |\n             |---|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for (one, many) in pairs {
+            for name in &many.order {
+                let (Some(a), Some(b)) = (one.contenders.get(name), many.contenders.get(name))
+                else {
+                    continue;
+                };
+                if a.samples.is_empty() || b.samples.is_empty() {
+                    continue;
+                }
+                let (a, b) = (Summary::of(a), Summary::of(b));
+                let cpu = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+                let _ = writeln!(
+                    md,
+                    "| {} | {name} | {:.0} | {:.0} | {} | {:.2}× | {} | {} |",
+                    one.root,
+                    a.rps,
+                    b.rps,
+                    many.cores,
+                    b.rps / a.rps.max(1e-9),
+                    cpu(a.cpu),
+                    cpu(b.cpu),
+                );
+            }
+        }
+    }
+
+    fn callgrind_markdown(&self, md: &mut String) {
+        let Some(r) = &self.callgrind else { return };
+        let _ = writeln!(md, "\n## lbd instructions per request (callgrind)\n");
+        match r {
+            Ok(c) => {
+                let _ = writeln!(
+                    md,
+                    "http1-keepalive, `bench/callgrind.sh --no-build` (one worker, one keep-alive \
+                     client, (total(N2) − total(N1)) / (N2 − N1)): **{:.0} instructions** and \
+                     **{:.2} heap allocations** per request.",
+                    c.instructions, c.allocations
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(md, "not measured: {e}");
+            }
+        }
+    }
+
     fn l4_markdown(&self, md: &mut String) {
         for sc in &self.l4 {
             let _ = writeln!(md, "\n## {} (L4, network namespaces)\n", sc.name);
@@ -407,6 +632,9 @@ fn entry<'a>(
             name: scenario.to_owned(),
             contenders: BTreeMap::new(),
             order: Vec::new(),
+            base: None,
+            cores: 1,
+            root: scenario.to_owned(),
         });
     }
     let sc = list.last_mut().expect("pushed above");
@@ -496,6 +724,7 @@ mod tests {
             peak_rss_kib: None,
             errors: 0,
             foreign_cpu: 0.0,
+            negotiated: None,
         }
     }
 
