@@ -202,7 +202,8 @@ fn wrk(
     opts: &LoadOpts,
 ) -> Result<LoadResult> {
     let mut cmd = place.command("wrk");
-    cmd.args(["-t1", "--latency", "--timeout", "5s"])
+    cmd.arg(format!("-t{}", place.cpus.count()))
+        .args(["--latency", "--timeout", "5s"])
         .arg(format!("-c{conns}"))
         .arg(format!("-d{}s", dur.as_secs().max(1)));
     if close {
@@ -292,7 +293,7 @@ fn h2load(
     let log = scratch.join("h2load.log");
     let _ = std::fs::remove_file(&log);
     let mut cmd = place.command("h2load");
-    cmd.arg("-t1")
+    cmd.arg(format!("-t{}", place.cpus.count().min(conns)))
         .arg(format!("-c{conns}"))
         .arg(format!("-m{streams}"))
         .arg(format!("-D{}", dur.as_secs().max(1)))

@@ -804,6 +804,13 @@ fn measure_once(c: Contender, run: &Run<'_>, scratch: &Path, bins: &Bins) -> Res
     let scheme = if shape.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{target_port}/");
     let place = layout.place();
+    if matches!(shape.feature, Feature::Jwt(_)) {
+        // The check must really be on: a request without the token is refused.
+        let status = probe_status(SocketAddr::from(([127, 0, 0, 1], target_port)))?;
+        if status != 401 && status != 403 {
+            bail!("{} answered {status} to a request without a token", c.name());
+        }
+    }
     // Warm up connections and caches; not measured.
     let _ = load::run_with(
         &sc.generator,
@@ -857,6 +864,20 @@ fn measure_once(c: Contender, run: &Run<'_>, scratch: &Path, bins: &Bins) -> Res
         negotiated: r.negotiated,
     };
     Ok(sample)
+}
+
+/// The status code of one plain `GET /` (no token) to `addr`.
+fn probe_status(addr: SocketAddr) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {:?}", String::from_utf8_lossy(&head)))
 }
 
 /// lbd's instructions and allocations per keep-alive request, from bench/callgrind.sh.

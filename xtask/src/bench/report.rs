@@ -324,7 +324,8 @@ impl Report {
             md.push_str(
                 "\nRatios are lbd ÷ contender: above 1× is better for req/s, below 1× is better for CPU. \
                  \"other CPU\" is the share of the proxy's core used by other processes during the \
-                 measurement (noise; full runs repeat measurements above 10%).\n",
+                 measurement (noise; full runs repeat measurements above 10%; `-` where the \
+                 load generator shares the proxy's CPUs and the two cannot be told apart).\n",
             );
         }
         self.l4_markdown(&mut md);
@@ -379,7 +380,7 @@ impl Report {
         let lbd = added("lbd");
         let _ = writeln!(
             md,
-            "\nCPU per request added over `{base_name}` (same run, medians):\n\n             | contender | base CPU µs/req | added CPU µs/req | added % | lbd added ÷ contender added |\n             |---|---:|---:|---:|---:|"
+            "\nCPU per request added over `{base_name}` (same run, medians):\n\n| contender | base CPU µs/req | added CPU µs/req | added % | lbd added ÷ contender added |\n|---|---:|---:|---:|---:|"
         );
         for name in sc.order.iter().filter(|n| n.as_str() != "direct") {
             let Some((add, there)) = added(name) else {
@@ -417,7 +418,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Scaling from one core\n\n             | scenario | contender | req/s @1 | req/s @N | N | scaling | CPU µs/req @1 | CPU µs/req @N |\n             |---|---|---:|---:|---:|---:|---:|---:|"
+            "\n## Scaling from one core\n\n| scenario | contender | req/s @1 | req/s @N | N | scaling | CPU µs/req @1 | CPU µs/req @N |\n|---|---|---:|---:|---:|---:|---:|---:|"
         );
         for (one, many) in pairs {
             for name in &many.order {
