@@ -42,8 +42,9 @@ pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
       nginx-light haproxy prometheus redis-server dnsmasq-base)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
-# Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender).
-bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables)
+# Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender; valgrind counts lbd's
+# instructions per request, bench/callgrind.sh).
+bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables valgrind)
 
 not_installed() {
     local p

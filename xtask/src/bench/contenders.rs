@@ -111,9 +111,7 @@ impl Contender {
             Contender::Lbd | Contender::Haproxy => true,
             Contender::Direct => shape.tls.is_none() && shape.feature == Feature::Plain,
             Contender::Nginx => !matches!(shape.feature, Feature::Jwt(_)),
-            Contender::Envoy => {
-                plain_http && !matches!(shape.feature, Feature::Headers)
-            }
+            Contender::Envoy => plain_http && !matches!(shape.feature, Feature::Headers),
             Contender::Pingora => {
                 plain_http && shape.feature == Feature::Plain && shape.workers == 1
             }
@@ -227,12 +225,7 @@ impl Contender {
                 cmd.arg(ENVOY_BIN)
                     .arg("--concurrency")
                     .arg(shape.workers.to_string())
-                    .args([
-                        "--log-level",
-                        "error",
-                        "--disable-hot-restart",
-                        "-c",
-                    ])
+                    .args(["--log-level", "error", "--disable-hot-restart", "-c"])
                     .arg(cfg);
             }
         }

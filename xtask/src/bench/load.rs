@@ -139,7 +139,9 @@ pub fn run_with(
             streams,
             grpc,
         } => h2load(url, *conns, *streams, *grpc, dur, place, scratch),
-        Generator::TlsConnect { conns, resume } => tls_connect(url, *conns, *resume, dur, place, opts),
+        Generator::TlsConnect { conns, resume } => {
+            tls_connect(url, *conns, *resume, dur, place, opts)
+        }
     }
 }
 
@@ -156,7 +158,10 @@ fn tls_connect(
         .strip_prefix("https://")
         .and_then(|r| r.split('/').next())
         .with_context(|| format!("not an https URL: {url}"))?;
-    let ca = opts.ca.as_ref().context("TLS load needs the bench certificate")?;
+    let ca = opts
+        .ca
+        .as_ref()
+        .context("TLS load needs the bench certificate")?;
     let mut cmd = place.command(std::env::current_exe()?);
     cmd.args(["bench-tls-client", "--addr", addr, "--ca"])
         .arg(ca)

@@ -62,8 +62,9 @@ pub struct BenchArgs {
     /// proxy (in both layouts) when none are left.
     #[arg(long, default_value_t = 1)]
     cores: u32,
-    /// Also count lbd's instructions and allocations per keep-alive request with
-    /// bench/callgrind.sh (valgrind; about 2 minutes).
+    /// Count lbd's instructions and allocations per keep-alive request with bench/callgrind.sh
+    /// (valgrind, ~40 s) also in a `--quick` run; full runs do it whenever http1-keepalive is
+    /// selected.
     #[arg(long)]
     callgrind: bool,
 }
@@ -210,7 +211,13 @@ fn scenarios() -> Vec<Scenario> {
             tls: Some(KeyKind::Rsa2048),
             base: Some("http1-new-conn"),
             full_only: true,
-            ..s("https-handshake-full-rsa2048", handshake(false), false, false, 64)
+            ..s(
+                "https-handshake-full-rsa2048",
+                handshake(false),
+                false,
+                false,
+                64,
+            )
         },
         Scenario {
             tcp: true,
@@ -557,7 +564,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         drop(backends);
     }
-    if args.callgrind {
+    if args.callgrind || (!args.quick && wants("http1-keepalive")) {
         eprintln!("bench: instructions per request (bench/callgrind.sh, http1-keepalive)");
         let r = callgrind(&root, &target);
         match &r {
@@ -808,7 +815,10 @@ fn measure_once(c: Contender, run: &Run<'_>, scratch: &Path, bins: &Bins) -> Res
         // The check must really be on: a request without the token is refused.
         let status = probe_status(SocketAddr::from(([127, 0, 0, 1], target_port)))?;
         if status != 401 && status != 403 {
-            bail!("{} answered {status} to a request without a token", c.name());
+            bail!(
+                "{} answered {status} to a request without a token",
+                c.name()
+            );
         }
     }
     // Warm up connections and caches; not measured.
@@ -917,7 +927,7 @@ fn until_quiet(
     loop {
         let s = once()?;
         // NaN (not measurable) counts as quiet.
-        if !(s.foreign_cpu > NOISE_LIMIT) || attempt >= attempts {
+        if s.foreign_cpu.is_nan() || s.foreign_cpu <= NOISE_LIMIT || attempt >= attempts {
             return Ok(s);
         }
         eprintln!(
@@ -977,4 +987,30 @@ fn workspace_root() -> Result<PathBuf> {
     dir.parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent dir")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_keep_the_load_off_the_proxy_cpus_when_the_machine_allows() {
+        let l = Layout::new(1, 1, 2);
+        assert_eq!(
+            (l.proxy.arg(), l.load.arg(), l.shared),
+            ("0".into(), "1".into(), false)
+        );
+        let l = Layout::new(2, 2, 4);
+        assert_eq!(
+            (l.proxy.arg(), l.load.arg(), l.shared),
+            ("0-1".into(), "2-3".into(), false)
+        );
+        // Both layouts of `--cores 2` on 4 CPUs place the load alike.
+        assert_eq!(Layout::new(1, 2, 4).load.arg(), "2-3");
+        let l = Layout::new(2, 2, 2);
+        assert_eq!(
+            (l.proxy.arg(), l.load.arg(), l.shared),
+            ("0-1".into(), "0-1".into(), true)
+        );
+    }
 }

@@ -358,7 +358,11 @@ impl Report {
             })
             .collect();
         if !seen.is_empty() {
-            let _ = writeln!(md, "\nNegotiated (version/suite/group): {}.", seen.join(", "));
+            let _ = writeln!(
+                md,
+                "\nNegotiated (version/suite/group): {}.",
+                seen.join(", ")
+            );
         }
     }
 
@@ -727,6 +731,41 @@ mod tests {
             foreign_cpu: 0.0,
             negotiated: None,
         }
+    }
+
+    #[test]
+    fn added_cpu_over_the_base_scenario_and_scaling_from_one_core() {
+        let mut r = Report::new(Duration::from_secs(1), 1, Vec::new());
+        for cores in [1, 2] {
+            let base = scenario_name("http1-keepalive", cores, true);
+            r.declare(&base, None, cores, "http1-keepalive");
+            let k = f64::from(cores);
+            r.add(&base, "lbd", sample(10_000.0 * k, 20.0));
+            r.add(&base, "haproxy", sample(12_000.0 * k, 18.0));
+            let jwt = scenario_name("http1-jwt-es256", cores, true);
+            r.declare(&jwt, Some(base.clone()), cores, "http1-jwt-es256");
+            r.add(&jwt, "lbd", sample(8_000.0, 30.0));
+            r.add(&jwt, "haproxy", sample(9_000.0, 38.0));
+        }
+        let md = r.markdown();
+        // lbd adds 10 µs over its 20, HAProxy 20 over its 18: lbd's added cost is 0.50× HAProxy's.
+        assert!(md.contains("| lbd | 20.0 | 10.0 | 50% |  |"), "{md}");
+        assert!(
+            md.contains("| haproxy | 18.0 | 20.0 | 111% | 0.50× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## Scaling from one core\n\n| scenario |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| http1-keepalive | lbd | 10000 | 20000 | 2 | 2.00× | 20.0 | 20.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| http1-jwt-es256 | haproxy | 9000 | 9000 | 2 | 1.00× | 38.0 | 38.0 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -78,7 +78,9 @@ pub fn run(args: TlsClientArgs) -> Result<()> {
         .collect();
     let mut all = Tally::default();
     for t in threads {
-        let t = t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        let t = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
         all.ok += t.ok;
         all.errors += t.errors;
         all.latencies_us.extend(t.latencies_us);
@@ -183,8 +185,14 @@ fn one(
     let negotiated = format!(
         "{}/{}/{}",
         show(c.protocol_version().map(|v| format!("{v:?}"))),
-        show(c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
-        show(c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))),
+        show(
+            c.negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+        ),
+        show(
+            c.negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+        ),
     )
     .replace(char::is_whitespace, "");
     Ok((c.handshake_kind(), negotiated))
