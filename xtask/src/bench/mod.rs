@@ -496,6 +496,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     for sc in &l7_scenarios {
+        let started = Instant::now();
         let backends = Backends::start(
             &release.join("bench-backend"),
             sc.body_bytes,
@@ -563,6 +564,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         drop(backends);
+        eprintln!("bench: {} took {:.0?}", sc.name, started.elapsed());
     }
     if args.callgrind || (!args.quick && wants("http1-keepalive")) {
         eprintln!("bench: instructions per request (bench/callgrind.sh, http1-keepalive)");
