@@ -31,6 +31,7 @@ pub mod cors;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
+pub mod jwt_sig;
 pub mod mirror;
 pub mod rate_limit;
 pub mod rate_limit_redis;
