@@ -263,7 +263,7 @@ fn run(p: &mut L4Program, frame: &[u8]) -> RunResult {
 }
 
 fn reasons(p: &mut L4Program) -> [u64; REASON_COUNT as usize] {
-    p.reasons().expect("read REASONS")
+    p.reasons().expect("read the reason counters")
 }
 
 // ---- tests ----------------------------------------------------------------------------------

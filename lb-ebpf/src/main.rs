@@ -5,7 +5,7 @@
 //! check that the frame was sent to the receiving interface's own MAC (`IFACES`); find the flow in the LRU `FLOWS` table or, for a new flow,
 //! hash it into the VIP's Maglev ring in `RINGS`; then forward to the chosen backend (`dsr-l2`:
 //! rewrite the MACs; `ipip`: prepend an outer IP header; both `XDP_TX`). Every packet is counted under exactly one
-//! [`Reason`] in `REASONS`. All layouts, limits and the hash come from `lb_common::l4`.
+//! [`Reason`] in `STATS`. All layouts, limits and the hash come from `lb_common::l4`.
 //!
 //! ICMP errors about packets a backend sent from a VIP (fragmentation needed, packet too big,
 //! …) are forwarded like the flow they quote, to the same backend, so path MTU discovery works
@@ -36,9 +36,9 @@ use aya_ebpf::{
 };
 use lb_common::l4::{
     encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr, BackendInfo,
-    Counters, EncapConfig, FlowKey, FlowValue, Ifaces, Mode, Reason, VipKey, VipMeta,
+    Counters, EncapConfig, FlowKey, FlowValue, Ifaces, Mode, Reason, Stats, VipKey, VipMeta,
     BACKEND_F_ACTIVE, ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_IFACES,
-    MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SIZE,
+    MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, RING_SIZE,
 };
 use pkt::{ptr_at, read};
 
@@ -58,13 +58,9 @@ static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Packets per [`Reason`].
-#[map(name = "REASONS")]
-static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
-
-/// Packets and bytes per VIP (`VipMeta::vip_id`), whatever happened to them.
-#[map(name = "VIP_STATS")]
-static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+/// Packets per [`Reason`] and packets and bytes per VIP, in one entry (see [`Stats`]).
+#[map(name = "STATS")]
+static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 
 /// Packets and bytes forwarded to each backend.
 #[map(name = "BACKEND_STATS")]
@@ -99,22 +95,27 @@ const MAX_L2_LEN: usize = ETH_HLEN + VLAN_HLEN;
 /// The XDP entry point: one decision and one reason counter per packet.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let (action, reason) = process(&ctx);
-    if let Some(p) = REASONS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, and XDP programs are not preempted on their CPU.
-        unsafe { *p += 1 };
+    // SAFETY: this CPU's slot; XDP programs are not preempted on their CPU, so nothing else
+    // writes it while we hold the reference. Looked up once for the reason and VIP counters.
+    let stats = STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p });
+    match stats {
+        Some(s) => {
+            let (action, reason) = process(&ctx, Some(&mut s.vips));
+            if let Some(c) = s.reasons.get_mut(reason as usize) {
+                *c += 1;
+            }
+            action
+        }
+        // Never: the map has its one entry from load time on.
+        None => process(&ctx, None).0,
     }
-    action
 }
 
 #[inline(always)]
-fn add(map: &PerCpuArray<Counters>, idx: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
+fn add(c: Option<&mut Counters>, bytes: u64) {
+    if let Some(c) = c {
+        c.packets += 1;
+        c.bytes += bytes;
     }
 }
 
@@ -305,7 +306,7 @@ fn to_our_mac(ctx: &XdpContext) -> bool {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> (u32, Reason) {
+fn process(ctx: &XdpContext, vips: Option<&mut [Counters; MAX_VIPS as usize]>) -> (u32, Reason) {
     let len = ctx.data_end() - ctx.data();
     let (key, l3) = match parse(ctx, len) {
         Ok(k) => k,
@@ -321,7 +322,7 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
         return (xdp_action::XDP_PASS, Reason::PassNotOurMac);
     }
     let bytes = len as u64;
-    add(&VIP_STATS, meta.vip_id, bytes);
+    add(vips.and_then(|v| v.get_mut(meta.vip_id as usize)), bytes);
 
     let (id, backend) = match pick(&key, &meta) {
         Ok(b) => b,
@@ -334,7 +335,10 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
     };
     match out {
         Ok(r) => {
-            add(&BACKEND_STATS, id, bytes);
+            if let Some(c) = BACKEND_STATS.get_ptr_mut(id) {
+                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+                add(Some(unsafe { &mut *c }), bytes);
+            }
             (xdp_action::XDP_TX, r)
         }
         Err(r) => (xdp_action::XDP_DROP, r),

@@ -105,6 +105,10 @@ struct Args {
     /// Only load the program (checks that this machine can run XDP); no measurement.
     #[arg(long)]
     check: bool,
+    /// Time this XDP object instead of the one built into lbd (e.g. a copy of an earlier
+    /// build, to compare two versions of the program under the same load).
+    #[arg(long)]
+    object: Option<std::path::PathBuf>,
 }
 
 /// One packet class's measurements (the bench reports their median and spread).
@@ -133,7 +137,16 @@ struct Output {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let out = match setup()? {
+    let file = match &args.object {
+        Some(path) => {
+            // The loader keeps the object for the program's life, like the built-in one.
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(&*Box::leak(bytes.into_boxed_slice()))
+        }
+        None => None,
+    };
+    let out = match setup(file)? {
         Err(skip) => Output {
             skip: Some(skip),
             label: LABEL,
@@ -156,8 +169,9 @@ fn main() -> Result<()> {
 const LABEL: &str = "upper bound (BPF_PROG_TEST_RUN, no NIC, no driver)";
 
 /// The loaded program with the config's VIPs applied, or why this machine cannot run it.
-fn setup() -> Result<std::result::Result<L4Program, String>> {
-    let obj = match lbd::l4::object() {
+/// `file` replaces the object built into lbd.
+fn setup(file: Option<&'static [u8]>) -> Result<std::result::Result<L4Program, String>> {
+    let obj = match file.map_or_else(lbd::l4::object, Ok) {
         Ok(o) => o,
         Err(reason) => return Ok(Err(format!("XDP object not built: {reason}"))),
     };

@@ -18,8 +18,8 @@ use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::l4::{
     BACKEND_F_ACTIVE, BackendInfo, Counters, EncapConfig, IfaceInfo, Ifaces, MAX_BACKENDS,
-    MAX_IFACES, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE, Reason, VIP_F_SOURCE_HASH_ONLY, VipKey,
-    VipMeta,
+    MAX_IFACES, MAX_VIPS, Mode, REASON_COUNT, RING_SIZE, Reason, Stats, VIP_F_SOURCE_HASH_ONLY,
+    VipKey, VipMeta,
 };
 use lb_common::maglev::{self, MaglevEndpoint, MaglevError};
 
@@ -117,7 +117,7 @@ impl Default for LoadOptions {
 /// A VIP as the loader sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VipSpec {
-    /// Index into `VIP_STATS`, `< max_vips`; also selects the VIP's two rings.
+    /// Index into `Stats::vips`, `< max_vips`; also selects the VIP's two rings.
     pub vip_id: u32,
     /// How packets are forwarded.
     pub mode: Mode,
@@ -182,7 +182,6 @@ impl L4Program {
         let max_vips = opts.max_vips.clamp(1, MAX_VIPS);
         let ebpf = EbpfLoader::new()
             .map_max_entries("VIPS", max_vips)
-            .map_max_entries("VIP_STATS", max_vips)
             .map_max_entries("RINGS", 2 * max_vips * RING_SIZE)
             .map_max_entries("FLOWS", opts.max_flows.max(1))
             .load(object)?;
@@ -502,19 +501,31 @@ impl L4Program {
 
     /// Packets per [`Reason`], summed over CPUs, in [`Reason::ALL`] order.
     pub fn reasons(&mut self) -> Result<[u64; REASON_COUNT as usize], L4Error> {
-        let m: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(self.map("REASONS")?).map_err(map_err("REASONS"))?;
         let mut out = [0u64; REASON_COUNT as usize];
-        for r in Reason::ALL {
-            let v = m.get(&(r as u32), 0).map_err(map_err("REASONS"))?;
-            out[r as usize] = v.iter().sum();
+        for s in self.stats()? {
+            for r in Reason::ALL {
+                out[r as usize] += s.reasons[r as usize];
+            }
         }
         Ok(out)
     }
 
     /// Packets and bytes seen for VIP `vip_id`, summed over CPUs.
     pub fn vip_counters(&mut self, vip_id: u32) -> Result<Counters, L4Error> {
-        self.counters("VIP_STATS", vip_id)
+        check("vip id", vip_id, MAX_VIPS)?;
+        Ok(self
+            .stats()?
+            .iter()
+            .map(|s| s.vips[vip_id as usize])
+            .fold(Counters::default(), sum))
+    }
+
+    /// `STATS[0]` of every CPU.
+    fn stats(&mut self) -> Result<Vec<Stats>, L4Error> {
+        let m: PerCpuArray<&mut MapData, Stats> =
+            PerCpuArray::try_from(self.map("STATS")?).map_err(map_err("STATS"))?;
+        let v = m.get(&0, 0).map_err(map_err("STATS"))?;
+        Ok(v.iter().copied().collect())
     }
 
     /// Packets and bytes forwarded to backend `id`, summed over CPUs.
@@ -526,10 +537,14 @@ impl L4Program {
         let m: PerCpuArray<&mut MapData, Counters> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let v = m.get(&idx, 0).map_err(map_err(name))?;
-        Ok(v.iter().fold(Counters::default(), |a, c| Counters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+        Ok(v.iter().copied().fold(Counters::default(), sum))
+    }
+}
+
+fn sum(a: Counters, c: Counters) -> Counters {
+    Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
     }
 }
 
