@@ -2,7 +2,7 @@
 //! certificate are read and checked when the config is loaded (so `lbd check` and a reload
 //! refuse a broken file and the running config keeps serving), and kept in the model as DER,
 //! so a reload that changes a file's content rebuilds the cluster.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::RootCertStore;
@@ -35,6 +35,8 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
     /// Client certificate chain and key (PKCS#8, PKCS#1 or SEC1 DER) for mTLS to endpoints.
     pub client: Option<ClientCert>,
+    /// The files read (`ca`, `cert`, `key`), watched for changes like listener certificates.
+    pub files: Vec<PathBuf>,
 }
 
 /// A client certificate presented to endpoints.
@@ -156,11 +158,17 @@ pub(crate) fn check(
             return None;
         }
     };
+    let files = [&r.ca, &r.cert, &r.key]
+        .into_iter()
+        .flatten()
+        .map(|v| dir.join(v.get_ref()))
+        .collect();
     ok.then_some(UpstreamTls {
         verify,
         ca,
         server_name,
         client,
+        files,
     })
 }
 
