@@ -108,29 +108,11 @@ pub(crate) fn check(
         }
         Some(v) => {
             let k = format!("{key}.ca");
-            match certs(c, v, &k, dir) {
-                Some(list) => {
-                    let mut store = RootCertStore::empty();
-                    let (_, ignored) = store.add_parsable_certificates(list.iter().cloned());
-                    if ignored > 0 || store.is_empty() {
-                        c.err(
-                            v.span(),
-                            &k,
-                            format!(
-                                "{} of the certificates in {} cannot be used as trust anchors",
-                                ignored,
-                                dir.join(v.get_ref()).display()
-                            ),
-                        );
-                        ok = false;
-                    }
-                    Some(list)
-                }
-                None => {
-                    ok = false;
-                    None
-                }
+            let list = ca_bundle(c, v, &k, dir);
+            if list.is_none() {
+                ok = false;
             }
+            list
         }
     };
     let server_name = r.server_name.as_ref().and_then(|n| {
@@ -170,6 +152,32 @@ pub(crate) fn check(
         client,
         files,
     })
+}
+
+/// Reads a CA bundle (`v`, relative to `dir`): PEM certificates that all serve as trust
+/// anchors.
+pub(crate) fn ca_bundle(
+    c: &mut Checker<'_>,
+    v: &S<String>,
+    key: &str,
+    dir: &Path,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let list = certs(c, v, key, dir)?;
+    let mut store = RootCertStore::empty();
+    let (_, ignored) = store.add_parsable_certificates(list.iter().cloned());
+    if ignored > 0 || store.is_empty() {
+        c.err(
+            v.span(),
+            key,
+            format!(
+                "{} of the certificates in {} cannot be used as trust anchors",
+                ignored,
+                dir.join(v.get_ref()).display()
+            ),
+        );
+        return None;
+    }
+    Some(list)
 }
 
 /// A name for SNI and verification: a DNS name or an IP address.

@@ -229,7 +229,8 @@ impl Connector {
         })?;
         match connector.connect(name.clone(), tcp).await {
             Ok(s) => {
-                let v13 = s.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+                let v13 =
+                    s.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
                 self.metrics.done[usize::from(v13)].increment(1);
                 Ok(UpstreamIo::Tls(Box::new(s)))
             }
