@@ -302,17 +302,13 @@ impl Fetcher {
             };
             tokio::pin!(exchange);
             tokio::pin!(conn);
-            loop {
-                tokio::select! {
-                    r = &mut exchange => return r,
-                    r = &mut conn => {
-                        if let Err(e) = r {
-                            return Err(e.to_string());
-                        }
-                        // Closed after the response: the exchange finishes on its own.
-                        return exchange.await;
-                    }
-                }
+            tokio::select! {
+                r = &mut exchange => r,
+                r = &mut conn => match r {
+                    Err(e) => Err(e.to_string()),
+                    // Closed after the response: the exchange finishes on its own.
+                    Ok(()) => exchange.await,
+                },
             }
         };
         tokio::time::timeout(timeout, work)
