@@ -41,6 +41,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
       iproute2 ethtool iputils-ping curl openssl ca-certificates pkg-config chromium
       nginx-light haproxy prometheus redis-server dnsmasq-base)
+# Python TLS clients the HTTPS tests drive (ssl, and h2 for HTTP/2 over TLS).
+pkgs+=(python3 python3-h2)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender; valgrind counts lbd's
 # instructions per request, bench/callgrind.sh).

@@ -1044,11 +1044,25 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "explicit allow-list",
     ),
     (
-        "jwt https key-set URL",
-        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"https://id.example/k\" }] }\n",
+        "jwt key-set CA with a cleartext URL",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"http://id.example/k\", jwks_ca = \"ca.pem\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0].jwks_ca",
+        "only used with an https",
+    ),
+    (
+        "jwt key-set CA file missing",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"https://id.example/k\", jwks_ca = \"/nonexistent/ca.pem\" }] }\n",
+        5,
+        "routes[0].filters[0].jwt.providers[0].jwks_ca",
+        "cannot read",
+    ),
+    (
+        "jwt key-set URL of another scheme",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"ftp://id.example/k\" }] }\n",
         5,
         "routes[0].filters[0].jwt.providers[0].jwks_url",
-        "TLS client",
+        "expected http(s)://",
     ),
     (
         "jwt HS256 without a secret",

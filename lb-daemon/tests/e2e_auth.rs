@@ -619,6 +619,15 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String) -> JwksServer {
+        Self::start_with(body, None).await
+    }
+
+    /// The same over HTTPS, with `acceptor`'s certificate.
+    async fn start_tls(body: String, acceptor: tokio_rustls::TlsAcceptor) -> JwksServer {
+        Self::start_with(body, Some(acceptor)).await
+    }
+
+    async fn start_with(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let body = Arc::new(Mutex::new(body));
@@ -631,6 +640,7 @@ impl JwksServer {
                     continue;
                 };
                 let (b, s, h) = (b.clone(), s.clone(), h.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req| {
                         h.fetch_add(1, Ordering::SeqCst);
@@ -645,9 +655,18 @@ impl JwksServer {
                         );
                         async move { Ok::<_, Infallible>(resp) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -789,6 +808,99 @@ address = "{}"
         bearer(&c, listen, "/", &t2).await.status,
         200,
         "kept while down"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `jwks_url` over HTTPS: fetched through lbd's TLS client with the server verified against
+/// `jwks_ca`; a server whose certificate that CA did not sign is never trusted, so its keys
+/// are never used.
+#[tokio::test]
+async fn jwks_url_over_https_verified_with_a_ca_file() {
+    use rustls::pki_types::pem::PemObject as _;
+    let dir = temp_dir();
+    let k1 = keypair(&dir, "k1", "ec", Algorithm::ES256, "k1");
+    let pki = lb_tests::certs::Pki::new("key-set CA");
+    let stranger = lb_tests::certs::Pki::new("unknown CA");
+    let acceptor = |leaf: &lb_tests::certs::Leaf| {
+        let chain =
+            vec![rustls::pki_types::CertificateDer::from_pem_file(&leaf.cert).expect("cert")];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&leaf.key).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    };
+    let opts = lb_tests::certs::LeafOpts {
+        names: vec!["localhost".into()],
+        cn: "keys".into(),
+        serial: 9,
+        ..Default::default()
+    };
+    let good = JwksServer::start_tls(jwks(&[&k1]), acceptor(&pki.leaf("keys", &opts))).await;
+    let bad = JwksServer::start_tls(jwks(&[&k1]), acceptor(&stranger.leaf("keys", &opts))).await;
+    let backend = Backend::start("b1").await;
+    let listen = free_addr();
+    let provider = |name: &str, port: u16| {
+        format!(
+            "{{ name = \"{name}\", issuer = \"https://{name}.example\", algorithms = [\"ES256\"], \
+             jwks_url = \"https://localhost:{port}/jwks.json\", jwks_ca = {}, refresh = \"1h\", \
+             refetch_interval = \"1s\", fetch_timeout = \"2s\" }}",
+            lb_tests::certs::toml_path(&pki.ca_file)
+        )
+    };
+    let config = format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "api"
+cluster = "web"
+[[routes.filters]]
+jwt = {{ providers = [{good}, {bad}] }}
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{b}"
+"#,
+        good = provider("good", good.addr.port()),
+        bad = provider("bad", bad.addr.port()),
+        b = backend.addr,
+    );
+    let lbd = Lbd::start(bin(), &config);
+    let c = H1::new();
+    good.wait_hits(1).await;
+    let token = |iss: &str| {
+        let claims = json!({ "iss": iss, "sub": "u1", "exp": now() + 600 });
+        sign(Algorithm::ES256, Some("k1"), &claims, &k1.enc)
+    };
+    assert_eq!(
+        bearer(&c, listen, "/", &token("https://good.example"))
+            .await
+            .status,
+        200,
+        "keys fetched over HTTPS"
+    );
+    // The untrusted server completes no handshake, so it never answers a request.
+    assert_eq!(
+        bearer(&c, listen, "/", &token("https://bad.example"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(bad.hits(), 0, "a request reached an untrusted key server");
+    let logs = lbd.logs();
+    assert!(
+        logs.contains("TLS handshake with localhost"),
+        "the refused fetch is logged with its reason:\n{logs}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

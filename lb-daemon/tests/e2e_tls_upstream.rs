@@ -218,7 +218,7 @@ async fn upstream_tls_verifies_and_speaks_h1_h2_grpc() {
     let client = leaf(&pki, "lbd-client", "lbd", &["lbd-client.test"]);
     let open = tls_backend("open", &server, None).await;
     let strict = tls_backend("strict", &server, Some(&pki.ca_file)).await;
-    let listen = free_addr();
+    let (listen, admin) = (free_addr(), free_addr());
     let ca = toml_path(&pki.ca_file);
     let other_ca = toml_path(&other.ca_file);
     let route = |name: &str| {
@@ -226,7 +226,9 @@ async fn upstream_tls_verifies_and_speaks_h1_h2_grpc() {
             "[[routes]]\nname = \"{name}\"\ncluster = \"{name}\"\n[routes.match]\npath_prefix = \"/{name}\"\n"
         )
     };
-    let mut config = format!("[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n");
+    let mut config = format!(
+        "[admin]\nbind = \"{admin}\"\n[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n"
+    );
     for r in [
         "h1",
         "h2",
@@ -417,6 +419,183 @@ address = "{s}"
         r.lbd_error(),
         "upstream_tls",
         "the backend's refusal is a TLS failure"
+    );
+
+    // Upstream handshakes are counted per cluster, failures by reason.
+    let (_, text) = run("curl", &["-s", &format!("http://{admin}/metrics")], b"").await;
+    let m = lb_tests::prom::parse(&text).expect("metrics parse");
+    let done = |cluster: &str| {
+        m.sum(
+            "lbd_upstream_tls_handshakes_total",
+            &[("cluster", cluster), ("version", "1.3")],
+        )
+    };
+    let failed = |cluster: &str, reason: &str| {
+        m.sum(
+            "lbd_upstream_tls_handshake_failures_total",
+            &[("cluster", cluster), ("reason", reason)],
+        )
+    };
+    for cluster in ["h1", "h2", "grpc", "noverify", "mtls"] {
+        assert!(done(cluster) >= 1.0, "{cluster}: {text}");
+    }
+    assert!(failed("wrongname", "verify") >= 1.0, "{text}");
+    assert!(failed("untrusted", "verify") >= 1.0, "{text}");
+    assert_eq!(done("wrongname") + done("untrusted"), 0.0, "{text}");
+    assert_eq!(failed("h1", "verify"), 0.0, "{text}");
+}
+
+/// CA bundles are watched like certificates: a cluster's `ca` and a listener's `client_ca`
+/// replaced on disk apply without a reload signal, and a broken replacement is refused with
+/// an error while the last good bundle keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_bundles_replaced_on_disk_apply_and_broken_ones_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new("server CA");
+    let other = Pki::new("another CA");
+    let clients = Pki::new("client CA");
+    let server = leaf(&pki, "lbd", "lbd", &["lbd.test"]);
+    let backend_cert = leaf(&pki, "backend", "backend", &["backend.test"]);
+    let alice = leaf(&clients, "alice", "alice", &["alice.example"]);
+    let backend = tls_backend("b", &backend_cert, None).await;
+    // Both bundles start with a CA that trusts neither side.
+    let upstream_ca = pki.write("upstream-ca.pem", other.ca_pem.as_bytes());
+    let client_ca = pki.write("client-ca.pem", other.ca_pem.as_bytes());
+    let (plain, mtls, admin) = (free_addr(), free_addr(), free_addr());
+    let config = format!(
+        r#"
+[admin]
+bind = "{admin}"
+
+[[listeners]]
+name = "plain"
+bind = "{plain}"
+
+[[listeners]]
+name = "mtls"
+bind = "{mtls}"
+[listeners.tls]
+client_auth = "required"
+client_ca = {client_ca}
+[[listeners.tls.certificates]]
+cert = {cert}
+key = {key}
+
+[[routes]]
+name = "all"
+cluster = "b"
+
+[[clusters]]
+name = "b"
+[clusters.tls]
+ca = {upstream_ca}
+server_name = "backend.test"
+[[clusters.endpoints]]
+address = "{b}"
+"#,
+        client_ca = toml_path(&client_ca),
+        upstream_ca = toml_path(&upstream_ca),
+        cert = toml_path(&server.cert),
+        key = toml_path(&server.key),
+        b = backend.addr,
+    );
+    let lbd = Lbd::start(bin(), &config);
+    let c = H1::new();
+    let ca = pki.ca_file.display().to_string();
+    let mtls_call = || {
+        let (ca, cert, key) = (
+            ca.clone(),
+            alice.cert.display().to_string(),
+            alice.key.display().to_string(),
+        );
+        async move {
+            let resolve = format!("lbd.test:{}:127.0.0.1", mtls.port());
+            let url = format!("https://lbd.test:{}/", mtls.port());
+            run(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    &ca,
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                    "--resolve",
+                    &resolve,
+                    &url,
+                ],
+                b"",
+            )
+            .await
+            .1
+        }
+    };
+
+    let r = c.get(plain, "/x", None).await.expect("plain");
+    assert_eq!((r.status.as_u16(), r.lbd_error()), (502, "upstream_tls"));
+    assert_eq!(mtls_call().await, "000", "alice's CA is not trusted yet");
+
+    // The right bundles, written in one step each: applied by the file watcher.
+    let swap = |path: &Path, pem: &str| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    };
+    swap(&upstream_ca, &pki.ca_pem);
+    swap(&client_ca, &clients.ca_pem);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = c.get(plain, "/x", None).await.expect("plain").status;
+        let down = mtls_call().await;
+        if up == 200 && down == "200" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bundles not applied: upstream {up}, mTLS {down}\n{}",
+            lbd.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A broken bundle: refused with its file named, the last good one stays.
+    swap(&upstream_ca, "-----BEGIN CERTIFICATE-----\ngarbage\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lbd
+        .logs()
+        .contains("reload after a TLS file change rejected")
+    {
+        assert!(Instant::now() < deadline, "no rejection: {}", lbd.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lbd.logs().contains("upstream-ca.pem"),
+        "the error names the file: {}",
+        lbd.logs()
+    );
+    let r = c.get(plain, "/y", None).await.expect("plain");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(mtls_call().await, "200");
+
+    let (_, text) = run("curl", &["-s", &format!("http://{admin}/metrics")], b"").await;
+    let m = lb_tests::prom::parse(&text).expect("metrics parse");
+    assert!(
+        m.sum(
+            "lbd_upstream_tls_handshake_failures_total",
+            &[("cluster", "b"), ("reason", "verify")]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        m.sum("lbd_upstream_tls_handshakes_total", &[("cluster", "b")]) >= 1.0,
+        "{text}"
     );
 }
 

@@ -66,6 +66,8 @@ fn lbd_metric_names() -> BTreeSet<&'static str> {
         m::TLS_HANDSHAKES,
         m::TLS_HANDSHAKE_FAILURES,
         m::TLS_CERT_EXPIRY,
+        m::UPSTREAM_TLS_HANDSHAKES,
+        m::UPSTREAM_TLS_HANDSHAKE_FAILURES,
         m::RELOADS,
         m::CONFIG_INFO,
         m::RATE_LIMIT_EVICTIONS,

@@ -97,6 +97,8 @@ pub struct ClientAuth {
     pub mode: ClientAuthMode,
     /// The trust anchors (`client_ca`); empty when off.
     pub ca: Vec<CertificateDer<'static>>,
+    /// The `client_ca` file (watched for changes like the certificates).
+    pub ca_path: Option<PathBuf>,
 }
 
 /// TLS 1.3 session-ticket keys shared by several lbd nodes (`ticket_key_file`).
@@ -367,6 +369,7 @@ fn client_auth(c: &mut Checker<'_>, r: &Raw, key: &str, dir: &Path) -> Option<Cl
         ],
     );
     let ck = format!("{key}.client_ca");
+    let ca_path = r.client_ca.as_ref().map(|v| dir.join(v.get_ref()));
     let ca = match (&r.client_ca, mode) {
         (None, ClientAuthMode::Off) => Vec::new(),
         (None, _) => {
@@ -405,7 +408,7 @@ fn client_auth(c: &mut Checker<'_>, r: &Raw, key: &str, dir: &Path) -> Option<Cl
             list
         }
     };
-    Some(ClientAuth { mode, ca })
+    Some(ClientAuth { mode, ca, ca_path })
 }
 
 fn resumption(c: &mut Checker<'_>, r: &Raw, key: &str, dir: &Path) -> Option<Resumption> {

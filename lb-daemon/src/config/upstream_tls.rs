@@ -2,7 +2,7 @@
 //! certificate are read and checked when the config is loaded (so `lbd check` and a reload
 //! refuse a broken file and the running config keeps serving), and kept in the model as DER,
 //! so a reload that changes a file's content rebuilds the cluster.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::RootCertStore;
@@ -35,6 +35,8 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
     /// Client certificate chain and key (PKCS#8, PKCS#1 or SEC1 DER) for mTLS to endpoints.
     pub client: Option<ClientCert>,
+    /// The files read (`ca`, `cert`, `key`), watched for changes like listener certificates.
+    pub files: Vec<PathBuf>,
 }
 
 /// A client certificate presented to endpoints.
@@ -106,29 +108,11 @@ pub(crate) fn check(
         }
         Some(v) => {
             let k = format!("{key}.ca");
-            match certs(c, v, &k, dir) {
-                Some(list) => {
-                    let mut store = RootCertStore::empty();
-                    let (_, ignored) = store.add_parsable_certificates(list.iter().cloned());
-                    if ignored > 0 || store.is_empty() {
-                        c.err(
-                            v.span(),
-                            &k,
-                            format!(
-                                "{} of the certificates in {} cannot be used as trust anchors",
-                                ignored,
-                                dir.join(v.get_ref()).display()
-                            ),
-                        );
-                        ok = false;
-                    }
-                    Some(list)
-                }
-                None => {
-                    ok = false;
-                    None
-                }
+            let list = ca_bundle(c, v, &k, dir);
+            if list.is_none() {
+                ok = false;
             }
+            list
         }
     };
     let server_name = r.server_name.as_ref().and_then(|n| {
@@ -156,12 +140,44 @@ pub(crate) fn check(
             return None;
         }
     };
+    let files = [&r.ca, &r.cert, &r.key]
+        .into_iter()
+        .flatten()
+        .map(|v| dir.join(v.get_ref()))
+        .collect();
     ok.then_some(UpstreamTls {
         verify,
         ca,
         server_name,
         client,
+        files,
     })
+}
+
+/// Reads a CA bundle (`v`, relative to `dir`): PEM certificates that all serve as trust
+/// anchors.
+pub(crate) fn ca_bundle(
+    c: &mut Checker<'_>,
+    v: &S<String>,
+    key: &str,
+    dir: &Path,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let list = certs(c, v, key, dir)?;
+    let mut store = RootCertStore::empty();
+    let (_, ignored) = store.add_parsable_certificates(list.iter().cloned());
+    if ignored > 0 || store.is_empty() {
+        c.err(
+            v.span(),
+            key,
+            format!(
+                "{} of the certificates in {} cannot be used as trust anchors",
+                ignored,
+                dir.join(v.get_ref()).display()
+            ),
+        );
+        return None;
+    }
+    Some(list)
 }
 
 /// A name for SNI and verification: a DNS name or an IP address.

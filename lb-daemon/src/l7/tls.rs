@@ -9,60 +9,129 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
-use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, SignatureAlgorithm, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::conn::CertHeaders;
-use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName, name_index};
+use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName};
 use crate::telemetry::metrics as m;
 
+/// Certificates serving one name, in config order: usually one; an RSA and an ECDSA one when
+/// the operator lists both, so each client gets one it can verify.
+type Candidates = Box<[Arc<CertifiedKey>]>;
+
 /// Picks the certificate for a ClientHello's SNI: exact name, then `*.` + the name without its
-/// first label, then the default (unless unknown names are refused).
+/// first label, then the default (unless unknown names are refused). Among several for the
+/// same name, the first whose key type the client's `signature_algorithms` accepts (as nginx
+/// and HAProxy do with an RSA and an ECDSA certificate side by side).
 #[derive(Debug)]
 struct SniResolver {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Option<Arc<CertifiedKey>>,
+    exact: HashMap<String, Candidates>,
+    wildcard: HashMap<String, Candidates>,
+    default: Option<Candidates>,
+}
+
+/// Every certificate naming each host (exact names, and wildcard suffixes), config order.
+fn candidates(tls: &Tls) -> (HashMap<String, Candidates>, HashMap<String, Candidates>) {
+    let mut exact: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+    let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+    for c in &tls.certificates {
+        for n in &c.names {
+            let list = match n.strip_prefix("*.") {
+                Some(suffix) => wildcard.entry(suffix.to_owned()).or_default(),
+                None => exact.entry(n.clone()).or_default(),
+            };
+            if !list.iter().any(|k| Arc::ptr_eq(k, &c.key)) {
+                list.push(Arc::clone(&c.key));
+            }
+        }
+    }
+    let boxed = |m: HashMap<String, Vec<Arc<CertifiedKey>>>| {
+        m.into_iter()
+            .map(|(n, v)| (n, v.into_boxed_slice()))
+            .collect()
+    };
+    (boxed(exact), boxed(wildcard))
+}
+
+/// Whether the client offered a signature scheme that a key of type `alg` can make.
+fn offered(schemes: &[SignatureScheme], alg: SignatureAlgorithm) -> bool {
+    use SignatureScheme as S;
+    schemes.iter().any(|s| match alg {
+        SignatureAlgorithm::ECDSA => matches!(
+            s,
+            S::ECDSA_NISTP256_SHA256 | S::ECDSA_NISTP384_SHA384 | S::ECDSA_NISTP521_SHA512
+        ),
+        SignatureAlgorithm::RSA => matches!(
+            s,
+            S::RSA_PKCS1_SHA256
+                | S::RSA_PKCS1_SHA384
+                | S::RSA_PKCS1_SHA512
+                | S::RSA_PSS_SHA256
+                | S::RSA_PSS_SHA384
+                | S::RSA_PSS_SHA512
+        ),
+        SignatureAlgorithm::ED25519 => *s == S::ED25519,
+        _ => false,
+    })
 }
 
 impl SniResolver {
     fn new(tls: &Tls) -> Self {
-        let (exact, wildcard) = name_index(tls);
-        let key = |i: usize| Arc::clone(&tls.certificates[i].key);
+        let (exact, wildcard) = candidates(tls);
+        let default = match tls.unknown_name {
+            UnknownName::Default => tls.certificates.get(tls.default).map(|d| {
+                // The default certificate first, then others naming the same hosts, so a
+                // client without SNI also gets a key type it accepts.
+                let mut list = vec![Arc::clone(&d.key)];
+                for c in &tls.certificates {
+                    if !Arc::ptr_eq(&c.key, &d.key) && c.names.iter().any(|n| d.names.contains(n)) {
+                        list.push(Arc::clone(&c.key));
+                    }
+                }
+                list.into_boxed_slice()
+            }),
+            UnknownName::Refuse => None,
+        };
         SniResolver {
-            exact: exact.into_iter().map(|(n, i)| (n, key(i))).collect(),
-            wildcard: wildcard.into_iter().map(|(n, i)| (n, key(i))).collect(),
-            default: match tls.unknown_name {
-                UnknownName::Default => tls
-                    .certificates
-                    .get(tls.default)
-                    .map(|c| Arc::clone(&c.key)),
-                UnknownName::Refuse => None,
-            },
+            exact,
+            wildcard,
+            default,
         }
     }
 
-    fn lookup(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+    fn lookup(&self, name: &str) -> Option<&Candidates> {
         if let Some(k) = self.exact.get(name) {
             return Some(k);
         }
         let (_, parent) = name.split_once('.')?;
         self.wildcard.get(parent)
     }
+
+    /// The first of `list` the client can verify; the first when none fits (the handshake
+    /// then fails as it would with that one alone).
+    fn pick(list: &Candidates, schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        if list.len() > 1
+            && let Some(k) = list.iter().find(|k| offered(schemes, k.key.algorithm()))
+        {
+            return Some(Arc::clone(k));
+        }
+        list.first().cloned()
+    }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // rustls hands over SNI already lowercased (DnsName is normalised).
-        hello
+        let list = hello
             .server_name()
             .and_then(|n| self.lookup(n))
-            .or(self.default.as_ref())
-            .cloned()
+            .or(self.default.as_ref())?;
+        Self::pick(list, hello.signature_schemes())
     }
 }
 
@@ -350,14 +419,43 @@ mod tests {
     fn sni_prefers_exact_then_one_label_wildcard() {
         let (a, b) = (key(), key());
         let r = SniResolver {
-            exact: HashMap::from([("api.example.com".to_string(), Arc::clone(&a))]),
-            wildcard: HashMap::from([("example.com".to_string(), Arc::clone(&b))]),
+            exact: HashMap::from([("api.example.com".to_string(), vec![Arc::clone(&a)].into())]),
+            wildcard: HashMap::from([("example.com".to_string(), vec![Arc::clone(&b)].into())]),
             default: None,
         };
-        assert!(Arc::ptr_eq(r.lookup("api.example.com").expect("exact"), &a));
-        assert!(Arc::ptr_eq(r.lookup("www.example.com").expect("wild"), &b));
+        let first = |l: Option<&Candidates>| l.and_then(|l| l.first()).cloned();
+        assert!(Arc::ptr_eq(
+            &first(r.lookup("api.example.com")).expect("exact"),
+            &a
+        ));
+        assert!(Arc::ptr_eq(
+            &first(r.lookup("www.example.com")).expect("wild"),
+            &b
+        ));
         assert!(r.lookup("a.b.example.com").is_none());
         assert!(r.lookup("example.com").is_none());
         assert!(r.lookup("com").is_none());
+    }
+
+    #[test]
+    fn key_type_follows_the_offered_schemes() {
+        let ec = key();
+        assert_eq!(ec.key.algorithm(), SignatureAlgorithm::ECDSA);
+        assert!(offered(
+            &[SignatureScheme::ECDSA_NISTP256_SHA256],
+            SignatureAlgorithm::ECDSA
+        ));
+        assert!(!offered(
+            &[SignatureScheme::RSA_PSS_SHA256],
+            SignatureAlgorithm::ECDSA
+        ));
+        assert!(offered(
+            &[SignatureScheme::RSA_PSS_SHA256],
+            SignatureAlgorithm::RSA
+        ));
+        // One candidate: taken whatever was offered.
+        let one: Candidates = vec![Arc::clone(&ec)].into();
+        let got = SniResolver::pick(&one, &[SignatureScheme::RSA_PSS_SHA256]).expect("one");
+        assert!(Arc::ptr_eq(&got, &ec));
     }
 }

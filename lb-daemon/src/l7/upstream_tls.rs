@@ -21,6 +21,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::config::upstream_tls::{UpstreamTls, system_roots};
+use crate::telemetry::metrics as m;
 
 /// ALPN to offer: what the codec that runs over the connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,90 @@ pub struct Connector {
     config: Result<TlsConnector, String>,
     /// SNI / verification name of each endpoint (endpoint order).
     names: Vec<ServerName<'static>>,
+    metrics: HandshakeMetrics,
+}
+
+/// Why a handshake with an endpoint failed (the `reason` label of
+/// `lbd_upstream_tls_handshake_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The endpoint's certificate did not verify (untrusted, expired, wrong name).
+    Verify = 0,
+    /// The endpoint ended the handshake with an alert (it refused lbd's client certificate,
+    /// or found no common parameters).
+    Alert = 1,
+    /// No common version, cipher suite, group or ALPN protocol.
+    Incompatible = 2,
+    /// What the endpoint sent was not TLS.
+    NotTls = 3,
+    /// The endpoint closed or reset the connection mid-handshake.
+    Closed = 4,
+    /// rustls refused the cluster's TLS settings (logged when the config was applied).
+    Config = 5,
+    /// Anything else.
+    Other = 6,
+}
+
+const FAILURES: [&str; 7] = [
+    "verify",
+    "alert",
+    "incompatible",
+    "not_tls",
+    "closed",
+    "config",
+    "other",
+];
+
+impl Failure {
+    fn of(e: &io::Error) -> Failure {
+        if let Some(te) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return match te {
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                    Failure::Verify
+                }
+                rustls::Error::AlertReceived(_) => Failure::Alert,
+                rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+                    Failure::Incompatible
+                }
+                rustls::Error::InvalidMessage(_)
+                | rustls::Error::InappropriateMessage { .. }
+                | rustls::Error::InappropriateHandshakeMessage { .. }
+                | rustls::Error::PeerMisbehaved(_) => Failure::NotTls,
+                _ => Failure::Other,
+            };
+        }
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Failure::Closed,
+            io::ErrorKind::InvalidData => Failure::NotTls,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// A cluster's upstream handshake counters, registered when its connector is built so the
+/// connect path only increments.
+struct HandshakeMetrics {
+    /// By negotiated version: `1.2`, `1.3`.
+    done: [metrics::Counter; 2],
+    failed: [metrics::Counter; 7],
+}
+
+impl HandshakeMetrics {
+    fn new(cluster: &str) -> Self {
+        HandshakeMetrics {
+            done: ["1.2", "1.3"].map(|v| {
+                metrics::counter!(m::UPSTREAM_TLS_HANDSHAKES,
+                    "cluster" => cluster.to_owned(), "version" => v)
+            }),
+            failed: FAILURES.map(|r| {
+                metrics::counter!(m::UPSTREAM_TLS_HANDSHAKE_FAILURES,
+                    "cluster" => cluster.to_owned(), "reason" => r)
+            }),
+        }
+    }
 }
 
 impl fmt::Debug for Connector {
@@ -118,7 +203,11 @@ impl Connector {
         if let Err(e) = &config {
             tracing::error!(cluster = %cluster.name, error = %e, "upstream TLS configuration refused by rustls");
         }
-        Connector { config, names }
+        Connector {
+            config,
+            names,
+            metrics: HandshakeMetrics::new(&cluster.name),
+        }
     }
 
     /// Runs the client handshake for endpoint `idx` over `tcp`.
@@ -134,15 +223,22 @@ impl Connector {
             name: name_text(&name),
             source,
         };
-        let connector = self
-            .config
-            .as_ref()
-            .map_err(|e| failed(io::Error::other(e.clone())))?;
-        connector
-            .connect(name.clone(), tcp)
-            .await
-            .map(|s| UpstreamIo::Tls(Box::new(s)))
-            .map_err(failed)
+        let connector = self.config.as_ref().map_err(|e| {
+            self.metrics.failed[Failure::Config as usize].increment(1);
+            failed(io::Error::other(e.clone()))
+        })?;
+        match connector.connect(name.clone(), tcp).await {
+            Ok(s) => {
+                let v13 =
+                    s.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+                self.metrics.done[usize::from(v13)].increment(1);
+                Ok(UpstreamIo::Tls(Box::new(s)))
+            }
+            Err(e) => {
+                self.metrics.failed[Failure::of(&e) as usize].increment(1);
+                Err(failed(e))
+            }
+        }
     }
 }
 

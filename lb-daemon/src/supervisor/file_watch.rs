@@ -1,5 +1,6 @@
 //! Reloads when a TLS file of the running config changes on disk (certificate, key, OCSP
-//! response, ticket keys), so a renewed certificate is served without a SIGHUP. Polls the
+//! response, ticket keys, a listener's `client_ca`, a cluster's `ca`/`cert`/`key`), so a
+//! renewed certificate or CA bundle is used without a SIGHUP. Polls the
 //! files' modification time and size every few seconds: no inotify dependency, and renames
 //! (how certbot and most tools replace files) are seen like writes.
 use std::collections::HashMap;
@@ -27,6 +28,12 @@ fn files(model: &Model) -> Vec<PathBuf> {
         }
         if let Some(k) = &t.resumption.ticket_keys {
             out.push(k.path.clone());
+        }
+        out.extend(t.client_auth.ca_path.clone());
+    }
+    for c in &model.clusters {
+        if let Some(t) = &c.tls {
+            out.extend(t.files.iter().cloned());
         }
     }
     out.sort();

@@ -63,6 +63,12 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "lbd_tls_handshake_failures_total";
 /// Seconds until a served certificate expires (`listener`, `certificate`: its file), as of
 /// the last reload or `/metrics` scrape.
 pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
+/// Completed TLS handshakes with endpoints (`cluster`, `version`: `1.2`/`1.3`), health
+/// checks included.
+pub const UPSTREAM_TLS_HANDSHAKES: &str = "lbd_upstream_tls_handshakes_total";
+/// Failed TLS handshakes with endpoints (`cluster`, `reason`: `verify`, `alert`,
+/// `incompatible`, `not_tls`, `closed`, `config`, `other`), health checks included.
+pub const UPSTREAM_TLS_HANDSHAKE_FAILURES: &str = "lbd_upstream_tls_handshake_failures_total";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -193,6 +199,14 @@ fn describe() {
         TLS_CERT_EXPIRY,
         Unit::Seconds,
         "Seconds until each served certificate expires."
+    );
+    describe_counter!(
+        UPSTREAM_TLS_HANDSHAKES,
+        "TLS handshakes with endpoints completed, by cluster and version."
+    );
+    describe_counter!(
+        UPSTREAM_TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes with endpoints failed, by cluster and reason."
     );
     describe_counter!(RELOADS, "Config reloads by result.");
     describe_gauge!(CONFIG_INFO, "Active config, labelled with its hash.");

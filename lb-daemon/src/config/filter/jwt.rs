@@ -39,6 +39,7 @@ pub struct RawProvider {
     pub algorithms: Option<S<Vec<S<String>>>>,
     pub jwks_file: Option<S<String>>,
     pub jwks_url: Option<S<String>>,
+    pub jwks_ca: Option<S<String>>,
     pub secret_file: Option<S<String>>,
     pub refresh: Option<S<String>>,
     pub refetch_interval: Option<S<String>>,
@@ -115,8 +116,10 @@ pub struct Provider {
     pub algorithms: Vec<Algorithm>,
     /// Keys from `jwks_file`.
     pub file_keys: Option<FileKeys>,
-    /// `jwks_url` (http only).
+    /// `jwks_url` (`http` or `https`).
     pub jwks_url: Option<http::Uri>,
+    /// Trust anchors for an `https` `jwks_url` (`jwks_ca`); the system's when `None`.
+    pub jwks_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// HMAC secret (`secret_file`), for HS256/384/512.
     pub secret: Option<Secret>,
     /// How often the URL's set is fetched.
@@ -306,22 +309,18 @@ fn check_provider(
         Some(u) => {
             let k = format!("{key}.jwks_url");
             match u.get_ref().parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Some(uri),
-                Ok(uri) if uri.scheme_str() == Some("https") => {
-                    c.err(
-                        u.span(),
-                        &k,
-                        "https key-set URLs need lbd's TLS client, which is not built yet; \
-                         use an http:// URL on a trusted network or jwks_file",
-                    );
-                    return None;
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() =>
+                {
+                    Some(uri)
                 }
                 _ => {
                     c.err(
                         u.span(),
                         &k,
                         format!(
-                            "invalid URL {:?}: expected http://host:port/path",
+                            "invalid URL {:?}: expected http(s)://host:port/path",
                             u.get_ref()
                         ),
                     );
@@ -330,6 +329,20 @@ fn check_provider(
             }
         }
         None => None,
+    };
+    let jwks_ca = match &r.jwks_ca {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.jwks_ca");
+            if jwks_url
+                .as_ref()
+                .is_none_or(|u| u.scheme_str() != Some("https"))
+            {
+                c.err(v.span(), &k, "only used with an https:// jwks_url");
+                return None;
+            }
+            Some(crate::config::upstream_tls::ca_bundle(c, v, &k, dir)?)
+        }
     };
     let secret = match &r.secret_file {
         Some(f) => {
@@ -408,6 +421,7 @@ fn check_provider(
         algorithms,
         file_keys,
         jwks_url,
+        jwks_ca,
         secret,
         refresh,
         refetch_interval,

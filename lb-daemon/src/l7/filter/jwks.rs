@@ -1,5 +1,6 @@
 //! JSON Web Key Sets (RFC 7517) for the `jwt` filter: parsing (a `jwks_file` at config time,
-//! a `jwks_url` at run time) and fetching over plain HTTP.
+//! a `jwks_url` at run time) and fetching over HTTP or HTTPS (verified against the system
+//! trust store or the provider's `jwks_ca`).
 //!
 //! Only public signing keys are kept: RSA, EC (P-256, P-384) and OKP (Ed25519). Symmetric
 //! (`oct`) keys never come from a key set (an HMAC secret is a `secret_file`), and keys
@@ -11,9 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::l7::upstream_tls::UpstreamIo;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
@@ -182,22 +186,59 @@ fn check_rsa(n: &str, e: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Fetches key sets from one `http://` URL.
-#[derive(Debug, Clone)]
+/// Fetches key sets from one `http://` or `https://` URL. Fetches are minutes apart, so
+/// each one opens its own connection (no pool to keep alive between them).
+#[derive(Clone)]
 pub struct Fetcher {
     uri: Uri,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// The TLS client for an `https` URL, or why rustls refused it (every fetch then fails
+    /// with it: never a cleartext fallback).
+    tls: Option<Result<TlsConnector, String>>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("uri", &self.uri)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// The client config for an `https` key-set URL: the server's certificate verified against
+/// `ca` (the provider's `jwks_ca`), or the system trust store when `None`.
+fn tls_client(ca: Option<&[CertificateDer<'static>]>) -> Result<rustls::ClientConfig, String> {
+    // ring, set explicitly as everywhere in lbd (see l7/tls.rs).
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = match ca {
+        Some(list) => {
+            let mut store = rustls::RootCertStore::empty();
+            store.add_parsable_certificates(list.iter().cloned());
+            Arc::new(store)
+        }
+        None => crate::config::upstream_tls::system_roots(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 impl Fetcher {
-    /// A fetcher for `uri` (already checked to be `http://`).
-    pub fn new(uri: Uri) -> Fetcher {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        Fetcher {
-            uri,
-            client: Client::builder(TokioExecutor::new()).build(http),
-        }
+    /// A fetcher for `uri` (already checked to be `http://` or `https://` with a host);
+    /// `ca` is the trust anchors for `https` (the system's when `None`).
+    pub fn new(uri: Uri, ca: Option<&[CertificateDer<'static>]>) -> Fetcher {
+        let tls = (uri.scheme_str() == Some("https")).then(|| {
+            let c = tls_client(ca).map(|c| TlsConnector::from(Arc::new(c)));
+            if let Err(e) = &c {
+                tracing::error!(uri = %uri, error = %e, "key-set TLS client refused by rustls");
+            }
+            c
+        });
+        Fetcher { uri, tls }
     }
 
     /// The URL, for logs.
@@ -205,24 +246,70 @@ impl Fetcher {
         &self.uri
     }
 
+    /// Connects (TCP, then TLS for `https`) to the URL's host.
+    async fn connect(&self) -> Result<UpstreamIo, String> {
+        let host = self.uri.host().ok_or("no host in the URL")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = self
+            .uri
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = match &self.tls {
+            None => return Ok(UpstreamIo::Plain(tcp)),
+            Some(Err(e)) => return Err(e.clone()),
+            Some(Ok(t)) => t,
+        };
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("invalid server name {host:?}: {e}"))?;
+        let session = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+        Ok(UpstreamIo::Tls(Box::new(session)))
+    }
+
     /// GETs and parses the set, all within `timeout`.
     pub async fn fetch(&self, timeout: Duration) -> Result<Arc<KeySet>, String> {
-        let req = http::Request::get(self.uri.clone())
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = self.uri.authority().map_or("", |a| a.as_str());
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority)
             .header(http::header::USER_AGENT, "lbd")
             .header(http::header::ACCEPT, "application/json")
-            .body(Empty::new())
+            .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let work = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(format!("status {}", resp.status()));
-            }
-            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-                .collect()
+            let io = self.connect().await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            KeySet::parse(&body).map(Arc::new)
+                .map_err(|e| e.to_string())?;
+            // The connection is driven beside the exchange and dropped with it.
+            let exchange = async {
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(format!("status {}", resp.status()));
+                }
+                let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                KeySet::parse(&body).map(Arc::new)
+            };
+            tokio::pin!(exchange);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = &mut exchange => r,
+                r = &mut conn => match r {
+                    Err(e) => Err(e.to_string()),
+                    // Closed after the response: the exchange finishes on its own.
+                    Ok(()) => exchange.await,
+                },
+            }
         };
         tokio::time::timeout(timeout, work)
             .await

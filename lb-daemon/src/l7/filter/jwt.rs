@@ -134,7 +134,7 @@ impl Jwt {
                 let remote = p.jwks_url.as_ref().map(|u| {
                     Arc::new(Remote {
                         provider: p.name.clone(),
-                        fetcher: Fetcher::new(u.clone()),
+                        fetcher: Fetcher::new(u.clone(), p.jwks_ca.as_deref()),
                         keys: ArcSwap::from_pointee(KeySet::default()),
                         last: tokio::sync::Mutex::new(None),
                     })
