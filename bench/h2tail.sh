@@ -15,7 +15,8 @@
 #   R        repetitions (default 3)
 #   LBD, BACKEND  binaries (default: <target>/release/{lbd,bench-backend})
 #   RUN_DIR  scratch directory (default <target>/h2tail/<scenario>)
-#   CONTENDERS    default "lbd haproxy"
+#   LBD_BASE      a second lbd binary (e.g. a copy of an earlier build), contender `lbd-base`
+#   CONTENDERS    default "lbd haproxy" (add lbd-base to compare two builds in one run)
 # Output: one line per measurement and the median of each column per contender.
 set -euo pipefail
 
@@ -144,14 +145,17 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 measure() {
     local who=$1 rep=$2 pid
     case "$who" in
-        lbd)
-            TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$lbd" run \
-                --config "$run/lb.toml" 2>"$run/lbd.log" &
+        lbd | lbd-base)
+            local bin=$lbd
+            if [ "$who" = lbd-base ]; then bin=${LBD_BASE:?LBD_BASE names the lbd-base binary}; fi
+            TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" run \
+                --config "$run/lb.toml" 2>"$run/$who.stderr" &
             ;;
         haproxy)
             if ! command -v haproxy >/dev/null; then echo "$who MISSING"; return; fi
             taskset -c 0 haproxy -db -f "$run/haproxy.cfg" 2>"$run/haproxy.log" &
             ;;
+        *) echo "unknown contender: $who" >&2; return 1 ;;
     esac
     pid=$!
     pids+=("$pid")
