@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Instructions (and heap allocations) per proxied HTTP/1.1 keep-alive request, counted by
-# callgrind: a figure that does not move with the machine's load, unlike requests/s.
+# Instructions (and heap allocations) per proxied request, counted by callgrind: a figure that
+# does not move with the machine's load, unlike requests/s.
 #
 # lbd (release build, which carries line tables: `debug = 1` in the workspace profile) runs
-# under `valgrind --tool=callgrind` with one runtime worker and the `http1-keepalive` bench
-# config (one listener, one route, round robin over three bench-backend ports, access log
-# off). One keep-alive client (`h2load --h1 -c 1`) sends exactly N small GETs, then lbd is
-# stopped. This is done for N1 and N2 requests; startup, the first connections and shutdown
-# cost the same in both runs, so
+# under `valgrind --tool=callgrind` with one runtime worker and the config of a bench scenario
+# (one listener, one route, round robin over three bench-backend ports, access log off):
+#   h1   (default) `http1-keepalive`: one keep-alive client (`h2load --h1 -c 1 -m 1`) sends
+#        small GETs to an HTTP/1.1 listener, HTTP/1.1 upstream.
+#   h2   `http2-multiplexed`: one h2c client connection with M concurrent streams (`h2load
+#        -c 1 -m M`, M = 16 by default) sends GETs to an h2c listener, HTTP/1.1 upstream.
+#   grpc `grpc-unary`: the same with a gRPC-framed POST (16-byte message, `te: trailers`),
+#        HTTP/2 (`protocol = "grpc"`) upstream.
+# The client sends exactly N requests, then lbd is stopped. This is done for N1 and N2
+# requests; startup, the first connections and shutdown cost the same in both runs, so
 #
 #     instructions per request = (total(N2) - total(N1)) / (N2 - N1)
 #
 # and likewise for calls of malloc/realloc/free (counted from callgrind's call records).
 #
-# Usage: bench/callgrind.sh [--no-build] [--keep]
+# Usage: bench/callgrind.sh [--no-build] [--keep] [--scenario h1|h2|grpc]
 #   N1, N2          request counts (default 2000 and 12000)
+#   M               concurrent streams of the h2 and grpc scenarios (default 16)
 #   CARGO_TARGET_DIR where the release binaries are (default: target/)
 #   LBD, BACKEND    the binaries to run instead (e.g. a copy of an earlier build, to compare)
 #   RUN_DIR         where the callgrind files go (default: <target>/callgrind)
@@ -27,21 +33,36 @@ set -euo pipefail
 
 N1=${N1:-2000}
 N2=${N2:-12000}
+M=${M:-16}
 build=1
-for a in "$@"; do
-    case "$a" in
+scenario=h1
+while [ $# -gt 0 ]; do
+    case "$1" in
         --no-build) build=0 ;;
         --keep) ;;
-        *) echo "unknown argument: $a" >&2; exit 2 ;;
+        --scenario) shift; scenario=${1:-} ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
+    shift
 done
+case "$scenario" in
+    h1) listener_proto=http; upstream_proto=http1; load=(--h1 -c 1 -m 1) ;;
+    h2) listener_proto=h2c; upstream_proto=http1; load=(-c 1 -m "$M") ;;
+    grpc) listener_proto=h2c; upstream_proto=grpc; load=(-c 1 -m "$M") ;;
+    *) echo "unknown scenario: $scenario (h1, h2 or grpc)" >&2; exit 2 ;;
+esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 lbd=${LBD:-$target/release/lbd}
 backend=${BACKEND:-$target/release/bench-backend}
-run=${RUN_DIR:-$target/callgrind}
+run=${RUN_DIR:-$target/callgrind/$scenario}
 mkdir -p "$run"
+if [ "$scenario" = grpc ]; then
+    # One gRPC message: uncompressed flag, 4-byte length, 16 payload bytes (as the bench).
+    printf '\000\000\000\000\020pppppppppppppppp' >"$run/grpc-request.bin"
+    load+=(-H "content-type: application/grpc" -H "te: trailers" -d "$run/grpc-request.bin")
+fi
 
 for tool in valgrind h2load callgrind_annotate; do
     if ! command -v "$tool" >/dev/null; then
@@ -88,7 +109,7 @@ log_level = "warn"
 [[listeners]]
 name = "bench"
 bind = "127.0.0.1:$lp"
-protocol = "http"
+protocol = "$listener_proto"
 
 [[routes]]
 name = "all"
@@ -99,7 +120,7 @@ path_prefix = "/"
 [[clusters]]
 name = "bench"
 policy = "round_robin"
-protocol = "http1"
+protocol = "$upstream_proto"
 
 [[clusters.endpoints]]
 address = "127.0.0.1:$b1"
@@ -137,7 +158,7 @@ measure() {
     local vg=$!
     pids+=("$vg")
     wait_port "$lp"
-    h2load --h1 -c 1 -m 1 -n "$n" "http://127.0.0.1:$lp/" >"$run/h2load.$n.txt"
+    h2load "${load[@]}" -n "$n" "http://127.0.0.1:$lp/" >"$run/h2load.$n.txt"
     if ! grep -q "status codes: $n 2xx" "$run/h2load.$n.txt"; then
         echo "h2load did not get $n 2xx answers:" >&2
         cat "$run/h2load.$n.txt" >&2
@@ -155,6 +176,7 @@ measure "$N2"
 read -r t1 m1 f1 <"$run/result.$N1"
 read -r t2 m2 f2 <"$run/result.$N2"
 d=$((N2 - N1))
+echo "scenario: $scenario (h2load ${load[*]})"
 echo "requests: $N1 -> $N2"
 echo "instructions: $t1 -> $t2"
 awk -v a="$t1" -v b="$t2" -v d="$d" 'BEGIN { printf "instructions per request: %.0f\n", (b - a) / d }'

@@ -89,7 +89,7 @@ pub struct RequestLog {
     /// Keeps the request's place under the cluster's `max_requests` until the response ends.
     pub breaker: Option<super::breaker::Slot>,
     /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
-    pub stream_slot: Option<Arc<crate::l7::h2pool::StreamSlot>>,
+    pub stream_slot: Option<crate::l7::h2pool::StreamSlot>,
     /// gRPC status of the call (response headers, trailers, or lbd's own answer).
     pub grpc_status: Option<u8>,
     /// The request's id (`request_id` filter).

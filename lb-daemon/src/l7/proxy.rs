@@ -356,13 +356,13 @@ fn hashes_forwarding(policy: &Policy) -> bool {
 }
 
 fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1
     // keep-alive connection into an HTTP/1.0 one.
     parts.version = log.version;
     log.status = parts.status.as_u16();
-    log.stream_slot = parts.extensions.remove();
+    log.stream_slot = body.take_slot();
     if log.grpc {
         log.grpc_status = grpc::status_of(&parts.headers);
     }

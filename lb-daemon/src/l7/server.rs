@@ -343,7 +343,11 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 // hyper resets the stream with the reason of an h2 error from the service.
                 return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
             }
-            let resp = proxy::handle(rt, info, req).await;
+            // Boxed: hyper spawns this future as the stream's task, and tokio moves a task's
+            // future several times while spawning it (into the task cell, then onto the heap);
+            // with the request's whole state machine inline (kilobytes) those moves cost more
+            // than the allocation (bench/callgrind.sh --scenario h2).
+            let resp = Box::pin(proxy::handle(rt, info, req)).await;
             Ok(resp.map(|b| Budgeted::new(b, &budget)))
         }
     });

@@ -20,7 +20,7 @@ use super::body::{BodyError, RequestBody};
 use super::h1client::{self, H1Body, H1Error};
 use super::h1parse::RawFields;
 use super::h1pool::{H1Pool, H1PoolConfig};
-use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError};
+use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError, StreamSlot};
 use super::headers::Forwarding;
 use super::upstream_tls::{Alpn, Connector, is_tls_failure};
 use crate::config::model::{Cluster, UpstreamProtocol};
@@ -211,8 +211,8 @@ impl Upstream {
     }
 
     /// Sends one request to `endpoint` (its URI already absolute for that endpoint). An HTTP/2
-    /// response holds its stream's place on the connection in its extensions (an
-    /// `Arc<StreamSlot>`) until it is dropped.
+    /// response's body holds its stream's place on the connection (see
+    /// [`UpstreamBody::take_slot`]).
     ///
     /// `head` is the request head (its URI already absolute for the endpoint). `last`: no
     /// other attempt follows, so the head may be consumed (its headers are taken, not copied,
@@ -251,7 +251,7 @@ impl Upstream {
                 // every move of) the future of every HTTP/1.1 request too.
                 Box::pin(pool.send(endpoint, req, &self.reused))
                     .await
-                    .map(|r| r.map(UpstreamBody::H2))
+                    .map(|(r, slot)| r.map(|b| UpstreamBody::H2(b, Some(slot))))
                     .map_err(|e| match e {
                         SendError::Connect(e) => (connect_kind(&*e), UpstreamFailure(e)),
                         SendError::Request(e) => (
@@ -345,8 +345,8 @@ fn authority(addr: SocketAddr) -> Authority {
 pub enum UpstreamBody {
     /// Read from a pooled HTTP/1.1 connection by the task polling it.
     H1(H1Body),
-    /// An HTTP/2 stream.
-    H2(Incoming),
+    /// An HTTP/2 stream, and its place on its connection until the response ends.
+    H2(Incoming, Option<StreamSlot>),
 }
 
 impl UpstreamBody {
@@ -355,7 +355,16 @@ impl UpstreamBody {
     pub fn take_fields(&mut self) -> Option<RawFields> {
         match self {
             UpstreamBody::H1(b) => b.take_fields(),
-            UpstreamBody::H2(_) => None,
+            UpstreamBody::H2(..) => None,
+        }
+    }
+
+    /// The HTTP/2 stream's place on its connection, once (the request's log holds it until
+    /// the response ends).
+    pub fn take_slot(&mut self) -> Option<StreamSlot> {
+        match self {
+            UpstreamBody::H1(_) => None,
+            UpstreamBody::H2(_, slot) => slot.take(),
         }
     }
 }
@@ -379,21 +388,21 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::H1(b) => b.is_end_stream(),
-            UpstreamBody::H2(b) => b.is_end_stream(),
+            UpstreamBody::H2(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::H1(b) => b.size_hint(),
-            UpstreamBody::H2(b) => b.size_hint(),
+            UpstreamBody::H2(b, _) => b.size_hint(),
         }
     }
 }
