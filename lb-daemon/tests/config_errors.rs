@@ -226,10 +226,24 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
     ),
     (
         "unknown circuit breaker",
-        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = 5\n",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_streams = 5\n",
+        6,
+        "clusters[0].circuit_breakers.max_streams",
+        "unknown field",
+    ),
+    (
+        "negative max_connections",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = -1\n",
         6,
         "clusters[0].circuit_breakers.max_connections",
-        "unknown field",
+        "at least 0",
+    ),
+    (
+        "max_connections not a number",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = \"10\"\n",
+        6,
+        "clusters[0].circuit_breakers.max_connections",
+        "invalid type: string",
     ),
     (
         "zero hedge_delay",
@@ -1820,6 +1834,7 @@ ratio = 0.5
 min_per_second = 0
 window = "30s"
 [clusters.circuit_breakers]
+max_connections = 50
 max_requests = 100
 max_pending_requests = 20
 max_retries = 3
@@ -1842,6 +1857,7 @@ max_retries = 3
     assert_eq!(
         c.circuit_breakers,
         CircuitBreakers {
+            max_connections: 50,
             max_requests: 100,
             max_pending_requests: 20,
             max_retries: 3

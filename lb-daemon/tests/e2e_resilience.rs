@@ -31,15 +31,49 @@ where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let (addr, hits, _) = counting_backend(answer).await;
+    (addr, hits)
+}
+
+/// Connections a backend accepted: in total, open now, and the most open at once.
+#[derive(Debug, Default)]
+struct Conns {
+    total: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// Closes the count of one connection when its task ends.
+struct Open(Arc<Conns>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// [`backend`], also counting connections.
+async fn counting_backend<F, Fut>(answer: F) -> (SocketAddr, Arc<AtomicU64>, Arc<Conns>)
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let hits = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(Conns::default());
     let h = Arc::clone(&hits);
+    let cs = Arc::clone(&conns);
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let answer = answer.clone();
             let h = Arc::clone(&h);
+            cs.total.fetch_add(1, Ordering::Relaxed);
+            let now = cs.open.fetch_add(1, Ordering::AcqRel) + 1;
+            cs.peak.fetch_max(now, Ordering::AcqRel);
+            let open = Open(Arc::clone(&cs));
             tokio::spawn(async move {
+                let _open = open;
                 let svc = service_fn(move |_req: Request<Incoming>| {
                     let n = h.fetch_add(1, Ordering::Relaxed);
                     let fut = answer(n);
@@ -51,7 +85,7 @@ where
             });
         }
     });
-    (addr, hits)
+    (addr, hits, conns)
 }
 
 fn reply(status: u16, body: &'static str) -> Response<Full<Bytes>> {
@@ -283,9 +317,9 @@ async fn a_slow_endpoint_is_left_after_the_per_try_timeout() {
 }
 
 /// A backend that holds every request until `release` turns true, then answers 200.
-async fn stalled() -> (SocketAddr, watch::Sender<bool>) {
+async fn stalled() -> (SocketAddr, watch::Sender<bool>, Arc<Conns>) {
     let (tx, rx) = watch::channel(false);
-    let (addr, _) = backend(move |_| {
+    let (addr, _, conns) = counting_backend(move |_| {
         let mut rx = rx.clone();
         async move {
             let _ = rx.wait_for(|r| *r).await;
@@ -293,14 +327,14 @@ async fn stalled() -> (SocketAddr, watch::Sender<bool>) {
         }
     })
     .await;
-    (addr, tx)
+    (addr, tx, conns)
 }
 
 /// 100 concurrent clients against a stalled backend behind `threshold = 10`: 90 are refused
 /// at once with 503 `circuit_open`, the 10 admitted are answered once the backend resumes.
 /// Five rounds; lbd's memory stays flat.
 async fn breaker_rounds(threshold: &str) {
-    let (addr, release) = stalled().await;
+    let (addr, release, conns) = stalled().await;
     let (listen, admin) = (free_addr(), free_addr());
     let cluster = format!("[clusters.circuit_breakers]\n{threshold} = 10\n");
     let lbd = Lbd::start(bin(), &config(listen, admin, &[addr], "", &cluster));
@@ -350,7 +384,13 @@ async fn breaker_rounds(threshold: &str) {
         &[("cluster", "web"), ("threshold", threshold)],
     );
     assert_eq!(open, 450.0);
-    println!("{threshold}: VmRSS by round (KiB) {rss:?}");
+    // lbd never queues: the backend saw only the admitted requests' connections.
+    let peak = conns.peak.load(Ordering::Relaxed);
+    assert!(peak <= 10, "{peak} connections open at once");
+    println!(
+        "{threshold}: VmRSS by round (KiB) {rss:?}; backend connections {} (at most {peak} at once)",
+        conns.total.load(Ordering::Relaxed)
+    );
     let growth = rss[4].saturating_sub(rss[1]);
     assert!(growth < 4096, "RSS grew {growth} KiB: {rss:?}");
 }
@@ -363,6 +403,46 @@ async fn max_requests_refuses_the_overflow_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_pending_requests_refuses_the_overflow_at_once() {
     breaker_rounds("max_pending_requests").await;
+}
+
+/// Envoy's `max_connections`: with 10 upstream connections allowed, 100 concurrent requests
+/// to a stalled backend (one connection each over HTTP/1.1) leave 90 refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_refuses_the_overflow_at_once() {
+    breaker_rounds("max_connections").await;
+}
+
+/// The limit counts idle pooled connections, but an idle connection to one endpoint is closed
+/// to make room for a request to another rather than refusing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_connection_makes_room_under_max_connections() {
+    let (a, hits_a, conns_a) = counting_backend(|_| async { reply(200, "a") }).await;
+    let (b, hits_b, conns_b) = counting_backend(|_| async { reply(200, "b") }).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cluster = "[clusters.circuit_breakers]\nmax_connections = 1\n";
+    let _lbd = Lbd::start(bin(), &config(listen, admin, &[a, b], "", cluster));
+    let c = H1::new();
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let r = c.get(listen, "/", Some("a")).await.expect("answer");
+        assert_eq!(r.status, StatusCode::OK, "{} {}", r.lbd_error(), r.text());
+        answers.push(r.text());
+    }
+    // Round robin alternated; each request found the other endpoint's connection idle,
+    // closed it and opened its own.
+    assert_eq!(answers, ["a", "b", "a", "b", "a", "b"]);
+    assert_eq!(hits_a.load(Ordering::Relaxed), 3);
+    assert_eq!(hits_b.load(Ordering::Relaxed), 3);
+    assert_eq!(conns_a.total.load(Ordering::Relaxed), 3);
+    assert_eq!(conns_b.total.load(Ordering::Relaxed), 3);
+    let m = scrape(admin);
+    assert_eq!(
+        m.sum(
+            "lbd_circuit_open_total",
+            &[("cluster", "web"), ("threshold", "max_connections")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

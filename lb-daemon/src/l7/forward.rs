@@ -313,6 +313,12 @@ impl Call<'_> {
                             });
                             Outcome::Connect
                         }
+                        UpstreamError::ConnectionLimit => {
+                            // Envoy's max_connections: refused at once, no other attempt
+                            // (it would meet the same limit), no strike against the endpoint.
+                            last_error = Some(Reason::CircuitOpen);
+                            break;
+                        }
                         UpstreamError::Reset => {
                             cluster.passive_failure(idx);
                             last_error = Some(Reason::UpstreamReset);
