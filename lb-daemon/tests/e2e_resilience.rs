@@ -551,3 +551,91 @@ async fn a_hedge_answers_from_another_endpoint_while_the_first_is_slow() {
         slow_tries as f64
     );
 }
+
+/// A backend that reads the whole request body, waits `delay`, and answers
+/// `{name}:{body length}:{sum of the body's bytes}`; counts the bodies it received whole.
+async fn echo_backend(name: &'static str, delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    use http_body_util::BodyExt as _;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let bodies = Arc::new(AtomicU64::new(0));
+    let b = Arc::clone(&bodies);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let b = Arc::clone(&b);
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        b.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(delay).await;
+                        let sum: u64 = body.iter().map(|x| u64::from(*x)).sum();
+                        let text = format!("{name}:{}:{sum}", body.len());
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// Hedging a request with a body: the hedge sends the kept copy, whole, to another endpoint;
+/// a body beyond `max_replay_bytes` is not hedged (and the refusal is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_with_a_body_is_hedged_with_the_whole_body() {
+    let (slow, slow_bodies) = echo_backend("slow", Duration::from_millis(1500)).await;
+    let (fast, fast_bodies) = echo_backend("fast", Duration::ZERO).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let route = "[routes.retry]\nattempts = 1\nhedge_delay = \"100ms\"\nmax_replay_bytes = 4096\n";
+    let _lbd = Lbd::start(bin(), &config(listen, admin, &[slow, fast], route, ""));
+    let c = H1::new();
+    let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = body.iter().map(|x| u64::from(*x)).sum();
+    let put = |body: Vec<u8>| {
+        Request::put("/doc")
+            .header("host", "a")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request")
+    };
+    for i in 0..4 {
+        let t = Instant::now();
+        let r = c.send(listen, put(body.clone())).await.expect("answer");
+        let took = t.elapsed();
+        println!("hedged PUT {i}: {:?} in {took:?}", r.text());
+        assert_eq!(r.status, StatusCode::OK);
+        // Answered by the fast endpoint, which got the body whole (length and content).
+        assert_eq!(r.text(), format!("fast:3000:{sum}"));
+    }
+    let hedges = scrape(admin).sum("lbd_hedges_total", &[("cluster", "web")]);
+    // Round robin gave the slow endpoint some first tries; each was hedged, with the body.
+    let slow_first = slow_bodies.load(Ordering::Relaxed);
+    assert!(slow_first >= 1, "{slow_first}");
+    assert_eq!(hedges, slow_first as f64);
+    assert_eq!(fast_bodies.load(Ordering::Relaxed), 4);
+
+    // Beyond max_replay_bytes there is no copy to hedge with: the slow endpoint answers.
+    let big = vec![7u8; 10_000];
+    let mut from_slow = None;
+    for _ in 0..4 {
+        let r = c.send(listen, put(big.clone())).await.expect("answer");
+        assert_eq!(r.status, StatusCode::OK);
+        if r.text().starts_with("slow:") {
+            from_slow = Some(r.text());
+            break;
+        }
+    }
+    assert_eq!(from_slow.as_deref(), Some("slow:10000:70000"));
+    let m = scrape(admin);
+    assert_eq!(m.sum("lbd_hedges_total", &[("cluster", "web")]), hedges);
+    assert!(
+        m.sum(
+            "lbd_retries_denied_total",
+            &[("cluster", "web"), ("reason", "body_too_large")]
+        ) >= 1.0
+    );
+}
