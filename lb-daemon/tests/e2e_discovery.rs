@@ -681,3 +681,97 @@ async fn dns_endpoints_are_verified_against_their_dns_name() {
         r.text()
     );
 }
+
+/// A plain HTTP/1.1 backend on `addr` naming itself in `x-backend`; counts the connections
+/// it accepted.
+async fn counting_backend(
+    name: &'static str,
+    addr: SocketAddr,
+) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind(addr).await.ok()?;
+    let conns = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    http::Response::builder()
+                        .header("x-backend", name)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Some(conns)
+}
+
+/// When the endpoint set changes (a new A record, then a reload that adds an endpoint), the
+/// endpoint that stays keeps its idle keep-alive connection: its backend sees one
+/// connection however often the cluster is rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_stays_keeps_its_pooled_connection() {
+    use std::sync::atomic::Ordering;
+    // Two counting backends on 127.0.0.2 and 127.0.0.3, one port; a third on 127.0.0.1.
+    let mut found = None;
+    for _ in 0..20 {
+        let port = free_addr().port();
+        let a = counting_backend("a", format!("127.0.0.2:{port}").parse().expect("addr")).await;
+        let b = counting_backend("b", format!("127.0.0.3:{port}").parse().expect("addr")).await;
+        if let (Some(a), Some(b)) = (a, b) {
+            found = Some((port, a, b));
+            break;
+        }
+    }
+    let (port, conns_a, conns_b) = found.expect("a port free on 127.0.0.2 and .3");
+    let c_addr = free_addr();
+    let conns_c = counting_backend("c", c_addr).await.expect("bind c");
+    let dir = temp_dir("keep");
+    let dns = dns_or_skip!(&dir, &[("web.lbd.test", "127.0.0.2")], &[]);
+    let (listen, admin) = (free_addr(), free_addr());
+    let discovery = format!(
+        "resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"300ms\"\n",
+        dns.addr
+    );
+    let endpoints = format!("[[clusters.endpoints]]\ndns = \"web.lbd.test:{port}\"\n");
+    let mut lbd = Lbd::start(bin(), &config(listen, admin, &endpoints, &discovery));
+    let c = H1::new();
+    // One request at a time: each finds the connection the last one left idle.
+    for _ in 0..5 {
+        assert_eq!(send(&c, listen, "/").await.backend(), "a");
+    }
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+
+    // The name gains an address: the cluster is rebuilt, a's connection carried over.
+    dns.set_hosts(&[("web.lbd.test", "127.0.0.2"), ("web.lbd.test", "127.0.0.3")]);
+    let web = cluster_until(&c, admin, "web", |w| {
+        w["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(web["endpoints"].as_array().map(Vec::len), Some(2), "{web}");
+    let seen = spread(&c, listen, 10).await;
+    assert_eq!(
+        (seen.get("a"), seen.get("b")),
+        (Some(&5), Some(&5)),
+        "{seen:?}"
+    );
+    assert_eq!(
+        conns_a.load(Ordering::Relaxed),
+        1,
+        "a's keep-alive connection was dropped by the re-resolution"
+    );
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+
+    // A reload that adds a fixed endpoint rebuilds the cluster again: a and b keep theirs.
+    let endpoints = format!("{endpoints}[[clusters.endpoints]]\naddress = \"{c_addr}\"\n");
+    lbd.reload(&config(listen, admin, &endpoints, &discovery));
+    let seen = spread(&c, listen, 9).await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_c.load(Ordering::Relaxed), 1);
+}

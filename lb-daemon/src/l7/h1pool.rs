@@ -389,4 +389,36 @@ mod tests {
         assert!(pool.checkout(0).is_none());
         assert!(pool.checkout(1).is_none(), "no such endpoint");
     }
+
+    /// A rebuilt cluster's pool takes the idle connections of the endpoints that stayed, and
+    /// connections given back to the old pool later (requests that started there) too.
+    #[tokio::test]
+    async fn a_successor_adopts_idle_and_returning_connections() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let config = H1PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        };
+        let old = Arc::new(H1Pool::new("c", &[gone, addr], config, None));
+        let idle = old.connect(1).await.expect("connect");
+        let busy = old.connect(1).await.expect("connect");
+        let _peers = (
+            l.accept().await.expect("accept"),
+            l.accept().await.expect("accept"),
+        );
+        old.checkin(idle);
+        // The new set: `addr` moved to index 0, `gone` left.
+        let new = Arc::new(H1Pool::new("c", &[addr], config, None));
+        new.adopt(&old, vec![None, Some(0)]);
+        assert_eq!((old.idle(1), new.idle(0)), (0, 1));
+        old.checkin(busy);
+        assert_eq!((old.idle(1), new.idle(0)), (0, 2));
+        let c = new.checkout(0).expect("an adopted connection");
+        assert_eq!(c.endpoint, 0);
+    }
 }
