@@ -639,3 +639,126 @@ async fn a_request_with_a_body_is_hedged_with_the_whole_body() {
         ) >= 1.0
     );
 }
+
+/// An h2c gRPC backend answering every call trailers-only with `grpc-status: 0`, but only
+/// once `go` is true. Counts calls and connections.
+async fn grpc_backend(go: watch::Receiver<bool>) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (calls, conns) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (c, n) = (Arc::clone(&calls), Arc::clone(&conns));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::Relaxed);
+            let (c, go) = (Arc::clone(&c), go.clone());
+            let svc = service_fn(move |_req: Request<Incoming>| {
+                c.fetch_add(1, Ordering::Relaxed);
+                let mut go = go.clone();
+                async move {
+                    let _ = go.wait_for(|g| *g).await;
+                    Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(Full::new(Bytes::new()))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc),
+            );
+        }
+    });
+    (addr, calls, conns)
+}
+
+/// One gRPC call over `sender`; its `grpc-status` (from the head or the trailers).
+async fn grpc_call(
+    mut sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    listen: SocketAddr,
+) -> String {
+    use http_body_util::BodyExt as _;
+    let req = Request::post(format!("http://{listen}/test.Echo/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let head = resp.headers().get("grpc-status").cloned();
+    let trailers = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned());
+    head.or(trailers)
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `max_connections` over HTTP/2 (gRPC): with one connection allowed and it busy with a
+/// call to one endpoint, a call to the other is refused at once as UNAVAILABLE; once the
+/// connection is idle, it is closed to make room instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_over_max_connections_is_unavailable_at_once() {
+    let (go, rx) = watch::channel(false);
+    let (a, calls_a, conns_a) = grpc_backend(rx.clone()).await;
+    let (b, calls_b, conns_b) = grpc_backend(rx).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cluster = "[clusters.circuit_breakers]\nmax_connections = 1\n";
+    let cfg = config(listen, admin, &[a, b], "", cluster).replace(
+        "policy = \"round_robin\"",
+        "policy = \"round_robin\"\nprotocol = \"grpc\"",
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let stream = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let calls = || calls_a.load(Ordering::Relaxed) + calls_b.load(Ordering::Relaxed);
+
+    // The first call holds the cluster's one connection.
+    let first = tokio::spawn(grpc_call(sender.clone(), listen));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls() == 0 {
+        assert!(Instant::now() < deadline, "the first call never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Round robin sends the second to the other endpoint, which would need a connection.
+    let refused = tokio::time::timeout(Duration::from_secs(5), grpc_call(sender.clone(), listen))
+        .await
+        .expect("refused at once, not queued");
+    assert_eq!(refused, "14", "UNAVAILABLE");
+    assert_eq!(calls(), 1);
+    let _ = go.send(true);
+    assert_eq!(first.await.expect("first call"), "0");
+
+    // Idle now: the next call to the other endpoint closes it and connects.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        assert_eq!(grpc_call(sender.clone(), listen).await, "0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first endpoint served the first and third calls, the other the fourth (the refused
+    // second never reached it), each over one connection.
+    let (n_a, n_b) = (
+        calls_a.load(Ordering::Relaxed),
+        calls_b.load(Ordering::Relaxed),
+    );
+    assert_eq!((n_a + n_b, n_a.min(n_b)), (3, 1), "{n_a} {n_b}");
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+    let m = scrape(admin);
+    assert_eq!(
+        m.sum(
+            "lbd_circuit_open_total",
+            &[("cluster", "web"), ("threshold", "max_connections")]
+        ),
+        1.0
+    );
+}
