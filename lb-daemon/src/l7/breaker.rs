@@ -103,6 +103,16 @@ impl Gate {
         self.max
     }
 
+    /// A gate with limit `max` and no metric, for tests of its users.
+    #[cfg(test)]
+    pub fn for_test(max: usize) -> Self {
+        Gate {
+            max,
+            active: AtomicUsize::new(0),
+            overflow: None,
+        }
+    }
+
     /// Holders right now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)

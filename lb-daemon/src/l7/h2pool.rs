@@ -688,6 +688,68 @@ mod tests {
         ));
     }
 
+    /// A rebuilt cluster's pool shares the connections of the endpoints that stayed.
+    #[tokio::test]
+    async fn a_successor_shares_the_connections_of_endpoints_that_stayed() {
+        let (addr, accepted) = h2_server().await;
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+            max_connections: 0,
+        };
+        let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let old = H2Pool::new("c", &[gone, addr], config);
+        let reused = metrics::Counter::noop();
+        let resp = old.send(1, req(addr), &reused).await.expect("send");
+        drop(resp);
+        let new = H2Pool::new("c", &[addr], config).adopt(&old, &[None, Some(0)]);
+        assert_eq!(new.connections(0), 1);
+        let resp = new.send(0, req(addr), &reused).await.expect("send");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the old connection, reused"
+        );
+    }
+
+    /// At the cluster's `max_connections`, an idle connection of another endpoint is closed
+    /// to make room; with none idle and none to the endpoint, the request is refused.
+    #[tokio::test]
+    async fn max_connections_closes_an_idle_connection_or_refuses() {
+        let (a, accepted_a) = h2_server().await;
+        let (b, accepted_b) = h2_server().await;
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+            max_connections: 0,
+        };
+        let gate = Arc::new(Gate::for_test(1));
+        let pool = H2Pool::new("c", &[a, b], config).with_limit(Some(Arc::clone(&gate)));
+        let reused = metrics::Counter::noop();
+        let held = pool.send(0, req(a), &reused).await.expect("send a");
+        // a's connection is busy: b cannot have one.
+        let refused = pool.send(1, req(b), &reused).await;
+        assert!(
+            matches!(&refused, Err(SendError::Connect(e)) if e.is::<ConnectionLimit>()),
+            "{refused:?}"
+        );
+        drop(held);
+        let resp = pool.send(1, req(b), &reused).await.expect("send b");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(pool.connections(0), 0, "a's idle connection was closed");
+        assert_eq!(gate.active(), 1);
+        assert_eq!(
+            (
+                accepted_a.load(Ordering::SeqCst),
+                accepted_b.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
+    }
+
     #[tokio::test]
     async fn a_peer_closing_after_each_call_costs_no_call() {
         // Each connection serves one request, then the server shuts it down (GOAWAY).
