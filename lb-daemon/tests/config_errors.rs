@@ -226,10 +226,24 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
     ),
     (
         "unknown circuit breaker",
-        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = 5\n",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_streams = 5\n",
+        6,
+        "clusters[0].circuit_breakers.max_streams",
+        "unknown field",
+    ),
+    (
+        "negative max_connections",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = -1\n",
         6,
         "clusters[0].circuit_breakers.max_connections",
-        "unknown field",
+        "at least 0",
+    ),
+    (
+        "max_connections not a number",
+        "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.circuit_breakers]\nmax_connections = \"10\"\n",
+        6,
+        "clusters[0].circuit_breakers.max_connections",
+        "invalid type: string",
     ),
     (
         "zero hedge_delay",
@@ -1834,6 +1848,7 @@ ratio = 0.5
 min_per_second = 0
 window = "30s"
 [clusters.circuit_breakers]
+max_connections = 50
 max_requests = 100
 max_pending_requests = 20
 max_retries = 3
@@ -1856,6 +1871,7 @@ max_retries = 3
     assert_eq!(
         c.circuit_breakers,
         CircuitBreakers {
+            max_connections: 50,
             max_requests: 100,
             max_pending_requests: 20,
             max_retries: 3
@@ -1918,7 +1934,7 @@ fn outlier_table_takes_envoy_defaults_and_is_off_without_it() {
 
 #[test]
 fn discovery_sources_and_settings() {
-    use lbd::config::discovery::{EndpointSource, Settings, SourceKind};
+    use lbd::config::discovery::{EndpointSource, Settings, SourceKind, TlsName};
     let text = format!(
         "[[clusters]]\nname = \"d\"\n\
          [[clusters.endpoints]]\naddress = \"127.0.0.1:7\"\n\
@@ -1945,21 +1961,24 @@ fn discovery_sources_and_settings() {
                     port: 8080
                 },
                 weight: 3,
-                backup: true
+                backup: true,
+                tls_name: TlsName::Cluster
             },
             EndpointSource {
                 kind: SourceKind::Srv {
                     name: "_http._tcp.web.internal".into()
                 },
                 weight: 1,
-                backup: false
+                backup: false,
+                tls_name: TlsName::Cluster
             },
             EndpointSource {
                 kind: SourceKind::File {
                     path: "/etc/lbd/eps.json".into()
                 },
                 weight: 1,
-                backup: false
+                backup: false,
+                tls_name: TlsName::Cluster
             },
         ]
     );
@@ -2190,6 +2209,23 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
             "clusters[0].endpoints[0].server_name",
             "[clusters.tls]",
         ),
+        (
+            "dns entry server_name without TLS",
+            format!(
+                "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\ndns = \"web.test:80\"\nserver_name = \"a.test\"\n{OK_TAIL}"
+            ),
+            5,
+            "clusters[0].endpoints[0].server_name",
+            "[clusters.tls]",
+        ),
+        (
+            "invalid dns entry server_name",
+            cluster("", "dns = \"web.test:80\"\nserver_name = \"a b\"")
+                .replace("address = \"127.0.0.1:1\"\n", ""),
+            5,
+            "clusters[0].endpoints[0].server_name",
+            "invalid server name",
+        ),
     ];
     let mut failures = Vec::new();
     for (what, text, line, key, msg) in &cases {
@@ -2251,4 +2287,25 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
     assert!(t.verify);
     assert_eq!(t.server_name.as_deref(), Some("a.test"));
     assert_eq!(c.endpoints[0].server_name.as_deref(), Some("b.test"));
+
+    // Discovered endpoints: the DNS name unless the entry or the cluster names one.
+    use lbd::config::discovery::TlsName;
+    let tls_names = |tls: &str, entry: &str| {
+        let m = parse(
+            &cluster(tls, &format!("dns = \"web.test:80\"\n{entry}"))
+                .replace("address = \"127.0.0.1:1\"\n", ""),
+            Path::new("t.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        m.clusters[0].sources[0].tls_name.clone()
+    };
+    assert_eq!(tls_names(&format!("ca = {ca}"), ""), TlsName::Resolved);
+    assert_eq!(
+        tls_names(&format!("ca = {ca}"), "server_name = \"e.test\""),
+        TlsName::Given("e.test".into())
+    );
+    assert_eq!(
+        tls_names(&format!("ca = {ca}\nserver_name = \"c.test\""), ""),
+        TlsName::Cluster
+    );
 }

@@ -534,3 +534,244 @@ async fn unresolvable_name_at_startup_starts_with_the_others() {
         "{seen:?}"
     );
 }
+
+/// A TLS backend (HTTP/1.1) with `leaf`'s certificate that answers with the SNI it was sent
+/// (`x-sni`); stops when the runtime ends.
+async fn tls_backend(leaf: &lb_tests::certs::Leaf) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&leaf.cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(&leaf.key).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("none").to_owned();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let sni = sni.clone();
+                    async move {
+                        http::Response::builder()
+                            .header("x-backend", "tls")
+                            .header("x-sni", sni)
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Over TLS, an endpoint found by DNS is asked to prove the name it was resolved from (the
+/// `dns` host, an SRV record's target), so a certificate issued for that name verifies; a
+/// cluster's own `server_name`, or an entry's, still wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_endpoints_are_verified_against_their_dns_name() {
+    let pki = lb_tests::certs::Pki::new("discovery CA");
+    let leaf = pki.leaf(
+        "backend",
+        &lb_tests::certs::LeafOpts {
+            names: vec![
+                "web.lbd.test".into(),
+                "node1.lbd.test".into(),
+                "alias.lbd.test".into(),
+            ],
+            cn: "web.lbd.test".into(),
+            serial: 1,
+            ..Default::default()
+        },
+    );
+    let backend = tls_backend(&leaf).await;
+    let port = backend.port();
+    let dir = temp_dir("sni");
+    let dns = dns_or_skip!(
+        &dir,
+        &[
+            ("web.lbd.test", "127.0.0.1"),
+            ("node1.lbd.test", "127.0.0.1")
+        ],
+        &[format!(
+            "_https._tcp.web.lbd.test,node1.lbd.test,{port},10,1"
+        )]
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let ca = lb_tests::certs::toml_path(&pki.ca_file);
+    let resolver = format!(
+        "[clusters.discovery]\nresolver = \"{}\"\nttl_min = \"1s\"\nretry = \"300ms\"\n",
+        dns.addr
+    );
+    let cluster = |name: &str, endpoint: &str, tls: &str| {
+        let discovery = if endpoint.starts_with("address") {
+            ""
+        } else {
+            resolver.as_str()
+        };
+        format!(
+            "[[routes]]\nname = \"{name}\"\ncluster = \"{name}\"\n[routes.match]\nhosts = [\"{name}.example\"]\n\
+             [[clusters]]\nname = \"{name}\"\n[[clusters.endpoints]]\n{endpoint}\n\
+             [clusters.tls]\nca = {ca}\n{tls}\n{discovery}\n"
+        )
+    };
+    let cfg = format!(
+        "[admin]\nbind = \"{admin}\"\n[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n{}{}{}{}{}",
+        cluster("a", &format!("dns = \"web.lbd.test:{port}\""), ""),
+        cluster("srv", "srv = \"_https._tcp.web.lbd.test\"", ""),
+        cluster(
+            "named",
+            &format!("dns = \"web.lbd.test:{port}\""),
+            "server_name = \"alias.lbd.test\""
+        ),
+        cluster(
+            "entry",
+            &format!("dns = \"web.lbd.test:{port}\"\nserver_name = \"alias.lbd.test\""),
+            ""
+        ),
+        // The address itself: the certificate has no IP SAN, so verification fails.
+        cluster("ip", &format!("address = \"127.0.0.1:{port}\""), ""),
+    );
+    let lbd = Lbd::start(bin(), &cfg);
+    let c = H1::new();
+    for (host, sni) in [
+        ("a.example", "web.lbd.test"),
+        ("srv.example", "node1.lbd.test"),
+        ("named.example", "alias.lbd.test"),
+        ("entry.example", "alias.lbd.test"),
+    ] {
+        let r = c.get(listen, "/", Some(host)).await.expect("answer");
+        assert_eq!(
+            r.status,
+            200,
+            "{host}: {} {}\n{}",
+            r.lbd_error(),
+            r.text(),
+            lbd.logs()
+        );
+        let got = r.headers.get("x-sni").and_then(|v| v.to_str().ok());
+        assert_eq!(got, Some(sni), "{host}");
+    }
+    let r = c
+        .get(listen, "/", Some("ip.example"))
+        .await
+        .expect("answer");
+    assert_eq!(
+        (r.status.as_u16(), r.lbd_error()),
+        (502, "upstream_tls"),
+        "{}",
+        r.text()
+    );
+}
+
+/// A plain HTTP/1.1 backend on `addr` naming itself in `x-backend`; counts the connections
+/// it accepted.
+async fn counting_backend(
+    name: &'static str,
+    addr: SocketAddr,
+) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind(addr).await.ok()?;
+    let conns = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    http::Response::builder()
+                        .header("x-backend", name)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Some(conns)
+}
+
+/// When the endpoint set changes (a new A record, then a reload that adds an endpoint), the
+/// endpoint that stays keeps its idle keep-alive connection: its backend sees one
+/// connection however often the cluster is rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_stays_keeps_its_pooled_connection() {
+    use std::sync::atomic::Ordering;
+    // Two counting backends on 127.0.0.2 and 127.0.0.3, one port; a third on 127.0.0.1.
+    let mut found = None;
+    for _ in 0..20 {
+        let port = free_addr().port();
+        let a = counting_backend("a", format!("127.0.0.2:{port}").parse().expect("addr")).await;
+        let b = counting_backend("b", format!("127.0.0.3:{port}").parse().expect("addr")).await;
+        if let (Some(a), Some(b)) = (a, b) {
+            found = Some((port, a, b));
+            break;
+        }
+    }
+    let (port, conns_a, conns_b) = found.expect("a port free on 127.0.0.2 and .3");
+    let c_addr = free_addr();
+    let conns_c = counting_backend("c", c_addr).await.expect("bind c");
+    let dir = temp_dir("keep");
+    let dns = dns_or_skip!(&dir, &[("web.lbd.test", "127.0.0.2")], &[]);
+    let (listen, admin) = (free_addr(), free_addr());
+    let discovery = format!(
+        "resolver = \"{}\"\nttl_min = \"1s\"\nretry = \"300ms\"\n",
+        dns.addr
+    );
+    let endpoints = format!("[[clusters.endpoints]]\ndns = \"web.lbd.test:{port}\"\n");
+    let mut lbd = Lbd::start(bin(), &config(listen, admin, &endpoints, &discovery));
+    let c = H1::new();
+    // One request at a time: each finds the connection the last one left idle.
+    for _ in 0..5 {
+        assert_eq!(send(&c, listen, "/").await.backend(), "a");
+    }
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+
+    // The name gains an address: the cluster is rebuilt, a's connection carried over.
+    dns.set_hosts(&[("web.lbd.test", "127.0.0.2"), ("web.lbd.test", "127.0.0.3")]);
+    let web = cluster_until(&c, admin, "web", |w| {
+        w["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(web["endpoints"].as_array().map(Vec::len), Some(2), "{web}");
+    let seen = spread(&c, listen, 10).await;
+    assert_eq!(
+        (seen.get("a"), seen.get("b")),
+        (Some(&5), Some(&5)),
+        "{seen:?}"
+    );
+    assert_eq!(
+        conns_a.load(Ordering::Relaxed),
+        1,
+        "a's keep-alive connection was dropped by the re-resolution"
+    );
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+
+    // A reload that adds a fixed endpoint rebuilds the cluster again: a and b keep theirs.
+    let endpoints = format!("{endpoints}[[clusters.endpoints]]\naddress = \"{c_addr}\"\n");
+    lbd.reload(&config(listen, admin, &endpoints, &discovery));
+    let seen = spread(&c, listen, 9).await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_c.load(Ordering::Relaxed), 1);
+}

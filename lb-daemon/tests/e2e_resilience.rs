@@ -31,15 +31,49 @@ where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let (addr, hits, _) = counting_backend(answer).await;
+    (addr, hits)
+}
+
+/// Connections a backend accepted: in total, open now, and the most open at once.
+#[derive(Debug, Default)]
+struct Conns {
+    total: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// Closes the count of one connection when its task ends.
+struct Open(Arc<Conns>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// [`backend`], also counting connections.
+async fn counting_backend<F, Fut>(answer: F) -> (SocketAddr, Arc<AtomicU64>, Arc<Conns>)
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let hits = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(Conns::default());
     let h = Arc::clone(&hits);
+    let cs = Arc::clone(&conns);
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let answer = answer.clone();
             let h = Arc::clone(&h);
+            cs.total.fetch_add(1, Ordering::Relaxed);
+            let now = cs.open.fetch_add(1, Ordering::AcqRel) + 1;
+            cs.peak.fetch_max(now, Ordering::AcqRel);
+            let open = Open(Arc::clone(&cs));
             tokio::spawn(async move {
+                let _open = open;
                 let svc = service_fn(move |_req: Request<Incoming>| {
                     let n = h.fetch_add(1, Ordering::Relaxed);
                     let fut = answer(n);
@@ -51,7 +85,7 @@ where
             });
         }
     });
-    (addr, hits)
+    (addr, hits, conns)
 }
 
 fn reply(status: u16, body: &'static str) -> Response<Full<Bytes>> {
@@ -283,9 +317,9 @@ async fn a_slow_endpoint_is_left_after_the_per_try_timeout() {
 }
 
 /// A backend that holds every request until `release` turns true, then answers 200.
-async fn stalled() -> (SocketAddr, watch::Sender<bool>) {
+async fn stalled() -> (SocketAddr, watch::Sender<bool>, Arc<Conns>) {
     let (tx, rx) = watch::channel(false);
-    let (addr, _) = backend(move |_| {
+    let (addr, _, conns) = counting_backend(move |_| {
         let mut rx = rx.clone();
         async move {
             let _ = rx.wait_for(|r| *r).await;
@@ -293,14 +327,14 @@ async fn stalled() -> (SocketAddr, watch::Sender<bool>) {
         }
     })
     .await;
-    (addr, tx)
+    (addr, tx, conns)
 }
 
 /// 100 concurrent clients against a stalled backend behind `threshold = 10`: 90 are refused
 /// at once with 503 `circuit_open`, the 10 admitted are answered once the backend resumes.
 /// Five rounds; lbd's memory stays flat.
 async fn breaker_rounds(threshold: &str) {
-    let (addr, release) = stalled().await;
+    let (addr, release, conns) = stalled().await;
     let (listen, admin) = (free_addr(), free_addr());
     let cluster = format!("[clusters.circuit_breakers]\n{threshold} = 10\n");
     let lbd = Lbd::start(bin(), &config(listen, admin, &[addr], "", &cluster));
@@ -350,7 +384,13 @@ async fn breaker_rounds(threshold: &str) {
         &[("cluster", "web"), ("threshold", threshold)],
     );
     assert_eq!(open, 450.0);
-    println!("{threshold}: VmRSS by round (KiB) {rss:?}");
+    // lbd never queues: the backend saw only the admitted requests' connections.
+    let peak = conns.peak.load(Ordering::Relaxed);
+    assert!(peak <= 10, "{peak} connections open at once");
+    println!(
+        "{threshold}: VmRSS by round (KiB) {rss:?}; backend connections {} (at most {peak} at once)",
+        conns.total.load(Ordering::Relaxed)
+    );
     let growth = rss[4].saturating_sub(rss[1]);
     assert!(growth < 4096, "RSS grew {growth} KiB: {rss:?}");
 }
@@ -363,6 +403,46 @@ async fn max_requests_refuses_the_overflow_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_pending_requests_refuses_the_overflow_at_once() {
     breaker_rounds("max_pending_requests").await;
+}
+
+/// Envoy's `max_connections`: with 10 upstream connections allowed, 100 concurrent requests
+/// to a stalled backend (one connection each over HTTP/1.1) leave 90 refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_refuses_the_overflow_at_once() {
+    breaker_rounds("max_connections").await;
+}
+
+/// The limit counts idle pooled connections, but an idle connection to one endpoint is closed
+/// to make room for a request to another rather than refusing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_connection_makes_room_under_max_connections() {
+    let (a, hits_a, conns_a) = counting_backend(|_| async { reply(200, "a") }).await;
+    let (b, hits_b, conns_b) = counting_backend(|_| async { reply(200, "b") }).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cluster = "[clusters.circuit_breakers]\nmax_connections = 1\n";
+    let _lbd = Lbd::start(bin(), &config(listen, admin, &[a, b], "", cluster));
+    let c = H1::new();
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let r = c.get(listen, "/", Some("a")).await.expect("answer");
+        assert_eq!(r.status, StatusCode::OK, "{} {}", r.lbd_error(), r.text());
+        answers.push(r.text());
+    }
+    // Round robin alternated; each request found the other endpoint's connection idle,
+    // closed it and opened its own.
+    assert_eq!(answers, ["a", "b", "a", "b", "a", "b"]);
+    assert_eq!(hits_a.load(Ordering::Relaxed), 3);
+    assert_eq!(hits_b.load(Ordering::Relaxed), 3);
+    assert_eq!(conns_a.total.load(Ordering::Relaxed), 3);
+    assert_eq!(conns_b.total.load(Ordering::Relaxed), 3);
+    let m = scrape(admin);
+    assert_eq!(
+        m.sum(
+            "lbd_circuit_open_total",
+            &[("cluster", "web"), ("threshold", "max_connections")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -469,5 +549,216 @@ async fn a_hedge_answers_from_another_endpoint_while_the_first_is_slow() {
     assert_eq!(
         scrape(admin).sum("lbd_hedges_total", &[("cluster", "web")]),
         slow_tries as f64
+    );
+}
+
+/// A backend that reads the whole request body, waits `delay`, and answers
+/// `{name}:{body length}:{sum of the body's bytes}`; counts the bodies it received whole.
+async fn echo_backend(name: &'static str, delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    use http_body_util::BodyExt as _;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let bodies = Arc::new(AtomicU64::new(0));
+    let b = Arc::clone(&bodies);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let b = Arc::clone(&b);
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        b.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(delay).await;
+                        let sum: u64 = body.iter().map(|x| u64::from(*x)).sum();
+                        let text = format!("{name}:{}:{sum}", body.len());
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// Hedging a request with a body: the hedge sends the kept copy, whole, to another endpoint;
+/// a body beyond `max_replay_bytes` is not hedged (and the refusal is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_with_a_body_is_hedged_with_the_whole_body() {
+    let (slow, slow_bodies) = echo_backend("slow", Duration::from_millis(1500)).await;
+    let (fast, fast_bodies) = echo_backend("fast", Duration::ZERO).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let route = "[routes.retry]\nattempts = 1\nhedge_delay = \"100ms\"\nmax_replay_bytes = 4096\n";
+    let _lbd = Lbd::start(bin(), &config(listen, admin, &[slow, fast], route, ""));
+    let c = H1::new();
+    let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = body.iter().map(|x| u64::from(*x)).sum();
+    let put = |body: Vec<u8>| {
+        Request::put("/doc")
+            .header("host", "a")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request")
+    };
+    for i in 0..4 {
+        let t = Instant::now();
+        let r = c.send(listen, put(body.clone())).await.expect("answer");
+        let took = t.elapsed();
+        println!("hedged PUT {i}: {:?} in {took:?}", r.text());
+        assert_eq!(r.status, StatusCode::OK);
+        // Answered by the fast endpoint, which got the body whole (length and content).
+        assert_eq!(r.text(), format!("fast:3000:{sum}"));
+    }
+    let hedges = scrape(admin).sum("lbd_hedges_total", &[("cluster", "web")]);
+    // Round robin gave the slow endpoint some first tries; each was hedged, with the body.
+    let slow_first = slow_bodies.load(Ordering::Relaxed);
+    assert!(slow_first >= 1, "{slow_first}");
+    assert_eq!(hedges, slow_first as f64);
+    assert_eq!(fast_bodies.load(Ordering::Relaxed), 4);
+
+    // Beyond max_replay_bytes there is no copy to hedge with: the slow endpoint answers.
+    let big = vec![7u8; 10_000];
+    let mut from_slow = None;
+    for _ in 0..4 {
+        let r = c.send(listen, put(big.clone())).await.expect("answer");
+        assert_eq!(r.status, StatusCode::OK);
+        if r.text().starts_with("slow:") {
+            from_slow = Some(r.text());
+            break;
+        }
+    }
+    assert_eq!(from_slow.as_deref(), Some("slow:10000:70000"));
+    let m = scrape(admin);
+    assert_eq!(m.sum("lbd_hedges_total", &[("cluster", "web")]), hedges);
+    assert!(
+        m.sum(
+            "lbd_retries_denied_total",
+            &[("cluster", "web"), ("reason", "body_too_large")]
+        ) >= 1.0
+    );
+}
+
+/// An h2c gRPC backend answering every call trailers-only with `grpc-status: 0`, but only
+/// once `go` is true. Counts calls and connections.
+async fn grpc_backend(go: watch::Receiver<bool>) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (calls, conns) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (c, n) = (Arc::clone(&calls), Arc::clone(&conns));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::Relaxed);
+            let (c, go) = (Arc::clone(&c), go.clone());
+            let svc = service_fn(move |_req: Request<Incoming>| {
+                c.fetch_add(1, Ordering::Relaxed);
+                let mut go = go.clone();
+                async move {
+                    let _ = go.wait_for(|g| *g).await;
+                    Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(Full::new(Bytes::new()))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc),
+            );
+        }
+    });
+    (addr, calls, conns)
+}
+
+/// One gRPC call over `sender`; its `grpc-status` (from the head or the trailers).
+async fn grpc_call(
+    mut sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    listen: SocketAddr,
+) -> String {
+    use http_body_util::BodyExt as _;
+    let req = Request::post(format!("http://{listen}/test.Echo/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let head = resp.headers().get("grpc-status").cloned();
+    let trailers = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned());
+    head.or(trailers)
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `max_connections` over HTTP/2 (gRPC): with one connection allowed and it busy with a
+/// call to one endpoint, a call to the other is refused at once as UNAVAILABLE; once the
+/// connection is idle, it is closed to make room instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_over_max_connections_is_unavailable_at_once() {
+    let (go, rx) = watch::channel(false);
+    let (a, calls_a, conns_a) = grpc_backend(rx.clone()).await;
+    let (b, calls_b, conns_b) = grpc_backend(rx).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cluster = "[clusters.circuit_breakers]\nmax_connections = 1\n";
+    let cfg = config(listen, admin, &[a, b], "", cluster).replace(
+        "policy = \"round_robin\"",
+        "policy = \"round_robin\"\nprotocol = \"grpc\"",
+    );
+    let _lbd = Lbd::start(bin(), &cfg);
+    let stream = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let calls = || calls_a.load(Ordering::Relaxed) + calls_b.load(Ordering::Relaxed);
+
+    // The first call holds the cluster's one connection.
+    let first = tokio::spawn(grpc_call(sender.clone(), listen));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls() == 0 {
+        assert!(Instant::now() < deadline, "the first call never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Round robin sends the second to the other endpoint, which would need a connection.
+    let refused = tokio::time::timeout(Duration::from_secs(5), grpc_call(sender.clone(), listen))
+        .await
+        .expect("refused at once, not queued");
+    assert_eq!(refused, "14", "UNAVAILABLE");
+    assert_eq!(calls(), 1);
+    let _ = go.send(true);
+    assert_eq!(first.await.expect("first call"), "0");
+
+    // Idle now: the next call to the other endpoint closes it and connects.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        assert_eq!(grpc_call(sender.clone(), listen).await, "0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first endpoint served the first and third calls, the other the fourth (the refused
+    // second never reached it), each over one connection.
+    let (n_a, n_b) = (
+        calls_a.load(Ordering::Relaxed),
+        calls_b.load(Ordering::Relaxed),
+    );
+    assert_eq!((n_a + n_b, n_a.min(n_b)), (3, 1), "{n_a} {n_b}");
+    assert_eq!(conns_a.load(Ordering::Relaxed), 1);
+    assert_eq!(conns_b.load(Ordering::Relaxed), 1);
+    let m = scrape(admin);
+    assert_eq!(
+        m.sum(
+            "lbd_circuit_open_total",
+            &[("cluster", "web"), ("threshold", "max_connections")]
+        ),
+        1.0
     );
 }

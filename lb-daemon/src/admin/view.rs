@@ -482,6 +482,7 @@ pub fn effective_config(model: &Model) -> Value {
                 "window_ms": ms(c.retry_budget.window),
             },
             "circuit_breakers": {
+                "max_connections": c.circuit_breakers.max_connections,
                 "max_requests": c.circuit_breakers.max_requests,
                 "max_pending_requests": c.circuit_breakers.max_pending_requests,
                 "max_retries": c.circuit_breakers.max_retries,

@@ -41,6 +41,31 @@ pub struct EndpointSource {
     pub weight: u32,
     /// Every address of a `dns` source is a backup.
     pub backup: bool,
+    /// The name TLS asks of the endpoints it yields.
+    pub tls_name: TlsName,
+}
+
+/// The SNI and verification name of a source's endpoints, over TLS to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum TlsName {
+    /// The cluster's `tls.server_name`, else the endpoint's address (also: no TLS).
+    #[default]
+    Cluster,
+    /// `server_name` written on the entry.
+    Given(String),
+    /// The DNS name the address came from: the `dns` host, or the SRV record's target.
+    Resolved,
+}
+
+impl TlsName {
+    /// The name for an endpoint resolved from `dns_name` (a trailing dot dropped).
+    pub fn for_name(&self, dns_name: &str) -> Option<String> {
+        match self {
+            TlsName::Cluster => None,
+            TlsName::Given(n) => Some(n.clone()),
+            TlsName::Resolved => Some(dns_name.trim_end_matches('.').to_owned()),
+        }
+    }
 }
 
 impl EndpointSource {
@@ -241,6 +266,7 @@ pub(crate) fn entry(
                         },
                         weight,
                         backup,
+                        tls_name: TlsName::Cluster,
                     })
                 }
                 _ => {
@@ -264,6 +290,7 @@ pub(crate) fn entry(
                     },
                     weight: 1,
                     backup: false,
+                    tls_name: TlsName::Cluster,
                 })
             } else {
                 c.err(
@@ -288,6 +315,7 @@ pub(crate) fn entry(
                 },
                 weight: 1,
                 backup: false,
+                tls_name: TlsName::Cluster,
             })
         }
     }

@@ -583,6 +583,9 @@ impl Default for RetryBudget {
 /// 503 `circuit_open` (Envoy's thresholds). 0 = no limit (the default for each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CircuitBreakers {
+    /// Upstream connections of the cluster, over all its endpoints, idle pooled ones
+    /// included (Envoy's `max_connections`).
+    pub max_connections: usize,
     /// Concurrent requests to the cluster, from admission to the end of the response body.
     pub max_requests: usize,
     /// Concurrent requests waiting for an answer head (connecting, or sent and unanswered).
@@ -594,7 +597,10 @@ pub struct CircuitBreakers {
 impl CircuitBreakers {
     /// Whether any threshold is set.
     pub fn any(&self) -> bool {
-        self.max_requests > 0 || self.max_pending_requests > 0 || self.max_retries > 0
+        self.max_connections > 0
+            || self.max_requests > 0
+            || self.max_pending_requests > 0
+            || self.max_retries > 0
     }
 }
 

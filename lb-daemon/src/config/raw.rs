@@ -289,6 +289,7 @@ pub struct RawRetryBudget {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCircuitBreakers {
+    pub max_connections: Option<S<i64>>,
     pub max_requests: Option<S<i64>>,
     pub max_pending_requests: Option<S<i64>>,
     pub max_retries: Option<S<i64>>,

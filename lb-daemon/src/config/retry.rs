@@ -218,6 +218,7 @@ impl Checker<'_> {
         };
         let k = |f: &str| format!("{key}.circuit_breakers.{f}");
         CircuitBreakers {
+            max_connections: self.usize(c.max_connections.as_ref(), &k("max_connections"), 0, 0),
             max_requests: self.usize(c.max_requests.as_ref(), &k("max_requests"), 0, 0),
             max_pending_requests: self.usize(
                 c.max_pending_requests.as_ref(),

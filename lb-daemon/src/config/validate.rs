@@ -445,7 +445,7 @@ impl Checker<'_> {
                     ("grpc", UpstreamProtocol::Grpc),
                 ],
             );
-            let (endpoints, sources) =
+            let (endpoints, mut sources) =
                 self.endpoints(c.endpoints.as_deref().unwrap_or(&[]), &key, dir);
             let discovery =
                 super::discovery::settings(self, c.discovery.as_ref(), &key, !sources.is_empty());
@@ -521,6 +521,19 @@ impl Checker<'_> {
                 .tls
                 .as_ref()
                 .and_then(|t| super::upstream_tls::check(self, t, &format!("{key}.tls"), dir));
+            if let Some(t) = &tls
+                && t.server_name.is_none()
+            {
+                // No name for the whole cluster: a name-derived endpoint proves the name it
+                // was resolved from, as a client resolving it itself would ask for.
+                for s in &mut sources {
+                    if s.tls_name == super::discovery::TlsName::Cluster
+                        && !matches!(s.kind, super::discovery::SourceKind::File { .. })
+                    {
+                        s.tls_name = super::discovery::TlsName::Resolved;
+                    }
+                }
+            }
             if c.tls.is_none() {
                 for (j, e) in c.endpoints.iter().flatten().enumerate() {
                     if let Some(n) = &e.get_ref().server_name {
@@ -725,7 +738,12 @@ impl Checker<'_> {
             let backup = r.backup.as_ref().is_some_and(|b| *b.get_ref());
             let address = match disc::entry(self, e, &key, dir, weight, backup) {
                 Entry::Static(a) => a,
-                Entry::Source(s) => {
+                Entry::Source(mut s) => {
+                    if let Some(n) = r.server_name.as_ref().and_then(|n| {
+                        super::upstream_tls::server_name(self, n, &format!("{key}.server_name"))
+                    }) {
+                        s.tls_name = disc::TlsName::Given(n);
+                    }
                     let at = [&r.dns, &r.srv, &r.file]
                         .into_iter()
                         .flatten()

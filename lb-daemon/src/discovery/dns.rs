@@ -7,7 +7,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 
-use crate::config::discovery::{Origin, Settings};
+use crate::config::discovery::{Origin, Settings, TlsName};
 use crate::config::model::Endpoint;
 
 /// The most a weight derived from SRV records can be (lbd's endpoint weights are 1..=1000).
@@ -56,7 +56,9 @@ pub(super) async fn lookup_host(
     weight: u32,
     backup: bool,
     origin: &Origin,
+    tls_name: &TlsName,
 ) -> Result<Resolved, String> {
+    let server_name = tls_name.for_name(host);
     let answer = resolver
         .lookup_ip(fqdn(host))
         .await
@@ -69,7 +71,7 @@ pub(super) async fn lookup_host(
             weight,
             backup,
             origin: origin.clone(),
-            server_name: None,
+            server_name: server_name.clone(),
         })
         .collect();
     endpoints.sort_by_key(|e| e.address);
@@ -87,6 +89,7 @@ pub(super) async fn lookup_srv(
     resolver: &TokioResolver,
     name: &str,
     origin: &Origin,
+    tls_name: &TlsName,
 ) -> Result<Resolved, String> {
     let answer = resolver
         .srv_lookup(fqdn(name))
@@ -126,6 +129,7 @@ pub(super) async fn lookup_srv(
             }
         };
         ttl = ttl.min(remaining(ips.valid_until()));
+        let server_name = tls_name.for_name(target);
         for ip in ips.iter() {
             let address = SocketAddr::new(ip, *port);
             if seen.insert(address) {
@@ -134,7 +138,7 @@ pub(super) async fn lookup_srv(
                     weight,
                     backup: *priority != top,
                     origin: origin.clone(),
-                    server_name: None,
+                    server_name: server_name.clone(),
                 });
             }
         }

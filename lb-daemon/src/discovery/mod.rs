@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::view::SourceView;
-use crate::config::discovery::{EndpointSource, Origin, Settings, SourceKind};
+use crate::config::discovery::{EndpointSource, Origin, Settings, SourceKind, TlsName};
 use crate::config::model::{Endpoint, Model};
 use crate::telemetry::metrics as m;
 
@@ -323,9 +323,11 @@ async fn watch_dns(shared: Arc<Shared>) {
             Ok(r) => match &shared.key.source.kind {
                 SourceKind::Dns { host, port } => {
                     let s = &shared.key.source;
-                    dns::lookup_host(r, host, *port, s.weight, s.backup, &origin).await
+                    dns::lookup_host(r, host, *port, s.weight, s.backup, &origin, &s.tls_name).await
                 }
-                SourceKind::Srv { name } => dns::lookup_srv(r, name, &origin).await,
+                SourceKind::Srv { name } => {
+                    dns::lookup_srv(r, name, &origin, &shared.key.source.tls_name).await
+                }
                 SourceKind::File { .. } => return,
             },
         };
@@ -360,7 +362,15 @@ async fn watch_file(shared: Arc<Shared>) {
                     last = Some(hash);
                     let text = String::from_utf8_lossy(&bytes);
                     match file::parse(path, &text, &origin) {
-                        Ok(endpoints) => shared.succeeded(endpoints),
+                        Ok(mut endpoints) => {
+                            // Addresses only: a name written on the entry applies to each.
+                            if let TlsName::Given(n) = &shared.key.source.tls_name {
+                                for e in &mut endpoints {
+                                    e.server_name = Some(n.clone());
+                                }
+                            }
+                            shared.succeeded(endpoints);
+                        }
                         Err(e) => shared.failed(e),
                     }
                 }

@@ -119,6 +119,33 @@ impl Replay {
         shared.lock().is_ok_and(|s| !s.overflowed)
     }
 
+    /// Whether the client's body was read to its end and kept whole, `None` if it is still
+    /// being read, `Some(false)` if it was too large to keep.
+    pub fn complete(shared: &Arc<Mutex<Self>>) -> Option<bool> {
+        let s = shared.lock().ok()?;
+        if s.overflowed {
+            Some(false)
+        } else {
+            s.whole().then_some(true)
+        }
+    }
+
+    /// The client's body has ended and every frame of it is kept.
+    fn whole(&self) -> bool {
+        !self.overflowed && (self.done || self.inner.is_end_stream())
+    }
+
+    /// A copy of the whole body for a try that runs beside the current one (a hedge),
+    /// once [`Replay::complete`]: it only reads the kept frames, so both may send at once.
+    pub fn copy(shared: &Arc<Mutex<Self>>) -> Option<RequestBody> {
+        let s = shared.lock().ok()?;
+        s.whole().then(|| RequestBody::Replayable {
+            shared: Arc::clone(shared),
+            attempt: s.current,
+            pos: 0,
+        })
+    }
+
     /// The body for attempt `attempt` (0-based), if it can still be sent in full. Older
     /// attempts stop reading from then on.
     pub fn attempt(shared: &Arc<Mutex<Self>>, attempt: usize) -> Option<RequestBody> {
@@ -170,6 +197,12 @@ impl Body for RequestBody {
                 if let Some(f) = s.chunks.get(*pos) {
                     *pos += 1;
                     return Poll::Ready(Some(Ok(clone_frame(f))));
+                }
+                if s.whole() {
+                    // Every frame was kept and sent: the end, for any attempt (a hedge and
+                    // the try it races share a complete body).
+                    s.done = true;
+                    return Poll::Ready(None);
                 }
                 if s.current != *attempt || (s.overflowed && *pos != usize::MAX) {
                     // A superseded attempt (hyper may still be pumping its body while the next

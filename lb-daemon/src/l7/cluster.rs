@@ -91,18 +91,28 @@ impl ClusterRuntime {
             .outlier
             .as_ref()
             .map(|o| OutlierRuntime::start(cluster, o, Arc::clone(&health)));
+        let breakers = Breakers::new(
+            &cluster.name,
+            &cluster.circuit_breakers,
+            previous.map(|p| &p.breakers),
+        );
+        let upstream = Upstream::new(
+            cluster,
+            &breakers.connections,
+            previous.map(|p| (&p.config, &p.upstream)),
+        );
         Arc::new(ClusterRuntime {
             name: Arc::from(cluster.name.as_str()),
             config: cluster.clone(),
             health,
             balancer,
-            upstream: Upstream::new(cluster),
+            upstream,
             sticky: cluster
                 .sticky
                 .as_ref()
                 .map(|s| StickyRuntime::new(cluster, s)),
             budget: RetryBudget::new(&cluster.retry_budget),
-            breakers: Breakers::new(&cluster.name, &cluster.circuit_breakers),
+            breakers,
             outlier,
             tasks,
             availability_metrics,

@@ -120,7 +120,6 @@ impl Call<'_> {
         // says otherwise; gRPC answers with one of `grpc_status`. A body is kept for another
         // attempt up to `max_replay_bytes` when a retry after sending is possible; otherwise
         // only until its first byte is read.
-        let empty_body = body.is_end_stream();
         let grpc_statuses: &[u8] = if log.grpc { &policy.grpc_status } else { &[] };
         let idempotent = head.method.is_idempotent();
         let max_attempts = (policy.attempts as usize + 1).min(MAX_ATTEMPTS);
@@ -139,7 +138,8 @@ impl Call<'_> {
             let seen = Arc::clone(log.bytes_in.insert(Arc::new(AtomicU64::new(0))));
             let after_send = ((idempotent || policy.non_idempotent)
                 && (policy.on.reset || policy.on.any_status() || policy.per_try_timeout.is_some()))
-                || !grpc_statuses.is_empty();
+                || !grpc_statuses.is_empty()
+                || (idempotent && policy.hedge_delay.is_some());
             let keep = if after_send {
                 policy.max_replay_bytes
             } else {
@@ -215,7 +215,7 @@ impl Call<'_> {
             let time = per_try.unwrap_or(remaining);
             let hedge = policy
                 .hedge_delay
-                .filter(|d| attempt == 0 && empty_body && idempotent && !last && *d < time);
+                .filter(|d| attempt == 0 && idempotent && !last && *d < time);
             let (idx, guard, result) = match hedge {
                 None => {
                     let sending =
@@ -227,7 +227,14 @@ impl Call<'_> {
                 // Boxed: two sends in flight make the hedge's state large, and inline it would
                 // grow every request's future (copied whole when the connection task boxes it)
                 // for a path few routes take.
-                Some(delay) => Box::pin(self.hedged(head, idx, guard, time, delay)).await,
+                Some(delay) => {
+                    let first = Hedged {
+                        idx,
+                        guard,
+                        body: req_body,
+                    };
+                    Box::pin(self.hedged(head, first, replay.as_ref(), time, delay)).await
+                }
             };
             tried[attempt] = idx;
             log.endpoint = cluster.config.endpoints.get(idx).map(|e| e.address);
@@ -312,6 +319,12 @@ impl Call<'_> {
                                 Reason::UpstreamConnect
                             });
                             Outcome::Connect
+                        }
+                        UpstreamError::ConnectionLimit => {
+                            // Envoy's max_connections: refused at once, no other attempt
+                            // (it would meet the same limit), no strike against the endpoint.
+                            last_error = Some(Reason::CircuitOpen);
+                            break;
                         }
                         UpstreamError::Reset => {
                             cluster.passive_failure(idx);
@@ -413,19 +426,30 @@ impl Call<'_> {
 type Tried = (usize, InFlightGuard, Attempted);
 type Attempted = Result<Result<Response<UpstreamBody>, (UpstreamError, UpstreamFailure)>, Elapsed>;
 
+/// The first try of a hedged request: its endpoint, in-flight guard and body.
+struct Hedged {
+    idx: usize,
+    guard: InFlightGuard,
+    body: RequestBody,
+}
+
 impl Call<'_> {
-    /// The first attempt of a hedged request (`hedge_delay`; idempotent, body-less): when
-    /// endpoint `idx` has not answered after `delay`, a second try goes to another endpoint,
-    /// within the budget and `max_retries`; the first answer wins and dropping the other
-    /// cancels it (its HTTP/2 stream is reset, its HTTP/1.1 connection closed).
+    /// The first attempt of a hedged request (`hedge_delay`; idempotent): when endpoint
+    /// `idx` has not answered after `delay`, a second try goes to another endpoint, within
+    /// the budget and `max_retries`; the first answer wins and dropping the other cancels it
+    /// (its HTTP/2 stream is reset, its HTTP/1.1 connection closed). A request body is sent
+    /// again from the replay copy, so only once the client has sent all of it (within
+    /// `max_replay_bytes`): like Envoy's per-try timeout, the hedge clock is about an answer
+    /// the backend could have given, not about a client still uploading.
     async fn hedged(
         &self,
         head: &mut http::request::Parts,
-        idx: usize,
-        guard: InFlightGuard,
+        first: Hedged,
+        replay: Option<&Arc<Mutex<Replay>>>,
         time: Duration,
         delay: Duration,
     ) -> Tried {
+        let Hedged { idx, guard, body } = first;
         let cluster = self.cluster;
         let (mut copy, ()) = http::Request::new(()).into_parts();
         copy.method = head.method.clone();
@@ -434,19 +458,30 @@ impl Call<'_> {
         let started = Instant::now();
         let first = tokio::time::timeout(
             time,
-            cluster.upstream.send(
-                idx,
-                head,
-                self.forwarding.as_ref(),
-                RequestBody::Empty,
-                false,
-            ),
+            cluster
+                .upstream
+                .send(idx, head, self.forwarding.as_ref(), body, false),
         );
         tokio::pin!(first);
         tokio::select! {
             r = &mut first => return (idx, guard, r),
             () = tokio::time::sleep(delay) => {}
         }
+        let second_body = match replay {
+            None => RequestBody::Empty,
+            Some(r) => match Replay::complete(r) {
+                Some(true) => match Replay::copy(r) {
+                    Some(b) => b,
+                    None => return (idx, guard, first.await),
+                },
+                Some(false) => {
+                    deny(cluster, "body_too_large");
+                    return (idx, guard, first.await);
+                }
+                // Still uploading: the backend is not late yet.
+                None => return (idx, guard, first.await),
+            },
+        };
         let ctx = PickContext {
             client_ip: self.conn.client.ip(),
             headers: &copy.headers,
@@ -474,7 +509,7 @@ impl Call<'_> {
                 other,
                 &mut copy,
                 self.forwarding.as_ref(),
-                RequestBody::Empty,
+                second_body,
                 true,
             ),
         );

@@ -8,13 +8,13 @@
 //! end. The most recently used connection is taken first (LIFO): it is the least likely to have
 //! been closed by the peer's idle timeout, and the older ones can expire.
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use super::breaker::{ConnectionLimit, Gate, Slot};
 use super::h2pool::BoxError;
 use super::upstream_tls::{Connector, UpstreamIo};
 
@@ -43,6 +43,19 @@ pub struct H1Pool {
     endpoints: Vec<Endpoint>,
     /// TLS to the endpoints, when the cluster has `[clusters.tls]`.
     tls: Option<Connector>,
+    /// The cluster's `max_connections` breaker, when it has one.
+    limit: Option<Arc<Gate>>,
+    /// Set once a rebuilt cluster's pool took this one's idle connections: connections
+    /// coming back from requests that started here go there too.
+    successor: OnceLock<Successor>,
+}
+
+/// Where a replaced pool sends connections given back to it.
+#[derive(Debug)]
+struct Successor {
+    pool: Weak<H1Pool>,
+    /// This pool's endpoint index → the successor's, for endpoints that stayed.
+    map: Vec<Option<usize>>,
 }
 
 #[derive(Debug)]
@@ -71,6 +84,8 @@ pub struct H1Conn {
     pub(super) endpoint: usize,
     /// When the connection was returned to the pool.
     idle_since: Instant,
+    /// Its place under the cluster's `max_connections`, given back when it closes.
+    _place: Option<Slot>,
 }
 
 impl H1Conn {
@@ -95,6 +110,8 @@ impl H1Pool {
         H1Pool {
             config,
             tls,
+            limit: None,
+            successor: OnceLock::new(),
             cluster: Arc::from(cluster),
             endpoints: addresses
                 .iter()
@@ -103,6 +120,48 @@ impl H1Pool {
                     idle: Mutex::new(Vec::new()),
                 })
                 .collect(),
+        }
+    }
+
+    /// Counts every connection under `gate` (the cluster's `max_connections`).
+    #[must_use]
+    pub fn with_limit(mut self, gate: Option<Arc<Gate>>) -> Self {
+        self.limit = gate.filter(|g| g.max() > 0);
+        self
+    }
+
+    /// Takes over the idle connections of `old`, the pool of the cluster this one's replaces,
+    /// for the endpoints that stayed (`map`: `old`'s endpoint index → this pool's, `None`
+    /// for one gone or changed), and has `old` send connections that finish their request
+    /// later here too. An endpoint set change (discovery, reload) then costs no new
+    /// connection to the endpoints it kept.
+    pub fn adopt(self: &Arc<Self>, old: &H1Pool, map: Vec<Option<usize>>) {
+        let moves: Vec<(usize, usize)> = map
+            .iter()
+            .enumerate()
+            .filter_map(|(o, n)| n.map(|n| (o, n)))
+            .collect();
+        // Linked first, so a connection given back while the stacks move is not left behind.
+        // Adopted once already (by a build that lost a race): the first link stays.
+        if old
+            .successor
+            .set(Successor {
+                pool: Arc::downgrade(self),
+                map,
+            })
+            .is_err()
+        {
+            return;
+        }
+        for (o, n) in moves {
+            let Some(from) = old.endpoints.get(o) else {
+                continue;
+            };
+            let taken = from.idle.lock().map(|mut v| std::mem::take(&mut *v));
+            for mut conn in taken.unwrap_or_default() {
+                conn.endpoint = n;
+                self.keep_idle(conn);
+            }
         }
     }
 
@@ -137,6 +196,7 @@ impl H1Pool {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err("no such endpoint".into());
         };
+        let place = self.place()?;
         let setup = async {
             let tcp = TcpStream::connect(ep.address).await?;
             tcp.set_nodelay(true)?;
@@ -167,7 +227,41 @@ impl H1Pool {
             received: false,
             endpoint: idx,
             idle_since: Instant::now(),
+            _place: place,
         })
+    }
+
+    /// A place under `max_connections` for a new connection. When the cluster is at the
+    /// limit, an idle connection (the least recently used of the endpoint with the most)
+    /// is closed to make room: an idle connection to one endpoint must not keep a request
+    /// to another from being served.
+    fn place(&self) -> Result<Option<Slot>, BoxError> {
+        let Some(gate) = &self.limit else {
+            return Ok(None);
+        };
+        if let Ok(place) = gate.try_enter() {
+            return Ok(place);
+        }
+        if self.close_one_idle()
+            && let Ok(place) = gate.try_enter()
+        {
+            return Ok(place);
+        }
+        gate.overflowed();
+        Err(Box::new(ConnectionLimit))
+    }
+
+    /// Closes the oldest idle connection of the endpoint with the most; false if none is idle.
+    fn close_one_idle(&self) -> bool {
+        let fullest = self
+            .endpoints
+            .iter()
+            .max_by_key(|e| e.idle.lock().map_or(0, |v| v.len()));
+        let victim = fullest.and_then(|e| {
+            let mut idle = e.idle.lock().ok()?;
+            (!idle.is_empty()).then(|| idle.remove(0))
+        });
+        victim.is_some()
     }
 
     /// Returns a connection whose last response was read completely (and nothing more).
@@ -176,13 +270,27 @@ impl H1Pool {
         if !conn.rbuf.is_empty() {
             return;
         }
-        let Some(ep) = self.endpoints.get(conn.endpoint) else {
-            return;
-        };
         if conn.rbuf.capacity() > KEEP_READ_BUF {
             conn.rbuf = BytesMut::with_capacity(READ_BUF);
         }
         conn.idle_since = Instant::now();
+        if let Some(next) = self.successor.get() {
+            // Replaced: the connection joins the successor's pool if its endpoint stayed.
+            if let (Some(pool), Some(Some(n))) = (next.pool.upgrade(), next.map.get(conn.endpoint))
+            {
+                conn.endpoint = *n;
+                pool.checkin(conn);
+            }
+            return;
+        }
+        self.keep_idle(conn);
+    }
+
+    /// Puts `conn` on its endpoint's stack, or closes it beyond `max_idle`.
+    fn keep_idle(&self, conn: H1Conn) {
+        let Some(ep) = self.endpoints.get(conn.endpoint) else {
+            return;
+        };
         let Ok(mut idle) = ep.idle.lock() else {
             return;
         };
@@ -280,5 +388,37 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(pool.checkout(0).is_none());
         assert!(pool.checkout(1).is_none(), "no such endpoint");
+    }
+
+    /// A rebuilt cluster's pool takes the idle connections of the endpoints that stayed, and
+    /// connections given back to the old pool later (requests that started there) too.
+    #[tokio::test]
+    async fn a_successor_adopts_idle_and_returning_connections() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let config = H1PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        };
+        let old = Arc::new(H1Pool::new("c", &[gone, addr], config, None));
+        let idle = old.connect(1).await.expect("connect");
+        let busy = old.connect(1).await.expect("connect");
+        let _peers = (
+            l.accept().await.expect("accept"),
+            l.accept().await.expect("accept"),
+        );
+        old.checkin(idle);
+        // The new set: `addr` moved to index 0, `gone` left.
+        let new = Arc::new(H1Pool::new("c", &[addr], config, None));
+        new.adopt(&old, vec![None, Some(0)]);
+        assert_eq!((old.idle(1), new.idle(0)), (0, 1));
+        old.checkin(busy);
+        assert_eq!((old.idle(1), new.idle(0)), (0, 2));
+        let c = new.checkout(0).expect("an adopted connection");
+        assert_eq!(c.endpoint, 0);
     }
 }

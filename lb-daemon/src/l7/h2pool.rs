@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::RequestBody;
+use super::breaker::{ConnectionLimit, Gate, Slot};
 use super::upstream_tls::{Connector, UpstreamIo};
 
 /// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
@@ -96,6 +97,8 @@ pub struct H2Pool {
     endpoints: Vec<Endpoint>,
     /// TLS to the endpoints (ALPN h2), when the cluster has `[clusters.tls]`.
     tls: Option<Connector>,
+    /// The cluster's `max_connections` breaker, when it has one.
+    limit: Option<Arc<Gate>>,
 }
 
 #[derive(Debug)]
@@ -124,6 +127,8 @@ struct Conn {
     idle_since: Mutex<Instant>,
     /// When the connection was opened.
     opened: Instant,
+    /// Its place under the cluster's `max_connections`, given back when it closes.
+    _place: Option<Slot>,
 }
 
 impl fmt::Debug for Conn {
@@ -195,6 +200,7 @@ impl H2Pool {
         H2Pool {
             config,
             tls: None,
+            limit: None,
             cluster: Arc::from(cluster),
             endpoints: addresses
                 .iter()
@@ -215,6 +221,35 @@ impl H2Pool {
     #[must_use]
     pub fn with_tls(mut self, tls: Option<Connector>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Counts every connection under `gate` (the cluster's `max_connections`).
+    #[must_use]
+    pub fn with_limit(mut self, gate: Option<Arc<Gate>>) -> Self {
+        self.limit = gate.filter(|g| g.max() > 0);
+        self
+    }
+
+    /// Shares the connections of `old`, the pool of the cluster this one's replaces, for the
+    /// endpoints that stayed (`map`: `old`'s endpoint index → this pool's, `None` for one
+    /// gone or changed), with what was learned of their stream limits. Requests still on
+    /// `old` keep their streams; new ones multiplex onto the same connections.
+    #[must_use]
+    pub fn adopt(mut self, old: &H2Pool, map: &[Option<usize>]) -> Self {
+        for (o, n) in map.iter().enumerate() {
+            let (Some(from), Some(to)) = (
+                old.endpoints.get(o),
+                n.and_then(|n| self.endpoints.get_mut(n)),
+            ) else {
+                continue;
+            };
+            if let (Ok(conns), Ok(mine)) = (from.conns.lock(), to.conns.get_mut()) {
+                mine.extend(conns.iter().filter(|c| c.usable()).cloned());
+            }
+            to.learned_max = Arc::clone(&from.learned_max);
+            to.learned = Arc::clone(&from.learned);
+        }
         self
     }
 
@@ -350,8 +385,78 @@ impl H2Pool {
         });
     }
 
+    /// A place under `max_connections` for a new connection, closing an idle connection of
+    /// another endpoint to make room if need be.
+    fn place(&self) -> Result<Option<Slot>, ()> {
+        let Some(gate) = &self.limit else {
+            return Ok(None);
+        };
+        if let Ok(place) = gate.try_enter() {
+            return Ok(place);
+        }
+        if self.close_one_idle()
+            && let Ok(place) = gate.try_enter()
+        {
+            return Ok(place);
+        }
+        Err(())
+    }
+
+    /// Forgets one connection without open streams (the longest idle); its place under
+    /// `max_connections` is given back once no other pool shares it. False if none.
+    fn close_one_idle(&self) -> bool {
+        let mut oldest: Option<(&Endpoint, usize, Instant)> = None;
+        for ep in &self.endpoints {
+            let Ok(conns) = ep.conns.lock() else { continue };
+            for (i, c) in conns.iter().enumerate() {
+                if c.active.load(Ordering::Acquire) > 0 {
+                    continue;
+                }
+                let since = c.idle_since.lock().map_or_else(|_| Instant::now(), |t| *t);
+                if oldest.is_none_or(|(_, _, t)| since < t) {
+                    oldest = Some((ep, i, since));
+                }
+            }
+        }
+        let Some((ep, i, _)) = oldest else {
+            return false;
+        };
+        let victim = ep.conns.lock().ok().and_then(|mut conns| {
+            let idle = conns.get(i)?.active.load(Ordering::Acquire) == 0;
+            idle.then(|| conns.remove(i))
+        });
+        victim.is_some_and(|c| Arc::strong_count(&c) == 1)
+    }
+
+    /// At the cluster's `max_connections`: the least busy connection to `ep` takes the stream
+    /// (as at the endpoint's own cap), or the request is refused when `ep` has none.
+    fn over_limit(&self, ep: &Endpoint) -> Result<StreamSlot, SendError> {
+        let least = ep.conns.lock().ok().and_then(|conns| {
+            conns
+                .iter()
+                .filter(|c| c.usable())
+                .min_by_key(|c| c.active.load(Ordering::Relaxed))
+                .cloned()
+        });
+        match least {
+            Some(conn) => {
+                conn.active.fetch_add(1, Ordering::AcqRel);
+                Ok(StreamSlot { conn, reused: true })
+            }
+            None => {
+                if let Some(g) = &self.limit {
+                    g.overflowed();
+                }
+                Err(SendError::Connect(Box::new(ConnectionLimit)))
+            }
+        }
+    }
+
     /// Opens a connection to `ep` and takes its first stream.
     async fn connect(&self, ep: &Endpoint) -> Result<StreamSlot, SendError> {
+        let Ok(place) = self.place() else {
+            return self.over_limit(ep);
+        };
         let setup = async {
             let tcp = TcpStream::connect(ep.address).await?;
             tcp.set_nodelay(true)?;
@@ -401,6 +506,7 @@ impl H2Pool {
             peer_max,
             idle_since: Mutex::new(Instant::now()),
             opened: Instant::now(),
+            _place: place,
         });
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
@@ -580,6 +686,68 @@ mod tests {
             pool.send(9, req(addr), &reused).await,
             Err(SendError::Connect(_))
         ));
+    }
+
+    /// A rebuilt cluster's pool shares the connections of the endpoints that stayed.
+    #[tokio::test]
+    async fn a_successor_shares_the_connections_of_endpoints_that_stayed() {
+        let (addr, accepted) = h2_server().await;
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+            max_connections: 0,
+        };
+        let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let old = H2Pool::new("c", &[gone, addr], config);
+        let reused = metrics::Counter::noop();
+        let resp = old.send(1, req(addr), &reused).await.expect("send");
+        drop(resp);
+        let new = H2Pool::new("c", &[addr], config).adopt(&old, &[None, Some(0)]);
+        assert_eq!(new.connections(0), 1);
+        let resp = new.send(0, req(addr), &reused).await.expect("send");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the old connection, reused"
+        );
+    }
+
+    /// At the cluster's `max_connections`, an idle connection of another endpoint is closed
+    /// to make room; with none idle and none to the endpoint, the request is refused.
+    #[tokio::test]
+    async fn max_connections_closes_an_idle_connection_or_refuses() {
+        let (a, accepted_a) = h2_server().await;
+        let (b, accepted_b) = h2_server().await;
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+            max_connections: 0,
+        };
+        let gate = Arc::new(Gate::for_test(1));
+        let pool = H2Pool::new("c", &[a, b], config).with_limit(Some(Arc::clone(&gate)));
+        let reused = metrics::Counter::noop();
+        let held = pool.send(0, req(a), &reused).await.expect("send a");
+        // a's connection is busy: b cannot have one.
+        let refused = pool.send(1, req(b), &reused).await;
+        assert!(
+            matches!(&refused, Err(SendError::Connect(e)) if e.is::<ConnectionLimit>()),
+            "{refused:?}"
+        );
+        drop(held);
+        let resp = pool.send(1, req(b), &reused).await.expect("send b");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(pool.connections(0), 0, "a's idle connection was closed");
+        assert_eq!(gate.active(), 1);
+        assert_eq!(
+            (
+                accepted_a.load(Ordering::SeqCst),
+                accepted_b.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
     }
 
     #[tokio::test]

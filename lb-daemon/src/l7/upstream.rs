@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::body::{BodyError, RequestBody};
+use super::breaker::{Gate, is_connection_limit};
 use super::h1client::{self, H1Body, H1Error};
 use super::h1parse::RawFields;
 use super::h1pool::{H1Pool, H1PoolConfig};
@@ -40,6 +41,9 @@ pub enum UpstreamError {
     /// The TLS handshake with the endpoint failed (its certificate did not verify, ...):
     /// nothing was sent.
     Tls,
+    /// A new connection was needed but the cluster is at its `max_connections` circuit
+    /// breaker: nothing was tried (→ 503 `circuit_open`).
+    ConnectionLimit,
 }
 
 impl UpstreamError {
@@ -144,7 +148,15 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the client for `cluster` (no connection is opened until the first request).
-    pub fn new(cluster: &Cluster) -> Self {
+    /// `limit`: the cluster's `max_connections` gate. `previous`: the cluster this one
+    /// replaces and its client, whose connections to the endpoints that stayed are taken
+    /// over (see [`carried_over`]).
+    pub fn new(
+        cluster: &Cluster,
+        limit: &Arc<Gate>,
+        previous: Option<(&Cluster, &Upstream)>,
+    ) -> Self {
+        let map = previous.map(|(old, _)| carried_over(old, cluster));
         let addresses: Vec<SocketAddr> = cluster.endpoints.iter().map(|e| e.address).collect();
         let tls = cluster
             .tls
@@ -162,7 +174,23 @@ impl Upstream {
                     idle_timeout: cluster.timeouts.idle,
                     max_idle: cluster.pool.max_idle,
                 };
-                let pool = Arc::new(H1Pool::new(&cluster.name, &addresses, config, tls));
+                let pool = Arc::new(
+                    H1Pool::new(&cluster.name, &addresses, config, tls)
+                        .with_limit(Some(Arc::clone(limit))),
+                );
+                if let (
+                    Some(map),
+                    Some((
+                        _,
+                        Upstream {
+                            pool: Pool::Http1(old),
+                            ..
+                        },
+                    )),
+                ) = (map, previous)
+                {
+                    pool.adopt(old, map);
+                }
                 H1Pool::spawn_reaper(&pool);
                 (Pool::Http1(pool), http::Version::HTTP_11)
             }
@@ -173,7 +201,23 @@ impl Upstream {
                     max_idle: cluster.pool.max_idle,
                     max_connections: cluster.pool.max_connections,
                 };
-                let pool = Arc::new(H2Pool::new(&cluster.name, &addresses, config).with_tls(tls));
+                let mut pool = H2Pool::new(&cluster.name, &addresses, config)
+                    .with_tls(tls)
+                    .with_limit(Some(Arc::clone(limit)));
+                if let (
+                    Some(map),
+                    Some((
+                        _,
+                        Upstream {
+                            pool: Pool::Http2(old),
+                            ..
+                        },
+                    )),
+                ) = (&map, previous)
+                {
+                    pool = pool.adopt(old, map);
+                }
+                let pool = Arc::new(pool);
                 H2Pool::spawn_reaper(&pool);
                 (Pool::Http2(pool), http::Version::HTTP_2)
             }
@@ -319,9 +363,28 @@ impl Upstream {
     }
 }
 
-/// `Tls` for a failed handshake, else `Connect`.
+/// For each endpoint of `old`, the index in `new` of the same endpoint, if a connection
+/// made for the one can serve the other: same address, protocol and TLS settings, and the
+/// same name asked of the endpoint's certificate.
+fn carried_over(old: &Cluster, new: &Cluster) -> Vec<Option<usize>> {
+    if old.protocol != new.protocol || old.tls != new.tls {
+        return vec![None; old.endpoints.len()];
+    }
+    old.endpoints
+        .iter()
+        .map(|o| {
+            new.endpoints
+                .iter()
+                .position(|n| n.address == o.address && n.server_name == o.server_name)
+        })
+        .collect()
+}
+
+/// `ConnectionLimit` at the breaker, `Tls` for a failed handshake, else `Connect`.
 fn connect_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> UpstreamError {
-    if is_tls_failure(e) {
+    if is_connection_limit(e) {
+        UpstreamError::ConnectionLimit
+    } else if is_tls_failure(e) {
         UpstreamError::Tls
     } else {
         UpstreamError::Connect
