@@ -63,6 +63,12 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "lbd_tls_handshake_failures_total";
 /// Seconds until a served certificate expires (`listener`, `certificate`: its file), as of
 /// the last reload or `/metrics` scrape.
 pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
+/// Passthrough connections closed before relaying (`listener`, `reason`: `timeout`,
+/// `closed`, `not_tls`, `too_large`, `unknown_name`).
+pub const PASSTHROUGH_FAILURES: &str = "lbd_tls_passthrough_failures_total";
+/// Connections refused while reading a PROXY protocol header (`listener`, `reason`:
+/// `unlisted`, `invalid`, `timeout`, `closed`).
+pub const PROXY_REFUSED: &str = "lbd_proxy_protocol_refused_total";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -188,6 +194,14 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "Downstream TLS handshakes failed, by reason."
+    );
+    describe_counter!(
+        PASSTHROUGH_FAILURES,
+        "TLS passthrough connections closed without a usable ClientHello or cluster, by reason."
+    );
+    describe_counter!(
+        PROXY_REFUSED,
+        "Connections refused over the PROXY protocol header (unlisted source, invalid, timeout)."
     );
     describe_gauge!(
         TLS_CERT_EXPIRY,
