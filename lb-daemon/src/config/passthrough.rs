@@ -52,7 +52,7 @@ pub(crate) fn check(c: &mut Checker<'_>, l: &RawListener, key: &str) -> Passthro
             }
         }
     }
-    if routes.is_empty() && l.cluster.is_none() {
+    if l.sni.as_ref().is_none_or(|t| t.get_ref().is_empty()) && l.cluster.is_none() {
         let at = l.mode.as_ref().map_or(0..0, |m| m.span());
         c.err(
             at,
