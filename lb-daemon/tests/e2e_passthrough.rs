@@ -834,3 +834,133 @@ address = "{}"
     .expect("still serving");
     assert!(s.reply.starts_with("HTTP/1.1 200"), "{}", s.reply);
 }
+
+/// A relayed connection (TCP and passthrough) with no byte either way for the listener's
+/// `limits.idle_timeout` is closed and counted as `idle`; a busy one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_relays_are_closed() {
+    let pki = Arc::new(Pki::new("idle CA"));
+    let la = leaf(&pki, "a.test", 51);
+    let (a, _seen) = tls_backend("backend-a", &la, 0).await;
+    // A TCP echo endpoint.
+    let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (tcp, pass, admin) = (free_addr(), free_addr(), free_addr());
+    let config = format!(
+        r#"
+[admin]
+bind = "{admin}"
+
+[[listeners]]
+name = "tcp"
+bind = "{tcp}"
+mode = "tcp"
+cluster = "echo"
+[listeners.limits]
+idle_timeout = "1s"
+
+[[listeners]]
+name = "pass"
+bind = "{pass}"
+mode = "tls_passthrough"
+cluster = "a"
+[listeners.limits]
+idle_timeout = "1s"
+
+[[clusters]]
+name = "echo"
+[[clusters.endpoints]]
+address = "{echo_addr}"
+
+[[clusters]]
+name = "a"
+[[clusters.endpoints]]
+address = "{a}"
+"#
+    );
+    let _lbd = Lbd::start(bin(), &config);
+    let mut s = TcpStream::connect(tcp).await.expect("connect");
+    let mut buf = [0u8; 16];
+    // Busy for 2.5 s (a byte every 200 ms): longer than the idle timeout, still open.
+    for i in 0..12u8 {
+        s.write_all(&[i]).await.expect("write while busy");
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(&buf[..n], &[i]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then silent: closed by lbd (bounded at 10 s; the timeout is 1 s).
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("idle relay closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // A passthrough relay after its handshake: the backend waits for a line that never comes.
+    let pki2 = Arc::clone(&pki);
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki2.ca_pem.as_bytes()).expect("ca"))
+            .expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from("a.test").expect("name"),
+        )
+        .expect("client");
+        let mut s = connect_from(pass, None).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut s).expect("handshake");
+        }
+        let mut out = Vec::new();
+        let mut tls = rustls::Stream::new(&mut conn, &mut s);
+        // Ends with EOF or an error when lbd closes; a read timeout means it never did.
+        match tls.read_to_end(&mut out) {
+            Ok(_) => true,
+            Err(e) => {
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
+        }
+    })
+    .await
+    .expect("client thread");
+    assert!(closed, "passthrough relay closed when idle");
+    for listener in ["tcp", "pass"] {
+        // Counted just after the sockets close: polled, at most 5 s.
+        let mut idle = 0.0;
+        for _ in 0..50 {
+            idle = metric(
+                admin,
+                "lbd_downstream_connections_closed_total",
+                &[("listener", listener), ("reason", "idle")],
+            )
+            .await;
+            if idle >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(idle, 1.0, "{listener}");
+    }
+}
