@@ -2,7 +2,6 @@
 //! picks a cluster, and the connection is relayed to that cluster like a TCP listener's, the
 //! hello bytes first, byte for byte.
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use super::hello::{self, HelloError};
 use super::runtime::Runtime;
 use super::server::CloseReason;
 use super::tcp_proxy::{self, Relay};
-use crate::config::model::{Model, ProxyProtocol};
+use crate::config::model::Model;
 use crate::config::passthrough::Passthrough;
 use crate::telemetry::metrics as m;
 
@@ -68,19 +67,17 @@ impl SniRoutes {
     }
 }
 
-/// Reads the ClientHello from `down`, picks the cluster by SNI and relays to it.
-#[allow(clippy::too_many_arguments)]
+/// Reads the ClientHello from `down`, picks the cluster by SNI and relays to it; `relay`'s
+/// `replay` is replaced by the hello's bytes.
 pub(super) async fn serve(
     mut down: TcpStream,
-    client: SocketAddr,
-    dst: Option<SocketAddr>,
     listener: &str,
     routes: Arc<SniRoutes>,
     rt: Arc<Runtime>,
-    proxy: Option<ProxyProtocol>,
-    idle: Duration,
+    relay: Relay<'static>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> CloseReason {
+    let client = relay.client;
     let fail = |reason: &'static str| {
         metrics::counter!(m::PASSTHROUGH_FAILURES,
             "listener" => listener.to_owned(), "reason" => reason)
@@ -108,17 +105,13 @@ pub(super) async fn serve(
         fail("unknown_name");
         // A reset, not a FIN, as HAProxy's `tcp-request content reject` does: the client's
         // TLS stack reports a failed connection at once instead of waiting for a reply.
-        // A zero linger never blocks on drop (the deprecation is about a non-zero one).
-        #[allow(deprecated)]
+        #[allow(deprecated, reason = "a zero linger does not block on drop")]
         let _ = down.set_linger(Some(Duration::ZERO));
         return CloseReason::Error;
     };
     let relay = Relay {
-        client,
-        dst,
-        proxy,
         replay: &hello.bytes,
-        idle,
+        ..relay
     };
     tcp_proxy::serve(down, cluster, relay, shutdown).await
 }

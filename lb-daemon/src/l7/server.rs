@@ -213,29 +213,26 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                     .and_then(|c| rt.clusters.get(c))
                     .map(Arc::clone);
                 drop(rt);
+                let relay = super::tcp_proxy::Relay {
+                    client,
+                    dst,
+                    proxy,
+                    replay: &[],
+                    idle,
+                };
                 let reason = match (pass, cluster) {
                     (Some(routes), _) => {
                         Box::pin(super::passthrough::serve(
                             stream,
-                            client,
-                            dst,
                             &ctx.name,
                             routes,
                             ctx.state.load_full(),
-                            proxy,
-                            idle,
+                            relay,
                             &mut ctx.shutdown,
                         ))
                         .await
                     }
                     (None, Some(c)) => {
-                        let relay = super::tcp_proxy::Relay {
-                            client,
-                            dst,
-                            proxy,
-                            replay: &[],
-                            idle,
-                        };
                         Box::pin(super::tcp_proxy::serve(stream, c, relay, &mut ctx.shutdown)).await
                     }
                     (None, None) => CloseReason::Error,
