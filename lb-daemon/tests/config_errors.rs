@@ -2309,3 +2309,149 @@ fn tls_client_auth_tickets_and_upstream_tls_are_checked() {
         TlsName::Cluster
     );
 }
+
+#[test]
+fn passthrough_and_proxy_accept_keys_are_checked() {
+    let p = "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\nmode = \"tls_passthrough\"\n";
+    let h = "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:0\"\n";
+    let cases: Vec<(&str, String, usize, &str, &str)> = vec![
+        (
+            "sni to an unknown cluster",
+            format!("{p}[listeners.sni]\n\"a.test\" = \"nope\"\n"),
+            6,
+            "listeners[0].sni.\"a.test\"",
+            "unknown cluster",
+        ),
+        (
+            "sni name that is not a host name",
+            format!("{p}[listeners.sni]\n\"a b\" = \"tail\"\n"),
+            6,
+            "listeners[0].sni.\"a b\"",
+            "invalid server name",
+        ),
+        (
+            "sni name listed twice",
+            format!("{p}[listeners.sni]\n\"A.test\" = \"tail\"\n\"a.test\" = \"tail\"\n"),
+            7,
+            "listeners[0].sni.\"a.test\"",
+            "listed twice",
+        ),
+        (
+            "passthrough without sni or cluster",
+            p.to_string(),
+            4,
+            "listeners[0].sni",
+            "needs an sni table",
+        ),
+        (
+            "max_hello_bytes too small",
+            format!("{p}cluster = \"tail\"\nmax_hello_bytes = 100\n"),
+            6,
+            "listeners[0].max_hello_bytes",
+            "between 1024",
+        ),
+        (
+            "hello_timeout zero",
+            format!("{p}cluster = \"tail\"\nhello_timeout = \"0s\"\n"),
+            6,
+            "listeners[0].hello_timeout",
+            "greater than 0",
+        ),
+        (
+            "hello_timeout on an http listener",
+            format!("{h}hello_timeout = \"1s\"\n"),
+            4,
+            "listeners[0].hello_timeout",
+            "only used with mode = \"tls_passthrough\"",
+        ),
+        (
+            "tls table on a passthrough listener",
+            format!("{p}cluster = \"tail\"\nprotocol = \"h2c\"\n"),
+            6,
+            "listeners[0].protocol",
+            "not used by a passthrough listener",
+        ),
+        (
+            "proxy_protocol_from with host bits",
+            format!("{h}proxy_protocol_from = [\"10.0.0.1/8\"]\n"),
+            4,
+            "listeners[0].proxy_protocol_from",
+            "host bits",
+        ),
+        (
+            "proxy_protocol_from not an address",
+            format!("{h}proxy_protocol_from = [\"lb.example\"]\n"),
+            4,
+            "listeners[0].proxy_protocol_from",
+            "invalid address",
+        ),
+        (
+            "proxy_protocol_from empty",
+            format!("{h}proxy_protocol_from = []\n"),
+            4,
+            "listeners[0].proxy_protocol_from",
+            "empty",
+        ),
+        (
+            "proxy_protocol_timeout alone",
+            format!("{h}proxy_protocol_timeout = \"1s\"\n"),
+            4,
+            "listeners[0].proxy_protocol_timeout",
+            "only used with proxy_protocol_from",
+        ),
+        (
+            "proxy_protocol_timeout zero",
+            format!("{h}proxy_protocol_from = [\"10.0.0.0/8\"]\nproxy_protocol_timeout = \"0s\"\n"),
+            5,
+            "listeners[0].proxy_protocol_timeout",
+            "greater than 0",
+        ),
+        (
+            "unknown mode",
+            format!("{h}mode = \"udp\"\n"),
+            4,
+            "listeners[0].mode",
+            "tls_passthrough",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, line, key, msg) in &cases {
+        let full = format!("{text}{OK_TAIL}");
+        let errs = match parse(&full, Path::new("t.toml")) {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                continue;
+            }
+            Err(e) => e.0,
+        };
+        let ok = errs.len() == 1
+            && errs[0].line == *line
+            && errs[0].key == *key
+            && errs[0].message.contains(msg);
+        if !ok {
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            failures.push(format!(
+                "{what}: want {line}: {key}: ..{msg}..\n  got:\n    {}",
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Good values load: the model holds them, defaults filled in.
+    let text = format!(
+        "{p}cluster = \"tail\"\nmax_hello_bytes = 4096\nproxy_protocol_from = [\"10.0.0.0/8\", \"::1\"]\n\
+         [listeners.sni]\n\"API.Example.com.\" = \"tail\"\n\"*.example.com\" = \"tail\"\n{OK_TAIL}"
+    );
+    let m = parse(&text, Path::new("t.toml")).expect("valid");
+    let pt = m.listeners[0].passthrough.as_ref().expect("passthrough");
+    assert_eq!(pt.default.as_deref(), Some("tail"));
+    assert_eq!(pt.max_hello_bytes, 4096);
+    assert_eq!(pt.hello_timeout, std::time::Duration::from_secs(10));
+    let names: Vec<&str> = pt.routes.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["*.example.com", "api.example.com"]);
+    let acc = m.listeners[0].proxy_accept.as_ref().expect("accept");
+    assert_eq!(acc.from.len(), 2);
+    assert_eq!(acc.timeout, std::time::Duration::from_secs(5));
+    assert!(m.listeners[1].passthrough.is_none() && m.listeners[1].proxy_accept.is_none());
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod filter;
 pub mod model;
 pub mod outlier;
+pub mod passthrough;
 mod raw;
 pub mod retry;
 pub mod tls;

@@ -103,6 +103,10 @@ pub struct Listener {
     pub tcp_cluster: Option<String>,
     /// TCP listeners: the PROXY protocol header sent to the endpoint before the client's bytes.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `mode = "tls_passthrough"`: clusters chosen by the ClientHello's SNI.
+    pub passthrough: Option<super::passthrough::Passthrough>,
+    /// `proxy_protocol_from`: the PROXY header accepted from a front load balancer.
+    pub proxy_accept: Option<super::passthrough::ProxyAccept>,
 }
 
 /// PROXY protocol version (haproxy.org/download/2.9/doc/proxy-protocol.txt).

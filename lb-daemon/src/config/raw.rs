@@ -71,6 +71,11 @@ pub struct RawListener {
     pub mode: Option<S<String>>,
     pub cluster: Option<S<String>>,
     pub proxy_protocol: Option<S<String>>,
+    pub sni: Option<S<std::collections::BTreeMap<String, S<String>>>>,
+    pub hello_timeout: Option<S<String>>,
+    pub max_hello_bytes: Option<S<i64>>,
+    pub proxy_protocol_from: Option<S<Vec<S<String>>>>,
+    pub proxy_protocol_timeout: Option<S<String>>,
 }
 
 /// `[listeners.limits]`.

@@ -60,24 +60,41 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
         clusters: &cluster_names,
         clusters_complete: !raw.clusters_incomplete,
     };
-    // A TCP listener's cluster must exist, and speak cleartext (bytes are relayed as they are).
+    // A TCP or passthrough listener's clusters must exist, and speak cleartext (bytes are
+    // relayed as they are).
     for ((i, l), model) in raw.listeners.iter().zip(&listeners) {
-        let (Some(name), Some(at)) = (&model.tcp_cluster, &l.get_ref().cluster) else {
-            continue;
-        };
-        let key = format!("listeners[{i}].cluster");
-        match cluster_names.get(name) {
-            None if !raw.clusters_incomplete => {
-                v.err(at.span(), &key, format!("unknown cluster {name:?}"));
+        let raw_l = l.get_ref();
+        let mut wanted: Vec<(String, std::ops::Range<usize>, String)> = Vec::new();
+        if let (Some(name), Some(at)) = (&model.tcp_cluster, &raw_l.cluster) {
+            wanted.push((name.clone(), at.span(), format!("listeners[{i}].cluster")));
+        }
+        if let Some(p) = &model.passthrough {
+            if let (Some(name), Some(at)) = (&p.default, &raw_l.cluster) {
+                wanted.push((name.clone(), at.span(), format!("listeners[{i}].cluster")));
             }
-            Some(c) if clusters.get(c).is_some_and(|c| c.tls.is_some()) => {
-                v.err(
-                    at.span(),
-                    &key,
-                    "a TCP listener relays bytes as they are; its cluster cannot have [clusters.tls]",
-                );
+            for (pattern, cluster) in raw_l.sni.iter().flat_map(|t| t.get_ref()) {
+                wanted.push((
+                    cluster.get_ref().clone(),
+                    cluster.span(),
+                    format!("listeners[{i}].sni.{pattern:?}"),
+                ));
             }
-            _ => {}
+        }
+        for (name, at, key) in wanted {
+            match cluster_names.get(&name) {
+                None if !raw.clusters_incomplete => {
+                    v.err(at, &key, format!("unknown cluster {name:?}"));
+                }
+                Some(c) if clusters.get(c).is_some_and(|c| c.tls.is_some()) => {
+                    v.err(
+                        at,
+                        &key,
+                        "a TCP or passthrough listener relays bytes as they are; its cluster \
+                         cannot have [clusters.tls]",
+                    );
+                }
+                _ => {}
+            }
         }
     }
     let routes = v.routes(&raw.routes, &refs, dir);
@@ -291,7 +308,8 @@ impl Checker<'_> {
                 Some(b) => *b.get_ref(),
                 None => false,
             };
-            let tcp_cluster = self.tcp_mode(l, &key);
+            let (tcp_cluster, passthrough) = self.tcp_mode(l, &key);
+            let proxy_accept = super::passthrough::check_accept(self, l, &key);
             let proxy_protocol = l.proxy_protocol.as_ref().and_then(|p| {
                 let v = self.choice(
                     Some(p),
@@ -302,11 +320,12 @@ impl Checker<'_> {
                         ("v2", Some(super::model::ProxyProtocol::V2)),
                     ],
                 );
-                if l.mode.as_ref().is_none_or(|m| m.get_ref() != "tcp") {
+                if tcp_cluster.is_none() && passthrough.is_none() {
                     self.err(
                         p.span(),
                         &format!("{key}.proxy_protocol"),
-                        "only sent by TCP listeners (mode = \"tcp\")",
+                        "only sent by TCP listeners and passthrough listeners (mode = \"tcp\" or \
+                         \"tls_passthrough\")",
                     );
                 }
                 v
@@ -316,6 +335,8 @@ impl Checker<'_> {
                 redirect_https,
                 tcp_cluster,
                 proxy_protocol,
+                passthrough,
+                proxy_accept,
                 name: l.name.get_ref().clone(),
                 bind: bind.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                 protocol,
@@ -326,29 +347,48 @@ impl Checker<'_> {
         out
     }
 
-    /// `mode = "tcp"` and its `cluster`; HTTP-only keys are errors on a TCP listener.
-    fn tcp_mode(&mut self, l: &RawListener, key: &str) -> Option<String> {
+    /// `mode` and its `cluster` (and, for passthrough, its SNI table); HTTP-only keys are
+    /// errors on a TCP or passthrough listener.
+    fn tcp_mode(
+        &mut self,
+        l: &RawListener,
+        key: &str,
+    ) -> (Option<String>, Option<super::passthrough::Passthrough>) {
         #[derive(Clone, Copy, PartialEq)]
         enum Mode {
             Http,
             Tcp,
+            Passthrough,
         }
         let mode = self.choice(
             l.mode.as_ref(),
             &format!("{key}.mode"),
             Mode::Http,
-            &[("http", Mode::Http), ("tcp", Mode::Tcp)],
+            &[
+                ("http", Mode::Http),
+                ("tcp", Mode::Tcp),
+                ("tls_passthrough", Mode::Passthrough),
+            ],
         );
+        if mode != Mode::Passthrough {
+            super::passthrough::refuse_elsewhere(self, l, key);
+        }
         if mode == Mode::Http {
             if let Some(c) = &l.cluster {
                 self.err(
                     c.span(),
                     &format!("{key}.cluster"),
-                    "only used with mode = \"tcp\" (HTTP listeners reach clusters through routes)",
+                    "only used with mode = \"tcp\" or \"tls_passthrough\" (HTTP listeners reach \
+                     clusters through routes)",
                 );
             }
-            return None;
+            return (None, None);
         }
+        let name = if mode == Mode::Tcp {
+            "a TCP listener (mode = \"tcp\")"
+        } else {
+            "a passthrough listener (mode = \"tls_passthrough\")"
+        };
         let only_http = [
             ("tls", l.tls.as_ref().map(|t| t.span())),
             ("protocol", l.protocol.as_ref().map(|t| t.span())),
@@ -361,17 +401,16 @@ impl Checker<'_> {
                 l.client_cert_headers.as_ref().map(|t| t.span()),
             ),
         ];
-        for (name, span) in only_http {
+        for (field, span) in only_http {
             if let Some(s) = span {
-                self.err(
-                    s,
-                    &format!("{key}.{name}"),
-                    "not used by a TCP listener (mode = \"tcp\")",
-                );
+                self.err(s, &format!("{key}.{field}"), format!("not used by {name}"));
             }
         }
+        if mode == Mode::Passthrough {
+            return (None, Some(super::passthrough::check(self, l, key)));
+        }
         match &l.cluster {
-            Some(c) => Some(c.get_ref().clone()),
+            Some(c) => (Some(c.get_ref().clone()), None),
             None => {
                 let at = l.mode.as_ref().map_or(0..0, |m| m.span());
                 self.err(
@@ -379,7 +418,7 @@ impl Checker<'_> {
                     &format!("{key}.cluster"),
                     "a TCP listener needs the cluster its connections go to",
                 );
-                None
+                (None, None)
             }
         }
     }

@@ -67,6 +67,10 @@ pub struct ListenerRuntime {
     pub tcp_cluster: Option<usize>,
     /// PROXY protocol header sent before a TCP listener's bytes.
     pub proxy_protocol: Option<crate::config::model::ProxyProtocol>,
+    /// `mode = "tls_passthrough"`: the SNI table.
+    pub passthrough: Option<Arc<super::passthrough::SniRoutes>>,
+    /// PROXY protocol accepted from these sources (`proxy_protocol_from`).
+    pub proxy_accept: Option<Arc<crate::config::passthrough::ProxyAccept>>,
     /// Write access-log lines.
     pub access_log: bool,
     /// Metric handles per route index (same order as `model.routes`), then per cluster the
@@ -183,6 +187,11 @@ impl Runtime {
                 },
                 redirect_https: l.redirect_https,
                 proxy_protocol: l.proxy_protocol,
+                passthrough: l
+                    .passthrough
+                    .as_ref()
+                    .map(|p| Arc::new(super::passthrough::SniRoutes::new(p, &model))),
+                proxy_accept: l.proxy_accept.clone().map(Arc::new),
                 tcp_cluster: l
                     .tcp_cluster
                     .as_ref()

@@ -172,34 +172,70 @@ pub async fn serve(listener: TcpListener, limits: &Limits, mut ctx: ListenerCtx)
     }
 }
 
-async fn serve_connection(stream: TcpStream, client: SocketAddr, mut ctx: ListenerCtx) {
+async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: ListenerCtx) {
     let _track = ctx.tracker.enter();
     let cm = Arc::clone(&ctx.metrics);
     cm.accepted.increment(1);
     cm.active.increment(1.0);
 
+    let accept = ctx
+        .state
+        .load()
+        .listener(ctx.bind)
+        .and_then(|l| l.proxy_accept.clone());
+    // A front load balancer's PROXY header names the client every later step sees (access
+    // filter, rate-limit key, X-Forwarded-For, logs, PROXY header sent on).
+    let (client, dst) = match accept {
+        None => (client, None),
+        Some(a) => match Box::pin(super::proxy_accept::accept(&mut stream, client, &a)).await {
+            Ok(peer) => (peer.client, peer.dst),
+            Err(refused) => {
+                tracing::debug!(listener = %ctx.name, client = %client, reason = refused.as_str(), "PROXY protocol: connection refused");
+                metrics::counter!(m::PROXY_REFUSED,
+                    "listener" => ctx.name.to_string(), "reason" => refused.as_str())
+                .increment(1);
+                cm.active.decrement(1.0);
+                cm.closed[CloseReason::Error as usize].increment(1);
+                return;
+            }
+        },
+    };
+
     let (limits, protocol, tls, cert_headers) = {
         let rt = ctx.state.load();
         match rt.listener(ctx.bind) {
-            Some(l) if l.tcp_cluster.is_some() => {
+            Some(l) if l.tcp_cluster.is_some() || l.passthrough.is_some() => {
+                let proxy = l.proxy_protocol;
+                let idle = l.limits.idle_timeout;
+                let pass = l.passthrough.clone();
                 let cluster = l
                     .tcp_cluster
                     .and_then(|c| rt.clusters.get(c))
                     .map(Arc::clone);
-                let proxy = l.proxy_protocol;
                 drop(rt);
-                let reason = match cluster {
-                    Some(c) => {
-                        Box::pin(super::tcp_proxy::serve(
+                let relay = super::tcp_proxy::Relay {
+                    client,
+                    dst,
+                    proxy,
+                    replay: &[],
+                    idle,
+                };
+                let reason = match (pass, cluster) {
+                    (Some(routes), _) => {
+                        Box::pin(super::passthrough::serve(
                             stream,
-                            client,
-                            c,
-                            proxy,
+                            &ctx.name,
+                            routes,
+                            ctx.state.load_full(),
+                            relay,
                             &mut ctx.shutdown,
                         ))
                         .await
                     }
-                    None => CloseReason::Error,
+                    (None, Some(c)) => {
+                        Box::pin(super::tcp_proxy::serve(stream, c, relay, &mut ctx.shutdown)).await
+                    }
+                    (None, None) => CloseReason::Error,
                 };
                 cm.active.decrement(1.0);
                 cm.closed[reason as usize].increment(1);
@@ -394,19 +430,25 @@ fn has_padded_value(headers: &http::HeaderMap) -> bool {
     })
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds on a process-wide monotonic clock (for idle timeouts).
+pub(super) fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Records the time of the last byte read or written, for the idle timeout.
-struct ActivityIo<S> {
+pub(super) struct ActivityIo<S> {
     inner: S,
     last: Arc<AtomicU64>,
 }
 
 impl<S> ActivityIo<S> {
+    /// Wraps `inner`; every byte moved stores [`now_ms`] into `last`.
+    pub(super) fn new(inner: S, last: Arc<AtomicU64>) -> Self {
+        ActivityIo { inner, last }
+    }
+
     fn touch(&self) {
         self.last.store(now_ms(), Ordering::Relaxed);
     }

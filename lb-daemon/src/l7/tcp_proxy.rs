@@ -1,26 +1,46 @@
 //! `mode = "tcp"` listeners: each connection's bytes are relayed to an endpoint of the
 //! listener's cluster, chosen by its balancer (health, drain, passive ejection and
-//! `max_connections` as for HTTP), with another endpoint tried when a connect fails.
+//! `max_connections` as for HTTP), with another endpoint tried when a connect fails. A relay
+//! with no byte in either direction for the listener's `idle_timeout` is closed. Passthrough
+//! listeners relay through here too, once they have picked the cluster.
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::cluster::{ClusterRuntime, Picked};
-use super::server::CloseReason;
+use super::server::{ActivityIo, CloseReason, now_ms};
 use crate::balance::PickContext;
 use crate::config::model::ProxyProtocol;
 
-/// Relays `down` to an endpoint of `cluster` until either side closes (or the listener
-/// drains).
+/// What a relay needs besides its sockets.
+#[derive(Debug)]
+pub(super) struct Relay<'a> {
+    /// The client (as a front load balancer's PROXY header named it, if one did).
+    pub client: SocketAddr,
+    /// The address the client connected to, from an accepted PROXY header.
+    pub dst: Option<SocketAddr>,
+    /// PROXY header sent to the endpoint first.
+    pub proxy: Option<ProxyProtocol>,
+    /// Bytes already read from the client (a ClientHello), sent before anything else.
+    pub replay: &'a [u8],
+    /// Close after this long without a byte either way.
+    pub idle: Duration,
+}
+
+/// Relays `down` to an endpoint of `cluster` until either side closes, the relay idles out,
+/// or the listener drains.
 pub(super) async fn serve(
-    mut down: TcpStream,
-    client: SocketAddr,
+    down: TcpStream,
     cluster: Arc<ClusterRuntime>,
-    proxy: Option<ProxyProtocol>,
+    relay: Relay<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> CloseReason {
+    let client = relay.client;
     let headers = http::HeaderMap::new();
     let ctx = PickContext {
         client_ip: client.ip(),
@@ -56,27 +76,63 @@ pub(super) async fn serve(
             }
         };
         let _ = up.set_nodelay(true);
-        if let Some(v) = proxy {
-            let dst = down.local_addr().unwrap_or(client);
-            let header = proxy_header(v, client, dst);
-            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up, &header).await {
-                tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "PROXY header not sent");
-                return CloseReason::Error;
+        let mut first = match relay.proxy {
+            Some(v) => {
+                let dst = relay
+                    .dst
+                    .or_else(|| down.local_addr().ok())
+                    .unwrap_or(client);
+                proxy_header(v, client, dst)
             }
-        }
-        return tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
-                Ok(_) => CloseReason::Client,
-                Err(e) => {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "tcp relay ended with an error");
-                    CloseReason::Error
-                }
-            },
-            _ = shutdown.wait_for(|s| *s) => CloseReason::Drain,
+            None => Vec::new(),
         };
+        first.extend_from_slice(relay.replay);
+        if !first.is_empty()
+            && let Err(e) = up.write_all(&first).await
+        {
+            tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, error = %e, "first bytes not sent to the endpoint");
+            return CloseReason::Error;
+        }
+        return copy(down, up, relay.idle, shutdown, &cluster.name).await;
     }
     tracing::warn!(cluster = %cluster.name, client = %client, "no endpoint took the tcp connection");
     CloseReason::Error
+}
+
+/// Copies both ways until one side closes, nothing moves for `idle`, or the listener drains.
+async fn copy(
+    down: TcpStream,
+    up: TcpStream,
+    idle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    cluster: &str,
+) -> CloseReason {
+    let activity = Arc::new(AtomicU64::new(now_ms()));
+    let mut down = ActivityIo::new(down, Arc::clone(&activity));
+    let mut up = ActivityIo::new(up, Arc::clone(&activity));
+    let relay = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(relay);
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let mut ticker = tokio::time::interval(idle.max(Duration::from_millis(100)) / 4);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = relay.as_mut() => return match r {
+                Ok(_) => CloseReason::Client,
+                Err(e) => {
+                    tracing::debug!(cluster, error = %e, "tcp relay ended with an error");
+                    CloseReason::Error
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return CloseReason::Drain,
+            _ = ticker.tick() => {
+                if now_ms().saturating_sub(activity.load(Ordering::Relaxed)) >= idle_ms {
+                    tracing::debug!(cluster, "tcp relay idle; closed");
+                    return CloseReason::Idle;
+                }
+            }
+        }
+    }
 }
 
 /// The PROXY protocol header for a TCP connection from `src` to `dst` (lbd's listener).

@@ -69,6 +69,12 @@ pub const UPSTREAM_TLS_HANDSHAKES: &str = "lbd_upstream_tls_handshakes_total";
 /// Failed TLS handshakes with endpoints (`cluster`, `reason`: `verify`, `alert`,
 /// `incompatible`, `not_tls`, `closed`, `config`, `other`), health checks included.
 pub const UPSTREAM_TLS_HANDSHAKE_FAILURES: &str = "lbd_upstream_tls_handshake_failures_total";
+/// Passthrough connections closed before relaying (`listener`, `reason`: `timeout`,
+/// `closed`, `not_tls`, `too_large`, `unknown_name`).
+pub const PASSTHROUGH_FAILURES: &str = "lbd_tls_passthrough_failures_total";
+/// Connections refused while reading a PROXY protocol header (`listener`, `reason`:
+/// `unlisted`, `invalid`, `timeout`, `closed`).
+pub const PROXY_REFUSED: &str = "lbd_proxy_protocol_refused_total";
 /// Config reloads (`result`: `success`/`failure`).
 pub const RELOADS: &str = "lbd_config_reloads_total";
 /// Always 1, labelled with the active config's `hash`.
@@ -194,6 +200,14 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "Downstream TLS handshakes failed, by reason."
+    );
+    describe_counter!(
+        PASSTHROUGH_FAILURES,
+        "TLS passthrough connections closed without a usable ClientHello or cluster, by reason."
+    );
+    describe_counter!(
+        PROXY_REFUSED,
+        "Connections refused over the PROXY protocol header (unlisted source, invalid, timeout)."
     );
     describe_gauge!(
         TLS_CERT_EXPIRY,
