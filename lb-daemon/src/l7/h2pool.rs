@@ -706,7 +706,7 @@ mod tests {
         let new = H2Pool::new("c", &[addr], config).adopt(&old, &[None, Some(0)]);
         assert_eq!(new.connections(0), 1);
         let resp = new.send(0, req(addr), &reused).await.expect("send");
-        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.0.status(), 200);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
@@ -738,7 +738,7 @@ mod tests {
         );
         drop(held);
         let resp = pool.send(1, req(b), &reused).await.expect("send b");
-        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.0.status(), 200);
         assert_eq!(pool.connections(0), 0, "a's idle connection was closed");
         assert_eq!(gate.active(), 1);
         assert_eq!(
