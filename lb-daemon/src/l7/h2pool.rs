@@ -129,6 +129,48 @@ struct Conn {
     opened: Instant,
     /// Its place under the cluster's `max_connections`, given back when it closes.
     _place: Option<Slot>,
+    /// Asks the driver to read the peer's limit again.
+    refresh: Arc<Refresh>,
+}
+
+/// How a caller makes the connection's [`Driver`] publish the peer's limit now.
+///
+/// hyper runs the h2 connection in a task of its own, so the peer's SETTINGS are applied
+/// (and a response can arrive) before the driver, polled only when woken, has read the new
+/// limit. A caller that has seen a response wakes the driver and waits for a poll that started
+/// after it looked: that poll reads a limit at least as new as the response.
+#[derive(Default)]
+struct Refresh {
+    waker: futures_util::task::AtomicWaker,
+    /// Driver polls begun.
+    started: AtomicUsize,
+    /// Driver polls finished (their limit published).
+    finished: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Refresh {
+    /// Returns once the driver has finished a poll begun after this call (or after
+    /// `SETTINGS_WAIT`, e.g. when the connection has ended).
+    async fn published(&self) {
+        let wait = async {
+            loop {
+                let notified = self.done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let begun = self.started.load(Ordering::Acquire);
+                self.waker.wake();
+                if self.finished.load(Ordering::Acquire) > begun {
+                    return;
+                }
+                notified.await;
+                if self.finished.load(Ordering::Acquire) > begun {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SETTINGS_WAIT, wait).await;
+    }
 }
 
 impl fmt::Debug for Conn {
@@ -302,7 +344,10 @@ impl H2Pool {
             }
         };
         // A response follows the peer's SETTINGS (its preface): if they named no limit by
-        // now, the peer has none.
+        // now, the peer has none. The driver may not have read them yet (see `Refresh`).
+        if ep.learned_max.load(Ordering::Relaxed) == 0 {
+            slot.conn.refresh.published().await;
+        }
         ep.set_learned_if_unknown(UNANNOUNCED);
         Ok((resp, slot))
     }
@@ -488,9 +533,11 @@ impl H2Pool {
             }
         };
         let peer_max = Arc::new(AtomicUsize::new(UNANNOUNCED));
+        let refresh = Arc::new(Refresh::default());
         let address = ep.address;
         tokio::spawn(Driver {
             conn,
+            refresh: Arc::clone(&refresh),
             peer_max: Arc::clone(&peer_max),
             learned: Arc::clone(&ep.learned_max),
             notify: Arc::clone(&ep.learned),
@@ -507,6 +554,7 @@ impl H2Pool {
             idle_since: Mutex::new(Instant::now()),
             opened: Instant::now(),
             _place: place,
+            refresh,
         });
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
@@ -568,6 +616,7 @@ fn host_as_authority(mut req: http::Request<RequestBody>) -> http::Request<Reque
 /// Drives one connection and publishes the peer's stream limit whenever it makes progress.
 struct Driver {
     conn: http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
+    refresh: Arc<Refresh>,
     peer_max: Arc<AtomicUsize>,
     learned: Arc<AtomicUsize>,
     /// Wakes calls waiting for the endpoint's limit.
@@ -581,6 +630,8 @@ impl std::future::Future for Driver {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.refresh.waker.register(cx.waker());
+        self.refresh.started.fetch_add(1, Ordering::AcqRel);
         let polled = Pin::new(&mut self.conn).poll(cx);
         let max = self.conn.current_max_send_streams();
         if self.peer_max.swap(max, Ordering::Relaxed) != max && max != UNANNOUNCED {
@@ -603,6 +654,8 @@ impl std::future::Future for Driver {
                 }
             }
         }
+        self.refresh.finished.fetch_add(1, Ordering::AcqRel);
+        self.refresh.done.notify_waiters();
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => Poll::Ready(()),
