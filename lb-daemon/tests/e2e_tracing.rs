@@ -112,6 +112,18 @@ async fn scrape(c: &H1, admin: SocketAddr) -> Exposition {
     prom::parse(&r.text()).unwrap_or_else(|e| panic!("bad exposition: {e}"))
 }
 
+/// Polls `/metrics` (≤ 10 s) until `ok` holds; returns the last scrape either way.
+async fn scrape_until(c: &H1, admin: SocketAddr, ok: impl Fn(&Exposition) -> bool) -> Exposition {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = scrape(c, admin).await;
+        if ok(&e) || Instant::now() > deadline {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn find<'a>(spans: &'a [Received], span_id: &str) -> &'a Received {
     spans
         .iter()
@@ -263,7 +275,11 @@ async fn traces_are_propagated_and_spans_exported_over_grpc() {
     assert!(logs.contains(&format!("trace_id={CALLER_TRACE}")), "{logs}");
     assert!(logs.contains(&format!("trace_id={new_trace}")), "{logs}");
 
-    let e = scrape(&c, admin).await;
+    // lbd counts a batch once the receiver's answer is back, just after the spans arrived.
+    let e = scrape_until(&c, admin, |e| {
+        e.sum("lbd_tracing_spans_exported_total", &[]) >= 5.0
+    })
+    .await;
     assert_eq!(e.sum("lbd_tracing_spans_exported_total", &[]), 5.0);
     assert_eq!(e.sum("lbd_tracing_spans_dropped_total", &[]), 0.0);
 }
@@ -365,15 +381,10 @@ async fn a_dead_collector_leaves_requests_alone_and_drops_are_counted() {
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), "b1");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let e = loop {
-        let e = scrape(&c, admin).await;
-        let dropped = e.sum("lbd_tracing_spans_dropped_total", &[]);
-        if dropped >= N as f64 || Instant::now() > deadline {
-            break e;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let e = scrape_until(&c, admin, |e| {
+        e.sum("lbd_tracing_spans_dropped_total", &[]) >= N as f64
+    })
+    .await;
     let failed = e
         .value(
             "lbd_tracing_spans_dropped_total",
