@@ -1283,6 +1283,40 @@ fn tracing_is_off_by_default_and_takes_its_defaults() {
     assert_eq!((t.queue_size, t.batch_size), (2048, 512));
     assert_eq!(t.flush_interval, Duration::from_secs(5));
     assert_eq!(t.timeout, Duration::from_secs(10));
+
+    // The commented-out `[tracing]` of configs/lb.toml, uncommented, writes out the defaults.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lb.toml");
+    let example = std::fs::read_to_string(path).expect("configs/lb.toml");
+    let block: String = example
+        .lines()
+        .skip_while(|l| *l != "# [tracing]")
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(block.lines().count(), 9, "{block}");
+    let documented = parse(&format!("{block}{OK_TAIL}"), Path::new("t.toml"))
+        .expect("documented [tracing]")
+        .global
+        .tracing
+        .expect("on");
+    assert_eq!(documented.endpoint.to_string(), "http://127.0.0.1:4317/");
+    assert_eq!(documented.protocol, lbd::config::otlp::Protocol::Grpc);
+    assert_eq!(
+        (documented.sample_ratio, documented.service_name.as_str()),
+        (t.sample_ratio, t.service_name.as_str())
+    );
+    assert_eq!(
+        (documented.queue_size, documented.batch_size),
+        (t.queue_size, t.batch_size)
+    );
+    assert_eq!(
+        (documented.flush_interval, documented.timeout),
+        (t.flush_interval, t.timeout)
+    );
 }
 
 #[test]

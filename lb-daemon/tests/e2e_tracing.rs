@@ -415,7 +415,11 @@ async fn tracing_is_off_by_default_and_follows_reloads() {
     assert!(seen(&r, "traceparent").is_empty(), "{}", r.text());
     let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
     let r = get(&c, listen, "/headers", &[("traceparent", &caller)]).await;
-    assert_eq!(seen(&r, "traceparent"), std::slice::from_ref(&caller), "passed as it is");
+    assert_eq!(
+        seen(&r, "traceparent"),
+        std::slice::from_ref(&caller),
+        "passed as it is"
+    );
 
     let tracing = format!(
         "endpoint = \"{}\"\nflush_interval = \"50ms\"",
@@ -435,4 +439,30 @@ async fn tracing_is_off_by_default_and_follows_reloads() {
     assert_eq!(seen(&r, "traceparent"), [caller]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.spans().len(), 1);
+}
+
+/// SIGTERM sends the spans still queued before lbd exits (`flush_interval` is far away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_spans_are_sent_at_shutdown() {
+    let backend = Backend::start("b1").await;
+    let receiver = OtlpReceiver::grpc().await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let tracing = format!(
+        "endpoint = \"{}\"\nflush_interval = \"1h\"",
+        receiver.endpoint()
+    );
+    let mut lbd = Lbd::start(bin(), &config(listen, admin, backend.addr, &tracing));
+    let c = H1::new();
+    for _ in 0..3 {
+        assert_eq!(get(&c, listen, "/", &[]).await.status, 200);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        receiver.spans().is_empty(),
+        "nothing before the flush interval"
+    );
+    let status = tokio::task::block_in_place(|| lbd.terminate(Duration::from_secs(20)));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(receiver.spans().len(), 3);
 }

@@ -183,6 +183,7 @@ pub struct Tracer {
     /// The config it was built from.
     pub config: Tracing,
     queue: mpsc::Sender<SpanRecord>,
+    flushes: mpsc::Sender<crate::telemetry::otlp::Flush>,
     dropped_full: Counter,
 }
 
@@ -190,12 +191,27 @@ impl Tracer {
     /// Starts the exporter for `config` (needs a tokio runtime).
     pub fn start(config: &Tracing) -> Arc<Tracer> {
         let (tx, rx) = mpsc::channel(config.queue_size);
-        crate::telemetry::otlp::spawn(config, rx);
+        let (flushes, flush_rx) = mpsc::channel(1);
+        crate::telemetry::otlp::spawn(config, rx, flush_rx);
         Arc::new(Tracer {
             config: config.clone(),
             queue: tx,
+            flushes,
             dropped_full: metrics::counter!(m::TRACING_SPANS_DROPPED, "reason" => "queue_full"),
         })
+    }
+
+    /// Sends every queued span now and waits for it (at shutdown, so the last requests'
+    /// spans are not lost), bounded by the export timeout.
+    pub async fn flush(&self) {
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let sent = async {
+            if self.flushes.send(tx).await.is_ok() {
+                let _ = done.await;
+            }
+        };
+        // Each batch has the timeout; the whole queue may be several batches.
+        let _ = tokio::time::timeout(self.config.timeout * 2, sent).await;
     }
 
     /// Joins or starts the trace of a request: decides sampling and rewrites the request's

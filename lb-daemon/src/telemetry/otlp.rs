@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span, status,
 };
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::metrics as m;
 use crate::config::otlp::{Protocol, Tracing};
@@ -36,11 +36,15 @@ const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Ex
 const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
+/// A request to send everything queued now; answered when it is sent (or dropped).
+pub type Flush = oneshot::Sender<()>;
+
 /// Starts the exporter task for `config`; it ends, after sending what it holds, when every
-/// sender of `rx` is gone (the tracer's generations are all retired).
-pub fn spawn(config: &Tracing, rx: mpsc::Receiver<SpanRecord>) {
+/// sender of `rx` is gone (the tracer's generations are all retired). `flushes` asks it to
+/// send the whole queue at once (at shutdown).
+pub fn spawn(config: &Tracing, rx: mpsc::Receiver<SpanRecord>, flushes: mpsc::Receiver<Flush>) {
     let exporter = Exporter::new(config);
-    tokio::spawn(exporter.run(rx));
+    tokio::spawn(exporter.run(rx, flushes));
 }
 
 struct Exporter {
@@ -98,17 +102,23 @@ impl Exporter {
         }
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<SpanRecord>) {
+    async fn run(self, mut rx: mpsc::Receiver<SpanRecord>, mut flushes: mpsc::Receiver<Flush>) {
         let mut batch = Vec::with_capacity(self.batch_size);
         loop {
             // A batch starts with its first span and is sent when full or `flush_interval`
             // after that span, whichever comes first.
-            let Some(first) = rx.recv().await else { return };
-            batch.push(first);
-            let flush = tokio::time::sleep(self.flush_interval);
-            tokio::pin!(flush);
+            let mut flush = None;
+            tokio::select! {
+                first = rx.recv() => match first {
+                    Some(s) => batch.push(s),
+                    None => return,
+                },
+                Some(f) = flushes.recv() => flush = Some(f),
+            }
+            let timer = tokio::time::sleep(self.flush_interval);
+            tokio::pin!(timer);
             let mut closed = false;
-            while batch.len() < self.batch_size {
+            while flush.is_none() && batch.len() < self.batch_size {
                 let room = self.batch_size - batch.len();
                 tokio::select! {
                     n = rx.recv_many(&mut batch, room) => {
@@ -117,24 +127,46 @@ impl Exporter {
                             break;
                         }
                     }
-                    () = &mut flush => break,
+                    () = &mut timer => break,
+                    Some(f) = flushes.recv() => flush = Some(f),
                 }
             }
-            let n = batch.len() as u64;
-            let request = self.request(batch.drain(..));
-            match tokio::time::timeout(self.timeout, self.send(request)).await {
-                Ok(Ok(())) => self.exported.increment(n),
-                Ok(Err(e)) => {
-                    self.failed.increment(n);
-                    tracing::warn!(target: "lbd::tracing", spans = n, error = %e, "span export failed");
+            if let Some(done) = flush {
+                loop {
+                    while batch.len() < self.batch_size {
+                        match rx.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.is_empty() {
+                        break;
+                    }
+                    self.export(&mut batch).await;
                 }
-                Err(_) => {
-                    self.failed.increment(n);
-                    tracing::warn!(target: "lbd::tracing", spans = n, timeout = ?self.timeout, "span export timed out");
-                }
+                let _ = done.send(());
+                continue;
             }
+            self.export(&mut batch).await;
             if closed {
                 return;
+            }
+        }
+    }
+
+    /// Sends `batch` (emptying it) within the timeout; counts what came of it.
+    async fn export(&self, batch: &mut Vec<SpanRecord>) {
+        let n = batch.len() as u64;
+        let request = self.request(batch.drain(..));
+        match tokio::time::timeout(self.timeout, self.send(request)).await {
+            Ok(Ok(())) => self.exported.increment(n),
+            Ok(Err(e)) => {
+                self.failed.increment(n);
+                tracing::warn!(target: "lbd::tracing", spans = n, error = %e, "span export failed");
+            }
+            Err(_) => {
+                self.failed.increment(n);
+                tracing::warn!(target: "lbd::tracing", spans = n, timeout = ?self.timeout, "span export timed out");
             }
         }
     }
