@@ -24,6 +24,7 @@
 #   CARGO_TARGET_DIR where the release binaries are (default: target/)
 #   LBD, BACKEND    the binaries to run instead (e.g. a copy of an earlier build, to compare)
 #   RUN_DIR         where the callgrind files go (default: <target>/callgrind)
+#   EXTRA_TOML      appended to the config (e.g. a [tracing] table, to price a feature)
 #   --no-build      use the binaries already built
 #   --keep          keep the callgrind output files (default: kept anyway under the run dir)
 # Output: the figures on stdout; the run dir `<target>/callgrind/` holds the callgrind files
@@ -130,6 +131,8 @@ address = "127.0.0.1:$b2"
 
 [[clusters.endpoints]]
 address = "127.0.0.1:$b3"
+
+${EXTRA_TOML:-}
 EOF
 "$lbd" check --config "$run/lb.toml" >/dev/null
 

@@ -29,6 +29,97 @@ fn errors(text: &str) -> Vec<ConfigError> {
 /// (what, config, line, key, message substring). Each config has exactly one problem.
 const CASES: &[(&str, &str, usize, &str, &str)] = &[
     (
+        "tracing without endpoint",
+        "[tracing]\nsample_ratio = 0.5\n",
+        1,
+        "tracing.endpoint",
+        "missing field",
+    ),
+    (
+        "tracing endpoint not a URL",
+        "[tracing]\nendpoint = \"127.0.0.1:4317\"\n",
+        2,
+        "tracing.endpoint",
+        "no http:// scheme",
+    ),
+    (
+        "tracing https endpoint",
+        "[tracing]\nendpoint = \"https://otel.example:4317\"\n",
+        2,
+        "tracing.endpoint",
+        "https collectors are not supported yet",
+    ),
+    (
+        "tracing grpc endpoint with a path",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317/v1/traces\"\n",
+        2,
+        "tracing.endpoint",
+        "a gRPC endpoint has no path",
+    ),
+    (
+        "tracing unknown protocol",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nprotocol = \"http/json\"\n",
+        3,
+        "tracing.protocol",
+        "unknown value \"http/json\"",
+    ),
+    (
+        "tracing sample_ratio above 1",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 1.5\n",
+        3,
+        "tracing.sample_ratio",
+        "between 0.0 and 1.0, got 1.5",
+    ),
+    (
+        "tracing sample_ratio negative",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nsample_ratio = -0.1\n",
+        3,
+        "tracing.sample_ratio",
+        "between 0.0 and 1.0",
+    ),
+    (
+        "tracing queue_size 0",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nqueue_size = 0\n",
+        3,
+        "tracing.queue_size",
+        "got 0",
+    ),
+    (
+        "tracing batch_size over queue_size",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nqueue_size = 10\nbatch_size = 20\n",
+        4,
+        "tracing.batch_size",
+        "must not exceed tracing.queue_size (10)",
+    ),
+    (
+        "tracing zero timeout",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\ntimeout = \"0s\"\n",
+        3,
+        "tracing.timeout",
+        "greater than 0",
+    ),
+    (
+        "tracing bad flush_interval",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nflush_interval = \"soon\"\n",
+        3,
+        "tracing.flush_interval",
+        "",
+    ),
+    (
+        "tracing empty service_name",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nservice_name = \" \"\n",
+        3,
+        "tracing.service_name",
+        "must not be empty",
+    ),
+    (
+        "tracing unknown key",
+        "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nsampler = \"always\"\n",
+        3,
+        "tracing.sampler",
+        "unknown field",
+    ),
+    (
         "grpc service on an http check",
         "[[clusters]]\nname = \"c\"\n[[clusters.endpoints]]\naddress = \"127.0.0.1:1\"\n[clusters.health_check]\nservice = \"a.B\"\n",
         6,
@@ -1200,6 +1291,60 @@ fn jwks_file_with_a_broken_key_names_file_line_and_key() {
         assert!(e.contains(want), "{name}: {e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `[tracing]` is off without the table; with it, the defaults are the OTLP SDK's.
+#[test]
+fn tracing_is_off_by_default_and_takes_its_defaults() {
+    let off = parse(OK_TAIL, Path::new("t.toml")).expect("valid");
+    assert!(off.global.tracing.is_none());
+    let on = parse(
+        &format!("[tracing]\nendpoint = \"http://127.0.0.1:4318\"\nprotocol = \"http/protobuf\"\n{OK_TAIL}"),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let t = on.global.tracing.expect("on");
+    assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(t.protocol, lbd::config::otlp::Protocol::HttpProtobuf);
+    assert_eq!(t.sample_ratio, 1.0);
+    assert_eq!(t.service_name, "lbd");
+    assert_eq!((t.queue_size, t.batch_size), (2048, 512));
+    assert_eq!(t.flush_interval, Duration::from_secs(5));
+    assert_eq!(t.timeout, Duration::from_secs(10));
+
+    // The commented-out `[tracing]` of configs/lb.toml, uncommented, writes out the defaults.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lb.toml");
+    let example = std::fs::read_to_string(path).expect("configs/lb.toml");
+    let block: String = example
+        .lines()
+        .skip_while(|l| *l != "# [tracing]")
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(block.lines().count(), 9, "{block}");
+    let documented = parse(&format!("{block}{OK_TAIL}"), Path::new("t.toml"))
+        .expect("documented [tracing]")
+        .global
+        .tracing
+        .expect("on");
+    assert_eq!(documented.endpoint.to_string(), "http://127.0.0.1:4317/");
+    assert_eq!(documented.protocol, lbd::config::otlp::Protocol::Grpc);
+    assert_eq!(
+        (documented.sample_ratio, documented.service_name.as_str()),
+        (t.sample_ratio, t.service_name.as_str())
+    );
+    assert_eq!(
+        (documented.queue_size, documented.batch_size),
+        (t.queue_size, t.batch_size)
+    );
+    assert_eq!(
+        (documented.flush_interval, documented.timeout),
+        (t.flush_interval, t.timeout)
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod dns;
 pub mod frames;
 pub mod lbd;
+pub mod otlp;
 pub mod prom;
 
 pub use backend::{Backend, BackendOpts};

@@ -8,6 +8,7 @@ pub mod duration;
 pub mod error;
 pub mod filter;
 pub mod model;
+pub mod otlp;
 pub mod outlier;
 pub mod passthrough;
 mod raw;

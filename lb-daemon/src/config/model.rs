@@ -58,6 +58,8 @@ pub struct Global {
     pub drain_timeout: Duration,
     /// Admin API / metrics listener, if enabled.
     pub admin: Option<Admin>,
+    /// Trace propagation and span export (`[tracing]`); off when `None`.
+    pub tracing: Option<super::otlp::Tracing>,
 }
 
 /// `[admin]`.

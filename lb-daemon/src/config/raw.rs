@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub global: Option<S<RawGlobal>>,
     /// `[admin]`.
     pub admin: Option<S<RawAdmin>>,
+    /// `[tracing]`.
+    pub tracing: Option<S<super::otlp::Raw>>,
     /// `[[listeners]]`, with their index in the file.
     pub listeners: Vec<(usize, S<RawListener>)>,
     /// `[[routes]]`, with their index in the file.
@@ -334,6 +336,7 @@ pub(crate) fn read(text: &str, diags: &mut Diagnostics) -> Option<RawConfig> {
         match name {
             "global" => raw.global = one(value, "global", diags),
             "admin" => raw.admin = one(value, "admin", diags),
+            "tracing" => raw.tracing = one(value, "tracing", diags),
             "listeners" => {
                 raw.listeners_incomplete = !many(value, "listeners", &mut raw.listeners, diags);
             }
@@ -347,8 +350,8 @@ pub(crate) fn read(text: &str, diags: &mut Diagnostics) -> Option<RawConfig> {
             other => diags.push(
                 key.span(),
                 other,
-                "unknown key; expected one of `global`, `admin`, `listeners`, `routes`, \
-                 `clusters`, `l4`"
+                "unknown key; expected one of `global`, `admin`, `tracing`, `listeners`, \
+                 `routes`, `clusters`, `l4`"
                     .into(),
             ),
         }

@@ -26,6 +26,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnost
     let mut v = Checker { d };
     let mut global = v.global(raw.global.as_ref());
     global.admin = raw.admin.as_ref().map(|a| v.admin(a));
+    global.tracing = raw.tracing.as_ref().map(|t| v.tracing(t));
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let listeners = v.listeners(&raw.listeners, dir);
     if let (Some(admin), Some(raw_admin)) = (&global.admin, &raw.admin)
@@ -198,6 +199,7 @@ impl Checker<'_> {
                 Duration::from_secs(30),
             ),
             admin: None,
+            tracing: None,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct RequestLog {
     pub consumer: Option<Arc<str>>,
     /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
     pub grpc: bool,
+    /// lbd's span of the request (`[tracing]`); `None` when tracing is off.
+    pub trace: Option<Box<super::trace::Span>>,
 }
 
 impl RequestLog {
@@ -124,6 +126,10 @@ impl RequestLog {
         if self.grpc {
             mt.grpc.record(self.uri.path(), self.grpc_status, total);
         }
+        if let Some(mut span) = self.trace.take() {
+            span.finish(self, total);
+            self.trace = Some(span);
+        }
         if !self.access_log {
             return;
         }
@@ -147,6 +153,10 @@ impl RequestLog {
             error = self.error.map(super::reason::Reason::as_str),
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
             consumer = self.consumer.as_deref(),
+            trace_id = self
+                .trace
+                .as_ref()
+                .map(|s| tracing::field::display(super::trace::Hex(&s.trace_id))),
         );
     }
 }

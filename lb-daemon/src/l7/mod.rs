@@ -36,5 +36,6 @@ pub mod sticky;
 pub mod tcp_proxy;
 pub mod tickets;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod upstream_tls;

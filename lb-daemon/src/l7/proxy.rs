@@ -42,8 +42,11 @@ pub async fn handle(
             None,
         );
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut log = begin_log(&rt, listener, &conn, &parts, start);
+    if let Some(tracer) = &rt.tracer {
+        log.trace = Some(tracer.begin(&mut parts, conn.client));
+    }
 
     // Admit.
     if let Err(f) = admit(&parts, &body, listener) {
@@ -290,6 +293,7 @@ fn begin_log(
         grpc_status: None,
         request_id: None,
         consumer: None,
+        trace: None,
     })
 }
 

@@ -343,6 +343,7 @@ mod tests {
                 access_log: false,
                 drain_timeout: Duration::from_secs(1),
                 admin: None,
+                tracing: None,
             },
             listeners: Vec::new(),
             routes,

@@ -31,6 +31,8 @@ pub struct Runtime {
     pub routes: Vec<RouteRuntime>,
     /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
     pub unnamed: Arc<str>,
+    /// Trace propagation and span export (`[tracing]`), `None` when off.
+    pub tracer: Option<Arc<super::trace::Tracer>>,
 }
 
 /// A route's live parts.
@@ -220,12 +222,24 @@ impl Runtime {
                 unrouted_metrics: Arc::new(RouteMetrics::new(&l.name, "-", "-")),
             })
             .collect();
+        // An unchanged `[tracing]` keeps its exporter (and its queue); a changed one starts
+        // a new one, and the old one ends once the last generation using it is dropped.
+        let tracer =
+            model
+                .global
+                .tracing
+                .as_ref()
+                .map(|t| match previous.and_then(|p| p.tracer.as_ref()) {
+                    Some(prev) if prev.config == *t => Arc::clone(prev),
+                    _ => super::trace::Tracer::start(t),
+                });
         Runtime {
             model,
             listeners,
             clusters,
             routes,
             unnamed: Arc::from("-"),
+            tracer,
         }
     }
 

@@ -557,5 +557,8 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
     } else {
         tracing::info!("drained; exiting");
     }
+    if let Some(tracer) = sup.runtime().tracer.clone() {
+        tracer.flush().await;
+    }
     Ok(())
 }

@@ -54,6 +54,11 @@ pub const MIRROR_SKIPPED: &str = "lbd_mirror_skipped_total";
 /// Shadow answers compared with the primary's (`route`, `result`: `match`,
 /// `status_mismatch`, `body_mismatch`, `shadow_error`).
 pub const MIRROR_COMPARED: &str = "lbd_mirror_compared_total";
+/// Spans the OTLP collector accepted (`[tracing]`).
+pub const TRACING_SPANS_EXPORTED: &str = "lbd_tracing_spans_exported_total";
+/// Sampled spans lost (`reason`: `queue_full` (the export queue was full), `export_failed`
+/// (the collector refused them, or was unreachable or too slow)).
+pub const TRACING_SPANS_DROPPED: &str = "lbd_tracing_spans_dropped_total";
 /// Completed downstream TLS handshakes (`listener`, `version`: `1.2`/`1.3`, `alpn`: `h2`,
 /// `http/1.1` or `none`).
 pub const TLS_HANDSHAKES: &str = "lbd_tls_handshakes_total";
@@ -185,6 +190,11 @@ fn describe() {
         "gRPC call duration, by route, service and method."
     );
     describe_counter!(MIRROR_SENT, "Requests sent to a shadow cluster.");
+    describe_counter!(TRACING_SPANS_EXPORTED, "Spans the OTLP collector accepted.");
+    describe_counter!(
+        TRACING_SPANS_DROPPED,
+        "Sampled spans not exported, by reason (queue_full, export_failed)."
+    );
     describe_counter!(
         MIRROR_SKIPPED,
         "Requests picked for mirroring but not mirrored, by reason."

@@ -2,3 +2,4 @@
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
