@@ -12,6 +12,7 @@ use hyper::body::Body as _;
 
 use super::answer;
 use super::body::ResponseBody;
+use super::buffered::{self, Rewritten};
 use super::conn::ConnInfo;
 use super::downstream::DownstreamBody;
 use super::filter::vars::request_host;
@@ -42,7 +43,7 @@ pub async fn handle(
             None,
         );
     };
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let mut log = begin_log(&rt, listener, &conn, &parts, start);
 
     // Admit.
@@ -144,6 +145,16 @@ pub async fn handle(
             }
             Some(Flow::Next) => {}
         }
+        // The body phase, for chains with a filter that may need the whole body (boxed: its
+        // state would otherwise grow every request's future).
+        if route_rt.chain.buffers_requests() && !body.is_end_stream() {
+            let limit = listener.limits.max_body_bytes;
+            let phase = buffered::request(&route_rt.chain, ran, &mut head, body, limit);
+            body = match Box::pin(phase).await {
+                Ok(b) => b,
+                Err(f) => return after.response(fail(log, f)),
+            };
+        }
     }
     let path = head.uri.clone();
     prepare_head(&mut head, &conn);
@@ -199,7 +210,22 @@ pub async fn handle(
             if !copied {
                 upstream::full_headers(&mut resp);
             }
-            let mut resp = respond(resp, log);
+            let mut resp = if ran > 0 && route_rt.chain.buffers_responses() {
+                let view = ResponseView {
+                    conn: &conn,
+                    route_name: &route_rt.name,
+                    notes: &notes,
+                    log: &log,
+                };
+                let phase = buffered::response(&route_rt.chain, ran, resp, &view, deadline);
+                match Box::pin(phase).await {
+                    Ok(Rewritten::Untouched(resp)) => respond(resp, log),
+                    Ok(Rewritten::Whole(parts, bytes)) => respond_whole(parts, bytes, log),
+                    Err(reason) => fail(log, reason.into()),
+                }
+            } else {
+                respond(resp, log)
+            };
             if let Some((tx, limit)) = digest {
                 resp = tap(resp, tx, limit);
             }
@@ -357,6 +383,22 @@ fn hashes_forwarding(policy: &Policy) -> bool {
 
 fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
+    downstream_head(&mut parts, &mut log);
+    Response::from_parts(parts, ResponseBody::upstream(body, log))
+}
+
+/// An upstream answer whose body the response body phase holds whole.
+fn respond_whole(
+    mut parts: http::response::Parts,
+    body: Bytes,
+    mut log: Box<RequestLog>,
+) -> Response<ResponseBody> {
+    downstream_head(&mut parts, &mut log);
+    Response::from_parts(parts, ResponseBody::full(body, Some(log)))
+}
+
+/// Turns an upstream answer's head into the client's, noting it in the log.
+fn downstream_head(parts: &mut http::response::Parts, log: &mut RequestLog) {
     headers::strip_hop_by_hop(&mut parts.headers);
     // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1
     // keep-alive connection into an HTTP/1.0 one.
@@ -366,7 +408,6 @@ fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<R
     if log.grpc {
         log.grpc_status = grpc::status_of(&parts.headers);
     }
-    Response::from_parts(parts, ResponseBody::upstream(body, log))
 }
 
 /// Hands the response's digest to a mirror comparing answers, as its body streams.
