@@ -63,6 +63,8 @@ pub struct Shape {
     pub upstream_h2: bool,
     /// Three header edits on the route (see [`Contender::edits_headers`]).
     pub header_filters: bool,
+    /// Responses converted from XML to JSON on the route (lbd only).
+    pub xml_to_json: bool,
 }
 
 /// A started contender process.
@@ -299,6 +301,14 @@ fn lbd_config(s: &Shape) -> String {
              request_headers = { set = [{ name = \"x-env\", value = \"prod\" }], add = [{ name = \"x-client\", value = \"${client_ip}\" }] }\n\
              [[routes.filters]]\n\
              response_headers = { set = [{ name = \"x-served-by\", value = \"lbd\" }] }\n",
+        );
+    }
+    if s.xml_to_json {
+        c = c.replace(
+            "path_prefix = \"/\"\n",
+            "path_prefix = \"/\"\n\
+             [[routes.filters]]\n\
+             xml_json = { response = \"xml_to_json\" }\n",
         );
     }
     for b in &s.backends {

@@ -67,6 +67,9 @@ struct Scenario {
     /// The route carries three header edits (set and add on the request, set on the
     /// response); only contenders configured to do the same take part.
     header_filters: bool,
+    /// The backends answer an XML document and the route converts it to JSON (`xml_json`);
+    /// only lbd takes part (the other contenders have no such conversion built in).
+    xml_to_json: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -77,6 +80,7 @@ fn scenarios() -> Vec<Scenario> {
         upstream_h2,
         body_bytes,
         header_filters: false,
+        xml_to_json: false,
     };
     vec![
         s(
@@ -142,6 +146,21 @@ fn scenarios() -> Vec<Scenario> {
                 false,
                 false,
                 64,
+            )
+        },
+        // A 4 KiB XML catalog converted to JSON on every answer: the body phase (read whole,
+        // convert, send with a new length) on top of http1-keepalive.
+        Scenario {
+            xml_to_json: true,
+            ..s(
+                "http1-keepalive-xml-to-json",
+                Generator::Wrk {
+                    conns: 64,
+                    close: false,
+                },
+                false,
+                false,
+                4096,
             )
         },
     ]
@@ -322,17 +341,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut results = report::Report::new(duration, repeat, missing);
     for sc in l7_scenarios {
         eprintln!("bench: scenario {}", sc.name);
-        let backends = Backends::start(&release.join("bench-backend"), sc.body_bytes)?;
+        let backends = Backends::start(
+            &release.join("bench-backend"),
+            sc.body_bytes,
+            sc.xml_to_json,
+        )?;
         let shape = Shape {
             port: PROXY_PORT,
             backends: backends.addrs.clone(),
             downstream_h2: sc.downstream_h2,
             upstream_h2: sc.upstream_h2,
             header_filters: sc.header_filters,
+            xml_to_json: sc.xml_to_json,
         };
         for rep in 0..repeat {
             for &c in &present {
                 if sc.header_filters && !c.edits_headers() {
+                    continue;
+                }
+                if sc.xml_to_json && c != Contender::Lbd {
                     continue;
                 }
                 match measure(c, &sc, &shape, duration, attempts, &scratch, &bins) {
@@ -352,13 +379,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if want_idle && !present.is_empty() {
         let conns = if args.quick { 500 } else { IDLE_CONNS };
         eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
-        let backends = Backends::start(&release.join("bench-backend"), 64)?;
+        let backends = Backends::start(&release.join("bench-backend"), 64, false)?;
         let shape = Shape {
             port: PROXY_PORT,
             backends: backends.addrs.clone(),
             downstream_h2: false,
             upstream_h2: false,
             header_filters: false,
+            xml_to_json: false,
         };
         for rep in 0..repeat {
             for &c in present.iter().filter(|c| **c != Contender::Direct) {
@@ -640,7 +668,7 @@ struct Backends {
 }
 
 impl Backends {
-    fn start(bin: &Path, body_bytes: usize) -> Result<Backends> {
+    fn start(bin: &Path, body_bytes: usize, xml: bool) -> Result<Backends> {
         let addrs: Vec<SocketAddr> = (0..3)
             .map(|i| SocketAddr::from(([127, 0, 0, 1], BACKEND_BASE_PORT + i)))
             .collect();
@@ -648,6 +676,9 @@ impl Backends {
         cmd.args(["-c", &LOAD_CPU.to_string()]).arg(bin);
         for a in &addrs {
             cmd.arg("--listen").arg(a.to_string());
+        }
+        if xml {
+            cmd.arg("--xml");
         }
         cmd.args(["--body-bytes", &body_bytes.to_string()])
             .stdout(Stdio::null())
