@@ -98,6 +98,11 @@ pub async fn request(
 }
 
 /// What the response body phase made of an upstream answer.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned once per buffering exchange and unpacked at once; boxing the common \
+              variant would cost an allocation"
+)]
 pub enum Rewritten {
     /// No filter asked for this body: the answer goes on as it came.
     Untouched(http::Response<UpstreamBody>),
