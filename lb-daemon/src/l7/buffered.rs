@@ -1,6 +1,8 @@
 //! The body phase's reading side: a body read whole within a bound, for the filters that asked
 //! for it (see `filter/mod.rs`), and the head fixed to the body that goes on. Only chains
 //! built with a body-phase filter come here; every other body streams.
+use std::pin::Pin;
+
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, header};
 use http_body::Body;
@@ -61,7 +63,20 @@ where
 /// The request body phase: reads the body whole when a filter of the first `ran` asks for it,
 /// hands it to them, and gives back the body that goes upstream (the same stream untouched
 /// when none asked). `listener_limit` (`max_body_bytes`, 0 = none) also bounds the read.
-pub async fn request(
+///
+/// Boxed here, not in the caller: a future built in `proxy::handle` and boxed there would
+/// still take room in every request's future (a moved-from local keeps its slot).
+pub fn request<'a>(
+    chain: &'a Chain,
+    ran: usize,
+    head: &'a mut http::request::Parts,
+    body: DownstreamBody,
+    listener_limit: u64,
+) -> Pin<Box<impl Future<Output = Result<DownstreamBody, Failure>> + Send + 'a>> {
+    Box::pin(read_request(chain, ran, head, body, listener_limit))
+}
+
+async fn read_request(
     chain: &Chain,
     ran: usize,
     head: &mut http::request::Parts,
@@ -111,8 +126,18 @@ pub enum Rewritten {
 }
 
 /// The response body phase: reads the upstream's body whole when a filter of the first `ran`
-/// asks for it, within `time`, and hands it to them, last first.
-pub async fn response(
+/// asks for it, within `time`, and hands it to them, last first (boxed, as [`request`]).
+pub fn response<'a>(
+    chain: &'a Chain,
+    ran: usize,
+    resp: http::Response<UpstreamBody>,
+    rx: &'a ResponseView<'a>,
+    time: std::time::Duration,
+) -> Pin<Box<impl Future<Output = Result<Rewritten, Reason>> + Send + 'a>> {
+    Box::pin(read_response(chain, ran, resp, rx, time))
+}
+
+async fn read_response(
     chain: &Chain,
     ran: usize,
     resp: http::Response<UpstreamBody>,

@@ -145,12 +145,11 @@ pub async fn handle(
             }
             Some(Flow::Next) => {}
         }
-        // The body phase, for chains with a filter that may need the whole body (boxed: its
-        // state would otherwise grow every request's future).
+        // The body phase, for chains with a filter that may need the whole body (its future
+        // is boxed by `buffered`, so that it does not grow every request's future).
         if route_rt.chain.buffers_requests() && !body.is_end_stream() {
             let limit = listener.limits.max_body_bytes;
-            let phase = buffered::request(&route_rt.chain, ran, &mut head, body, limit);
-            body = match Box::pin(phase).await {
+            body = match buffered::request(&route_rt.chain, ran, &mut head, body, limit).await {
                 Ok(b) => b,
                 Err(f) => return after.response(fail(log, f)),
             };
@@ -217,8 +216,7 @@ pub async fn handle(
                     notes: &notes,
                     log: &log,
                 };
-                let phase = buffered::response(&route_rt.chain, ran, resp, &view, deadline);
-                match Box::pin(phase).await {
+                match buffered::response(&route_rt.chain, ran, resp, &view, deadline).await {
                     Ok(Rewritten::Untouched(resp)) => respond(resp, log),
                     Ok(Rewritten::Whole(parts, bytes)) => respond_whole(parts, bytes, log),
                     Err(reason) => fail(log, reason.into()),
