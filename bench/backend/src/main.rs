@@ -28,6 +28,9 @@ struct Args {
     /// Size of every response body in bytes.
     #[arg(long, default_value_t = 64)]
     body_bytes: usize,
+    /// Answer an XML document (`application/xml`) of about `body_bytes` instead of `x…x`.
+    #[arg(long)]
+    xml: bool,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -46,7 +49,15 @@ fn main() -> Result<()> {
 }
 
 async fn serve(args: Args) -> Result<()> {
-    let body = Bytes::from(vec![b'x'; args.body_bytes]);
+    let body = if args.xml {
+        Bytes::from(xml_document(args.body_bytes))
+    } else {
+        Bytes::from(vec![b'x'; args.body_bytes])
+    };
+    // Plain answers keep carrying no type, as every scenario's baseline always has.
+    let content_type = args
+        .xml
+        .then(|| HeaderValue::from_static("application/xml"));
     let mut grpc = Vec::with_capacity(5 + args.body_bytes);
     grpc.push(0);
     grpc.extend_from_slice(&u32::try_from(args.body_bytes)?.to_be_bytes());
@@ -59,7 +70,12 @@ async fn serve(args: Args) -> Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         eprintln!("bench-backend: listening on {addr}");
         let (body, grpc) = (body.clone(), grpc.clone());
-        tasks.push(tokio::spawn(accept_loop(listener, body, grpc)));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            body,
+            grpc,
+            content_type.clone(),
+        )));
     }
     for t in tasks {
         t.await??;
@@ -67,13 +83,18 @@ async fn serve(args: Args) -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, body: Bytes, grpc: Bytes) -> Result<()> {
+async fn accept_loop(
+    listener: TcpListener,
+    body: Bytes,
+    grpc: Bytes,
+    content_type: Option<HeaderValue>,
+) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let (body, grpc) = (body.clone(), grpc.clone());
+        let (body, grpc, ct) = (body.clone(), grpc.clone(), content_type.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| respond(req, body.clone(), grpc.clone()));
+            let svc = service_fn(move |req| respond(req, body.clone(), grpc.clone(), ct.clone()));
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -85,6 +106,7 @@ async fn respond(
     req: Request<Incoming>,
     body: Bytes,
     grpc: Bytes,
+    content_type: Option<HeaderValue>,
 ) -> Result<Response<Body>, Infallible> {
     let is_grpc = req
         .headers()
@@ -110,7 +132,25 @@ async fn respond(
         );
         return Ok(resp);
     }
-    Ok(Response::new(BodyExt::boxed(Full::new(body))))
+    let mut resp = Response::new(BodyExt::boxed(Full::new(body)));
+    if let Some(ct) = content_type {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+    }
+    Ok(resp)
+}
+
+/// A catalog of items, about `bytes` long: attributes, repeated elements, text.
+fn xml_document(bytes: usize) -> String {
+    let mut doc = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><catalog>");
+    let mut i = 0;
+    while doc.len() + 100 < bytes {
+        doc.push_str(&format!(
+            "<item id=\"{i}\"><name>item {i}</name><price cur=\"EUR\">9.99</price><tag>a</tag><tag>b</tag></item>"
+        ));
+        i += 1;
+    }
+    doc.push_str("</catalog>");
+    doc
 }
 
 /// One gRPC message followed by trailers.

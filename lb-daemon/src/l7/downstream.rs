@@ -20,6 +20,8 @@ pub enum DownstreamBody {
     H2(Incoming),
     /// Either of the above, copied as it streams (a mirrored request).
     Tee(Box<Tee>),
+    /// A body the body phase read whole and the filters rewrote; `None` once sent.
+    Full(Option<Bytes>),
 }
 
 /// Why a teed body's copy is not handed over.
@@ -149,6 +151,7 @@ impl Body for DownstreamBody {
             DownstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             DownstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             DownstreamBody::Tee(t) => t.poll_frame(cx),
+            DownstreamBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -157,6 +160,7 @@ impl Body for DownstreamBody {
             DownstreamBody::H1(b) => b.is_end_stream(),
             DownstreamBody::H2(b) => b.is_end_stream(),
             DownstreamBody::Tee(t) => t.inner.is_end_stream(),
+            DownstreamBody::Full(b) => b.is_none(),
         }
     }
 
@@ -165,6 +169,9 @@ impl Body for DownstreamBody {
             DownstreamBody::H1(b) => b.size_hint(),
             DownstreamBody::H2(b) => b.size_hint(),
             DownstreamBody::Tee(t) => t.inner.size_hint(),
+            DownstreamBody::Full(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

@@ -3,6 +3,7 @@ pub mod answer;
 pub mod body;
 pub mod breaker;
 pub mod budget;
+pub mod buffered;
 pub mod cluster;
 pub mod conn;
 pub mod downstream;

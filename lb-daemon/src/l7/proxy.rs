@@ -12,6 +12,7 @@ use hyper::body::Body as _;
 
 use super::answer;
 use super::body::ResponseBody;
+use super::buffered::{self, Rewritten};
 use super::conn::ConnInfo;
 use super::downstream::DownstreamBody;
 use super::filter::vars::request_host;
@@ -42,7 +43,7 @@ pub async fn handle(
             None,
         );
     };
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let mut log = begin_log(&rt, listener, &conn, &parts, start);
     if let Some(tracer) = &rt.tracer {
         log.trace = Some(tracer.begin(&mut parts, conn.client));
@@ -147,6 +148,15 @@ pub async fn handle(
             }
             Some(Flow::Next) => {}
         }
+        // The body phase, for chains with a filter that may need the whole body (its future
+        // is boxed by `buffered`, so that it does not grow every request's future).
+        if route_rt.chain.buffers_requests() && !body.is_end_stream() {
+            let limit = listener.limits.max_body_bytes;
+            body = match buffered::request(&route_rt.chain, ran, &mut head, body, limit).await {
+                Ok(b) => b,
+                Err(f) => return after.response(fail(log, f)),
+            };
+        }
     }
     let path = head.uri.clone();
     prepare_head(&mut head, &conn);
@@ -202,7 +212,21 @@ pub async fn handle(
             if !copied {
                 upstream::full_headers(&mut resp);
             }
-            let mut resp = respond(resp, log);
+            let mut resp = if ran > 0 && route_rt.chain.buffers_responses() {
+                let view = ResponseView {
+                    conn: &conn,
+                    route_name: &route_rt.name,
+                    notes: &notes,
+                    log: &log,
+                };
+                match buffered::response(&route_rt.chain, ran, resp, &view, deadline).await {
+                    Ok(Rewritten::Untouched(resp)) => respond(resp, log),
+                    Ok(Rewritten::Whole(parts, bytes)) => respond_whole(parts, bytes, log),
+                    Err(reason) => fail(log, reason.into()),
+                }
+            } else {
+                respond(resp, log)
+            };
             if let Some((tx, limit)) = digest {
                 resp = tap(resp, tx, limit);
             }
@@ -361,16 +385,31 @@ fn hashes_forwarding(policy: &Policy) -> bool {
 
 fn respond(resp: Response<UpstreamBody>, mut log: Box<RequestLog>) -> Response<ResponseBody> {
     let (mut parts, mut body) = resp.into_parts();
+    log.stream_slot = body.take_slot();
+    downstream_head(&mut parts, &mut log);
+    Response::from_parts(parts, ResponseBody::upstream(body, log))
+}
+
+/// An upstream answer whose body the response body phase holds whole.
+fn respond_whole(
+    mut parts: http::response::Parts,
+    body: Bytes,
+    mut log: Box<RequestLog>,
+) -> Response<ResponseBody> {
+    downstream_head(&mut parts, &mut log);
+    Response::from_parts(parts, ResponseBody::full(body, Some(log)))
+}
+
+/// Turns an upstream answer's head into the client's, noting it in the log.
+fn downstream_head(parts: &mut http::response::Parts, log: &mut RequestLog) {
     headers::strip_hop_by_hop(&mut parts.headers);
     // The version is per hop: an HTTP/1.0 backend must not turn the client's HTTP/1.1
     // keep-alive connection into an HTTP/1.0 one.
     parts.version = log.version;
     log.status = parts.status.as_u16();
-    log.stream_slot = body.take_slot();
     if log.grpc {
         log.grpc_status = grpc::status_of(&parts.headers);
     }
-    Response::from_parts(parts, ResponseBody::upstream(body, log))
 }
 
 /// Hands the response's digest to a mirror comparing answers, as its body streams.

@@ -56,6 +56,23 @@ pub enum Reason {
     Forbidden,
     /// The request is malformed; the detail names the rule it broke (`bad_framing`, …).
     Malformed(&'static str),
+    /// The request body a filter needs whole (the body phase) is over its bound, or cannot
+    /// be transformed.
+    RequestBody(BodyFault),
+    /// The upstream's response body a filter needs whole is over its bound, or cannot be
+    /// transformed.
+    ResponseBody(BodyFault),
+}
+
+/// What is wrong with a body the body phase holds whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Longer than the filter's `max_body_bytes`.
+    TooLarge,
+    /// Not well-formed XML, or XML the mapping does not take (a DTD, another encoding).
+    Xml,
+    /// Not valid JSON, or JSON with no XML form (a key that is not an XML name, …).
+    Json,
 }
 
 impl Reason {
@@ -81,6 +98,9 @@ impl Reason {
                 StatusCode::FORBIDDEN
             }
             Reason::Unauthorized => StatusCode::UNAUTHORIZED,
+            Reason::RequestBody(BodyFault::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Reason::ResponseBody(_) => StatusCode::BAD_GATEWAY,
             // nginx's 499: never sent, only logged.
             Reason::DownstreamClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
@@ -111,6 +131,8 @@ impl Reason {
                 Code::PermissionDenied
             }
             Reason::Unauthorized => Code::Unauthenticated,
+            Reason::RequestBody(BodyFault::TooLarge) => Code::ResourceExhausted,
+            Reason::RequestBody(_) | Reason::ResponseBody(_) => Code::Internal,
         }
     }
 
@@ -141,6 +163,12 @@ impl Reason {
             Reason::Unauthorized => "unauthorized",
             Reason::Forbidden => "forbidden",
             Reason::Malformed(detail) => detail,
+            Reason::RequestBody(BodyFault::TooLarge) => "buffer_too_large",
+            Reason::RequestBody(BodyFault::Xml) => "malformed_xml",
+            Reason::RequestBody(BodyFault::Json) => "malformed_json",
+            Reason::ResponseBody(BodyFault::TooLarge) => "upstream_buffer_too_large",
+            Reason::ResponseBody(BodyFault::Xml) => "upstream_malformed_xml",
+            Reason::ResponseBody(BodyFault::Json) => "upstream_malformed_json",
         }
     }
 
@@ -173,6 +201,16 @@ impl Reason {
             Reason::Unauthorized => "missing or invalid credentials",
             Reason::Forbidden => "the credentials do not allow this request",
             Reason::Malformed(_) => "malformed request",
+            Reason::RequestBody(BodyFault::TooLarge) => {
+                "request body exceeds the route's max_body_bytes for transformation"
+            }
+            Reason::RequestBody(BodyFault::Xml) => "request body is not XML lbd can convert",
+            Reason::RequestBody(BodyFault::Json) => "request body is not JSON lbd can convert",
+            Reason::ResponseBody(BodyFault::TooLarge) => {
+                "upstream response body exceeds the route's max_body_bytes for transformation"
+            }
+            Reason::ResponseBody(BodyFault::Xml) => "upstream sent XML lbd cannot convert",
+            Reason::ResponseBody(BodyFault::Json) => "upstream sent JSON lbd cannot convert",
         }
     }
 }
@@ -234,6 +272,12 @@ mod tests {
             Reason::Unauthorized,
             Reason::Forbidden,
             Reason::Malformed("bad_framing"),
+            Reason::RequestBody(BodyFault::TooLarge),
+            Reason::RequestBody(BodyFault::Xml),
+            Reason::RequestBody(BodyFault::Json),
+            Reason::ResponseBody(BodyFault::TooLarge),
+            Reason::ResponseBody(BodyFault::Xml),
+            Reason::ResponseBody(BodyFault::Json),
         ];
         for r in all {
             let s = r.status().as_u16();

@@ -86,6 +86,9 @@ pub enum Feature {
     Jwt(JwtFiles),
     /// A per-client-address request rate limit far above the load (every request admitted).
     RateLimit,
+    /// The backends answer a ~4 KiB XML document that the route converts to JSON
+    /// (`xml_json`); lbd only, the others have no such conversion built in.
+    XmlToJson,
 }
 
 /// The rate of the bench's rate limit: far above any load the bench can make.
@@ -107,6 +110,9 @@ impl Contender {
     /// Pingora only for plain HTTP with one worker (its bench program has no thread option).
     pub fn supports(self, shape: &Shape) -> bool {
         let plain_http = shape.tls.is_none() && !shape.tcp;
+        if shape.feature == Feature::XmlToJson {
+            return self == Contender::Lbd;
+        }
         match self {
             Contender::Lbd | Contender::Haproxy => true,
             Contender::Direct => shape.tls.is_none() && shape.feature == Feature::Plain,
@@ -362,6 +368,9 @@ fn lbd_config(s: &Shape) -> String {
                 "[[routes.filters]]\nrate_limit = {{ key = \"client_ip\", limits = [{{ rate = \"{RATE_LIMIT_PER_S}/s\" }}] }}"
             );
         }
+        Feature::XmlToJson => {
+            c.push_str("[[routes.filters]]\nxml_json = { response = \"xml_to_json\" }\n");
+        }
     }
     let _ = write!(
         c,
@@ -405,7 +414,7 @@ fn nginx_config(s: &Shape, dir: &Path) -> String {
     };
     let mut http_extra = String::new();
     match &s.feature {
-        Feature::Plain | Feature::Jwt(_) => {}
+        Feature::Plain | Feature::Jwt(_) | Feature::XmlToJson => {}
         Feature::Headers => {
             // lbd passes the client's Host on; nginx does so only when told.
             location.push_str(
@@ -456,7 +465,7 @@ fn haproxy_config(s: &Shape) -> String {
         .map(|(i, b)| format!("    server s{i} {b}{proto}\n"))
         .collect();
     let edits = match &s.feature {
-        Feature::Plain => String::new(),
+        Feature::Plain | Feature::XmlToJson => String::new(),
         Feature::Headers => "    http-request set-header X-Env prod\n    http-request add-header X-Client %[src]\n    http-response set-header X-Served-By lbd\n".into(),
         // The checks lbd's jwt filter makes: a Bearer token, alg ES256, issuer, audience, not
         // expired, signature (HAProxy ≥ 2.5 `jwt_verify`, key loaded at startup).
@@ -516,7 +525,7 @@ fn envoy_config(s: &Shape) -> String {
         ""
     };
     let filter = match &s.feature {
-        Feature::Plain | Feature::Headers => String::new(),
+        Feature::Plain | Feature::Headers | Feature::XmlToJson => String::new(),
         // forward: true keeps the Authorization header upstream, as lbd and HAProxy do.
         Feature::Jwt(j) => format!(
             "          - name: envoy.filters.http.jwt_authn\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication\n              providers:\n                bench:\n                  issuer: \"{JWT_ISSUER}\"\n                  audiences: [\"{JWT_AUDIENCE}\"]\n                  forward: true\n                  local_jwks: {{filename: \"{}\"}}\n              rules:\n              - match: {{prefix: \"/\"}}\n                requires: {{provider_name: bench}}\n",

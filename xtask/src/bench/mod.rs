@@ -98,6 +98,7 @@ enum FeatureKind {
     Headers,
     Jwt,
     RateLimit,
+    XmlToJson,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -221,7 +222,14 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             tcp: true,
-            ..s("tcp-proxy", keepalive, false, false, 64)
+            ..s("tcp-proxy", keepalive.clone(), false, false, 64)
+        },
+        // A 4 KiB XML catalog converted to JSON on every answer: the body phase (read whole,
+        // convert, send with a new length) on top of http1-keepalive.
+        Scenario {
+            feature: FeatureKind::XmlToJson,
+            base: Some("http1-keepalive"),
+            ..s("http1-keepalive-xml-to-json", keepalive, false, false, 4096)
         },
     ]
 }
@@ -500,12 +508,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let backends = Backends::start(
             &release.join("bench-backend"),
             sc.body_bytes,
+            sc.feature == FeatureKind::XmlToJson,
             layouts[0].1.load,
         )?;
         let feature = match sc.feature {
             FeatureKind::Plain => Feature::Plain,
             FeatureKind::Headers => Feature::Headers,
             FeatureKind::RateLimit => Feature::RateLimit,
+            FeatureKind::XmlToJson => Feature::XmlToJson,
             FeatureKind::Jwt => Feature::Jwt(jwt.clone().context("JWT material")?),
         };
         let tls = sc
@@ -581,7 +591,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if want_idle && !present.is_empty() {
         let conns = if args.quick { 500 } else { IDLE_CONNS };
         eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
-        let backends = Backends::start(&release.join("bench-backend"), 64, Cpus::one(LOAD_CPU))?;
+        let backends = Backends::start(&release.join("bench-backend"), 64, false, Cpus::one(LOAD_CPU))?;
         let shape = Shape {
             port: PROXY_PORT,
             backends: backends.addrs.clone(),
@@ -947,7 +957,7 @@ struct Backends {
 }
 
 impl Backends {
-    fn start(bin: &Path, body_bytes: usize, cpus: Cpus) -> Result<Backends> {
+    fn start(bin: &Path, body_bytes: usize, xml: bool, cpus: Cpus) -> Result<Backends> {
         let addrs: Vec<SocketAddr> = (0..3)
             .map(|i| SocketAddr::from(([127, 0, 0, 1], BACKEND_BASE_PORT + i)))
             .collect();
@@ -955,6 +965,9 @@ impl Backends {
         cmd.args(["-c", &cpus.arg()]).arg(bin);
         for a in &addrs {
             cmd.arg("--listen").arg(a.to_string());
+        }
+        if xml {
+            cmd.arg("--xml");
         }
         cmd.args(["--body-bytes", &body_bytes.to_string()])
             .stdout(Stdio::null())

@@ -14,6 +14,7 @@ pub mod rate_limit_redis;
 pub mod redirect;
 pub mod request_id;
 pub mod template;
+pub mod xml_json;
 
 use std::path::Path;
 
@@ -37,6 +38,7 @@ pub struct RawFilter {
     pub jwt: Option<S<jwt::Raw>>,
     pub api_key: Option<S<api_key::Raw>>,
     pub mirror: Option<S<mirror::Raw>>,
+    pub xml_json: Option<S<xml_json::Raw>>,
 }
 
 /// A validated filter, in config order within its route.
@@ -66,6 +68,8 @@ pub enum FilterSpec {
     ApiKey(api_key::Spec),
     /// Copy requests to a shadow cluster.
     Mirror(mirror::Spec),
+    /// Convert bodies between XML and JSON.
+    XmlJson(xml_json::Spec),
 }
 
 impl FilterSpec {
@@ -84,6 +88,7 @@ impl FilterSpec {
             FilterSpec::Jwt(_) => "jwt",
             FilterSpec::ApiKey(_) => "api_key",
             FilterSpec::Mirror(_) => "mirror",
+            FilterSpec::XmlJson(_) => "xml_json",
         }
     }
 }
@@ -192,6 +197,7 @@ fn check_one(
         ("jwt", r.jwt.is_some()),
         ("api_key", r.api_key.is_some()),
         ("mirror", r.mirror.is_some()),
+        ("xml_json", r.xml_json.is_some()),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.then_some(n))
@@ -199,7 +205,8 @@ fn check_one(
     if set.len() != 1 {
         let msg = if set.is_empty() {
             "a filter needs exactly one of request_headers, response_headers, request_id, \
-             path_rewrite, redirect, direct_response, access, rate_limit, cors, jwt, api_key, mirror"
+             path_rewrite, redirect, direct_response, access, rate_limit, cors, jwt, api_key, mirror, \
+             xml_json"
                 .to_owned()
         } else {
             format!(
@@ -250,6 +257,9 @@ fn check_one(
     }
     if let Some(x) = &r.mirror {
         return mirror::check(c, x, &format!("{key}.mirror"), refs.cluster).map(FilterSpec::Mirror);
+    }
+    if let Some(x) = &r.xml_json {
+        return xml_json::check(c, x, &format!("{key}.xml_json")).map(FilterSpec::XmlJson);
     }
     None
 }

@@ -12,6 +12,16 @@
 //! - **response**: on the response head (the upstream's, or an answer from the request
 //!   phase), in reverse order, for the filters whose request phase ran (Envoy's encode path).
 //!
+//! A filter that needs a whole body says so when the chain is built ([`Filter::buffers`]);
+//! only such chains have a **body phase** (Pingora's `request_body_filter` /
+//! `response_body_filter`, Envoy's `decodeData`/`encodeData` with buffering, reduced to one
+//! call with the whole body). Per exchange the filter then names the bound it buffers up to
+//! (`None`: not this one, say for another content type); the proxy core (`buffered.rs`)
+//! reads the body within the smallest bound asked and hands it to each filter in phase
+//! order (request: config order, after every request head phase; response: reverse order,
+//! before the response head phases), each returning the body that goes on or a [`Reason`].
+//! Bodies of every other route, and of exchanges no filter asks for, stream as before.
+//!
 //! Example, filters `[request_id, access, response_headers]`: a denied client gets the 403
 //! from `access`, which then passes `request_id`'s response phase (the id is echoed) but not
 //! `response_headers`'s (its request phase never ran).
@@ -39,6 +49,7 @@ pub mod redirect;
 pub mod request_id;
 pub mod rewrite;
 pub mod vars;
+pub mod xml_json;
 
 use std::sync::Arc;
 
@@ -84,6 +95,8 @@ pub struct Notes {
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     /// A mirror to start once the upstream head is final (`mirror` filter).
     pub mirror: Option<Box<mirror::Ticket>>,
+    /// What the client accepts, for the `xml_json` response conversion.
+    pub xml_json: xml_json::Note,
 }
 
 /// One request as the filters see it: the head they may change, and what they may read.
@@ -129,6 +142,8 @@ pub enum Filter {
     ApiKey(api_key::ApiKey),
     /// `mirror`.
     Mirror(mirror::Mirror),
+    /// `xml_json`.
+    XmlJson(xml_json::XmlJson),
 }
 
 /// What filters are built with besides their spec: the generation's running parts they may
@@ -163,6 +178,57 @@ impl Filter {
                 // anyway, the route goes on without its shadow rather than failing.
                 None => Filter::RequestHeaders(headers::HeaderEdits::default()),
             },
+            FilterSpec::XmlJson(s) => Filter::XmlJson(xml_json::XmlJson::new(s)),
+        }
+    }
+
+    /// Which bodies this filter may need whole (request, response): fixed when the chain is
+    /// built, so that other chains never enter the body phase.
+    fn buffers(&self) -> (bool, bool) {
+        match self {
+            Filter::XmlJson(x) => x.buffers(),
+            _ => (false, false),
+        }
+    }
+
+    /// The bound up to which this filter takes this request's body whole (`None`: it does
+    /// not need it).
+    fn request_body_limit(&self, head: &http::request::Parts) -> Option<u64> {
+        match self {
+            Filter::XmlJson(x) => x.request_body_limit(head),
+            _ => None,
+        }
+    }
+
+    /// The body phase of a request: the whole body in, the body that goes on out.
+    fn request_body(&self, head: &mut http::request::Parts, body: Bytes) -> Result<Bytes, Reason> {
+        match self {
+            Filter::XmlJson(x) => x.request_body(head, body),
+            _ => Ok(body),
+        }
+    }
+
+    /// The bound up to which this filter takes this response's body whole.
+    fn response_body_limit(
+        &self,
+        head: &http::response::Parts,
+        rx: &ResponseView<'_>,
+    ) -> Option<u64> {
+        match self {
+            Filter::XmlJson(x) => x.response_body_limit(head, rx),
+            _ => None,
+        }
+    }
+
+    /// The body phase of a response.
+    fn response_body(
+        &self,
+        head: &mut http::response::Parts,
+        body: Bytes,
+    ) -> Result<Bytes, Reason> {
+        match self {
+            Filter::XmlJson(x) => x.response_body(head, body),
+            _ => Ok(body),
         }
     }
 
@@ -203,6 +269,10 @@ impl Filter {
                 m.request(ex);
                 Flow::Next
             }
+            Filter::XmlJson(x) => {
+                x.request(ex);
+                Flow::Next
+            }
         }
     }
 
@@ -219,7 +289,8 @@ impl Filter {
             | Filter::DirectResponse(_)
             | Filter::Access(_)
             | Filter::Jwt(_)
-            | Filter::ApiKey(_) => {}
+            | Filter::ApiKey(_)
+            | Filter::XmlJson(_) => {}
             Filter::Mirror(_) => {}
         }
     }
@@ -242,6 +313,10 @@ pub struct ResponseView<'a> {
 #[derive(Debug, Default)]
 pub struct Chain {
     filters: Box<[(FilterSpec, Arc<Filter>)]>,
+    /// Some filter may need the request body whole.
+    request_bodies: bool,
+    /// Some filter may need the response body whole.
+    response_bodies: bool,
 }
 
 impl Chain {
@@ -259,8 +334,83 @@ impl Chain {
                 let f = reused.unwrap_or_else(|| Arc::new(Filter::build(spec, deps)));
                 (spec.clone(), f)
             })
-            .collect();
-        Chain { filters }
+            .collect::<Box<[(FilterSpec, Arc<Filter>)]>>();
+        let (request_bodies, response_bodies) = filters
+            .iter()
+            .map(|(_, f)| f.buffers())
+            .fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1));
+        Chain {
+            filters,
+            request_bodies,
+            response_bodies,
+        }
+    }
+
+    /// Whether the request body phase may run on this chain (fixed at build).
+    pub fn buffers_requests(&self) -> bool {
+        self.request_bodies
+    }
+
+    /// Whether the response body phase may run on this chain (fixed at build).
+    pub fn buffers_responses(&self) -> bool {
+        self.response_bodies
+    }
+
+    /// The bound for this request's body phase: the smallest any of the first `ran` filters
+    /// asks for, `None` when none asks.
+    pub fn request_body_limit(&self, ran: usize, head: &http::request::Parts) -> Option<u64> {
+        self.ran(ran)
+            .iter()
+            .filter_map(|(_, f)| f.request_body_limit(head))
+            .min()
+    }
+
+    /// Runs the request body phase of the first `ran` filters, in config order.
+    pub fn request_body(
+        &self,
+        ran: usize,
+        head: &mut http::request::Parts,
+        mut body: Bytes,
+    ) -> Result<Bytes, Reason> {
+        for (_, f) in self.ran(ran) {
+            if f.request_body_limit(head).is_some() {
+                body = f.request_body(head, body)?;
+            }
+        }
+        Ok(body)
+    }
+
+    /// The bound for this response's body phase (see [`Chain::request_body_limit`]).
+    pub fn response_body_limit(
+        &self,
+        ran: usize,
+        head: &http::response::Parts,
+        rx: &ResponseView<'_>,
+    ) -> Option<u64> {
+        self.ran(ran)
+            .iter()
+            .filter_map(|(_, f)| f.response_body_limit(head, rx))
+            .min()
+    }
+
+    /// Runs the response body phase of the first `ran` filters, last first.
+    pub fn response_body(
+        &self,
+        ran: usize,
+        head: &mut http::response::Parts,
+        rx: &ResponseView<'_>,
+        mut body: Bytes,
+    ) -> Result<Bytes, Reason> {
+        for (_, f) in self.ran(ran).iter().rev() {
+            if f.response_body_limit(head, rx).is_some() {
+                body = f.response_body(head, body)?;
+            }
+        }
+        Ok(body)
+    }
+
+    fn ran(&self, ran: usize) -> &[(FilterSpec, Arc<Filter>)] {
+        &self.filters[..ran.min(self.filters.len())]
     }
 
     /// Whether the route has no filters (both phases are then no-ops).
