@@ -44,6 +44,44 @@ pub unsafe fn u32_in<const OFF: usize>(p: *const u8) -> u32 {
     v as u32
 }
 
+/// Stores `v` (memory order) as the 4 bytes at `OFF` past `p`.
+///
+/// # Safety
+/// As for [`u32_in`]: `p + OFF + 4` must lie within the frame.
+#[inline(always)]
+pub unsafe fn set_u32_in<const OFF: usize>(p: *mut u8, v: u32) {
+    // SAFETY: the caller's bound; see the module docs for alignment.
+    unsafe {
+        asm!("*(u32 *)({0} + {off}) = {1}", in(reg) p, in(reg) v as u64, off = const OFF, options(nostack, preserves_flags));
+    }
+}
+
+/// The 2 bytes at `OFF` past `p` as a `u16` in memory order.
+///
+/// # Safety
+/// As for [`u32_in`]: `p + OFF + 2` must lie within the frame.
+#[inline(always)]
+pub unsafe fn u16_in<const OFF: usize>(p: *const u8) -> u16 {
+    let v: u64;
+    // SAFETY: the caller's bound; see the module docs for alignment.
+    unsafe {
+        asm!("{0} = *(u16 *)({1} + {off})", out(reg) v, in(reg) p, off = const OFF, options(nostack, readonly, preserves_flags));
+    }
+    v as u16
+}
+
+/// Stores `v` (memory order) as the 2 bytes at `OFF` past `p`.
+///
+/// # Safety
+/// As for [`u32_in`]: `p + OFF + 2` must lie within the frame.
+#[inline(always)]
+pub unsafe fn set_u16_in<const OFF: usize>(p: *mut u8, v: u16) {
+    // SAFETY: the caller's bound; see the module docs for alignment.
+    unsafe {
+        asm!("*(u16 *)({0} + {off}) = {1}", in(reg) p, in(reg) v as u64, off = const OFF, options(nostack, preserves_flags));
+    }
+}
+
 /// The 2 bytes at `off` as a `u16` in memory order, or `None` when the frame is shorter.
 #[inline(always)]
 pub fn u16_at(ctx: &XdpContext, off: usize) -> Option<u16> {
