@@ -648,6 +648,77 @@ fn established_flows_survive_ring_changes_but_follow_dead_backends_away() {
     );
 }
 
+/// IPv4 flows live in `FLOWS4` (16-byte key, protocol included), IPv6 flows in `FLOWS`: both
+/// keep their backend across a ring change, and an IPv4 UDP flow with the addresses and ports
+/// of a pinned TCP flow is a flow of its own (a key without the protocol would send it to the
+/// TCP flow's backend, which the UDP VIP does not have).
+#[test]
+fn each_family_pins_its_flows_and_the_ipv4_key_includes_the_protocol() {
+    let Some(mut p) = load() else { return };
+    let mut tcp_vip = vip4();
+    tcp_vip.members = (1..=4).map(|id| (id, 1)).collect();
+    tcp_vip.install(&mut p);
+    let udp_vip = Vip {
+        key: VipKey::v4(VIP4, 80, PROTO_UDP),
+        spec: VipSpec {
+            vip_id: 2,
+            mode: Mode::DsrL2,
+            source_hash_only: false,
+        },
+        members: vec![(10, 1), (11, 1)],
+    };
+    udp_vip.install(&mut p);
+    let mut v6 = vip6();
+    v6.members = (20..=23).map(|id| (id, 1)).collect();
+    v6.install(&mut p);
+    let udp4 = |sport: u16| {
+        cat(
+            eth(0x0800),
+            ipv4(CLIENT4, VIP4, PROTO_UDP, 0, &[], &udp(sport, 80, b"query")),
+        )
+    };
+
+    let mut pinned = Vec::new();
+    for i in 0..100u16 {
+        let sport = 40_000 + i;
+        let t = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        let bt = tcp_vip.predict(&t).expect("tcp backend");
+        assert_eq!(got.frame[0..6], backend_mac(bt), "tcp {sport}");
+        let u = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_UDP);
+        let got = run(&mut p, &udp4(sport));
+        let bu = udp_vip.predict(&u).expect("udp backend");
+        assert_eq!(got.action, XDP_TX);
+        assert_eq!(got.frame[0..6], backend_mac(bu), "udp {sport}");
+        let k6 = FlowKey::v6(CLIENT6, sport, VIP6, 53, PROTO_UDP);
+        let got = run(&mut p, &udp6(CLIENT6, sport, VIP6, 53));
+        let b6 = v6.predict(&k6).expect("v6 backend");
+        assert_eq!(got.frame[0..6], backend_mac(b6), "v6 {sport}");
+        pinned.push((sport, bt, b6));
+    }
+
+    // New rings for both families; every pinned flow stays where it was.
+    tcp_vip.members.push((5, 1));
+    tcp_vip.install(&mut p);
+    v6.members.push((24, 1));
+    v6.install(&mut p);
+    let (mut moved4, mut moved6) = (0, 0);
+    for &(sport, bt, b6) in &pinned {
+        let got = run(&mut p, &tcp4(CLIENT4, sport, VIP4, 80));
+        assert_eq!(got.frame[0..6], backend_mac(bt), "tcp flow {sport} moved");
+        let got = run(&mut p, &udp6(CLIENT6, sport, VIP6, 53));
+        assert_eq!(got.frame[0..6], backend_mac(b6), "v6 flow {sport} moved");
+        let t = FlowKey::v4(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+        moved4 += usize::from(tcp_vip.predict(&t) != Some(bt));
+        let k6 = FlowKey::v6(CLIENT6, sport, VIP6, 53, PROTO_UDP);
+        moved6 += usize::from(v6.predict(&k6) != Some(b6));
+    }
+    assert!(
+        moved4 > 0 && moved6 > 0,
+        "both rings must change, or this test proves nothing ({moved4}, {moved6})"
+    );
+}
+
 #[test]
 fn source_hash_vip_sends_all_flows_of_a_client_to_one_backend() {
     let Some(mut p) = load() else { return };

@@ -24,7 +24,10 @@
 //! router alert / timestamps that the kernel handles).
 #![no_std]
 #![no_main]
+// Inline asm for word-sized packet loads (`load`); the host clippy build does not need it.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+mod load;
 mod pkt;
 
 use aya_ebpf::{
@@ -36,9 +39,9 @@ use aya_ebpf::{
 };
 use lb_common::l4::{
     encap_flow_label, encap_src_v4, encap_src_v6, flow_hash, ring_index, v4_addr, BackendInfo,
-    Counters, EncapConfig, FlowKey, FlowValue, Ifaces, Mode, Reason, Stats, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS, MAX_IFACES,
-    MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    Counters, EncapConfig, FlowKey, FlowKey4, FlowValue, Ifaces, Mode, Reason, Stats, VipKey,
+    VipMeta, BACKEND_F_ACTIVE, ENCAP_TTL, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_FLOWS,
+    MAX_IFACES, MAX_RINGS, MAX_VIPS, PROTO_TCP, PROTO_UDP, RING_SIZE,
 };
 use pkt::{ptr_at, read};
 
@@ -54,7 +57,12 @@ static RINGS: Array<u32> = Array::with_max_entries(MAX_RINGS * RING_SIZE, 0);
 #[map(name = "BACKENDS")]
 static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Established flows → backend, so ring changes do not move existing connections.
+/// Established IPv4 flows → backend, so ring changes do not move existing connections.
+/// Apart from IPv6's so that an IPv4 hit hashes a 16-byte key, not a 40-byte one.
+#[map(name = "FLOWS4")]
+static FLOWS4: LruHashMap<FlowKey4, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Established IPv6 flows → backend.
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
@@ -106,8 +114,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             }
             action
         }
-        // Never: the map has its one entry from load time on.
-        None => process(&ctx, None).0,
+        // Never: the map has its one entry from load time on. Not `process(&ctx, None)`:
+        // that would be a second inlined copy of the whole program for a dead branch.
+        None => xdp_action::XDP_PASS,
     }
 }
 
@@ -119,74 +128,224 @@ fn add(c: Option<&mut Counters>, bytes: u64) {
     }
 }
 
-/// Parses up to the ports and builds the flow key and the offset of the IP header, or says
-/// why the packet is not ours. `len` is the frame's length.
+/// A flow key and its flow table: IPv4's short key in `FLOWS4`, IPv6's long one in `FLOWS`.
+///
+/// The forwarding path is generic over it, so each family gets its own copy with nothing to
+/// dispatch on. (An enum of the two keys did not work: LLVM merged both families' paths and
+/// stored the other variant's undefined bytes, a packet pointer among them, into the key,
+/// which the verifier rejects as a partial pointer spill.)
+trait Key {
+    /// The `VIPS` entry of the VIP the flow addresses.
+    fn vip_meta(&self) -> Option<VipMeta>;
+    /// The backend pinned in the flow table, if any.
+    fn pinned(&self) -> Option<u32>;
+    /// Pins the flow; a full LRU evicts the oldest flow, a failed insert only costs a re-hash.
+    fn pin(&self, v: &FlowValue);
+    /// [`ring_index`] of the flow (for IPv4 on the long key, so backends do not change).
+    fn ring_index(&self, meta: &VipMeta) -> u32;
+    /// [`flow_hash`] of the flow (what `ipip` spreads outer sources and labels by).
+    fn hash(&self) -> u32;
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    const FAMILY: u8;
+}
+
+// The IPv4 key is widened inside the hash: inlined, its zero bytes fold away, whereas a
+// widened key kept around is a 40-byte stack copy (the stack limit is 512 bytes).
+impl Key for FlowKey4 {
+    #[inline(always)]
+    fn vip_meta(&self) -> Option<VipMeta> {
+        // `FlowKey4::vip` as five word stores into a 4-aligned buffer: `VipKey` is 2-aligned,
+        // and LLVM's BPF backend builds one in place with byte stores and a call to a
+        // byte-loop `memset` for the zero tail of the address.
+        let mut last = (self.dport as u32) | (self.proto as u32) << 16;
+        last |= (FAMILY_V4 as u32) << 24;
+        let words: [u32; 5] = [self.dst, 0, 0, 0, u32::from_le(last)];
+        // SAFETY: `VipKey` is `repr(C)`, 20 bytes of integers with no padding, 2-aligned;
+        // the little-endian words lay out addr (IPv4 and zeros), port, proto, family.
+        let vip = unsafe { &*(words.as_ptr() as *const VipKey) };
+        // SAFETY: VIPS is updated by replacing whole values; we copy the value out at once.
+        unsafe { VIPS.get(vip) }.copied()
+    }
+    #[inline(always)]
+    fn pinned(&self) -> Option<u32> {
+        // SAFETY: the LRU entry stays valid during this program run (RCU); we only read it.
+        unsafe { FLOWS4.get(self) }.map(|v| v.backend)
+    }
+    #[inline(always)]
+    fn pin(&self, v: &FlowValue) {
+        let _ = FLOWS4.insert(self, v, 0);
+    }
+    #[inline(always)]
+    fn ring_index(&self, meta: &VipMeta) -> u32 {
+        ring_index(meta, &self.widen())
+    }
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        flow_hash(&self.widen())
+    }
+    const FAMILY: u8 = FAMILY_V4;
+}
+
+impl Key for FlowKey {
+    #[inline(always)]
+    fn vip_meta(&self) -> Option<VipMeta> {
+        // SAFETY: as for `FlowKey4`.
+        unsafe { VIPS.get(self.vip()) }.copied()
+    }
+    #[inline(always)]
+    fn pinned(&self) -> Option<u32> {
+        // SAFETY: as for `FlowKey4`.
+        unsafe { FLOWS.get(self) }.map(|v| v.backend)
+    }
+    #[inline(always)]
+    fn pin(&self, v: &FlowValue) {
+        let _ = FLOWS.insert(self, v, 0);
+    }
+    #[inline(always)]
+    fn ring_index(&self, meta: &VipMeta) -> u32 {
+        ring_index(meta, self)
+    }
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        flow_hash(self)
+    }
+    const FAMILY: u8 = FAMILY_V6;
+}
+
+/// Parses the L2 header: the ethertype and the offset of the IP header, or why the packet
+/// is not ours.
 #[inline(always)]
-fn parse(ctx: &XdpContext, len: usize) -> Result<(FlowKey, usize), Reason> {
-    let mut ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(Reason::PassTruncatedL3)?);
+fn parse_l2(ctx: &XdpContext) -> Result<(u16, usize), Reason> {
+    let mut ethertype = u16::from_be(load::u16_at(ctx, 12).ok_or(Reason::PassTruncatedL3)?);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be(read::<u16>(ctx, 16).ok_or(Reason::PassTruncatedL3)?);
+        ethertype = u16::from_be(load::u16_at(ctx, 16).ok_or(Reason::PassTruncatedL3)?);
         l3 = ETH_HLEN + VLAN_HLEN;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             return Err(Reason::PassVlanStacked);
         }
     }
-    let (src, dst, proto, family, l4, ip_end) = match ethertype {
-        ETH_P_IP => {
-            let hdr = read::<[u8; IPV4_HLEN]>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
-            if hdr[0] >> 4 != 4 || hdr[0] & 0x0f < 5 {
-                return Err(Reason::PassBadIpHeader);
-            }
-            if hdr[0] & 0x0f != 5 {
-                return Err(Reason::PassIpOptions);
-            }
-            // More-fragments flag or a non-zero fragment offset.
-            if (hdr[6] & 0x3f) != 0 || hdr[7] != 0 {
-                return Err(Reason::PassFragment);
-            }
-            let tot = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
-            if tot < IPV4_HLEN {
-                return Err(Reason::PassBadLength);
-            }
-            let s = v4_addr([hdr[12], hdr[13], hdr[14], hdr[15]]);
-            let d = v4_addr([hdr[16], hdr[17], hdr[18], hdr[19]]);
-            (s, d, hdr[9], FAMILY_V4, l3 + IPV4_HLEN, l3 + tot)
-        }
-        ETH_P_IPV6 => {
-            let h = read::<[u8; 8]>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
-            let s = read::<[u8; 16]>(ctx, l3 + 8).ok_or(Reason::PassTruncatedL3)?;
-            let d = read::<[u8; 16]>(ctx, l3 + 24).ok_or(Reason::PassTruncatedL3)?;
-            let next = h[6];
-            if h[0] >> 4 != 6 {
-                return Err(Reason::PassBadIpHeader);
-            }
-            if next != PROTO_TCP && next != PROTO_UDP && is_ipv6_ext(next) {
-                return Err(Reason::PassIpv6ExtHeader);
-            }
-            let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
-            (s, d, next, FAMILY_V6, l3 + IPV6_HLEN, l3 + IPV6_HLEN + plen)
-        }
-        _ => return Err(Reason::PassNotIp),
-    };
+    Ok((ethertype, l3))
+}
+
+/// Parses an IPv6 packet at `l3` up to the ports and builds the flow key, or says why the
+/// packet is not ours. `len` is the frame's length.
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, len: usize, l3: usize) -> Result<FlowKey, Reason> {
+    let h = read::<[u8; 8]>(ctx, l3).ok_or(Reason::PassTruncatedL3)?;
+    let src = read::<[u8; 16]>(ctx, l3 + 8).ok_or(Reason::PassTruncatedL3)?;
+    let dst = read::<[u8; 16]>(ctx, l3 + 24).ok_or(Reason::PassTruncatedL3)?;
+    let proto = h[6];
+    if h[0] >> 4 != 6 {
+        return Err(Reason::PassBadIpHeader);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP && is_ipv6_ext(proto) {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
+    let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let (l4, ip_end) = (l3 + IPV6_HLEN, l3 + IPV6_HLEN + plen);
     // `ip_end` is where the IP header says the packet ends. Fewer bytes claimed than present is
     // normal (Ethernet pads short frames to 60 bytes); more is a lie that `ipip` would copy
     // into the outer header. Checked after the headers were read, so that a frame cut inside
     // them keeps its `pass_truncated_*` reason.
-    if (family == FAMILY_V4 && proto == IPPROTO_ICMP)
-        || (family == FAMILY_V6 && proto == IPPROTO_ICMPV6)
-    {
-        let key = icmp_error(ctx, family, dst, l4)?;
+    if proto == IPPROTO_ICMPV6 {
+        let key = icmp_error(ctx, FAMILY_V6, dst, l4)?;
         if ip_end > len {
             return Err(Reason::PassBadLength);
         }
-        return Ok((key, l3));
+        return Ok(key);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
     }
     // Source and destination port are the first 4 bytes of both TCP and UDP headers.
     let ports = read::<[u16; 2]>(ctx, l4).ok_or(Reason::PassTruncatedL4)?;
+    check_l4(ctx, len, proto, l4, ip_end)?;
+    let key = FlowKey {
+        src,
+        dst,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    };
+    Ok(key)
+}
+
+/// [`parse_v6`] for IPv4; every header field is read with word loads (the hit path's parse
+/// cost was mostly byte loads and shifts).
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, len: usize, l3: usize) -> Result<FlowKey4, Reason> {
+    // Version/IHL, TOS, total length; identification, flags/fragment offset; TTL, protocol,
+    // checksum (each `from_be`, so byte 0 of the word is its top byte).
+    let hdr = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3).ok_or(Reason::PassTruncatedL3)? as *const u8;
+    // SAFETY: `ptr_at` checked that all 20 bytes are in the frame.
+    let (w0, w1, w2, src, dst) = unsafe {
+        (
+            u32::from_be(load::u32_in::<0>(hdr)),
+            u32::from_be(load::u32_in::<4>(hdr)),
+            u32::from_be(load::u32_in::<8>(hdr)),
+            load::u32_in::<12>(hdr),
+            load::u32_in::<16>(hdr),
+        )
+    };
+    let ver_ihl = (w0 >> 24) as u8;
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return Err(Reason::PassBadIpHeader);
+    }
+    if ver_ihl & 0x0f != 5 {
+        return Err(Reason::PassIpOptions);
+    }
+    // More-fragments flag or a non-zero fragment offset.
+    if w1 & 0x3fff != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let tot = (w0 & 0xffff) as usize;
+    if tot < IPV4_HLEN {
+        return Err(Reason::PassBadLength);
+    }
+    let proto = (w2 >> 16) as u8;
+    let l4 = l3 + IPV4_HLEN;
+    let ip_end = l3 + tot;
+    if proto == IPPROTO_ICMP {
+        let key = icmp_error(ctx, FAMILY_V4, v4_addr(dst.to_ne_bytes()), l4)?;
+        if ip_end > len {
+            return Err(Reason::PassBadLength);
+        }
+        return Ok(FlowKey4::narrow(&key));
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    // Source and destination port, in wire order, are the first 4 bytes of TCP and UDP.
+    let ports = load::u32_at(ctx, l4).ok_or(Reason::PassTruncatedL4)?;
+    check_l4(ctx, len, proto, l4, ip_end)?;
+    Ok(key4([src, dst, ports, proto as u32]))
+}
+
+/// A [`FlowKey4`] from its four words as they lie in memory: source, destination, the two
+/// ports as read from the packet, protocol (low byte; the padding above it zero).
+///
+/// Built as words because field by field LLVM's BPF backend fills the 3-byte padding with a
+/// call to a byte-loop `memset`.
+#[inline(always)]
+fn key4(words: [u32; 4]) -> FlowKey4 {
+    // SAFETY: `FlowKey4` is `repr(C)`, 16 bytes of integers with no implicit padding; on
+    // little-endian BPF the last word's low byte is `proto` and the three above it `_pad`.
+    unsafe { core::mem::transmute::<[u32; 4], FlowKey4>(words) }
+}
+
+/// The length checks after the ports were read: the IP length within the frame, the TCP data
+/// offset or the UDP length within the IP payload.
+#[inline(always)]
+fn check_l4(
+    ctx: &XdpContext,
+    len: usize,
+    proto: u8,
+    l4: usize,
+    ip_end: usize,
+) -> Result<(), Reason> {
     if ip_end > len {
         return Err(Reason::PassBadLength);
     }
@@ -207,22 +366,12 @@ fn parse(ctx: &XdpContext, len: usize) -> Result<(FlowKey, usize), Reason> {
         if l4_len < UDP_HLEN {
             return Err(Reason::PassBadLength);
         }
-        let ul = read::<[u8; 2]>(ctx, l4 + 4).ok_or(Reason::PassTruncatedL4)?;
-        let ulen = u16::from_be_bytes(ul) as usize;
-        if ulen < UDP_HLEN || ulen > l4_len {
+        let ulen = u16::from_be(load::u16_at(ctx, l4 + 4).ok_or(Reason::PassTruncatedL4)?);
+        if (ulen as usize) < UDP_HLEN || ulen as usize > l4_len {
             return Err(Reason::PassBadLength);
         }
     }
-    let key = FlowKey {
-        src,
-        dst,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        family,
-        _pad: [0; 2],
-    };
-    Ok((key, l3))
+    Ok(())
 }
 
 /// An ICMP error about a packet a backend sent from a VIP (in DSR the backend answers clients
@@ -291,14 +440,24 @@ fn is_ipv6_ext(next: u8) -> bool {
 #[inline(always)]
 fn to_our_mac(ctx: &XdpContext) -> bool {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let (Some(ifaces), Some(dst)) = (IFACES.get(0), read::<[u8; 6]>(ctx, 0)) else {
+    let (Some(ifaces), Some(eth)) = (IFACES.get(0), ptr_at::<[u8; 6]>(ctx, 0)) else {
         return false;
+    };
+    // The destination MAC as a word and a half-word (one load each instead of six).
+    // SAFETY: `ptr_at` checked the 6 bytes.
+    let (d0, d1) = unsafe {
+        (
+            load::u32_in::<0>(eth as *const u8),
+            load::u16_in::<4>(eth as *const u8),
+        )
     };
     let mut i = 0;
     while i < MAX_IFACES as usize {
         let s = &ifaces.slots[i];
         if s.ifindex == ifindex {
-            return s.mac == dst;
+            let m = &s.mac;
+            return u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) == d0
+                && u16::from_ne_bytes([m[4], m[5]]) == d1;
         }
         i += 1;
     }
@@ -307,14 +466,36 @@ fn to_our_mac(ctx: &XdpContext) -> bool {
 
 #[inline(always)]
 fn process(ctx: &XdpContext, vips: Option<&mut [Counters; MAX_VIPS as usize]>) -> (u32, Reason) {
-    let len = ctx.data_end() - ctx.data();
-    let (key, l3) = match parse(ctx, len) {
-        Ok(k) => k,
+    let len = load::opaque(ctx.data_end() - ctx.data());
+    // Plain matches, not closures: a closure is not `inline(always)` and became a BPF call.
+    let (ethertype, l3) = match parse_l2(ctx) {
+        Ok(v) => v,
         Err(r) => return (xdp_action::XDP_PASS, r),
     };
-    // SAFETY: VIPS is updated by replacing whole values; we copy the value out at once.
-    let meta = match unsafe { VIPS.get(key.vip()) } {
-        Some(m) => *m,
+    match ethertype {
+        ETH_P_IP => match parse_v4(ctx, len, l3) {
+            Ok(k) => forward(ctx, &k, l3, len, vips),
+            Err(r) => (xdp_action::XDP_PASS, r),
+        },
+        ETH_P_IPV6 => match parse_v6(ctx, len, l3) {
+            Ok(k) => forward(ctx, &k, l3, len, vips),
+            Err(r) => (xdp_action::XDP_PASS, r),
+        },
+        _ => (xdp_action::XDP_PASS, Reason::PassNotIp),
+    }
+}
+
+/// Everything after the parse: VIP lookup, backend choice, the rewrite, the counters.
+#[inline(always)]
+fn forward<K: Key>(
+    ctx: &XdpContext,
+    key: &K,
+    l3: usize,
+    len: usize,
+    vips: Option<&mut [Counters; MAX_VIPS as usize]>,
+) -> (u32, Reason) {
+    let meta = match key.vip_meta() {
+        Some(m) => m,
         None => return (xdp_action::XDP_PASS, Reason::PassNotVip),
     };
     // Checked only for VIP packets: everything else is passed anyway, and keeps its reason.
@@ -324,13 +505,13 @@ fn process(ctx: &XdpContext, vips: Option<&mut [Counters; MAX_VIPS as usize]>) -
     let bytes = len as u64;
     add(vips.and_then(|v| v.get_mut(meta.vip_id as usize)), bytes);
 
-    let (id, backend) = match pick(&key, &meta) {
+    let (id, backend) = match pick(key, &meta) {
         Ok(b) => b,
         Err(r) => return (xdp_action::XDP_DROP, r),
     };
     let out = match Mode::from_u32(meta.mode) {
-        Some(Mode::DsrL2) => dsr_l2(ctx, &backend),
-        Some(Mode::Ipip) => ipip(ctx, &key, l3, &backend),
+        Some(Mode::DsrL2) => dsr_l2(ctx, backend),
+        Some(Mode::Ipip) => ipip(ctx, key, l3, backend),
         None => Err(Reason::DropBadMode),
     };
     match out {
@@ -346,14 +527,15 @@ fn process(ctx: &XdpContext, vips: Option<&mut [Counters; MAX_VIPS as usize]>) -
 }
 
 /// The backend of an established flow if it is still active, else a new one from the ring.
+///
+/// The backend is borrowed from `BACKENDS` (array values live as long as the map), not
+/// copied: LLVM copied it into byte-wide stack slots and rebuilt the MAC from them.
 #[inline(always)]
-fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
-    // SAFETY: the LRU entry stays valid during this program run (RCU); we only read it.
-    if let Some(fv) = unsafe { FLOWS.get(key) } {
-        let id = fv.backend;
+fn pick<K: Key>(key: &K, meta: &VipMeta) -> Result<(u32, &'static BackendInfo), Reason> {
+    if let Some(id) = key.pinned() {
         if let Some(b) = BACKENDS.get(id) {
             if b.flags & BACKEND_F_ACTIVE != 0 {
-                return Ok((id, *b));
+                return Ok((id, b));
             }
         }
     }
@@ -361,9 +543,9 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
         return Err(Reason::DropNoBackend);
     }
     let id = *RINGS
-        .get(ring_index(meta, key))
+        .get(key.ring_index(meta))
         .ok_or(Reason::DropBackendMissing)?;
-    let b = *BACKENDS.get(id).ok_or(Reason::DropBackendMissing)?;
+    let b = BACKENDS.get(id).ok_or(Reason::DropBackendMissing)?;
     if b.flags & BACKEND_F_ACTIVE == 0 {
         return Err(Reason::DropBackendMissing);
     }
@@ -374,8 +556,7 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
         // costs more than the rest of the lookup, and the LRU already keeps recency.
         created_ns: unsafe { bpf_ktime_get_ns() },
     };
-    // A full LRU evicts the oldest flow; a failed insert only costs a later re-hash.
-    let _ = FLOWS.insert(key, fv, 0);
+    key.pin(&fv);
     Ok((id, b))
 }
 
@@ -384,16 +565,16 @@ fn pick(key: &FlowKey, meta: &VipMeta) -> Result<(u32, BackendInfo), Reason> {
 /// untouched.
 #[inline(always)]
 fn dsr_l2(ctx: &XdpContext, b: &BackendInfo) -> Result<Reason, Reason> {
-    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Reason::PassTruncatedL3)?;
-    // SAFETY: bounds checked by `ptr_at`; byte arrays need no alignment.
+    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Reason::PassTruncatedL3)? as *mut u8;
+    let m = &b.mac;
+    // SAFETY: `ptr_at` checked the 12 bytes. Word and half-word moves: byte by byte this was
+    // 18 loads and 12 stores.
     unsafe {
-        let macs = &mut *eth;
-        let mut i = 0;
-        while i < 6 {
-            macs[6 + i] = macs[i];
-            macs[i] = b.mac[i];
-            i += 1;
-        }
+        let (d0, d1) = (load::u32_in::<0>(eth), load::u16_in::<4>(eth));
+        load::set_u32_in::<6>(eth, d0);
+        load::set_u16_in::<10>(eth, d1);
+        load::set_u32_in::<0>(eth, u32::from_ne_bytes([m[0], m[1], m[2], m[3]]));
+        load::set_u16_in::<4>(eth, u16::from_ne_bytes([m[4], m[5]]));
     }
     Ok(Reason::TxDsrL2)
 }
@@ -403,13 +584,13 @@ fn dsr_l2(ctx: &XdpContext, b: &BackendInfo) -> Result<Reason, Reason> {
 /// MAC. The inner packet is untouched; `IPPROTO_IPIP` (4) carries IPv4 and `IPPROTO_IPV6` (41)
 /// carries IPv6, so 4in4, 6in6, 4in6 and 6in4 all work.
 #[inline(always)]
-fn ipip(ctx: &XdpContext, key: &FlowKey, l3: usize, b: &BackendInfo) -> Result<Reason, Reason> {
+fn ipip<K: Key>(ctx: &XdpContext, key: &K, l3: usize, b: &BackendInfo) -> Result<Reason, Reason> {
     let cfg = *ENCAP.get(0).ok_or(Reason::DropEncapFailed)?;
-    let hash = flow_hash(key);
+    let hash = key.hash();
     // What the outer header copies from the inner one: length (`parse` checked it against the
     // bytes present) and traffic class (RFC 6040 "normal mode" copies ECN, and DSCP is kept for
     // QoS on the way to the backend).
-    let (inner_len, tclass, inner_proto) = if key.family == FAMILY_V4 {
+    let (inner_len, tclass, inner_proto) = if K::FAMILY == FAMILY_V4 {
         let h = read::<[u8; 4]>(ctx, l3).ok_or(Reason::DropEncapFailed)?;
         (u16::from_be_bytes([h[2], h[3]]) as u32, h[1], IPPROTO_IPIP)
     } else {

@@ -101,7 +101,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> L4Error {
 pub struct LoadOptions {
     /// VIPs this instance may hold (two rings of [`RING_SIZE`] slots each are allocated per VIP).
     pub max_vips: u32,
-    /// Entries of the LRU flow table.
+    /// Entries of each LRU flow table (IPv4 and IPv6 have one each).
     pub max_flows: u32,
 }
 
@@ -183,6 +183,8 @@ impl L4Program {
         let ebpf = EbpfLoader::new()
             .map_max_entries("VIPS", max_vips)
             .map_max_entries("RINGS", 2 * max_vips * RING_SIZE)
+            // IPv4 and IPv6 flows have a table each (FLOWS4, FLOWS), each of this size.
+            .map_max_entries("FLOWS4", opts.max_flows.max(1))
             .map_max_entries("FLOWS", opts.max_flows.max(1))
             .load(object)?;
         let mut me = L4Program {
