@@ -591,7 +591,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if want_idle && !present.is_empty() {
         let conns = if args.quick { 500 } else { IDLE_CONNS };
         eprintln!("bench: scenario {IDLE_SCENARIO} ({conns} connections)");
-        let backends = Backends::start(&release.join("bench-backend"), 64, false, Cpus::one(LOAD_CPU))?;
+        let backends = Backends::start(
+            &release.join("bench-backend"),
+            64,
+            false,
+            Cpus::one(LOAD_CPU),
+        )?;
         let shape = Shape {
             port: PROXY_PORT,
             backends: backends.addrs.clone(),
