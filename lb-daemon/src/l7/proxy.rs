@@ -200,7 +200,10 @@ pub async fn handle(
         retry: route.retry.as_ref().unwrap_or(&cluster.config.retry),
         forwarding,
     };
-    let resp = match call.send(&mut head, body, &mut log).await {
+    // Boxed: inline, the attempt loop's state (~4 KiB) sat in every request's future, which
+    // the connection task moves into its box: 33.0k → 27.3k instructions per keep-alive
+    // request for one allocation (bench/callgrind.sh).
+    let resp = match Box::pin(call.send(&mut head, body, &mut log)).await {
         Ok(mut resp) => {
             if let Some(v) = split_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, v.clone());
