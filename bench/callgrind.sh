@@ -76,25 +76,8 @@ if [ "$build" = 1 ]; then
     (cd "$root" && cargo build --release -p lb-daemon -p lb-bench-backend)
 fi
 
-# A free loopback port (bound and released by the kernel's choice).
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 1 600); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "port $1 not accepting" >&2
-    return 1
-}
-
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 
 b1=$(free_port); b2=$(free_port); b3=$(free_port); lp=$(free_port)
 "$backend" --listen "127.0.0.1:$b1" --listen "127.0.0.1:$b2" --listen "127.0.0.1:$b3" \

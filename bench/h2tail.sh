@@ -59,30 +59,14 @@ case "$scenario" in
     *) echo "unknown scenario: $scenario (h2 or grpc)" >&2; exit 2 ;;
 esac
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 1 300); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 not accepting" >&2
-    return 1
-}
-
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 
 b1=$(free_port); b2=$(free_port); b3=$(free_port); lp=$(free_port)
 taskset -c 1 "$backend" --listen "127.0.0.1:$b1" --listen "127.0.0.1:$b2" \
     --listen "127.0.0.1:$b3" --body-bytes 64 2>"$run/backend.log" &
 pids+=($!)
-wait_port "$b1"
+wait_port "$b1" 300 0.05
 
 cat >"$run/lb.toml" <<EOF
 [global]
@@ -159,7 +143,7 @@ measure() {
     esac
     pid=$!
     pids+=("$pid")
-    wait_port "$lp"
+    wait_port "$lp" 300 0.05
     taskset -c 1 h2load -t1 -c "$C" -m "$M" -n "$W" "${load[@]}" "http://127.0.0.1:$lp/" \
         >"$run/warm.txt"
     local t0 t1 log=$run/$who.$rep.log
