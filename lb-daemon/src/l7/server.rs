@@ -280,10 +280,12 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                 scheme: Scheme::Https,
                 ..info
             };
-            Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx)).await
+            let serving = Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx));
+            serving.await
         }
         (None, ListenerProtocol::H2c) => {
-            Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx)).await
+            let serving = Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx));
+            serving.await
         }
         (None, ListenerProtocol::Http) => {
             let h1 = h1server::ConnCtx {
@@ -296,7 +298,8 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             match h1server::serve(stream, h1).await {
                 h1server::End::Closed(reason) => reason,
                 h1server::End::H2(stream, preface) => {
-                    Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx)).await
+                    let serving = Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx));
+                    serving.await
                 }
             }
         }
@@ -395,7 +398,8 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             // future several times while spawning it (into the task cell, then onto the heap);
             // with the request's whole state machine inline (kilobytes) those moves cost more
             // than the allocation (bench/callgrind.sh --scenario h2).
-            let resp = Box::pin(proxy::handle(rt, info, req)).await;
+            let handling = Box::pin(proxy::handle(rt, info, req));
+            let resp = handling.await;
             Ok(resp.map(|b| Budgeted::new(b, &budget)))
         }
     });

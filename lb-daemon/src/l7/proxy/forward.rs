@@ -233,7 +233,8 @@ impl Call<'_> {
                         guard,
                         body: req_body,
                     };
-                    Box::pin(self.hedged(head, first, replay.as_ref(), time, delay)).await
+                    let hedging = Box::pin(self.hedged(head, first, replay.as_ref(), time, delay));
+                    hedging.await
                 }
             };
             tried[attempt] = idx;
