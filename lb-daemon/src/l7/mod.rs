@@ -37,6 +37,7 @@ pub mod sticky;
 pub mod tcp_proxy;
 pub mod tickets;
 pub mod tls;
+pub mod tls_stats;
 pub mod trace;
 pub mod upstream;
 pub mod upstream_tls;
