@@ -81,7 +81,7 @@ pub struct TlsView {
     pub listener: String,
     /// Handshakes completed and failed, by version, ALPN and failure reason.
     #[serde(flatten)]
-    pub counts: crate::l7::tls_stats::TlsCounts,
+    pub counts: crate::l7::tls::stats::TlsCounts,
     /// Its certificates.
     pub certificates: Vec<CertificateView>,
 }
@@ -226,7 +226,7 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
             .filter_map(|l| {
                 l.tls.as_ref().map(|t| TlsView {
                     listener: l.name.clone(),
-                    counts: crate::l7::tls_stats::counts(&l.name),
+                    counts: crate::l7::tls::stats::counts(&l.name),
                     certificates: certificates(&l.name, t),
                 })
             })

@@ -3,6 +3,12 @@
 //!
 //! lbd answers by itself only when it must, always naming the [`Reason`] in `x-lbd-error`
 //! (see `reason.rs` for every one and its status).
+pub mod buffered;
+pub mod forward;
+pub mod https_redirect;
+pub mod retry;
+pub mod split;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,22 +16,22 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Version, header};
 use hyper::body::Body as _;
 
-use super::answer;
-use super::body::ResponseBody;
-use super::buffered::{self, Rewritten};
-use super::conn::ConnInfo;
-use super::downstream::DownstreamBody;
-use super::filter::vars::request_host;
-use super::filter::{Chain, Exchange, Flow, Notes, ResponseView};
-use super::forward::{Call, Failure};
-use super::grpc;
-use super::headers::{self, Forwarding};
-use super::log::RequestLog;
-use super::reason::Reason;
-use super::router;
-use super::runtime::{ListenerRuntime, Runtime};
-use super::upstream::{self, UpstreamBody};
 use crate::config::model::{HashKey, Policy};
+use crate::l7::answer;
+use crate::l7::body::ResponseBody;
+use crate::l7::cluster::upstream::{self, UpstreamBody};
+use crate::l7::conn::ConnInfo;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::filter::vars::request_host;
+use crate::l7::filter::{Chain, Exchange, Flow, Notes, ResponseView};
+use crate::l7::grpc;
+use crate::l7::headers::{self, Forwarding};
+use crate::l7::log::RequestLog;
+use crate::l7::proxy::forward::{Call, Failure};
+use crate::l7::reason::Reason;
+use crate::l7::router;
+use crate::l7::runtime::{ListenerRuntime, Runtime};
+use buffered::Rewritten;
 
 /// Handles one request against the runtime snapshot `rt`.
 pub async fn handle(
@@ -54,7 +60,7 @@ pub async fn handle(
         return fail(log, f);
     }
     if listener.redirect_https {
-        let (mut head, bytes) = super::https_redirect::answer(&parts).into_parts();
+        let (mut head, bytes) = crate::l7::proxy::https_redirect::answer(&parts).into_parts();
         head.version = log.version;
         log.status = head.status.as_u16();
         // The body is left unread: the connection cannot carry another request.
@@ -377,7 +383,7 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     if let Some(h) = &conn.cert_headers {
         h.apply(&mut head.headers);
     }
-    // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
+    // An HTTP/2 upstream gets the host as :authority instead (l7/h2/pool.rs).
 }
 
 /// Whether the balancer keys on a field the forwarding headers set (it must see them).
@@ -421,7 +427,7 @@ fn downstream_head(parts: &mut http::response::Parts, log: &mut RequestLog) {
 /// Hands the response's digest to a mirror comparing answers, as its body streams.
 fn tap(
     resp: Response<ResponseBody>,
-    tx: tokio::sync::oneshot::Sender<super::body::Digest>,
+    tx: tokio::sync::oneshot::Sender<crate::l7::body::Digest>,
     limit: u64,
 ) -> Response<ResponseBody> {
     let status = resp.status().as_u16();

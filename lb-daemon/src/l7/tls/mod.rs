@@ -1,10 +1,16 @@
 //! Downstream TLS termination with rustls: the server config built from a listener's
 //! validated `[listeners.tls]` (certificate chosen by SNI, ALPN, versions), the handshake with
-//! its timeout, and the handshake counts (kept in [`super::tls_stats`]).
+//! its timeout, and the handshake counts (kept in [`stats`]).
 //!
 //! A listener's [`TlsListener`] is part of its `ListenerRuntime`, so a reload that changes a
 //! certificate file gives new handshakes the new certificate while established sessions keep
 //! theirs.
+pub mod hello;
+pub mod peer_cert;
+pub mod stats;
+pub mod tickets;
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -16,10 +22,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::conn::CertHeaders;
-use super::tls_stats::TlsStats;
 use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName};
+use crate::l7::conn::CertHeaders;
 use crate::telemetry::metrics as m;
+use stats::TlsStats;
 
 /// Certificates serving one name, in config order: usually one; an RSA and an ECDSA one when
 /// the operator lists both, so each client gets one it can verify.
@@ -137,7 +143,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// Why a handshake failed (the `reason` label of `lbd_tls_handshake_failures_total`, in the
-/// order of [`super::tls_stats::FAILURES`]).
+/// order of [`stats::FAILURES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Failure {
     /// Not completed within `handshake_timeout`.
@@ -229,7 +235,7 @@ impl TlsListener {
             config,
             handshake_timeout: tls.handshake_timeout,
             h2_offered: tls.alpn.iter().any(|p| p == b"h2"),
-            stats: super::tls_stats::for_listener(name),
+            stats: stats::for_listener(name),
         }
     }
 
@@ -275,9 +281,9 @@ impl TlsListener {
         };
         if r.tickets {
             let ticketer = match &r.ticket_keys {
-                Some(keys) => super::tickets::SharedTicketer::new(keys)
+                Some(keys) => crate::l7::tls::tickets::SharedTicketer::new(keys)
                     .map(|t| Arc::new(t) as Arc<dyn rustls::server::ProducesTickets>),
-                None => super::tickets::process_ticketer(),
+                None => crate::l7::tls::tickets::process_ticketer(),
             };
             if let Some(t) = ticketer {
                 config.ticketer = t;
@@ -348,8 +354,8 @@ impl TlsListener {
             slot.as_ref().map(|(n, _)| (n.clone(), value(v())))
         };
         Arc::new(CertHeaders {
-            subject: fill(&names.subject, &|| super::peer_cert::subject(leaf)),
-            san: fill(&names.san, &|| super::peer_cert::sans(leaf)),
+            subject: fill(&names.subject, &|| crate::l7::tls::peer_cert::subject(leaf)),
+            san: fill(&names.san, &|| crate::l7::tls::peer_cert::sans(leaf)),
         })
     }
 }

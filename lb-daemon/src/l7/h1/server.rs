@@ -28,17 +28,17 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::answer;
-use super::body::ResponseBody;
-use super::conn::ConnInfo;
-use super::downstream::DownstreamBody;
-use super::h1parse::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
-use super::io::{ReadReady, Transport};
-use super::proxy;
-use super::reason::Reason;
-use super::runtime::Runtime;
-use super::server::CloseReason;
 use crate::config::model::Limits;
+use crate::l7::answer;
+use crate::l7::body::ResponseBody;
+use crate::l7::conn::ConnInfo;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::h1::codec::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
+use crate::l7::io::{ReadReady, Transport};
+use crate::l7::proxy;
+use crate::l7::reason::Reason;
+use crate::l7::runtime::Runtime;
+use crate::l7::server::CloseReason;
 
 /// First allocation of the read buffer for a request head (grown up to `max_header_bytes`).
 const HEAD_BUF: usize = 4096;
@@ -57,7 +57,7 @@ const DISCARD_TIME: Duration = Duration::from_secs(2);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How a connection served by [`serve`] ended.
-pub(super) enum End<S> {
+pub(in crate::l7) enum End<S> {
     /// Closed, for this reason.
     Closed(CloseReason),
     /// The client spoke HTTP/2 with prior knowledge: serve it with these bytes replayed first.
@@ -65,7 +65,7 @@ pub(super) enum End<S> {
 }
 
 /// What a connection needs besides its socket.
-pub(super) struct ConnCtx<'a> {
+pub(in crate::l7) struct ConnCtx<'a> {
     /// The client and listener.
     pub info: ConnInfo,
     /// The listener's limits as the connection started.
@@ -82,7 +82,7 @@ pub(super) struct ConnCtx<'a> {
 ///
 /// This future lives as long as the connection, so only the idle wait is inline; each request
 /// (head, exchange, error answers) runs in a boxed future that exists while it does.
-pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
+pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
     let mut rbuf = BytesMut::new();
     let mut first = true;
     loop {
@@ -178,7 +178,7 @@ async fn request<S: Transport>(
             }
         }
         if !sniff {
-            match h1parse::parse_head(rbuf, cx.limits.max_header_bytes) {
+            match codec::parse_head(rbuf, cx.limits.max_header_bytes) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
                 Err(e) => {
@@ -559,7 +559,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         keep_alive = false;
     }
     let mut out = Vec::with_capacity(512);
-    let framing = h1parse::encode_response_head(
+    let framing = codec::encode_response_head(
         &mut out,
         parts.status,
         raw.as_ref(),
@@ -638,7 +638,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         }
         left -= data.len() as u64;
         if framing == ResponseFraming::Chunked {
-            h1parse::push_hex(&mut out, data.len() as u64);
+            codec::push_hex(&mut out, data.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         if data.len() <= COPY_MAX {
