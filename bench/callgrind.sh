@@ -11,6 +11,10 @@
 #        -c 1 -m M`, M = 16 by default) sends GETs to an h2c listener, HTTP/1.1 upstream.
 #   grpc `grpc-unary`: the same with a gRPC-framed POST (16-byte message, `te: trailers`),
 #        HTTP/2 (`protocol = "grpc"`) upstream.
+# --https terminates TLS on the listener (the bench's certificate type, ECDSA P-256, made here
+# by openssl; ALPN `http/1.1` for h1, `h2` for h2/grpc; h2load's default TLS 1.3 suites, so
+# AES-128-GCM): the difference from the same scenario without it is what TLS adds per request
+# on a kept-alive connection (the one handshake is part of the fixed cost that cancels out).
 # The client sends exactly N requests, then lbd is stopped. This is done for N1 and N2
 # requests; startup, the first connections and shutdown cost the same in both runs, so
 #
@@ -18,7 +22,7 @@
 #
 # and likewise for calls of malloc/realloc/free (counted from callgrind's call records).
 #
-# Usage: bench/callgrind.sh [--no-build] [--keep] [--scenario h1|h2|grpc]
+# Usage: bench/callgrind.sh [--no-build] [--keep] [--https] [--scenario h1|h2|grpc]
 #   N1, N2          request counts (default 2000 and 12000)
 #   M               concurrent streams of the h2 and grpc scenarios (default 16)
 #   CARGO_TARGET_DIR where the release binaries are (default: target/)
@@ -37,10 +41,12 @@ N2=${N2:-12000}
 M=${M:-16}
 build=1
 scenario=h1
+https=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) build=0 ;;
         --keep) ;;
+        --https) https=1 ;;
         --scenario) shift; scenario=${1:-} ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -57,7 +63,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 lbd=${LBD:-$target/release/lbd}
 backend=${BACKEND:-$target/release/bench-backend}
-run=${RUN_DIR:-$target/callgrind/$scenario}
+scheme=http
+suffix=
+if [ "$https" = 1 ]; then scheme=https; suffix=-https; fi
+run=${RUN_DIR:-$target/callgrind/$scenario$suffix}
 mkdir -p "$run"
 if [ "$scenario" = grpc ]; then
     # One gRPC message: uncompressed flag, 4-byte length, 16 payload bytes (as the bench).
@@ -65,7 +74,9 @@ if [ "$scenario" = grpc ]; then
     load+=(-H "content-type: application/grpc" -H "te: trailers" -d "$run/grpc-request.bin")
 fi
 
-for tool in valgrind h2load callgrind_annotate; do
+tools=(valgrind h2load callgrind_annotate)
+if [ "$https" = 1 ]; then tools+=(openssl); fi
+for tool in "${tools[@]}"; do
     if ! command -v "$tool" >/dev/null; then
         echo "SKIP: $tool not installed (scripts/setup.sh --bench installs h2load; apt-get install valgrind)" >&2
         exit 0
@@ -85,6 +96,22 @@ b1=$(free_port); b2=$(free_port); b3=$(free_port); lp=$(free_port)
 pids+=($!)
 wait_port "$b1"
 
+tls_toml=
+if [ "$https" = 1 ]; then
+    alpn='"http/1.1"'
+    if [ "$scenario" != h1 ]; then alpn='"h2"'; fi
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj /CN=bench.lbd.test -addext subjectAltName=DNS:bench.lbd.test \
+        -keyout "$run/bench.key" -out "$run/bench.crt" 2>/dev/null
+    # h2c is what the h2/grpc listeners speak in cleartext; over TLS, ALPN decides.
+    listener_proto=http
+    tls_toml="[listeners.tls]
+alpn = [$alpn]
+[[listeners.tls.certificates]]
+cert = \"$run/bench.crt\"
+key = \"$run/bench.key\""
+fi
+
 cat >"$run/lb.toml" <<EOF
 [global]
 access_log = false
@@ -94,6 +121,7 @@ log_level = "warn"
 name = "bench"
 bind = "127.0.0.1:$lp"
 protocol = "$listener_proto"
+$tls_toml
 
 [[routes]]
 name = "all"
@@ -144,7 +172,7 @@ measure() {
     local vg=$!
     pids+=("$vg")
     wait_port "$lp"
-    h2load "${load[@]}" -n "$n" "http://127.0.0.1:$lp/" >"$run/h2load.$n.txt"
+    h2load "${load[@]}" -n "$n" "$scheme://127.0.0.1:$lp/" >"$run/h2load.$n.txt"
     if ! grep -q "status codes: $n 2xx" "$run/h2load.$n.txt"; then
         echo "h2load did not get $n 2xx answers:" >&2
         cat "$run/h2load.$n.txt" >&2
@@ -162,7 +190,7 @@ measure "$N2"
 read -r t1 m1 f1 <"$run/result.$N1"
 read -r t2 m2 f2 <"$run/result.$N2"
 d=$((N2 - N1))
-echo "scenario: $scenario (h2load ${load[*]})"
+echo "scenario: $scenario over $scheme (h2load ${load[*]})"
 echo "requests: $N1 -> $N2"
 echo "instructions: $t1 -> $t2"
 awk -v a="$t1" -v b="$t2" -v d="$d" 'BEGIN { printf "instructions per request: %.0f\n", (b - a) / d }'

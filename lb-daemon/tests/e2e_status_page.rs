@@ -1,6 +1,7 @@
 //! The admin status page in a real browser (headless Chromium driven over the DevTools
 //! protocol on a pipe): its script must draw every listener/route/cluster chart, the endpoints
-//! with their health history, the L4, config and certificate sections; its charts must move
+//! with their health history, the L4, config and TLS sections (handshakes, failures by reason,
+//! certificates); its charts must move
 //! when load is applied; its drain buttons must drain; and with an admin token the page must
 //! log in with a session cookie. Screenshots are left in `target/test-artifacts/`.
 use std::io::{Read, Write};
@@ -327,6 +328,28 @@ fn recent_rps(key: &str, n: usize) -> String {
     format!("Math.max(0, ...((window.lbdCharts[{key:?}] || {{rps: []}}).rps.slice(-{n})))")
 }
 
+/// A completed TLS 1.3 handshake with ALPN `http/1.1`, trusting `pki`'s CA.
+async fn tls_handshake(
+    pki: &Pki,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).expect("CA");
+    roots.add(ca).expect("add CA");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(c));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("site.test").expect("name");
+    connector.connect(name, tcp).await.expect("handshake")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     let Some(exe) = chromium() else {
@@ -395,6 +418,20 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
     .expect("status JSON");
     assert_eq!(status["reloads_failed"], json!(1), "{status}");
     let hash = status["config_hash"].as_str().expect("hash").to_owned();
+    // The TLS section: one handshake that completes, one that is not TLS at all.
+    let session = tls_handshake(&pki, secure).await;
+    let mut garbage = tokio::net::TcpStream::connect(secure)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut garbage, &mut sink),
+    )
+    .await;
 
     let mut b = sync(|| Browser::launch(&exe, "charts"));
     sync(|| {
@@ -431,6 +468,23 @@ async fn status_page_draws_live_charts_health_history_and_drains_in_chromium() {
         !page.contains("cannot reach the admin API"),
         "page could not fetch the API:\n{page}"
     );
+    sync(|| {
+        b.wait(
+            "(document.querySelector('#tls tr[data-reason=\"not_tls\"]') || {}).innerText === 'not_tls\\t1'",
+            10,
+            "TLS failure by reason shown",
+            "document.getElementById('tls').innerText",
+        );
+    });
+    let tls = sync(|| b.eval("document.getElementById('tls').innerText"));
+    let tls = tls.as_str().expect("TLS section text").to_owned();
+    for needle in ["Listener secure", "1.3: 1", "http/1.1: 1", "site.test"] {
+        assert!(
+            tls.contains(needle),
+            "{needle:?} missing from the TLS section:\n{tls}"
+        );
+    }
+    drop(session);
     // Series appear once requests have been counted for them: send a few, then wait.
     for i in 0..10 {
         let path = if i % 2 == 0 { "/" } else { "/api/x" };

@@ -552,3 +552,170 @@ async fn bad_handshakes_are_closed_and_counted() {
     assert_eq!(failed("closed"), 1.0, "cut ClientHello");
     assert_eq!(failed("timeout"), 1.0, "slowloris");
 }
+
+/// A rustls client session to `addr` naming `sni`, over `config`; `None` when the handshake
+/// fails.
+async fn handshake(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    sni: &str,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).expect("name");
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake within 5 s")
+        .ok()
+}
+
+/// A client config for one TLS version with one ALPN protocol (its own session store).
+fn versioned_client(
+    pki: &Pki,
+    version: &'static rustls::SupportedProtocolVersion,
+    alpn: &[u8],
+) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).expect("CA");
+    roots.add(ca).expect("add CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(c)
+}
+
+/// `GET /status` of the admin API, parsed.
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    let text = run("curl", &["-s", &format!("http://{admin}/status")], b"").await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}: {text}"))
+}
+
+/// The admin `/status` JSON counts each HTTPS listener's handshakes exactly as clients made
+/// them (full and resumed, by version and ALPN) and its failures by reason (garbage, a cut
+/// ClientHello, an unknown name refused), lists its certificates with their days left, and
+/// `/metrics` shows the same counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_tls_handshakes_failures_and_certificates() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new("lbd test CA");
+    let a = leaf(&pki, "a", "a-cert", &["a.test"], 1);
+    let backend = Backend::start("web").await;
+    let (listen, plain, admin) = (free_addr(), free_addr(), free_addr());
+    let config = format!(
+        "[admin]\nbind = \"{admin}\"\n\
+         [[listeners]]\nname = \"plain\"\nbind = \"{plain}\"\n\
+         [[listeners]]\nname = \"https\"\nbind = \"{listen}\"\n\
+         [listeners.tls]\nunknown_name = \"refuse\"\n{}{}",
+        cert_entry(&a, ""),
+        cluster(backend.addr)
+    );
+    let _lbd = Lbd::start(bin(), &config);
+
+    // TLS 1.3, http/1.1: a full handshake, then one resuming its session (the ticket arrives
+    // with the first response, so one exchange is made before the second connection).
+    let tls13 = versioned_client(&pki, &rustls::version::TLS13, b"http/1.1");
+    let mut first = handshake(&tls13, listen, "a.test").await.expect("full");
+    assert!(get_over(&mut first).await.starts_with("HTTP/1.1 200"));
+    let second = handshake(&tls13, listen, "a.test").await.expect("resumed");
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the client did not resume"
+    );
+    // TLS 1.2 with h2.
+    let tls12 = versioned_client(&pki, &rustls::version::TLS12, b"h2");
+    let third = handshake(&tls12, listen, "a.test").await.expect("TLS 1.2");
+    assert_eq!(third.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Failures: a name lbd has no certificate for (refused), plain HTTP, half a ClientHello.
+    assert!(handshake(&tls13, listen, "zzz.test").await.is_none());
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await);
+    let hello = client_hello(&pki);
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(&hello[..hello.len() / 2]).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await);
+
+    // The server counts a failure after the client saw the close: poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tls = loop {
+        let s = status(admin).await;
+        let tls = s["tls"].clone();
+        if tls[0]["failed"] == 3 || Instant::now() > deadline {
+            break tls;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let list = tls
+        .as_array()
+        .unwrap_or_else(|| panic!("tls is not a list: {tls}"));
+    assert_eq!(list.len(), 1, "only the HTTPS listener: {tls}");
+    let l = &list[0];
+    assert_eq!(l["listener"], "https", "{l}");
+    assert_eq!(l["handshakes"], 3, "{l}");
+    assert_eq!(l["full"], 2, "{l}");
+    assert_eq!(l["resumed"], 1, "{l}");
+    assert_eq!(
+        l["versions"],
+        serde_json::json!({"1.2": 1, "1.3": 2}),
+        "{l}"
+    );
+    assert_eq!(
+        l["alpn"],
+        serde_json::json!({"h2": 1, "http/1.1": 2, "none": 0}),
+        "{l}"
+    );
+    assert_eq!(l["failed"], 3, "{l}");
+    let failures = &l["failures"];
+    for (reason, n) in [
+        ("unknown_name", 1),
+        ("not_tls", 1),
+        ("closed", 1),
+        ("timeout", 0),
+        ("incompatible", 0),
+        ("alert", 0),
+        ("other", 0),
+        ("client_cert", 0),
+    ] {
+        assert_eq!(failures[reason], n, "{reason}: {l}");
+    }
+    let certs = l["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 1, "{l}");
+    assert_eq!(certs[0]["names"], serde_json::json!(["a.test"]), "{l}");
+    assert_eq!(certs[0]["file"], a.cert.display().to_string(), "{l}");
+    let left = certs[0]["expires_in_seconds"].as_i64().expect("seconds");
+    assert!(left > 86_400 * 30, "expires in {left} s");
+    drop((first, second, third));
+
+    // /metrics is fed from the same counts.
+    let m = metrics(admin).await;
+    let https = [("listener", "https")];
+    assert_eq!(m.sum("lbd_tls_handshakes_total", &https), 3.0);
+    assert_eq!(
+        m.sum(
+            "lbd_tls_handshakes_total",
+            &[("listener", "https"), ("version", "1.2"), ("alpn", "h2")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("lbd_tls_handshakes_resumed_total", &https), 1.0);
+    assert_eq!(m.sum("lbd_tls_handshake_failures_total", &https), 3.0);
+    assert_eq!(
+        m.sum(
+            "lbd_tls_handshake_failures_total",
+            &[("listener", "https"), ("reason", "unknown_name")]
+        ),
+        1.0
+    );
+}

@@ -35,8 +35,11 @@ pub struct StatusView {
     pub reload_history: Vec<ReloadEvent>,
     /// The latest rejected reload, even when it has left `reload_history`.
     pub last_reload_error: Option<ReloadEvent>,
-    /// Certificates served by TLS listeners.
+    /// Certificates served by TLS listeners (all listeners in one list; `tls` has them per
+    /// listener).
     pub certificates: Vec<CertificateView>,
+    /// Each HTTPS listener's handshakes, failures and certificates.
+    pub tls: Vec<TlsView>,
     /// L4 VIPs with packet rates; `None` when the config has no VIPs.
     pub l4: Option<crate::l4::L4Stats>,
 }
@@ -69,6 +72,18 @@ pub struct CertificateView {
     pub not_after: i64,
     /// Seconds until it expires (negative once expired).
     pub expires_in_seconds: i64,
+}
+
+/// One HTTPS listener's TLS figures in [`StatusView`]: counts since lbd started.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsView {
+    /// Listener name.
+    pub listener: String,
+    /// Handshakes completed and failed, by version, ALPN and failure reason.
+    #[serde(flatten)]
+    pub counts: crate::l7::tls::stats::TlsCounts,
+    /// Its certificates.
+    pub certificates: Vec<CertificateView>,
 }
 
 /// One listener in [`StatusView`].
@@ -202,18 +217,34 @@ pub fn status(model: &Model, started: Instant, reloads_ok: u64, reloads_failed: 
         certificates: model
             .listeners
             .iter()
-            .filter_map(|l| l.tls.as_ref().map(|t| (l, t)))
-            .flat_map(|(l, t)| {
-                t.certificates.iter().map(|c| CertificateView {
+            .filter_map(|l| l.tls.as_ref().map(|t| certificates(&l.name, t)))
+            .flatten()
+            .collect(),
+        tls: model
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                l.tls.as_ref().map(|t| TlsView {
                     listener: l.name.clone(),
-                    file: c.cert_path.display().to_string(),
-                    names: c.names.clone(),
-                    not_after: c.not_after,
-                    expires_in_seconds: c.expires_in(),
+                    counts: crate::l7::tls::stats::counts(&l.name),
+                    certificates: certificates(&l.name, t),
                 })
             })
             .collect(),
     }
+}
+
+fn certificates(listener: &str, tls: &crate::config::tls::Tls) -> Vec<CertificateView> {
+    tls.certificates
+        .iter()
+        .map(|c| CertificateView {
+            listener: listener.to_owned(),
+            file: c.cert_path.display().to_string(),
+            names: c.names.clone(),
+            not_after: c.not_after,
+            expires_in_seconds: c.expires_in(),
+        })
+        .collect()
 }
 
 /// Every cluster of `model` with the health in `health` (same order as `model.clusters`).

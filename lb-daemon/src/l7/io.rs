@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_rustls::server::TlsStream;
@@ -91,6 +91,36 @@ fn tls_read_ready(s: &TlsStream<TcpStream>, cx: &mut Context<'_>) -> Poll<io::Re
     tcp.poll_read_ready(cx)
 }
 
+/// Copies what rustls has decrypted into `buf`, reading the socket only when it holds none.
+///
+/// tokio-rustls' own `poll_read` goes back to the socket to fill the rest of `buf` once what
+/// was decrypted is copied; on a keep-alive connection that attempt finds nothing (the client
+/// waits for the answer), a wasted trip through rustls and the reactor on every request.
+/// Here the copying goes on only while rustls still holds plaintext.
+fn read_once(
+    mut s: Pin<&mut TlsStream<TcpStream>>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    if buf.remaining() == 0 {
+        return Poll::Ready(Ok(()));
+    }
+    let data = std::task::ready!(s.as_mut().poll_fill_buf(cx))?;
+    let mut n = data.len().min(buf.remaining());
+    buf.put_slice(&data[..n]);
+    s.as_mut().consume(n);
+    // `wants_read` is false while decrypted bytes (or a close_notify) wait: no socket read.
+    while n > 0 && buf.remaining() > 0 && !s.get_ref().1.wants_read() {
+        let Poll::Ready(Ok(data)) = s.as_mut().poll_fill_buf(cx) else {
+            break;
+        };
+        n = data.len().min(buf.remaining());
+        buf.put_slice(&data[..n]);
+        s.as_mut().consume(n);
+    }
+    Poll::Ready(Ok(()))
+}
+
 impl Transport for TlsIo {
     type Read<'a> = TlsHalf<'a>;
     type Write<'a> = TlsHalf<'a>;
@@ -110,7 +140,7 @@ impl AsyncRead for TlsIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.get_mut().inner().poll_read(cx, buf)
+        read_once(self.get_mut().inner(), cx, buf)
     }
 }
 
@@ -159,7 +189,7 @@ impl AsyncRead for TlsHalf<'_> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *lock(self.0)).poll_read(cx, buf)
+        read_once(Pin::new(&mut *lock(self.0)), cx, buf)
     }
 }
 

@@ -463,6 +463,7 @@ impl Control for Supervisor {
 
     fn refresh_metrics(&self) {
         self.runtime().refresh_tls_gauges();
+        crate::l7::tls::stats::publish();
     }
 }
 

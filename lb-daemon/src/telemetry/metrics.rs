@@ -65,6 +65,8 @@ pub const TLS_HANDSHAKES: &str = "lbd_tls_handshakes_total";
 /// Failed downstream TLS handshakes (`listener`, `reason`: `timeout`, `closed`, `not_tls`,
 /// `unknown_name`, `incompatible`, `alert`, `other`).
 pub const TLS_HANDSHAKE_FAILURES: &str = "lbd_tls_handshake_failures_total";
+/// Completed downstream TLS handshakes that resumed a session (`listener`).
+pub const TLS_HANDSHAKES_RESUMED: &str = "lbd_tls_handshakes_resumed_total";
 /// Seconds until a served certificate expires (`listener`, `certificate`: its file), as of
 /// the last reload or `/metrics` scrape.
 pub const TLS_CERT_EXPIRY: &str = "lbd_tls_certificate_expiry_seconds";
@@ -206,6 +208,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES,
         "Downstream TLS handshakes completed, by version and ALPN protocol."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_RESUMED,
+        "Downstream TLS handshakes completed by resuming a session (ticket or cache)."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

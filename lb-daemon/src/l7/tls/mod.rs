@@ -1,12 +1,13 @@
 //! Downstream TLS termination with rustls: the server config built from a listener's
 //! validated `[listeners.tls]` (certificate chosen by SNI, ALPN, versions), the handshake with
-//! its timeout, and the handshake metrics.
+//! its timeout, and the handshake counts (kept in [`stats`]).
 //!
 //! A listener's [`TlsListener`] is part of its `ListenerRuntime`, so a reload that changes a
 //! certificate file gives new handshakes the new certificate while established sessions keep
 //! theirs.
 pub mod hello;
 pub mod peer_cert;
+pub mod stats;
 pub mod tickets;
 pub mod upstream;
 
@@ -24,6 +25,7 @@ use tokio_rustls::server::TlsStream;
 use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName};
 use crate::l7::conn::CertHeaders;
 use crate::telemetry::metrics as m;
+use stats::TlsStats;
 
 /// Certificates serving one name, in config order: usually one; an RSA and an ECDSA one when
 /// the operator lists both, so each client gets one it can verify.
@@ -140,7 +142,8 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Why a handshake failed (the `reason` label of `lbd_tls_handshake_failures_total`).
+/// Why a handshake failed (the `reason` label of `lbd_tls_handshake_failures_total`, in the
+/// order of [`stats::FAILURES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Failure {
     /// Not completed within `handshake_timeout`.
@@ -161,17 +164,6 @@ pub(super) enum Failure {
     /// verify against `client_ca`.
     ClientCert = 7,
 }
-
-const FAILURES: [&str; 8] = [
-    "timeout",
-    "closed",
-    "not_tls",
-    "unknown_name",
-    "incompatible",
-    "alert",
-    "other",
-    "client_cert",
-];
 
 impl Failure {
     fn of(e: &io::Error) -> Failure {
@@ -204,34 +196,6 @@ impl Failure {
     }
 }
 
-/// Negotiated versions and ALPN results, as label values.
-const VERSIONS: [&str; 2] = ["1.2", "1.3"];
-const ALPNS: [&str; 3] = ["h2", "http/1.1", "none"];
-
-/// A TLS listener's handshake metric handles, registered when its runtime is built.
-#[derive(Debug)]
-struct TlsMetrics {
-    handshakes: [[metrics::Counter; 3]; 2],
-    failures: [metrics::Counter; 8],
-}
-
-impl TlsMetrics {
-    fn new(listener: &str) -> Self {
-        TlsMetrics {
-            handshakes: VERSIONS.map(|v| {
-                ALPNS.map(|a| {
-                    metrics::counter!(m::TLS_HANDSHAKES,
-                        "listener" => listener.to_owned(), "version" => v, "alpn" => a)
-                })
-            }),
-            failures: FAILURES.map(|r| {
-                metrics::counter!(m::TLS_HANDSHAKE_FAILURES,
-                    "listener" => listener.to_owned(), "reason" => r)
-            }),
-        }
-    }
-}
-
 /// What a TLS listener needs at accept time.
 #[derive(Debug)]
 pub struct TlsListener {
@@ -242,7 +206,8 @@ pub struct TlsListener {
     pub handshake_timeout: std::time::Duration,
     /// Whether a client that negotiated no ALPN may still open with the HTTP/2 preface.
     pub h2_offered: bool,
-    metrics: TlsMetrics,
+    /// Handshake counts of the listener (shared by its generations).
+    stats: Arc<TlsStats>,
 }
 
 /// The application protocol a handshake settled on.
@@ -270,7 +235,7 @@ impl TlsListener {
             config,
             handshake_timeout: tls.handshake_timeout,
             h2_offered: tls.alpn.iter().any(|p| p == b"h2"),
-            metrics: TlsMetrics::new(name),
+            stats: stats::for_listener(name),
         }
     }
 
@@ -334,7 +299,7 @@ impl TlsListener {
         stream: TcpStream,
     ) -> Result<(TlsStream<TcpStream>, Negotiated), Failure> {
         let Some(config) = &self.config else {
-            self.metrics.failures[Failure::Other as usize].increment(1);
+            self.stats.failure(Failure::Other as usize);
             return Err(Failure::Other);
         };
         let acceptor = TlsAcceptor::from(Arc::clone(config));
@@ -345,7 +310,7 @@ impl TlsListener {
         let tls = match result {
             Ok(t) => t,
             Err(f) => {
-                self.metrics.failures[f as usize].increment(1);
+                self.stats.failure(f as usize);
                 return Err(f);
             }
         };
@@ -361,7 +326,8 @@ impl TlsListener {
             Negotiated::Http11 => 1,
             Negotiated::None => 2,
         };
-        self.metrics.handshakes[v][a].increment(1);
+        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        self.stats.handshake(v, a, resumed);
         Ok((tls, negotiated))
     }
 }
