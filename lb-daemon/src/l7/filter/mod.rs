@@ -38,6 +38,7 @@
 pub mod access;
 pub mod api_key;
 pub mod cors;
+pub mod header_num;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
