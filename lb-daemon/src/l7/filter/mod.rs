@@ -42,6 +42,7 @@ pub mod header_num;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
+pub mod jwt_cache;
 pub mod jwt_sig;
 pub mod mirror;
 pub mod rate_limit;
