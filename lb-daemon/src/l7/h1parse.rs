@@ -837,6 +837,14 @@ impl RawFields {
         RawFields { bytes, spans }
     }
 
+    /// Drops the fields named `name` (lower case; matched in any case).
+    pub fn remove(&mut self, name: &str) {
+        let raw = &self.bytes;
+        self.spans.retain(|&[ns, ne, _, _]| {
+            !raw[ns as usize..ne as usize].eq_ignore_ascii_case(name.as_bytes())
+        });
+    }
+
     /// Names (as received, any case) and values, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.spans.iter().map(|&[ns, ne, vs, ve]| {

@@ -25,6 +25,14 @@ use crate::l7::reason::Reason;
 /// Shards of the key table (contention between worker threads).
 const SHARDS: usize = 16;
 
+/// Every field the response phase sets (an upstream's fields of these names are replaced).
+pub const FIELDS: [&str; 4] = [
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "retry-after",
+];
+
 /// The IETF draft's field names, parsed once rather than on every insert.
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
