@@ -44,10 +44,9 @@ thread_local! {
 
 /// `n` in decimal as a header value.
 pub fn value(n: u64) -> HeaderValue {
-    if n < TABLE {
-        if let Some(v) = SMALL.get(n as usize) {
-            return v.clone();
-        }
+    // `TABLE` itself is past the table's end.
+    if let Some(v) = SMALL.get(n.min(TABLE) as usize) {
+        return v.clone();
     }
     let mut buf = [0u8; 20];
     let digits = decimal(n, &mut buf);
