@@ -21,10 +21,12 @@
 //! entries, then one live entry.
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
+
+use super::prehashed::BuildPrehashed;
 
 /// Longest token stored (Envoy's limit too); longer ones are verified on every request.
 pub const MAX_CACHED_TOKEN_BYTES: usize = 4096;
@@ -36,25 +38,6 @@ const MAX_SHARDS: usize = 16;
 /// instructions, most of a cache hit).
 pub const HASHED_TAIL: usize = 32;
 
-/// The map's keys are already seeded hashes: used as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used; this keeps any other use correct.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 /// One stored token: its bytes (compared whole on lookup) and what its check found.
 #[derive(Debug)]
 struct Entry {
@@ -62,7 +45,7 @@ struct Entry {
     verified: Verified,
 }
 
-type Shard = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
+type Shard = HashMap<u64, Entry, BuildPrehashed>;
 
 /// A token that passed the provider checks, as the filter uses it.
 #[derive(Debug, Clone)]

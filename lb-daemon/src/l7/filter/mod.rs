@@ -45,6 +45,7 @@ pub mod jwt;
 pub mod jwt_cache;
 pub mod jwt_sig;
 pub mod mirror;
+pub mod prehashed;
 pub mod rate_limit;
 pub mod rate_limit_redis;
 pub mod redirect;

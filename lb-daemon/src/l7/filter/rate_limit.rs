@@ -17,6 +17,7 @@ use http::{HeaderName, HeaderValue, header};
 
 use super::access::client_ip;
 use super::header_num;
+use super::prehashed::BuildPrehashed;
 use super::rate_limit_redis::{Decision, Shared};
 use super::{Exchange, Flow, ResponseView};
 use crate::config::filter::rate_limit::{Key, MAX_LIMITS, Spec};
@@ -78,7 +79,7 @@ pub struct RateLimit {
     trusted_hops: u32,
     limits: Vec<Gcra>,
     limit_values: Vec<LimitValue>,
-    shards: Box<[Mutex<HashMap<u64, Tats>>]>,
+    shards: Box<[Mutex<HashMap<u64, Tats, BuildPrehashed>>]>,
     per_shard: usize,
     base: tokio::time::Instant,
     seed: std::collections::hash_map::RandomState,
@@ -113,7 +114,9 @@ impl RateLimit {
             trusted_hops: spec.trusted_hops,
             limits,
             limit_values,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             per_shard: (spec.max_keys / SHARDS).max(4),
             base: tokio::time::Instant::now(),
             seed: std::collections::hash_map::RandomState::new(),
@@ -203,7 +206,9 @@ impl RateLimit {
 
     /// The decision for key hash `key` at `now` (ns since `base`).
     fn decide(&self, key: u64, now: u64) -> RateState {
-        let shard = &self.shards[(key as usize) % SHARDS];
+        // Bits the map does not use: hashbrown takes the low ones for the bucket and the top
+        // seven for its tags.
+        let shard = &self.shards[((key >> 32) as usize) % SHARDS];
         let mut map = shard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -260,7 +265,7 @@ impl RateLimit {
 
     /// Forgets keys whose buckets are full again; if none are, the whole shard (a flood of
     /// distinct keys then costs those keys their history, never unbounded memory).
-    fn make_room(&self, map: &mut HashMap<u64, Tats>, now: u64) {
+    fn make_room(&self, map: &mut HashMap<u64, Tats, BuildPrehashed>, now: u64) {
         map.retain(|_, t| t.iter().any(|tat| *tat > now));
         if map.len() >= self.per_shard {
             metrics::counter!(crate::telemetry::metrics::RATE_LIMIT_EVICTIONS).increment(1);
