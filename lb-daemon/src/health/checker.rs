@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::model::{Cluster, HealthCheck, HealthCheckKind};
 use crate::health::state::{CheckOutcome, ClusterHealth, EndpointHealth};
-use crate::l7::upstream_tls::{Alpn, Connector, UpstreamIo};
+use crate::l7::tls::upstream::{Alpn, Connector, UpstreamIo};
 
 /// `User-Agent` of HTTP checks, so backends can tell checks from traffic.
 const USER_AGENT: &str = concat!("lbd-health/", env!("CARGO_PKG_VERSION"));

@@ -4,10 +4,10 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::ResponseBody;
-use super::grpc;
-use super::log::RequestLog;
-use super::reason::Reason;
+use crate::l7::body::ResponseBody;
+use crate::l7::grpc;
+use crate::l7::log::RequestLog;
+use crate::l7::reason::Reason;
 
 /// lbd's answer for `reason`, in the client's dialect (gRPC when `grpc`). `close` asks the
 /// HTTP/1.1 codec to close the connection after it (ignored for gRPC and HTTP/2).

@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::downstream::{DownstreamBody, DownstreamError};
-use super::h2pool::BoxError;
-use super::log::RequestLog;
-use super::reason::Reason;
-use super::upstream::UpstreamBody;
+use crate::l7::cluster::upstream::UpstreamBody;
+use crate::l7::downstream::{DownstreamBody, DownstreamError};
+use crate::l7::h2::pool::BoxError;
+use crate::l7::log::RequestLog;
+use crate::l7::reason::Reason;
 
 /// Why a body stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -451,7 +451,7 @@ impl ResponseBody {
 
     /// The header fields of an HTTP/1.1 upstream's response not yet in its header map
     /// (written to the client as they are), once.
-    pub fn take_fields(&mut self) -> Option<super::h1parse::RawFields> {
+    pub fn take_fields(&mut self) -> Option<crate::l7::h1::codec::RawFields> {
         match &mut self.kind {
             Kind::Upstream(b) => b.take_fields(),
             Kind::Tapped(t) => t.0.take_fields(),
@@ -556,7 +556,7 @@ impl Body for ResponseBody {
                     && let Some(log) = this.log.as_mut()
                     && log.grpc
                 {
-                    log.grpc_status = super::grpc::status_of(t);
+                    log.grpc_status = crate::l7::grpc::status_of(t);
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -565,7 +565,7 @@ impl Body for ResponseBody {
                 {
                     // A gRPC client gets a status, not a bare stream reset (gRPC over
                     // HTTP/2, "Errors"): end the call with trailers saying what happened.
-                    let (code, trailers) = super::grpc::reset_trailers(&**e);
+                    let (code, trailers) = crate::l7::grpc::reset_trailers(&**e);
                     log.grpc_status = Some(code);
                     this.kind = Kind::Full(None);
                     this.finish(Some(Reason::UpstreamReset));

@@ -1,5 +1,5 @@
 //! The request body as it arrives from a downstream client: lbd's own HTTP/1.1 body
-//! (`h1server.rs`) or hyper's HTTP/2 stream body. `proxy::handle` takes either, and may tee it
+//! (`h1/server.rs`) or hyper's HTTP/2 stream body. `proxy::handle` takes either, and may tee it
 //! for a mirror.
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,12 +9,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use super::h1server::{H1Body, H1BodyError};
+use crate::l7::h1::server::{H1Body, H1BodyError};
 
 /// A downstream request body.
 #[derive(Debug)]
 pub enum DownstreamBody {
-    /// From an HTTP/1.x connection served by `h1server`.
+    /// From an HTTP/1.x connection served by `h1::server`.
     H1(H1Body),
     /// From an HTTP/2 connection served by hyper.
     H2(Incoming),

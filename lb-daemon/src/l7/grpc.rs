@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue, Response, header};
 use metrics::{Counter, Histogram};
 
-use super::body::ResponseBody;
+use crate::l7::body::ResponseBody;
 use crate::telemetry::metrics as m;
 
 /// gRPC status codes lbd itself produces (google.rpc.Code numbering).

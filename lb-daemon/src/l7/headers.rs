@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::conn::Scheme;
+use crate::l7::conn::Scheme;
 
 /// Headers that describe one hop and must never be forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -81,15 +81,15 @@ pub struct RequestLog {
     /// Attempts made upstream.
     pub attempts: u32,
     /// lbd's reason when it failed the request itself, or the stream ended abnormally.
-    pub error: Option<super::reason::Reason>,
+    pub error: Option<crate::l7::reason::Reason>,
     /// Metric handles.
     pub metrics: Arc<RouteMetrics>,
     /// Keeps the endpoint's in-flight count until the response body ends.
     pub in_flight: Option<InFlightGuard>,
     /// Keeps the request's place under the cluster's `max_requests` until the response ends.
-    pub breaker: Option<super::breaker::Slot>,
+    pub breaker: Option<crate::l7::cluster::breaker::Slot>,
     /// Holds the HTTP/2 upstream stream's place on its connection until the response ends.
-    pub stream_slot: Option<crate::l7::h2pool::StreamSlot>,
+    pub stream_slot: Option<crate::l7::h2::pool::StreamSlot>,
     /// gRPC status of the call (response headers, trailers, or lbd's own answer).
     pub grpc_status: Option<u8>,
     /// The request's id (`request_id` filter).
@@ -99,7 +99,7 @@ pub struct RequestLog {
     /// The request is a gRPC call: lbd's own failures are answered as gRPC statuses.
     pub grpc: bool,
     /// lbd's span of the request (`[tracing]`); `None` when tracing is off.
-    pub trace: Option<Box<super::trace::Span>>,
+    pub trace: Option<Box<crate::l7::trace::Span>>,
 }
 
 impl RequestLog {
@@ -150,13 +150,13 @@ impl RequestLog {
             total_ms = total.as_secs_f64() * 1e3,
             attempts = self.attempts,
             grpc_status = self.grpc_status,
-            error = self.error.map(super::reason::Reason::as_str),
+            error = self.error.map(crate::l7::reason::Reason::as_str),
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
             consumer = self.consumer.as_deref(),
             trace_id = self
                 .trace
                 .as_ref()
-                .map(|s| tracing::field::display(super::trace::Hex(&s.trace_id))),
+                .map(|s| tracing::field::display(crate::l7::trace::Hex(&s.trace_id))),
         );
     }
 }

@@ -6,8 +6,8 @@
 //! here once; every answer (HTTP text or gRPC trailers-only) is built from it in `answer.rs`.
 use http::StatusCode;
 
-use super::grpc::Code;
-use super::h1parse::HeadError;
+use crate::l7::grpc::Code;
+use crate::l7::h1::codec::HeadError;
 
 /// Why lbd answered (or ended) a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,14 +8,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::cluster::ClusterRuntime;
-use super::filter::{Chain, Deps};
-use super::log::RouteMetrics;
-use super::router::Router;
-use super::split::SplitRuntime;
-use super::tls::TlsListener;
 use crate::config::model::{Limits, ListenerProtocol, Model};
 use crate::health::ClusterHealth;
+use crate::l7::cluster::ClusterRuntime;
+use crate::l7::filter::{Chain, Deps};
+use crate::l7::log::RouteMetrics;
+use crate::l7::proxy::split::SplitRuntime;
+use crate::l7::router::Router;
+use crate::l7::tls::TlsListener;
 use crate::telemetry::metrics as m;
 
 /// Everything the data path needs for one config generation.
@@ -32,7 +32,7 @@ pub struct Runtime {
     /// `-`, the name logged when there is no route or cluster (shared, not allocated per request).
     pub unnamed: Arc<str>,
     /// Trace propagation and span export (`[tracing]`), `None` when off.
-    pub tracer: Option<Arc<super::trace::Tracer>>,
+    pub tracer: Option<Arc<crate::l7::trace::Tracer>>,
 }
 
 /// A route's live parts.
@@ -62,7 +62,7 @@ pub struct ListenerRuntime {
     /// TLS termination (this generation's certificates); cleartext when `None`.
     pub tls: Option<Arc<TlsListener>>,
     /// Client-certificate headers to strip (and set from a verified certificate).
-    pub cert_headers: Option<Arc<super::conn::CertHeaders>>,
+    pub cert_headers: Option<Arc<crate::l7::conn::CertHeaders>>,
     /// Answer everything with a redirect to HTTPS (`redirect_https`).
     pub redirect_https: bool,
     /// `mode = "tcp"`: the cluster (index in `clusters`) connections are relayed to.
@@ -70,7 +70,7 @@ pub struct ListenerRuntime {
     /// PROXY protocol header sent before a TCP listener's bytes.
     pub proxy_protocol: Option<crate::config::model::ProxyProtocol>,
     /// `mode = "tls_passthrough"`: the SNI table.
-    pub passthrough: Option<Arc<super::passthrough::SniRoutes>>,
+    pub passthrough: Option<Arc<crate::l7::tcp::passthrough::SniRoutes>>,
     /// PROXY protocol accepted from these sources (`proxy_protocol_from`).
     pub proxy_accept: Option<Arc<crate::config::passthrough::ProxyAccept>>,
     /// Write access-log lines.
@@ -103,7 +103,7 @@ fn tls_listener(name: &str, tls: &crate::config::tls::Tls) -> Arc<TlsListener> {
     for w in crate::config::tls::warnings(tls, name) {
         tracing::warn!(listener = %name, "{w}");
     }
-    super::tls::set_expiry_gauges(name, tls);
+    crate::l7::tls::set_expiry_gauges(name, tls);
     Arc::new(TlsListener::build(name, tls))
 }
 
@@ -112,7 +112,7 @@ impl Runtime {
     pub fn refresh_tls_gauges(&self) {
         for l in &self.model.listeners {
             if let Some(t) = &l.tls {
-                super::tls::set_expiry_gauges(&l.name, t);
+                crate::l7::tls::set_expiry_gauges(&l.name, t);
             }
         }
     }
@@ -192,14 +192,14 @@ impl Runtime {
                 passthrough: l
                     .passthrough
                     .as_ref()
-                    .map(|p| Arc::new(super::passthrough::SniRoutes::new(p, &model))),
+                    .map(|p| Arc::new(crate::l7::tcp::passthrough::SniRoutes::new(p, &model))),
                 proxy_accept: l.proxy_accept.clone().map(Arc::new),
                 tcp_cluster: l
                     .tcp_cluster
                     .as_ref()
                     .and_then(|n| model.clusters.iter().position(|c| c.name == *n)),
                 cert_headers: l.cert_headers.as_ref().map(|n| {
-                    Arc::new(super::conn::CertHeaders {
+                    Arc::new(crate::l7::conn::CertHeaders {
                         subject: n.subject.clone().map(|h| (h, None)),
                         san: n.san.clone().map(|h| (h, None)),
                     })
@@ -231,7 +231,7 @@ impl Runtime {
                 .as_ref()
                 .map(|t| match previous.and_then(|p| p.tracer.as_ref()) {
                     Some(prev) if prev.config == *t => Arc::clone(prev),
-                    _ => super::trace::Tracer::start(t),
+                    _ => crate::l7::trace::Tracer::start(t),
                 });
         Runtime {
             model,
@@ -298,7 +298,7 @@ address = "127.0.0.1:2"
         let changed = Runtime::build(model("7s"), Some(&same));
         assert!(!Arc::ptr_eq(&mirror(&same), &mirror(&changed)));
         match &*mirror(&changed) {
-            super::super::filter::Filter::Mirror(m) => {
+            crate::l7::filter::Filter::Mirror(m) => {
                 assert!(m.sends_to(changed.clusters.get(1)));
                 assert!(!m.sends_to(same.clusters.get(1)));
             }

@@ -20,15 +20,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use super::conn::{ConnInfo, Scheme};
-use super::downstream::DownstreamBody;
-use super::h1server;
-use super::io::TlsIo;
-use super::proxy;
-use super::runtime::Runtime;
-use super::sendbudget::{self, Budgeted, ConnBudget};
-use super::tls::{Negotiated, TlsListener};
 use crate::config::model::{Limits, ListenerProtocol};
+use crate::l7::conn::{ConnInfo, Scheme};
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::h1::server as h1server;
+use crate::l7::h2::sendbudget::{self, Budgeted, ConnBudget};
+use crate::l7::io::TlsIo;
+use crate::l7::proxy;
+use crate::l7::runtime::Runtime;
+use crate::l7::tls::{Negotiated, TlsListener};
 use crate::telemetry::metrics as m;
 
 /// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
@@ -187,7 +187,13 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
     // filter, rate-limit key, X-Forwarded-For, logs, PROXY header sent on).
     let (client, dst) = match accept {
         None => (client, None),
-        Some(a) => match Box::pin(super::proxy_accept::accept(&mut stream, client, &a)).await {
+        Some(a) => match Box::pin(crate::l7::tcp::proxy_protocol::accept(
+            &mut stream,
+            client,
+            &a,
+        ))
+        .await
+        {
             Ok(peer) => (peer.client, peer.dst),
             Err(refused) => {
                 tracing::debug!(listener = %ctx.name, client = %client, reason = refused.as_str(), "PROXY protocol: connection refused");
@@ -213,7 +219,7 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                     .and_then(|c| rt.clusters.get(c))
                     .map(Arc::clone);
                 drop(rt);
-                let relay = super::tcp_proxy::Relay {
+                let relay = crate::l7::tcp::relay::Relay {
                     client,
                     dst,
                     proxy,
@@ -222,7 +228,7 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                 };
                 let reason = match (pass, cluster) {
                     (Some(routes), _) => {
-                        Box::pin(super::passthrough::serve(
+                        Box::pin(crate::l7::tcp::passthrough::serve(
                             stream,
                             &ctx.name,
                             routes,
@@ -233,7 +239,13 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                         .await
                     }
                     (None, Some(c)) => {
-                        Box::pin(super::tcp_proxy::serve(stream, c, relay, &mut ctx.shutdown)).await
+                        Box::pin(crate::l7::tcp::relay::serve(
+                            stream,
+                            c,
+                            relay,
+                            &mut ctx.shutdown,
+                        ))
+                        .await
                     }
                     (None, None) => CloseReason::Error,
                 };
@@ -268,10 +280,12 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                 scheme: Scheme::Https,
                 ..info
             };
-            Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx)).await
+            let serving = Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx));
+            serving.await
         }
         (None, ListenerProtocol::H2c) => {
-            Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx)).await
+            let serving = Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx));
+            serving.await
         }
         (None, ListenerProtocol::Http) => {
             let h1 = h1server::ConnCtx {
@@ -284,7 +298,8 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             match h1server::serve(stream, h1).await {
                 h1server::End::Closed(reason) => reason,
                 h1server::End::H2(stream, preface) => {
-                    Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx)).await
+                    let serving = Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx));
+                    serving.await
                 }
             }
         }
@@ -383,7 +398,8 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             // future several times while spawning it (into the task cell, then onto the heap);
             // with the request's whole state machine inline (kilobytes) those moves cost more
             // than the allocation (bench/callgrind.sh --scenario h2).
-            let resp = Box::pin(proxy::handle(rt, info, req)).await;
+            let handling = Box::pin(proxy::handle(rt, info, req));
+            let resp = handling.await;
             Ok(resp.map(|b| Budgeted::new(b, &budget)))
         }
     });

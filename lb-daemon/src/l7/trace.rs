@@ -253,7 +253,7 @@ impl Tracer {
             }
         }
         let host = sampled
-            .then(|| super::filter::vars::request_host(head).map(Bytes::copy_from_slice))
+            .then(|| crate::l7::filter::vars::request_host(head).map(Bytes::copy_from_slice))
             .flatten();
         Box::new(Span {
             tracer: Arc::clone(self),
@@ -341,7 +341,7 @@ pub struct SpanRecord {
 
 impl Span {
     /// Hands the finished span to the exporter; a full queue drops it (counted), never waits.
-    pub fn finish(&mut self, log: &super::log::RequestLog, elapsed: Duration) {
+    pub fn finish(&mut self, log: &crate::l7::log::RequestLog, elapsed: Duration) {
         if !self.sampled {
             return;
         }
@@ -361,7 +361,7 @@ impl Span {
             route: Arc::clone(&log.route),
             cluster: Arc::clone(&log.cluster),
             endpoint: log.endpoint,
-            error: log.error.map(super::reason::Reason::as_str),
+            error: log.error.map(crate::l7::reason::Reason::as_str),
             attempts: log.attempts,
         };
         if self.tracer.queue.try_send(record).is_err() {

@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::l7::upstream_tls::UpstreamIo;
+use crate::l7::tls::upstream::UpstreamIo;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
@@ -208,7 +208,7 @@ impl std::fmt::Debug for Fetcher {
 /// The client config for an `https` key-set URL: the server's certificate verified against
 /// `ca` (the provider's `jwks_ca`), or the system trust store when `None`.
 fn tls_client(ca: Option<&[CertificateDer<'static>]>) -> Result<rustls::ClientConfig, String> {
-    // ring, set explicitly as everywhere in lbd (see l7/tls.rs).
+    // ring, set explicitly as everywhere in lbd (see l7/tls/mod.rs).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match ca {
         Some(list) => {

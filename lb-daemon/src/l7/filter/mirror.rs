@@ -35,9 +35,9 @@ use super::Exchange;
 use crate::balance::PickContext;
 use crate::config::filter::mirror::Spec;
 use crate::l7::body::{BodyHasher, Digest, RequestBody};
+use crate::l7::cluster::upstream::UpstreamError;
 use crate::l7::cluster::{ClusterRuntime, Picked};
 use crate::l7::downstream::{DownstreamBody, Tee, TeeLost};
-use crate::l7::upstream::UpstreamError;
 use crate::telemetry::metrics as m;
 
 /// The header that marks a mirrored request.

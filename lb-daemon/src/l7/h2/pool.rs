@@ -28,9 +28,9 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::RequestBody;
-use super::breaker::{ConnectionLimit, Gate, Slot};
-use super::upstream_tls::{Connector, UpstreamIo};
+use crate::l7::body::RequestBody;
+use crate::l7::cluster::breaker::{ConnectionLimit, Gate, Slot};
+use crate::l7::tls::upstream::{Connector, UpstreamIo};
 
 /// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
 /// announce it (the setting is a u32), so seeing it means "not announced (yet)"; a peer that
@@ -580,9 +580,9 @@ impl H2Pool {
         }
     }
 
-    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (see [`super::reaper`]).
+    /// Runs [`H2Pool::reap_idle`] periodically while `pool` is alive (see [`crate::l7::cluster::reaper`]).
     pub fn spawn_reaper(pool: &Arc<H2Pool>) {
-        super::reaper::spawn(pool, pool.config.idle_timeout, H2Pool::reap_idle);
+        crate::l7::cluster::reaper::spawn(pool, pool.config.idle_timeout, H2Pool::reap_idle);
     }
 
     /// Open connections to endpoint `idx` (for tests and the admin view).

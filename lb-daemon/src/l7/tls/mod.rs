@@ -5,6 +5,11 @@
 //! A listener's [`TlsListener`] is part of its `ListenerRuntime`, so a reload that changes a
 //! certificate file gives new handshakes the new certificate while established sessions keep
 //! theirs.
+pub mod hello;
+pub mod peer_cert;
+pub mod tickets;
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -16,8 +21,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::conn::CertHeaders;
 use crate::config::tls::{ClientAuthMode, MinVersion, Tls, UnknownName};
+use crate::l7::conn::CertHeaders;
 use crate::telemetry::metrics as m;
 
 /// Certificates serving one name, in config order: usually one; an RSA and an ECDSA one when
@@ -311,9 +316,9 @@ impl TlsListener {
         };
         if r.tickets {
             let ticketer = match &r.ticket_keys {
-                Some(keys) => super::tickets::SharedTicketer::new(keys)
+                Some(keys) => crate::l7::tls::tickets::SharedTicketer::new(keys)
                     .map(|t| Arc::new(t) as Arc<dyn rustls::server::ProducesTickets>),
-                None => super::tickets::process_ticketer(),
+                None => crate::l7::tls::tickets::process_ticketer(),
             };
             if let Some(t) = ticketer {
                 config.ticketer = t;
@@ -383,8 +388,8 @@ impl TlsListener {
             slot.as_ref().map(|(n, _)| (n.clone(), value(v())))
         };
         Arc::new(CertHeaders {
-            subject: fill(&names.subject, &|| super::peer_cert::subject(leaf)),
-            san: fill(&names.san, &|| super::peer_cert::sans(leaf)),
+            subject: fill(&names.subject, &|| crate::l7::tls::peer_cert::subject(leaf)),
+            san: fill(&names.san, &|| crate::l7::tls::peer_cert::sans(leaf)),
         })
     }
 }

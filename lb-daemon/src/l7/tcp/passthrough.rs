@@ -8,12 +8,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::hello::{self, HelloError};
-use super::runtime::Runtime;
-use super::server::CloseReason;
-use super::tcp_proxy::{self, Relay};
 use crate::config::model::Model;
 use crate::config::passthrough::Passthrough;
+use crate::l7::runtime::Runtime;
+use crate::l7::server::CloseReason;
+use crate::l7::tcp::relay::{self, Relay};
+use crate::l7::tls::hello::{self, HelloError};
 use crate::telemetry::metrics as m;
 
 /// A passthrough listener's SNI table, with clusters as indexes into the runtime's clusters.
@@ -69,7 +69,7 @@ impl SniRoutes {
 
 /// Reads the ClientHello from `down`, picks the cluster by SNI and relays to it; `relay`'s
 /// `replay` is replaced by the hello's bytes.
-pub(super) async fn serve(
+pub(in crate::l7) async fn serve(
     mut down: TcpStream,
     listener: &str,
     routes: Arc<SniRoutes>,
@@ -113,7 +113,7 @@ pub(super) async fn serve(
         replay: &hello.bytes,
         ..relay
     };
-    tcp_proxy::serve(down, cluster, relay, shutdown).await
+    relay::serve(down, cluster, relay, shutdown).await
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::{HeaderMap, HeaderValue};
 use lb_common::hash::hash64;
 
-use super::sticky::{parse_token, token};
 use crate::balance::cookie;
 use crate::config::model::{Model, Split, SplitSticky};
+use crate::l7::cluster::sticky::{parse_token, token};
 
 /// 2^64 / φ, odd: the step of the Weyl sequence.
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -2,7 +2,7 @@
 //! `httparse`, header values sliced out of the read buffer without copying), request body
 //! framing (`Content-Length`, chunked with extensions and trailers) and the response head.
 //!
-//! Everything here is synchronous and works on buffers; the connection loop is `h1server.rs`.
+//! Everything here is synchronous and works on buffers; the connection loop is `h1/server.rs`.
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 

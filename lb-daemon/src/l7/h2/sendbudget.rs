@@ -9,7 +9,7 @@
 //! chunk from upstream only while its own chunks still held by h2 stay under
 //! [`STREAM_AHEAD`] and the whole connection's under [`CONN_AHEAD`]. Otherwise the upstream is
 //! not read: an HTTP/1.1 backend fills its socket and waits, an HTTP/2 one runs out of stream
-//! window (see `h2pool`).
+//! window (see `h2::pool`).
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

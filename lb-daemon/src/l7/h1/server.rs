@@ -28,17 +28,17 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::answer;
-use super::body::ResponseBody;
-use super::conn::ConnInfo;
-use super::downstream::DownstreamBody;
-use super::h1parse::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
-use super::io::{ReadReady, Transport};
-use super::proxy;
-use super::reason::Reason;
-use super::runtime::Runtime;
-use super::server::CloseReason;
 use crate::config::model::Limits;
+use crate::l7::answer;
+use crate::l7::body::ResponseBody;
+use crate::l7::conn::ConnInfo;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::h1::codec::{self, Decoded, Decoder, Framing, Head, ResponseFraming};
+use crate::l7::io::{ReadReady, Transport};
+use crate::l7::proxy;
+use crate::l7::reason::Reason;
+use crate::l7::runtime::Runtime;
+use crate::l7::server::CloseReason;
 
 /// First allocation of the read buffer for a request head (grown up to `max_header_bytes`).
 const HEAD_BUF: usize = 4096;
@@ -57,7 +57,7 @@ const DISCARD_TIME: Duration = Duration::from_secs(2);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How a connection served by [`serve`] ended.
-pub(super) enum End<S> {
+pub(in crate::l7) enum End<S> {
     /// Closed, for this reason.
     Closed(CloseReason),
     /// The client spoke HTTP/2 with prior knowledge: serve it with these bytes replayed first.
@@ -65,7 +65,7 @@ pub(super) enum End<S> {
 }
 
 /// What a connection needs besides its socket.
-pub(super) struct ConnCtx<'a> {
+pub(in crate::l7) struct ConnCtx<'a> {
     /// The client and listener.
     pub info: ConnInfo,
     /// The listener's limits as the connection started.
@@ -82,7 +82,7 @@ pub(super) struct ConnCtx<'a> {
 ///
 /// This future lives as long as the connection, so only the idle wait is inline; each request
 /// (head, exchange, error answers) runs in a boxed future that exists while it does.
-pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
+pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
     let mut rbuf = BytesMut::new();
     let mut first = true;
     loop {
@@ -116,7 +116,8 @@ pub(super) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> E
                 Some(Err(_)) => return End::Closed(CloseReason::Error),
             }
         }
-        match Box::pin(request(&mut stream, &mut rbuf, &mut cx, first)).await {
+        let exchange = Box::pin(request(&mut stream, &mut rbuf, &mut cx, first));
+        match exchange.await {
             Next::KeepAlive => {}
             // (`request` lingers itself.)
             Next::Close(reason) | Next::Linger(reason) => return End::Closed(reason),
@@ -178,7 +179,7 @@ async fn request<S: Transport>(
             }
         }
         if !sniff {
-            match h1parse::parse_head(rbuf, cx.limits.max_header_bytes) {
+            match codec::parse_head(rbuf, cx.limits.max_header_bytes) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
                 Err(e) => {
@@ -263,7 +264,8 @@ async fn linger<S: Transport>(stream: &mut S) {
     if stream.shutdown().await.is_err() {
         return;
     }
-    let mut buf = [0u8; 4096];
+    // On the heap: inline, 4 KiB would size the future of every request (this shares it).
+    let mut buf = vec![0u8; 4096];
     let _ = tokio::time::timeout(DISCARD_TIME, async {
         for _ in 0..64 {
             match stream.read(&mut buf).await {
@@ -273,6 +275,24 @@ async fn linger<S: Transport>(stream: &mut S) {
         }
     })
     .await;
+}
+
+/// The request handed to `proxy::handle`, built in a plain function: built in `exchange`, it
+/// would be a local borrowed while built, and such a local keeps its room in the future even
+/// after it was moved away.
+fn downstream_request(
+    method: Method,
+    uri: http::Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    body: DownstreamBody,
+) -> Request<DownstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    req
 }
 
 /// One request/response exchange.
@@ -293,16 +313,8 @@ async fn exchange<S: Transport>(
         te_trailers,
     } = head;
     let shared = (framing != Framing::Empty).then(|| Arc::new(Shared::default()));
-    let body = H1Body::new(shared.clone(), framing);
-    let mut req = Request::new(DownstreamBody::H1(body));
-    *req.method_mut() = method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    *req.headers_mut() = headers;
-
+    let body = DownstreamBody::H1(H1Body::new(shared.clone(), framing));
     let (mut rd, mut wr) = stream.split();
-    let rt = cx.state.load_full();
-    let mut respond = pin!(proxy::handle(rt, cx.info.clone(), req));
     let state = StateCell::new(if framing == Framing::Empty {
         BodyState::Done
     } else {
@@ -321,23 +333,30 @@ async fn exchange<S: Transport>(
     // Until the response head is ready: pump the body, answer 100-continue, notice the
     // client going away (which cancels the request, as hyper does).
     let mut continue_pending = expect_continue && shared.is_some();
-    let resp = loop {
-        tokio::select! {
-            // The reader first: body bytes that came with the head are decoded before the
-            // upstream request goes out, so a malformed body is refused (400) before a
-            // backend could start answering it.
-            biased;
-            // As with hyper, a client gone mid-exchange counts as an error, not a normal close.
-            () = &mut reader => return Next::Close(CloseReason::Error),
-            r = &mut respond => break r,
-            polled = first_poll(shared.as_deref()), if continue_pending => {
-                continue_pending = false;
-                if polled && write_continue(&mut wr).await.is_err() {
-                    return Next::Close(CloseReason::Error);
-                }
-                if !polled {
-                    // Body refused unread: the client may or may not send it.
-                    keep_alive = false;
+    // In a block: the request's future (kilobytes) is dropped once it has answered (its room
+    // in this future is then free for the response writer's).
+    let resp = {
+        let req = downstream_request(method.clone(), uri, version, headers, body);
+        let mut respond = pin!(proxy::handle(cx.state.load_full(), cx.info.clone(), req));
+        loop {
+            tokio::select! {
+                // The reader first: body bytes that came with the head are decoded before the
+                // upstream request goes out, so a malformed body is refused (400) before a
+                // backend could start answering it.
+                biased;
+                // As with hyper, a client gone mid-exchange counts as an error, not a normal
+                // close.
+                () = &mut reader => return Next::Close(CloseReason::Error),
+                r = &mut respond => break r,
+                polled = first_poll(shared.as_deref()), if continue_pending => {
+                    continue_pending = false;
+                    if polled && write_continue(&mut wr).await.is_err() {
+                        return Next::Close(CloseReason::Error);
+                    }
+                    if !polled {
+                        // Body refused unread: the client may or may not send it.
+                        keep_alive = false;
+                    }
                 }
             }
         }
@@ -559,7 +578,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         keep_alive = false;
     }
     let mut out = Vec::with_capacity(512);
-    let framing = h1parse::encode_response_head(
+    let framing = codec::encode_response_head(
         &mut out,
         parts.status,
         raw.as_ref(),
@@ -638,7 +657,7 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
         }
         left -= data.len() as u64;
         if framing == ResponseFraming::Chunked {
-            h1parse::push_hex(&mut out, data.len() as u64);
+            codec::push_hex(&mut out, data.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         if data.len() <= COPY_MAX {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::filter::vars::request_host;
+use crate::l7::filter::vars::request_host;
 
 /// The redirect for `head`: `https://<host><path>?<query>`; 400 without a usable host (an
 /// HTTP/1.0 request without `Host` names no site to send the client to).

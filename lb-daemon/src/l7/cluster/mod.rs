@@ -1,16 +1,23 @@
 //! A cluster's live parts: endpoint health, the balancer, upstream pools, and the tasks that
 //! keep them current. Survives a reload unchanged when its config is unchanged.
+pub mod breaker;
+pub mod budget;
+pub mod outlier;
+pub mod reaper;
+pub mod sticky;
+pub mod upstream;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::breaker::Breakers;
-use super::budget::RetryBudget;
-use super::outlier::{Outcome, OutlierRuntime};
-use super::sticky::StickyRuntime;
-use super::upstream::Upstream;
 use crate::balance::{Balancer, PickContext};
 use crate::config::model::Cluster;
 use crate::health::{ClusterChecker, ClusterHealth, InFlightGuard};
+use crate::l7::cluster::breaker::Breakers;
+use crate::l7::cluster::budget::RetryBudget;
+use crate::l7::cluster::outlier::{Outcome, OutlierRuntime};
+use crate::l7::cluster::sticky::StickyRuntime;
+use crate::l7::cluster::upstream::Upstream;
 use crate::telemetry::metrics as m;
 
 /// A cluster's live parts.

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, StatusCode};
 
-use super::grpc;
 use crate::config::model::{Cluster, Outlier, UpstreamProtocol};
 use crate::health::{ClusterHealth, EjectReason, EndpointHealth};
+use crate::l7::grpc;
 use crate::telemetry::metrics as m;
 
 /// What one attempt on an endpoint showed.

@@ -12,14 +12,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::cluster::{ClusterRuntime, Picked};
-use super::server::{ActivityIo, CloseReason, now_ms};
 use crate::balance::PickContext;
 use crate::config::model::ProxyProtocol;
+use crate::l7::cluster::{ClusterRuntime, Picked};
+use crate::l7::server::{ActivityIo, CloseReason, now_ms};
 
 /// What a relay needs besides its sockets.
 #[derive(Debug)]
-pub(super) struct Relay<'a> {
+pub(in crate::l7) struct Relay<'a> {
     /// The client (as a front load balancer's PROXY header named it, if one did).
     pub client: SocketAddr,
     /// The address the client connected to, from an accepted PROXY header.
@@ -34,7 +34,7 @@ pub(super) struct Relay<'a> {
 
 /// Relays `down` to an endpoint of `cluster` until either side closes, the relay idles out,
 /// or the listener drains.
-pub(super) async fn serve(
+pub(in crate::l7) async fn serve(
     down: TcpStream,
     cluster: Arc<ClusterRuntime>,
     relay: Relay<'_>,

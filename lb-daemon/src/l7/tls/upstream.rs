@@ -251,7 +251,7 @@ fn name_text(n: &ServerName<'_>) -> String {
 }
 
 fn client_config(tls: &UpstreamTls, alpn: Alpn) -> Result<ClientConfig, String> {
-    // ring, set explicitly as for the listeners (see l7/tls.rs).
+    // ring, set explicitly as for the listeners (see l7/tls/mod.rs).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()

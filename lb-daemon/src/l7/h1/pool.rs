@@ -4,7 +4,7 @@
 //! hands every request and response across channels (oneshot, want/giver, pool mutex), so each
 //! request costs several task wake-ups. Here the downstream connection's task takes an idle
 //! connection from the stack, writes the request and reads the answer itself
-//! ([`super::h1client`]); the response body returns the connection when it has been read to its
+//! ([`crate::l7::h1::client`]); the response body returns the connection when it has been read to its
 //! end. The most recently used connection is taken first (LIFO): it is the least likely to have
 //! been closed by the peer's idle timeout, and the older ones can expire.
 use std::net::SocketAddr;
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-use super::breaker::{ConnectionLimit, Gate, Slot};
-use super::h2pool::BoxError;
-use super::upstream_tls::{Connector, UpstreamIo};
+use crate::l7::cluster::breaker::{ConnectionLimit, Gate, Slot};
+use crate::l7::h2::pool::BoxError;
+use crate::l7::tls::upstream::{Connector, UpstreamIo};
 
 /// Initial read buffer of a connection; it only grows for a response head that needs more.
 pub const READ_BUF: usize = 8 * 1024;
@@ -70,18 +70,18 @@ struct Endpoint {
 #[derive(Debug)]
 pub struct H1Conn {
     /// The socket (`TCP_NODELAY` set), or a TLS session on it.
-    pub(super) io: UpstreamIo,
+    pub(in crate::l7) io: UpstreamIo,
     /// Bytes read but not consumed yet. Empty whenever the connection is idle.
-    pub(super) rbuf: BytesMut,
+    pub(in crate::l7) rbuf: BytesMut,
     /// The request head being written.
-    pub(super) wbuf: Vec<u8>,
+    pub(in crate::l7) wbuf: Vec<u8>,
     /// Header positions while a response head is parsed (scratch, kept for its capacity).
-    pub(super) spans: Vec<[usize; 4]>,
+    pub(in crate::l7) spans: Vec<[usize; 4]>,
     /// Some byte of the current request's response arrived (decides whether a failed request
     /// may be sent again).
-    pub(super) received: bool,
+    pub(in crate::l7) received: bool,
     /// Endpoint index in its pool.
-    pub(super) endpoint: usize,
+    pub(in crate::l7) endpoint: usize,
     /// When the connection was returned to the pool.
     idle_since: Instant,
     /// Its place under the cluster's `max_connections`, given back when it closes.
@@ -330,9 +330,9 @@ impl H1Pool {
         }
     }
 
-    /// Runs [`H1Pool::reap_idle`] periodically while `pool` is alive (see [`super::reaper`]).
+    /// Runs [`H1Pool::reap_idle`] periodically while `pool` is alive (see [`crate::l7::cluster::reaper`]).
     pub fn spawn_reaper(pool: &Arc<H1Pool>) {
-        super::reaper::spawn(pool, pool.config.idle_timeout, H1Pool::reap_idle);
+        crate::l7::cluster::reaper::spawn(pool, pool.config.idle_timeout, H1Pool::reap_idle);
     }
 
     /// Idle connections kept for endpoint `idx` (for tests).

@@ -1,4 +1,4 @@
-//! HTTP/1.1 client codec on one pooled upstream connection ([`super::h1pool`]), run by the task
+//! HTTP/1.1 client codec on one pooled upstream connection ([`crate::l7::h1::pool`]), run by the task
 //! that serves the downstream request: no per-request task hand-off.
 //!
 //! [`send`] writes the request head (and streams the body, watching for an early answer),
@@ -16,16 +16,16 @@ use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::body::{BodyError, RequestBody};
-use super::h1pool::{H1Conn, H1Pool, READ_BUF};
+use crate::l7::body::{BodyError, RequestBody};
+use crate::l7::h1::pool::{H1Conn, H1Pool, READ_BUF};
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4-8 KiB; be generous).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
 // Chunk-size lines (and trailer sections) are bounded as for request bodies.
-use super::h1parse::{MAX_CHUNK_LINE, RawFields, chunk_line};
-use super::headers::Forwarding;
+use crate::l7::h1::codec::{MAX_CHUNK_LINE, RawFields, chunk_line};
+use crate::l7::headers::Forwarding;
 /// Largest read of a response body. Each read is one downstream write, so this sets the
 /// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
 /// about two of each), and, with the frame still being written to a slow client, what one
@@ -320,7 +320,7 @@ impl Upload {
     /// answered and closed, and that answer is still worth reading.
     fn poll(
         &mut self,
-        io: &mut super::upstream_tls::UpstreamIo,
+        io: &mut crate::l7::tls::upstream::UpstreamIo,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), H1Error>> {
         use tokio::io::AsyncWrite as _;
@@ -491,7 +491,7 @@ fn write_head(
 /// Appends one body chunk with its framing.
 fn encode_data(buf: &mut Vec<u8>, data: &[u8], framing: ReqFraming) {
     if framing == ReqFraming::Chunked {
-        super::h1parse::push_hex(buf, data.len() as u64);
+        crate::l7::h1::codec::push_hex(buf, data.len() as u64);
         buf.extend_from_slice(b"\r\n");
         buf.extend_from_slice(data);
         buf.extend_from_slice(b"\r\n");
@@ -1084,7 +1084,7 @@ mod tests {
         );
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
         let mut v = Vec::new();
-        super::super::h1parse::push_hex(&mut v, 0x1f40);
+        crate::l7::h1::codec::push_hex(&mut v, 0x1f40);
         push_decimal(&mut v, 0);
         assert_eq!(&v[..], b"1f400");
     }

@@ -8,11 +8,11 @@ use http::{HeaderValue, header};
 use http_body::Body;
 use http_body_util::BodyExt as _;
 
-use super::downstream::DownstreamBody;
-use super::filter::{Chain, ResponseView};
-use super::forward::Failure;
-use super::reason::{BodyFault, Reason};
-use super::upstream::UpstreamBody;
+use crate::l7::cluster::upstream::UpstreamBody;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::filter::{Chain, ResponseView};
+use crate::l7::proxy::forward::Failure;
+use crate::l7::reason::{BodyFault, Reason};
 
 /// Why a body could not be read whole.
 #[derive(Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Why no ClientHello could be read (the `reason` label of the passthrough failure metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum HelloError {
+pub(in crate::l7) enum HelloError {
     /// Not complete within `hello_timeout`.
     Timeout,
     /// The client closed the connection before the hello was complete.
@@ -23,7 +23,7 @@ pub(super) enum HelloError {
 
 impl HelloError {
     /// The metric label.
-    pub(super) fn as_str(self) -> &'static str {
+    pub(in crate::l7) fn as_str(self) -> &'static str {
         match self {
             HelloError::Timeout => "timeout",
             HelloError::Closed => "closed",
@@ -35,7 +35,7 @@ impl HelloError {
 
 /// A ClientHello read from the client.
 #[derive(Debug)]
-pub(super) struct Hello {
+pub(in crate::l7) struct Hello {
     /// Everything read from the client so far (the hello and anything sent right after it).
     pub bytes: Vec<u8>,
     /// The `server_name` extension's host name, lowercased, without a trailing dot.
@@ -51,7 +51,7 @@ const CLIENT_HELLO: u8 = 1;
 
 /// Reads from `s` until a whole ClientHello is in, reading at most `max` bytes and for at most
 /// `timeout`.
-pub(super) async fn read<S: AsyncRead + Unpin>(
+pub(in crate::l7) async fn read<S: AsyncRead + Unpin>(
     s: &mut S,
     max: usize,
     timeout: Duration,

@@ -12,19 +12,19 @@ use http::{Response, Uri};
 use hyper::body::Body as _;
 use tokio::time::error::Elapsed;
 
-use super::body::{Replay, RequestBody};
-use super::breaker::Slot;
-use super::cluster::{ClusterRuntime, Picked};
-use super::conn::ConnInfo;
-use super::downstream::DownstreamBody;
-use super::grpc;
-use super::log::RequestLog;
-use super::reason::Reason;
-use super::retry::{self, Outcome};
-use super::upstream::{UpstreamBody, UpstreamError, UpstreamFailure};
 use crate::balance::PickContext;
 use crate::config::model::Retry;
 use crate::health::InFlightGuard;
+use crate::l7::body::{Replay, RequestBody};
+use crate::l7::cluster::breaker::Slot;
+use crate::l7::cluster::upstream::{UpstreamBody, UpstreamError, UpstreamFailure};
+use crate::l7::cluster::{ClusterRuntime, Picked};
+use crate::l7::conn::ConnInfo;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::grpc;
+use crate::l7::log::RequestLog;
+use crate::l7::proxy::retry::{self, Outcome};
+use crate::l7::reason::Reason;
 use crate::telemetry::metrics as m;
 
 /// Upper bound on attempts per request, whatever the config says: a request must not walk a
@@ -66,7 +66,7 @@ pub struct Call<'a> {
     /// The route's retry policy, or the cluster's.
     pub retry: &'a Retry,
     /// The forwarding headers, when they are not in the head yet.
-    pub forwarding: Option<super::headers::Forwarding>,
+    pub forwarding: Option<crate::l7::headers::Forwarding>,
 }
 
 /// A retry that may go ahead: the wait before it and its place under `max_retries`.
@@ -233,7 +233,8 @@ impl Call<'_> {
                         guard,
                         body: req_body,
                     };
-                    Box::pin(self.hedged(head, first, replay.as_ref(), time, delay)).await
+                    let hedging = Box::pin(self.hedged(head, first, replay.as_ref(), time, delay));
+                    hedging.await
                 }
             };
             tried[attempt] = idx;
@@ -242,7 +243,7 @@ impl Call<'_> {
                 Ok(Ok(mut resp)) => {
                     if !grpc_statuses.is_empty() {
                         // An HTTP/1.1 answer's fields are bytes until something reads them.
-                        super::upstream::full_headers(&mut resp);
+                        crate::l7::cluster::upstream::full_headers(&mut resp);
                     }
                     cluster.observe_response(idx, &resp);
                     let status = resp.status().as_u16();
@@ -259,7 +260,7 @@ impl Call<'_> {
                     if let Some(outcome) = failed
                         && !last
                     {
-                        super::upstream::full_headers(&mut resp);
+                        crate::l7::cluster::upstream::full_headers(&mut resp);
                         let pushback = retry::retry_after(resp.headers(), SystemTime::now());
                         if let Some(g) =
                             self.grant(outcome, attempt, idempotent, &replay, pushback, clock)

@@ -24,7 +24,7 @@ const V2_MAX: usize = 4096;
 
 /// Why a connection was refused (the `reason` label of the rejection metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Refused {
+pub(in crate::l7) enum Refused {
     /// A source not in `proxy_protocol_from` sent a PROXY header.
     Unlisted,
     /// A listed source sent no header or a malformed one.
@@ -37,7 +37,7 @@ pub(super) enum Refused {
 
 impl Refused {
     /// The metric label.
-    pub(super) fn as_str(self) -> &'static str {
+    pub(in crate::l7) fn as_str(self) -> &'static str {
         match self {
             Refused::Unlisted => "unlisted",
             Refused::Invalid => "invalid",
@@ -49,7 +49,7 @@ impl Refused {
 
 /// The connection's endpoints as the front load balancer saw them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Peer {
+pub(in crate::l7) struct Peer {
     /// The client.
     pub client: SocketAddr,
     /// The address the client connected to, when the header names one.
@@ -57,7 +57,7 @@ pub(super) struct Peer {
 }
 
 /// Reads the header of a listed source, or makes sure an unlisted one sends none.
-pub(super) async fn accept(
+pub(in crate::l7) async fn accept(
     s: &mut TcpStream,
     client: SocketAddr,
     cfg: &ProxyAccept,
@@ -226,7 +226,7 @@ fn parse_v2(ver_cmd: u8, family: u8, body: &[u8], real: Peer) -> Option<Peer> {
 mod tests {
     use super::*;
     use crate::config::model::ProxyProtocol;
-    use crate::l7::tcp_proxy::proxy_header;
+    use crate::l7::tcp::relay::proxy_header;
 
     fn real() -> Peer {
         Peer {

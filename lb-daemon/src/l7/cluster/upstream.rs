@@ -1,8 +1,8 @@
 //! Upstream connections of one cluster: a keep-alive pool per endpoint, HTTP/1.1 or HTTP/2.
 //!
-//! HTTP/1.1 uses [`super::h1pool`] (a stack of idle connections per endpoint) and the codec in
-//! [`super::h1client`], run by the downstream request's own task. HTTP/2 (and gRPC) use
-//! [`super::h2pool`]: several connections per endpoint, each shared by up to the peer's stream
+//! HTTP/1.1 uses [`crate::l7::h1::pool`] (a stack of idle connections per endpoint) and the codec in
+//! [`crate::l7::h1::client`], run by the downstream request's own task. HTTP/2 (and gRPC) use
+//! [`crate::l7::h2::pool`]: several connections per endpoint, each shared by up to the peer's stream
 //! limit of concurrent requests.
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -16,15 +16,15 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::body::{BodyError, RequestBody};
-use super::breaker::{Gate, is_connection_limit};
-use super::h1client::{self, H1Body, H1Error};
-use super::h1parse::RawFields;
-use super::h1pool::{H1Pool, H1PoolConfig};
-use super::h2pool::{BoxError, H2Pool, PoolConfig, SendError, StreamSlot};
-use super::headers::Forwarding;
-use super::upstream_tls::{Alpn, Connector, is_tls_failure};
 use crate::config::model::{Cluster, UpstreamProtocol};
+use crate::l7::body::{BodyError, RequestBody};
+use crate::l7::cluster::breaker::{Gate, is_connection_limit};
+use crate::l7::h1::client::{self, H1Body, H1Error};
+use crate::l7::h1::codec::RawFields;
+use crate::l7::h1::pool::{H1Pool, H1PoolConfig};
+use crate::l7::h2::pool::{BoxError, H2Pool, PoolConfig, SendError, StreamSlot};
+use crate::l7::headers::Forwarding;
+use crate::l7::tls::upstream::{Alpn, Connector, is_tls_failure};
 use crate::telemetry::metrics as m;
 
 /// How an upstream attempt failed; decides retry, passive health and the status sent back.
@@ -335,7 +335,7 @@ impl Upstream {
                     .map_err(|e| (connect_kind(&*e), UpstreamFailure(e)))?,
             };
             let attempt_body = body.take().unwrap_or(RequestBody::Empty);
-            match h1client::send(&mut conn, parts, fwd, attempt_body).await {
+            match client::send(&mut conn, parts, fwd, attempt_body).await {
                 Ok(head) => return Ok(head.into_response(conn, pool)),
                 // The peer closed the idle connection as the request went out (the keep-alive
                 // race): the request goes out once more on a new connection, if it can be

@@ -3,6 +3,12 @@
 //!
 //! lbd answers by itself only when it must, always naming the [`Reason`] in `x-lbd-error`
 //! (see `reason.rs` for every one and its status).
+pub mod buffered;
+pub mod forward;
+pub mod https_redirect;
+pub mod retry;
+pub mod split;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,22 +16,22 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Version, header};
 use hyper::body::Body as _;
 
-use super::answer;
-use super::body::ResponseBody;
-use super::buffered::{self, Rewritten};
-use super::conn::ConnInfo;
-use super::downstream::DownstreamBody;
-use super::filter::vars::request_host;
-use super::filter::{Chain, Exchange, Flow, Notes, ResponseView};
-use super::forward::{Call, Failure};
-use super::grpc;
-use super::headers::{self, Forwarding};
-use super::log::RequestLog;
-use super::reason::Reason;
-use super::router;
-use super::runtime::{ListenerRuntime, Runtime};
-use super::upstream::{self, UpstreamBody};
 use crate::config::model::{HashKey, Policy};
+use crate::l7::answer;
+use crate::l7::body::ResponseBody;
+use crate::l7::cluster::upstream::{self, UpstreamBody};
+use crate::l7::conn::ConnInfo;
+use crate::l7::downstream::DownstreamBody;
+use crate::l7::filter::vars::request_host;
+use crate::l7::filter::{Chain, Exchange, Flow, Notes, ResponseView};
+use crate::l7::grpc;
+use crate::l7::headers::{self, Forwarding};
+use crate::l7::log::RequestLog;
+use crate::l7::proxy::forward::{Call, Failure};
+use crate::l7::reason::Reason;
+use crate::l7::router;
+use crate::l7::runtime::{ListenerRuntime, Runtime};
+use buffered::Rewritten;
 
 /// Handles one request against the runtime snapshot `rt`.
 pub async fn handle(
@@ -43,30 +49,31 @@ pub async fn handle(
             None,
         );
     };
-    let (mut parts, mut body) = req.into_parts();
-    let mut log = begin_log(&rt, listener, &conn, &parts, start);
+    let (mut head, mut body) = req.into_parts();
+    let mut log = begin_log(&rt, listener, &conn, &head, start);
     if let Some(tracer) = &rt.tracer {
-        log.trace = Some(tracer.begin(&mut parts, conn.client));
+        log.trace = Some(tracer.begin(&mut head, conn.client));
     }
 
     // Admit.
-    if let Err(f) = admit(&parts, &body, listener) {
+    if let Err(f) = admit(&head, &body, listener) {
         return fail(log, f);
     }
     if listener.redirect_https {
-        let (mut head, bytes) = super::https_redirect::answer(&parts).into_parts();
-        head.version = log.version;
-        log.status = head.status.as_u16();
+        let (mut parts, bytes) = https_redirect::answer(&head).into_parts();
+        parts.version = log.version;
+        log.status = parts.status.as_u16();
         // The body is left unread: the connection cannot carry another request.
         if !body.is_end_stream() {
-            head.headers
+            parts
+                .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        return Response::from_parts(head, ResponseBody::full(bytes, Some(log)));
+        return Response::from_parts(parts, ResponseBody::full(bytes, Some(log)));
     }
 
     // Route.
-    let Some(route_idx) = listener.router.route(&rt.model, &parts) else {
+    let Some(route_idx) = listener.router.route(&rt.model, &head) else {
         return fail(log, Reason::NoRoute.into());
     };
     let route = &rt.model.routes[route_idx];
@@ -76,7 +83,7 @@ pub async fn handle(
     let (cluster_idx, side, split_cookie) = match &route_rt.split {
         None => (route.cluster, 0, None),
         Some(split) => {
-            let p = split.pick(&parts.headers, conn.client.ip());
+            let p = split.pick(&head.headers, conn.client.ip());
             (p.cluster, p.side, p.set_cookie)
         }
     };
@@ -92,9 +99,8 @@ pub async fn handle(
     // A gRPC client's deadline (capped by the configured one) bounds the whole call.
     let grpc_deadline = log
         .grpc
-        .then(|| grpc::CallDeadline::new(&parts.headers, start, deadline))
+        .then(|| grpc::CallDeadline::new(&head.headers, start, deadline))
         .flatten();
-    let mut head = parts;
     if route.rewrite.is_some() {
         head.uri = router::rewrite_uri(route, &head.uri);
     }
@@ -117,7 +123,8 @@ pub async fn handle(
         // Boxed: filters' request futures (JWKS fetches, external calls, rate-limit stores)
         // are large, and inline they would grow the future of every request, filtered or
         // not, which the connection task moves whole into its box (~5 KiB of the ~13 KiB).
-        let (n, flow) = Box::pin(route_rt.chain.request(&mut ex)).await;
+        let filtering = Box::pin(route_rt.chain.request(&mut ex));
+        let (n, flow) = filtering.await;
         ran = n;
         let after = After {
             chain: &route_rt.chain,
@@ -205,7 +212,8 @@ pub async fn handle(
     // Boxed: inline, the attempt loop's state (~4 KiB) sat in every request's future, which
     // the connection task moves into its box: 33.0k → 27.3k instructions per keep-alive
     // request for one allocation (bench/callgrind.sh).
-    let resp = match Box::pin(call.send(&mut head, body, &mut log)).await {
+    let sending = Box::pin(call.send(&mut head, body, &mut log));
+    let resp = match sending.await {
         Ok(mut resp) => {
             if let Some(v) = split_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, v.clone());
@@ -382,7 +390,7 @@ fn prepare_head(head: &mut http::request::Parts, conn: &ConnInfo) {
     if let Some(h) = &conn.cert_headers {
         h.apply(&mut head.headers);
     }
-    // An HTTP/2 upstream gets the host as :authority instead (l7/h2pool.rs).
+    // An HTTP/2 upstream gets the host as :authority instead (l7/h2/pool.rs).
 }
 
 /// Whether the balancer keys on a field the forwarding headers set (it must see them).
@@ -426,7 +434,7 @@ fn downstream_head(parts: &mut http::response::Parts, log: &mut RequestLog) {
 /// Hands the response's digest to a mirror comparing answers, as its body streams.
 fn tap(
     resp: Response<ResponseBody>,
-    tx: tokio::sync::oneshot::Sender<super::body::Digest>,
+    tx: tokio::sync::oneshot::Sender<crate::l7::body::Digest>,
     limit: u64,
 ) -> Response<ResponseBody> {
     let status = resp.status().as_u16();
