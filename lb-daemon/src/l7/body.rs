@@ -461,7 +461,7 @@ impl ResponseBody {
 
     /// The header fields an HTTP/1.1 upstream's response still holds as bytes, to edit in
     /// place.
-    pub fn fields_mut(&mut self) -> Option<&mut super::h1parse::RawFields> {
+    pub fn fields_mut(&mut self) -> Option<&mut crate::l7::h1::codec::RawFields> {
         match &mut self.kind {
             Kind::Upstream(b) => b.fields_mut(),
             Kind::Tapped(t) => t.0.fields_mut(),

@@ -61,11 +61,11 @@ use http::{HeaderValue, Response};
 
 use super::cluster::ClusterRuntime;
 use super::conn::ConnInfo;
-use super::h1parse::RawFields;
 use super::log::RequestLog;
 use super::reason::Reason;
 use crate::config::filter::FilterSpec;
 use crate::config::model::Route;
+use crate::l7::h1::codec::RawFields;
 
 /// What a request phase decided.
 #[derive(Debug)]
