@@ -22,7 +22,21 @@
 #
 # and likewise for calls of malloc/realloc/free (counted from callgrind's call records).
 #
+# The route carries no filter unless asked (as the bench's `--feature` rows):
+#   --feature rate-limit  a `rate_limit` keyed by client address, far above the load (the
+#                         `http1-rate-limit` bench row: every request passes the limiter and
+#                         gets the RateLimit-* fields);
+#   --feature jwt         a `jwt` filter (ES256, key from a JWKS file made here with openssl);
+#                         every request carries the same valid token (the `http1-jwt-es256`
+#                         row);
+#   --route-filter TOML   any filter table body, e.g. 'cors = { allow_origins = ["*"] }'
+#                         (repeatable; added after the feature's filter).
+#
+# --https puts the listener behind TLS (an ECDSA P-256 certificate made here with openssl; ALPN
+# http/1.1 for h1, h2 otherwise), to price what TLS adds.
+#
 # Usage: bench/callgrind.sh [--no-build] [--keep] [--https] [--scenario h1|h2|grpc]
+#                           [--feature F] [--route-filter TOML]...
 #   N1, N2          request counts (default 2000 and 12000)
 #   M               concurrent streams of the h2 and grpc scenarios (default 16)
 #   CARGO_TARGET_DIR where the release binaries are (default: target/)
@@ -42,12 +56,16 @@ M=${M:-16}
 build=1
 scenario=h1
 https=0
+feature=plain
+route_filters=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) build=0 ;;
         --keep) ;;
         --https) https=1 ;;
         --scenario) shift; scenario=${1:-} ;;
+        --feature) shift; feature=${1:-} ;;
+        --route-filter) shift; route_filters+=("${1:-}") ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -66,13 +84,40 @@ backend=${BACKEND:-$target/release/bench-backend}
 scheme=http
 suffix=
 if [ "$https" = 1 ]; then scheme=https; suffix=-https; fi
-run=${RUN_DIR:-$target/callgrind/$scenario$suffix}
+run=${RUN_DIR:-$target/callgrind/$scenario-$feature$suffix}
 mkdir -p "$run"
 if [ "$scenario" = grpc ]; then
     # One gRPC message: uncompressed flag, 4-byte length, 16 payload bytes (as the bench).
     printf '\000\000\000\000\020pppppppppppppppp' >"$run/grpc-request.bin"
     load+=(-H "content-type: application/grpc" -H "te: trailers" -d "$run/grpc-request.bin")
 fi
+
+# Base64url without padding (RFC 7515 §2), of stdin.
+b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+
+# A P-256 key, its JWKS in $run/jwks.json, and an ES256 token valid for a day, as the bench
+# makes them (issuer and audience as `xtask bench`).
+make_jwt() {
+    openssl ecparam -name prime256v1 -genkey -noout -out "$run/jwt-key.pem" 2>/dev/null
+    # The SubjectPublicKeyInfo of a P-256 key ends with the point's x and y (32 bytes each).
+    openssl ec -in "$run/jwt-key.pem" -pubout -outform DER 2>/dev/null | tail -c 64 >"$run/jwt-pub.raw"
+    local x y now header payload sig r s
+    x=$(head -c 32 "$run/jwt-pub.raw" | b64url)
+    y=$(tail -c 32 "$run/jwt-pub.raw" | b64url)
+    printf '{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"bench","x":"%s","y":"%s"}]}' \
+        "$x" "$y" >"$run/jwks.json"
+    now=$(date +%s)
+    header=$(printf '{"alg":"ES256","typ":"JWT","kid":"bench"}' | b64url)
+    payload=$(printf '{"iss":"https://bench.test","aud":"bench","sub":"bench-user","iat":%s,"exp":%s}' \
+        "$now" $((now + 86400)) | b64url)
+    printf '%s' "$header.$payload" | openssl dgst -sha256 -sign "$run/jwt-key.pem" >"$run/jwt-sig.der"
+    # DER ECDSA-Sig-Value -> JWS's fixed r || s (32 bytes each).
+    read -r r s < <(openssl asn1parse -inform DER -in "$run/jwt-sig.der" |
+        awk -F: '/INTEGER/ { printf "%s ", $NF } END { print "" }')
+    pad() { printf '%064s' "$(printf '%s' "$1" | sed 's/^0*//')" | tr ' ' 0; }
+    sig=$( (pad "$r"; pad "$s") | tr -d '\n' | xxd -r -p | b64url)
+    jwt_token="$header.$payload.$sig"
+}
 
 tools=(valgrind h2load callgrind_annotate)
 if [ "$https" = 1 ]; then tools+=(openssl); fi
@@ -89,6 +134,28 @@ fi
 
 # shellcheck source=bench/lib.sh
 . "$root/bench/lib.sh"
+
+filters=""
+case "$feature" in
+    plain) ;;
+    rate-limit)
+        filters+=$'[[routes.filters]]\nrate_limit = { key = "client_ip", limits = [{ rate = "10000000/s" }] }\n'
+        ;;
+    jwt)
+        for tool in openssl xxd; do
+            command -v "$tool" >/dev/null || { echo "SKIP: $tool not installed" >&2; exit 0; }
+        done
+        make_jwt
+        filters+="[[routes.filters]]
+jwt = { providers = [{ name = \"bench\", issuer = \"https://bench.test\", audiences = [\"bench\"], algorithms = [\"ES256\"], jwks_file = \"$run/jwks.json\" }] }
+"
+        load+=(-H "authorization: Bearer $jwt_token")
+        ;;
+    *) echo "unknown feature: $feature (plain, rate-limit or jwt)" >&2; exit 2 ;;
+esac
+for f in "${route_filters[@]}"; do
+    filters+=$'[[routes.filters]]\n'"$f"$'\n'
+done
 
 b1=$(free_port); b2=$(free_port); b3=$(free_port); lp=$(free_port)
 "$backend" --listen "127.0.0.1:$b1" --listen "127.0.0.1:$b2" --listen "127.0.0.1:$b3" \
@@ -128,7 +195,7 @@ name = "all"
 cluster = "bench"
 [routes.match]
 path_prefix = "/"
-
+$filters
 [[clusters]]
 name = "bench"
 policy = "round_robin"
@@ -190,7 +257,7 @@ measure "$N2"
 read -r t1 m1 f1 <"$run/result.$N1"
 read -r t2 m2 f2 <"$run/result.$N2"
 d=$((N2 - N1))
-echo "scenario: $scenario over $scheme (h2load ${load[*]})"
+echo "scenario: $scenario over $scheme, feature: $feature (h2load ${load[*]:0:6})"
 echo "requests: $N1 -> $N2"
 echo "instructions: $t1 -> $t2"
 awk -v a="$t1" -v b="$t2" -v d="$d" 'BEGIN { printf "instructions per request: %.0f\n", (b - a) / d }'

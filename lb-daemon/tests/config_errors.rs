@@ -1149,6 +1149,20 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "explicit allow-list",
     ),
     (
+        "jwt cache_size negative",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"http://127.0.0.1:1/k\" }], cache_size = -1 }\n",
+        5,
+        "routes[0].filters[0].jwt.cache_size",
+        "must be between 0 and 1048576, got -1",
+    ),
+    (
+        "jwt cache_size above the bound",
+        "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"http://127.0.0.1:1/k\" }], cache_size = 2000000 }\n",
+        5,
+        "routes[0].filters[0].jwt.cache_size",
+        "must be between 0 and 1048576, got 2000000",
+    ),
+    (
         "jwt key-set CA with a cleartext URL",
         "[[routes]]\nname = \"r\"\ncluster = \"tail\"\n[[routes.filters]]\njwt = { providers = [{ name = \"a\", issuer = \"i\", algorithms = [\"ES256\"], jwks_url = \"http://id.example/k\", jwks_ca = \"ca.pem\" }] }\n",
         5,

@@ -812,6 +812,81 @@ address = "{}"
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The cache of verified tokens (on by default) never outlives what made a token valid: a
+/// token accepted (and cached) a moment before is refused once it expires, and once its key
+/// leaves the fetched key set; a token of a key still in the set keeps passing.
+#[tokio::test]
+async fn cached_tokens_expire_and_follow_key_rotation() {
+    let dir = temp_dir();
+    let k1 = keypair(&dir, "k1", "ec", Algorithm::ES256, "k1");
+    let k2 = keypair(&dir, "k2", "ec", Algorithm::ES256, "k2");
+    let jwks_srv = JwksServer::start(jwks(&[&k1, &k2])).await;
+    let backend = Backend::start("b1").await;
+    let listen = free_addr();
+    // Refreshed every second; an unknown kid never refetches within the test (1h), so
+    // only the periodic refresh brings the new set.
+    let config = format!(
+        r#"
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "api"
+cluster = "web"
+[[routes.filters]]
+jwt = {{ providers = [{{ name = "u", issuer = "https://u.example", algorithms = ["ES256"], jwks_url = "http://{}/jwks.json", refresh = "1s", refetch_interval = "1h", fetch_timeout = "1s", leeway = "0s" }}] }}
+
+[[clusters]]
+name = "web"
+[[clusters.endpoints]]
+address = "{}"
+"#,
+        jwks_srv.addr, backend.addr
+    );
+    let _lbd = Lbd::start(bin(), &config);
+    let c = H1::new();
+    jwks_srv.wait_hits(1).await;
+
+    // Expiry: valid for 2 to 3 s, accepted twice (the second time from the cache).
+    let exp = now() + 3;
+    let short = json!({ "iss": "https://u.example", "sub": "u1", "exp": exp });
+    let short = sign(Algorithm::ES256, Some("k1"), &short, &k1.enc);
+    assert_eq!(bearer(&c, listen, "/", &short).await.status, 200);
+    assert_eq!(bearer(&c, listen, "/", &short).await.status, 200, "cached");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while now() < exp {
+        assert!(Instant::now() < deadline, "clock stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        bearer(&c, listen, "/", &short).await.status,
+        401,
+        "expired although cached"
+    );
+
+    // Rotation: k1 leaves the set; its cached token fails, k2's keeps passing.
+    let claims = json!({ "iss": "https://u.example", "sub": "u2", "exp": now() + 600 });
+    let t1 = sign(Algorithm::ES256, Some("k1"), &claims, &k1.enc);
+    let t2 = sign(Algorithm::ES256, Some("k2"), &claims, &k2.enc);
+    for _ in 0..3 {
+        assert_eq!(bearer(&c, listen, "/", &t1).await.status, 200);
+        assert_eq!(bearer(&c, listen, "/", &t2).await.status, 200);
+    }
+    jwks_srv.set(jwks(&[&k2]));
+    // Two more fetches: the second surely started after the set changed.
+    let seen = jwks_srv.hits();
+    jwks_srv.wait_hits(seen + 2).await;
+    assert_eq!(
+        bearer(&c, listen, "/", &t1).await.status,
+        401,
+        "cached token of a key that left the set"
+    );
+    assert_eq!(bearer(&c, listen, "/", &t2).await.status, 200);
+    assert_eq!(bearer(&c, listen, "/", &t2).await.status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A `jwks_url` over HTTPS: fetched through lbd's TLS client with the server verified against
 /// `jwks_ca`; a server whose certificate that CA did not sign is never trusted, so its keys
 /// are never used.

@@ -459,6 +459,16 @@ impl ResponseBody {
         }
     }
 
+    /// The header fields an HTTP/1.1 upstream's response still holds as bytes, to edit in
+    /// place.
+    pub fn fields_mut(&mut self) -> Option<&mut crate::l7::h1::codec::RawFields> {
+        match &mut self.kind {
+            Kind::Upstream(b) => b.fields_mut(),
+            Kind::Tapped(t) => t.0.fields_mut(),
+            Kind::Full(_) => None,
+        }
+    }
+
     /// The request's log record, while the body still holds it.
     pub fn log(&self) -> Option<&RequestLog> {
         self.log.as_deref()

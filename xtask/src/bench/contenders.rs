@@ -528,7 +528,7 @@ fn envoy_config(s: &Shape) -> String {
         Feature::Plain | Feature::Headers | Feature::XmlToJson => String::new(),
         // forward: true keeps the Authorization header upstream, as lbd and HAProxy do.
         Feature::Jwt(j) => format!(
-            "          - name: envoy.filters.http.jwt_authn\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication\n              providers:\n                bench:\n                  issuer: \"{JWT_ISSUER}\"\n                  audiences: [\"{JWT_AUDIENCE}\"]\n                  forward: true\n                  local_jwks: {{filename: \"{}\"}}\n              rules:\n              - match: {{prefix: \"/\"}}\n                requires: {{provider_name: bench}}\n",
+            "          - name: envoy.filters.http.jwt_authn\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication\n              providers:\n                bench:\n                  issuer: \"{JWT_ISSUER}\"\n                  audiences: [\"{JWT_AUDIENCE}\"]\n                  forward: true\n                  local_jwks: {{filename: \"{}\"}}\n                  jwt_cache_config: {{jwt_cache_size: 1024}}\n              rules:\n              - match: {{prefix: \"/\"}}\n                requires: {{provider_name: bench}}\n",
             j.jwks.display()
         ),
         // Envoy's local limit is one token bucket for the listener's route, not per client.

@@ -27,6 +27,7 @@ pub struct Raw {
     pub claims_to_headers: Option<Vec<S<RawClaimHeader>>>,
     pub consumer_claim: Option<S<String>>,
     pub max_token_bytes: Option<S<i64>>,
+    pub cache_size: Option<S<i64>>,
 }
 
 /// One `providers` element.
@@ -160,7 +161,14 @@ pub struct Spec {
     pub consumer_claim: String,
     /// Longest token read; longer ones are refused unparsed.
     pub max_token_bytes: usize,
+    /// Most verified tokens kept for reuse (0: every token is verified on every request).
+    pub cache_size: usize,
 }
+
+/// Default `cache_size`.
+pub const DEFAULT_CACHE_SIZE: usize = 1024;
+/// Largest `cache_size` (with tokens of at most `MAX_CACHED_TOKEN_BYTES`, tens of MiB).
+pub const MAX_CACHE_SIZE: usize = 1 << 20;
 
 const ALGORITHMS: &[(&str, Algorithm)] = &[
     ("RS256", Algorithm::RS256),
@@ -558,6 +566,13 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
         8192,
         64,
     );
+    let cache_size = c.int(
+        r.cache_size.as_ref(),
+        &format!("{key}.cache_size"),
+        DEFAULT_CACHE_SIZE as i64,
+        0,
+        MAX_CACHE_SIZE as i64,
+    ) as usize;
     ok.then_some(Spec {
         providers,
         source,
@@ -567,5 +582,6 @@ pub(crate) fn check(c: &mut Checker<'_>, raw: &S<Raw>, key: &str, dir: &Path) ->
         claims_to_headers,
         consumer_claim,
         max_token_bytes,
+        cache_size,
     })
 }

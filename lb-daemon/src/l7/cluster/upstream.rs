@@ -422,6 +422,14 @@ impl UpstreamBody {
         }
     }
 
+    /// The header fields still held as bytes, to edit in place.
+    pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
+        match self {
+            UpstreamBody::H1(b) => b.fields_mut(),
+            UpstreamBody::H2(..) => None,
+        }
+    }
+
     /// The HTTP/2 stream's place on its connection, once (the request's log holds it until
     /// the response ends).
     pub fn take_slot(&mut self) -> Option<StreamSlot> {

@@ -13,10 +13,15 @@
 //! 4. the signature; then `exp` (required) and `nbf` with `leeway`, and `aud`;
 //! 5. required claims and scopes (403 `insufficient_scope`).
 //!
+//! Steps 2–4 are skipped for a token verified before and still current (`jwt_cache.rs`);
+//! step 5 runs on every request.
+//!
 //! A `kid` missing from a `jwks_url` set makes one refetch, shared by every request that
 //! waits on it and at most one per `refetch_interval`; a failed fetch keeps the last good
 //! set. The periodic refresh runs on a task the filter owns (aborted when a reload drops it).
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -27,6 +32,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
 use super::jwks::{Fetcher, KeySet};
+use super::jwt_cache::{TokenCache, Verified};
 use super::{Exchange, Flow};
 use crate::config::filter::jwt::{ClaimRule, Provider, Spec, TokenSource};
 use crate::l7::reason::Reason;
@@ -46,6 +52,7 @@ pub struct Jwt {
     missing: HeaderValue,
     invalid: HeaderValue,
     insufficient: HeaderValue,
+    cache: Option<TokenCache>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -62,6 +69,9 @@ struct Remote {
     provider: String,
     fetcher: Fetcher,
     keys: ArcSwap<KeySet>,
+    /// Moves on after each set stored (cached tokens name the generation they were
+    /// verified under).
+    generation: AtomicU64,
     /// When the last fetch started; held across a fetch so that concurrent refetches for
     /// unknown `kid`s wait for the one in flight instead of starting their own.
     last: tokio::sync::Mutex<Option<Instant>>,
@@ -78,7 +88,10 @@ impl Remote {
         *last = Some(Instant::now());
         match self.fetcher.fetch(timeout).await {
             Ok(set) => {
+                // Stored first, then counted: a verification reads the generation before
+                // the keys, so it never tags a check under the old set with the new number.
                 self.keys.store(set);
+                self.generation.fetch_add(1, Ordering::Release);
                 true
             }
             Err(e) => {
@@ -110,7 +123,7 @@ enum Outcome {
     Missing,
     Invalid(Why),
     Insufficient,
-    Ok(Claims),
+    Ok(Verified),
 }
 
 fn challenge(v: String) -> HeaderValue {
@@ -136,6 +149,7 @@ impl Jwt {
                         provider: p.name.clone(),
                         fetcher: Fetcher::new(u.clone(), p.jwks_ca.as_deref()),
                         keys: ArcSwap::from_pointee(KeySet::default()),
+                        generation: AtomicU64::new(0),
                         last: tokio::sync::Mutex::new(None),
                     })
                 });
@@ -176,6 +190,7 @@ impl Jwt {
             missing: challenge(format!("Bearer realm=\"{realm}\"")),
             invalid: challenge(format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")),
             insufficient: challenge(insufficient),
+            cache: TokenCache::new(spec.cache_size),
             tasks,
         }
     }
@@ -188,8 +203,8 @@ impl Jwt {
             Ok(None) => Outcome::Missing,
             Ok(Some(t)) => self.check(t).await,
         };
-        let claims = match outcome {
-            Outcome::Ok(c) => c,
+        let verified = match outcome {
+            Outcome::Ok(v) => v,
             Outcome::Missing => {
                 return Flow::Challenge(Reason::Unauthorized, self.missing.clone());
             }
@@ -205,16 +220,15 @@ impl Jwt {
             ex.head.headers.remove(h);
         }
         for (claim, h) in &self.claims_to_headers {
-            if let Some(v) = claims.get(claim).and_then(header_value) {
+            if let Some(v) = verified.claims.get(claim).and_then(header_value) {
                 ex.head.headers.append(h.clone(), v);
             }
         }
-        if let Some(c) = claims.get(&self.consumer_claim).and_then(|v| v.as_str()) {
-            let c: Arc<str> = Arc::from(c);
+        if let Some(c) = verified.consumer {
             ex.log.consumer = Some(Arc::clone(&c));
             ex.notes.consumer = Some(c);
         }
-        ex.notes.claims = Some(Arc::new(claims));
+        ex.notes.claims = Some(verified.claims);
         Flow::Next
     }
 
@@ -224,7 +238,12 @@ impl Jwt {
             let mut all = head.headers.get_all(name).iter();
             match (all.next(), all.next()) {
                 (None, _) => Ok(None),
-                (Some(v), None) => v.to_str().map(Some).map_err(|_| "header not ASCII"),
+                // UTF-8 rather than `to_str`'s visible-ASCII check, which went byte by byte
+                // over the whole token (~500 instructions a request): anything a token may
+                // not hold is refused by its base64url parts anyway.
+                (Some(v), None) => std::str::from_utf8(v.as_bytes())
+                    .map(Some)
+                    .map_err(|_| "header not UTF-8"),
                 (Some(_), Some(_)) => Err("more than one credentials header"),
             }
         };
@@ -261,31 +280,61 @@ impl Jwt {
         if token.len() > self.max_token_bytes {
             return Outcome::Invalid("token longer than max_token_bytes");
         }
-        let claims = match self.verify(token).await {
-            Ok(c) => c,
-            Err(why) => return Outcome::Invalid(why),
+        let now = unix_now();
+        let cached = self.cache.as_ref().and_then(|c| {
+            c.get(token.as_bytes(), now, |p| {
+                self.providers
+                    .get(p)
+                    .map_or(u64::MAX, ProviderRt::generation)
+            })
+        });
+        let verified = match cached {
+            Some(v) => v,
+            None => match self.verify(token, now).await {
+                Ok(v) => {
+                    if let Some(c) = &self.cache {
+                        c.put(token.as_bytes(), &v, now);
+                    }
+                    v
+                }
+                Err(why) => return Outcome::Invalid(why),
+            },
         };
-        if !self.claims.iter().all(|r| claim_matches(&claims, r))
-            || !has_scopes(&claims, &self.scopes)
+        if !self
+            .claims
+            .iter()
+            .all(|r| claim_matches(&verified.claims, r))
+            || !has_scopes(&verified.claims, &self.scopes)
         {
             return Outcome::Insufficient;
         }
-        Outcome::Ok(claims)
+        Outcome::Ok(verified)
     }
 
     /// Signature, issuer, audience and times; the claims when all hold.
-    async fn verify(&self, token: &str) -> Result<Claims, Why> {
+    async fn verify(&self, token: &str, now: f64) -> Result<Verified, Why> {
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err("not three dot-separated parts");
         };
-        let head_json = URL_SAFE_NO_PAD
-            .decode(h64)
-            .map_err(|_| "header not base64url")?;
-        let header: JoseHeader =
-            serde_json::from_slice(&head_json).map_err(|_| "header not a JOSE header")?;
+        // Headers are small: decoded on the stack, read into borrowed strings.
+        let mut head_buf = [0u8; HEADER_ON_STACK];
+        let head_vec;
+        let head_json: &[u8] = if h64.len() <= HEADER_ON_STACK / 3 * 4 {
+            let n = URL_SAFE_NO_PAD
+                .decode_slice(h64, &mut head_buf)
+                .map_err(|_| "header not base64url")?;
+            &head_buf[..n]
+        } else {
+            head_vec = URL_SAFE_NO_PAD
+                .decode(h64)
+                .map_err(|_| "header not base64url")?;
+            &head_vec
+        };
+        let header: JoseHeader<'_> =
+            serde_json::from_slice(head_json).map_err(|_| "header not a JOSE header")?;
         if header.crit.is_some() || header.b64.is_some() {
             return Err("crit/b64 header: JWS extensions are not understood");
         }
@@ -296,11 +345,14 @@ impl Jwt {
         let claims: Claims =
             serde_json::from_slice(&body).map_err(|_| "payload not a JSON object")?;
         let iss = claims.get("iss").and_then(Value::as_str).ok_or("no iss")?;
-        let p = self
+        let (provider, p) = self
             .providers
             .iter()
-            .find(|p| p.spec.issuer == iss)
+            .enumerate()
+            .find(|(_, p)| p.spec.issuer == iss)
             .ok_or("no provider for this iss")?;
+        // Read before any key is: see `Remote::refresh`.
+        let generation = p.generation();
         if !p.spec.algorithms.contains(&alg) {
             return Err("alg not allowed for this provider");
         }
@@ -339,19 +391,18 @@ impl Jwt {
         if !verified {
             return Err("bad signature");
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
         let leeway = p.spec.leeway.as_secs_f64();
         let exp = claims.get("exp").and_then(Value::as_f64).ok_or("no exp")?;
         if now - leeway >= exp {
             return Err("expired");
         }
+        let mut valid_from = f64::NEG_INFINITY;
         if let Some(nbf) = claims.get("nbf") {
             let nbf = nbf.as_f64().ok_or("nbf not a number")?;
             if now + leeway < nbf {
                 return Err("not yet valid");
             }
+            valid_from = nbf - leeway;
         }
         if !p.spec.audiences.is_empty() {
             let ok = match claims.get("aud") {
@@ -366,17 +417,52 @@ impl Jwt {
                 return Err("aud not accepted");
             }
         }
-        Ok(claims)
+        let consumer = claims
+            .get(&self.consumer_claim)
+            .and_then(Value::as_str)
+            .map(Arc::from);
+        Ok(Verified {
+            claims: Arc::new(claims),
+            consumer,
+            expires_at: exp + leeway,
+            valid_from,
+            provider,
+            generation,
+        })
     }
 }
 
+impl ProviderRt {
+    /// The generation of the provider's fetched key set (0 without one: file keys and
+    /// secrets only change with the filter).
+    fn generation(&self) -> u64 {
+        self.remote
+            .as_ref()
+            .map_or(0, |r| r.generation.load(Ordering::Acquire))
+    }
+}
+
+/// Now as Unix seconds.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Largest JOSE header decoded on the stack (longer ones, say with an `x5c` chain, are
+/// decoded on the heap).
+const HEADER_ON_STACK: usize = 512;
+
 /// The JOSE header fields lbd reads. Unknown fields (`jku`, `x5u`, `jwk`, …) are ignored.
 #[derive(serde::Deserialize)]
-struct JoseHeader {
-    alg: String,
-    kid: Option<String>,
-    crit: Option<Value>,
-    b64: Option<Value>,
+struct JoseHeader<'a> {
+    /// Borrowed from the decoded header unless it has escapes.
+    #[serde(borrow)]
+    alg: Cow<'a, str>,
+    #[serde(borrow)]
+    kid: Option<Cow<'a, str>>,
+    crit: Option<serde::de::IgnoredAny>,
+    b64: Option<serde::de::IgnoredAny>,
 }
 
 /// `None` when no key of `set` fits (`alg` type, `kid`); else whether one verified.

@@ -38,11 +38,14 @@
 pub mod access;
 pub mod api_key;
 pub mod cors;
+pub mod header_num;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
+pub mod jwt_cache;
 pub mod jwt_sig;
 pub mod mirror;
+pub mod prehashed;
 pub mod rate_limit;
 pub mod rate_limit_redis;
 pub mod redirect;
@@ -62,6 +65,7 @@ use super::log::RequestLog;
 use super::reason::Reason;
 use crate::config::filter::FilterSpec;
 use crate::config::model::Route;
+use crate::l7::h1::codec::RawFields;
 
 /// What a request phase decided.
 #[derive(Debug)]
@@ -82,7 +86,8 @@ pub enum Flow {
 pub struct Notes {
     /// The request's id (`request_id` filter).
     pub request_id: Option<HeaderValue>,
-    /// The request's host without port, as routed (kept for response templates).
+    /// The request's host without port, as routed (kept only for chains with response
+    /// templates: [`Chain::keeps_host`]).
     pub host: Option<Bytes>,
     /// The `rate_limit` decision, for its response headers.
     pub rate_limit: Option<rate_limit::RateState>,
@@ -276,6 +281,38 @@ impl Filter {
         }
     }
 
+    /// Whether the response phase does anything (the arms of [`Filter::response`] that are
+    /// not empty): a chain whose filters have none leaves an HTTP/1.1 upstream's header
+    /// fields as bytes instead of building a map for nothing.
+    fn has_response_phase(&self) -> bool {
+        match self {
+            Filter::ResponseHeaders(_)
+            | Filter::RequestId(_)
+            | Filter::RateLimit(_)
+            | Filter::Cors(_)
+            | Filter::XmlJson(_)
+            | Filter::Mirror(_) => true,
+            Filter::RequestHeaders(_)
+            | Filter::PathRewrite(_)
+            | Filter::Redirect(_)
+            | Filter::DirectResponse(_)
+            | Filter::Access(_)
+            | Filter::Jwt(_)
+            | Filter::ApiKey(_) => false,
+        }
+    }
+
+    /// The fields this filter's response phase sets, replacing the upstream's: the only
+    /// fields it touches, when it can work on a response whose upstream fields are still
+    /// bytes (they are then dropped from those bytes, and the filter adds its own to the
+    /// head's map, written after them). `None`: it needs the whole head as a map.
+    fn replaces_only(&self) -> Option<&'static [&'static str]> {
+        match self {
+            Filter::RateLimit(_) => Some(&rate_limit::FIELDS),
+            _ => None,
+        }
+    }
+
     /// The response phase.
     fn response(&self, head: &mut http::response::Parts, rx: &ResponseView<'_>) {
         match self {
@@ -317,6 +354,8 @@ pub struct Chain {
     request_bodies: bool,
     /// Some filter may need the response body whole.
     response_bodies: bool,
+    /// Some filter renders templates in its response phase (which may name `${host}`).
+    response_templates: bool,
 }
 
 impl Chain {
@@ -339,11 +378,21 @@ impl Chain {
             .iter()
             .map(|(_, f)| f.buffers())
             .fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1));
+        let response_templates = filters
+            .iter()
+            .any(|(_, f)| matches!(**f, Filter::ResponseHeaders(_)));
         Chain {
             filters,
             request_bodies,
             response_bodies,
+            response_templates,
         }
+    }
+
+    /// Whether a response phase may need the request's host ([`Notes::host`]), copied
+    /// for it only then.
+    pub fn keeps_host(&self) -> bool {
+        self.response_templates
     }
 
     /// Whether the request body phase may run on this chain (fixed at build).
@@ -411,6 +460,30 @@ impl Chain {
 
     fn ran(&self, ran: usize) -> &[(FilterSpec, Arc<Filter>)] {
         &self.filters[..ran.min(self.filters.len())]
+    }
+
+    /// Whether the response phases of the first `ran` filters may read or change the
+    /// response head.
+    pub fn reads_response(&self, ran: usize) -> bool {
+        self.ran(ran).iter().any(|(_, f)| f.has_response_phase())
+    }
+
+    /// Whether the response phases of the first `ran` filters need the upstream's fields in
+    /// the head's map; when not, they are kept as bytes (no map built and encoded again).
+    pub fn needs_response_map(&self, ran: usize) -> bool {
+        self.ran(ran)
+            .iter()
+            .any(|(_, f)| f.has_response_phase() && f.replaces_only().is_none())
+    }
+
+    /// Drops from an upstream's fields still held as bytes those that the first `ran`
+    /// filters' response phases replace.
+    pub fn drop_replaced(&self, ran: usize, raw: &mut RawFields) {
+        for (_, f) in self.ran(ran) {
+            for name in f.replaces_only().unwrap_or_default() {
+                raw.remove(name);
+            }
+        }
     }
 
     /// Whether the route has no filters (both phases are then no-ops).

@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
-use http::{HeaderValue, header};
+use http::{HeaderName, HeaderValue, header};
 
 use super::access::client_ip;
+use super::header_num;
+use super::prehashed::BuildPrehashed;
 use super::rate_limit_redis::{Decision, Shared};
 use super::{Exchange, Flow, ResponseView};
 use crate::config::filter::rate_limit::{Key, MAX_LIMITS, Spec};
@@ -23,6 +25,19 @@ use crate::l7::reason::Reason;
 
 /// Shards of the key table (contention between worker threads).
 const SHARDS: usize = 16;
+
+/// Every field the response phase sets (an upstream's fields of these names are replaced).
+pub const FIELDS: [&str; 4] = [
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "retry-after",
+];
+
+/// The IETF draft's field names, parsed once rather than on every insert.
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// One limit in nanoseconds.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +48,13 @@ struct Gcra {
     tau: u64,
     /// The burst (what a full bucket admits at once).
     burst: u64,
+}
+
+/// A limit's `RateLimit-Limit` value, built with the filter.
+#[derive(Debug)]
+struct LimitValue {
+    burst: u64,
+    value: HeaderValue,
 }
 
 type Tats = [u64; MAX_LIMITS];
@@ -56,7 +78,8 @@ pub struct RateLimit {
     key: Key,
     trusted_hops: u32,
     limits: Vec<Gcra>,
-    shards: Box<[Mutex<HashMap<u64, Tats>>]>,
+    limit_values: Vec<LimitValue>,
+    shards: Box<[Mutex<HashMap<u64, Tats, BuildPrehashed>>]>,
     per_shard: usize,
     base: tokio::time::Instant,
     seed: std::collections::hash_map::RandomState,
@@ -78,12 +101,22 @@ impl RateLimit {
                     burst: l.burst,
                 }
             })
+            .collect::<Vec<Gcra>>();
+        let limit_values = limits
+            .iter()
+            .map(|g| LimitValue {
+                burst: g.burst,
+                value: HeaderValue::from(g.burst),
+            })
             .collect();
         RateLimit {
             key: spec.key.clone(),
             trusted_hops: spec.trusted_hops,
             limits,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            limit_values,
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             per_shard: (spec.max_keys / SHARDS).max(4),
             base: tokio::time::Instant::now(),
             seed: std::collections::hash_map::RandomState::new(),
@@ -151,12 +184,18 @@ impl RateLimit {
     /// The IETF `RateLimit-*` fields (and `Retry-After` on a refusal).
     pub fn response(&self, head: &mut http::response::Parts, rx: &ResponseView<'_>) {
         let Some(s) = rx.notes.rate_limit else { return };
+        let limit = self
+            .limit_values
+            .iter()
+            .find(|l| l.burst == s.limit)
+            .map_or_else(|| header_num::value(s.limit), |l| l.value.clone());
         let h = &mut head.headers;
-        h.insert("ratelimit-limit", HeaderValue::from(s.limit));
-        h.insert("ratelimit-remaining", HeaderValue::from(s.remaining));
-        h.insert("ratelimit-reset", HeaderValue::from(s.reset));
+        h.reserve(4);
+        h.insert(&RATELIMIT_LIMIT, limit);
+        h.insert(&RATELIMIT_REMAINING, header_num::value(s.remaining));
+        h.insert(&RATELIMIT_RESET, header_num::value(s.reset));
         if let Some(r) = s.retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(r));
+            h.insert(header::RETRY_AFTER, header_num::value(r));
         }
     }
 
@@ -167,7 +206,9 @@ impl RateLimit {
 
     /// The decision for key hash `key` at `now` (ns since `base`).
     fn decide(&self, key: u64, now: u64) -> RateState {
-        let shard = &self.shards[(key as usize) % SHARDS];
+        // Bits the map does not use: hashbrown takes the low ones for the bucket and the top
+        // seven for its tags.
+        let shard = &self.shards[((key >> 32) as usize) % SHARDS];
         let mut map = shard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -224,7 +265,7 @@ impl RateLimit {
 
     /// Forgets keys whose buckets are full again; if none are, the whole shard (a flood of
     /// distinct keys then costs those keys their history, never unbounded memory).
-    fn make_room(&self, map: &mut HashMap<u64, Tats>, now: u64) {
+    fn make_room(&self, map: &mut HashMap<u64, Tats, BuildPrehashed>, now: u64) {
         map.retain(|_, t| t.iter().any(|tat| *tat > now));
         if map.len() >= self.per_shard {
             metrics::counter!(crate::telemetry::metrics::RATE_LIMIT_EVICTIONS).increment(1);

@@ -824,6 +824,11 @@ impl H1Body {
         self.raw.take()
     }
 
+    /// The response's header fields while still held as bytes.
+    pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
+        self.raw.as_mut()
+    }
+
     /// If the whole body is already buffered, takes it out and releases the connection.
     fn prefetch(&mut self) {
         match self.step(true) {

@@ -109,7 +109,9 @@ pub async fn handle(
     let mut notes = Notes::default();
     let mut ran = 0;
     if !route_rt.chain.is_empty() {
-        notes.host = request_host(&head).map(Bytes::copy_from_slice);
+        if route_rt.chain.keeps_host() {
+            notes.host = request_host(&head).map(Bytes::copy_from_slice);
+        }
         let mut ex = Exchange {
             head: &mut head,
             conn: &conn,
@@ -219,7 +221,7 @@ pub async fn handle(
             // An HTTP/1.1 upstream's header fields stay bytes, copied to the client with the
             // hop-by-hop ones left out, unless something here reads them: response filters,
             // gRPC, a mirror comparing answers, or an HTTP/2 client (hyper's server).
-            let copied = ran == 0
+            let copied = !route_rt.chain.needs_response_map(ran)
                 && !log.grpc
                 && digest.is_none()
                 && matches!(log.version, Version::HTTP_10 | Version::HTTP_11);
@@ -281,10 +283,13 @@ struct After<'a> {
 
 impl After<'_> {
     fn response(&self, resp: Response<ResponseBody>) -> Response<ResponseBody> {
-        if self.ran == 0 {
+        if !self.chain.reads_response(self.ran) {
             return resp;
         }
-        let (mut parts, body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
+        if let Some(raw) = body.fields_mut() {
+            self.chain.drop_replaced(self.ran, raw);
+        }
         if let Some(log) = body.log() {
             let view = ResponseView {
                 conn: self.conn,
