@@ -81,6 +81,14 @@ path_prefix = "/viaproxy"
 access = {{ allow = ["192.0.2.0/24"], deny = ["192.0.2.66"], trusted_hops = 1 }}
 
 [[routes]]
+name = "stamped"
+cluster = "web"
+[routes.match]
+path_prefix = "/stamped"
+[[routes.filters]]
+response_headers = {{ set = [{{ name = "x-backend", value = "hidden" }}], add = [{{ name = "x-stamp", value = "${{route}}" }}, {{ name = "x-backend", value = "also" }}], remove = ["content-type"] }}
+
+[[routes]]
 name = "plain"
 cluster = "web"
 
@@ -153,6 +161,29 @@ async fn header_edits_request_ids_and_path_rewrites() {
     let r = get(&c, listen, "/plain", &[("x-debug", "1")]).await;
     assert_eq!(r.backend(), "b1");
     assert!(r.headers.get("x-request-id").is_none());
+}
+
+/// A route whose only filter edits response fields by name: the upstream's fields stay bytes
+/// (no header map is built), those that `set` and `remove` name are dropped from them, and
+/// `add` keeps the others.
+#[tokio::test]
+async fn response_edits_by_name_on_the_upstreams_bytes() {
+    let backend = Backend::start("b1").await;
+    let listen = free_addr();
+    let _lbd = Lbd::start(bin(), &config(listen, backend.addr));
+    let c = H1::new();
+    let r = get(&c, listen, "/stamped/x", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let backend_fields: Vec<_> = r.headers.get_all("x-backend").iter().collect();
+    assert_eq!(backend_fields, ["hidden", "also"], "{:?}", r.headers);
+    assert_eq!(r.headers["x-stamp"], "stamped");
+    assert!(r.headers.get("content-type").is_none(), "{:?}", r.headers);
+    assert_eq!(
+        r.headers.get_all("date").iter().count(),
+        1,
+        "{:?}",
+        r.headers
+    );
 }
 
 #[tokio::test]

@@ -20,6 +20,9 @@ pub struct HeaderEdits {
     add: Vec<(HeaderName, Value)>,
     set: Vec<(HeaderName, Value)>,
     remove: Vec<HeaderName>,
+    /// The names `remove` and `set` replace: on a response, an upstream's fields of these
+    /// names are dropped while still bytes, and the edits then need no map of the others.
+    replaced: Vec<HeaderName>,
     /// Some value uses the route's path captures.
     captures: bool,
     /// Some value is a template (needs the request's variables).
@@ -45,13 +48,26 @@ impl HeaderEdits {
             .iter()
             .chain(&set)
             .any(|(_, v)| matches!(v, Value::Template(_)));
+        let mut replaced: Vec<HeaderName> = spec.remove.clone();
+        for (n, _) in &set {
+            if !replaced.contains(n) {
+                replaced.push(n.clone());
+            }
+        }
         HeaderEdits {
             add,
             set,
             remove: spec.remove.clone(),
+            replaced,
             captures: spec.uses_captures(),
             templated,
         }
+    }
+
+    /// The names whose fields the edits replace or remove (`add` keeps a field's other
+    /// values, `set` and `remove` do not; the values never read the response's fields).
+    pub fn replaced(&self) -> &[HeaderName] {
+        &self.replaced
     }
 
     /// Applies the edits to the request head.

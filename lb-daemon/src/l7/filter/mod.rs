@@ -57,7 +57,7 @@ pub mod xml_json;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response};
+use http::{HeaderName, HeaderValue, Response};
 
 use super::cluster::ClusterRuntime;
 use super::conn::ConnInfo;
@@ -268,7 +268,12 @@ impl Filter {
             Filter::Access(a) => a.request(ex),
             Filter::RateLimit(r) => r.request(ex).await,
             Filter::Cors(c) => c.request(ex),
-            Filter::Jwt(j) => j.request(ex).await,
+            Filter::Jwt(j) => {
+                // Boxed: a token check that may wait for a key-set fetch is ~3.5 KiB of
+                // state; inline it would size every filtered request's future.
+                let checking = Box::pin(j.request(ex));
+                checking.await
+            }
             Filter::ApiKey(k) => k.request(ex),
             Filter::Mirror(m) => {
                 m.request(ex);
@@ -306,9 +311,10 @@ impl Filter {
     /// fields it touches, when it can work on a response whose upstream fields are still
     /// bytes (they are then dropped from those bytes, and the filter adds its own to the
     /// head's map, written after them). `None`: it needs the whole head as a map.
-    fn replaces_only(&self) -> Option<&'static [&'static str]> {
+    fn replaces_only(&self) -> Option<&[HeaderName]> {
         match self {
             Filter::RateLimit(_) => Some(&rate_limit::FIELDS),
+            Filter::ResponseHeaders(h) => Some(h.replaced()),
             _ => None,
         }
     }
@@ -481,7 +487,7 @@ impl Chain {
     pub fn drop_replaced(&self, ran: usize, raw: &mut RawFields) {
         for (_, f) in self.ran(ran) {
             for name in f.replaces_only().unwrap_or_default() {
-                raw.remove(name);
+                raw.remove(name.as_str());
             }
         }
     }

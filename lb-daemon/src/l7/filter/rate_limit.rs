@@ -27,11 +27,11 @@ use crate::l7::reason::Reason;
 const SHARDS: usize = 16;
 
 /// Every field the response phase sets (an upstream's fields of these names are replaced).
-pub const FIELDS: [&str; 4] = [
-    "ratelimit-limit",
-    "ratelimit-remaining",
-    "ratelimit-reset",
-    "retry-after",
+pub static FIELDS: [HeaderName; 4] = [
+    HeaderName::from_static("ratelimit-limit"),
+    HeaderName::from_static("ratelimit-remaining"),
+    HeaderName::from_static("ratelimit-reset"),
+    HeaderName::from_static("retry-after"),
 ];
 
 /// The IETF draft's field names, parsed once rather than on every insert.
