@@ -206,6 +206,34 @@ async fn chunked_split_across_reads_and_connection_reused() {
     let r = client.get(listen, "/plain", None).await.expect("plain");
     assert_eq!(r.text(), "ok");
     assert_eq!(raw.accepted(), 1);
+
+    // The upstream's trailer section reaches a client that said it accepts trailers
+    // (`TE: trailers`), after the last chunk; one that did not gets the body without it.
+    for (te, expect_trailer) in [("te: trailers\r\n", true), ("", false)] {
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        let req = format!("GET /chunked HTTP/1.1\r\nhost: x\r\n{te}connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        // The body as the upstream chunked it, then the last chunk.
+        assert!(
+            got.contains("\r\nhel") && got.contains(" world\r\n0\r\n"),
+            "{got}"
+        );
+        assert_eq!(
+            got.contains("0\r\nx-trailer: t\r\n\r\n"),
+            expect_trailer,
+            "te: {te:?}: {got}"
+        );
+        assert!(
+            got.ends_with("0\r\nx-trailer: t\r\n\r\n") || got.ends_with("0\r\n\r\n"),
+            "{got}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,8 +23,10 @@ use crate::l7::h1::pool::{H1Conn, H1Pool, READ_BUF};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
-// Chunk-size lines (and trailer sections) are bounded as for request bodies.
-use crate::l7::h1::codec::{MAX_CHUNK_LINE, RawFields, chunk_line};
+/// Largest trailer section of a chunked response (chunk-size lines are bounded as for
+/// request bodies, by the shared decoder).
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+use crate::l7::h1::codec::{ChunkState, Decoded, Decoder, RawFields};
 use crate::l7::headers::Forwarding;
 /// Largest read of a response body. Each read is one downstream write, so this sets the
 /// syscalls per MiB streamed (at least 4 reads + 4 writes at 256 KiB; 512 KiB would save
@@ -737,9 +739,9 @@ impl Head {
     /// or all in the buffer) returns the connection to `pool` right away.
     pub fn into_response(self, conn: H1Conn, pool: &Arc<H1Pool>) -> http::Response<H1Body> {
         let state = match self.framing {
-            Framing::Empty => State::Length(0),
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::Empty | Framing::Length(0) => State::Framed(Decoder::Done),
+            Framing::Length(n) => State::Framed(Decoder::Length(n)),
+            Framing::Chunked => State::Framed(Decoder::Chunked(ChunkState::Size)),
             Framing::Close => State::Close,
         };
         // A body of known length starts with a read of its size up to [`FIRST_BODY_READ`]; a
@@ -748,7 +750,7 @@ impl Head {
         // all there; starting at the largest size would hold half a MiB for an upstream that
         // trickles.
         let read_size = match state {
-            State::Length(n) => {
+            State::Framed(Decoder::Length(n)) => {
                 let left = n.saturating_sub(conn.rbuf.len() as u64);
                 usize::try_from(left)
                     .map_or(FIRST_BODY_READ, |l| l.clamp(READ_BUF, FIRST_BODY_READ))
@@ -764,6 +766,7 @@ impl Head {
             ready: None,
             read_size,
             upload: self.upload,
+            trailers: None,
         };
         body.prefetch();
         http::Response::from_parts(self.parts, body)
@@ -772,24 +775,11 @@ impl Head {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Bytes left of a `content-length` body.
-    Length(u64),
-    Chunked(Chunk),
+    /// A `content-length` or chunked body, decoded by the decoder request bodies use too.
+    Framed(Decoder),
     /// Until EOF.
     Close,
     Done,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Bytes left of the current chunk.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// Expecting the trailer section after the last chunk.
-    Trailers,
 }
 
 /// An upstream HTTP/1.1 response body, read from the connection as it is polled.
@@ -809,11 +799,16 @@ pub struct H1Body {
     read_size: usize,
     /// The rest of the request body, sent as the response is read (full duplex).
     upload: Option<Box<Upload>>,
+    /// A chunked body's trailer fields, read with the last of the body and not yet polled
+    /// (boxed: rare, and the body is moved with every response).
+    trailers: Option<Box<HeaderMap>>,
 }
 
 /// What the buffered bytes allow without reading.
 enum Step {
     Data(Bytes),
+    /// The trailer section of a chunked body (its end).
+    Trailers(HeaderMap),
     Done,
     NeedMore,
 }
@@ -836,6 +831,10 @@ impl H1Body {
                 self.ready = Some(d);
                 self.settle();
             }
+            Ok(Step::Trailers(t)) => {
+                self.trailers = Some(Box::new(t));
+                self.release();
+            }
             Ok(Step::Done) => self.release(),
             Ok(Step::NeedMore) | Err(_) => {}
         }
@@ -848,68 +847,33 @@ impl H1Body {
             return Ok(Step::Done);
         };
         let buf = &mut conn.rbuf;
-        loop {
-            match &mut self.state {
-                State::Done => return Ok(Step::Done),
-                State::Length(0) => {
-                    self.state = State::Done;
+        match &mut self.state {
+            State::Done => Ok(Step::Done),
+            State::Close => {
+                if buf.is_empty() || !take_data {
+                    return Ok(Step::NeedMore);
                 }
-                State::Length(left) | State::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() || !take_data {
-                        return Ok(Step::NeedMore);
-                    }
-                    let n = (*left).min(buf.len() as u64);
-                    *left -= n;
-                    let data = buf.split_to(n as usize).freeze();
-                    if let State::Chunked(c) = &mut self.state
-                        && *c == Chunk::Data(0)
-                    {
-                        *c = Chunk::DataEnd;
-                    }
-                    return Ok(Step::Data(data));
-                }
-                State::Close => {
-                    if buf.is_empty() || !take_data {
-                        return Ok(Step::NeedMore);
-                    }
-                    return Ok(Step::Data(buf.split().freeze()));
-                }
-                State::Chunked(Chunk::Size) => {
-                    // The same strict grammar as for request bodies: a backend's lenient
-                    // chunk lines are refused (502), not reinterpreted.
-                    let Some((used, size)) = chunk_line(buf).map_err(H1Error::Invalid)? else {
-                        return Ok(Step::NeedMore);
-                    };
-                    buf.advance(used);
-                    self.state = State::Chunked(if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-                State::Chunked(Chunk::DataEnd) => {
-                    if buf.len() < 2 {
-                        return Ok(Step::NeedMore);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(H1Error::Invalid("chunk not followed by CRLF"));
-                    }
-                    buf.advance(2);
-                    self.state = State::Chunked(Chunk::Size);
-                }
-                State::Chunked(Chunk::Trailers) => {
-                    // Trailer fields are dropped: HTTP/1.1 clients rarely accept them.
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
+                Ok(Step::Data(buf.split().freeze()))
+            }
+            State::Framed(dec) => {
+                // The same decoder and strict grammar as for request bodies: a backend's
+                // lenient chunk lines are refused (502), not reinterpreted.
+                let decoded = if take_data {
+                    dec.decode(buf, MAX_TRAILER_BYTES)
+                } else {
+                    dec.skip_framing(buf, MAX_TRAILER_BYTES)
+                };
+                match decoded.map_err(H1Error::Invalid)? {
+                    Decoded::Data(d) => Ok(Step::Data(d)),
+                    Decoded::Trailers(t) => {
                         self.state = State::Done;
-                    } else if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.advance(end + 4);
-                        self.state = State::Done;
-                    } else if buf.len() > MAX_CHUNK_LINE {
-                        return Err(H1Error::Invalid("trailer section too long"));
-                    } else {
-                        return Ok(Step::NeedMore);
+                        Ok(Step::Trailers(t))
                     }
+                    Decoded::End => {
+                        self.state = State::Done;
+                        Ok(Step::Done)
+                    }
+                    Decoded::NeedMore => Ok(Step::NeedMore),
                 }
             }
         }
@@ -920,6 +884,10 @@ impl H1Body {
     fn settle(&mut self) {
         match self.step(false) {
             Ok(Step::Done) => self.release(),
+            Ok(Step::Trailers(t)) => {
+                self.trailers = Some(Box::new(t));
+                self.release();
+            }
             Ok(Step::Data(_) | Step::NeedMore) => {}
             Err(_) => {
                 // Framing error after the data: the next poll reports it.
@@ -960,6 +928,9 @@ impl Body for H1Body {
         if let Some(data) = this.ready.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(*t))));
+        }
         if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
             match upload.poll(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.upload = None,
@@ -972,6 +943,10 @@ impl Body for H1Body {
                 Ok(Step::Data(data)) => {
                     this.settle();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Trailers(t)) => {
+                    this.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 Ok(Step::Done) => {
                     this.release();
@@ -1010,14 +985,15 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ready.is_none() && self.state == State::Done
+        self.ready.is_none() && self.trailers.is_none() && self.state == State::Done
     }
 
     fn size_hint(&self) -> SizeHint {
         let ready = self.ready.as_ref().map_or(0, |d| d.len() as u64);
         match self.state {
             State::Done => SizeHint::with_exact(ready),
-            State::Length(n) => SizeHint::with_exact(ready + n),
+            State::Framed(Decoder::Done) => SizeHint::with_exact(ready),
+            State::Framed(Decoder::Length(n)) => SizeHint::with_exact(ready + n),
             _ => {
                 let mut h = SizeHint::new();
                 h.set_lower(ready);

@@ -613,11 +613,31 @@ impl Decoder {
         buf: &mut BytesMut,
         max_trailers: usize,
     ) -> Result<Decoded, &'static str> {
+        self.step(buf, max_trailers, true)
+    }
+
+    /// As [`Decoder::decode`], but stops before body data (reporting `NeedMore`): consumes
+    /// only framing, to learn whether a body already read whole has ended (a pooled
+    /// connection can then go back before the last data is even sent on).
+    pub fn skip_framing(
+        &mut self,
+        buf: &mut BytesMut,
+        max_trailers: usize,
+    ) -> Result<Decoded, &'static str> {
+        self.step(buf, max_trailers, false)
+    }
+
+    fn step(
+        &mut self,
+        buf: &mut BytesMut,
+        max_trailers: usize,
+        take_data: bool,
+    ) -> Result<Decoded, &'static str> {
         loop {
             match self {
                 Decoder::Done => return Ok(Decoded::End),
                 Decoder::Length(left) => {
-                    if buf.is_empty() {
+                    if buf.is_empty() || !take_data {
                         return Ok(Decoded::NeedMore);
                     }
                     let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
@@ -640,7 +660,7 @@ impl Decoder {
                         };
                     }
                     ChunkState::Data(left) => {
-                        if buf.is_empty() {
+                        if buf.is_empty() || !take_data {
                             return Ok(Decoded::NeedMore);
                         }
                         let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
