@@ -831,10 +831,7 @@ impl H1Body {
                 self.ready = Some(d);
                 self.settle();
             }
-            Ok(Step::Trailers(t)) => {
-                self.trailers = Some(Box::new(t));
-                self.release();
-            }
+            Ok(Step::Trailers(t)) => self.keep_trailers(t),
             Ok(Step::Done) => self.release(),
             Ok(Step::NeedMore) | Err(_) => {}
         }
@@ -884,15 +881,19 @@ impl H1Body {
     fn settle(&mut self) {
         match self.step(false) {
             Ok(Step::Done) => self.release(),
-            Ok(Step::Trailers(t)) => {
-                self.trailers = Some(Box::new(t));
-                self.release();
-            }
+            Ok(Step::Trailers(t)) => self.keep_trailers(t),
             Ok(Step::Data(_) | Step::NeedMore) => {}
             Err(_) => {
                 // Framing error after the data: the next poll reports it.
             }
         }
+    }
+
+    /// The body ended with trailers found without a poll asking for them: kept for the next
+    /// poll, and the connection released now.
+    fn keep_trailers(&mut self, t: HeaderMap) {
+        self.trailers = Some(Box::new(t));
+        self.release();
     }
 
     /// The body is complete: the connection goes back to the pool if it can carry another
