@@ -196,19 +196,7 @@ cluster = "bench"
 [routes.match]
 path_prefix = "/"
 $filters
-[[clusters]]
-name = "bench"
-policy = "round_robin"
-protocol = "$upstream_proto"
-
-[[clusters.endpoints]]
-address = "127.0.0.1:$b1"
-
-[[clusters.endpoints]]
-address = "127.0.0.1:$b2"
-
-[[clusters.endpoints]]
-address = "127.0.0.1:$b3"
+$(bench_cluster_toml "$upstream_proto" "$b1" "$b2" "$b3")
 
 ${EXTRA_TOML:-}
 EOF

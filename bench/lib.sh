@@ -1,4 +1,5 @@
-# Shared by the bench scripts (callgrind.sh, h2tail.sh): loopback ports and child processes.
+# Shared by the bench scripts (callgrind.sh, h2tail.sh): loopback ports, child processes and
+# the bench cluster's config.
 # Sourced, not run.
 
 # A free loopback port (bound and released by the kernel's choice).
@@ -15,6 +16,26 @@ wait_port() {
     done
     echo "port $1 not accepting" >&2
     return 1
+}
+
+# The bench's one cluster as lbd TOML: round robin over 127.0.0.1 ports $2, $3, $4 (the
+# bench backend's three listeners), speaking protocol $1 to them.
+bench_cluster_toml() {
+    cat <<EOF
+[[clusters]]
+name = "bench"
+policy = "round_robin"
+protocol = "$1"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$2"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$3"
+
+[[clusters.endpoints]]
+address = "127.0.0.1:$4"
+EOF
 }
 
 # Children started with `cmd & pids+=($!)` are stopped (TERM, by PID) when the script exits.
