@@ -4,17 +4,14 @@
 //! [`crate::l7::h1::client`], run by the downstream request's own task. HTTP/2 (and gRPC) use
 //! [`crate::l7::h2::pool`]: several connections per endpoint, each shared by up to the peer's stream
 //! limit of concurrent requests.
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::config::model::{Cluster, UpstreamProtocol};
 use crate::l7::body::{BodyError, RequestBody};
@@ -22,6 +19,7 @@ use crate::l7::cluster::breaker::{Gate, is_connection_limit};
 use crate::l7::h1::client::{self, H1Body, H1Error};
 use crate::l7::h1::codec::RawFields;
 use crate::l7::h1::pool::{H1Pool, H1PoolConfig};
+use crate::l7::h2::client::H2Body;
 use crate::l7::h2::pool::{BoxError, H2Pool, PoolConfig, SendError, StreamSlot};
 use crate::l7::headers::Forwarding;
 use crate::l7::tls::upstream::{Alpn, Connector, is_tls_failure};
@@ -56,58 +54,31 @@ impl UpstreamError {
         }
     }
 
-    /// `body`: the request body's byte count and limit, to tell a body that grew too large
-    /// from one the client broke off (hyper's HTTP/2 client resets the stream on a body error
-    /// and reports only the reset, not the body's error).
-    fn classify_h2(e: &hyper::Error, body: Option<(Arc<AtomicU64>, u64)>) -> Self {
-        let mut source = e.source();
-        while let Some(s) = source {
-            if let Some(h2) = s.downcast_ref::<h2::Error>() {
-                // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
-                // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
-                if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                    return UpstreamError::Connect;
-                }
-                // A stream the peer's GOAWAY left out (above its last-stream-id, or opened
-                // after it) was not processed either (RFC 9113 §6.8): h2 hands exactly those
-                // streams the remote GOAWAY as their error.
-                if h2.is_go_away() && h2.is_remote() {
-                    return UpstreamError::Connect;
-                }
-                // Reset by us, not by the peer nor for a protocol error: the request body
-                // failed, i.e. the client's side.
-                if h2.is_reset() && !h2.is_remote() && !h2.is_library() {
-                    let too_large = body.is_some_and(|(seen, limit)| {
-                        limit > 0 && seen.load(Ordering::Relaxed) > limit
-                    });
-                    return if too_large {
-                        UpstreamError::BodyTooLarge
-                    } else {
-                        UpstreamError::ClientBody
-                    };
-                }
-            }
-            source = s.source();
+    fn classify_h2(e: &h2::Error) -> Self {
+        // A stream the peer refused (RST_STREAM/GOAWAY with REFUSED_STREAM) was never
+        // processed: as safe to retry elsewhere as a failed connect (RFC 9113 §8.7).
+        if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            return UpstreamError::Connect;
+        }
+        // A stream the peer's GOAWAY left out (above its last-stream-id, or opened after it)
+        // was not processed either (RFC 9113 §6.8): h2 hands exactly those streams the remote
+        // GOAWAY as their error.
+        if e.is_go_away() && e.is_remote() {
+            return UpstreamError::Connect;
         }
         if is_tls_failure(e) {
             return UpstreamError::Tls;
         }
-        Self::from_chain(e.source())
+        UpstreamError::Reset
     }
 
-    fn from_chain(mut source: Option<&(dyn std::error::Error + 'static)>) -> Self {
-        while let Some(s) = source {
-            if let Some(b) = s.downcast_ref::<BodyError>() {
-                return match b {
-                    BodyError::TooLarge { .. } => UpstreamError::BodyTooLarge,
-                    BodyError::Stream(_) => UpstreamError::ClientBody,
-                    // Only an abandoned attempt sees this; its outcome is not used.
-                    BodyError::Superseded => UpstreamError::Reset,
-                };
-            }
-            source = s.source();
+    fn classify_body(e: &BodyError) -> Self {
+        match e {
+            BodyError::TooLarge { .. } => UpstreamError::BodyTooLarge,
+            BodyError::Stream(_) => UpstreamError::ClientBody,
+            // Only an abandoned attempt sees this; its outcome is not used.
+            BodyError::Superseded => UpstreamError::Reset,
         }
-        UpstreamError::Reset
     }
 }
 
@@ -290,7 +261,6 @@ impl Upstream {
                 if let Some(f) = fwd {
                     f.apply(req.headers_mut());
                 }
-                let body = req.body().limit_probe();
                 // Boxed: the HTTP/2 future is ~2.8 KiB, and unboxed it would size (and make
                 // every move of) the future of every HTTP/1.1 request too.
                 Box::pin(pool.send(endpoint, req, &self.reused))
@@ -298,10 +268,12 @@ impl Upstream {
                     .map(|(r, slot)| r.map(|b| UpstreamBody::H2(b, Some(slot))))
                     .map_err(|e| match e {
                         SendError::Connect(e) => (connect_kind(&*e), UpstreamFailure(e)),
-                        SendError::Request(e) => (
-                            UpstreamError::classify_h2(&e, body),
-                            UpstreamFailure(e.into()),
-                        ),
+                        SendError::Request(e) => {
+                            (UpstreamError::classify_h2(&e), UpstreamFailure(e.into()))
+                        }
+                        SendError::Body(e) => {
+                            (UpstreamError::classify_body(&e), UpstreamFailure(e.into()))
+                        }
                     })
             }
         }
@@ -409,7 +381,7 @@ pub enum UpstreamBody {
     /// Read from a pooled HTTP/1.1 connection by the task polling it.
     H1(H1Body),
     /// An HTTP/2 stream, and its place on its connection until the response ends.
-    H2(Incoming, Option<StreamSlot>),
+    H2(H2Body, Option<StreamSlot>),
 }
 
 impl UpstreamBody {
@@ -459,7 +431,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::H2(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b, _) => Pin::new(b).poll_frame(cx),
         }
     }
 

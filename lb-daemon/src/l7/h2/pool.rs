@@ -4,35 +4,37 @@
 //! Why not hyper-util's pooled client: for HTTP/2 it keeps ONE connection per authority and
 //! queues requests once that connection is at its stream limit, so a busy gRPC endpoint
 //! would be served through a single connection (and a single TCP window) however many calls
-//! wait. Here each endpoint has a list of connections with a stream counter each; hyper's
-//! `client::conn::http2` still does the protocol, flow control included (a stream's body is
-//! only pulled as the peer's window allows, so nothing is buffered whole).
+//! wait. Here each endpoint has a list of connections with a stream counter each. The `h2`
+//! crate does the protocol, flow control included (a stream's body is only pulled as the
+//! peer's window allows, so nothing is buffered whole); a call runs in the request's own task
+//! (see [`crate::l7::h2::client`]) and each connection's I/O in a [`Driver`] task.
 //!
-//! The peer's limit is read from hyper's `Connection::current_max_send_streams` by the task
-//! that drives the connection, each time it makes progress. A fresh connection has not seen
-//! the peer's SETTINGS yet: the limit last learned from that endpoint is used until it does.
-//! While an endpoint's limit is not known at all (its first connection), only the call that
-//! opened the connection uses it; concurrent calls wait (briefly) until the SETTINGS are in or
-//! a first response proves the peer announced none, so a cold burst does not pile onto one
-//! connection beyond the peer's limit.
+//! The peer's limit is read from h2 by the driver each time it makes progress (it is the task
+//! that reads the peer's SETTINGS). A fresh connection has not seen the peer's SETTINGS yet:
+//! the limit last learned from that endpoint is used until it does. While an endpoint's limit
+//! is not known at all (its first connection), only the call that opened the connection uses
+//! it; concurrent calls wait (briefly) until the SETTINGS are in or a first response proves
+//! the peer announced none, so a cold burst does not pile onto one connection beyond the
+//! peer's limit.
 use std::fmt;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use tokio::net::TcpStream;
 
 use crate::l7::body::RequestBody;
 use crate::l7::cluster::breaker::{ConnectionLimit, Gate, Slot};
+use crate::l7::h2::client::{self, CallError, H2Body};
 use crate::l7::tls::upstream::{Connector, UpstreamIo};
 
-/// What hyper reports as the stream limit until the peer's SETTINGS name one. No peer can
+/// What h2 reports as the stream limit until the peer's SETTINGS name one. No peer can
 /// announce it (the setting is a u32), so seeing it means "not announced (yet)"; a peer that
 /// never announces a limit allows unlimited streams (RFC 9113 §6.5.2), which this also means.
 const UNANNOUNCED: usize = usize::MAX;
@@ -54,15 +56,18 @@ const STREAM_WINDOW: u32 = 128 * 1024;
 /// clients stall every stream sharing the connection; memory is bounded per stream anyway.
 const CONN_WINDOW: u32 = 32 * 1024 * 1024;
 
+/// Largest header list accepted from an upstream (hyper's client default, which lbd had).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Request body bytes h2 may buffer per stream beyond the peer's window (hyper's default).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams the peer may make us reset for its errors before the connection is closed
+/// (hyper's default).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// PING interval on upstream connections with open streams.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often a connection's driver re-reads the peer's limit while it is not announced.
-/// hyper runs the HTTP/2 connection in its own task, so the driver's future (hyper's request
-/// dispatcher) is not woken when SETTINGS arrive.
-const SETTINGS_PROBE: Duration = Duration::from_millis(2);
 
 /// Boxed error with its cause chain intact.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,7 +78,18 @@ pub enum SendError {
     /// No connection could be made: nothing was sent.
     Connect(BoxError),
     /// The request failed on an established connection.
-    Request(hyper::Error),
+    Request(h2::Error),
+    /// The client's request body failed before the response head arrived.
+    Body(crate::l7::body::BodyError),
+}
+
+impl From<CallError> for SendError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Stream(e) => SendError::Request(e),
+            CallError::Body(e) => SendError::Body(e),
+        }
+    }
 }
 
 /// Pool limits.
@@ -118,59 +134,19 @@ struct Endpoint {
 }
 
 struct Conn {
-    sender: http2::SendRequest<RequestBody>,
+    sender: SendRequest<Bytes>,
     /// Open streams.
     active: AtomicUsize,
-    /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS as hyper sees it.
-    peer_max: Arc<AtomicUsize>,
+    /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS, published by the driver.
+    peer_max: AtomicUsize,
+    /// The connection ended, or refused a new stream (GOAWAY): no more streams go on it.
+    closed: AtomicBool,
     /// When the last stream ended (for idle expiry).
     idle_since: Mutex<Instant>,
     /// When the connection was opened.
     opened: Instant,
     /// Its place under the cluster's `max_connections`, given back when it closes.
     _place: Option<Slot>,
-    /// Asks the driver to read the peer's limit again.
-    refresh: Arc<Refresh>,
-}
-
-/// How a caller makes the connection's [`Driver`] publish the peer's limit now.
-///
-/// hyper runs the h2 connection in a task of its own, so the peer's SETTINGS are applied
-/// (and a response can arrive) before the driver, polled only when woken, has read the new
-/// limit. A caller that has seen a response wakes the driver and waits for a poll that started
-/// after it looked: that poll reads a limit at least as new as the response.
-#[derive(Default)]
-struct Refresh {
-    waker: futures_util::task::AtomicWaker,
-    /// Driver polls begun.
-    started: AtomicUsize,
-    /// Driver polls finished (their limit published).
-    finished: AtomicUsize,
-    done: tokio::sync::Notify,
-}
-
-impl Refresh {
-    /// Returns once the driver has finished a poll begun after this call (or after
-    /// `SETTINGS_WAIT`, e.g. when the connection has ended).
-    async fn published(&self) {
-        let wait = async {
-            loop {
-                let notified = self.done.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let begun = self.started.load(Ordering::Acquire);
-                self.waker.wake();
-                if self.finished.load(Ordering::Acquire) > begun {
-                    return;
-                }
-                notified.await;
-                if self.finished.load(Ordering::Acquire) > begun {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(SETTINGS_WAIT, wait).await;
-    }
 }
 
 impl fmt::Debug for Conn {
@@ -195,7 +171,7 @@ impl Conn {
     }
 
     fn usable(&self) -> bool {
-        !self.sender.is_closed()
+        !self.closed.load(Ordering::Relaxed)
     }
 }
 
@@ -304,7 +280,7 @@ impl H2Pool {
         idx: usize,
         req: http::Request<RequestBody>,
         reused: &metrics::Counter,
-    ) -> Result<(http::Response<Incoming>, StreamSlot), SendError> {
+    ) -> Result<(http::Response<H2Body>, StreamSlot), SendError> {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err(SendError::Connect("no such endpoint".into()));
         };
@@ -324,34 +300,39 @@ impl H2Pool {
             reused.increment(1);
         }
         let mut sender = slot.conn.sender.clone();
-        let (resp, slot) = match sender.try_send_request(host_as_authority(req)).await {
-            Ok(resp) => (resp, slot),
-            Err(mut e) => {
-                // The connection closed before taking the request (it went away while idle):
-                // nothing was sent, so it goes out once more on a new connection.
-                let Some(req) = e.take_message() else {
-                    return Err(SendError::Request(e.into_error()));
-                };
+        // Never pending on a fresh handle (it has no stream waiting to open): it only reports
+        // a connection that has failed or had a GOAWAY, before anything is sent.
+        let (mut sender, slot) = match poll_fn(|cx| sender.poll_ready(cx)).await {
+            Ok(()) => (sender, slot),
+            Err(e) => {
+                // The connection went away while idle: nothing was sent, so the request goes
+                // out on a new connection.
+                slot.conn.closed.store(true, Ordering::Relaxed);
                 drop(slot);
-                tracing::debug!(endpoint = %ep.address, "h2 upstream connection closed before the request; reconnecting");
+                tracing::debug!(endpoint = %ep.address, error = %e, "h2 upstream connection closed before the request; reconnecting");
                 let slot = {
                     let _one_at_a_time = ep.connecting.lock().await;
                     self.connect(ep).await?
                 };
                 let mut sender = slot.conn.sender.clone();
-                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-                (resp, slot)
+                poll_fn(|cx| sender.poll_ready(cx))
+                    .await
+                    .map_err(SendError::Request)?;
+                (sender, slot)
             }
         };
+        let (mut head, body) = req.into_parts();
+        host_as_authority(&mut head);
+        let resp = client::call(&mut sender, head, body).await?;
         // A response follows the peer's SETTINGS (its preface): if they named no limit by
-        // now, the peer has none. The driver may not have read them yet (see `Refresh`).
+        // now, the peer has none. Read from h2 itself, which has applied them.
         if ep.learned_max.load(Ordering::Relaxed) == 0 {
-            slot.conn.refresh.published().await;
+            let max = sender.current_max_send_streams();
+            slot.conn.peer_max.store(max, Ordering::Relaxed);
+            ep.set_learned_if_unknown(max);
         }
-        ep.set_learned_if_unknown(UNANNOUNCED);
         Ok((resp, slot))
     }
-
     /// While the endpoint's first connection is open but its limit unknown, waits until it is
     /// known (or `SETTINGS_WAIT` passes, after which it counts as unlimited).
     async fn await_limit(&self, ep: &Endpoint) {
@@ -509,52 +490,48 @@ impl H2Pool {
                 None => UpstreamIo::Plain(tcp),
                 Some(tls) => tls.connect(ep.index, tcp).await?,
             };
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
+            let pair = h2::client::Builder::new()
                 .initial_max_send_streams(UNANNOUNCED)
-                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
-                // A peer that stops answering while calls are open (hung process, dropped
-                // route) is found by PING and its connection closed, failing those calls,
-                // instead of leaving them hanging for their whole deadline.
-                .keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-            let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
-            Ok::<_, BoxError>((sender, conn))
+                .max_header_list_size(MAX_HEADER_LIST)
+                .max_send_buffer_size(MAX_SEND_BUFFER)
+                .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+                .enable_push(false)
+                .handshake::<_, Bytes>(io)
+                .await?;
+            Ok::<_, BoxError>(pair)
         };
-        let (sender, conn) = match tokio::time::timeout(self.config.connect_timeout, setup).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(SendError::Connect(e)),
-            Err(_) => {
-                return Err(SendError::Connect(
-                    format!("connect timeout after {:?}", self.config.connect_timeout).into(),
-                ));
-            }
-        };
-        let peer_max = Arc::new(AtomicUsize::new(UNANNOUNCED));
-        let refresh = Arc::new(Refresh::default());
+        let (sender, mut connection) =
+            match tokio::time::timeout(self.config.connect_timeout, setup).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => return Err(SendError::Connect(e)),
+                Err(_) => {
+                    return Err(SendError::Connect(
+                        format!("connect timeout after {:?}", self.config.connect_timeout).into(),
+                    ));
+                }
+            };
         let address = ep.address;
-        tokio::spawn(Driver {
-            conn,
-            refresh: Arc::clone(&refresh),
-            peer_max: Arc::clone(&peer_max),
-            learned: Arc::clone(&ep.learned_max),
-            notify: Arc::clone(&ep.learned),
-            address,
-            probe: Some((
-                Box::pin(tokio::time::sleep(SETTINGS_PROBE)),
-                Instant::now() + SETTINGS_WAIT,
-            )),
-        });
         let conn = Arc::new(Conn {
             sender,
             active: AtomicUsize::new(1),
-            peer_max,
+            peer_max: AtomicUsize::new(UNANNOUNCED),
+            closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             opened: Instant::now(),
             _place: place,
-            refresh,
+        });
+        tokio::spawn(Driver {
+            ping: connection.ping_pong(),
+            connection,
+            conn: Arc::downgrade(&conn),
+            peer_max: UNANNOUNCED,
+            learned: Arc::clone(&ep.learned_max),
+            notify: Arc::clone(&ep.learned),
+            address,
+            keepalive: Box::pin(tokio::time::sleep(KEEPALIVE_INTERVAL)),
+            awaiting_pong: false,
         });
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
@@ -594,81 +571,118 @@ impl H2Pool {
     }
 }
 
-/// Moves the `Host` header into the URI's authority, which hyper sends as `:authority`: the
+/// Moves the `Host` header into the URI's authority, which h2 sends as `:authority`: the
 /// backend sees the client's host (as an HTTP/1.1 backend sees `Host`), and no `host` field
 /// goes out, which RFC 9113 §8.3.1 discourages next to `:authority`. The URI's endpoint
 /// address stays when there is no usable Host.
-fn host_as_authority(mut req: http::Request<RequestBody>) -> http::Request<RequestBody> {
-    let Some(host) = req.headers_mut().remove(http::header::HOST) else {
-        return req;
+fn host_as_authority(head: &mut http::request::Parts) {
+    let Some(host) = head.headers.remove(http::header::HOST) else {
+        return;
     };
     let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
-        return req;
+        return;
     };
-    let mut parts = req.uri().clone().into_parts();
+    let mut parts = std::mem::take(&mut head.uri).into_parts();
     parts.authority = Some(authority);
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    req
+    head.uri = http::Uri::from_parts(parts).unwrap_or_default();
 }
 
-/// Drives one connection and publishes the peer's stream limit whenever it makes progress.
+/// Drives one connection's I/O, publishes the peer's stream limit whenever it changes, and
+/// PINGs the peer while streams are open.
 struct Driver {
-    conn: http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
-    refresh: Arc<Refresh>,
-    peer_max: Arc<AtomicUsize>,
+    connection: h2::client::Connection<UpstreamIo, Bytes>,
+    /// The pool's side of the connection (its stream count, where the limit is published).
+    conn: Weak<Conn>,
+    /// The limit last published.
+    peer_max: usize,
     learned: Arc<AtomicUsize>,
     /// Wakes calls waiting for the endpoint's limit.
     notify: Arc<tokio::sync::Notify>,
     address: SocketAddr,
-    /// Re-poll timer while the peer's limit is unannounced, and until when to keep at it.
-    probe: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
+    ping: Option<h2::PingPong>,
+    /// Next PING, or the deadline of the one in flight.
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+    awaiting_pong: bool,
 }
 
-impl std::future::Future for Driver {
+impl Driver {
+    /// A peer that stops answering while calls are open (hung process, dropped route) is
+    /// found by PING and its connection closed, failing those calls, instead of leaving them
+    /// hanging for their whole deadline. False when the peer is to be given up on.
+    fn keep_alive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(ping) = &mut self.ping else {
+            return true;
+        };
+        if self.awaiting_pong && ping.poll_pong(cx).is_ready() {
+            self.awaiting_pong = false;
+            let next = tokio::time::Instant::now() + KEEPALIVE_INTERVAL;
+            self.keepalive.as_mut().reset(next);
+        }
+        while self.keepalive.as_mut().poll(cx).is_ready() {
+            if self.awaiting_pong {
+                tracing::debug!(endpoint = %self.address, "h2 upstream PING unanswered; closing the connection");
+                return false;
+            }
+            let busy = self
+                .conn
+                .upgrade()
+                .is_some_and(|c| c.active.load(Ordering::Relaxed) > 0);
+            let wait = if busy && ping.send_ping(h2::Ping::opaque()).is_ok() {
+                self.awaiting_pong = true;
+                // Registers for the PONG.
+                let _ = ping.poll_pong(cx);
+                KEEPALIVE_TIMEOUT
+            } else {
+                KEEPALIVE_INTERVAL
+            };
+            self.keepalive
+                .as_mut()
+                .reset(tokio::time::Instant::now() + wait);
+        }
+        true
+    }
+}
+
+impl Future for Driver {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.refresh.waker.register(cx.waker());
-        self.refresh.started.fetch_add(1, Ordering::AcqRel);
-        let polled = Pin::new(&mut self.conn).poll(cx);
-        let max = self.conn.current_max_send_streams();
-        if self.peer_max.swap(max, Ordering::Relaxed) != max && max != UNANNOUNCED {
-            self.learned.store(max, Ordering::Relaxed);
-            self.notify.notify_waiters();
-            tracing::debug!(endpoint = %self.address, max_streams = max, "h2 peer stream limit");
-        }
-        if max != UNANNOUNCED {
-            self.probe = None;
-        } else if let Some((sleep, until)) = &mut self.probe {
-            let until = *until;
-            if Instant::now() >= until {
-                self.probe = None;
-            } else {
-                // Fire-and-rearm: each expiry polls this future again.
-                while sleep.as_mut().poll(cx).is_ready() {
-                    sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + SETTINGS_PROBE);
-                }
+        let polled = Pin::new(&mut self.connection).poll(cx);
+        let max = self.connection.max_concurrent_send_streams();
+        if max != self.peer_max {
+            self.peer_max = max;
+            if let Some(conn) = self.conn.upgrade() {
+                conn.peer_max.store(max, Ordering::Relaxed);
+            }
+            if max != UNANNOUNCED {
+                self.learned.store(max, Ordering::Relaxed);
+                self.notify.notify_waiters();
+                tracing::debug!(endpoint = %self.address, max_streams = max, "h2 peer stream limit");
             }
         }
-        self.refresh.finished.fetch_add(1, Ordering::AcqRel);
-        self.refresh.done.notify_waiters();
-        match polled {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => Poll::Ready(()),
+        let alive = match polled {
+            Poll::Pending => self.keep_alive(cx),
+            Poll::Ready(Ok(())) => false,
             Poll::Ready(Err(e)) => {
                 tracing::debug!(endpoint = %self.address, error = %e, "h2 upstream connection ended");
-                Poll::Ready(())
+                false
             }
+        };
+        if alive {
+            return Poll::Pending;
         }
+        if let Some(conn) = self.conn.upgrade() {
+            conn.closed.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
     use super::*;
 
     /// An h2c server answering 200 to everything; returns its address and accepted count.

@@ -1,0 +1,336 @@
+//! One HTTP/2 call on an upstream connection, driven on `h2` directly: the request head goes
+//! out, its body is pumped into the stream by the caller's own future while it waits for the
+//! response head, and the response body is read from the stream as the client takes it.
+//!
+//! hyper's HTTP/2 client spawned two tasks per call (the response future and the body pipe)
+//! and passed the request and the response through channels to and from its dispatch task.
+//! Here a call with no body, or one whose body has been sent when the answer arrives (every
+//! unary gRPC call), runs wholly inside the request's own task; only a body still flowing
+//! after the response head (a client- or bidi-streaming call) gets a task of its own.
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+
+use crate::l7::body::{BodyError, RequestBody};
+use crate::l7::h2::pool::BoxError;
+
+/// How a call failed once its connection was chosen.
+#[derive(Debug)]
+pub enum CallError {
+    /// The stream failed (reset, GOAWAY, connection lost) or could not be opened.
+    Stream(h2::Error),
+    /// The client's request body failed before the response head (the stream was reset).
+    Body(BodyError),
+}
+
+/// Sends `head` (and `body`) on `sender`'s connection and returns the response head once it
+/// has arrived, its body to be read from the stream.
+pub async fn call(
+    sender: &mut SendRequest<Bytes>,
+    mut head: http::request::Parts,
+    body: RequestBody,
+) -> Result<http::Response<H2Body>, CallError> {
+    strip_connection_fields(&mut head.headers);
+    if let Some(len) = body.size_hint().exact()
+        && (len != 0 || has_payload_semantics(&head.method))
+        && !head.headers.contains_key(CONTENT_LENGTH)
+    {
+        head.headers.insert(CONTENT_LENGTH, len.into());
+    }
+    let end = body.is_end_stream() && head.method != Method::CONNECT;
+    let (mut response, tx) = sender
+        .send_request(http::Request::from_parts(head, ()), end)
+        .map_err(CallError::Stream)?;
+    if end {
+        drop(tx);
+        let resp = (&mut response).await.map_err(CallError::Stream)?;
+        return Ok(with_body(resp, None));
+    }
+    let mut pump = Some(Pump::new(body, tx));
+    let mut failed = None;
+    let answer = poll_fn(|cx| {
+        if let Some(p) = &mut pump
+            && let Poll::Ready(r) = p.poll(cx)
+        {
+            if let Err(PumpError::Body(e)) = r {
+                failed = Some(e);
+            }
+            pump = None;
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    let resp = match (answer, failed) {
+        (Ok(resp), _) => resp,
+        // The stream was reset because the body failed: that is the cause to report.
+        (Err(_), Some(e)) => return Err(CallError::Body(e)),
+        (Err(e), None) => return Err(CallError::Stream(e)),
+    };
+    // The body is still flowing (a streaming call): it goes on in a task of its own, which
+    // stops (resetting the stream) once nobody reads the response any more.
+    let stop = pump.map(|mut pump| {
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(stopped);
+            poll_fn(|cx| {
+                if stopped.as_mut().poll(cx).is_ready() {
+                    pump.tx.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                pump.poll(cx).map(|_| ())
+            })
+            .await;
+        });
+        stop
+    });
+    Ok(with_body(resp, stop))
+}
+
+fn with_body(
+    resp: http::Response<RecvStream>,
+    stop: Option<oneshot::Sender<()>>,
+) -> http::Response<H2Body> {
+    let (head, recv) = resp.into_parts();
+    let body = H2Body::new(recv, stop).with_length(&head.headers);
+    http::Response::from_parts(head, body)
+}
+
+/// Methods whose request body means something even when empty (hyper's rule for adding a
+/// `content-length: 0`).
+fn has_payload_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
+/// Removes what RFC 9113 §8.2.2 forbids in an HTTP/2 request: connection-specific fields
+/// (those `Connection` names too) and a `TE` other than `trailers`. The proxy has removed the
+/// hop-by-hop fields already, so one pass over the names normally finds nothing to do.
+fn strip_connection_fields(headers: &mut HeaderMap) {
+    let forbidden = headers.iter().any(|(name, value)| {
+        is_connection_specific(name) || (name == TE && value.as_bytes() != b"trailers")
+    });
+    if !forbidden {
+        return;
+    }
+    if let Some(named) = headers.remove(CONNECTION)
+        && let Ok(list) = named.to_str()
+    {
+        for name in list.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    for name in [TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        headers.remove(TE);
+    }
+}
+
+fn is_connection_specific(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Why the request body pump stopped early.
+enum PumpError {
+    /// The client's body failed; the stream has been reset.
+    Body(BodyError),
+    /// The stream failed (the peer reset it, the connection went away).
+    Stream,
+}
+
+/// Moves the request body into its stream as the peer's flow-control windows allow, then
+/// ends the stream (with the body's trailers, if any). hyper's `PipeToSendStream` is the
+/// model: one chunk at a time, capacity asked for only once a chunk is in hand.
+struct Pump {
+    body: RequestBody,
+    tx: SendStream<Bytes>,
+    /// A chunk taken from the body, waiting for send capacity (and whether it is the last).
+    held: Option<(Bytes, bool)>,
+}
+
+impl Pump {
+    fn new(body: RequestBody, tx: SendStream<Bytes>) -> Self {
+        Pump {
+            body,
+            tx,
+            held: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
+        loop {
+            // Registered while waiting for the body or for capacity, so a reset by the peer
+            // stops the pump instead of leaving it waiting on the client.
+            if self.tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(Err(PumpError::Stream));
+            }
+            if let Some((_, last)) = &self.held {
+                let last = *last;
+                while self.tx.capacity() == 0 {
+                    match ready!(self.tx.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(_)) | None => return Poll::Ready(Err(PumpError::Stream)),
+                    }
+                }
+                let Some((chunk, _)) = self.held.take() else {
+                    continue;
+                };
+                if self.tx.send_data(chunk, last).is_err() {
+                    return Poll::Ready(Err(PumpError::Stream));
+                }
+                if last {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        let last = self.body.is_end_stream();
+                        if chunk.is_empty() {
+                            if self.tx.send_data(chunk, last).is_err() {
+                                return Poll::Ready(Err(PumpError::Stream));
+                            }
+                            if last {
+                                return Poll::Ready(Ok(()));
+                            }
+                            continue;
+                        }
+                        // A claim of one byte, not the chunk's length: h2 raises it to what
+                        // is buffered in `send_data`, and a large claim per waiting stream
+                        // would pin connection window that other streams could use.
+                        self.tx.reserve_capacity(1);
+                        self.held = Some((chunk, last));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.tx.reserve_capacity(0);
+                            return Poll::Ready(
+                                self.tx
+                                    .send_trailers(trailers)
+                                    .map_err(|_| PumpError::Stream),
+                            );
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    self.tx.send_reset(Reason::CANCEL);
+                    return Poll::Ready(Err(PumpError::Body(e)));
+                }
+                None => {
+                    return Poll::Ready(
+                        self.tx
+                            .send_data(Bytes::new(), true)
+                            .map_err(|_| PumpError::Stream),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An upstream HTTP/2 response body: the stream's DATA (each chunk's flow-control window
+/// given back as it is handed on), then its trailers.
+///
+/// Dropped before its end, the stream is reset (CANCEL) once no handle to it is left: h2
+/// does that when the last of the stream's handles goes, and a request body still being
+/// pumped is told to stop, so a cancelled call reaches the backend.
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+    /// Bytes announced by `content-length` not yet received.
+    remaining: Option<u64>,
+    /// Dropped with the body: stops the pump of a request body still flowing.
+    _stop: Option<oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for H2Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Body")
+            .field("data_done", &self.data_done)
+            .finish()
+    }
+}
+
+impl H2Body {
+    fn new(recv: RecvStream, stop: Option<oneshot::Sender<()>>) -> Self {
+        H2Body {
+            recv,
+            data_done: false,
+            remaining: None,
+            _stop: stop,
+        }
+    }
+
+    /// Takes the response's `content-length` as the body's exact size (h2 checks the DATA
+    /// against it).
+    fn with_length(mut self, headers: &HeaderMap) -> Self {
+        self.remaining = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        self
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let len = data.len();
+                    // Fails only once the stream is gone, and then there is nothing to give
+                    // back.
+                    let _ = self.recv.flow_control().release_capacity(len);
+                    if let Some(r) = &mut self.remaining {
+                        *r = r.saturating_sub(len as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
