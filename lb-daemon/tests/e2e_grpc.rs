@@ -344,7 +344,11 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
                 "/test.Echo/Bidi" => {
                     let m = Method(Box::new(move |r: Request<Streaming<Bytes>>| {
                         let md = r.metadata().clone();
-                        let s = MsgStream(Box::pin(r.into_inner()));
+                        let s = MsgStream(Box::pin(Tracked {
+                            inner: r.into_inner(),
+                            seen: Arc::clone(&this.seen),
+                            done: false,
+                        }));
                         let resp = this.reply(s, &md);
                         Box::pin(async move { Ok(resp) })
                     }));
@@ -1080,6 +1084,12 @@ async fn deadlines_and_cancellation_reach_the_backend() {
         took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
         "mid-stream deadline after {took:?}"
     );
+    // The backend's stream is cancelled then, though the client's request stream is still
+    // open (lbd was still pumping it upstream after the response head).
+    eventually("backend's bidi stream cancelled at the deadline", || {
+        a.seen.streams_cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
     drop(tx);
 
     // The client giving up (RST_STREAM from tonic when the call future is dropped) cancels the
@@ -1110,10 +1120,10 @@ async fn deadlines_and_cancellation_reach_the_backend() {
         .expect("flood")
         .into_inner();
     s.message().await.expect("message").expect("first");
-    assert_eq!(a.seen.streams_cancelled.load(Ordering::SeqCst), 0);
+    assert_eq!(a.seen.streams_cancelled.load(Ordering::SeqCst), 1);
     drop(s);
     eventually("backend's stream dropped", || {
-        a.seen.streams_cancelled.load(Ordering::SeqCst) == 1
+        a.seen.streams_cancelled.load(Ordering::SeqCst) == 2
     })
     .await;
     let produced = a.seen.produced.load(Ordering::SeqCst);
