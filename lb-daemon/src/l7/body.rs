@@ -162,19 +162,6 @@ impl Replay {
     }
 }
 
-impl RequestBody {
-    /// The client body's byte counter and limit (`None` without a client body).
-    pub fn limit_probe(&self) -> Option<(Arc<AtomicU64>, u64)> {
-        match self {
-            RequestBody::Empty | RequestBody::Full(_) => None,
-            RequestBody::Stream { seen, limit, .. } => Some((Arc::clone(seen), *limit)),
-            RequestBody::Replayable { shared, .. } => {
-                shared.lock().ok().map(|s| (Arc::clone(&s.seen), s.limit))
-            }
-        }
-    }
-}
-
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;

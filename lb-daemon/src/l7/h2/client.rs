@@ -162,8 +162,8 @@ enum PumpError {
 struct Pump {
     body: RequestBody,
     tx: SendStream<Bytes>,
-    /// A chunk taken from the body, waiting for send capacity (and whether it is the last).
-    held: Option<(Bytes, bool)>,
+    /// A chunk taken from the body, waiting for send capacity (never the last one).
+    held: Option<Bytes>,
 }
 
 impl Pump {
@@ -176,14 +176,18 @@ impl Pump {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
+        let polled = self.step(cx);
+        // Registered while waiting for the body or for capacity, so a reset by the peer stops
+        // the pump instead of leaving it waiting on the client.
+        if polled.is_pending() && self.tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(Err(PumpError::Stream));
+        }
+        polled
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
         loop {
-            // Registered while waiting for the body or for capacity, so a reset by the peer
-            // stops the pump instead of leaving it waiting on the client.
-            if self.tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(Err(PumpError::Stream));
-            }
-            if let Some((_, last)) = &self.held {
-                let last = *last;
+            if self.held.is_some() {
                 while self.tx.capacity() == 0 {
                     match ready!(self.tx.poll_capacity(cx)) {
                         Some(Ok(0)) => {}
@@ -191,14 +195,8 @@ impl Pump {
                         Some(Err(_)) | None => return Poll::Ready(Err(PumpError::Stream)),
                     }
                 }
-                let Some((chunk, _)) = self.held.take() else {
-                    continue;
-                };
-                if self.tx.send_data(chunk, last).is_err() {
-                    return Poll::Ready(Err(PumpError::Stream));
-                }
-                if last {
-                    return Poll::Ready(Ok(()));
+                if let Some(chunk) = self.held.take() {
+                    self.send(chunk, false)?;
                 }
                 continue;
             }
@@ -206,10 +204,11 @@ impl Pump {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
                         let last = self.body.is_end_stream();
-                        if chunk.is_empty() {
-                            if self.tx.send_data(chunk, last).is_err() {
-                                return Poll::Ready(Err(PumpError::Stream));
-                            }
+                        if last || chunk.is_empty() {
+                            // The last chunk goes to h2 at once: h2 keeps what the peer's
+                            // window does not take yet, as holding it here would, and a
+                            // unary call's only message needs no capacity round trip.
+                            self.send(chunk, last)?;
                             if last {
                                 return Poll::Ready(Ok(()));
                             }
@@ -219,7 +218,7 @@ impl Pump {
                         // is buffered in `send_data`, and a large claim per waiting stream
                         // would pin connection window that other streams could use.
                         self.tx.reserve_capacity(1);
-                        self.held = Some((chunk, last));
+                        self.held = Some(chunk);
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -236,15 +235,15 @@ impl Pump {
                     self.tx.send_reset(Reason::CANCEL);
                     return Poll::Ready(Err(PumpError::Body(e)));
                 }
-                None => {
-                    return Poll::Ready(
-                        self.tx
-                            .send_data(Bytes::new(), true)
-                            .map_err(|_| PumpError::Stream),
-                    );
-                }
+                None => return Poll::Ready(self.send(Bytes::new(), true)),
             }
         }
+    }
+
+    fn send(&mut self, chunk: Bytes, last: bool) -> Result<(), PumpError> {
+        self.tx
+            .send_data(chunk, last)
+            .map_err(|_| PumpError::Stream)
     }
 }
 
