@@ -64,10 +64,19 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// (hyper's default).
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// PING interval on upstream connections with open streams.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// PING interval on upstream connections with open streams (short in unit tests, which
+/// check that an unanswered PING closes the connection).
+const KEEPALIVE_INTERVAL: Duration = if cfg!(test) {
+    Duration::from_millis(200)
+} else {
+    Duration::from_secs(30)
+};
 /// How long a PING may go unanswered before the connection is closed.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(200)
+} else {
+    Duration::from_secs(10)
+};
 
 /// Boxed error with its cause chain intact.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -878,6 +887,53 @@ mod tests {
         // may serve a second call; what matters is that connections were replaced.
         let n = accepted.load(Ordering::SeqCst);
         assert!(n >= 5, "{n} connections for 10 calls");
+    }
+
+    /// A peer that takes a call and then stops answering (not even PINGs) is found by the
+    /// keep-alive PING: its connection closes and the call fails instead of hanging.
+    #[tokio::test]
+    async fn an_unanswered_ping_closes_the_connection_and_fails_its_calls() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (got_call, call_seen) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            // Reads up to the first request, then never polls the connection again: no
+            // response, no PONG, but the socket stays open.
+            let first = conn.accept().await;
+            let _ = got_call.send(());
+            std::future::pending::<()>().await;
+            drop((conn, first));
+        });
+        let pool = H2Pool::new(
+            "c",
+            &[addr],
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(10),
+                max_idle: 4,
+                max_connections: 0,
+            },
+        );
+        let call = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send(0, req(addr), &metrics::Counter::noop()),
+        )
+        .await;
+        call_seen.await.expect("the peer saw the call");
+        let Ok(result) = call else {
+            panic!("the call hung past the PING timeout");
+        };
+        assert!(matches!(result, Err(SendError::Request(_))), "{result:?}");
+        pool.reap_idle();
+        assert_eq!(pool.connections(0), 0, "the dead connection is dropped");
     }
 
     #[tokio::test]
