@@ -45,7 +45,8 @@ pub async fn call(
     {
         head.headers.insert(CONTENT_LENGTH, len.into());
     }
-    let end = body.is_end_stream() && head.method != Method::CONNECT;
+    // (CONNECT never gets here: the proxy refuses it, so no stream is a tunnel.)
+    let end = body.is_end_stream();
     let (mut response, tx) = sender
         .send_request(http::Request::from_parts(head, ()), end)
         .map_err(CallError::Stream)?;
@@ -331,5 +332,34 @@ impl Body for H2Body {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn connection_specific_fields_are_stripped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("x-hop, keep-alive"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("close"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(TE, HeaderValue::from_static("gzip"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_connection_fields(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-end-to-end"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        strip_connection_fields(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
     }
 }
