@@ -312,6 +312,9 @@ impl Body for H2Body {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
+                // RST_STREAM(NO_ERROR) ends the body early without failing it: the peer
+                // has answered and needs no more of the request (RFC 9113 §8.1).
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => self.data_done = true,
             }
@@ -319,6 +322,7 @@ impl Body for H2Body {
         match ready!(self.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
+            Err(e) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e.into()))),
         }
     }
