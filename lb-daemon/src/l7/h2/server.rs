@@ -29,6 +29,7 @@ use crate::config::model::Limits;
 use crate::l7::body::ResponseBody;
 use crate::l7::conn::ConnInfo;
 use crate::l7::downstream::DownstreamBody;
+use crate::l7::h1::codec;
 use crate::l7::h2::recv::{self, RecvBody};
 use crate::l7::h2::sendbudget::{self, Budgeted, ConnBudget};
 use crate::l7::proxy;
@@ -165,6 +166,11 @@ async fn send(
 ) {
     let (mut parts, body) = resp.into_parts();
     strip_connection_fields(&mut parts.headers);
+    // As hyper's server did, and lbd's HTTP/1.1 side does: a response lbd makes, or forwards
+    // without one, gets the date (RFC 9110 §6.6.1).
+    if !parts.headers.contains_key(header::DATE) {
+        parts.headers.insert(header::DATE, codec::date_value());
+    }
     if body.is_end_stream() {
         let _ = respond.send_response(Response::from_parts(parts, ()), true);
         return;
