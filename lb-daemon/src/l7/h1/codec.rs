@@ -1088,7 +1088,7 @@ fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
 pub fn date_value() -> HeaderValue {
     thread_local! {
         static CACHE: RefCell<(u64, HeaderValue)> =
-            RefCell::new((u64::MAX, HeaderValue::from_static("")));
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
     }
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
