@@ -131,3 +131,38 @@ async fn forwarded_heads_get_a_date_and_lose_connection_fields() {
     assert_eq!(got, b"ok");
     server.abort();
 }
+
+/// An HTTP/2 connection is idle when no stream is open: a stream that takes longer than
+/// `idle_timeout` is answered, and the connection then gets GOAWAY and is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_means_no_open_stream() {
+    let backend = Backend::start("a").await;
+    let listen = free_addr();
+    let cfg = one_backend_config(listen, backend.addr, "idle_timeout = \"300ms\"", "")
+        .replace("name = \"main\"", "name = \"main\"\nprotocol = \"h2c\"");
+    let _lbd = Lbd::start(bin(), &cfg);
+
+    let tcp = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = http::Request::get(format!("http://{listen}/sleep/900"))
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(req, true).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("answer in time")
+        .expect("the slow stream is answered, not cut by the idle timeout");
+    assert_eq!(resp.status(), 200);
+    let t = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "closed {:?} after its last stream, before idle_timeout",
+        t.elapsed()
+    );
+}
