@@ -39,6 +39,7 @@
 #                           [--feature F] [--route-filter TOML]...
 #   N1, N2          request counts (default 2000 and 12000)
 #   M               concurrent streams of the h2 and grpc scenarios (default 16)
+#   C               client connections of the h2 and grpc scenarios (default 1)
 #   CARGO_TARGET_DIR where the release binaries are (default: target/)
 #   LBD, BACKEND    the binaries to run instead (e.g. a copy of an earlier build, to compare)
 #   RUN_DIR         where the callgrind files go (default: <target>/callgrind)
@@ -53,6 +54,7 @@ set -euo pipefail
 N1=${N1:-2000}
 N2=${N2:-12000}
 M=${M:-16}
+C=${C:-1}
 build=1
 scenario=h1
 https=0
@@ -72,8 +74,8 @@ while [ $# -gt 0 ]; do
 done
 case "$scenario" in
     h1) listener_proto=http; upstream_proto=http1; load=(--h1 -c 1 -m 1) ;;
-    h2) listener_proto=h2c; upstream_proto=http1; load=(-c 1 -m "$M") ;;
-    grpc) listener_proto=h2c; upstream_proto=grpc; load=(-c 1 -m "$M") ;;
+    h2) listener_proto=h2c; upstream_proto=http1; load=(-c "$C" -m "$M") ;;
+    grpc) listener_proto=h2c; upstream_proto=grpc; load=(-c "$C" -m "$M") ;;
     *) echo "unknown scenario: $scenario (h1, h2 or grpc)" >&2; exit 2 ;;
 esac
 

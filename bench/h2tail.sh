@@ -135,6 +135,8 @@ measure() {
     taskset -c 1 h2load -t1 -c "$C" -m "$M" -n "$W" "${load[@]}" "http://127.0.0.1:$lp/" \
         >"$run/warm.txt"
     local t0 t1 log=$run/$who.$rep.log
+    # h2load appends to an existing log file: a rerun would mix in the last run's requests.
+    rm -f "$log"
     t0=$(cpu_ticks "$pid")
     taskset -c 1 h2load -t1 -c "$C" -m "$M" -n "$N" "${load[@]}" --log-file "$log" \
         "http://127.0.0.1:$lp/" >"$run/$who.$rep.txt"

@@ -629,7 +629,7 @@ async fn idle_pooled_connections_expire_and_max_idle_caps_the_pool() {
         .expect("closed");
     assert!(
         first.1 < done + Duration::from_millis(300),
-        "the connection beyond max_idle is closed at once, not after the idle timeout"
+        "the connection beyond max_idle is closed at the next reap, not after the idle timeout"
     );
     // The idle one is closed by the reaper once `timeouts.idle` has passed, without traffic.
     let second = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())

@@ -1,23 +1,23 @@
 //! The request body as it arrives from a downstream client: lbd's own HTTP/1.1 body
-//! (`h1/server.rs`) or hyper's HTTP/2 stream body. `proxy::handle` takes either, and may tee it
+//! (`h1/server.rs`) or an HTTP/2 stream's (`h2/server.rs`). `proxy::handle` takes either, and may tee it
 //! for a mirror.
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use crate::l7::h1::server::{H1Body, H1BodyError};
+use crate::l7::h2::recv::RecvBody;
 
 /// A downstream request body.
 #[derive(Debug)]
 pub enum DownstreamBody {
     /// From an HTTP/1.x connection served by `h1::server`.
     H1(H1Body),
-    /// From an HTTP/2 connection served by hyper.
-    H2(Incoming),
+    /// From an HTTP/2 connection served by `h2::server`.
+    H2(RecvBody),
     /// Either of the above, copied as it streams (a mirrored request).
     Tee(Box<Tee>),
     /// A body the body phase read whole and the filters rewrote; `None` once sent.
@@ -130,13 +130,7 @@ pub enum DownstreamError {
     H1(#[from] H1BodyError),
     /// HTTP/2 stream error.
     #[error(transparent)]
-    H2(#[from] hyper::Error),
-}
-
-impl From<Incoming> for DownstreamBody {
-    fn from(b: Incoming) -> Self {
-        DownstreamBody::H2(b)
-    }
+    H2(#[from] ::h2::Error),
 }
 
 impl Body for DownstreamBody {

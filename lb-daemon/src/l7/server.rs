@@ -1,5 +1,5 @@
 //! Downstream listeners: accept, apply connection limits, terminate TLS, serve HTTP/1.1 (lbd's
-//! codec) and HTTP/2 (hyper), close idle keep-alive connections, and drain gracefully on
+//! codec) and HTTP/2 (`h2::server`), close idle keep-alive connections, and drain gracefully on
 //! shutdown.
 use std::io;
 use std::net::SocketAddr;
@@ -11,22 +11,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Buf as _, Bytes};
-use http::Request;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::model::{Limits, ListenerProtocol};
 use crate::l7::conn::{ConnInfo, Scheme};
-use crate::l7::downstream::DownstreamBody;
 use crate::l7::h1::server as h1server;
-use crate::l7::h2::sendbudget::{self, Budgeted, ConnBudget};
+use crate::l7::h2::server as h2server;
 use crate::l7::io::TlsIo;
-use crate::l7::proxy;
 use crate::l7::runtime::Runtime;
 use crate::l7::tls::{Negotiated, TlsListener};
 use crate::telemetry::metrics as m;
@@ -43,9 +36,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(1024)
 }
-
-/// Concurrent streams a downstream HTTP/2 client may open on one connection.
-const MAX_STREAMS: u32 = 128;
 
 /// Counts open downstream connections so shutdown can wait for them to finish.
 #[derive(Debug, Default)]
@@ -284,7 +274,13 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             serving.await
         }
         (None, ListenerProtocol::H2c) => {
-            let serving = Box::pin(serve_h2(stream, Bytes::new(), info, &limits, &mut ctx));
+            let serving = Box::pin(h2server::serve(
+                stream,
+                Bytes::new(),
+                info,
+                &limits,
+                &mut ctx,
+            ));
             serving.await
         }
         (None, ListenerProtocol::Http) => {
@@ -298,7 +294,8 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             match h1server::serve(stream, h1).await {
                 h1server::End::Closed(reason) => reason,
                 h1server::End::H2(stream, preface) => {
-                    let serving = Box::pin(serve_h2(stream, preface, info, &limits, &mut ctx));
+                    let serving =
+                        Box::pin(h2server::serve(stream, preface, info, &limits, &mut ctx));
                     serving.await
                 }
             }
@@ -335,7 +332,7 @@ async fn serve_tls(
         None => info,
     };
     if negotiated == Negotiated::H2 {
-        return serve_h2(session, Bytes::new(), info, limits, ctx).await;
+        return h2server::serve(session, Bytes::new(), info, limits, ctx).await;
     }
     let h1 = h1server::ConnCtx {
         info: info.clone(),
@@ -349,101 +346,9 @@ async fn serve_tls(
     match h1server::serve(TlsIo::new(session), h1).await {
         h1server::End::Closed(reason) => reason,
         h1server::End::H2(io, preface) => {
-            serve_h2(io.into_inner(), preface, info, limits, ctx).await
+            h2server::serve(io.into_inner(), preface, info, limits, ctx).await
         }
     }
-}
-
-/// Serves an HTTP/2 (prior knowledge) connection with hyper; `preface` holds bytes already
-/// read from the socket, replayed first.
-async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    preface: Bytes,
-    info: ConnInfo,
-    limits: &Limits,
-    ctx: &mut ListenerCtx,
-) -> CloseReason {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // What each stream may hold is multiplied by this, so it stays at nginx's default
-        // (HAProxy allows 100): a client gets more streams by opening more connections, each
-        // of which counts against `max_connections`.
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buf_size(sendbudget::STREAM_AHEAD);
-    let activity = Arc::new(AtomicU64::new(now_ms()));
-    let io = TokioIo::new(Rewind {
-        preface,
-        inner: ActivityIo {
-            inner: stream,
-            last: Arc::clone(&activity),
-        },
-    });
-    let state = Arc::clone(&ctx.state);
-    let budget = Arc::new(ConnBudget::default());
-    let svc_info = info.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let info = svc_info.clone();
-        let rt = state.load_full();
-        let req = req.map(DownstreamBody::from);
-        let budget = Arc::clone(&budget);
-        let malformed = has_padded_value(req.headers());
-        async move {
-            if malformed {
-                // hyper resets the stream with the reason of an h2 error from the service.
-                return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
-            }
-            // Boxed: hyper spawns this future as the stream's task, and tokio moves a task's
-            // future several times while spawning it (into the task cell, then onto the heap);
-            // with the request's whole state machine inline (kilobytes) those moves cost more
-            // than the allocation (bench/callgrind.sh --scenario h2).
-            let handling = Box::pin(proxy::handle(rt, info, req));
-            let resp = handling.await;
-            Ok(resp.map(|b| Budgeted::new(b, &budget)))
-        }
-    });
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-
-    let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    let tick = limits.idle_timeout.max(Duration::from_millis(100)) / 4;
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reason = CloseReason::Client;
-    let mut closing = false;
-    let result = loop {
-        tokio::select! {
-            res = conn.as_mut() => break res,
-            _ = ctx.shutdown.wait_for(|s| *s), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-                reason = CloseReason::Drain;
-            }
-            _ = ticker.tick(), if !closing => {
-                if now_ms().saturating_sub(activity.load(Ordering::Relaxed)) >= idle_ms {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                    reason = CloseReason::Idle;
-                }
-            }
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(listener = %ctx.name, client = %info.client, error = %e, "connection ended with error");
-        reason = CloseReason::Error;
-    }
-    reason
-}
-
-/// A field value starting or ending with whitespace makes an HTTP/2 request malformed (RFC 9113
-/// §8.2.1): it gets a stream error, and is never forwarded, since an HTTP/1.1 hop would
-/// strip the whitespace that the next HTTP/2 hop keeps. h2 checks the other value rules.
-fn has_padded_value(headers: &http::HeaderMap) -> bool {
-    headers.values().any(|v| {
-        let b = v.as_bytes();
-        matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
-    })
 }
 
 /// Milliseconds on a process-wide monotonic clock (for idle timeouts).
@@ -531,9 +436,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
 }
 
 /// Replays bytes read while sniffing the protocol before reading from the socket again.
-struct Rewind<S> {
+pub(crate) struct Rewind<S> {
     preface: Bytes,
-    inner: ActivityIo<S>,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    /// Reads `preface` first, then from `inner`.
+    pub(crate) fn new(preface: Bytes, inner: S) -> Self {
+        Rewind { preface, inner }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

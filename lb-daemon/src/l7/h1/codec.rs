@@ -1083,6 +1083,28 @@ fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
     })
 }
 
+/// The current IMF-fixdate as a field value (for HTTP/2 heads), made at most once per second
+/// per thread; clones share one buffer.
+pub fn date_value() -> HeaderValue {
+    thread_local! {
+        static CACHE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+    }
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let v = with_date(|d| HeaderValue::from_maybe_shared(Bytes::copy_from_slice(d)));
+            if let Ok(v) = v {
+                *c = (secs, v);
+            }
+        }
+        c.1.clone()
+    })
+}
+
 /// Appends `n` in lower-case hex (a chunk size) without formatting machinery.
 pub fn push_hex(out: &mut Vec<u8>, mut n: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

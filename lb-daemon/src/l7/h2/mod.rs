@@ -1,5 +1,8 @@
-//! HTTP/2 beside hyper's server: the multiplexed upstream pool, the calls made on its
-//! connections, and the backpressure from a downstream connection to the upstreams feeding it.
+//! HTTP/2 on the h2 crate: downstream connections, the calls made on the multiplexed upstream
+//! pool's connections, and the backpressure from a downstream connection to the upstreams
+//! feeding it.
 pub mod client;
 pub mod pool;
+pub mod recv;
 pub mod sendbudget;
+pub mod server;
