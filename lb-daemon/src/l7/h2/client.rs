@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::l7::body::{BodyError, RequestBody};
 use crate::l7::h2::pool::BoxError;
+use crate::l7::h2::recv::{RecvBody, content_length};
 
 /// How a call failed once its connection was chosen.
 #[derive(Debug)]
@@ -100,8 +101,8 @@ fn with_body(
     stop: Option<oneshot::Sender<()>>,
 ) -> http::Response<H2Body> {
     let (head, recv) = resp.into_parts();
-    let body = H2Body::new(recv, stop).with_length(&head.headers);
-    http::Response::from_parts(head, body)
+    let body = RecvBody::new(recv, content_length(&head.headers));
+    http::Response::from_parts(head, H2Body { body, _stop: stop })
 }
 
 /// Methods whose request body means something even when empty (hyper's rule for adding a
@@ -248,48 +249,17 @@ impl Pump {
     }
 }
 
-/// An upstream HTTP/2 response body: the stream's DATA (each chunk's flow-control window
-/// given back as it is handed on), then its trailers.
+/// An upstream HTTP/2 response body: the stream's received half ([`RecvBody`]), and, for a
+/// call whose request body is still being pumped by a task of its own, what stops that task.
 ///
 /// Dropped before its end, the stream is reset (CANCEL) once no handle to it is left: h2
 /// does that when the last of the stream's handles goes, and a request body still being
 /// pumped is told to stop, so a cancelled call reaches the backend.
+#[derive(Debug)]
 pub struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-    /// Bytes announced by `content-length` not yet received.
-    remaining: Option<u64>,
+    body: RecvBody,
     /// Dropped with the body: stops the pump of a request body still flowing.
     _stop: Option<oneshot::Sender<()>>,
-}
-
-impl std::fmt::Debug for H2Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Body")
-            .field("data_done", &self.data_done)
-            .finish()
-    }
-}
-
-impl H2Body {
-    fn new(recv: RecvStream, stop: Option<oneshot::Sender<()>>) -> Self {
-        H2Body {
-            recv,
-            data_done: false,
-            remaining: None,
-            _stop: stop,
-        }
-    }
-
-    /// Takes the response's `content-length` as the body's exact size (h2 checks the DATA
-    /// against it).
-    fn with_length(mut self, headers: &HeaderMap) -> Self {
-        self.remaining = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        self
-    }
 }
 
 impl Body for H2Body {
@@ -300,42 +270,15 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let len = data.len();
-                    // Fails only once the stream is gone, and then there is nothing to give
-                    // back.
-                    let _ = self.recv.flow_control().release_capacity(len);
-                    if let Some(r) = &mut self.remaining {
-                        *r = r.saturating_sub(len as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                // RST_STREAM(NO_ERROR) ends the body early without failing it: the peer
-                // has answered and needs no more of the request (RFC 9113 §8.1).
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
+        Pin::new(&mut self.body).poll_frame(cx).map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        self.body.size_hint()
     }
 }
 
