@@ -39,10 +39,11 @@ pub struct BenchArgs {
     /// opt-level 1. Its numbers are indicative only.
     #[arg(long)]
     quick: bool,
-    /// Only scenarios whose name contains this string (`l4` selects the L4 end-to-end
-    /// scenarios, `xdp` the XDP program's ns per packet).
-    #[arg(long)]
-    scenario: Option<String>,
+    /// Only scenarios whose name contains this string, or one of these comma-separated
+    /// strings (`l4` selects the L4 end-to-end scenarios, `xdp` the XDP program's ns per
+    /// packet; `http1-keepalive,http2,grpc` the three headline L7 rows).
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
     /// Comma-separated contenders (L7: direct,lbd,nginx,haproxy,envoy,pingora; L4:
     /// direct,lbd-xdp,kernel-dnat, where `lbd` also selects lbd-xdp); default all.
     #[arg(long, value_delimiter = ',')]
@@ -353,7 +354,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             l.load.arg()
         );
     }
-    let wants = |name: &str| args.scenario.as_deref().is_none_or(|f| name.contains(f));
+    let wants = |name: &str| {
+        args.scenario.is_empty() || args.scenario.iter().any(|f| name.contains(f.as_str()))
+    };
     let l7_scenarios: Vec<Scenario> = scenarios()
         .into_iter()
         .filter(|s| wants(s.name))

@@ -14,12 +14,13 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Method};
+use http::Method;
+use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use crate::l7::body::{BodyError, RequestBody};
+use crate::l7::h2::fields;
 use crate::l7::h2::pool::BoxError;
 use crate::l7::h2::recv::{RecvBody, content_length};
 
@@ -39,7 +40,7 @@ pub async fn call(
     mut head: http::request::Parts,
     body: RequestBody,
 ) -> Result<http::Response<H2Body>, CallError> {
-    strip_connection_fields(&mut head.headers);
+    fields::strip_connection_fields(&mut head.headers, fields::Head::Request);
     if let Some(len) = body.size_hint().exact()
         && (len != 0 || has_payload_semantics(&head.method))
         && !head.headers.contains_key(CONTENT_LENGTH)
@@ -112,42 +113,6 @@ fn has_payload_semantics(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
     )
-}
-
-/// Removes what RFC 9113 §8.2.2 forbids in an HTTP/2 request: connection-specific fields
-/// (those `Connection` names too) and a `TE` other than `trailers`. The proxy has removed the
-/// hop-by-hop fields already, so one pass over the names normally finds nothing to do.
-fn strip_connection_fields(headers: &mut HeaderMap) {
-    let forbidden = headers.iter().any(|(name, value)| {
-        is_connection_specific(name) || (name == TE && value.as_bytes() != b"trailers")
-    });
-    if !forbidden {
-        return;
-    }
-    if let Some(named) = headers.remove(CONNECTION)
-        && let Ok(list) = named.to_str()
-    {
-        for name in list.split(',') {
-            headers.remove(name.trim());
-        }
-    }
-    for name in [TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection"] {
-        headers.remove(name);
-    }
-    if headers.get(TE).is_some_and(|v| v.as_bytes() != b"trailers") {
-        headers.remove(TE);
-    }
-}
-
-fn is_connection_specific(name: &HeaderName) -> bool {
-    name == CONNECTION
-        || name == TRANSFER_ENCODING
-        || name == UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
 }
 
 /// Why the request body pump stopped early.
@@ -279,34 +244,5 @@ impl Body for H2Body {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use http::HeaderValue;
-
-    use super::*;
-
-    #[test]
-    fn connection_specific_fields_are_stripped_and_te_trailers_kept() {
-        let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("x-hop, keep-alive"));
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-connection", HeaderValue::from_static("close"));
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        h.insert(TE, HeaderValue::from_static("gzip"));
-        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
-        strip_connection_fields(&mut h);
-        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["x-end-to-end"]);
-
-        let mut h = HeaderMap::new();
-        h.insert(TE, HeaderValue::from_static("trailers"));
-        h.insert("content-type", HeaderValue::from_static("application/grpc"));
-        strip_connection_fields(&mut h);
-        assert_eq!(h.len(), 2, "{h:?}");
     }
 }

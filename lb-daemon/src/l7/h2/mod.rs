@@ -2,6 +2,7 @@
 //! pool's connections, and the backpressure from a downstream connection to the upstreams
 //! feeding it.
 pub mod client;
+pub mod fields;
 pub mod pool;
 pub mod recv;
 pub mod sendbudget;

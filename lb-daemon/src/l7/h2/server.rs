@@ -20,7 +20,6 @@ use ::h2::{Reason, RecvStream, SendStream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
-use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -30,6 +29,7 @@ use crate::l7::body::ResponseBody;
 use crate::l7::conn::ConnInfo;
 use crate::l7::downstream::DownstreamBody;
 use crate::l7::h1::codec;
+use crate::l7::h2::fields;
 use crate::l7::h2::recv::{self, RecvBody};
 use crate::l7::h2::sendbudget::{self, Budgeted, ConnBudget};
 use crate::l7::proxy;
@@ -165,7 +165,7 @@ async fn send(
     budget: &Arc<ConnBudget>,
 ) {
     let (mut parts, body) = resp.into_parts();
-    strip_connection_fields(&mut parts.headers);
+    fields::strip_connection_fields(&mut parts.headers, fields::Head::Response);
     // As hyper's server did, and lbd's HTTP/1.1 side does: a response lbd makes, or forwards
     // without one, gets the date (RFC 9110 §6.6.1).
     if !parts.headers.contains_key(header::DATE) {
@@ -256,37 +256,6 @@ where
             }
         }
     }
-}
-
-/// Removes the fields HTTP/2 forbids in a response (RFC 9113 §8.2.2), which h2 would refuse
-/// to send. Forwarded heads and lbd's own answers normally have none, so the names are
-/// looked at once and the map is only changed when one is there.
-fn strip_connection_fields(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_connection_specific) {
-        return;
-    }
-    if let Some(v) = headers.remove(header::CONNECTION) {
-        // The fields it names are this hop's too.
-        if let Ok(names) = v.to_str() {
-            for name in names.split(',') {
-                headers.remove(name.trim());
-            }
-        }
-    }
-    for name in [header::TRANSFER_ENCODING, header::UPGRADE, header::TE] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-fn is_connection_specific(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
 }
 
 /// A field value starting or ending with whitespace makes an HTTP/2 request malformed (RFC 9113
