@@ -45,8 +45,9 @@ pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
 pkgs+=(python3 python3-h2)
 # Benchmark contenders and load generators (wrk, h2load from nghttp2-client; cmake builds
 # Pingora's zlib-ng; nftables is the L4 bench's kernel-dnat contender; valgrind counts lbd's
-# instructions per request, bench/callgrind.sh).
-bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables valgrind)
+# instructions per request, bench/callgrind.sh, whose --feature jwt writes its key with xxd).
+bench_pkgs=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client cmake nftables valgrind
+    xxd)
 
 not_installed() {
     local p
