@@ -8,25 +8,47 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lbd"))
 }
 
+/// The outcome of one h2c request: the stream's answer (or reset), the client's handle (the
+/// connection stays open while it lives) and the connection's task.
+type Exchange = (
+    Result<http::Response<h2::RecvStream>, h2::Error>,
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+);
+
+/// Opens an h2c connection to `addr` and sends `GET path`, with the field `extra` if given.
+async fn h2_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    extra: Option<(&'static str, &'static str)>,
+) -> Exchange {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some((name, value)) = extra {
+        req = req.header(name, http::HeaderValue::from_static(value));
+    }
+    let (resp, _) = client
+        .send_request(req.body(()).expect("request"), true)
+        .expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("an answer or a reset in time");
+    (resp, client, conn)
+}
+
 /// Sends `GET /` with the extra field `name: value` over h2c; the stream's outcome.
 async fn get_with(
     addr: std::net::SocketAddr,
     name: &'static str,
     value: &'static str,
 ) -> Result<http::StatusCode, h2::Error> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = http::Request::get(format!("http://{addr}/"))
-        .header(name, http::HeaderValue::from_static(value))
-        .body(())
-        .expect("request");
-    let (resp, _) = client.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+    h2_get(addr, "/", Some((name, value)))
         .await
-        .expect("an answer or a reset in time")?;
-    Ok(resp.status())
+        .0
+        .map(|r| r.status())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,20 +109,7 @@ async fn forwarded_heads_get_a_date_and_lose_connection_fields() {
         .replace("name = \"main\"", "name = \"main\"\nprotocol = \"h2c\"");
     let _lbd = Lbd::start(bin(), &cfg);
 
-    let tcp = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = http::Request::get(format!("http://{listen}/"))
-        .body(())
-        .expect("request");
-    let (resp, _) = client.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-        .await
-        .expect("answer in time")
-        .expect("response");
+    let resp = h2_get(listen, "/", None).await.0.expect("response");
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
     let date = h
@@ -142,20 +151,8 @@ async fn idle_means_no_open_stream() {
         .replace("name = \"main\"", "name = \"main\"\nprotocol = \"h2c\"");
     let _lbd = Lbd::start(bin(), &cfg);
 
-    let tcp = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = http::Request::get(format!("http://{listen}/sleep/900"))
-        .body(())
-        .expect("request");
-    let (resp, _) = client.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-        .await
-        .expect("answer in time")
-        .expect("the slow stream is answered, not cut by the idle timeout");
+    let (resp, _client, conn) = h2_get(listen, "/sleep/900", None).await;
+    let resp = resp.expect("the slow stream is answered, not cut by the idle timeout");
     assert_eq!(resp.status(), 200);
     let t = std::time::Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;

@@ -727,18 +727,23 @@ mod tests {
         r
     }
 
+    /// The tests' pool limits: 2 s to connect, 4 idle connections, no connection cap.
+    fn config(idle_timeout: Duration) -> PoolConfig {
+        PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout,
+            max_idle: 4,
+            max_connections: 0,
+        }
+    }
+
     #[tokio::test]
     async fn reuses_a_connection_and_reaps_it_when_idle() {
         let (addr, accepted) = h2_server().await;
         let pool = Arc::new(H2Pool::new(
             "c",
             &[addr],
-            PoolConfig {
-                connect_timeout: Duration::from_secs(2),
-                idle_timeout: Duration::from_millis(200),
-                max_idle: 4,
-                max_connections: 0,
-            },
+            config(Duration::from_millis(200)),
         ));
         H2Pool::spawn_reaper(&pool);
         let reused = metrics::Counter::noop();
@@ -768,12 +773,7 @@ mod tests {
     #[tokio::test]
     async fn a_successor_shares_the_connections_of_endpoints_that_stayed() {
         let (addr, accepted) = h2_server().await;
-        let config = PoolConfig {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 4,
-            max_connections: 0,
-        };
+        let config = config(Duration::from_secs(60));
         let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let old = H2Pool::new("c", &[gone, addr], config);
         let reused = metrics::Counter::noop();
@@ -796,12 +796,7 @@ mod tests {
     async fn max_connections_closes_an_idle_connection_or_refuses() {
         let (a, accepted_a) = h2_server().await;
         let (b, accepted_b) = h2_server().await;
-        let config = PoolConfig {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 4,
-            max_connections: 0,
-        };
+        let config = config(Duration::from_secs(60));
         let gate = Arc::new(Gate::for_test(1));
         let pool = H2Pool::new("c", &[a, b], config).with_limit(Some(Arc::clone(&gate)));
         let reused = metrics::Counter::noop();
@@ -863,16 +858,7 @@ mod tests {
                 });
             }
         });
-        let pool = H2Pool::new(
-            "c",
-            &[addr],
-            PoolConfig {
-                connect_timeout: Duration::from_secs(2),
-                idle_timeout: Duration::from_secs(10),
-                max_idle: 4,
-                max_connections: 0,
-            },
-        );
+        let pool = H2Pool::new("c", &[addr], config(Duration::from_secs(10)));
         let reused = metrics::Counter::noop();
         for i in 0..10 {
             let resp = pool.send(0, req(addr), &reused).await;
@@ -912,16 +898,7 @@ mod tests {
             std::future::pending::<()>().await;
             drop((conn, first));
         });
-        let pool = H2Pool::new(
-            "c",
-            &[addr],
-            PoolConfig {
-                connect_timeout: Duration::from_secs(2),
-                idle_timeout: Duration::from_secs(10),
-                max_idle: 4,
-                max_connections: 0,
-            },
-        );
+        let pool = H2Pool::new("c", &[addr], config(Duration::from_secs(10)));
         let call = tokio::time::timeout(
             Duration::from_secs(5),
             pool.send(0, req(addr), &metrics::Counter::noop()),
