@@ -1,7 +1,6 @@
 //! `[listeners.tls]`: certificates (PEM files read and checked when the config is loaded, so
 //! `lbd check` and a reload refuse a broken pair and the running config keeps serving), SNI
 //! names, ALPN and the lowest TLS version.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -788,22 +787,6 @@ fn parse_time(tag: u8, t: &[u8]) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + h * 3600 + m * 60 + s)
-}
-
-/// Host names of every certificate, for duplicate-free lookups: exact names and wildcard
-/// suffixes, each mapped to the first certificate (config order) that names it.
-pub fn name_index(tls: &Tls) -> (HashMap<String, usize>, HashMap<String, usize>) {
-    let mut exact = HashMap::new();
-    let mut wildcard = HashMap::new();
-    for (i, c) in tls.certificates.iter().enumerate() {
-        for n in &c.names {
-            match n.strip_prefix("*.") {
-                Some(suffix) => wildcard.entry(suffix.to_string()).or_insert(i),
-                None => exact.entry(n.clone()).or_insert(i),
-            };
-        }
-    }
-    (exact, wildcard)
 }
 
 #[cfg(test)]

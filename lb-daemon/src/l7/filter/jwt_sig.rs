@@ -9,7 +9,9 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm};
+use ring::signature::{
+    self, RsaParameters, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm,
+};
 
 /// The largest signature we decode: RSA-8192 is 1 KiB; anything longer cannot verify.
 const MAX_SIG_BYTES: usize = 1024;
@@ -26,15 +28,12 @@ pub fn verify(sig: &str, message: &[u8], key: &DecodingKey, alg: Algorithm) -> b
         }
         Algorithm::ES256 => (AlgorithmFamily::Ec, &signature::ECDSA_P256_SHA256_FIXED),
         Algorithm::ES384 => (AlgorithmFamily::Ec, &signature::ECDSA_P384_SHA384_FIXED),
-        Algorithm::RS256 => (AlgorithmFamily::Rsa, &signature::RSA_PKCS1_2048_8192_SHA256),
-        Algorithm::RS384 => (AlgorithmFamily::Rsa, &signature::RSA_PKCS1_2048_8192_SHA384),
-        Algorithm::RS512 => (AlgorithmFamily::Rsa, &signature::RSA_PKCS1_2048_8192_SHA512),
-        Algorithm::PS256 => (AlgorithmFamily::Rsa, &signature::RSA_PSS_2048_8192_SHA256),
-        Algorithm::PS384 => (AlgorithmFamily::Rsa, &signature::RSA_PSS_2048_8192_SHA384),
-        Algorithm::PS512 => (AlgorithmFamily::Rsa, &signature::RSA_PSS_2048_8192_SHA512),
         Algorithm::EdDSA => (AlgorithmFamily::Ed, &signature::ED25519),
-        // Algorithms added to jsonwebtoken later are not on any provider's allow-list.
-        _ => return false,
+        _ => match rsa_params(alg) {
+            Some(p) => (AlgorithmFamily::Rsa, p),
+            // Algorithms added to jsonwebtoken later are not on any provider's allow-list.
+            None => return false,
+        },
     };
     if key.family() != family || sig.len() > MAX_SIG_BYTES * 4 / 3 + 4 {
         return false;
@@ -49,20 +48,27 @@ pub fn verify(sig: &str, message: &[u8], key: &DecodingKey, alg: Algorithm) -> b
             .verify(message, raw)
             .is_ok(),
         DecodingKeyKind::RsaModulusExponent { n: modulus, e } => {
-            let params = match alg {
-                Algorithm::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
-                Algorithm::RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
-                Algorithm::RS512 => &signature::RSA_PKCS1_2048_8192_SHA512,
-                Algorithm::PS256 => &signature::RSA_PSS_2048_8192_SHA256,
-                Algorithm::PS384 => &signature::RSA_PSS_2048_8192_SHA384,
-                Algorithm::PS512 => &signature::RSA_PSS_2048_8192_SHA512,
-                _ => return false,
+            let Some(params) = rsa_params(alg) else {
+                return false;
             };
             RsaPublicKeyComponents { n: modulus, e }
                 .verify(params, message, raw)
                 .is_ok()
         }
     }
+}
+
+/// ring's parameters for an RSA `alg` (RS*/PS*), used with DER keys and with JWKS `n`/`e`.
+fn rsa_params(alg: Algorithm) -> Option<&'static RsaParameters> {
+    Some(match alg {
+        Algorithm::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &signature::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &signature::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &signature::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
