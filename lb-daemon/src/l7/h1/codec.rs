@@ -1067,42 +1067,34 @@ fn itoa_buf(mut n: u64) -> Digits {
     }
 }
 
-/// Calls `f` with the current IMF-fixdate, formatted at most once per second per thread.
-fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+/// Calls `f` with the current IMF-fixdate, formatted at most once per second per thread (one
+/// cache for both writers: the HTTP/1.1 head takes its bytes, HTTP/2 heads a clone).
+fn with_date_value<R>(f: impl FnOnce(&HeaderValue) -> R) -> R {
     thread_local! {
-        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        static CACHE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
     }
     let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.0 != secs {
-            *c = (secs, httpdate::fmt_http_date(now));
+        if c.0 != secs
+            && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+        {
+            *c = (secs, v);
         }
-        f(c.1.as_bytes())
+        f(&c.1)
     })
 }
 
-/// The current IMF-fixdate as a field value (for HTTP/2 heads), made at most once per second
-/// per thread; clones share one buffer.
+/// Calls `f` with the current IMF-fixdate's bytes.
+fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    with_date_value(|v| f(v.as_bytes()))
+}
+
+/// The current IMF-fixdate as a field value (for HTTP/2 heads); clones share one buffer.
 pub fn date_value() -> HeaderValue {
-    thread_local! {
-        static CACHE: RefCell<(u64, HeaderValue)> =
-            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
-    }
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            let v = with_date(|d| HeaderValue::from_maybe_shared(Bytes::copy_from_slice(d)));
-            if let Ok(v) = v {
-                *c = (secs, v);
-            }
-        }
-        c.1.clone()
-    })
+    with_date_value(HeaderValue::clone)
 }
 
 /// Appends `n` in lower-case hex (a chunk size) without formatting machinery.
