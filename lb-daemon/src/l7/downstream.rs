@@ -1,6 +1,6 @@
 //! The request body as it arrives from a downstream client: lbd's own HTTP/1.1 body
-//! (`h1/server.rs`) or an HTTP/2 stream's (`h2/server.rs`). `proxy::handle` takes either, and may tee it
-//! for a mirror.
+//! (`h1/server.rs`) or an HTTP/2 stream's (`h2/server.rs`). `proxy::handle` takes either, and
+//! may tee it for a mirror.
 use std::pin::Pin;
 use std::task::{Context, Poll};
 

@@ -274,13 +274,7 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             serving.await
         }
         (None, ListenerProtocol::H2c) => {
-            let serving = Box::pin(h2server::serve(
-                stream,
-                Bytes::new(),
-                info,
-                &limits,
-                &mut ctx,
-            ));
+            let serving = Box::pin(h2server::serve(stream, Bytes::new(), info, &limits, &ctx));
             serving.await
         }
         (None, ListenerProtocol::Http) => {
@@ -294,8 +288,7 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             match h1server::serve(stream, h1).await {
                 h1server::End::Closed(reason) => reason,
                 h1server::End::H2(stream, preface) => {
-                    let serving =
-                        Box::pin(h2server::serve(stream, preface, info, &limits, &mut ctx));
+                    let serving = Box::pin(h2server::serve(stream, preface, info, &limits, &ctx));
                     serving.await
                 }
             }

@@ -56,7 +56,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     preface: Bytes,
     info: ConnInfo,
     limits: &Limits,
-    ctx: &mut ListenerCtx,
+    ctx: &ListenerCtx,
 ) -> CloseReason {
     let mut builder = ::h2::server::Builder::new();
     builder
@@ -87,6 +87,13 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let mut idle_since = Some(Instant::now());
     let mut reason = CloseReason::Client;
     let mut closing = false;
+    // One wait for the whole connection: made in the loop, it would register with (and leave)
+    // the watch channel's waiters on every pass, i.e. for every stream accepted and finished.
+    let mut shutdown = ctx.shutdown.clone();
+    let drain = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    tokio::pin!(drain);
     loop {
         tokio::select! {
             // Streams first: finishing work in hand before taking more keeps latency flat.
@@ -110,7 +117,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 // GOAWAY exchanged (or the socket closed) and every stream done.
                 None => break,
             },
-            _ = ctx.shutdown.wait_for(|s| *s), if !closing => {
+            () = &mut drain, if !closing => {
                 conn.graceful_shutdown();
                 closing = true;
                 reason = CloseReason::Drain;
