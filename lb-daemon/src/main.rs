@@ -189,8 +189,9 @@ fn run(path: &Path, demo: bool) -> ExitCode {
         }
     };
     lbd::telemetry::logging::init(model.global.log_format, &model.global.log_level);
-    // TOKIO_WORKER_THREADS sets the worker count (default: one per core).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane (reloads, health checks, discovery, admin API) runs on this thread;
+    // the data plane on its own workers (`lbd::l7::workers`, `[global] workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

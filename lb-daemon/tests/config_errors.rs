@@ -414,6 +414,13 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "expected one of \"text\", \"json\"",
     ),
     (
+        "no workers",
+        "[global]\nworkers = 0\n",
+        2,
+        "global.workers",
+        "must be between 1 and 1024, got 0",
+    ),
+    (
         "duration without unit",
         "[global]\ndrain_timeout = \"30\"\n",
         2,
@@ -1512,6 +1519,7 @@ log_format = "json"
 log_level = "debug"
 access_log = false
 drain_timeout = "1m30s"
+workers = 3
 
 [admin]
 token = "s3cret"
@@ -1619,6 +1627,7 @@ fn full_config_builds_the_expected_model() {
     assert_eq!(m.global.log_level, "debug");
     assert!(!m.global.access_log);
     assert_eq!(m.global.drain_timeout, Duration::from_secs(90));
+    assert_eq!(m.global.workers, Some(3));
     let admin = m.global.admin.as_ref().expect("admin enabled by its table");
     assert_eq!(
         admin.bind,
@@ -1786,6 +1795,7 @@ fn admin_is_off_without_its_table_and_defaults_with_it() {
     assert_eq!(m.global.log_level, "info");
     assert!(m.global.access_log);
     assert_eq!(m.global.drain_timeout, Duration::from_secs(30));
+    assert_eq!(m.global.workers, None, "one per CPU");
     let m = parse(&format!("[admin]\n{base}"), Path::new("t")).expect("valid");
     let admin = m.global.admin.expect("enabled");
     assert_eq!(

@@ -60,6 +60,9 @@ pub struct Global {
     pub admin: Option<Admin>,
     /// Trace propagation and span export (`[tracing]`); off when `None`.
     pub tracing: Option<super::otlp::Tracing>,
+    /// Data-plane workers (threads); `None`: one per CPU the process may run on. Read at
+    /// start only.
+    pub workers: Option<usize>,
 }
 
 /// `[admin]`.

@@ -48,6 +48,7 @@ pub struct RawGlobal {
     pub log_level: Option<S<String>>,
     pub access_log: Option<S<bool>>,
     pub drain_timeout: Option<S<String>>,
+    pub workers: Option<S<i64>>,
 }
 
 /// `[admin]`.

@@ -20,6 +20,9 @@ const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
+/// More data-plane workers than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
 /// Checks `raw` and builds the model. Problems go to `d`; the returned model is meaningful only
 /// if none were recorded.
 pub(crate) fn validate(raw: RawConfig, text: &str, path: &Path, d: &mut Diagnostics) -> Model {
@@ -200,6 +203,10 @@ impl Checker<'_> {
             ),
             admin: None,
             tracing: None,
+            workers: g.and_then(|g| g.workers.as_ref()).map(|w| {
+                let n = self.int(Some(w), "global.workers", 1, 1, MAX_WORKERS as i64);
+                usize::try_from(n).unwrap_or(1)
+            }),
         }
     }
 

@@ -19,3 +19,4 @@ pub mod server;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
+pub mod workers;

@@ -344,6 +344,7 @@ mod tests {
                 drain_timeout: Duration::from_secs(1),
                 admin: None,
                 tracing: None,
+                workers: None,
             },
             listeners: Vec::new(),
             routes,

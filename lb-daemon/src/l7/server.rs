@@ -24,17 +24,43 @@ use crate::l7::runtime::Runtime;
 use crate::l7::tls::{Negotiated, TlsListener};
 use crate::telemetry::metrics as m;
 
-/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds one listening socket per worker for `addr`: with one worker a plain socket
+/// (`SO_REUSEADDR`: restarts do not wait for TIME_WAIT); with more, a `SO_REUSEPORT` group the
+/// kernel spreads new connections over. The sockets are not registered with any runtime yet:
+/// each worker adopts its own.
+pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if workers <= 1 {
+        return Ok(vec![bind_one(addr, false)?]);
+    }
+    // SO_REUSEPORT would let this bind share an address another process (of the same user)
+    // holds with SO_REUSEPORT too, silently splitting its traffic: a plain bind first fails
+    // as it should when the address is taken.
+    let probe = bind_socket(addr, false)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..workers).map(|_| bind_one(addr, true)).collect()
+}
+
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    // tokio registers a listening socket with the calling runtime; it is taken back out so
+    // that the worker that serves it registers it with its own.
+    let listener = bind_socket(addr, reuse_port)?.listen(1024)?;
+    listener.into_std()
 }
 
 /// Counts open downstream connections so shutdown can wait for them to finish.
@@ -128,18 +154,21 @@ impl ConnMetrics {
     }
 }
 
-/// Accepts until `ctx.shutdown` turns true. The number of concurrent connections is capped by
-/// the listener's `max_connections` at start; further clients wait in the kernel backlog.
-pub async fn serve(listener: TcpListener, limits: &Limits, mut ctx: ListenerCtx) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+/// Accepts on one worker's socket until `ctx.shutdown` turns true. `permits` caps the
+/// listener's concurrent connections (its `max_connections` at start), shared by the accept
+/// loops of every worker; further clients wait in the kernel backlog.
+pub async fn serve(listener: std::net::TcpListener, permits: Arc<Semaphore>, mut ctx: ListenerCtx) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %ctx.name, error = %e, "cannot serve the listening socket");
+            return;
+        }
+    };
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = ctx.shutdown.wait_for(|s| *s) => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = ctx.shutdown.wait_for(|s| *s) => return,
@@ -152,6 +181,19 @@ pub async fn serve(listener: TcpListener, limits: &Limits, mut ctx: ListenerCtx)
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // Accepted first, then made to wait for a place: a worker that took a freed place
+        // before it had a connection would hold it while the next client waits in another
+        // worker's backlog. A worker holds at most this one connection unserved.
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = Arc::clone(&permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = ctx.shutdown.wait_for(|s| *s) => return,
+            },
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::admin::view::ReloadEvent;
 use crate::admin::{
@@ -23,6 +23,7 @@ use crate::config::{self, Model};
 use crate::discovery::Discovery;
 pub use crate::l7::runtime::Runtime;
 use crate::l7::server::{self, ConnTracker, ListenerCtx};
+use crate::l7::workers::Workers;
 use crate::sdnotify;
 use crate::telemetry::metrics as m;
 
@@ -49,12 +50,20 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The data-plane worker threads could not be started.
+    #[error("starting {count} worker(s): {source}")]
+    Workers {
+        /// Workers asked for.
+        count: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 struct ListenerHandle {
     shutdown: watch::Sender<bool>,
-    /// The accept loop; it drops (closes) the listening socket when it ends.
-    task: tokio::task::JoinHandle<()>,
+    /// The accept loop of each worker; each drops (closes) its listening socket when it ends.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The running daemon.
@@ -78,6 +87,8 @@ pub struct Supervisor {
     last_reload_error: Mutex<Option<ReloadEvent>>,
     /// DNS and file endpoint sources of the active config.
     discovery: Arc<Discovery>,
+    /// The data-plane workers' runtimes (listeners are served there).
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Reloads kept for the status page.
@@ -100,6 +111,7 @@ impl Supervisor {
         mut model: Model,
         discovery: Arc<Discovery>,
         changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+        workers: &Workers,
     ) -> Result<Arc<Self>, StartError> {
         discovery.fill(&mut model);
         let model = Arc::new(model);
@@ -120,9 +132,10 @@ impl Supervisor {
             reload_history: Mutex::new(std::collections::VecDeque::new()),
             last_reload_error: Mutex::new(None),
             discovery,
+            workers: workers.handles().cloned().collect(),
         });
         sup.record_load("start", true, &model.source.hash, Vec::new());
-        let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new())?;
+        let bound = bind_new(&model, &HashMap::<SocketAddr, ()>::new(), workers.len())?;
         // L4 before the listeners serve: a VIP that cannot be attached fails the start, while
         // the operator is watching, instead of leaving a half-working daemon.
         let l4 =
@@ -172,11 +185,11 @@ impl Supervisor {
         }
     }
 
-    fn spawn_listeners(&self, model: &Model, bound: Vec<(usize, tokio::net::TcpListener)>) {
+    fn spawn_listeners(&self, model: &Model, bound: Vec<(usize, Vec<std::net::TcpListener>)>) {
         let Ok(mut handles) = self.listeners.lock() else {
             return;
         };
-        for (i, socket) in bound {
+        for (i, sockets) in bound {
             let l = &model.listeners[i];
             let (tx, rx) = watch::channel(false);
             let ctx = ListenerCtx {
@@ -187,10 +200,22 @@ impl Supervisor {
                 tracker: Arc::clone(&self.tracker),
                 metrics: Arc::new(server::ConnMetrics::new(&l.name)),
             };
-            let limits = l.limits.clone();
-            tracing::info!(listener = %l.name, bind = %l.bind, "listening");
-            let task = tokio::spawn(async move { server::serve(socket, &limits, ctx).await });
-            handles.insert(l.bind, ListenerHandle { shutdown: tx, task });
+            let permits = Arc::new(Semaphore::new(l.limits.max_connections.max(1)));
+            tracing::info!(listener = %l.name, bind = %l.bind, workers = sockets.len(), "listening");
+            let tasks = sockets
+                .into_iter()
+                .zip(&self.workers)
+                .map(|(socket, worker)| {
+                    worker.spawn(server::serve(socket, Arc::clone(&permits), ctx.clone()))
+                })
+                .collect();
+            handles.insert(
+                l.bind,
+                ListenerHandle {
+                    shutdown: tx,
+                    tasks,
+                },
+            );
         }
     }
 
@@ -285,11 +310,14 @@ impl Supervisor {
                 return (self.reload_failed(&old, errors), Vec::new());
             }
         };
+        if model.global.workers != old.model.global.workers {
+            tracing::warn!("global.workers changed; the worker count changes at the next restart");
+        }
         let keep: HashMap<SocketAddr, ()> = match self.listeners.lock() {
             Ok(h) => h.keys().map(|a| (*a, ())).collect(),
             Err(_) => HashMap::new(),
         };
-        let bound = match bind_new(&model, &keep) {
+        let bound = match bind_new(&model, &keep, self.workers.len()) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected");
@@ -320,7 +348,7 @@ impl Supervisor {
                 if let Some(h) = handles.remove(&addr) {
                     tracing::info!(bind = %addr, "listener removed by reload; draining its connections");
                     let _ = h.shutdown.send(true);
-                    removed.push(h.task);
+                    removed.extend(h.tasks);
                 }
             }
         }
@@ -367,13 +395,14 @@ impl Supervisor {
 fn bind_new<V>(
     model: &Model,
     keep: &HashMap<SocketAddr, V>,
-) -> Result<Vec<(usize, tokio::net::TcpListener)>, StartError> {
+    workers: usize,
+) -> Result<Vec<(usize, Vec<std::net::TcpListener>)>, StartError> {
     let mut out = Vec::new();
     for (i, l) in model.listeners.iter().enumerate() {
         if keep.contains_key(&l.bind) {
             continue;
         }
-        let socket = server::bind(l.bind).map_err(|source| StartError::Bind {
+        let socket = server::bind(l.bind, workers).map_err(|source| StartError::Bind {
             name: l.name.clone(),
             addr: l.bind,
             source,
@@ -515,7 +544,9 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
     // every source's first attempt (bounded), then starts with what resolved and retries the
     // rest in the background.
     discovery.prime(&model, DISCOVERY_START_WAIT).await;
-    let sup = Supervisor::start(path, model, discovery, changes)?;
+    let count = crate::l7::workers::count(model.global.workers);
+    let workers = Workers::start(count).map_err(|source| StartError::Workers { count, source })?;
+    let sup = Supervisor::start(path, model, discovery, changes, &workers)?;
     let (admin_tx, admin_rx) = watch::channel(false);
     if let Some(a) = admin_cfg {
         let socket = admin::bind(&a).await?;
@@ -534,7 +565,7 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "sd_notify READY failed"),
     }
-    tracing::info!(config = %path.display(), hash = %sup.runtime().model.source.hash, "lbd ready");
+    tracing::info!(config = %path.display(), hash = %sup.runtime().model.source.hash, workers = count, "lbd ready");
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -561,5 +592,7 @@ pub async fn run(path: &Path, model: Model) -> Result<(), StartError> {
     if let Some(tracer) = sup.runtime().tracer.clone() {
         tracer.flush().await;
     }
+    // Joining the worker threads blocks; not on this runtime's thread.
+    let _ = tokio::task::spawn_blocking(move || drop(workers)).await;
     Ok(())
 }
