@@ -613,7 +613,13 @@ async fn idle_pooled_connections_expire_and_max_idle_caps_the_pool() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let extra = "[clusters.timeouts]\nidle = \"400ms\"\n[clusters.pool]\nmax_idle = 1\n";
-    let _lbd = Lbd::start(bin(), &config_with(listen, admin, raw.addr, extra));
+    // `max_idle` is per worker: with one, the two connections share one idle stack.
+    let config = config_with(listen, admin, raw.addr, extra).replacen(
+        "[global]\n",
+        "[global]\nworkers = 1\n",
+        1,
+    );
+    let _lbd = Lbd::start(bin(), &config);
 
     // Two concurrent requests need two upstream connections; only one may stay idle.
     let (c1, c2) = (H1::new(), H1::new());

@@ -1,4 +1,5 @@
-//! HTTP/1.1 upstream connections: per endpoint a LIFO stack of idle keep-alive connections.
+//! HTTP/1.1 upstream connections: per endpoint and data-plane worker a LIFO stack of idle
+//! keep-alive connections.
 //!
 //! Why not hyper-util's pooled client: it runs each upstream connection in its own task and
 //! hands every request and response across channels (oneshot, want/giver, pool mutex), so each
@@ -42,8 +43,8 @@ pub struct H1PoolConfig {
     pub connect_timeout: Duration,
     /// Idle connections older than this are closed.
     pub idle_timeout: Duration,
-    /// Idle connections kept per endpoint (0 = none: every request opens a connection);
-    /// more are kept for a few seconds after a burst (see [`BURST_FACTOR`]).
+    /// Idle connections kept per endpoint and worker (0 = none: every request opens a
+    /// connection); more are kept for a few seconds after a burst (see [`BURST_FACTOR`]).
     pub max_idle: usize,
 }
 
@@ -73,8 +74,23 @@ struct Successor {
 #[derive(Debug)]
 struct Endpoint {
     address: SocketAddr,
-    /// Idle connections, the most recently used last.
-    idle: Mutex<Vec<H1Conn>>,
+    /// Idle connections per data-plane worker, the most recently used last: a worker reuses
+    /// only the connections it opened, whose sockets its own runtime polls.
+    idle: Box<[Mutex<Vec<H1Conn>>]>,
+}
+
+impl Endpoint {
+    /// The idle stack of `worker` (stack 0 for a thread outside the workers).
+    fn stack(&self, worker: usize) -> Option<&Mutex<Vec<H1Conn>>> {
+        self.idle.get(worker).or_else(|| self.idle.first())
+    }
+
+    fn idle_count(&self) -> usize {
+        self.idle
+            .iter()
+            .map(|s| s.lock().map_or(0, |v| v.len()))
+            .sum()
+    }
 }
 
 /// One upstream HTTP/1.1 connection and its buffers, which live as long as the connection so
@@ -94,6 +110,8 @@ pub struct H1Conn {
     pub(in crate::l7) received: bool,
     /// Endpoint index in its pool.
     pub(in crate::l7) endpoint: usize,
+    /// The worker that opened it (its socket is registered with that worker's runtime).
+    worker: usize,
     /// When the connection was returned to the pool.
     idle_since: Instant,
     /// Its place under the cluster's `max_connections`, given back when it closes.
@@ -129,7 +147,9 @@ impl H1Pool {
                 .iter()
                 .map(|&address| Endpoint {
                     address,
-                    idle: Mutex::new(Vec::new()),
+                    idle: (0..crate::l7::workers::running())
+                        .map(|_| Mutex::new(Vec::new()))
+                        .collect(),
                 })
                 .collect(),
         }
@@ -169,22 +189,25 @@ impl H1Pool {
             let Some(from) = old.endpoints.get(o) else {
                 continue;
             };
-            let taken = from.idle.lock().map(|mut v| std::mem::take(&mut *v));
-            for mut conn in taken.unwrap_or_default() {
-                conn.endpoint = n;
-                self.keep_idle(conn);
+            for stack in &from.idle {
+                let taken = stack.lock().map(|mut v| std::mem::take(&mut *v));
+                for mut conn in taken.unwrap_or_default() {
+                    conn.endpoint = n;
+                    self.keep_idle(conn);
+                }
             }
         }
     }
 
-    /// An idle connection to endpoint `idx` that is still open, if any. Expired and closed
-    /// connections met on the way are dropped.
+    /// An idle connection to endpoint `idx` opened by the calling worker and still open, if
+    /// any. Expired and closed connections met on the way are dropped.
     pub fn checkout(&self, idx: usize) -> Option<H1Conn> {
         let ep = self.endpoints.get(idx)?;
+        let stack = ep.stack(crate::l7::workers::current())?;
         let now = Instant::now();
         loop {
             let conn = {
-                let mut idle = ep.idle.lock().ok()?;
+                let mut idle = stack.lock().ok()?;
                 let conn = idle.pop()?;
                 if now.duration_since(conn.idle_since) >= self.config.idle_timeout {
                     // The stack is ordered by last use: everything below is older still.
@@ -238,6 +261,7 @@ impl H1Pool {
             spans: Vec::new(),
             received: false,
             endpoint: idx,
+            worker: crate::l7::workers::current(),
             idle_since: Instant::now(),
             _place: place,
         })
@@ -263,14 +287,15 @@ impl H1Pool {
         Err(Box::new(ConnectionLimit))
     }
 
-    /// Closes the oldest idle connection of the endpoint with the most; false if none is idle.
+    /// Closes the oldest idle connection of the fullest stack; false if none is idle.
     fn close_one_idle(&self) -> bool {
         let fullest = self
             .endpoints
             .iter()
-            .max_by_key(|e| e.idle.lock().map_or(0, |v| v.len()));
-        let victim = fullest.and_then(|e| {
-            let mut idle = e.idle.lock().ok()?;
+            .flat_map(|e| e.idle.iter())
+            .max_by_key(|s| s.lock().map_or(0, |v| v.len()));
+        let victim = fullest.and_then(|s| {
+            let mut idle = s.lock().ok()?;
             (!idle.is_empty()).then(|| idle.remove(0))
         });
         victim.is_some()
@@ -298,12 +323,16 @@ impl H1Pool {
         self.keep_idle(conn);
     }
 
-    /// Puts `conn` on its endpoint's stack, or closes it beyond the burst bound.
+    /// Puts `conn` on its endpoint's stack of its worker, or closes it beyond the burst bound.
     fn keep_idle(&self, conn: H1Conn) {
-        let Some(ep) = self.endpoints.get(conn.endpoint) else {
+        let Some(stack) = self
+            .endpoints
+            .get(conn.endpoint)
+            .and_then(|e| e.stack(conn.worker))
+        else {
             return;
         };
-        let Ok(mut idle) = ep.idle.lock() else {
+        let Ok(mut idle) = stack.lock() else {
             return;
         };
         if idle.len() < self.config.max_idle.saturating_mul(BURST_FACTOR) {
@@ -320,9 +349,9 @@ impl H1Pool {
     /// `max_idle`, the longest idle first.
     pub fn reap_idle(&self) {
         let now = Instant::now();
-        for ep in &self.endpoints {
+        for stack in self.endpoints.iter().flat_map(|e| e.idle.iter()) {
             let stale: Vec<H1Conn> = {
-                let Ok(mut idle) = ep.idle.lock() else {
+                let Ok(mut idle) = stack.lock() else {
                     continue;
                 };
                 let mut stale = Vec::new();
@@ -353,12 +382,9 @@ impl H1Pool {
         crate::l7::cluster::reaper::spawn(pool, period, H1Pool::reap_idle);
     }
 
-    /// Idle connections kept for endpoint `idx` (for tests).
+    /// Idle connections kept for endpoint `idx`, all workers together (for tests).
     pub fn idle(&self, idx: usize) -> usize {
-        self.endpoints
-            .get(idx)
-            .and_then(|e| e.idle.lock().ok().map(|c| c.len()))
-            .unwrap_or(0)
+        self.endpoints.get(idx).map_or(0, Endpoint::idle_count)
     }
 }
 
