@@ -185,6 +185,7 @@ cat >"$run/lb.toml" <<EOF
 [global]
 access_log = false
 log_level = "warn"
+workers = 1
 
 [[listeners]]
 name = "bench"
@@ -224,7 +225,7 @@ calls_of() {
 measure() {
     local n=$1 out=$run/callgrind.$1.out
     rm -f "$out"
-    TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
         "$lbd" run --config "$run/lb.toml" 2>"$run/lbd.$n.log" &
     local vg=$!
     pids+=("$vg")

@@ -3,7 +3,7 @@
 # number of HTTP/2 or gRPC requests, interleaved in one run on one machine, to see where the
 # tail comes from without the whole `cargo xtask bench`.
 #
-# The proxy runs pinned to CPU 0 with one worker (`TOKIO_WORKER_THREADS=1`, HAProxy
+# The proxy runs pinned to CPU 0 with one worker (`workers = 1`, HAProxy
 # `nbthread 1`), h2load and bench-backend to CPU 1, as in the bench. Each contender is started
 # afresh for each repetition and gets a warm-up of W requests first (not measured).
 #
@@ -72,6 +72,7 @@ cat >"$run/lb.toml" <<EOF
 [global]
 access_log = false
 log_level = "warn"
+workers = 1
 
 [[listeners]]
 name = "bench"
@@ -120,7 +121,7 @@ measure() {
         lbd | lbd-base)
             local bin=$lbd
             if [ "$who" = lbd-base ]; then bin=${LBD_BASE:?LBD_BASE names the lbd-base binary}; fi
-            TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" run \
+            RUST_LOG=warn taskset -c 0 "$bin" run \
                 --config "$run/lb.toml" 2>"$run/$who.stderr" &
             ;;
         haproxy)

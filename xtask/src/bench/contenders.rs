@@ -200,11 +200,6 @@ impl Contender {
                 }
                 cmd.arg(&bins.lbd).args(["run", "--config"]).arg(cfg);
                 cmd.env("RUST_LOG", "warn");
-                // One runtime worker, like the other contenders' single worker; with more
-                // cores lbd runs its default runtime (one worker per CPU it may run on).
-                if shape.workers == 1 {
-                    cmd.env("TOKIO_WORKER_THREADS", "1");
-                }
             }
             Contender::Nginx => {
                 let cfg = write(dir, "nginx.conf", &nginx_config(shape, dir))?;
@@ -323,9 +318,9 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 
 fn lbd_config(s: &Shape) -> String {
     let mut c = format!(
-        "[global]\naccess_log = false\nlog_level = \"warn\"\n\n\
+        "[global]\naccess_log = false\nlog_level = \"warn\"\nworkers = {}\n\n\
          [[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{}\"\n",
-        s.port
+        s.workers, s.port
     );
     if s.tcp {
         c.push_str("mode = \"tcp\"\ncluster = \"bench\"\n");

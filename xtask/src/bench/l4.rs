@@ -339,7 +339,7 @@ impl Drop for Active<'_> {
 
 fn lbd_config() -> String {
     let mut s = String::from(
-        "[global]\naccess_log = false\nlog_level = \"warn\"\n\n[[clusters]]\nname = \"svc\"\n",
+        "[global]\naccess_log = false\nlog_level = \"warn\"\nworkers = 1\n\n[[clusters]]\nname = \"svc\"\n",
     );
     for i in 0..BACKENDS.len() {
         s.push_str(&format!(
@@ -413,7 +413,6 @@ fn start<'a>(c: L4Contender, t: &'a Topology, lbd: &Path, scratch: &Path) -> Res
             .command(lbd);
             cmd.args(["run", "--config"])
                 .arg(&cfg)
-                .env("TOKIO_WORKER_THREADS", "1")
                 .env("RUST_LOG", "warn")
                 .stdout(log.try_clone()?)
                 .stderr(log);
