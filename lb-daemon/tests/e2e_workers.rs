@@ -1,8 +1,11 @@
 //! Data-plane workers through the real binary: each worker thread serves its share of the
-//! connections, a listener's `max_connections` holds across workers, and an address another
-//! process holds with `SO_REUSEPORT` is refused rather than shared.
+//! connections, a listener's `max_connections` holds across workers, an address another
+//! process holds with `SO_REUSEPORT` is refused rather than shared, and each worker keeps its
+//! own HTTP/2 upstream connections.
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lb_tests::{Backend, Lbd, free_addr};
@@ -186,4 +189,75 @@ async fn an_address_held_with_reuseport_elsewhere_fails_the_start() {
         logs.contains(&format!("cannot bind {listen}")),
         "the error names the address:\n{logs}"
     );
+}
+
+/// An h2c backend answering 200 `ok` to everything; its address and the TCP connections it
+/// has accepted.
+async fn h2_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// HTTP/2 upstreams with two workers: each worker multiplexes its requests onto the upstream
+/// connection it opened (its own runtime drives it), so the backend sees one connection per
+/// worker, not one per client connection and not one shared by both workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_multiplexes_onto_its_own_h2_upstream_connection() {
+    let (backend, accepted) = h2_backend().await;
+    let listen = free_addr();
+    let config = format!(
+        r#"
+[global]
+workers = 2
+
+[[listeners]]
+name = "main"
+bind = "{listen}"
+
+[[routes]]
+name = "all"
+cluster = "h2"
+
+[[clusters]]
+name = "h2"
+protocol = "http2"
+[[clusters.endpoints]]
+address = "{backend}"
+"#
+    );
+    let _lbd = Lbd::start(bin(), &config);
+    // 64 client connections, each with requests in turn: the kernel's reuseport hash gives
+    // both workers some of them.
+    for _ in 0..64 {
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        for _ in 0..2 {
+            let r = roundtrip(&mut s, Duration::from_secs(5)).await;
+            assert!(
+                r.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+                "{r:?}"
+            );
+        }
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 2);
 }

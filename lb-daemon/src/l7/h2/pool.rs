@@ -1,5 +1,6 @@
-//! HTTP/2 (h2c) upstream connections per endpoint, several streams multiplexed on each, and
-//! another connection opened when every one is at the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//! HTTP/2 (h2c) upstream connections per endpoint and data-plane worker, several streams
+//! multiplexed on each, and another connection opened when every one is at the peer's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`.
 //!
 //! Why not hyper-util's pooled client: for HTTP/2 it keeps ONE connection per authority and
 //! queues requests once that connection is at its stream limit, so a busy gRPC endpoint
@@ -16,6 +17,11 @@
 //! it; concurrent calls wait (briefly) until the SETTINGS are in or a first response proves
 //! the peer announced none, so a cold burst does not pile onto one connection beyond the
 //! peer's limit.
+//!
+//! Each worker multiplexes its calls onto the connections it opened (as Envoy's per-worker
+//! pools): their [`Driver`] runs on that worker's runtime, so a call and its connection's I/O
+//! wake each other on one thread. Another worker's connection is used only at the endpoint's
+//! `max_connections`.
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -108,9 +114,10 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Idle connections older than this are closed.
     pub idle_timeout: Duration,
-    /// Idle connections kept per endpoint.
+    /// Idle connections kept per endpoint and worker.
     pub max_idle: usize,
-    /// Connections per endpoint; 0 = unlimited. At the cap, streams queue on the least busy.
+    /// Connections per endpoint, all workers together; 0 = unlimited. At the cap, streams
+    /// queue on the least busy.
     pub max_connections: usize,
 }
 
@@ -131,16 +138,20 @@ struct Endpoint {
     address: SocketAddr,
     /// Position in the cluster (names the endpoint to the TLS connector).
     index: usize,
-    conns: Mutex<Vec<Arc<Conn>>>,
-    /// Serialises connection set-up, so a burst of calls waits for one new connection
-    /// instead of opening one each.
-    connecting: tokio::sync::Mutex<()>,
+    /// Connections per data-plane worker (see the module docs).
+    conns: Box<[ConnList]>,
+    /// Serialises each worker's connection set-up, so a burst of calls waits for one new
+    /// connection instead of opening one each.
+    connecting: Box<[tokio::sync::Mutex<()>]>,
     /// Stream limit last announced by this endpoint (0 = not learned yet, `UNANNOUNCED` =
     /// it announced none).
     learned_max: Arc<AtomicUsize>,
     /// Woken when `learned_max` is first set.
     learned: Arc<tokio::sync::Notify>,
 }
+
+/// One worker's connections to an endpoint.
+type ConnList = Mutex<Vec<Arc<Conn>>>;
 
 struct Conn {
     sender: SendRequest<Bytes>,
@@ -209,6 +220,39 @@ impl Drop for StreamSlot {
 }
 
 impl Endpoint {
+    /// The calling worker's connections and set-up lock (the first ones outside the workers).
+    fn mine(&self) -> Option<(&ConnList, &tokio::sync::Mutex<()>)> {
+        let w = crate::l7::workers::current();
+        let w = if w < self.conns.len() { w } else { 0 };
+        Some((self.conns.get(w)?, self.connecting.get(w)?))
+    }
+
+    /// Connections open to this endpoint, all workers together.
+    fn count(&self) -> usize {
+        self.conns
+            .iter()
+            .map(|c| c.lock().map_or(0, |c| c.len()))
+            .sum()
+    }
+
+    /// The usable connection with the fewest open streams, of any worker.
+    fn least_busy(&self) -> Option<Arc<Conn>> {
+        let mut least: Option<Arc<Conn>> = None;
+        for list in &self.conns {
+            let Ok(conns) = list.lock() else { continue };
+            for c in conns.iter().filter(|c| c.usable()) {
+                let active = c.active.load(Ordering::Relaxed);
+                if least
+                    .as_ref()
+                    .is_none_or(|l| active < l.active.load(Ordering::Relaxed))
+                {
+                    least = Some(Arc::clone(c));
+                }
+            }
+        }
+        least
+    }
+
     /// Records `max` as the endpoint's limit unless one is known, waking waiters.
     fn set_learned_if_unknown(&self, max: usize) {
         if self
@@ -224,6 +268,7 @@ impl Endpoint {
 impl H2Pool {
     /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
     pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
+        let workers = crate::l7::workers::running();
         H2Pool {
             config,
             tls: None,
@@ -235,8 +280,8 @@ impl H2Pool {
                 .map(|(index, &address)| Endpoint {
                     address,
                     index,
-                    conns: Mutex::new(Vec::new()),
-                    connecting: tokio::sync::Mutex::new(()),
+                    conns: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+                    connecting: (0..workers).map(|_| tokio::sync::Mutex::new(())).collect(),
                     learned_max: Arc::new(AtomicUsize::new(0)),
                     learned: Arc::new(tokio::sync::Notify::new()),
                 })
@@ -271,8 +316,10 @@ impl H2Pool {
             ) else {
                 continue;
             };
-            if let (Ok(conns), Ok(mine)) = (from.conns.lock(), to.conns.get_mut()) {
-                mine.extend(conns.iter().filter(|c| c.usable()).cloned());
+            for (theirs, mine) in from.conns.iter().zip(to.conns.iter_mut()) {
+                if let (Ok(conns), Ok(mine)) = (theirs.lock(), mine.get_mut()) {
+                    mine.extend(conns.iter().filter(|c| c.usable()).cloned());
+                }
             }
             to.learned_max = Arc::clone(&from.learned_max);
             to.learned = Arc::clone(&from.learned);
@@ -293,10 +340,13 @@ impl H2Pool {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err(SendError::Connect("no such endpoint".into()));
         };
+        let Some((_, connecting)) = ep.mine() else {
+            return Err(SendError::Connect("no such endpoint".into()));
+        };
         let slot = match self.acquire(ep) {
             Some(s) => s,
             None => {
-                let _one_at_a_time = ep.connecting.lock().await;
+                let _one_at_a_time = connecting.lock().await;
                 self.await_limit(ep).await;
                 // Another call may have opened a connection while this one waited.
                 match self.acquire(ep) {
@@ -320,7 +370,7 @@ impl H2Pool {
                 drop(slot);
                 tracing::debug!(endpoint = %ep.address, error = %e, "h2 upstream connection closed before the request; reconnecting");
                 let slot = {
-                    let _one_at_a_time = ep.connecting.lock().await;
+                    let _one_at_a_time = connecting.lock().await;
                     self.connect(ep).await?
                 };
                 let mut sender = slot.conn.sender.clone();
@@ -354,9 +404,9 @@ impl H2Pool {
         }
         let Some(oldest) = ep
             .conns
-            .lock()
-            .ok()
-            .and_then(|c| c.iter().map(|c| c.opened).min())
+            .iter()
+            .filter_map(|c| c.lock().ok()?.iter().map(|c| c.opened).min())
+            .min()
         else {
             return;
         };
@@ -367,31 +417,32 @@ impl H2Pool {
         }
     }
 
-    /// A stream on an existing connection below its limit, if any. Takes the busiest such
-    /// connection, so streams pack onto few connections and spare ones can go idle.
-    /// At `max_connections`, the least busy connection takes the stream even if full.
-    /// Nothing while the endpoint's limit is unknown (see [`H2Pool::await_limit`]).
+    /// A stream on one of the calling worker's connections below its limit, if any. Takes the
+    /// busiest such connection, so streams pack onto few connections and spare ones can go
+    /// idle. At `max_connections`, the least busy connection of any worker takes the stream
+    /// even if full. Nothing while the endpoint's limit is unknown (see
+    /// [`H2Pool::await_limit`]).
     fn acquire(&self, ep: &Endpoint) -> Option<StreamSlot> {
         let learned = ep.learned_max.load(Ordering::Relaxed);
         if learned == 0 {
             return None;
         }
-        let mut conns = ep.conns.lock().ok()?;
-        self.prune(&mut conns);
-        let best = conns
-            .iter()
-            .filter(|c| c.active.load(Ordering::Relaxed) < c.limit(learned))
-            .max_by_key(|c| c.active.load(Ordering::Relaxed));
+        let best = {
+            let mut conns = ep.mine()?.0.lock().ok()?;
+            self.prune(&mut conns);
+            conns
+                .iter()
+                .filter(|c| c.active.load(Ordering::Relaxed) < c.limit(learned))
+                .max_by_key(|c| c.active.load(Ordering::Relaxed))
+                .cloned()
+        };
         let chosen = match best {
-            Some(c) => Arc::clone(c),
+            Some(c) => c,
+            // Counted with each worker's list locked in turn, never two at once.
             None if self.config.max_connections > 0
-                && conns.len() >= self.config.max_connections =>
+                && ep.count() >= self.config.max_connections =>
             {
-                Arc::clone(
-                    conns
-                        .iter()
-                        .min_by_key(|c| c.active.load(Ordering::Relaxed))?,
-                )
+                ep.least_busy()?
             }
             None => return None,
         };
@@ -440,23 +491,23 @@ impl H2Pool {
     /// Forgets one connection without open streams (the longest idle); its place under
     /// `max_connections` is given back once no other pool shares it. False if none.
     fn close_one_idle(&self) -> bool {
-        let mut oldest: Option<(&Endpoint, usize, Instant)> = None;
-        for ep in &self.endpoints {
-            let Ok(conns) = ep.conns.lock() else { continue };
+        let mut oldest: Option<(&ConnList, usize, Instant)> = None;
+        for list in self.endpoints.iter().flat_map(|ep| ep.conns.iter()) {
+            let Ok(conns) = list.lock() else { continue };
             for (i, c) in conns.iter().enumerate() {
                 if c.active.load(Ordering::Acquire) > 0 {
                     continue;
                 }
                 let since = c.idle_since.lock().map_or_else(|_| Instant::now(), |t| *t);
                 if oldest.is_none_or(|(_, _, t)| since < t) {
-                    oldest = Some((ep, i, since));
+                    oldest = Some((list, i, since));
                 }
             }
         }
-        let Some((ep, i, _)) = oldest else {
+        let Some((list, i, _)) = oldest else {
             return false;
         };
-        let victim = ep.conns.lock().ok().and_then(|mut conns| {
+        let victim = list.lock().ok().and_then(|mut conns| {
             let idle = conns.get(i)?.active.load(Ordering::Acquire) == 0;
             idle.then(|| conns.remove(i))
         });
@@ -466,14 +517,7 @@ impl H2Pool {
     /// At the cluster's `max_connections`: the least busy connection to `ep` takes the stream
     /// (as at the endpoint's own cap), or the request is refused when `ep` has none.
     fn over_limit(&self, ep: &Endpoint) -> Result<StreamSlot, SendError> {
-        let least = ep.conns.lock().ok().and_then(|conns| {
-            conns
-                .iter()
-                .filter(|c| c.usable())
-                .min_by_key(|c| c.active.load(Ordering::Relaxed))
-                .cloned()
-        });
-        match least {
+        match ep.least_busy() {
             Some(conn) => {
                 conn.active.fetch_add(1, Ordering::AcqRel);
                 Ok(StreamSlot { conn, reused: true })
@@ -545,7 +589,7 @@ impl H2Pool {
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => address.to_string())
         .increment(1);
-        if let Ok(mut conns) = ep.conns.lock() {
+        if let Some(Ok(mut conns)) = ep.mine().map(|(c, _)| c.lock()) {
             conns.push(Arc::clone(&conn));
             tracing::debug!(endpoint = %address, connections = conns.len(), "h2 upstream connection opened");
         }
@@ -559,8 +603,8 @@ impl H2Pool {
     /// connection gracefully); without this they would only be pruned by the next request to
     /// their endpoint.
     pub fn reap_idle(&self) {
-        for ep in &self.endpoints {
-            if let Ok(mut conns) = ep.conns.lock() {
+        for list in self.endpoints.iter().flat_map(|ep| ep.conns.iter()) {
+            if let Ok(mut conns) = list.lock() {
                 self.prune(&mut conns);
             }
         }
@@ -571,12 +615,10 @@ impl H2Pool {
         crate::l7::cluster::reaper::spawn(pool, pool.config.idle_timeout, H2Pool::reap_idle);
     }
 
-    /// Open connections to endpoint `idx` (for tests and the admin view).
+    /// Open connections to endpoint `idx`, all workers together (for tests and the admin
+    /// view).
     pub fn connections(&self, idx: usize) -> usize {
-        self.endpoints
-            .get(idx)
-            .and_then(|e| e.conns.lock().ok().map(|c| c.len()))
-            .unwrap_or(0)
+        self.endpoints.get(idx).map_or(0, Endpoint::count)
     }
 }
 
