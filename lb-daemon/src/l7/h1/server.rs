@@ -334,31 +334,56 @@ async fn exchange<S: Transport>(
     // client going away (which cancels the request, as hyper does).
     let mut continue_pending = expect_continue && shared.is_some();
     // In a block: the request's future (kilobytes) is dropped once it has answered (its room
-    // in this future is then free for the response writer's).
+    // in this future is then free for the response writer's). One `await` while it lives: a
+    // future live across two suspension points keeps its room for the whole exchange, and
+    // this future (copied whole when the connection boxes each request) would grow by it.
     let resp = {
         let req = downstream_request(method.clone(), uri, version, headers, body);
         let mut respond = pin!(proxy::handle(cx.state.load_full(), cx.info.clone(), req));
-        loop {
-            tokio::select! {
-                // The reader first: body bytes that came with the head are decoded before the
-                // upstream request goes out, so a malformed body is refused (400) before a
-                // backend could start answering it.
-                biased;
-                // As with hyper, a client gone mid-exchange counts as an error, not a normal
-                // close.
-                () = &mut reader => return Next::Close(CloseReason::Error),
-                r = &mut respond => break r,
-                polled = first_poll(shared.as_deref()), if continue_pending => {
-                    continue_pending = false;
-                    if polled && write_continue(&mut wr).await.is_err() {
-                        return Next::Close(CloseReason::Error);
-                    }
-                    if !polled {
-                        // Body refused unread: the client may or may not send it.
-                        keep_alive = false;
+        // Bytes of `100 Continue` written, once the upstream asked for the body.
+        let mut continue_sent: Option<usize> = None;
+        let answered = poll_fn(|c| {
+            // The reader first: body bytes that came with the head are decoded before the
+            // upstream request goes out, so a malformed body is refused (400) before a
+            // backend could start answering it. As with hyper, a client gone mid-exchange
+            // counts as an error, not a normal close.
+            if reader.as_mut().poll(c).is_ready() {
+                return Poll::Ready(None);
+            }
+            loop {
+                if let Some(sent) = &mut continue_sent {
+                    // Finished before the answer goes out, which must not follow half of it.
+                    match poll_write_continue(&mut wr, sent, c) {
+                        Poll::Ready(Ok(())) => {
+                            continue_sent = None;
+                            continue_pending = false;
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
+                if let Poll::Ready(r) = respond.as_mut().poll(c) {
+                    return Poll::Ready(Some(r));
+                }
+                if !continue_pending {
+                    return Poll::Pending;
+                }
+                match poll_first_poll(shared.as_deref(), c) {
+                    Poll::Ready(true) => continue_sent = Some(0),
+                    Poll::Ready(false) => {
+                        // Body refused unread: the client may or may not send it.
+                        continue_pending = false;
+                        keep_alive = false;
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
             }
+        })
+        .await;
+        match answered {
+            Some(r) => r,
+            None => return Next::Close(CloseReason::Error),
         }
     };
     if continue_pending {
@@ -456,23 +481,20 @@ async fn exchange<S: Transport>(
     Next::KeepAlive
 }
 
-/// Resolves when the request body is first polled (`true`) or dropped unpolled (`false`).
-async fn first_poll(shared: Option<&Shared>) -> bool {
+/// Ready once the request body is first polled (`true`) or dropped unpolled (`false`).
+fn poll_first_poll(shared: Option<&Shared>, c: &mut Context<'_>) -> Poll<bool> {
     let Some(shared) = shared else {
-        return false;
+        return Poll::Ready(false);
     };
-    poll_fn(|c| {
-        let mut s = shared.lock();
-        if s.polled {
-            Poll::Ready(true)
-        } else if s.dropped {
-            Poll::Ready(false)
-        } else {
-            s.conn_waker = Some(c.waker().clone());
-            Poll::Pending
-        }
-    })
-    .await
+    let mut s = shared.lock();
+    if s.polled {
+        Poll::Ready(true)
+    } else if s.dropped {
+        Poll::Ready(false)
+    } else {
+        s.conn_waker = Some(c.waker().clone());
+        Poll::Pending
+    }
 }
 
 /// The connection's read side during an exchange: feeds the request body to [`H1Body`], then
@@ -712,8 +734,25 @@ async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
 
 /// `100 Continue`, flushed (the client waits for it).
 async fn write_continue<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W) -> io::Result<()> {
-    wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-    wr.flush().await
+    let mut sent = 0;
+    poll_fn(|c| poll_write_continue(wr, &mut sent, c)).await
+}
+
+/// Writes `100 Continue` from byte `sent` on and flushes it.
+fn poll_write_continue<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    sent: &mut usize,
+    c: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    while let Some(rest) = CONTINUE.get(*sent..).filter(|r| !r.is_empty()) {
+        match std::task::ready!(Pin::new(&mut *wr).poll_write(c, rest)) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => *sent += n,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Pin::new(wr).poll_flush(c)
 }
 
 /// Writes `a` then `b` with as few (vectored) writes as the socket allows.
