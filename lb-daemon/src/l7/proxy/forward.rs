@@ -84,7 +84,13 @@ struct Clock {
 
 impl Clock {
     fn remaining(self) -> Duration {
-        self.deadline.saturating_sub(self.start.elapsed())
+        self.remaining_at(Instant::now())
+    }
+
+    /// What is left at `now` (read once per attempt for both its timing and its deadline).
+    fn remaining_at(self, now: Instant) -> Duration {
+        self.deadline
+            .saturating_sub(now.saturating_duration_since(self.start))
     }
 }
 
@@ -210,7 +216,7 @@ impl Call<'_> {
             // HTTP/2 copies it only while another attempt may follow).
             let last = attempt + 1 == max_attempts;
             let sent = Instant::now();
-            let remaining = clock.remaining();
+            let remaining = clock.remaining_at(sent);
             let per_try = policy.per_try_timeout.filter(|t| *t < remaining);
             let time = per_try.unwrap_or(remaining);
             let hedge = policy
