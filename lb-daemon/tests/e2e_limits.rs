@@ -23,33 +23,9 @@ async fn roundtrip(s: &mut TcpStream, req: &str) -> String {
 }
 
 async fn read_response(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("response within 5s")
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(head_end) = text.find("\r\n\r\n") {
-            let len = text[..head_end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= head_end + 4 + len {
-                break;
-            }
-        }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
+    lb_tests::client::read_h1_response(s, Duration::from_secs(5))
+        .await
+        .expect("response within 5s")
 }
 
 /// Whether the peer closes `s` within `limit` (EOF or reset).

@@ -4,8 +4,7 @@
 //! own HTTP/2 upstream connections.
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lb_tests::{Backend, Lbd, free_addr};
@@ -31,32 +30,7 @@ const GET: &str = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
 /// within `wait`.
 async fn roundtrip(s: &mut TcpStream, wait: Duration) -> Option<String> {
     s.write_all(GET.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(wait, s.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return Some(text);
-            }
-        }
-    }
+    lb_tests::client::read_h1_response(s, wait).await
 }
 
 /// The worker threads of process `pid` (by the name lbd gives them) and how many times each
@@ -191,40 +165,12 @@ async fn an_address_held_with_reuseport_elsewhere_fails_the_start() {
     );
 }
 
-/// An h2c backend answering 200 `ok` to everything; its address and the TCP connections it
-/// has accepted.
-async fn h2_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                    ))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 /// HTTP/2 upstreams with two workers: each worker multiplexes its requests onto the upstream
 /// connection it opened (its own runtime drives it), so the backend sees one connection per
 /// worker, not one per client connection and not one shared by both workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_worker_multiplexes_onto_its_own_h2_upstream_connection() {
-    let (backend, accepted) = h2_backend().await;
+    let (backend, accepted) = lb_tests::backend::h2c_counting().await;
     let listen = free_addr();
     let config = format!(
         r#"

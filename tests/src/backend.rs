@@ -173,3 +173,25 @@ fn full(s: String) -> Response<Body> {
             .boxed(),
     )
 }
+
+/// A bare h2c server that answers `200` with an empty body to everything and counts the TCP
+/// connections it accepts: its address and that count.
+pub async fn h2c_counting() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let svc = service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, accepted)
+}

@@ -145,3 +145,37 @@ impl H2 {
         })
     }
 }
+
+/// Reads one HTTP/1.1 response (its head and a `Content-Length` body) from a raw connection:
+/// `None` if nothing more arrives within `wait` of a read; what was read if the peer closes
+/// first (empty if it closed at once). Panics on a read error.
+pub async fn read_h1_response(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(wait, s.read(&mut chunk))
+            .await
+            .ok()?
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= head_end + 4 + len {
+                break;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}

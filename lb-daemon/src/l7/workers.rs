@@ -39,6 +39,17 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// One `T` per running worker, for state a worker keeps to itself (its pooled connections).
+pub fn per_worker<T>(mut make: impl FnMut() -> T) -> Box<[T]> {
+    (0..running()).map(|_| make()).collect()
+}
+
+/// Worker `worker`'s entry of per-worker state made by [`per_worker`]; the first entry for an
+/// index it has none for (state made before the workers started, a thread outside them).
+pub fn slot<T>(slots: &[T], worker: usize) -> Option<&T> {
+    slots.get(worker).or_else(|| slots.first())
+}
+
 /// The number of workers `[global] workers` asks for: `None` (auto) is one per CPU this
 /// process may run on (its affinity mask and cgroup quota, as `taskset` or systemd's
 /// `CPUAffinity=` set them).

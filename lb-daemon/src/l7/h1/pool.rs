@@ -82,7 +82,7 @@ struct Endpoint {
 impl Endpoint {
     /// The idle stack of `worker` (stack 0 for a thread outside the workers).
     fn stack(&self, worker: usize) -> Option<&Mutex<Vec<H1Conn>>> {
-        self.idle.get(worker).or_else(|| self.idle.first())
+        crate::l7::workers::slot(&self.idle, worker)
     }
 
     fn idle_count(&self) -> usize {
@@ -147,9 +147,7 @@ impl H1Pool {
                 .iter()
                 .map(|&address| Endpoint {
                     address,
-                    idle: (0..crate::l7::workers::running())
-                        .map(|_| Mutex::new(Vec::new()))
-                        .collect(),
+                    idle: crate::l7::workers::per_worker(|| Mutex::new(Vec::new())),
                 })
                 .collect(),
         }

@@ -223,8 +223,10 @@ impl Endpoint {
     /// The calling worker's connections and set-up lock (the first ones outside the workers).
     fn mine(&self) -> Option<(&ConnList, &tokio::sync::Mutex<()>)> {
         let w = crate::l7::workers::current();
-        let w = if w < self.conns.len() { w } else { 0 };
-        Some((self.conns.get(w)?, self.connecting.get(w)?))
+        Some((
+            crate::l7::workers::slot(&self.conns, w)?,
+            crate::l7::workers::slot(&self.connecting, w)?,
+        ))
     }
 
     /// Connections open to this endpoint, all workers together.
@@ -268,7 +270,6 @@ impl Endpoint {
 impl H2Pool {
     /// A pool for `cluster`'s `addresses` (endpoint order); connections open on demand.
     pub fn new(cluster: &str, addresses: &[SocketAddr], config: PoolConfig) -> Self {
-        let workers = crate::l7::workers::running();
         H2Pool {
             config,
             tls: None,
@@ -280,8 +281,8 @@ impl H2Pool {
                 .map(|(index, &address)| Endpoint {
                     address,
                     index,
-                    conns: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
-                    connecting: (0..workers).map(|_| tokio::sync::Mutex::new(())).collect(),
+                    conns: crate::l7::workers::per_worker(|| Mutex::new(Vec::new())),
+                    connecting: crate::l7::workers::per_worker(|| tokio::sync::Mutex::new(())),
                     learned_max: Arc::new(AtomicUsize::new(0)),
                     learned: Arc::new(tokio::sync::Notify::new()),
                 })
@@ -736,32 +737,6 @@ mod tests {
 
     use super::*;
 
-    /// An h2c server answering 200 to everything; returns its address and accepted count.
-    async fn h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
-                        bytes::Bytes,
-                    >::new(
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc),
-                );
-            }
-        });
-        (addr, accepted)
-    }
-
     fn req(addr: SocketAddr) -> http::Request<RequestBody> {
         let mut r = http::Request::new(RequestBody::Empty);
         *r.uri_mut() = format!("http://{addr}/").parse().expect("uri");
@@ -781,7 +756,7 @@ mod tests {
 
     #[tokio::test]
     async fn reuses_a_connection_and_reaps_it_when_idle() {
-        let (addr, accepted) = h2_server().await;
+        let (addr, accepted) = lb_tests::backend::h2c_counting().await;
         let pool = Arc::new(H2Pool::new(
             "c",
             &[addr],
@@ -814,7 +789,7 @@ mod tests {
     /// A rebuilt cluster's pool shares the connections of the endpoints that stayed.
     #[tokio::test]
     async fn a_successor_shares_the_connections_of_endpoints_that_stayed() {
-        let (addr, accepted) = h2_server().await;
+        let (addr, accepted) = lb_tests::backend::h2c_counting().await;
         let config = config(Duration::from_secs(60));
         let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let old = H2Pool::new("c", &[gone, addr], config);
@@ -836,8 +811,8 @@ mod tests {
     /// to make room; with none idle and none to the endpoint, the request is refused.
     #[tokio::test]
     async fn max_connections_closes_an_idle_connection_or_refuses() {
-        let (a, accepted_a) = h2_server().await;
-        let (b, accepted_b) = h2_server().await;
+        let (a, accepted_a) = lb_tests::backend::h2c_counting().await;
+        let (b, accepted_b) = lb_tests::backend::h2c_counting().await;
         let config = config(Duration::from_secs(60));
         let gate = Arc::new(Gate::for_test(1));
         let pool = H2Pool::new("c", &[a, b], config).with_limit(Some(Arc::clone(&gate)));
