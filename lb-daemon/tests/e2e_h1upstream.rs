@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
-use lb_tests::client::H1;
+use lb_tests::client::{H1, H1Conn};
 use lb_tests::{Lbd, free_addr, prom};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -197,13 +197,14 @@ async fn chunked_split_across_reads_and_connection_reused() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
-    let client = H1::new();
-    let r = client.get(listen, "/chunked", None).await.expect("chunked");
+    // One downstream connection: the assertions are about the upstream connection it keeps.
+    let conn = H1Conn::connect(listen).await.expect("connect");
+    let r = conn.get("/chunked", None).await.expect("chunked");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello world");
     assert_eq!(r.backend(), "raw");
     // The chunked body was read to its end: the connection went back to the pool.
-    let r = client.get(listen, "/plain", None).await.expect("plain");
+    let r = conn.get("/plain", None).await.expect("plain");
     assert_eq!(r.text(), "ok");
     assert_eq!(raw.accepted(), 1);
 
@@ -249,9 +250,10 @@ async fn ten_sequential_requests_use_one_upstream_connection() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
-    let client = H1::new();
+    // One downstream connection: the assertions are about the upstream connection it keeps.
+    let conn = H1Conn::connect(listen).await.expect("connect");
     for i in 0..10 {
-        let r = client.get(listen, "/", None).await.expect("request");
+        let r = conn.get("/", None).await.expect("request");
         assert_eq!(
             (r.status.as_u16(), r.text().as_str()),
             (200, "hello"),
@@ -259,7 +261,7 @@ async fn ten_sequential_requests_use_one_upstream_connection() {
         );
     }
     assert_eq!(raw.accepted(), 1);
-    let e = scrape(&client, admin).await;
+    let e = scrape(&H1::new(), admin).await;
     let ep = raw.addr.to_string();
     assert_eq!(
         e.value(
@@ -291,12 +293,13 @@ async fn interim_100_continue_then_final_response() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
-    let client = H1::new();
+    // One downstream connection: the assertions are about the upstream connection it keeps.
+    let conn = H1Conn::connect(listen).await.expect("connect");
     for _ in 0..2 {
         let req = Request::post("/upload")
             .body(Full::new(Bytes::from_static(b"payload")))
             .expect("request");
-        let r = client.send(listen, req).await.expect("post");
+        let r = conn.send(req).await.expect("post");
         assert_eq!(r.status, 201);
         assert_eq!(r.text(), "payload");
     }
@@ -319,18 +322,19 @@ async fn head_response_with_content_length_has_no_body() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
-    let client = H1::new();
+    // One downstream connection: the assertions are about the upstream connection it keeps.
+    let conn = H1Conn::connect(listen).await.expect("connect");
     let req = Request::builder()
         .method(Method::HEAD)
         .uri("/")
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let r = client.send(listen, req).await.expect("head");
+    let r = conn.send(req).await.expect("head");
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-length"], "1234");
     assert!(r.body.is_empty());
     // Had lbd waited for 1234 body bytes, this would hang or get them mixed up.
-    let r = client.get(listen, "/", None).await.expect("get");
+    let r = conn.get("/", None).await.expect("get");
     assert_eq!(r.text(), "get");
     assert_eq!(raw.accepted(), 1);
 }
@@ -452,10 +456,11 @@ async fn keepalive_closed_by_backend_is_retried_on_a_new_connection() {
     .await;
     let (listen, admin) = (free_addr(), free_addr());
     let _lbd = Lbd::start(bin(), &config(listen, admin, raw.addr));
-    let client = H1::new();
-    let r = client.get(listen, "/", None).await.expect("first");
+    // One downstream connection: the assertions are about the upstream connection it keeps.
+    let conn = H1Conn::connect(listen).await.expect("connect");
+    let r = conn.get("/", None).await.expect("first");
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "conn0"));
-    let r = client.get(listen, "/", None).await.expect("second");
+    let r = conn.get("/", None).await.expect("second");
     assert_eq!(
         (r.status.as_u16(), r.text().as_str()),
         (200, "conn1"),
@@ -486,9 +491,11 @@ async fn keepalive_closed_by_backend_is_retried_on_a_new_connection() {
             .body(Full::new(Bytes::from_static(b"data")))
             .expect("request")
     };
-    let r = client.send(listen2, post()).await.expect("first post");
+    // One downstream connection, so the second POST finds the pooled upstream connection.
+    let conn2 = H1Conn::connect(listen2).await.expect("connect");
+    let r = conn2.send(post()).await.expect("first post");
     assert_eq!(r.status, 200);
-    let r = client.send(listen2, post()).await.expect("second post");
+    let r = conn2.send(post()).await.expect("second post");
     assert_eq!(r.status, 502);
     assert_eq!(r.lbd_error(), "upstream_reset");
     assert_eq!(raw2.accepted(), 1);

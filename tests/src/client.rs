@@ -109,6 +109,66 @@ impl H1 {
     }
 }
 
+/// One HTTP/1.1 keep-alive connection: requests go one after another on it, never on a
+/// second connection (a pooling client may open one while its first is still settling).
+#[derive(Debug)]
+pub struct H1Conn {
+    addr: SocketAddr,
+    sender: tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl H1Conn {
+    /// Opens the connection to `addr`.
+    pub async fn connect(addr: SocketAddr) -> Result<H1Conn, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(H1Conn {
+            addr,
+            sender: tokio::sync::Mutex::new(sender),
+        })
+    }
+
+    /// Sends `req` (its URI a path; the host header is set if absent) once the connection
+    /// is free, and reads the whole answer.
+    pub async fn send(&self, mut req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        if !req.headers().contains_key(http::header::HOST) {
+            let host =
+                http::HeaderValue::from_str(&self.addr.to_string()).map_err(|e| e.to_string())?;
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        let mut sender = self.sender.lock().await;
+        let exchange = async {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .map_err(|_| "client timeout".to_owned())?
+    }
+
+    /// `GET path` with an optional Host header.
+    pub async fn get(&self, path: &str, host: Option<&str>) -> Result<Reply, String> {
+        let mut b = Request::get(path);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        self.send(b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?)
+            .await
+    }
+}
+
 /// One HTTP/2 prior-knowledge connection; requests are multiplexed as streams on it.
 #[derive(Debug, Clone)]
 pub struct H2 {
