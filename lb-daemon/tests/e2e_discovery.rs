@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lb_tests::client::{H1, Reply};
+use lb_tests::client::{H1, H1Conn, Reply};
 use lb_tests::dns::DnsServer;
 use lb_tests::{Backend, BackendOpts, Lbd, free_addr, prom};
 use serde_json::Value;
@@ -740,10 +740,20 @@ async fn an_endpoint_that_stays_keeps_its_pooled_connection() {
     let endpoints = format!("[[clusters.endpoints]]\ndns = \"web.lbd.test:{port}\"\n");
     let mut lbd = Lbd::start(bin(), &config(listen, admin, &endpoints, &discovery));
     let c = H1::new();
-    // One request at a time: each finds the connection the last one left idle.
-    for _ in 0..5 {
-        assert_eq!(send(&c, listen, "/").await.backend(), "a");
-    }
+    // One downstream connection, one request at a time: each finds the upstream connection
+    // the last one left idle (a second downstream connection could be served by another
+    // worker, which has its own idle connections).
+    let one = H1Conn::connect(listen).await.expect("connect");
+    let spread_one = async |n: usize| {
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            let r = one.get("/", Some("app.example")).await.expect("GET /");
+            assert_eq!(r.status, 200, "{} {}", r.lbd_error(), r.text());
+            *seen.entry(r.backend().to_owned()).or_insert(0) += 1;
+        }
+        seen
+    };
+    assert_eq!(spread_one(5).await.get("a"), Some(&5));
     assert_eq!(conns_a.load(Ordering::Relaxed), 1);
 
     // The name gains an address: the cluster is rebuilt, a's connection carried over.
@@ -753,7 +763,7 @@ async fn an_endpoint_that_stays_keeps_its_pooled_connection() {
     })
     .await;
     assert_eq!(web["endpoints"].as_array().map(Vec::len), Some(2), "{web}");
-    let seen = spread(&c, listen, 10).await;
+    let seen = spread_one(10).await;
     assert_eq!(
         (seen.get("a"), seen.get("b")),
         (Some(&5), Some(&5)),
@@ -769,7 +779,7 @@ async fn an_endpoint_that_stays_keeps_its_pooled_connection() {
     // A reload that adds a fixed endpoint rebuilds the cluster again: a and b keep theirs.
     let endpoints = format!("{endpoints}[[clusters.endpoints]]\naddress = \"{c_addr}\"\n");
     lbd.reload(&config(listen, admin, &endpoints, &discovery));
-    let seen = spread(&c, listen, 9).await;
+    let seen = spread_one(9).await;
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(conns_a.load(Ordering::Relaxed), 1);
     assert_eq!(conns_b.load(Ordering::Relaxed), 1);
