@@ -312,11 +312,17 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
                 scheme: Scheme::Https,
                 ..info
             };
-            let serving = Box::pin(serve_tls(stream, tls, info, &limits, &mut ctx));
+            let serving = crate::l7::box_in_place!(serve_tls(stream, tls, info, &limits, &mut ctx));
             serving.await
         }
         (None, ListenerProtocol::H2c) => {
-            let serving = Box::pin(h2server::serve(stream, Bytes::new(), info, &limits, &ctx));
+            let serving = crate::l7::box_in_place!(h2server::serve(
+                stream,
+                Bytes::new(),
+                info,
+                &limits,
+                &ctx
+            ));
             serving.await
         }
         (None, ListenerProtocol::Http) => {
@@ -330,7 +336,9 @@ async fn serve_connection(mut stream: TcpStream, client: SocketAddr, mut ctx: Li
             match h1server::serve(stream, h1).await {
                 h1server::End::Closed(reason) => reason,
                 h1server::End::H2(stream, preface) => {
-                    let serving = Box::pin(h2server::serve(stream, preface, info, &limits, &ctx));
+                    let serving = crate::l7::box_in_place!(h2server::serve(
+                        stream, preface, info, &limits, &ctx
+                    ));
                     serving.await
                 }
             }

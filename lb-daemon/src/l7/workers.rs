@@ -95,8 +95,13 @@ impl Workers {
                 .name(format!("lbd-worker-{index}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(index));
+                    crate::l7::timer::keep_spares();
                     // A current-thread runtime runs its spawned tasks only inside `block_on`.
                     let _ = runtime.block_on(stopped);
+                    // The spare timers go while the runtime they belong to is still there;
+                    // timers of the tasks dropped with it are then not kept.
+                    crate::l7::timer::drop_spares();
+                    drop(runtime);
                 })?;
             workers.push(Worker {
                 handle,

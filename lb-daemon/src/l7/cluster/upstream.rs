@@ -263,7 +263,7 @@ impl Upstream {
                 }
                 // Boxed: the HTTP/2 future is ~2.8 KiB, and unboxed it would size (and make
                 // every move of) the future of every HTTP/1.1 request too.
-                Box::pin(pool.send(endpoint, req, &self.reused))
+                crate::l7::box_in_place!(pool.send(endpoint, req, &self.reused))
                     .await
                     .map(|(r, slot)| r.map(|b| UpstreamBody::H2(b, Some(slot))))
                     .map_err(|e| match e {

@@ -271,7 +271,7 @@ impl Filter {
             Filter::Jwt(j) => {
                 // Boxed: a token check that may wait for a key-set fetch is ~3.5 KiB of
                 // state; inline it would size every filtered request's future.
-                let checking = Box::pin(j.request(ex));
+                let checking = crate::l7::box_in_place!(j.request(ex));
                 checking.await
             }
             Filter::ApiKey(k) => k.request(ex),

@@ -167,7 +167,7 @@ impl RateLimit {
                         }
                     });
                     // Boxed: only requests that ask Redis carry its future.
-                    match Box::pin(shared.remote(hash, &material)).await {
+                    match crate::l7::box_in_place!(shared.remote(hash, &material)).await {
                         Decision::Limit(s) => s,
                         Decision::FailedOpen => return Flow::Next,
                     }

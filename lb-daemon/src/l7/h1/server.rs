@@ -85,6 +85,10 @@ pub(in crate::l7) struct ConnCtx<'a> {
 pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_>) -> End<S> {
     let mut rbuf = BytesMut::new();
     let mut first = true;
+    // One timer for every idle wait of the connection, moved later each time: moving a
+    // registered timer later is a store (the wheel re-files it only when the old deadline
+    // comes), where a timer per wait was a wheel insertion and removal per request.
+    let mut idle = pin!(tokio::time::sleep_until(Instant::now()));
     loop {
         if rbuf.is_empty() {
             // Idle: no buffer at all until the client sends something (an empty buffer was
@@ -94,7 +98,8 @@ pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_
             } else {
                 cx.limits.idle_timeout
             };
-            match wait_readable(&stream, wait, cx.shutdown).await {
+            idle.as_mut().reset(Instant::now() + wait);
+            match wait_readable(&stream, idle.as_mut(), cx.shutdown).await {
                 Ok(()) => {}
                 // Nothing sent at all within the header timeout: hyper counted this as an
                 // error (its header timeout), and the metric keeps that meaning.
@@ -116,7 +121,7 @@ pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_
                 Some(Err(_)) => return End::Closed(CloseReason::Error),
             }
         }
-        let exchange = Box::pin(request(&mut stream, &mut rbuf, &mut cx, first));
+        let exchange = crate::l7::box_in_place!(request(&mut stream, &mut rbuf, &mut cx, first));
         match exchange.await {
             Next::KeepAlive => {}
             // (`request` lingers itself.)
@@ -135,15 +140,14 @@ pub(in crate::l7) async fn serve<S: Transport>(mut stream: S, mut cx: ConnCtx<'_
     }
 }
 
-/// Waits until `stream` is readable, `wait` passes (idle timeout) or the listener drains.
+/// Waits until `stream` is readable, `idle` fires (idle timeout) or the listener drains.
 /// A hand-written poll keeps this (the state of every idle connection) small: the socket's
 /// own readiness slot instead of a `readable()` future, one timer, one drain watch.
 async fn wait_readable<S: Transport>(
     stream: &S,
-    wait: Duration,
+    mut sleep: Pin<&mut tokio::time::Sleep>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), CloseReason> {
-    let mut sleep = pin!(tokio::time::sleep(wait));
     let mut drain = pin!(shutdown.wait_for(|s| *s));
     poll_fn(|c| {
         if let Poll::Ready(r) = stream.poll_read_ready(c) {

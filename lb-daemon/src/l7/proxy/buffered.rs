@@ -73,7 +73,7 @@ pub fn request<'a>(
     body: DownstreamBody,
     listener_limit: u64,
 ) -> Pin<Box<impl Future<Output = Result<DownstreamBody, Failure>> + Send + 'a>> {
-    Box::pin(read_request(chain, ran, head, body, listener_limit))
+    crate::l7::box_in_place!(read_request(chain, ran, head, body, listener_limit))
 }
 
 async fn read_request(
@@ -134,7 +134,7 @@ pub fn response<'a>(
     rx: &'a ResponseView<'a>,
     time: std::time::Duration,
 ) -> Pin<Box<impl Future<Output = Result<Rewritten, Reason>> + Send + 'a>> {
-    Box::pin(read_response(chain, ran, resp, rx, time))
+    crate::l7::box_in_place!(read_response(chain, ran, resp, rx, time))
 }
 
 async fn read_response(

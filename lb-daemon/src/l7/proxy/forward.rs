@@ -4,13 +4,15 @@
 //! breakers are this step's policy, not filters (Envoy's router filter and Pingora's
 //! `proxy_to_upstream` loop own them too). The decisions themselves live in `retry.rs`,
 //! `budget.rs` and `breaker.rs`; this is the loop that asks them.
+use std::future::{Future as _, poll_fn};
+use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{Response, Uri};
 use hyper::body::Body as _;
-use tokio::time::error::Elapsed;
 
 use crate::balance::PickContext;
 use crate::config::model::Retry;
@@ -25,6 +27,7 @@ use crate::l7::grpc;
 use crate::l7::log::RequestLog;
 use crate::l7::proxy::retry::{self, Outcome};
 use crate::l7::reason::Reason;
+use crate::l7::timer::{self, TimedOut, Timer};
 use crate::telemetry::metrics as m;
 
 /// Upper bound on attempts per request, whatever the config says: a request must not walk a
@@ -224,11 +227,22 @@ impl Call<'_> {
                 .filter(|d| attempt == 0 && idempotent && !last && *d < time);
             let (idx, guard, result) = match hedge {
                 None => {
-                    let sending =
-                        cluster
-                            .upstream
-                            .send(idx, head, self.forwarding.as_ref(), req_body, last);
-                    (idx, guard, tokio::time::timeout(time, sending).await)
+                    // Polled in place with its timer: wrapping the send in a deadline future
+                    // would move its state (over a kilobyte) once more per request.
+                    let mut sending = pin!(cluster.upstream.send(
+                        idx,
+                        head,
+                        self.forwarding.as_ref(),
+                        req_body,
+                        last
+                    ));
+                    let mut timer = Timer::at(tokio::time::Instant::from_std(sent) + time);
+                    let result = poll_fn(|c| match sending.as_mut().poll(c) {
+                        Poll::Ready(r) => Poll::Ready(Ok(r)),
+                        Poll::Pending => timer.poll(c).map(|()| Err(TimedOut)),
+                    })
+                    .await;
+                    (idx, guard, result)
                 }
                 // Boxed: two sends in flight make the hedge's state large, and inline it would
                 // grow every request's future (copied whole when the connection task boxes it)
@@ -239,7 +253,13 @@ impl Call<'_> {
                         guard,
                         body: req_body,
                     };
-                    let hedging = Box::pin(self.hedged(head, first, replay.as_ref(), time, delay));
+                    let hedging = crate::l7::box_in_place!(self.hedged(
+                        head,
+                        first,
+                        replay.as_ref(),
+                        time,
+                        delay
+                    ));
                     hedging.await
                 }
             };
@@ -431,7 +451,7 @@ impl Call<'_> {
 /// What one attempt (or a hedged pair) came to: the endpoint whose result it is, its
 /// in-flight guard, and the result (an answer, a failure, or no answer in time).
 type Tried = (usize, InFlightGuard, Attempted);
-type Attempted = Result<Result<Response<UpstreamBody>, (UpstreamError, UpstreamFailure)>, Elapsed>;
+type Attempted = Result<Result<Response<UpstreamBody>, (UpstreamError, UpstreamFailure)>, TimedOut>;
 
 /// The first try of a hedged request: its endpoint, in-flight guard and body.
 struct Hedged {
@@ -463,7 +483,7 @@ impl Call<'_> {
         copy.version = head.version;
         copy.headers = head.headers.clone();
         let started = Instant::now();
-        let first = tokio::time::timeout(
+        let first = timer::within(
             time,
             cluster
                 .upstream
@@ -510,7 +530,7 @@ impl Call<'_> {
         metrics::counter!(m::HEDGES, "cluster" => cluster.name.to_string()).increment(1);
         tracing::debug!(cluster = %cluster.name, first = idx, hedge = other, "hedging");
         copy.uri = uri;
-        let second = tokio::time::timeout(
+        let second = timer::within(
             time.saturating_sub(started.elapsed()),
             cluster.upstream.send(
                 other,
