@@ -62,6 +62,10 @@ fn build(ebpf: &Path) -> Result<PathBuf, String> {
     if env::var_os("LBD_SKIP_EBPF").is_some() {
         return Err("LBD_SKIP_EBPF is set".into());
     }
+    // Watched either way: when they appear (scripts/setup.sh ran after a first build), the
+    // next build must try again instead of keeping this verdict.
+    println!("cargo::rerun-if-changed={DEBIAN_RUSTC}");
+    println!("cargo::rerun-if-changed={DEBIAN_CARGO}");
     if !Path::new(DEBIAN_RUSTC).exists() || !Path::new(DEBIAN_CARGO).exists() {
         return Err(format!(
             "{DEBIAN_RUSTC} or {DEBIAN_CARGO} missing (run scripts/setup.sh)"

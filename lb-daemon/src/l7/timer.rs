@@ -7,8 +7,8 @@
 //! and moving a registered timer later is a store: the wheel re-files it only when its old
 //! deadline comes round (Envoy and HAProxy likewise re-arm timers rather than make new ones).
 //!
-//! A spare timer stays filed under its last deadline; if that passes while it waits for reuse,
-//! it fires once, waking the task that used it last (a spurious, harmless poll), and is filed
+//! A spare timer stays filed under its last deadline, holding a waker that does nothing; if
+//! that deadline passes while it waits for reuse, it fires once, waking no one, and is filed
 //! afresh by its next use. Spares are kept only on worker threads, whose runtime lives as long
 //! as the thread: a timer belongs to the runtime that made it, and a thread that runs several
 //! runtimes one after another (tests) would otherwise hand one runtime's timer to another.
@@ -20,9 +20,11 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-/// Spare timers a worker keeps at most: about the requests one worker has in flight at once;
-/// more are dropped as usual.
-const MAX_SPARES: usize = 1024;
+/// Spare timers a worker keeps at most; more are dropped as usual. A hundred or so cover the
+/// requests a worker has waiting on upstreams at once in the benchmarks; each spare is a small
+/// allocation that stays, and spares made under a burst are spread over the heap, where they
+/// keep pages from going back to the kernel after it (`tests/e2e_memory.rs`).
+const MAX_SPARES: usize = 128;
 
 thread_local! {
     static SPARES: RefCell<Vec<Pin<Box<Sleep>>>> = const { RefCell::new(Vec::new()) };
@@ -83,12 +85,18 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        let Some(sleep) = self.0.take() else {
+        let Some(mut sleep) = self.0.take() else {
             return;
         };
         if !KEEPS_SPARES.try_with(Cell::get).unwrap_or(false) {
             return;
         }
+        // Polled once with a waker that does nothing, so that the timer lets go of the waker
+        // of the task that used it: a finished connection's task (kilobytes) would otherwise
+        // live on as long as its timer waits among the spares.
+        let _ = sleep
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
         // During thread teardown the list may be gone: the timer is then simply dropped.
         let _ = SPARES.try_with(|s| {
             let mut spares = s.borrow_mut();
