@@ -737,7 +737,7 @@ impl Head {
 
     /// The response with its body read from `conn`; a body that is already complete (empty,
     /// or all in the buffer) returns the connection to `pool` right away.
-    pub fn into_response(self, conn: H1Conn, pool: &Arc<H1Pool>) -> http::Response<H1Body> {
+    pub fn into_response(self, conn: Box<H1Conn>, pool: &Arc<H1Pool>) -> http::Response<H1Body> {
         let state = match self.framing {
             Framing::Empty | Framing::Length(0) => State::Framed(Decoder::Done),
             Framing::Length(n) => State::Framed(Decoder::Length(n)),
@@ -786,7 +786,7 @@ enum State {
 #[derive(Debug)]
 pub struct H1Body {
     /// Until the body ends: then returned to the pool, or dropped.
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     pool: Arc<H1Pool>,
     /// The response's header fields, until the response head is written or a header map is
     /// made of them ([`H1Body::take_fields`]).

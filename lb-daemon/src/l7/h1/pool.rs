@@ -76,12 +76,12 @@ struct Endpoint {
     address: SocketAddr,
     /// Idle connections per data-plane worker, the most recently used last: a worker reuses
     /// only the connections it opened, whose sockets its own runtime polls.
-    idle: Box<[Mutex<Vec<H1Conn>>]>,
+    idle: Box<[Mutex<Vec<Box<H1Conn>>>]>,
 }
 
 impl Endpoint {
     /// The idle stack of `worker` (stack 0 for a thread outside the workers).
-    fn stack(&self, worker: usize) -> Option<&Mutex<Vec<H1Conn>>> {
+    fn stack(&self, worker: usize) -> Option<&Mutex<Vec<Box<H1Conn>>>> {
         crate::l7::workers::slot(&self.idle, worker)
     }
 
@@ -199,7 +199,7 @@ impl H1Pool {
 
     /// An idle connection to endpoint `idx` opened by the calling worker and still open, if
     /// any. Expired and closed connections met on the way are dropped.
-    pub fn checkout(&self, idx: usize) -> Option<H1Conn> {
+    pub fn checkout(&self, idx: usize) -> Option<Box<H1Conn>> {
         let ep = self.endpoints.get(idx)?;
         let stack = ep.stack(crate::l7::workers::current())?;
         let now = Instant::now();
@@ -225,7 +225,7 @@ impl H1Pool {
     }
 
     /// Opens a new connection to endpoint `idx` (within the connect timeout).
-    pub async fn connect(&self, idx: usize) -> Result<H1Conn, BoxError> {
+    pub async fn connect(&self, idx: usize) -> Result<Box<H1Conn>, BoxError> {
         let Some(ep) = self.endpoints.get(idx) else {
             return Err("no such endpoint".into());
         };
@@ -252,7 +252,9 @@ impl H1Pool {
         metrics::counter!(crate::telemetry::metrics::UPSTREAM_CONNECTS,
             "cluster" => self.cluster.to_string(), "endpoint" => ep.address.to_string())
         .increment(1);
-        Ok(H1Conn {
+        // Boxed: a request moves its connection about a dozen times (pool, send, response
+        // body, back to the pool), 160 bytes each time unboxed.
+        Ok(Box::new(H1Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_BUF),
             wbuf: Vec::with_capacity(1024),
@@ -262,7 +264,7 @@ impl H1Pool {
             worker: crate::l7::workers::current(),
             idle_since: Instant::now(),
             _place: place,
-        })
+        }))
     }
 
     /// A place under `max_connections` for a new connection. When the cluster is at the
@@ -301,7 +303,7 @@ impl H1Pool {
 
     /// Returns a connection whose last response was read completely (and nothing more).
     /// Beyond `max_idle` × [`BURST_FACTOR`] idle connections it is closed instead.
-    pub fn checkin(&self, mut conn: H1Conn) {
+    pub fn checkin(&self, mut conn: Box<H1Conn>) {
         if !conn.rbuf.is_empty() {
             return;
         }
@@ -322,7 +324,7 @@ impl H1Pool {
     }
 
     /// Puts `conn` on its endpoint's stack of its worker, or closes it beyond the burst bound.
-    fn keep_idle(&self, conn: H1Conn) {
+    fn keep_idle(&self, conn: Box<H1Conn>) {
         let Some(stack) = self
             .endpoints
             .get(conn.endpoint)
@@ -348,7 +350,7 @@ impl H1Pool {
     pub fn reap_idle(&self) {
         let now = Instant::now();
         for stack in self.endpoints.iter().flat_map(|e| e.idle.iter()) {
-            let stale: Vec<H1Conn> = {
+            let stale: Vec<Box<H1Conn>> = {
                 let Ok(mut idle) = stack.lock() else {
                     continue;
                 };
