@@ -41,6 +41,17 @@ impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// Reads `resp` whole.
+    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
 }
 
 /// A pooled HTTP/1.1 keep-alive client.
@@ -81,13 +92,7 @@ impl H1 {
             .await
             .map_err(|_| "client timeout".to_owned())?
             .map_err(|e| format!("{e:?}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| format!("{e}"))?.to_bytes();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Reply::read(resp).await
     }
 
     /// `GET path` with an optional Host header.
@@ -145,13 +150,7 @@ impl H1Conn {
         let exchange = async {
             sender.ready().await.map_err(|e| e.to_string())?;
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok(Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            Reply::read(resp).await
         };
         tokio::time::timeout(Duration::from_secs(30), exchange)
             .await
@@ -196,13 +195,7 @@ impl H2 {
             .map_err(|e| e.to_string())?;
         let mut sender = self.sender.clone();
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Reply::read(resp).await
     }
 }
 
