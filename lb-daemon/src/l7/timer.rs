@@ -81,6 +81,20 @@ impl Timer {
             None => Poll::Ready(()),
         }
     }
+
+    /// Polls `inner`, then this timer: `inner`'s output, or [`TimedOut`] once the deadline
+    /// has passed while `inner` still waits. For a future that is pinned where it lies, which
+    /// [`Deadline`] would move once more.
+    pub fn race<F: Future + ?Sized>(
+        &mut self,
+        inner: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<F::Output, TimedOut>> {
+        if let Poll::Ready(v) = inner.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        self.poll(cx).map(|()| Err(TimedOut))
+    }
 }
 
 impl Drop for Timer {
@@ -121,10 +135,7 @@ impl<F: Future> Future for Deadline<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(v) = this.inner.poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        this.timer.poll(cx).map(|()| Err(TimedOut))
+        this.timer.race(this.inner, cx)
     }
 }
 

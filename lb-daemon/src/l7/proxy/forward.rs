@@ -4,11 +4,10 @@
 //! breakers are this step's policy, not filters (Envoy's router filter and Pingora's
 //! `proxy_to_upstream` loop own them too). The decisions themselves live in `retry.rs`,
 //! `budget.rs` and `breaker.rs`; this is the loop that asks them.
-use std::future::{Future as _, poll_fn};
+use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{Response, Uri};
@@ -237,11 +236,7 @@ impl Call<'_> {
                         last
                     ));
                     let mut timer = Timer::at(tokio::time::Instant::from_std(sent) + time);
-                    let result = poll_fn(|c| match sending.as_mut().poll(c) {
-                        Poll::Ready(r) => Poll::Ready(Ok(r)),
-                        Poll::Pending => timer.poll(c).map(|()| Err(TimedOut)),
-                    })
-                    .await;
+                    let result = poll_fn(|c| timer.race(sending.as_mut(), c)).await;
                     (idx, guard, result)
                 }
                 // Boxed: two sends in flight make the hedge's state large, and inline it would
