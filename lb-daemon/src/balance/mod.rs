@@ -16,7 +16,7 @@ mod round_robin;
 mod weighted;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -171,6 +171,8 @@ pub struct Balancer {
     policy: Policy,
     specs: Box<[Spec]>,
     seed: Option<u64>,
+    /// The round-robin position, kept across rebuilds.
+    rotation: Arc<AtomicUsize>,
     current: ArcSwap<Built>,
     /// Serialises rebuilds so an older snapshot never overwrites a newer one, and keeps the
     /// last Maglev table so rebuilds that cover the same endpoints reuse it.
@@ -201,11 +203,13 @@ impl Balancer {
             })
             .collect();
         let mut cache = None;
+        let rotation = Arc::default();
         let current = ArcSwap::from_pointee(build_picker(
             &cluster.policy,
             &specs,
             &health,
             seed,
+            &rotation,
             Instant::now(),
             &mut cache,
         ));
@@ -214,6 +218,7 @@ impl Balancer {
             policy: cluster.policy.clone(),
             specs,
             seed,
+            rotation,
             current,
             rebuild_lock: Mutex::new(cache),
             closed: tokio::sync::watch::Sender::new(()),
@@ -270,6 +275,7 @@ impl Balancer {
             &self.specs,
             &self.health,
             self.seed,
+            &self.rotation,
             Instant::now(),
             &mut cache,
         );
@@ -332,6 +338,7 @@ fn build_picker(
     specs: &[Spec],
     health: &Arc<ClusterHealth>,
     seed: Option<u64>,
+    rotation: &Arc<AtomicUsize>,
     now: Instant,
     cache: &mut Option<TableCache>,
 ) -> Built {
@@ -384,7 +391,7 @@ fn build_picker(
         Box::new(HashPicker::with_table(over, cands.clone(), key, table))
     };
     let picker: Box<dyn Picker> = match policy {
-        Policy::RoundRobin => Box::new(RoundRobin::new(cands)),
+        Policy::RoundRobin => Box::new(RoundRobin::continuing(cands, Arc::clone(rotation))),
         Policy::WeightedRoundRobin => Box::new(SmoothWeighted::new(cands)),
         Policy::LeastRequest => Box::new(LeastRequest::new(cands, Rng::new(seed))),
         Policy::Random => Box::new(WeightedRandom::new(cands, Rng::new(seed))),
@@ -509,6 +516,23 @@ mod tests {
         b.rebuild();
         assert_eq!(b.snapshot(), vec![0]);
         assert!(picks(&b, 100, &[]).iter().all(|p| *p == Some(0)));
+    }
+
+    #[test]
+    fn a_rebuild_carries_on_the_rotation() {
+        // The watcher rebuilds once when it starts, racing the first requests: a fresh
+        // rotation would send the first two to the same endpoint.
+        let c = cluster(Policy::RoundRobin, &[(1, false), (1, false), (1, false)]);
+        let h = health(3);
+        let b = Balancer::new(&c, Arc::clone(&h));
+        let mut seen = picks(&b, 1, &[]);
+        b.rebuild();
+        seen.extend(picks(&b, 2, &[]));
+        assert_eq!(seen, vec![Some(0), Some(1), Some(2)]);
+        // Also across a change of members: the position carries on over the new snapshot.
+        h.endpoints[1].set_active_healthy(false);
+        b.rebuild();
+        assert_eq!(picks(&b, 4, &[]), vec![Some(2), Some(0), Some(2), Some(0)]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Plain round robin over the snapshot, ignoring weights.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -10,16 +11,20 @@ use super::{Candidates, PickContext, Picker};
 #[derive(Debug)]
 pub struct RoundRobin {
     cands: Candidates,
-    next: AtomicUsize,
+    next: Arc<AtomicUsize>,
 }
 
 impl RoundRobin {
     /// Round robin over `cands`.
     pub fn new(cands: Candidates) -> Self {
-        RoundRobin {
-            cands,
-            next: AtomicUsize::new(0),
-        }
+        Self::continuing(cands, Arc::default())
+    }
+
+    /// Round robin over `cands` from the position `next` holds, which it shares: a picker
+    /// rebuilt for a health change carries on the rotation of the one it replaces instead of
+    /// starting again at the first endpoint.
+    pub fn continuing(cands: Candidates, next: Arc<AtomicUsize>) -> Self {
+        RoundRobin { cands, next }
     }
 
     /// The pick without a request context (also the hash policies' fallback).
