@@ -407,21 +407,34 @@ impl GrpcBackend {
             name: Arc::from(name),
             seen: Arc::clone(&seen),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let counted = Arc::clone(&seen);
+        // Served by hyper's HTTP/2 server, not tonic's transport: tonic's server enforces a
+        // call's `grpc-timeout` with its own timer (answering CANCELLED), which races lbd's
+        // deadline for the same instant and would hide what lbd does when the deadline passes.
+        let routes = tonic::service::Routes::new(health_svc).add_service(echo);
         let task = tokio::spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).inspect(move |_| {
-                    counted.connections.fetch_add(1, Ordering::SeqCst);
+            // Dropped with the task: the backend's connections close with it.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                    _ = &mut stopped => break,
+                };
+                counted.connections.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.set_nodelay(true);
+                let mut h2 =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                h2.max_concurrent_streams(max_streams);
+                let svc = hyper_util::service::TowerToHyperService::new(routes.clone());
+                let conn = h2.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                conns.spawn(async move {
+                    let _ = conn.await;
                 });
-            let _ = tonic::transport::Server::builder()
-                .max_concurrent_streams(max_streams)
-                .add_service(health_svc)
-                .add_service(echo)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
+            }
         });
         GrpcBackend {
             addr,
@@ -1330,7 +1343,14 @@ async fn unavailable_is_retried_on_another_endpoint_when_configured() {
             failed += 1;
         }
     }
-    assert_eq!(failed, 10, "round robin sends every other call to b");
+    assert_eq!(
+        failed,
+        10,
+        "round robin sends every other call to b (backend calls: a {}, b {})\n{}",
+        a.calls(),
+        b.calls(),
+        lbd.logs()
+    );
     drop(lbd);
 
     // With it, every call succeeds on a; b still saw its share.
