@@ -18,3 +18,4 @@ pub mod memory;
 pub mod sdnotify;
 pub mod supervisor;
 pub mod telemetry;
+pub mod thread_cache;

@@ -347,3 +347,7 @@ fn explain(
         }
     }
 }
+
+/// The system allocator with a cache of freed blocks on each worker thread.
+#[global_allocator]
+static ALLOC: lbd::thread_cache::ThreadCache = lbd::thread_cache::ThreadCache;

@@ -96,12 +96,15 @@ impl Workers {
                 .spawn(move || {
                     WORKER.with(|w| w.set(index));
                     crate::l7::timer::keep_spares();
+                    crate::thread_cache::keep_on_this_thread();
+                    crate::thread_cache::spawn_flusher(&runtime);
                     // A current-thread runtime runs its spawned tasks only inside `block_on`.
                     let _ = runtime.block_on(stopped);
                     // The spare timers go while the runtime they belong to is still there;
                     // timers of the tasks dropped with it are then not kept.
                     crate::l7::timer::drop_spares();
                     drop(runtime);
+                    crate::thread_cache::flush_this_thread(true);
                 })?;
             workers.push(Worker {
                 handle,
