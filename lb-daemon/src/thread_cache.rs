@@ -2,17 +2,16 @@
 //! used on worker threads (HAProxy's per-thread pool caches, in spirit).
 //!
 //! A proxied request allocates and frees the same few block sizes again and again: header
-//! maps, decoded header values, the boxed request future (several KiB). glibc's own per-thread
-//! cache keeps at most 7 blocks of a size and none above 1,032 bytes, so with 16 or more
-//! streams in flight, or for any block of a few KiB, each allocation and free walks malloc's
-//! bins: callgrind, gRPC with 16 streams, ~9,900 of 78,600 instructions per call in malloc and
-//! free (`_int_malloc`, `_int_free`, `malloc_consolidate`).
+//! maps, decoded header values, frames, stream state. glibc's own per-thread cache keeps at
+//! most 7 blocks of a size, so with 16 or more streams in flight most allocations and frees
+//! walk malloc's bins: callgrind, gRPC with 16 streams, ~9,900 of 78,600 instructions per call
+//! in malloc and free (`_int_malloc`, `_int_free`, `malloc_consolidate`).
 //!
-//! Sizes up to [`LARGEST`] are rounded up to a size class (16-byte steps to 1 KiB, 1 KiB steps
-//! above) and always taken from the system allocator at the class size, so a block can be
-//! cached by whichever thread frees it and handed out again for any size of its class. A worker
-//! keeps up to [`SMALL_DEPTH`] or [`LARGE_DEPTH`] free blocks per class as a list threaded
-//! through the blocks themselves, and gives them all back every second
+//! Sizes up to [`LARGEST`] are rounded up to a multiple of 16 bytes (which malloc does anyway)
+//! and always taken from the system allocator at that size, so a block can be cached by
+//! whichever thread frees it and handed out again for any size of its class. A worker keeps up
+//! to [`DEPTH`] free blocks per class as a list threaded through the blocks themselves, and
+//! gives them all back every second
 //! ([`spawn_flusher`]), so memory a load took is returned once it is over (then `malloc_trim`
 //! hands the pages to the kernel). Other threads (the control plane, blocking tasks) keep
 //! nothing: their blocks go straight back to the system allocator.
@@ -25,57 +24,35 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr;
 
-/// Largest block size kept in a cache.
-pub const LARGEST: usize = 16 * 1024;
-/// Free blocks a worker keeps per class up to 1 KiB: enough for the blocks of a few dozen
-/// streams in flight at once.
-pub const SMALL_DEPTH: u16 = 64;
-/// Free blocks a worker keeps per class above 1 KiB.
-pub const LARGE_DEPTH: u16 = 16;
+/// Largest block size kept in a cache. Larger sizes would have to be rounded up to coarser
+/// classes than malloc's own 16 bytes, and that costs memory: with 1 KiB classes to 16 KiB
+/// (the boxed request futures among them), a gRPC load's peak RSS was 44 MiB instead of 27.
+pub const LARGEST: usize = 1024;
+/// Free blocks a worker keeps per class: enough for the blocks of a few dozen streams in
+/// flight at once (glibc keeps 7).
+pub const DEPTH: u16 = 64;
 
-const SMALL_STEP: usize = 16;
-const SMALL_MAX: usize = 1024;
-const LARGE_STEP: usize = 1024;
-const SMALL_CLASSES: usize = SMALL_MAX / SMALL_STEP;
-const CLASSES: usize = SMALL_CLASSES + (LARGEST - SMALL_MAX) / LARGE_STEP;
-/// Every class size is a multiple of this, and malloc aligns every block to it.
+/// Every class size is a multiple of this (as every malloc chunk is), and malloc aligns every
+/// block to it.
 const ALIGN: usize = 16;
+const CLASSES: usize = LARGEST / ALIGN;
 
 /// The size class of a `size`-byte block, if blocks of that size are cached.
 #[inline]
 fn class_of(size: usize) -> Option<usize> {
-    if size <= SMALL_MAX {
-        Some(size.saturating_sub(1) / SMALL_STEP)
-    } else if size <= LARGEST {
-        Some(SMALL_CLASSES + (size - SMALL_MAX - 1) / LARGE_STEP)
-    } else {
-        None
-    }
+    (size <= LARGEST).then(|| size.saturating_sub(1) / ALIGN)
 }
 
 /// The size every block of class `c` has.
 #[inline]
 fn class_size(c: usize) -> usize {
-    if c < SMALL_CLASSES {
-        (c + 1) * SMALL_STEP
-    } else {
-        SMALL_MAX + (c - SMALL_CLASSES + 1) * LARGE_STEP
-    }
+    (c + 1) * ALIGN
 }
 
 #[inline]
 fn class_layout(c: usize) -> Layout {
     // SAFETY: class sizes are non-zero multiples of ALIGN, a power of two, far below isize::MAX.
     unsafe { Layout::from_size_align_unchecked(class_size(c), ALIGN) }
-}
-
-#[inline]
-fn depth(c: usize) -> u16 {
-    if c < SMALL_CLASSES {
-        SMALL_DEPTH
-    } else {
-        LARGE_DEPTH
-    }
 }
 
 /// One thread's free blocks: per class, the first block (whose first word points to the next)
@@ -115,7 +92,7 @@ impl Cache {
     #[inline]
     fn push(&self, c: usize, block: *mut u8) -> bool {
         let n = self.counts[c].get();
-        if !self.on.get() || n >= depth(c) {
+        if !self.on.get() || n >= DEPTH {
             return false;
         }
         // SAFETY: the block was just freed by its owner; it is ours, ≥ 16 bytes, 16-aligned.
@@ -195,27 +172,21 @@ unsafe impl GlobalAlloc for ThreadCache {
         let small = layout.align() <= ALIGN;
         let old = if small { class_of(layout.size()) } else { None };
         let new = if small { class_of(new_size) } else { None };
-        match (old, new) {
+        if let (Some(a), Some(b)) = (old, new)
+            && a == b
+        {
             // The block already has room for the new size.
-            (Some(a), Some(b)) if a == b => block,
-            // Neither size is cached: the system allocator may grow or shrink in place.
-            // SAFETY: the caller's contract passes through; the layout is the one allocated.
-            (None, None) => unsafe { System.realloc(block, layout, new_size) },
-            _ => {
-                // SAFETY: new_size is non-zero (caller's contract) with the old alignment.
-                let new_layout =
-                    unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-                // SAFETY: as for alloc and dealloc; the copy stays within both blocks.
-                unsafe {
-                    let moved = self.alloc(new_layout);
-                    if !moved.is_null() {
-                        ptr::copy_nonoverlapping(block, moved, layout.size().min(new_size));
-                        self.dealloc(block, layout);
-                    }
-                    moved
-                }
-            }
+            return block;
         }
+        // The system allocator's realloc, at the sizes the block has and will have: it can grow
+        // a block in place, where a new block and a copy left the old one behind (with every
+        // size to 16 KiB done that way, a gRPC load's peak RSS was 16 MiB higher).
+        let from = old.map_or(layout, class_layout);
+        let to = new.map_or(new_size, class_size);
+        // SAFETY: `block` was allocated at `from` (a cached size always is at its class
+        // layout); `to` is non-zero, and the block is later freed at the layout of its new
+        // size, which maps to `to` again.
+        unsafe { System.realloc(block, from, to) }
     }
 }
 
@@ -279,43 +250,42 @@ mod tests {
     fn blocks_come_back_from_the_cache_and_go_on_flush() {
         let a = ThreadCache;
         keep_on_this_thread();
-        let layout = Layout::from_size_align(3000, 8).expect("layout");
-        // SAFETY: plain use of an allocator with a non-zero layout.
+        let layout = Layout::from_size_align(300, 8).expect("layout");
+        let c = class_of(300).expect("class");
+        let cached = || CACHE.with(|k| k.counts[c].get());
+        // SAFETY: plain use of an allocator with non-zero layouts, each block freed with the
+        // layout of its last size.
         unsafe {
             let p = a.alloc(layout);
             assert!(!p.is_null());
-            p.write_bytes(7, 3000);
+            p.write_bytes(7, 300);
             a.dealloc(p, layout);
-            // Another size of the same class (2049..=3072) gets the cached block.
-            let other = Layout::from_size_align(2100, 16).expect("layout");
+            assert_eq!(cached(), 1, "the freed block is kept");
+            // Another size of the same class (289..=304) gets the cached block.
+            let other = Layout::from_size_align(290, 16).expect("layout");
             let q = a.alloc(other);
             assert_eq!(p, q, "the freed block is reused");
-            // Growing within the class keeps the block; beyond it moves the contents.
-            let r = a.realloc(q, other, 3072);
+            assert_eq!(cached(), 0);
+            // Growing within the class keeps the block; beyond it keeps the contents.
+            let r = a.realloc(q, other, 304);
             assert_eq!(r, q);
-            r.write_bytes(9, 3072);
-            let big = a.realloc(
-                r,
-                Layout::from_size_align(3072, 16).expect("layout"),
-                40_000,
-            );
+            r.write_bytes(9, 304);
+            let big = a.realloc(r, Layout::from_size_align(304, 16).expect("layout"), 40_000);
             assert!(!big.is_null());
-            assert_eq!(*big.add(3071), 9);
+            assert_eq!(*big.add(303), 9);
             a.dealloc(big, Layout::from_size_align(40_000, 16).expect("layout"));
+            let p = a.alloc(layout);
+            a.dealloc(p, layout);
         }
-        let c = class_of(3000).expect("class");
-        assert_eq!(
-            CACHE.with(|k| k.counts[c].get()),
-            1,
-            "the block moved out went back"
-        );
+        assert_eq!(cached(), 1);
         flush_this_thread(true);
-        assert_eq!(CACHE.with(|k| k.counts[c].get()), 0);
+        assert_eq!(cached(), 0);
         // Off: nothing is kept.
+        // SAFETY: as above.
         unsafe {
             let p = a.alloc(layout);
             a.dealloc(p, layout);
         }
-        assert_eq!(CACHE.with(|k| k.counts[c].get()), 0);
+        assert_eq!(cached(), 0);
     }
 }
